@@ -1,0 +1,116 @@
+//! The `waygate` command line: argument definitions and dispatch. Each subcommand lives in its own
+//! module; this one only parses and routes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+pub mod device;
+pub mod rules;
+pub mod serve;
+
+/// `waygate`: a self-hosted Zero Trust gateway for WireGuard devices.
+#[derive(Debug, Parser)]
+#[command(name = "waygate", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Gateway config file (TOML); without it the embedded defaults are used.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Enroll, list, show and revoke devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Validate and evaluate Cloudflare Gateway-format rules.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+/// `waygate device ...`
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Enroll a device and print its wg-quick config.
+    Enroll(EnrollArgs),
+    /// List enrolled devices.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device.
+    Show {
+        /// Device id, name or public key.
+        device: String,
+    },
+    /// Revoke a device; its traffic stops within a second.
+    Revoke {
+        /// Device id, name or public key.
+        device: String,
+    },
+}
+
+/// Arguments of `waygate device enroll`.
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// The user's email.
+    #[arg(long)]
+    pub email: String,
+    /// Device name (default: derived from the email).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Group the user belongs to (repeatable).
+    #[arg(long = "group")]
+    pub groups: Vec<String>,
+    /// Virtual network (name or id).
+    #[arg(long)]
+    pub vnet: Option<String>,
+    /// The device's own public key; the config then carries no private key.
+    #[arg(long)]
+    pub public_key: Option<String>,
+}
+
+/// `waygate rules ...`
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Validate a rules file; prints errors with line and column.
+    Check {
+        /// Rules file (JSON array, or `{"result": [...]}`).
+        file: PathBuf,
+        /// Lists file the rules may refer to.
+        #[arg(long)]
+        lists: Option<PathBuf>,
+    },
+    /// Evaluate rules against one flow and print the decision as JSON.
+    Eval {
+        /// Rules file.
+        #[arg(long)]
+        rules: PathBuf,
+        /// Which stage's rules to run.
+        #[arg(long, value_parser = ["dns", "http", "l4", "egress"])]
+        filter: String,
+        /// Flow as JSON: field name to value.
+        #[arg(long)]
+        input: PathBuf,
+        /// Lists file.
+        #[arg(long)]
+        lists: Option<PathBuf>,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve => serve::run(cli.config.as_deref()),
+        Command::Device(cmd) => device::run(cli.config.as_deref(), cmd),
+        Command::Rules(cmd) => rules::run(cmd),
+    }
+}

@@ -1,0 +1,8 @@
+//! The Waygate gateway: WireGuard endpoint, flow table, policy stages, egress, registry and CLI.
+//!
+//! Data flows one way: `wg` (datagrams to IP packets) -> `flow` (packets to flows) -> stages ->
+//! `egress` (flows to upstream sockets). Only `runtime` touches sockets, files and the clock.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod config;

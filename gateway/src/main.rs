@@ -1,0 +1,13 @@
+//! `waygate`: wires the command line to the library. All logic lives in the library.
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = waygate::cli::Cli::parse();
+    match waygate::cli::run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! Waygate's secret material: WireGuard keys and key files.
+#![deny(missing_docs)]

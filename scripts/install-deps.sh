@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests and benchmarks use, when they are missing.
+# Needs root for apt-get; without root it only reports what is missing.
+set -euo pipefail
+
+# command -> Debian package
+declare -A wanted=(
+  [wg]=wireguard-tools
+  [wireguard-go]=wireguard-go
+  [iperf3]=iperf3
+  [curl]=curl
+  [dig]=dnsutils
+  [nft]=nftables
+  [resolvconf]=openresolv
+  [ip]=iproute2
+  [ping]=iputils-ping
+  [ss]=iproute2
+)
+
+missing=()
+for cmd in "${!wanted[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: missing packages (run as root to install): ${missing[*]}" >&2
+  exit 1
+fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

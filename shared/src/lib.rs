@@ -1,0 +1,2 @@
+//! What the Waygate gateway and client share: the policy language and rule model, domain types.
+#![deny(missing_docs)]
