@@ -204,7 +204,10 @@ impl Config {
                 if host_port_ok(&v) {
                     cfg.wireguard.public_endpoint = Some(v);
                 } else {
-                    wg.problem("public_endpoint", format!("expected \"host:port\", got {v:?}"));
+                    wg.problem(
+                        "public_endpoint",
+                        format!("expected \"host:port\", got {v:?}"),
+                    );
                 }
             }
             if let Some(v) = wg.string("interface_name") {
@@ -288,8 +291,7 @@ fn host_port_ok(v: &str) -> bool {
 
 fn interface_name_ok(v: &str) -> bool {
     (1..=15).contains(&v.len())
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_=+.-".contains(&b))
 }
 
@@ -383,7 +385,10 @@ impl<'a> Keys<'a> {
                 Value::String(s) => out.push(s.clone()),
                 other => {
                     let path = format!("{key}[{i}]");
-                    self.problem(&path, format!("expected a string, got {}", other.type_str()));
+                    self.problem(
+                        &path,
+                        format!("expected a string, got {}", other.type_str()),
+                    );
                     return None;
                 }
             }
@@ -492,7 +497,10 @@ mod tests {
             "egress.default_ipv4: expected an IPv4 address",
             "wireguard.listne: unknown key",
         ] {
-            assert!(joined.contains(needle), "{needle:?} missing from:\n{joined}");
+            assert!(
+                joined.contains(needle),
+                "{needle:?} missing from:\n{joined}"
+            );
         }
         assert_eq!(problems.len(), 5, "{joined}");
     }
@@ -507,7 +515,8 @@ mod tests {
 
     #[test]
     fn wrong_types_name_the_key() {
-        let err = Config::parse("[dns]\nupstreams = [\"a\", 5]\n[geoip]\ndatabase = 3").unwrap_err();
+        let err =
+            Config::parse("[dns]\nupstreams = [\"a\", 5]\n[geoip]\ndatabase = 3").unwrap_err();
         let ParseError::Invalid(problems) = err else {
             panic!()
         };
