@@ -1,0 +1,272 @@
+#!/usr/bin/env bash
+# Waygate's lab: network namespaces for a gateway, two devices and an "Internet" with origins.
+#
+#   scripts/lab.sh up [PREFIX]             build the lab, start the origins, print PREFIX
+#   scripts/lab.sh down [PREFIX]           kill what the lab started (by pid), delete its namespaces
+#   scripts/lab.sh device-up PREFIX DEV CONF    wg-quick up CONF (wireguard-go) in namespace <P>DEV
+#   scripts/lab.sh device-down PREFIX DEV CONF  wg-quick down CONF in namespace <P>DEV
+#   scripts/lab.sh status [PREFIX]         list the namespaces and pids the lab recorded
+#
+# PREFIX (default: wl<pid>, at most 10 characters, [a-z0-9]) names everything the run creates:
+#
+#   <P>ul  underlay segment: bridge br0, devices' public addresses 198.51.100.0/24, 2001:db8:1::/64
+#   <P>gw  gateway: ul0 198.51.100.1/24 2001:db8:1::1/64 (underlay), eg0 192.0.2.1/24
+#          (+ .10 .11 .12) 2001:db8:2::1/64 (egress), default routes via the Internet (.254)
+#   <P>d1  device 1: ul0 198.51.100.11/24 2001:db8:1::11/64, no default route
+#   <P>d2  device 2: ul0 198.51.100.12/24 2001:db8:1::12/64, no default route
+#   <P>in  Internet: eg0 192.0.2.254/24 2001:db8:2::254/64; on lo: 203.0.113.10 (HTTP
+#          echo :80), .20 (iperf3 -s), .30 (UDP echo :7, UDP whoami :8), .53 (DNS, later) and
+#          2001:db8:3::10/.20/.30. It has no route to 198.51.100.0/24: devices reach it only
+#          through the gateway's egress address.
+#
+# State lives in /run/waygate-lab/<P>/ (pids, namespaces, wg interfaces), so `down` removes exactly
+# what this prefix created, tolerates a partial `up`, and can run twice. WireGuard interfaces are
+# named after their config file (wg-quick); their UAPI sockets /var/run/wireguard/NAME.sock are
+# global, so the names must be unique per run: use <P> in them.
+#
+# Env: LAB_ORIGIN  path of the lab-origin binary (default: <target>/debug/lab-origin, built if
+#                  missing).
+set -Eeuo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE_BASE=/run/waygate-lab
+
+die() { echo "lab.sh: $*" >&2; exit 1; }
+log() { echo "lab.sh: $*" >&2; }
+
+check_prefix() {
+  [[ "$1" =~ ^[a-z][a-z0-9]{0,9}$ ]] || die "bad prefix '$1' (want [a-z][a-z0-9]{0,9})"
+}
+
+state_dir() { echo "$STATE_BASE/$1"; }
+
+# ns NAME CMD... : run CMD in namespace NAME.
+ns() { local n="$1"; shift; ip netns exec "$n" "$@"; }
+
+# Record a namespace before creating it, so a failure half-way still deletes it.
+add_ns() {
+  local p="$1" name="$2" sd
+  sd="$(state_dir "$p")"
+  echo "$name" >>"$sd/netns"
+  # resolv.conf first: `ip netns exec` bind-mounts it over /etc/resolv.conf, so nothing run in the
+  # namespace (wg-quick's resolvconf) can rewrite the host's resolver.
+  mkdir -p "/etc/netns/$name"
+  echo "nameserver 203.0.113.53" >"/etc/netns/$name/resolv.conf"
+  ip netns add "$name"
+  ns "$name" ip link set lo up
+  # No IPv6 DAD delays in the lab; no stray router advertisements.
+  ns "$name" sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 \
+    net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0
+}
+
+# veth A_NS A_IF B_NS B_IF: a veth pair created directly in the two namespaces.
+veth() {
+  ip link add "$2" netns "$1" type veth peer name "$4" netns "$3"
+  ns "$1" ip link set "$2" up
+  ns "$3" ip link set "$4" up
+}
+
+# start P NS NAME CMD...: start CMD in the background in NS, record its pid.
+start() {
+  local p="$1" n="$2" name="$3" sd
+  shift 3
+  sd="$(state_dir "$p")"
+  ip netns exec "$n" "$@" >"$sd/$name.log" 2>&1 </dev/null &
+  local pid=$!
+  echo "$pid $name" >>"$sd/pids"
+}
+
+origin_bin() {
+  if [ -n "${LAB_ORIGIN:-}" ]; then
+    [ -x "$LAB_ORIGIN" ] || die "LAB_ORIGIN=$LAB_ORIGIN is not executable"
+    echo "$LAB_ORIGIN"
+    return
+  fi
+  local target="${CARGO_TARGET_DIR:-$ROOT/target}"
+  if [ ! -x "$target/debug/lab-origin" ]; then
+    log "building lab-origin"
+    (cd "$ROOT" && cargo build -q -p waygate-e2e --bin lab-origin) >&2
+  fi
+  echo "$target/debug/lab-origin"
+}
+
+wait_port() { # NS PROTO ADDR:PORT
+  local i
+  for i in $(seq 1 100); do
+    if ns "$1" ss -Hln"${2:0:1}" | awk '{print $4}' | grep -qx -- "$3"; then return 0; fi
+    sleep 0.05
+  done
+  die "nothing listening on $2 $3 in $1"
+}
+
+cmd_up() {
+  local p="$1" sd origin
+  check_prefix "$p"
+  [ "$(id -u)" -eq 0 ] || die "needs root"
+  sd="$(state_dir "$p")"
+  [ ! -e "$sd" ] || die "prefix $p is in use ($sd exists); run: $0 down $p"
+  for suffix in ul gw d1 d2 in; do
+    ! ip netns list | awk '{print $1}' | grep -qx "$p$suffix" || die "namespace $p$suffix exists"
+  done
+  origin="$(origin_bin)"
+  mkdir -p "$sd"
+  : >"$sd/netns"
+  : >"$sd/pids"
+  : >"$sd/wg"
+  # A failed `up` (error or die) leaves nothing behind.
+  up_ok=0
+  trap 'if [ "$up_ok" != 1 ]; then log "up failed; tearing down"; cmd_down "$p"; fi' EXIT
+
+  local ul="${p}ul" gw="${p}gw" d1="${p}d1" d2="${p}d2" in="${p}in"
+  for n in "$ul" "$gw" "$d1" "$d2" "$in"; do add_ns "$p" "$n"; done
+
+  # Underlay: a bridge in <P>ul, one port per host.
+  ns "$ul" ip link add br0 type bridge
+  ns "$ul" ip link set br0 up
+  veth "$gw" ul0 "$ul" gw
+  veth "$d1" ul0 "$ul" d1
+  veth "$d2" ul0 "$ul" d2
+  for port in gw d1 d2; do ns "$ul" ip link set "$port" master br0; done
+
+  ns "$gw" ip addr add 198.51.100.1/24 dev ul0
+  ns "$gw" ip addr add 2001:db8:1::1/64 dev ul0 nodad
+  ns "$d1" ip addr add 198.51.100.11/24 dev ul0
+  ns "$d1" ip addr add 2001:db8:1::11/64 dev ul0 nodad
+  ns "$d2" ip addr add 198.51.100.12/24 dev ul0
+  ns "$d2" ip addr add 2001:db8:1::12/64 dev ul0 nodad
+
+  # Egress link gateway <-> Internet.
+  veth "$gw" eg0 "$in" eg0
+  ns "$gw" ip addr add 192.0.2.1/24 dev eg0
+  for a in 10 11 12; do ns "$gw" ip addr add "192.0.2.$a/24" dev eg0; done
+  ns "$gw" ip addr add 2001:db8:2::1/64 dev eg0 nodad
+  ns "$gw" ip route add default via 192.0.2.254 dev eg0 src 192.0.2.1
+  ns "$gw" ip -6 route add default via 2001:db8:2::254 dev eg0
+  ns "$in" ip addr add 192.0.2.254/24 dev eg0
+  ns "$in" ip addr add 2001:db8:2::254/64 dev eg0 nodad
+
+  # Origins: addresses on lo of the Internet namespace (this kernel has no dummy interfaces).
+  for a in 10 20 30 53; do ns "$in" ip addr add "203.0.113.$a/32" dev lo; done
+  for a in 10 20 30 53; do ns "$in" ip addr add "2001:db8:3::$a/128" dev lo nodad; done
+
+  # HTTP: one dual-stack socket ([::] also takes IPv4; peers are reported as plain IPv4). UDP: bound
+  # to each origin address, so replies leave from the address the probe sent to.
+  start "$p" "$in" origin "$origin" serve --http '[::]:80' \
+    --udp-echo 203.0.113.30:7 --udp-echo '[2001:db8:3::30]:7' \
+    --udp-whoami 203.0.113.30:8 --udp-whoami '[2001:db8:3::30]:8'
+  start "$p" "$in" iperf3 iperf3 -s -B 203.0.113.20 -p 5201
+  wait_port "$in" tcp "*:80"
+  wait_port "$in" udp "203.0.113.30:7"
+  wait_port "$in" udp "203.0.113.30:8"
+  wait_port "$in" tcp "203.0.113.20:5201"
+  up_ok=1
+  trap - EXIT
+  log "up: prefix $p (namespaces ${p}ul ${p}gw ${p}d1 ${p}d2 ${p}in; state $sd)"
+  echo "$p"
+}
+
+kill_pid() { # PID [NAME]: TERM, wait up to 2 s, then KILL. Only pids this lab recorded.
+  local pid="$1" i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 1 40); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.05
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+cmd_down() {
+  local p="$1" sd
+  check_prefix "$p"
+  sd="$(state_dir "$p")"
+  set +e
+  if [ -f "$sd/wg" ]; then
+    # wg-quick interfaces still up: take them down cleanly (removes resolvconf entries), then
+    # make sure their wireguard-go daemon is gone.
+    while read -r n conf pid; do
+      [ -n "${n:-}" ] || continue
+      if ip netns list | awk '{print $1}' | grep -qx "$n" && [ -f "$conf" ]; then
+        ip netns exec "$n" wg-quick down "$conf" >/dev/null 2>&1
+      fi
+      [ -n "${pid:-}" ] && kill_pid "$pid"
+      rm -f "/var/run/wireguard/$(basename "$conf" .conf).sock"
+    done <"$sd/wg"
+  fi
+  if [ -f "$sd/pids" ]; then
+    while read -r pid _name; do
+      [ -n "${pid:-}" ] && kill_pid "$pid"
+    done <"$sd/pids"
+  fi
+  if [ -f "$sd/netns" ]; then
+    while read -r n; do
+      [ -n "${n:-}" ] || continue
+      ip netns del "$n" 2>/dev/null
+      rm -rf "/etc/netns/$n"
+    done <"$sd/netns"
+  fi
+  rm -rf "$sd"
+  set -e
+  log "down: prefix $p"
+}
+
+cmd_device_up() {
+  local p="$1" dev="$2" conf="$3" sd n name pid i
+  check_prefix "$p"
+  sd="$(state_dir "$p")"
+  [ -d "$sd" ] || die "no lab with prefix $p"
+  [ -f "$conf" ] || die "no config $conf"
+  n="$p$dev"
+  name="$(basename "$conf" .conf)"
+  [ ${#name} -le 15 ] || die "interface name $name is longer than 15 characters"
+  [ ! -S "/var/run/wireguard/$name.sock" ] || die "/var/run/wireguard/$name.sock exists: name in use"
+  # Record first, so `down` cleans up even if wg-quick fails half-way.
+  echo "$n $conf" >>"$sd/wg"
+  WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go WG_SUDO=1 \
+    ip netns exec "$n" wg-quick up "$conf" >"$sd/$name.wg-quick.log" 2>&1 \
+    || { cat "$sd/$name.wg-quick.log" >&2; die "wg-quick up $conf failed in $n"; }
+  # wireguard-go daemonizes; its command line is exactly `wireguard-go NAME` (unique per run).
+  pid=""
+  for i in $(seq 1 40); do
+    pid="$(pgrep -x -f "wireguard-go $name" | head -n1 || true)"
+    [ -n "$pid" ] && break
+    sleep 0.05
+  done
+  [ -n "$pid" ] || die "no wireguard-go process for $name"
+  sed -i "\|^$n $conf\$|d" "$sd/wg"
+  echo "$n $conf $pid" >>"$sd/wg"
+  echo "$pid"
+}
+
+cmd_device_down() {
+  local p="$1" dev="$2" conf="$3" sd n pid
+  check_prefix "$p"
+  sd="$(state_dir "$p")"
+  n="$p$dev"
+  pid="$(awk -v n="$n" -v c="$conf" '$1 == n && $2 == c {print $3}' "$sd/wg" 2>/dev/null | tail -n1)"
+  ip netns exec "$n" wg-quick down "$conf" >/dev/null 2>&1 || true
+  [ -n "$pid" ] && kill_pid "$pid"
+  rm -f "/var/run/wireguard/$(basename "$conf" .conf).sock"
+  [ -f "$sd/wg" ] && sed -i "\|^$n $conf\( \|\$\)|d" "$sd/wg"
+  return 0
+}
+
+cmd_status() {
+  local p="$1" sd
+  sd="$(state_dir "$p")"
+  [ -d "$sd" ] || die "no lab with prefix $p"
+  echo "namespaces:"; sed 's/^/  /' "$sd/netns"
+  echo "pids:"; sed 's/^/  /' "$sd/pids"
+  echo "wg:"; sed 's/^/  /' "$sd/wg"
+}
+
+action="${1:-}"
+default_prefix="wl$$"
+case "$action" in
+  up) cmd_up "${2:-$default_prefix}" ;;
+  down) [ -n "${2:-}" ] || die "down needs a PREFIX"; cmd_down "$2" ;;
+  device-up) [ $# -eq 4 ] || die "usage: $0 device-up PREFIX DEV CONF"; cmd_device_up "$2" "$3" "$4" ;;
+  device-down) [ $# -eq 4 ] || die "usage: $0 device-down PREFIX DEV CONF"; cmd_device_down "$2" "$3" "$4" ;;
+  status) cmd_status "${2:-}" ;;
+  *) die "usage: $0 up [PREFIX] | down PREFIX | device-up PREFIX DEV CONF | device-down PREFIX DEV CONF | status PREFIX" ;;
+esac
