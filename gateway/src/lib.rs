@@ -8,3 +8,5 @@ pub mod cli;
 pub mod config;
 pub mod transmit;
 pub mod wg;
+pub mod datadir;
+pub mod registry;

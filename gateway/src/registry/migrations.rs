@@ -1,0 +1,83 @@
+//! Schema migrations, tracked in `PRAGMA user_version`: migration `i` (0-based) takes the schema
+//! from version `i` to `i + 1`. Append new migrations; never edit a released one.
+
+use rusqlite::{Connection, Transaction, TransactionBehavior};
+
+use super::RegistryError;
+
+/// The migrations in order.
+const MIGRATIONS: &[&str] = &[
+    // v1: devices, their groups, and a generation counter that triggers bump on every change
+    // to the device set, so every writer (this code, a future API, an operator's sqlite3
+    // shell) is seen by a polling server. last_seen is left out of the UPDATE trigger on
+    // purpose: the server writes it constantly and must not reload itself every time.
+    r#"
+    CREATE TABLE devices (
+        id          TEXT PRIMARY KEY NOT NULL,
+        name        TEXT NOT NULL UNIQUE,
+        public_key  TEXT NOT NULL UNIQUE,
+        ipv4        TEXT NOT NULL UNIQUE,
+        ipv6        TEXT NOT NULL UNIQUE,
+        email       TEXT NOT NULL,
+        user_name   TEXT,
+        vnet_id     TEXT,
+        created_at  INTEGER NOT NULL,
+        last_seen   INTEGER,
+        revoked_at  INTEGER
+    ) STRICT;
+    CREATE INDEX devices_email ON devices(email);
+
+    CREATE TABLE device_groups (
+        device_id   TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        name        TEXT NOT NULL,
+        PRIMARY KEY (device_id, name)
+    ) STRICT;
+
+    CREATE TABLE generation (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        devices     INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO generation (id, devices) VALUES (1, 0);
+
+    CREATE TRIGGER devices_insert AFTER INSERT ON devices
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER devices_delete AFTER DELETE ON devices
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER devices_update
+    AFTER UPDATE OF id, name, public_key, ipv4, ipv6, email, user_name, vnet_id, revoked_at
+    ON devices
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER device_groups_insert AFTER INSERT ON device_groups
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER device_groups_delete AFTER DELETE ON device_groups
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER device_groups_update AFTER UPDATE ON device_groups
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    "#,
+];
+
+/// The schema version this build writes.
+pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the schema up to [`SCHEMA_VERSION`]. Runs in one IMMEDIATE transaction, so two
+/// processes opening a fresh database at once migrate it exactly once.
+pub(super) fn migrate(conn: &Connection, path: &std::path::Path) -> Result<(), RegistryError> {
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if !(0..=SCHEMA_VERSION).contains(&found) {
+        return Err(RegistryError::SchemaTooNew {
+            path: path.to_path_buf(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for sql in MIGRATIONS.iter().skip(found as usize) {
+        tx.execute_batch(sql)?;
+    }
+    if found != SCHEMA_VERSION {
+        // PRAGMA takes no bound parameters; the value is our own constant.
+        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+    }
+    tx.commit()?;
+    Ok(())
+}

@@ -1,0 +1,343 @@
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use waygate_keys::PrivateKey;
+
+use super::*;
+use crate::config::Config;
+
+fn tunnel() -> TunnelConfig {
+    Config::default().tunnel
+}
+
+fn key(seed: u64) -> PublicKey {
+    PrivateKey::generate(&mut StdRng::seed_from_u64(seed)).public_key()
+}
+
+fn new(email: &str, seed: u64) -> NewDevice {
+    NewDevice {
+        name: None,
+        email: email.to_string(),
+        user_name: None,
+        groups: Vec::new(),
+        vnet_id: None,
+        public_key: key(seed),
+    }
+}
+
+fn open(dir: &Path) -> Registry {
+    Registry::open(dir, &tunnel()).unwrap()
+}
+
+/// Another process's view: a raw connection to the same file.
+fn raw(dir: &Path) -> Connection {
+    let conn = Connection::open(dir.join(REGISTRY_FILE)).unwrap();
+    conn.busy_timeout(BUSY_TIMEOUT).unwrap();
+    conn
+}
+
+#[test]
+fn open_creates_private_dir_and_db_in_wal_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("waygate-data");
+    let reg = open(&dir);
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(reg.path()), 0o600);
+    let journal: String = reg
+        .conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(journal, "wal");
+    let version: i64 = reg
+        .conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, migrations::SCHEMA_VERSION);
+    drop(reg);
+    // Reopening an up-to-date database migrates nothing and keeps the data.
+    let reg = open(&dir);
+    reg.enroll(new("alice@example.com", 1), 100).unwrap();
+    drop(reg);
+    assert_eq!(open(&dir).all_devices().unwrap().len(), 1);
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    drop(open(tmp.path()));
+    raw(tmp.path())
+        .execute_batch("PRAGMA user_version = 99")
+        .unwrap();
+    let err = Registry::open(tmp.path(), &tunnel()).unwrap_err();
+    assert!(
+        matches!(err, RegistryError::SchemaTooNew { found: 99, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn enroll_allocates_lowest_addresses_and_default_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = open(tmp.path());
+    let a = reg.enroll(new("alice@example.com", 1), 100).unwrap();
+    let b = reg.enroll(new("alice@example.com", 2), 101).unwrap();
+    let c = reg.enroll(new("bob+x@example.com", 3), 102).unwrap();
+    assert_eq!(a.name, "alice");
+    assert_eq!(b.name, "alice-2");
+    assert_eq!(c.name, "bob-x");
+    assert_eq!(a.ipv4, Ipv4Addr::new(100, 96, 0, 2));
+    assert_eq!(b.ipv4, Ipv4Addr::new(100, 96, 0, 3));
+    assert_eq!(c.ipv4, Ipv4Addr::new(100, 96, 0, 4));
+    assert_eq!(a.ipv6.to_string(), "fd77:6761:7465::2");
+    assert_eq!(c.ipv6.to_string(), "fd77:6761:7465::4");
+    assert_eq!(a.created_at, 100);
+    assert_eq!(a.id.len(), 36);
+    assert_eq!(&a.id[14..15], "4", "UUID version 4: {}", a.id);
+    assert_ne!(a.id, b.id);
+    // What enroll returned is what is stored.
+    assert_eq!(reg.all_devices().unwrap(), vec![a.clone(), b, c]);
+    assert_eq!(reg.find(&a.id).unwrap(), a);
+}
+
+#[test]
+fn explicit_fields_are_stored_and_groups_deduplicated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = open(tmp.path());
+    let d = reg
+        .enroll(
+            NewDevice {
+                name: Some("alice-laptop".into()),
+                email: "alice@example.com".into(),
+                user_name: Some("Alice Liddell".into()),
+                groups: vec!["eng".into(), "sre team".into(), "eng".into()],
+                vnet_id: Some("office".into()),
+                public_key: key(1),
+            },
+            7,
+        )
+        .unwrap();
+    assert_eq!(d.groups, vec!["eng".to_string(), "sre team".to_string()]);
+    let found = reg.find("alice-laptop").unwrap();
+    assert_eq!(found, d);
+    assert_eq!(found.user_name.as_deref(), Some("Alice Liddell"));
+    assert_eq!(found.vnet_id.as_deref(), Some("office"));
+    assert_eq!(reg.find(&key(1).to_string()).unwrap(), d);
+    let json = serde_json::to_value(&d).unwrap();
+    assert_eq!(json["ipv4"], "100.96.0.2");
+    assert_eq!(json["public_key"], key(1).to_string());
+    assert_eq!(json["groups"][1], "sre team");
+}
+
+#[test]
+fn duplicates_and_bad_input_are_refused_and_leave_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = open(tmp.path());
+    let first = NewDevice {
+        name: Some("phone".into()),
+        ..new("alice@example.com", 1)
+    };
+    let d = reg.enroll(first, 1).unwrap();
+
+    let err = reg
+        .enroll(
+            NewDevice {
+                name: Some("phone".into()),
+                ..new("bob@example.com", 2)
+            },
+            2,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::NameTaken { name, id, revoked: false } if name == "phone" && *id == d.id),
+        "{err}"
+    );
+    let err = reg.enroll(new("bob@example.com", 1), 2).unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::PublicKeyTaken { name, .. } if name == "phone"),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&key(1).to_string()), "{err}");
+
+    let cases: Vec<(NewDevice, &str)> = vec![
+        (new("not-an-email", 3), "invalid email \"not-an-email\""),
+        (
+            NewDevice {
+                name: Some("bad name".into()),
+                ..new("bob@example.com", 3)
+            },
+            "invalid device name \"bad name\"",
+        ),
+        (
+            NewDevice {
+                groups: vec!["".into()],
+                ..new("bob@example.com", 3)
+            },
+            "invalid group \"\"",
+        ),
+        (
+            NewDevice {
+                vnet_id: Some("a\nb".into()),
+                ..new("bob@example.com", 3)
+            },
+            "invalid virtual network",
+        ),
+    ];
+    for (input, needle) in cases {
+        let err = reg.enroll(input, 3).unwrap_err();
+        assert!(err.to_string().contains(needle), "{err} lacks {needle}");
+    }
+    assert_eq!(reg.all_devices().unwrap().len(), 1);
+}
+
+#[test]
+fn find_reports_missing_and_ambiguous() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = open(tmp.path());
+    let a = reg.enroll(new("alice@example.com", 1), 1).unwrap();
+    // A UUID is a valid name, so one device's name can be another's id.
+    let b = reg
+        .enroll(
+            NewDevice {
+                name: Some(a.id.clone()),
+                ..new("bob@example.com", 2)
+            },
+            2,
+        )
+        .unwrap();
+    let err = reg.find(&a.id).unwrap_err();
+    let RegistryError::Ambiguous { matches, .. } = &err else {
+        panic!("expected Ambiguous, got {err}");
+    };
+    assert_eq!(matches.len(), 2);
+    assert_eq!(reg.find(&b.id).unwrap(), b);
+    assert!(matches!(
+        reg.find("nobody"),
+        Err(RegistryError::NotFound(n)) if n == "nobody"
+    ));
+}
+
+#[test]
+fn revoked_devices_keep_name_key_and_addresses_until_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = open(tmp.path());
+    let a = reg.enroll(new("alice@example.com", 1), 1).unwrap();
+    let b = reg.enroll(new("bob@example.com", 2), 2).unwrap();
+    let revoked = reg.revoke("alice", 50).unwrap();
+    assert_eq!(revoked.revoked_at, Some(50));
+    assert!(!revoked.is_active());
+    assert_eq!(reg.active_devices().unwrap(), vec![b.clone()]);
+    assert_eq!(reg.all_devices().unwrap().len(), 2);
+    assert_eq!(reg.find("alice").unwrap().revoked_at, Some(50));
+    assert!(matches!(
+        reg.revoke(&a.id, 60),
+        Err(RegistryError::AlreadyRevoked { revoked_at: 50, .. })
+    ));
+
+    // New devices get neither the revoked device's addresses, nor its key, nor its name.
+    let c = reg.enroll(new("alice@example.com", 3), 3).unwrap();
+    assert_eq!(c.ipv4, Ipv4Addr::new(100, 96, 0, 4));
+    assert_eq!(c.name, "alice-2");
+    assert!(matches!(
+        reg.enroll(new("carol@example.com", 1), 4),
+        Err(RegistryError::PublicKeyTaken { revoked: true, .. })
+    ));
+
+    // Once the row is deleted, its address is the lowest free one again.
+    raw(tmp.path())
+        .execute("DELETE FROM devices WHERE id = ?1", [&a.id])
+        .unwrap();
+    let d = reg.enroll(new("dave@example.com", 4), 5).unwrap();
+    assert_eq!(d.ipv4, a.ipv4);
+    assert_eq!(d.ipv6, a.ipv6);
+}
+
+#[test]
+fn change_counter_sees_other_processes_but_not_last_seen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = open(tmp.path());
+    let cli = open(tmp.path());
+    let c0 = server.change_counter().unwrap();
+    assert_eq!(server.change_counter().unwrap(), c0, "stable when idle");
+
+    let d = cli
+        .enroll(
+            NewDevice {
+                groups: vec!["eng".into()],
+                ..new("alice@example.com", 1)
+            },
+            1,
+        )
+        .unwrap();
+    let c1 = server.change_counter().unwrap();
+    assert_ne!(c1, c0);
+
+    server.record_last_seen(&[(d.id.clone(), 500)]).unwrap();
+    cli.record_last_seen(&[(d.id.clone(), 600)]).unwrap();
+    assert_eq!(server.change_counter().unwrap(), c1);
+    assert_eq!(server.find(&d.id).unwrap().last_seen, Some(600));
+    // Older reports never move last_seen back; unknown ids are skipped.
+    server
+        .record_last_seen(&[(d.id.clone(), 550), ("gone".into(), 1)])
+        .unwrap();
+    assert_eq!(server.find(&d.id).unwrap().last_seen, Some(600));
+
+    cli.revoke(&d.name, 700).unwrap();
+    let c2 = server.change_counter().unwrap();
+    assert_ne!(c2, c1);
+
+    // Hand edits through any connection count too.
+    raw(tmp.path())
+        .execute("UPDATE devices SET email = 'a@example.org'", [])
+        .unwrap();
+    assert_ne!(server.change_counter().unwrap(), c2);
+}
+
+#[test]
+fn pool_exhaustion_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = tunnel();
+    t.ipv4_pool = "100.96.0.0/30".parse().unwrap();
+    let reg = Registry::open(tmp.path(), &t).unwrap();
+    reg.enroll(new("a@example.com", 1), 1).unwrap();
+    let err = reg.enroll(new("b@example.com", 2), 1).unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::PoolExhausted { pool } if pool == "100.96.0.0/30"),
+        "{err}"
+    );
+}
+
+#[test]
+fn concurrent_enrollments_get_distinct_addresses() {
+    let tmp = tempfile::tempdir().unwrap();
+    drop(open(tmp.path()));
+    let dir = tmp.path().to_path_buf();
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let reg = open(&dir);
+                for i in 0..5u64 {
+                    reg.enroll(new("user@example.com", 1000 + t * 10 + i), 1)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let all = open(&dir).all_devices().unwrap();
+    assert_eq!(all.len(), 20);
+    let mut v4: Vec<_> = all.iter().map(|d| d.ipv4).collect();
+    v4.sort();
+    v4.dedup();
+    assert_eq!(v4.len(), 20);
+    assert_eq!(v4[19], Ipv4Addr::new(100, 96, 0, 21));
+    let mut names: Vec<_> = all.iter().map(|d| d.name.clone()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 20);
+}
