@@ -1,8 +1,478 @@
-//! `waygate device`.
+//! `waygate device enroll|list|show|revoke`: the operator's side of the registry.
+//!
+//! Every subcommand loads the same config as `waygate serve` to find the data directory and the
+//! tunnel pools, so it acts on that gateway's registry; a running server picks the change up
+//! within a second by polling the registry. Results go to stdout (the wg-quick config, the
+//! table, the JSON), everything meant for the operator's eyes only goes to stderr.
+
+use std::fmt::Write as _;
+use std::io::{self, Write as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
+use waygate_keys::{PrivateKey, PublicKey};
+
+use super::{DeviceCommand, EnrollArgs};
+use crate::config::{Config, TunnelConfig, WireguardConfig};
+use crate::datadir;
+use crate::registry::{Device, NewDevice, Registry};
+
+/// Where the primary-address probe "connects" to (TEST-NET-3; connecting a UDP socket only asks
+/// the kernel for a route, no packet is sent).
+const PROBE_V4: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)), 51820);
+/// IPv6 probe target (documentation prefix), tried when there is no IPv4 route.
+const PROBE_V6: SocketAddr = SocketAddr::new(
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+    51820,
+);
+/// Keepalive written into device configs: keeps NAT mappings open so the gateway can reach them.
+const PERSISTENT_KEEPALIVE: u16 = 25;
+
 /// Runs `waygate device`.
-pub fn run(_config: Option<&Path>, _cmd: super::DeviceCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+pub fn run(config: Option<&Path>, cmd: DeviceCommand) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let registry = Registry::open(&cfg.data_dir, &cfg.tunnel)?;
+    let out = match cmd {
+        DeviceCommand::Enroll(args) => enroll(&cfg, &registry, args)?,
+        DeviceCommand::List { json } => list(&registry, json, now())?,
+        DeviceCommand::Show { device } => show(&registry.find(&device)?),
+        DeviceCommand::Revoke { device } => {
+            let d = registry.revoke(&device, now())?;
+            eprintln!(
+                "revoked device {} ({}) of {}; a running gateway drops it within a second",
+                d.name, d.id, d.email
+            );
+            String::new()
+        }
+    };
+    let mut stdout = io::stdout().lock();
+    match stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // `waygate device list | head` is not an error.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(e).context("writing to stdout"),
+    }
+}
+
+/// The CLI is an I/O shell: it reads the clock and hands the time to the registry.
+#[allow(clippy::disallowed_methods)]
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn enroll(cfg: &Config, registry: &Registry, args: EnrollArgs) -> anyhow::Result<String> {
+    let server_key = datadir::load_or_create_server_key(&cfg.data_dir)?;
+    // Resolved before enrolling, so a failure leaves no device without a config behind.
+    let (endpoint, derived) = endpoint(&cfg.wireguard, probe_primary_address)?;
+    let (private, public) = match &args.public_key {
+        Some(text) => {
+            let public: PublicKey = text.parse().context("--public-key")?;
+            (None, public)
+        }
+        None => {
+            let private = PrivateKey::generate(&mut rand::rngs::OsRng);
+            let public = private.public_key();
+            (Some(private), public)
+        }
+    };
+    let device = registry.enroll(
+        NewDevice {
+            name: args.name,
+            email: args.email,
+            user_name: None,
+            groups: args.groups,
+            vnet_id: args.vnet,
+            public_key: public,
+        },
+        now(),
+    )?;
+    eprintln!(
+        "enrolled device {} ({}) for {}, address {}, {}",
+        device.name, device.id, device.email, device.ipv4, device.ipv6
+    );
+    if derived {
+        eprintln!(
+            "warning: wireguard.public_endpoint is not set; the config uses {endpoint}, derived \
+             from this host's addresses. Set wireguard.public_endpoint if devices reach the \
+             gateway through another address or name."
+        );
+    }
+    Ok(wg_quick_config(
+        &device,
+        private.as_ref(),
+        &server_key.public_key(),
+        &endpoint,
+        &cfg.tunnel,
+    ))
+}
+
+/// The device's complete wg-quick config.
+pub fn wg_quick_config(
+    device: &Device,
+    private: Option<&PrivateKey>,
+    server: &PublicKey,
+    endpoint: &str,
+    tunnel: &TunnelConfig,
+) -> String {
+    let mut s = String::from("[Interface]\n");
+    if let Some(key) = private {
+        let _ = writeln!(s, "PrivateKey = {}", key.to_base64().as_str());
+    }
+    let _ = writeln!(s, "Address = {}/32, {}/128", device.ipv4, device.ipv6);
+    let _ = writeln!(
+        s,
+        "DNS = {}, {}",
+        tunnel.gateway_ipv4(),
+        tunnel.gateway_ipv6()
+    );
+    let _ = writeln!(s, "MTU = {}", tunnel.mtu);
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[Peer]");
+    let _ = writeln!(s, "PublicKey = {server}");
+    let _ = writeln!(s, "Endpoint = {endpoint}");
+    let _ = writeln!(s, "AllowedIPs = 0.0.0.0/0, ::/0");
+    let _ = writeln!(s, "PersistentKeepalive = {PERSISTENT_KEEPALIVE}");
+    s
+}
+
+/// The endpoint devices should dial, and whether it was derived rather than configured:
+/// `public_endpoint` if set; else the listen address if it is a specific one; else this host's
+/// primary address (as `probe` finds it) with the listen port.
+fn endpoint(
+    wg: &WireguardConfig,
+    probe: impl Fn(SocketAddr) -> io::Result<IpAddr>,
+) -> anyhow::Result<(String, bool)> {
+    if let Some(configured) = &wg.public_endpoint {
+        return Ok((configured.clone(), false));
+    }
+    let listen = wg.listen;
+    if !listen.ip().is_unspecified() {
+        return Ok((listen.to_string(), true));
+    }
+    // A socket bound to [::] also takes IPv4, so IPv4 is tried first for either.
+    let mut targets = vec![PROBE_V4];
+    if listen.is_ipv6() {
+        targets.push(PROBE_V6);
+    }
+    let mut last_err = None;
+    for target in targets {
+        match probe(target) {
+            Ok(ip) if !ip.is_unspecified() => {
+                return Ok((SocketAddr::new(ip, listen.port()).to_string(), true))
+            }
+            Ok(_) => {}
+            Err(e) => last_err = Some(e),
+        }
+    }
+    let why = last_err.map(|e| format!(" ({e})")).unwrap_or_default();
+    anyhow::bail!(
+        "cannot work out the gateway's address for device configs{why}: \
+         set wireguard.public_endpoint = \"host:port\" in the config"
+    )
+}
+
+/// The source address the kernel would use towards `target`.
+fn probe_primary_address(target: SocketAddr) -> io::Result<IpAddr> {
+    let bind: SocketAddr = match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(bind)?;
+    socket.connect(target)?;
+    Ok(socket.local_addr()?.ip())
+}
+
+fn list(registry: &Registry, json: bool, now: i64) -> anyhow::Result<String> {
+    let devices = registry.all_devices()?;
+    if json {
+        let mut s = serde_json::to_string_pretty(&devices)?;
+        s.push('\n');
+        return Ok(s);
+    }
+    let header = [
+        "ID",
+        "NAME",
+        "EMAIL",
+        "IPV4",
+        "PUBLIC KEY",
+        "LAST SEEN",
+        "STATUS",
+    ];
+    let rows: Vec<[String; 7]> = devices
+        .iter()
+        .map(|d| {
+            [
+                d.id.clone(),
+                d.name.clone(),
+                d.email.clone(),
+                d.ipv4.to_string(),
+                d.public_key.to_string(),
+                d.last_seen
+                    .map_or_else(|| "never".to_string(), |t| ago(now, t)),
+                status(d),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut s = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, cell) in cells.enumerate() {
+            if i + 1 == widths.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ", w = widths[i]);
+            }
+        }
+        s.push_str(l.trim_end());
+        s.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in &rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    Ok(s)
+}
+
+fn status(d: &Device) -> String {
+    match d.revoked_at {
+        None => "active".to_string(),
+        Some(_) => "revoked".to_string(),
+    }
+}
+
+fn show(d: &Device) -> String {
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_string());
+    let fields: [(&str, String); 13] = [
+        ("id", d.id.clone()),
+        ("name", d.name.clone()),
+        ("status", status(d)),
+        ("email", d.email.clone()),
+        ("user name", dash(&d.user_name)),
+        (
+            "groups",
+            if d.groups.is_empty() {
+                "-".to_string()
+            } else {
+                d.groups.join(", ")
+            },
+        ),
+        ("virtual network", dash(&d.vnet_id)),
+        ("public key", d.public_key.to_string()),
+        ("ipv4", d.ipv4.to_string()),
+        ("ipv6", d.ipv6.to_string()),
+        ("created", utc(d.created_at)),
+        ("last seen", d.last_seen.map_or_else(|| "never".into(), utc)),
+        ("revoked", d.revoked_at.map_or_else(|| "-".into(), utc)),
+    ];
+    let mut s = String::new();
+    for (k, v) in fields {
+        let _ = writeln!(s, "{:<16} {v}", format!("{k}:"));
+    }
+    s
+}
+
+/// `2026-11-22 15:23:16 UTC` for unix seconds.
+fn utc(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil: proleptic Gregorian date of a day count since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// `42s ago`, `5m ago`, `3h ago`, `2d ago`; the full time for anything older than a week.
+fn ago(now: i64, then: i64) -> String {
+    let d = now.saturating_sub(then).max(0);
+    match d {
+        0..=59 => format!("{d}s ago"),
+        60..=3599 => format!("{}m ago", d / 60),
+        3600..=86_399 => format!("{}h ago", d / 3600),
+        86_400..=604_799 => format!("{}d ago", d / 86_400),
+        _ => utc(then),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn device() -> Device {
+        Device {
+            id: "0b0e6a52-3f1e-4c1a-9d7e-1b2c3d4e5f60".into(),
+            name: "alice".into(),
+            public_key: PrivateKey::generate(&mut StdRng::seed_from_u64(1)).public_key(),
+            ipv4: Ipv4Addr::new(100, 96, 0, 2),
+            ipv6: "fd77:6761:7465::2".parse().unwrap(),
+            email: "alice@example.com".into(),
+            user_name: None,
+            groups: vec!["eng".into(), "sre".into()],
+            vnet_id: None,
+            created_at: 1_795_000_000,
+            last_seen: None,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn config_has_every_line_wg_quick_needs() {
+        let server = PrivateKey::generate(&mut StdRng::seed_from_u64(2)).public_key();
+        let private = PrivateKey::generate(&mut StdRng::seed_from_u64(3));
+        let tunnel = Config::default().tunnel;
+        let text = wg_quick_config(
+            &device(),
+            Some(&private),
+            &server,
+            "198.51.100.1:51820",
+            &tunnel,
+        );
+        let expected = format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 100.96.0.2/32, fd77:6761:7465::2/128\n\
+             DNS = 100.96.0.1, fd77:6761:7465::1\nMTU = 1420\n\n[Peer]\nPublicKey = {server}\n\
+             Endpoint = 198.51.100.1:51820\nAllowedIPs = 0.0.0.0/0, ::/0\n\
+             PersistentKeepalive = 25\n",
+            private.to_base64().as_str()
+        );
+        assert_eq!(text, expected);
+        let without = wg_quick_config(&device(), None, &server, "gw:1", &tunnel);
+        assert!(!without.contains("PrivateKey"));
+        assert!(without.starts_with("[Interface]\nAddress = "));
+    }
+
+    #[test]
+    fn endpoint_prefers_config_then_listen_then_probe() {
+        let mut wg = Config::default().wireguard;
+        let never = |_: SocketAddr| -> io::Result<IpAddr> { panic!("must not probe") };
+        wg.public_endpoint = Some("gw.example.com:51820".into());
+        assert_eq!(
+            endpoint(&wg, never).unwrap(),
+            ("gw.example.com:51820".to_string(), false)
+        );
+        wg.public_endpoint = None;
+        wg.listen = "198.51.100.1:4500".parse().unwrap();
+        assert_eq!(
+            endpoint(&wg, never).unwrap(),
+            ("198.51.100.1:4500".to_string(), true)
+        );
+        wg.listen = "0.0.0.0:51820".parse().unwrap();
+        let probe = |t: SocketAddr| -> io::Result<IpAddr> {
+            assert_eq!(t, PROBE_V4);
+            Ok(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)))
+        };
+        assert_eq!(
+            endpoint(&wg, probe).unwrap(),
+            ("198.51.100.7:51820".to_string(), true)
+        );
+        // IPv6-only host: the v4 probe fails, the v6 one answers; brackets for the port.
+        wg.listen = "[::]:51820".parse().unwrap();
+        let probe = |t: SocketAddr| -> io::Result<IpAddr> {
+            if t.is_ipv4() {
+                Err(io::Error::from(io::ErrorKind::NetworkUnreachable))
+            } else {
+                Ok("2001:db8::7".parse().unwrap())
+            }
+        };
+        assert_eq!(endpoint(&wg, probe).unwrap().0, "[2001:db8::7]:51820");
+        let unreachable =
+            |_: SocketAddr| -> io::Result<IpAddr> { Err(io::ErrorKind::NetworkUnreachable.into()) };
+        let err = endpoint(&wg, unreachable).unwrap_err().to_string();
+        assert!(err.contains("wireguard.public_endpoint"), "{err}");
+    }
+
+    #[test]
+    fn times_are_readable() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_795_361_096), "2026-11-22 15:24:56 UTC");
+        assert_eq!(ago(100, 58), "42s ago");
+        assert_eq!(ago(4000, 100), "1h ago");
+        assert_eq!(ago(10_000_000, 0), "1970-01-01 00:00:00 UTC");
+    }
+
+    #[test]
+    fn show_lists_every_field() {
+        let mut d = device();
+        d.revoked_at = Some(1_795_000_100);
+        let text = show(&d);
+        for needle in [
+            "id:              0b0e6a52",
+            "status:          revoked",
+            "groups:          eng, sre",
+            "user name:       -",
+            "last seen:       never",
+            "ipv6:            fd77:6761:7465::2",
+            "revoked:         2026-11-18",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn list_aligns_columns_and_json_round_trips() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::open(tmp.path(), &Config::default().tunnel).unwrap();
+        let mut new = NewDevice {
+            name: None,
+            email: "alice@example.com".into(),
+            user_name: None,
+            groups: vec!["eng".into()],
+            vnet_id: None,
+            public_key: device().public_key,
+        };
+        let a = reg.enroll(new.clone(), 10).unwrap();
+        new.public_key = PrivateKey::generate(&mut StdRng::seed_from_u64(5)).public_key();
+        new.name = Some("bob-laptop-with-a-long-name".into());
+        reg.enroll(new, 11).unwrap();
+        reg.record_last_seen(&[(a.id.clone(), 70)]).unwrap();
+        reg.revoke("bob-laptop-with-a-long-name", 80).unwrap();
+
+        let table = list(&reg, false, 100).unwrap();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        let col = |l: &str, word: &str| l.find(word).unwrap();
+        assert_eq!(col(lines[0], "EMAIL"), col(lines[1], "alice@"));
+        assert_eq!(col(lines[0], "STATUS"), col(lines[2], "revoked"));
+        assert!(lines[1].contains("30s ago"), "{table}");
+        assert!(lines[2].contains("never"), "{table}");
+
+        let json: Vec<serde_json::Value> =
+            serde_json::from_str(&list(&reg, true, 100).unwrap()).unwrap();
+        assert_eq!(json.len(), 2);
+        assert_eq!(json[0]["name"], "alice");
+        assert_eq!(json[0]["groups"][0], "eng");
+        assert_eq!(json[1]["revoked_at"], 80);
+    }
 }
