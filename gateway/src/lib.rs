@@ -6,7 +6,12 @@
 
 pub mod cli;
 pub mod config;
-pub mod transmit;
-pub mod wg;
+pub mod core;
 pub mod datadir;
+pub mod egress;
+pub mod flow;
 pub mod registry;
+pub mod runtime;
+pub mod transmit;
+pub mod uapi;
+pub mod wg;

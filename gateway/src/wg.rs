@@ -555,11 +555,8 @@ mod tests {
                         .collect();
                 for reply in replies {
                     let mut res = p.dev.decapsulate(None, &reply, &mut buf);
-                    loop {
-                        match res {
-                            TunnResult::WriteToNetwork(d) => next.push(d.to_vec()),
-                            _ => break,
-                        }
+                    while let TunnResult::WriteToNetwork(d) = res {
+                        next.push(d.to_vec());
                         res = p.dev.decapsulate(None, &[], &mut buf);
                     }
                 }

@@ -1,0 +1,238 @@
+//! The flow table: device packets in, flows out.
+//!
+//! A flow's context is built once, from its first packet; policy stages decide on it; the
+//! runtime carries out what the table asks for through [`Command`]s and reports back through
+//! [`UpstreamEvent`]s. TCP is terminated in smoltcp ([`tcp`]); UDP goes through a NAT table
+//! ([`udp`]). Packets for devices leave through a [`PacketSink`]. Nothing here does I/O.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::wg::PeerId;
+
+pub mod device;
+pub mod packet;
+pub mod tcp;
+pub mod udp;
+
+pub use packet::Protocol;
+
+/// Identifies a flow for its whole life (never reused).
+pub type FlowId = u64;
+
+/// Who a device is: filled from the registry, shared by all of the device's flows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Registry id.
+    pub id: String,
+    /// Device name.
+    pub name: String,
+    /// User's email.
+    pub email: String,
+    /// User's display name.
+    pub user_name: Option<String>,
+    /// User's groups.
+    pub groups: Vec<String>,
+    /// Virtual network id.
+    pub vnet_id: Option<String>,
+    /// Tunnel IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Tunnel IPv6 address.
+    pub ipv6: Ipv6Addr,
+}
+
+/// Everything known about a flow when it opens; stages decide on this.
+#[derive(Debug, Clone)]
+pub struct FlowCtx {
+    /// Flow id.
+    pub id: FlowId,
+    /// The device's WireGuard peer.
+    pub peer: PeerId,
+    /// The device and its user.
+    pub device: Arc<DeviceInfo>,
+    /// The device's public address (its WireGuard endpoint).
+    pub device_public: Option<SocketAddr>,
+    /// Transport.
+    pub protocol: Protocol,
+    /// Source inside the tunnel.
+    pub src: SocketAddr,
+    /// Destination the device addressed.
+    pub dst: SocketAddr,
+    /// When the first packet arrived.
+    pub opened: Instant,
+}
+
+/// Where and how a flow leaves the gateway, as decided by the stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstream {
+    /// Address to connect to (the destination, or a rewritten one such as the DNS upstream).
+    pub dst: SocketAddr,
+    /// Source address to bind before connecting; `None` lets the OS choose.
+    pub bind: Option<IpAddr>,
+}
+
+/// Work for the runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Open a TCP connection; answer with `TcpConnected` or `TcpConnectFailed`.
+    TcpConnect {
+        /// Flow.
+        flow: FlowId,
+        /// Where to.
+        upstream: Upstream,
+    },
+    /// Write bytes from the device to the upstream; answer with `TcpWritten` once written.
+    TcpSend {
+        /// Flow.
+        flow: FlowId,
+        /// Bytes, in order.
+        data: bytes::Bytes,
+    },
+    /// The device will send no more: shut the upstream's write side.
+    TcpShutdownWrite {
+        /// Flow.
+        flow: FlowId,
+    },
+    /// The device may take `bytes` more from the upstream.
+    TcpCredit {
+        /// Flow.
+        flow: FlowId,
+        /// Bytes.
+        bytes: usize,
+    },
+    /// Forget the upstream connection (closing it if still open).
+    TcpClose {
+        /// Flow.
+        flow: FlowId,
+    },
+    /// Open a UDP socket towards `upstream` (sends queue until it is ready).
+    UdpOpen {
+        /// Flow.
+        flow: FlowId,
+        /// Where to.
+        upstream: Upstream,
+    },
+    /// Send one datagram upstream.
+    UdpSend {
+        /// Flow.
+        flow: FlowId,
+        /// Payload.
+        data: bytes::Bytes,
+    },
+    /// Close the flow's UDP socket.
+    UdpClose {
+        /// Flow.
+        flow: FlowId,
+    },
+}
+
+/// What the runtime reports about upstream connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamEvent {
+    /// TCP connection established.
+    TcpConnected {
+        /// Flow.
+        flow: FlowId,
+        /// Local address the connection uses (the egress address).
+        local: SocketAddr,
+    },
+    /// TCP connection failed (refused, unreachable, timed out).
+    TcpConnectFailed {
+        /// Flow.
+        flow: FlowId,
+    },
+    /// Bytes from the upstream, in order.
+    TcpData {
+        /// Flow.
+        flow: FlowId,
+        /// Bytes.
+        data: bytes::Bytes,
+    },
+    /// The upstream finished sending.
+    TcpEof {
+        /// Flow.
+        flow: FlowId,
+    },
+    /// The upstream connection broke (reset or I/O error).
+    TcpError {
+        /// Flow.
+        flow: FlowId,
+    },
+    /// `bytes` of what the device sent were written upstream.
+    TcpWritten {
+        /// Flow.
+        flow: FlowId,
+        /// Bytes.
+        bytes: usize,
+    },
+    /// A datagram from the upstream.
+    UdpData {
+        /// Flow.
+        flow: FlowId,
+        /// Payload.
+        data: bytes::Bytes,
+    },
+}
+
+/// Where packets for devices go (the WireGuard endpoint, in the gateway).
+pub trait PacketSink {
+    /// Sends one IP packet to `peer`.
+    fn send(&mut self, peer: PeerId, packet: &[u8]);
+}
+
+/// Why a device packet was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlowDrop {
+    /// Could not be parsed.
+    Malformed,
+    /// IP fragment.
+    Fragment,
+    /// Transport not proxied.
+    UnsupportedProtocol,
+    /// Addressed to another device's tunnel address.
+    DeviceToDevice,
+    /// Addressed to loopback, multicast, broadcast or unspecified.
+    ForbiddenDestination,
+    /// Addressed to a gateway port nothing listens on.
+    GatewayPortClosed,
+    /// Non-SYN segment for no known connection (answered with RST).
+    StrayTcp,
+    /// ICMP other than echo to the gateway.
+    UnsupportedIcmp,
+    /// Too many flows for one device.
+    FlowLimit,
+}
+
+impl FlowDrop {
+    /// Every reason, for counters.
+    pub const ALL: [FlowDrop; 9] = [
+        FlowDrop::Malformed,
+        FlowDrop::Fragment,
+        FlowDrop::UnsupportedProtocol,
+        FlowDrop::DeviceToDevice,
+        FlowDrop::ForbiddenDestination,
+        FlowDrop::GatewayPortClosed,
+        FlowDrop::StrayTcp,
+        FlowDrop::UnsupportedIcmp,
+        FlowDrop::FlowLimit,
+    ];
+}
+
+/// Per-reason counts of dropped device packets.
+#[derive(Debug, Default, Clone)]
+pub struct FlowDropCounters {
+    counts: [u64; FlowDrop::ALL.len()],
+}
+
+impl FlowDropCounters {
+    /// Adds one.
+    pub fn add(&mut self, reason: FlowDrop) {
+        self.counts[reason as usize] += 1;
+    }
+
+    /// Count for `reason`.
+    pub fn get(&self, reason: FlowDrop) -> u64 {
+        self.counts[reason as usize]
+    }
+}

@@ -1,0 +1,531 @@
+//! TCP flows, terminated in smoltcp.
+//!
+//! smoltcp scans its whole socket set on every poll, so each flow owns a set with its one
+//! socket and packets are dispatched to their flow before smoltcp sees them: the cost of a
+//! packet does not grow with the number of open flows. One `Interface` (any-IP, the gateway's
+//! tunnel addresses) is shared by all flows; it holds no per-socket state.
+//!
+//! A SYN is held, not answered, until the upstream connection succeeds: then a socket listening
+//! on exactly the destination the device dialled is created and the SYN is fed to it, so the
+//! device sees SYN-ACK only for reachable origins and a RST for refused ones.
+//!
+//! Backpressure both ways: at most [`TcpSettings::upload_window`] bytes are in flight to the
+//! upstream (the smoltcp receive window closes behind them), and the runtime reads from the
+//! upstream only as far as [`Command::TcpCredit`] allows.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp::{self, CongestionControl, SocketBuffer, State};
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
+
+use super::device::FlowDevice;
+use super::packet::{build_rst, TcpFlags};
+use super::{Command, FlowCtx, FlowId, PacketSink, UpstreamEvent};
+use crate::wg::PeerId;
+
+/// Tuning of terminated connections.
+#[derive(Debug, Clone)]
+pub struct TcpSettings {
+    /// Tunnel MTU: smoltcp's segments and the MSS it advertises follow from it.
+    pub mtu: usize,
+    /// smoltcp receive buffer per flow (device -> upstream).
+    pub rx_buffer: usize,
+    /// smoltcp send buffer per flow (upstream -> device).
+    pub tx_buffer: usize,
+    /// Bytes handed to the upstream and not yet written, per flow.
+    pub upload_window: usize,
+    /// Largest chunk handed to the runtime at once.
+    pub max_chunk: usize,
+    /// How long smoltcp may delay an ACK.
+    pub ack_delay: Duration,
+}
+
+impl TcpSettings {
+    /// Settings for a tunnel of `mtu` bytes.
+    pub fn for_mtu(mtu: usize) -> Self {
+        TcpSettings {
+            mtu,
+            rx_buffer: 512 * 1024,
+            // Bytes in flight towards a device are bounded by this buffer. A stock wireguard-go
+            // device drains a ~200 KiB UDP socket buffer; overflowing it loses packets in bursts,
+            // and smoltcp recovers from burst loss only by go-back-N after a 1 s minimum RTO.
+            // Measured in the lab (scripts/bench-throughput.sh): 512 KiB collapsed downloads to
+            // 1-60 Mbit/s, 96 KiB gave 0.53-0.65 Gbit/s. The cost: a long-RTT path is capped at
+            // 96 KiB per RTT per flow; pacing towards each peer is the way to lift it.
+            tx_buffer: 96 * 1024,
+            upload_window: 512 * 1024,
+            max_chunk: 64 * 1024,
+            ack_delay: Duration::from_millis(1),
+        }
+    }
+}
+
+/// What uniquely names a TCP flow from a device.
+type Key = (PeerId, SocketAddr, SocketAddr);
+
+enum Phase {
+    /// Waiting for the upstream connection; the device's SYN is kept to replay or refuse.
+    Connecting { syn: Vec<u8>, flags: TcpFlags },
+    /// Terminated: the flow's own one-socket set.
+    Open {
+        sockets: SocketSet<'static>,
+        handle: SocketHandle,
+    },
+}
+
+struct TcpFlow {
+    ctx: FlowCtx,
+    upstream_local: Option<SocketAddr>,
+    phase: Phase,
+    upload_in_flight: usize,
+    download: VecDeque<Bytes>,
+    upstream_eof: bool,
+    fin_forwarded: bool,
+    closing: bool,
+    next_poll: Option<Instant>,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+/// Outcome of servicing a flow.
+#[derive(Debug, PartialEq, Eq)]
+enum Liveness {
+    Alive,
+    Finished,
+}
+
+/// All terminated TCP flows.
+pub struct TcpFlows {
+    iface: Interface,
+    epoch: Instant,
+    settings: TcpSettings,
+    flows: HashMap<FlowId, TcpFlow>,
+    by_key: HashMap<Key, FlowId>,
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    scratch: Vec<u8>,
+}
+
+impl TcpFlows {
+    /// An empty table answering for `addrs` (the gateway's tunnel addresses with their pools)
+    /// and, through any-IP, for every destination.
+    pub fn new(settings: TcpSettings, addrs: &[(IpAddr, u8)], now: Instant) -> Self {
+        let mut scratch = vec![0u8; settings.mtu];
+        let mut null = NullSink;
+        let mut device = FlowDevice::new(None, &mut null, 0, settings.mtu, &mut scratch);
+        let config = IfaceConfig::new(HardwareAddress::Ip);
+        let mut iface = Interface::new(config, &mut device, SmolInstant::ZERO);
+        iface.set_any_ip(true);
+        iface.update_ip_addrs(|list| {
+            for (addr, prefix) in addrs {
+                // The interface holds at most a handful of addresses; two always fit.
+                let _ = list.push(IpCidr::new((*addr).into(), *prefix));
+            }
+        });
+        TcpFlows {
+            iface,
+            epoch: now,
+            settings,
+            flows: HashMap::new(),
+            by_key: HashMap::new(),
+            timers: BinaryHeap::new(),
+            scratch,
+        }
+    }
+
+    /// The flow a segment from `peer` with these addresses belongs to.
+    pub fn lookup(&self, peer: PeerId, src: SocketAddr, dst: SocketAddr) -> Option<FlowId> {
+        self.by_key.get(&(peer, src, dst)).copied()
+    }
+
+    /// Number of open flows.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Whether no flow is open.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Starts a flow from its SYN: asks the runtime to connect and keeps the SYN until then.
+    pub fn open(
+        &mut self,
+        ctx: FlowCtx,
+        upstream: super::Upstream,
+        syn: &[u8],
+        flags: TcpFlags,
+        out: &mut VecDeque<Command>,
+    ) {
+        let id = ctx.id;
+        self.by_key.insert((ctx.peer, ctx.src, ctx.dst), id);
+        self.flows.insert(
+            id,
+            TcpFlow {
+                ctx,
+                upstream_local: None,
+                phase: Phase::Connecting {
+                    syn: syn.to_vec(),
+                    flags,
+                },
+                upload_in_flight: 0,
+                download: VecDeque::new(),
+                upstream_eof: false,
+                fin_forwarded: false,
+                closing: false,
+                next_poll: None,
+                bytes_up: 0,
+                bytes_down: 0,
+            },
+        );
+        out.push_back(Command::TcpConnect { flow: id, upstream });
+    }
+
+    /// Feeds a device segment to its flow.
+    pub fn deliver<S: PacketSink>(
+        &mut self,
+        id: FlowId,
+        packet: &[u8],
+        rst: bool,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if let Phase::Connecting { .. } = flow.phase {
+            // Retransmitted SYNs wait with the first; a RST means the device gave up.
+            if rst {
+                self.finish(id, "device reset while connecting", now, out);
+            }
+            return;
+        }
+        self.service(id, Some(packet), now, sink, out);
+    }
+
+    /// Applies an upstream event.
+    pub fn handle_event<S: PacketSink>(
+        &mut self,
+        event: UpstreamEvent,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        match event {
+            UpstreamEvent::TcpConnected { flow, local } => {
+                self.connected(flow, local, now, sink, out)
+            }
+            UpstreamEvent::TcpConnectFailed { flow } => self.refuse(flow, now, sink, out),
+            UpstreamEvent::TcpData { flow, data } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    f.download.push_back(data);
+                    self.service(flow, None, now, sink, out);
+                }
+            }
+            UpstreamEvent::TcpEof { flow } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    f.upstream_eof = true;
+                    self.service(flow, None, now, sink, out);
+                }
+            }
+            UpstreamEvent::TcpError { flow } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    match &mut f.phase {
+                        Phase::Open { sockets, handle } => {
+                            sockets.get_mut::<tcp::Socket>(*handle).abort();
+                            self.service(flow, None, now, sink, out);
+                        }
+                        Phase::Connecting { .. } => self.refuse(flow, now, sink, out),
+                    }
+                }
+            }
+            UpstreamEvent::TcpWritten { flow, bytes } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    f.upload_in_flight = f.upload_in_flight.saturating_sub(bytes);
+                    self.service(flow, None, now, sink, out);
+                }
+            }
+            UpstreamEvent::UdpData { .. } => {}
+        }
+    }
+
+    /// Services flows whose smoltcp timers are due.
+    pub fn handle_timeout<S: PacketSink>(
+        &mut self,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let due = self.flows.get(&id).is_some_and(|f| f.next_poll == Some(at));
+            if due {
+                self.service(id, None, now, sink, out);
+            }
+        }
+    }
+
+    /// When [`TcpFlows::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Ends every flow of a peer that is gone (revoked): upstreams are closed, nothing is sent
+    /// to the device.
+    pub fn remove_peer(&mut self, peer: PeerId, now: Instant, out: &mut VecDeque<Command>) {
+        let ids: Vec<FlowId> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.ctx.peer == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.finish(id, "device removed", now, out);
+        }
+    }
+
+    fn connected<S: PacketSink>(
+        &mut self,
+        id: FlowId,
+        local: SocketAddr,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            // The device gave up meanwhile; the runtime still holds a connection.
+            out.push_back(Command::TcpClose { flow: id });
+            return;
+        };
+        let Phase::Connecting { syn, .. } = &mut flow.phase else {
+            return;
+        };
+        let syn = std::mem::take(syn);
+        let s = &self.settings;
+        let mut socket = tcp::Socket::new(
+            SocketBuffer::new(vec![0u8; s.rx_buffer]),
+            SocketBuffer::new(vec![0u8; s.tx_buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(Some(s.ack_delay.into()));
+        socket.set_congestion_control(CongestionControl::Cubic);
+        let endpoint = IpListenEndpoint {
+            addr: Some(flow.ctx.dst.ip().into()),
+            port: flow.ctx.dst.port(),
+        };
+        if socket.listen(endpoint).is_err() {
+            // Port 0 cannot be listened on; such a SYN cannot be answered.
+            self.refuse(id, now, sink, out);
+            return;
+        }
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
+        let handle = sockets.add(socket);
+        flow.phase = Phase::Open { sockets, handle };
+        flow.upstream_local = Some(local);
+        self.service(id, Some(&syn), now, sink, out);
+    }
+
+    /// The upstream refused: answer the held SYN with a RST.
+    fn refuse<S: PacketSink>(
+        &mut self,
+        id: FlowId,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let Some(flow) = self.flows.get(&id) else {
+            return;
+        };
+        if let Phase::Connecting { flags, .. } = &flow.phase {
+            let mut buf = [0u8; 80];
+            if let Some(n) = build_rst(&mut buf, flow.ctx.dst, flow.ctx.src, flags) {
+                sink.send(flow.ctx.peer, &buf[..n]);
+            }
+        }
+        self.finish(id, "upstream refused", now, out);
+    }
+
+    fn finish(&mut self, id: FlowId, why: &'static str, now: Instant, out: &mut VecDeque<Command>) {
+        let Some(flow) = self.flows.remove(&id) else {
+            return;
+        };
+        self.by_key
+            .remove(&(flow.ctx.peer, flow.ctx.src, flow.ctx.dst));
+        out.push_back(Command::TcpClose { flow: id });
+        let ctx = &flow.ctx;
+        tracing::info!(
+            target: "waygate::flow",
+            flow = id,
+            device = %ctx.device.name,
+            user = %ctx.device.email,
+            protocol = "tcp",
+            src = %ctx.src,
+            dst = %ctx.dst,
+            egress = ?flow.upstream_local,
+            bytes_up = flow.bytes_up,
+            bytes_down = flow.bytes_down,
+            duration_ms = now.saturating_duration_since(ctx.opened).as_millis() as u64,
+            reason = why,
+            "flow closed"
+        );
+    }
+
+    fn smol_now(&self, now: Instant) -> SmolInstant {
+        SmolInstant::from_micros(now.saturating_duration_since(self.epoch).as_micros() as i64)
+    }
+
+    /// Moves what can move: the packet into smoltcp, bytes between smoltcp and the upstream,
+    /// then reschedules the flow's timer.
+    fn service<S: PacketSink>(
+        &mut self,
+        id: FlowId,
+        rx: Option<&[u8]>,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let snow = self.smol_now(now);
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let liveness = service_flow(
+            &mut self.iface,
+            flow,
+            &self.settings,
+            rx,
+            snow,
+            sink,
+            &mut self.scratch,
+            out,
+        );
+        if liveness == Liveness::Finished {
+            self.finish(id, "closed", now, out);
+            return;
+        }
+        let Phase::Open { sockets, .. } = &flow.phase else {
+            return;
+        };
+        let next = self
+            .iface
+            .poll_at(snow, sockets)
+            .map(|t| self.epoch + Duration::from_micros(t.total_micros().max(0) as u64));
+        let next = next.map(|t| t.max(now));
+        flow.next_poll = next;
+        if let Some(at) = next {
+            self.timers.push(Reverse((at, id)));
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn service_flow<S: PacketSink>(
+    iface: &mut Interface,
+    flow: &mut TcpFlow,
+    settings: &TcpSettings,
+    rx: Option<&[u8]>,
+    snow: SmolInstant,
+    sink: &mut S,
+    scratch: &mut [u8],
+    out: &mut VecDeque<Command>,
+) -> Liveness {
+    let id = flow.ctx.id;
+    let peer = flow.ctx.peer;
+    let Phase::Open { sockets, handle } = &mut flow.phase else {
+        return Liveness::Alive;
+    };
+    {
+        let mut device = FlowDevice::new(rx, sink, peer, settings.mtu, scratch);
+        iface.poll(snow, &mut device, sockets);
+    }
+    let socket = sockets.get_mut::<tcp::Socket>(*handle);
+    let mut progressed = false;
+
+    // Device -> upstream, within the upload window.
+    while flow.upload_in_flight < settings.upload_window && socket.can_recv() {
+        let room = (settings.upload_window - flow.upload_in_flight).min(settings.max_chunk);
+        let chunk = socket.recv(|buf| {
+            let n = buf.len().min(room);
+            (n, Bytes::copy_from_slice(&buf[..n]))
+        });
+        match chunk {
+            Ok(data) if !data.is_empty() => {
+                flow.upload_in_flight += data.len();
+                flow.bytes_up += data.len() as u64;
+                out.push_back(Command::TcpSend { flow: id, data });
+                progressed = true;
+            }
+            _ => break,
+        }
+    }
+    // The device's FIN reaches the upstream only after all its data.
+    if !flow.fin_forwarded
+        && socket.recv_queue() == 0
+        && matches!(
+            socket.state(),
+            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+        )
+    {
+        flow.fin_forwarded = true;
+        out.push_back(Command::TcpShutdownWrite { flow: id });
+    }
+
+    // Upstream -> device, as far as the send buffer takes it.
+    let mut credit = 0;
+    while let Some(front) = flow.download.front_mut() {
+        match socket.send_slice(front) {
+            Ok(0) => break,
+            Ok(n) => {
+                credit += n;
+                if n == front.len() {
+                    flow.download.pop_front();
+                } else {
+                    front.advance(n);
+                    break;
+                }
+            }
+            Err(_) => {
+                // The device closed its side for good: nothing more can be delivered.
+                flow.download.clear();
+                break;
+            }
+        }
+    }
+    if credit > 0 {
+        flow.bytes_down += credit as u64;
+        out.push_back(Command::TcpCredit {
+            flow: id,
+            bytes: credit,
+        });
+        progressed = true;
+    }
+    if flow.upstream_eof && flow.download.is_empty() && !flow.closing {
+        socket.close();
+        flow.closing = true;
+        progressed = true;
+    }
+    if progressed {
+        let mut device = FlowDevice::new(None, sink, peer, settings.mtu, scratch);
+        iface.poll(snow, &mut device, sockets);
+    }
+    let socket = sockets.get::<tcp::Socket>(*handle);
+    match socket.state() {
+        State::Closed | State::TimeWait => Liveness::Finished,
+        _ => Liveness::Alive,
+    }
+}
+
+/// A sink for the one poll during setup that never transmits.
+struct NullSink;
+
+impl PacketSink for NullSink {
+    fn send(&mut self, _peer: PeerId, _packet: &[u8]) {}
+}
