@@ -5,7 +5,8 @@
 #   scripts/lab.sh down [PREFIX]           kill what the lab started (by pid), delete its namespaces
 #   scripts/lab.sh device-up PREFIX DEV CONF    wg-quick up CONF (wireguard-go) in namespace <P>DEV
 #   scripts/lab.sh device-down PREFIX DEV CONF  wg-quick down CONF in namespace <P>DEV
-#   scripts/lab.sh status [PREFIX]         list the namespaces and pids the lab recorded
+#   scripts/lab.sh record-pid PREFIX PID NAME   have `down` kill PID too (a process you started)
+#   scripts/lab.sh status PREFIX           list the namespaces and pids the lab recorded
 #
 # PREFIX (default: wl<pid>, at most 10 characters, [a-z0-9]) names everything the run creates:
 #
@@ -73,7 +74,7 @@ start() {
   sd="$(state_dir "$p")"
   ip netns exec "$n" "$@" >"$sd/$name.log" 2>&1 </dev/null &
   local pid=$!
-  echo "$pid $name" >>"$sd/pids"
+  echo "$pid $(proc_start "$pid") $name" >>"$sd/pids"
 }
 
 origin_bin() {
@@ -165,12 +166,27 @@ cmd_up() {
   echo "$p"
 }
 
-kill_pid() { # PID [NAME]: TERM, wait up to 2 s, then KILL. Only pids this lab recorded.
-  local pid="$1" i
-  kill -0 "$pid" 2>/dev/null || return 0
+# proc_start PID: the process's start time (clock ticks since boot), empty if it is gone or a zombie.
+proc_start() {
+  local stat rest
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+  rest="${stat##*) }"
+  # shellcheck disable=SC2086
+  set -- $rest
+  [ "$1" != Z ] || return 0
+  echo "${20}"
+}
+
+# kill_pid PID START: TERM, wait up to 2 s, then KILL; only if PID is still the process that started
+# at START (so a reused pid is never touched). Zombies count as gone.
+kill_pid() {
+  local pid="$1" start="${2:-}" now i
+  now="$(proc_start "$pid")"
+  [ -n "$now" ] || return 0
+  [ -z "$start" ] || [ "$now" = "$start" ] || return 0
   kill -TERM "$pid" 2>/dev/null || true
   for i in $(seq 1 40); do
-    kill -0 "$pid" 2>/dev/null || return 0
+    [ -n "$(proc_start "$pid")" ] || return 0
     sleep 0.05
   done
   kill -KILL "$pid" 2>/dev/null || true
@@ -184,18 +200,18 @@ cmd_down() {
   if [ -f "$sd/wg" ]; then
     # wg-quick interfaces still up: take them down cleanly (removes resolvconf entries), then
     # make sure their wireguard-go daemon is gone.
-    while read -r n conf pid; do
+    while read -r n conf pid start; do
       [ -n "${n:-}" ] || continue
       if ip netns list | awk '{print $1}' | grep -qx "$n" && [ -f "$conf" ]; then
         ip netns exec "$n" wg-quick down "$conf" >/dev/null 2>&1
       fi
-      [ -n "${pid:-}" ] && kill_pid "$pid"
+      [ -n "${pid:-}" ] && kill_pid "$pid" "${start:-}"
       rm -f "/var/run/wireguard/$(basename "$conf" .conf).sock"
     done <"$sd/wg"
   fi
   if [ -f "$sd/pids" ]; then
-    while read -r pid _name; do
-      [ -n "${pid:-}" ] && kill_pid "$pid"
+    while read -r pid start _name; do
+      [ -n "${pid:-}" ] && kill_pid "$pid" "$start"
     done <"$sd/pids"
   fi
   if [ -f "$sd/netns" ]; then
@@ -220,6 +236,7 @@ cmd_device_up() {
   name="$(basename "$conf" .conf)"
   [ ${#name} -le 15 ] || die "interface name $name is longer than 15 characters"
   [ ! -S "/var/run/wireguard/$name.sock" ] || die "/var/run/wireguard/$name.sock exists: name in use"
+  chmod 600 "$conf"
   # Record first, so `down` cleans up even if wg-quick fails half-way.
   echo "$n $conf" >>"$sd/wg"
   WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go WG_SUDO=1 \
@@ -234,21 +251,30 @@ cmd_device_up() {
   done
   [ -n "$pid" ] || die "no wireguard-go process for $name"
   sed -i "\|^$n $conf\$|d" "$sd/wg"
-  echo "$n $conf $pid" >>"$sd/wg"
+  echo "$n $conf $pid $(proc_start "$pid")" >>"$sd/wg"
   echo "$pid"
 }
 
 cmd_device_down() {
-  local p="$1" dev="$2" conf="$3" sd n pid
+  local p="$1" dev="$2" conf="$3" sd n pid start
   check_prefix "$p"
   sd="$(state_dir "$p")"
   n="$p$dev"
-  pid="$(awk -v n="$n" -v c="$conf" '$1 == n && $2 == c {print $3}' "$sd/wg" 2>/dev/null | tail -n1)"
+  read -r pid start < <(awk -v n="$n" -v c="$conf" '$1 == n && $2 == c {print $3, $4}' "$sd/wg" 2>/dev/null | tail -n1) || true
   ip netns exec "$n" wg-quick down "$conf" >/dev/null 2>&1 || true
-  [ -n "$pid" ] && kill_pid "$pid"
+  [ -n "${pid:-}" ] && kill_pid "$pid" "${start:-}"
   rm -f "/var/run/wireguard/$(basename "$conf" .conf).sock"
   [ -f "$sd/wg" ] && sed -i "\|^$n $conf\( \|\$\)|d" "$sd/wg"
   return 0
+}
+
+cmd_record_pid() { # PREFIX PID NAME: have `down` kill a process started outside this script.
+  local sd
+  check_prefix "$1"
+  sd="$(state_dir "$1")"
+  [ -d "$sd" ] || die "no lab with prefix $1"
+  [[ "$2" =~ ^[0-9]+$ ]] || die "bad pid '$2'"
+  echo "$2 $(proc_start "$2") $3" >>"$sd/pids"
 }
 
 cmd_status() {
@@ -267,6 +293,7 @@ case "$action" in
   down) [ -n "${2:-}" ] || die "down needs a PREFIX"; cmd_down "$2" ;;
   device-up) [ $# -eq 4 ] || die "usage: $0 device-up PREFIX DEV CONF"; cmd_device_up "$2" "$3" "$4" ;;
   device-down) [ $# -eq 4 ] || die "usage: $0 device-down PREFIX DEV CONF"; cmd_device_down "$2" "$3" "$4" ;;
+  record-pid) [ $# -eq 4 ] || die "usage: $0 record-pid PREFIX PID NAME"; cmd_record_pid "$2" "$3" "$4" ;;
   status) cmd_status "${2:-}" ;;
   *) die "usage: $0 up [PREFIX] | down PREFIX | device-up PREFIX DEV CONF | device-down PREFIX DEV CONF | status PREFIX" ;;
 esac
