@@ -221,6 +221,17 @@ impl GatewayCore {
         router.udp.handle_timeout(now, &mut router.commands);
     }
 
+    /// Finishes the work a batch of datagrams started (moves the bytes that arrived); call it
+    /// after a batch, before sending the transmit queue.
+    pub fn flush(&mut self, now: Instant) {
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        let router = &mut self.router;
+        router.tcp.flush(now, &mut sink, &mut router.commands);
+    }
+
     /// The next time [`GatewayCore::handle_timeout`] must run.
     pub fn poll_timeout(&self) -> Instant {
         [

@@ -89,6 +89,8 @@ struct TcpFlow {
     fin_forwarded: bool,
     closing: bool,
     next_poll: Option<Instant>,
+    /// Listed in `TcpFlows::dirty`: segments arrived since the last flush.
+    dirty: bool,
     bytes_up: u64,
     bytes_down: u64,
 }
@@ -108,6 +110,7 @@ pub struct TcpFlows {
     flows: HashMap<FlowId, TcpFlow>,
     by_key: HashMap<Key, FlowId>,
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    dirty: Vec<FlowId>,
     scratch: Vec<u8>,
 }
 
@@ -134,6 +137,7 @@ impl TcpFlows {
             flows: HashMap::new(),
             by_key: HashMap::new(),
             timers: BinaryHeap::new(),
+            dirty: Vec::new(),
             scratch,
         }
     }
@@ -179,6 +183,7 @@ impl TcpFlows {
                 fin_forwarded: false,
                 closing: false,
                 next_poll: None,
+                dirty: false,
                 bytes_up: 0,
                 bytes_down: 0,
             },
@@ -186,7 +191,9 @@ impl TcpFlows {
         out.push_back(Command::TcpConnect { flow: id, upstream });
     }
 
-    /// Feeds a device segment to its flow.
+    /// Feeds a device segment to its flow. smoltcp takes it (and may answer) at once; moving the
+    /// bytes it carries waits for [`TcpFlows::flush`], so a batch of segments becomes one
+    /// upstream write instead of one per segment.
     pub fn deliver<S: PacketSink>(
         &mut self,
         id: FlowId,
@@ -196,6 +203,7 @@ impl TcpFlows {
         sink: &mut S,
         out: &mut VecDeque<Command>,
     ) {
+        let snow = self.smol_now(now);
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
@@ -206,7 +214,40 @@ impl TcpFlows {
             }
             return;
         }
-        self.service(id, Some(packet), now, sink, out);
+        let Phase::Open { sockets, .. } = &mut flow.phase else {
+            return;
+        };
+        let mut device = FlowDevice::new(
+            Some(packet),
+            sink,
+            flow.ctx.peer,
+            self.settings.mtu,
+            &mut self.scratch,
+        );
+        self.iface.poll(snow, &mut device, sockets);
+        if !flow.dirty {
+            flow.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    /// Moves the bytes of every flow that received segments since the last flush. The runtime
+    /// calls this after each batch of datagrams, before sending.
+    pub fn flush<S: PacketSink>(
+        &mut self,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for id in dirty.drain(..) {
+            if let Some(flow) = self.flows.get_mut(&id) {
+                flow.dirty = false;
+                self.service(id, None, now, sink, out);
+            }
+        }
+        // Keep the allocation for the next batch.
+        self.dirty = dirty;
     }
 
     /// Applies an upstream event.

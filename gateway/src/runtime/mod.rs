@@ -164,6 +164,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         if now >= core.poll_timeout() {
             core.handle_timeout(now);
         }
+        core.flush(now);
         send(&socket, &state, core.transmit_queue()).await;
         while let Some(command) = core.poll_command() {
             upstreams.execute(command);
