@@ -1,0 +1,452 @@
+//! `GatewayCore`: the whole data plane without I/O.
+//!
+//! Verbs in: [`GatewayCore::handle_datagram`] (from the WireGuard socket),
+//! [`GatewayCore::handle_upstream`] (from upstream connections), [`GatewayCore::handle_timeout`]
+//! and [`GatewayCore::sync_peers`] (from the registry). Out: datagrams in
+//! [`GatewayCore::transmit_queue`], work for the runtime through [`GatewayCore::poll_command`],
+//! and the next deadline from [`GatewayCore::poll_timeout`]. The runtime is the only caller and
+//! passes the clock in.
+//!
+//! Per packet: WireGuard decrypts and checks the inner source, the packet is routed to its flow
+//! (or opens one: the stages decide and the flow asks the runtime to connect), and whatever the
+//! flow sends back is encrypted into the transmit queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::egress::{self, EgressSettings};
+use crate::flow::packet::{self, build_echo_reply, build_rst, ParseError, Parsed};
+use crate::flow::tcp::{TcpFlows, TcpSettings};
+use crate::flow::udp::UdpNat;
+use crate::flow::{
+    Command, DeviceInfo, FlowCtx, FlowDrop, FlowDropCounters, FlowId, PacketSink, Protocol,
+    Upstream, UpstreamEvent,
+};
+use crate::transmit::{TransmitQueue, MAX_DATAGRAM};
+use crate::wg::{self, Endpoint, PeerId, Received};
+
+/// What the core needs from the config.
+#[derive(Debug, Clone)]
+pub struct CoreSettings {
+    /// IPv4 tunnel pool.
+    pub pool_v4: Ipv4Net,
+    /// IPv6 tunnel pool.
+    pub pool_v6: Ipv6Net,
+    /// The gateway's IPv4 tunnel address.
+    pub gateway_v4: Ipv4Addr,
+    /// The gateway's IPv6 tunnel address.
+    pub gateway_v6: Ipv6Addr,
+    /// Tunnel MTU.
+    pub mtu: u16,
+    /// Where DNS sent to the gateway's tunnel addresses is forwarded.
+    pub dns_upstream: Option<SocketAddr>,
+    /// Egress addresses.
+    pub egress: EgressSettings,
+}
+
+/// The data plane.
+pub struct GatewayCore {
+    wg: Endpoint<Arc<DeviceInfo>>,
+    tx: TransmitQueue,
+    scratch: Vec<u8>,
+    router: Router,
+    next_wg_tick: Instant,
+}
+
+/// Routes decrypted packets to flows; everything but the WireGuard side.
+struct Router {
+    settings: CoreSettings,
+    tcp: TcpFlows,
+    udp: UdpNat,
+    commands: VecDeque<Command>,
+    next_flow: FlowId,
+    drops: FlowDropCounters,
+    reply: Vec<u8>,
+}
+
+/// Encrypts packets for devices straight into the transmit queue.
+struct WgSink<'a> {
+    wg: &'a mut Endpoint<Arc<DeviceInfo>>,
+    tx: &'a mut TransmitQueue,
+}
+
+impl PacketSink for WgSink<'_> {
+    fn send(&mut self, peer: PeerId, packet: &[u8]) {
+        self.wg.encapsulate(peer, packet, self.tx);
+    }
+}
+
+impl GatewayCore {
+    /// A core with the server's private key and no peers.
+    pub fn new(private_key: [u8; 32], settings: CoreSettings, now: Instant) -> Self {
+        let tcp = TcpFlows::new(
+            TcpSettings::for_mtu(usize::from(settings.mtu)),
+            &[
+                (
+                    IpAddr::V4(settings.gateway_v4),
+                    settings.pool_v4.prefix_len(),
+                ),
+                (
+                    IpAddr::V6(settings.gateway_v6),
+                    settings.pool_v6.prefix_len(),
+                ),
+            ],
+            now,
+        );
+        GatewayCore {
+            wg: Endpoint::new(private_key),
+            tx: TransmitQueue::new(),
+            scratch: vec![0u8; MAX_DATAGRAM],
+            router: Router {
+                settings,
+                tcp,
+                udp: UdpNat::default(),
+                commands: VecDeque::new(),
+                next_flow: 1,
+                drops: FlowDropCounters::default(),
+                reply: vec![0u8; MAX_DATAGRAM],
+            },
+            next_wg_tick: now,
+        }
+    }
+
+    /// The server's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.wg.public_key()
+    }
+
+    /// The WireGuard endpoint (for statistics).
+    pub fn wireguard(&self) -> &Endpoint<Arc<DeviceInfo>> {
+        &self.wg
+    }
+
+    /// Dropped device packets by reason.
+    pub fn flow_drops(&self) -> &FlowDropCounters {
+        &self.router.drops
+    }
+
+    /// Open TCP and UDP flows.
+    pub fn open_flows(&self) -> (usize, usize) {
+        (self.router.tcp.len(), self.router.udp.len())
+    }
+
+    /// Makes the peer set equal to `devices` (keyed by public key): new ones are added, changed
+    /// ones updated in place, missing ones removed together with their flows.
+    pub fn sync_peers(&mut self, devices: Vec<([u8; 32], DeviceInfo)>, now: Instant) {
+        let wanted: HashMap<[u8; 32], DeviceInfo> = devices.into_iter().collect();
+        let gone: Vec<[u8; 32]> = self
+            .wg
+            .peer_keys()
+            .filter(|(_, key)| !wanted.contains_key(*key))
+            .map(|(_, key)| *key)
+            .collect();
+        for key in gone {
+            if let Some((peer, device)) = self.wg.remove_peer(&key) {
+                tracing::info!(device = %device.name, id = %device.id, "device removed");
+                self.router
+                    .tcp
+                    .remove_peer(peer, now, &mut self.router.commands);
+                self.router
+                    .udp
+                    .remove_peer(peer, now, &mut self.router.commands);
+            }
+        }
+        for (key, info) in wanted {
+            let unchanged = self
+                .wg
+                .peer_by_key(&key)
+                .and_then(|id| self.wg.peer_data(id))
+                .is_some_and(|d| **d == info);
+            if !unchanged {
+                tracing::info!(device = %info.name, id = %info.id, ipv4 = %info.ipv4, "device active");
+                self.wg
+                    .upsert_peer(key, info.ipv4, info.ipv6, Arc::new(info));
+            }
+        }
+    }
+
+    /// Handles one datagram from the WireGuard socket.
+    pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let received = self
+            .wg
+            .handle_datagram(from, datagram, &mut self.scratch, &mut self.tx);
+        let Received::Packet { peer, packet } = received else {
+            if let Received::Dropped(reason) = received {
+                tracing::trace!(?reason, %from, "datagram dropped");
+            }
+            return;
+        };
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        self.router.handle_packet(peer, packet, now, &mut sink);
+    }
+
+    /// Handles a report from the runtime about an upstream connection.
+    pub fn handle_upstream(&mut self, event: UpstreamEvent, now: Instant) {
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        let router = &mut self.router;
+        match event {
+            UpstreamEvent::UdpData { flow, data } => {
+                router.udp.receive(flow, &data, now, &mut sink)
+            }
+            other => router
+                .tcp
+                .handle_event(other, now, &mut sink, &mut router.commands),
+        }
+    }
+
+    /// Runs whatever is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_wg_tick {
+            self.wg.update_timers(now, &mut self.tx);
+            self.next_wg_tick = now + wg::TIMER_TICK;
+        }
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        let router = &mut self.router;
+        router
+            .tcp
+            .handle_timeout(now, &mut sink, &mut router.commands);
+        router.udp.handle_timeout(now, &mut router.commands);
+    }
+
+    /// Finishes the work a batch of datagrams started (moves the bytes that arrived); call it
+    /// after a batch, before sending the transmit queue.
+    pub fn flush(&mut self, now: Instant) {
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        let router = &mut self.router;
+        router.tcp.flush(now, &mut sink, &mut router.commands);
+    }
+
+    /// The next time [`GatewayCore::handle_timeout`] must run.
+    pub fn poll_timeout(&self) -> Instant {
+        [
+            self.router.tcp.poll_timeout(),
+            self.router.udp.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(self.next_wg_tick, Instant::min)
+    }
+
+    /// Datagrams to send; the runtime sends them and clears the queue.
+    pub fn transmit_queue(&mut self) -> &mut TransmitQueue {
+        &mut self.tx
+    }
+
+    /// The next piece of work for the runtime.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.router.commands.pop_front()
+    }
+}
+
+impl Router {
+    fn handle_packet(&mut self, peer: PeerId, packet: &[u8], now: Instant, sink: &mut WgSink<'_>) {
+        let parsed = match packet::parse(packet) {
+            Ok(p) => p,
+            Err(e) => {
+                self.drops.add(match e {
+                    ParseError::Malformed => FlowDrop::Malformed,
+                    ParseError::Fragment => FlowDrop::Fragment,
+                    ParseError::UnsupportedProtocol => FlowDrop::UnsupportedProtocol,
+                });
+                return;
+            }
+        };
+        let dst = parsed.dst.ip();
+        if self.is_gateway(dst) {
+            return self.for_gateway(peer, packet, &parsed, now, sink);
+        }
+        if let Some(reason) = self.forbidden(dst) {
+            self.refuse(peer, &parsed, reason, sink);
+            return;
+        }
+        match parsed.protocol {
+            Protocol::Tcp => self.tcp_segment(peer, packet, &parsed, parsed.dst, now, sink),
+            Protocol::Udp => self.udp_datagram(peer, &parsed, parsed.dst, now, sink),
+            Protocol::Icmp => self.drops.add(FlowDrop::UnsupportedIcmp),
+        }
+    }
+
+    fn is_gateway(&self, addr: IpAddr) -> bool {
+        addr == IpAddr::V4(self.settings.gateway_v4) || addr == IpAddr::V6(self.settings.gateway_v6)
+    }
+
+    /// Destinations no flow may reach.
+    fn forbidden(&self, addr: IpAddr) -> Option<FlowDrop> {
+        let pools = match addr {
+            IpAddr::V4(a) => self.settings.pool_v4.contains(&a),
+            IpAddr::V6(a) => self.settings.pool_v6.contains(&a),
+        };
+        if pools {
+            return Some(FlowDrop::DeviceToDevice);
+        }
+        let special = match addr {
+            IpAddr::V4(a) => {
+                a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_broadcast()
+            }
+            IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast(),
+        };
+        special.then_some(FlowDrop::ForbiddenDestination)
+    }
+
+    /// Drops a packet; a TCP segment is answered with a RST so the device fails fast.
+    fn refuse(
+        &mut self,
+        peer: PeerId,
+        parsed: &Parsed<'_>,
+        reason: FlowDrop,
+        sink: &mut WgSink<'_>,
+    ) {
+        self.drops.add(reason);
+        if let Some(flags) = &parsed.tcp {
+            if !flags.rst {
+                if let Some(n) = build_rst(&mut self.reply, parsed.dst, parsed.src, flags) {
+                    sink.send(peer, &self.reply[..n]);
+                }
+            }
+        }
+    }
+
+    /// Packets to the gateway's own tunnel addresses: ping, and DNS forwarded upstream.
+    fn for_gateway(
+        &mut self,
+        peer: PeerId,
+        packet: &[u8],
+        parsed: &Parsed<'_>,
+        now: Instant,
+        sink: &mut WgSink<'_>,
+    ) {
+        match (
+            parsed.protocol,
+            parsed.dst.port(),
+            self.settings.dns_upstream,
+        ) {
+            (Protocol::Icmp, _, _) if parsed.icmp_echo_request => {
+                if let Some(n) = build_echo_reply(&mut self.reply, packet) {
+                    sink.send(peer, &self.reply[..n]);
+                }
+            }
+            (Protocol::Icmp, _, _) => self.drops.add(FlowDrop::UnsupportedIcmp),
+            (Protocol::Tcp, 53, Some(upstream)) => {
+                self.tcp_segment(peer, packet, parsed, upstream, now, sink)
+            }
+            (Protocol::Udp, 53, Some(upstream)) => {
+                self.udp_datagram(peer, parsed, upstream, now, sink)
+            }
+            _ => self.refuse(peer, parsed, FlowDrop::GatewayPortClosed, sink),
+        }
+    }
+
+    fn new_ctx(
+        &mut self,
+        peer: PeerId,
+        parsed: &Parsed<'_>,
+        now: Instant,
+        sink: &WgSink<'_>,
+    ) -> Option<FlowCtx> {
+        let device = sink.wg.peer_data(peer)?.clone();
+        let id = self.next_flow;
+        self.next_flow += 1;
+        Some(FlowCtx {
+            id,
+            peer,
+            device,
+            device_public: sink.wg.peer_endpoint(peer),
+            protocol: parsed.protocol,
+            src: parsed.src,
+            dst: parsed.dst,
+            opened: now,
+        })
+    }
+
+    /// Runs the stages for a new flow and logs the decision.
+    fn decide(&self, ctx: &FlowCtx, target: SocketAddr) -> Upstream {
+        let bind = egress::select_source(ctx, target.ip(), &self.settings.egress);
+        tracing::info!(
+            target: "waygate::policy",
+            stage = "egress",
+            flow = ctx.id,
+            device = %ctx.device.name,
+            user = %ctx.device.email,
+            protocol = ctx.protocol.as_str(),
+            src = %ctx.src,
+            dst = %ctx.dst,
+            upstream = %target,
+            egress = ?bind,
+            rule = "default",
+            "flow decision"
+        );
+        Upstream { dst: target, bind }
+    }
+
+    fn tcp_segment(
+        &mut self,
+        peer: PeerId,
+        packet: &[u8],
+        parsed: &Parsed<'_>,
+        target: SocketAddr,
+        now: Instant,
+        sink: &mut WgSink<'_>,
+    ) {
+        let Some(flags) = parsed.tcp else {
+            return;
+        };
+        if let Some(id) = self.tcp.lookup(peer, parsed.src, parsed.dst) {
+            self.tcp
+                .deliver(id, packet, flags.rst, now, sink, &mut self.commands);
+            return;
+        }
+        if flags.syn && !flags.ack && !flags.rst {
+            let Some(ctx) = self.new_ctx(peer, parsed, now, sink) else {
+                return;
+            };
+            let upstream = self.decide(&ctx, target);
+            self.tcp
+                .open(ctx, upstream, packet, flags, &mut self.commands);
+        } else {
+            self.refuse(peer, parsed, FlowDrop::StrayTcp, sink);
+        }
+    }
+
+    fn udp_datagram(
+        &mut self,
+        peer: PeerId,
+        parsed: &Parsed<'_>,
+        target: SocketAddr,
+        now: Instant,
+        sink: &mut WgSink<'_>,
+    ) {
+        let id = match self.udp.lookup(peer, parsed.src, parsed.dst) {
+            Some(id) => id,
+            None => {
+                let Some(ctx) = self.new_ctx(peer, parsed, now, sink) else {
+                    return;
+                };
+                let id = ctx.id;
+                let upstream = self.decide(&ctx, target);
+                self.udp.open(ctx, upstream, now, &mut self.commands);
+                id
+            }
+        };
+        self.udp
+            .send(id, parsed.udp_payload, now, &mut self.commands);
+    }
+}
+
+#[cfg(test)]
+mod tests;
