@@ -277,7 +277,10 @@ impl Router {
         }
         match parsed.protocol {
             Protocol::Tcp => self.tcp_segment(peer, packet, &parsed, parsed.dst, now, sink),
-            Protocol::Udp => self.udp_datagram(peer, &parsed, parsed.dst, now, sink),
+            Protocol::Udp => self.datagram(peer, &parsed, parsed.dst, now, sink),
+            Protocol::Icmp if parsed.icmp_echo_request => {
+                self.datagram(peer, &parsed, parsed.dst, now, sink)
+            }
             Protocol::Icmp => self.drops.add(FlowDrop::UnsupportedIcmp),
         }
     }
@@ -345,9 +348,7 @@ impl Router {
             (Protocol::Tcp, 53, Some(upstream)) => {
                 self.tcp_segment(peer, packet, parsed, upstream, now, sink)
             }
-            (Protocol::Udp, 53, Some(upstream)) => {
-                self.udp_datagram(peer, parsed, upstream, now, sink)
-            }
+            (Protocol::Udp, 53, Some(upstream)) => self.datagram(peer, parsed, upstream, now, sink),
             _ => self.refuse(peer, parsed, FlowDrop::GatewayPortClosed, sink),
         }
     }
@@ -423,7 +424,7 @@ impl Router {
         }
     }
 
-    fn udp_datagram(
+    fn datagram(
         &mut self,
         peer: PeerId,
         parsed: &Parsed<'_>,
@@ -443,8 +444,7 @@ impl Router {
                 id
             }
         };
-        self.udp
-            .send(id, parsed.udp_payload, now, &mut self.commands);
+        self.udp.send(id, parsed.payload, now, &mut self.commands);
     }
 }
 

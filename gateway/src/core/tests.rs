@@ -492,6 +492,56 @@ fn the_gateway_answers_ping_on_its_tunnel_address() {
 }
 
 #[test]
+fn pings_to_the_internet_go_through_the_nat_with_the_devices_identifier() {
+    let mut sim = Sim::new();
+    let mut echo = vec![
+        0x45, 0, 0, 32, 0, 1, 0, 0, 64, 1, 0, 0, // IPv4, ICMP
+        100, 96, 0, 2, 203, 0, 113, 10, // src, dst
+        8, 0, 0, 0, 0x12, 0x34, 0, 1, // echo request, identifier 0x1234, sequence 1
+        b'w', b'a', b'y', b'g',
+    ];
+    fill_ipv4_checksum(&mut echo);
+    sim.send_raw(&echo);
+    let cmds = sim.take_commands();
+    let flow = match &cmds[..] {
+        [Command::PingOpen { flow, upstream }, Command::UdpSend { data, .. }] => {
+            assert_eq!(upstream.dst.ip(), ORIGIN.ip());
+            assert_eq!(upstream.bind, Some(IpAddr::V4(EGRESS)));
+            assert_eq!(&data[..], &echo[20..]);
+            *flow
+        }
+        other => panic!("{other:?}"),
+    };
+    // The kernel's ping socket picked its own identifier; the device gets its own back.
+    let reply = [0u8, 0, 0xab, 0xcd, 0x99, 0x99, 0, 1, b'w', b'a', b'y', b'g'];
+    sim.upstream(UpstreamEvent::UdpData {
+        flow,
+        data: Bytes::copy_from_slice(&reply),
+    });
+    let got = sim.delivered.last().expect("an echo reply");
+    let ip = smoltcp::wire::Ipv4Packet::new_checked(&got[..]).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!(ip.src_addr(), Ipv4Addr::new(203, 0, 113, 10));
+    assert_eq!(ip.dst_addr(), DEV_V4);
+    let icmp = smoltcp::wire::Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    assert_eq!(icmp.echo_ident(), 0x1234);
+    assert_eq!(icmp.echo_seq_no(), 1);
+    assert_eq!(icmp.data(), b"wayg");
+
+    // A second ping from the same process reuses the flow; another identifier opens another.
+    sim.send_raw(&echo);
+    assert!(matches!(&sim.take_commands()[..], [Command::UdpSend { flow: f, .. }] if *f == flow));
+    echo[24] = 0x55;
+    sim.send_raw(&echo);
+    assert!(matches!(
+        &sim.take_commands()[..],
+        [Command::PingOpen { .. }, Command::UdpSend { .. }]
+    ));
+    assert_eq!(sim.core.open_flows().1, 2);
+}
+
+#[test]
 fn a_spoofed_inner_source_is_dropped() {
     let mut sim = Sim::new();
     let h = sim.tcp_connect(ORIGIN); // establishes the session

@@ -2,8 +2,8 @@
 //!
 //! A flow's context is built once, from its first packet; policy stages decide on it; the
 //! runtime carries out what the table asks for through [`Command`]s and reports back through
-//! [`UpstreamEvent`]s. TCP is terminated in smoltcp ([`tcp`]); UDP goes through a NAT table
-//! ([`udp`]). Packets for devices leave through a [`PacketSink`]. Nothing here does I/O.
+//! [`UpstreamEvent`]s. TCP is terminated in smoltcp ([`tcp`]); UDP and ICMP echo go through a NAT
+//! table ([`udp`]). Packets for devices leave through a [`PacketSink`]. Nothing here does I/O.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -113,7 +113,15 @@ pub enum Command {
         /// Where to.
         upstream: Upstream,
     },
-    /// Send one datagram upstream.
+    /// Open an ICMP echo ("ping") socket towards `upstream.dst`; its datagrams are ICMP echo
+    /// messages, sent and closed with `UdpSend` and `UdpClose`, answered with `UdpData`.
+    PingOpen {
+        /// Flow.
+        flow: FlowId,
+        /// Where to (the port is unused).
+        upstream: Upstream,
+    },
+    /// Send one datagram upstream (for a ping flow: an echo request message).
     UdpSend {
         /// Flow.
         flow: FlowId,
@@ -166,7 +174,7 @@ pub enum UpstreamEvent {
         /// Bytes.
         bytes: usize,
     },
-    /// A datagram from the upstream.
+    /// A datagram from the upstream (for a ping flow: an echo reply message).
     UdpData {
         /// Flow.
         flow: FlowId,
@@ -198,7 +206,7 @@ pub enum FlowDrop {
     GatewayPortClosed,
     /// Non-SYN segment for no known connection (answered with RST).
     StrayTcp,
-    /// ICMP other than echo to the gateway.
+    /// ICMP other than echo requests.
     UnsupportedIcmp,
     /// Too many flows for one device.
     FlowLimit,

@@ -57,7 +57,8 @@ pub struct TcpFlags {
 /// What a device packet is, once parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parsed<'a> {
-    /// Source address and port (port 0 for ICMP).
+    /// Source address and port. For an ICMP echo request the port is its identifier, which is
+    /// what tells one `ping` from another; other ICMP has port 0.
     pub src: SocketAddr,
     /// Destination address and port (port 0 for ICMP).
     pub dst: SocketAddr,
@@ -65,8 +66,8 @@ pub struct Parsed<'a> {
     pub protocol: Protocol,
     /// TCP header bits, for TCP.
     pub tcp: Option<TcpFlags>,
-    /// UDP payload, for UDP.
-    pub udp_payload: &'a [u8],
+    /// UDP: the datagram's payload. ICMP echo request: the whole ICMP message.
+    pub payload: &'a [u8],
     /// ICMP echo request (v4 type 8 or v6 type 128).
     pub icmp_echo_request: bool,
 }
@@ -132,7 +133,7 @@ pub fn parse(packet: &[u8]) -> Result<Parsed<'_>, ParseError> {
                     ack_number: tcp.ack_number().0 as u32,
                     payload_len: payload.len().saturating_sub(header),
                 }),
-                udp_payload: &[],
+                payload: &[],
                 icmp_echo_request: false,
             })
         }
@@ -145,19 +146,31 @@ pub fn parse(packet: &[u8]) -> Result<Parsed<'_>, ParseError> {
                 dst: SocketAddr::new(dst, udp.dst_port()),
                 protocol: Protocol::Udp,
                 tcp: None,
-                udp_payload: body,
+                payload: body,
                 icmp_echo_request: false,
             })
         }
         IpProtocol::Icmp | IpProtocol::Icmpv6 => {
             let kind = *payload.first().ok_or(ParseError::Malformed)?;
-            let echo = (proto == IpProtocol::Icmp && kind == 8) || kind == 128;
+            let echo = match proto {
+                IpProtocol::Icmp => kind == 8,
+                _ => kind == 128,
+            };
+            // Type, code, checksum, identifier, sequence: an echo shorter than that is broken.
+            if echo && payload.len() < 8 {
+                return Err(ParseError::Malformed);
+            }
+            let ident = if echo {
+                u16::from_be_bytes([payload[4], payload[5]])
+            } else {
+                0
+            };
             Ok(Parsed {
-                src: SocketAddr::new(src, 0),
+                src: SocketAddr::new(src, ident),
                 dst: SocketAddr::new(dst, 0),
                 protocol: Protocol::Icmp,
                 tcp: None,
-                udp_payload: &[],
+                payload: if echo { payload } else { &[] },
                 icmp_echo_request: echo,
             })
         }
@@ -295,6 +308,62 @@ pub fn build_rst(
     Some(total)
 }
 
+/// Builds the packet that carries an upstream's echo reply `message` (ICMP header onwards) back
+/// to the device, from `from` to `to`, with the identifier the device chose; returns its length.
+/// Anything but an echo reply of the right family gives `None`.
+pub fn build_ping_reply(
+    buf: &mut [u8],
+    from: IpAddr,
+    to: IpAddr,
+    ident: u16,
+    message: &[u8],
+) -> Option<usize> {
+    if message.len() < 8 {
+        return None;
+    }
+    let (header, next, reply_type) = match (from, to) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => (20, IpProtocol::Icmp, 0u8),
+        (IpAddr::V6(_), IpAddr::V6(_)) => (40, IpProtocol::Icmpv6, 129u8),
+        _ => return None,
+    };
+    if message[0] != reply_type {
+        return None;
+    }
+    let total = header + message.len();
+    let out = buf.get_mut(..total)?;
+    let (ip_part, icmp_part) = out.split_at_mut(header);
+    icmp_part.copy_from_slice(message);
+    icmp_part[4..6].copy_from_slice(&ident.to_be_bytes());
+    match (from, to) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let repr = Ipv4Repr {
+                src_addr: src,
+                dst_addr: dst,
+                next_header: next,
+                payload_len: message.len(),
+                hop_limit: 64,
+            };
+            repr.emit(&mut Ipv4Packet::new_unchecked(ip_part), &checksums());
+            let mut icmp = Icmpv4Packet::new_unchecked(icmp_part);
+            icmp.fill_checksum();
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let repr = Ipv6Repr {
+                src_addr: src,
+                dst_addr: dst,
+                next_header: next,
+                payload_len: message.len(),
+                hop_limit: 64,
+            };
+            repr.emit(&mut Ipv6Packet::new_unchecked(ip_part));
+            let mut icmp = Icmpv6Packet::new_unchecked(icmp_part);
+            icmp.fill_checksum(&src, &dst);
+        }
+        _ => return None,
+    }
+    Some(total)
+}
+
 /// Builds the echo reply to an ICMP/ICMPv6 echo request addressed to us; returns its length.
 pub fn build_echo_reply(buf: &mut [u8], request: &[u8]) -> Option<usize> {
     let out = buf.get_mut(..request.len())?;
@@ -354,7 +423,7 @@ mod tests {
             assert_eq!(p.src, sa(src));
             assert_eq!(p.dst, sa(dst));
             assert_eq!(p.protocol, Protocol::Udp);
-            assert_eq!(p.udp_payload, b"hello");
+            assert_eq!(p.payload, b"hello");
         }
     }
 

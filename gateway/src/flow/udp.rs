@@ -1,8 +1,10 @@
-//! UDP flows: a NAT table from (device, source, destination) to one upstream socket each.
+//! Datagram flows: a NAT table from (device, source, destination) to one upstream socket each,
+//! for UDP and for ICMP echo (`ping`, keyed by its identifier in place of a source port).
 //!
 //! The runtime owns the sockets; this table decides when they open and close. A flow expires
-//! after [`UDP_IDLE`] without traffic either way ([`DNS_IDLE`] for port 53, whose exchanges are
-//! one round trip). Replies are written back as coming from the address the device addressed.
+//! after [`UDP_IDLE`] without traffic either way ([`DNS_IDLE`] for port 53 and pings, whose
+//! exchanges are one round trip). Replies are written back as coming from the address the
+//! device addressed.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -10,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::packet::build_udp;
-use super::{Command, FlowCtx, FlowId, PacketSink, Upstream};
+use super::packet::{build_ping_reply, build_udp};
+use super::{Command, FlowCtx, FlowId, PacketSink, Protocol, Upstream};
 use crate::wg::PeerId;
 
 /// Idle time after which a UDP flow is forgotten.
 pub const UDP_IDLE: Duration = Duration::from_secs(120);
-/// Idle time for flows to port 53.
+/// Idle time for flows to port 53, and for pings.
 pub const DNS_IDLE: Duration = Duration::from_secs(30);
 /// How often expiry is checked.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -77,7 +79,8 @@ impl UdpNat {
         out: &mut VecDeque<Command>,
     ) {
         let id = ctx.id;
-        let idle = if ctx.dst.port() == 53 {
+        let ping = ctx.protocol == Protocol::Icmp;
+        let idle = if ping || ctx.dst.port() == 53 {
             DNS_IDLE
         } else {
             UDP_IDLE
@@ -96,7 +99,11 @@ impl UdpNat {
             },
         );
         self.next_sweep.get_or_insert(now + SWEEP_EVERY);
-        out.push_back(Command::UdpOpen { flow: id, upstream });
+        out.push_back(if ping {
+            Command::PingOpen { flow: id, upstream }
+        } else {
+            Command::UdpOpen { flow: id, upstream }
+        });
     }
 
     /// Sends a device's datagram upstream.
@@ -125,7 +132,14 @@ impl UdpNat {
         };
         flow.last_seen = now;
         flow.bytes_down += payload.len() as u64;
-        if let Some(n) = build_udp(&mut self.scratch, flow.ctx.dst, flow.ctx.src, payload) {
+        let (src, dst) = (flow.ctx.dst, flow.ctx.src);
+        let built = match flow.ctx.protocol {
+            Protocol::Icmp => {
+                build_ping_reply(&mut self.scratch, src.ip(), dst.ip(), dst.port(), payload)
+            }
+            _ => build_udp(&mut self.scratch, src, dst, payload),
+        };
+        if let Some(n) = built {
             sink.send(flow.ctx.peer, &self.scratch[..n]);
         }
     }
@@ -178,7 +192,7 @@ impl UdpNat {
             flow = id,
             device = %ctx.device.name,
             user = %ctx.device.email,
-            protocol = "udp",
+            protocol = ctx.protocol.as_str(),
             src = %ctx.src,
             dst = %ctx.dst,
             upstream = %flow.upstream.dst,

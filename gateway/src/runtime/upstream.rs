@@ -107,6 +107,18 @@ impl Upstreams {
                     },
                 );
             }
+            Command::PingOpen { flow, upstream } => {
+                let (tx, rx) = mpsc::channel(UDP_QUEUE);
+                let events = self.events.clone();
+                let task = tokio::spawn(ping_flow(flow, upstream, rx, events));
+                self.handles.insert(
+                    flow,
+                    Handle::Udp {
+                        datagrams: tx,
+                        task: task.abort_handle(),
+                    },
+                );
+            }
             Command::UdpSend { flow, data } => {
                 if let Some(Handle::Udp { datagrams, .. }) = self.handles.get(&flow) {
                     // A full queue means the upstream socket cannot keep up: drop, as a
@@ -285,5 +297,158 @@ async fn udp_flow(
                 }
             }
         }
+    }
+}
+
+/// How a ping flow's socket sees ICMP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PingSocket {
+    /// An unprivileged ICMP datagram socket: the kernel picks the identifier, fills the
+    /// checksum and hands back only this socket's replies.
+    Datagram,
+    /// A raw socket (when `net.ipv4.ping_group_range` excludes us, as in a fresh namespace):
+    /// we set the identifier and checksum and pick our replies out of all ICMP from the peer.
+    Raw {
+        /// The identifier this flow's requests carry.
+        ident: u16,
+    },
+}
+
+fn ping_socket(flow: FlowId, upstream: Upstream) -> io::Result<(UdpSocket, PingSocket)> {
+    let (domain, protocol) = match upstream.dst {
+        SocketAddr::V4(_) => (Domain::IPV4, SockProtocol::ICMPV4),
+        SocketAddr::V6(_) => (Domain::IPV6, SockProtocol::ICMPV6),
+    };
+    let (socket, kind) = match Socket::new(domain, Type::DGRAM, Some(protocol)) {
+        Ok(s) => (s, PingSocket::Datagram),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            let ident = (flow as u16) ^ 0x5747;
+            (
+                Socket::new(domain, Type::RAW, Some(protocol))?,
+                PingSocket::Raw { ident },
+            )
+        }
+        Err(e) => return Err(e),
+    };
+    socket.set_nonblocking(true)?;
+    if let Some(bind) = upstream.bind {
+        socket.bind(&SocketAddr::new(bind, 0).into())?;
+    }
+    // Connected: a raw socket then only receives ICMP from this destination.
+    socket.connect(&SocketAddr::new(upstream.dst.ip(), 0).into())?;
+    Ok((UdpSocket::from_std(socket.into())?, kind))
+}
+
+/// The Internet checksum of `data`.
+fn icmp_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The echo reply message in what a ping socket received, if it is one of ours.
+fn ping_reply(received: &[u8], kind: PingSocket, v4: bool) -> Option<&[u8]> {
+    let PingSocket::Raw { ident } = kind else {
+        return Some(received);
+    };
+    // Raw IPv4 sockets deliver the IP header too; raw ICMPv6 sockets do not.
+    let message = if v4 {
+        let ihl = usize::from(received.first()? & 0x0f) * 4;
+        received.get(ihl..)?
+    } else {
+        received
+    };
+    let reply_type = if v4 { 0 } else { 129 };
+    (message.len() >= 8
+        && message[0] == reply_type
+        && u16::from_be_bytes([message[4], message[5]]) == ident)
+        .then_some(message)
+}
+
+async fn ping_flow(
+    flow: FlowId,
+    upstream: Upstream,
+    mut requests: mpsc::Receiver<Bytes>,
+    events: mpsc::UnboundedSender<UpstreamEvent>,
+) {
+    let (socket, kind) = match ping_socket(flow, upstream) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::debug!(flow, %upstream.dst, %err, "upstream ping socket failed");
+            return;
+        }
+    };
+    let v4 = upstream.dst.is_ipv4();
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        tokio::select! {
+            next = requests.recv() => match next {
+                Some(data) => {
+                    let mut message = data.to_vec();
+                    if let (PingSocket::Raw { ident }, true) = (kind, message.len() >= 8) {
+                        message[4..6].copy_from_slice(&ident.to_be_bytes());
+                        // The kernel fills ICMPv6 checksums on raw sockets, not ICMPv4 ones.
+                        if v4 {
+                            message[2..4].copy_from_slice(&[0, 0]);
+                            let sum = icmp_checksum(&message);
+                            message[2..4].copy_from_slice(&sum.to_be_bytes());
+                        }
+                    }
+                    let _ = socket.send(&message).await;
+                }
+                None => return,
+            },
+            got = socket.recv(&mut buf) => {
+                let Ok(n) = got else { continue };
+                if let Some(reply) = ping_reply(&buf[..n], kind, v4) {
+                    let data = Bytes::copy_from_slice(reply);
+                    if events.send(UpstreamEvent::UdpData { flow, data }).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_of_an_echo_request() {
+        // An echo request whose checksum field holds the right value sums to zero.
+        let mut m = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1, b'a', b'b', b'c'];
+        let sum = icmp_checksum(&m);
+        m[2..4].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(icmp_checksum(&m), 0);
+    }
+
+    #[test]
+    fn raw_sockets_keep_only_their_own_replies() {
+        let kind = PingSocket::Raw { ident: 0x0102 };
+        let mut packet = vec![0x45; 20];
+        packet.extend_from_slice(&[0, 0, 0, 0, 0x01, 0x02, 0, 7, b'x']);
+        assert_eq!(ping_reply(&packet, kind, true), Some(&packet[20..]));
+        packet[24] = 9; // another flow's identifier
+        assert_eq!(ping_reply(&packet, kind, true), None);
+        let request = [128, 0, 0, 0, 0x01, 0x02, 0, 1];
+        assert_eq!(
+            ping_reply(&request, kind, false),
+            None,
+            "requests are not replies"
+        );
+        let reply = [129, 0, 0, 0, 0x01, 0x02, 0, 1];
+        assert_eq!(ping_reply(&reply, kind, false), Some(&reply[..]));
+        assert_eq!(ping_reply(&[0x45], kind, true), None);
+        assert_eq!(
+            ping_reply(&[1, 2, 3], PingSocket::Datagram, true),
+            Some(&[1u8, 2, 3][..])
+        );
     }
 }
