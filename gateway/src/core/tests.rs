@@ -402,6 +402,65 @@ fn many_flows_each_get_their_own_upstream() {
 }
 
 #[test]
+fn flows_of_one_device_share_its_cap_and_all_finish() {
+    let mut sim = Sim::new();
+    let a = sim.tcp_connect(ORIGIN);
+    let b = sim.tcp_connect(SocketAddr::new(ORIGIN.ip(), 8080));
+    let flows: Vec<FlowId> = sim
+        .take_commands()
+        .iter()
+        .filter_map(|c| match c {
+            Command::TcpConnect { flow, .. } => Some(*flow),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(flows.len(), 2);
+    for flow in &flows {
+        sim.upstream(UpstreamEvent::TcpConnected {
+            flow: *flow,
+            local: SocketAddr::new(IpAddr::V4(EGRESS), 50000),
+        });
+    }
+    let body: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    for flow in &flows {
+        sim.upstream(UpstreamEvent::TcpData {
+            flow: *flow,
+            data: Bytes::from(body.clone()),
+        });
+    }
+    let cap = TcpSettings::for_mtu(1420).buffers_for(None).1;
+    let mut got = [Vec::new(), Vec::new()];
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..2000 {
+        // Unacknowledged and unsent bytes of both flows together stay under the device's cap.
+        assert!(sim.core.router.tcp.queued_for(1) <= cap);
+        for (i, h) in [a, b].iter().enumerate() {
+            while let Ok(n) = sim.tcp(*h).recv_slice(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got[i].extend_from_slice(&buf[..n]);
+            }
+        }
+        if got.iter().all(|g| g.len() == body.len()) {
+            break;
+        }
+        sim.advance(Duration::from_millis(5));
+    }
+    assert_eq!(got[0], body, "first flow");
+    assert_eq!(got[1], body, "second flow");
+    let credited: usize = sim
+        .take_commands()
+        .iter()
+        .filter_map(|c| match c {
+            Command::TcpCredit { bytes, .. } => Some(*bytes),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(credited, 2 * body.len());
+}
+
+#[test]
 fn udp_goes_through_the_nat_and_answers_come_from_the_destination() {
     let mut sim = Sim::new();
     let handle = sim.sockets.add(udp::Socket::new(

@@ -34,10 +34,15 @@ use crate::wg::PeerId;
 pub struct TcpSettings {
     /// Tunnel MTU: smoltcp's segments and the MSS it advertises follow from it.
     pub mtu: usize,
-    /// smoltcp receive buffer per flow (device -> upstream).
-    pub rx_buffer: usize,
-    /// smoltcp send buffer per flow (upstream -> device).
-    pub tx_buffer: usize,
+    /// Smallest smoltcp receive buffer per flow (device -> upstream).
+    pub rx_buffer_min: usize,
+    /// Smallest smoltcp send buffer per flow (upstream -> device).
+    pub tx_buffer_min: usize,
+    /// Largest buffer of either kind.
+    pub buffer_max: usize,
+    /// The rate one flow is sized for, in bytes per second: buffers hold this rate times the
+    /// device's round-trip time.
+    pub flow_rate: u64,
     /// Bytes handed to the upstream and not yet written, per flow.
     pub upload_window: usize,
     /// Largest chunk handed to the runtime at once.
@@ -51,17 +56,81 @@ impl TcpSettings {
     pub fn for_mtu(mtu: usize) -> Self {
         TcpSettings {
             mtu,
-            rx_buffer: 512 * 1024,
-            // Bytes in flight towards a device are bounded by this buffer. A stock wireguard-go
-            // device drains a ~200 KiB UDP socket buffer; overflowing it loses packets in bursts,
-            // and smoltcp recovers from burst loss only by go-back-N after a 1 s minimum RTO.
-            // Measured in the lab (scripts/bench-throughput.sh): 512 KiB collapsed downloads to
-            // 1-60 Mbit/s, 96 KiB gave 0.53-0.65 Gbit/s. The cost: a long-RTT path is capped at
-            // 96 KiB per RTT per flow; pacing towards each peer is the way to lift it.
-            tx_buffer: 96 * 1024,
+            rx_buffer_min: 512 * 1024,
+            // Bytes in flight towards a device are bounded by the send buffer. A stock
+            // wireguard-go device drains a ~200 KiB UDP socket buffer; overflowing it loses
+            // packets in bursts, and smoltcp recovers from burst loss only by go-back-N after a
+            // 1 s minimum RTO. Measured in the lab (scripts/bench-throughput.sh, RTT < 1 ms):
+            // 512 KiB collapsed downloads to 1-60 Mbit/s, 256 KiB to 0.16 Gbit/s, 96 KiB gave
+            // 0.53-0.65 Gbit/s. Far devices need more (96 KiB per 40 ms is 19 Mbit/s), so the
+            // buffer follows the device's measured round-trip time (see `buffers_for`).
+            tx_buffer_min: 96 * 1024,
+            buffer_max: 4 * 1024 * 1024,
+            flow_rate: 1_000_000_000 / 8,
             upload_window: 512 * 1024,
             max_chunk: 64 * 1024,
             ack_delay: Duration::from_millis(1),
+        }
+    }
+
+    /// Receive and send buffer sizes for a flow of a device whose round-trip time through the
+    /// tunnel is `rtt` (unknown: the minimums): the bandwidth-delay product at `flow_rate`.
+    pub fn buffers_for(&self, rtt: Option<Duration>) -> (usize, usize) {
+        let bdp = rtt.map_or(0, |rtt| {
+            (rtt.as_micros() as u64).saturating_mul(self.flow_rate) / 1_000_000
+        });
+        let bdp = usize::try_from(bdp).unwrap_or(usize::MAX);
+        (
+            bdp.clamp(self.rx_buffer_min, self.buffer_max.max(self.rx_buffer_min)),
+            bdp.clamp(self.tx_buffer_min, self.buffer_max.max(self.tx_buffer_min)),
+        )
+    }
+}
+
+/// How long a device's smallest handshake round-trip time stays its estimate when later
+/// handshakes are slower (they may be queued behind a busy flow, or the device moved).
+const RTT_MEMORY: Duration = Duration::from_secs(60);
+
+/// What the flows of one device share.
+#[derive(Debug, Default)]
+struct PeerState {
+    /// Handshake round-trip time estimate.
+    rtt: Option<RttEstimate>,
+    /// Bytes in the send buffers of all the device's flows (sent and unacknowledged, or
+    /// waiting to be sent).
+    queued: usize,
+    /// Flows holding upstream data that did not fit under the device's cap.
+    waiting: Vec<FlowId>,
+}
+
+impl PeerState {
+    /// Most bytes the device's flows may have queued together: what one flow may (see
+    /// `TcpSettings::buffers_for`). Several flows then share the device's path instead of each
+    /// bursting into it, which a device drains no faster with four flows than with one.
+    fn cap(&self, settings: &TcpSettings) -> usize {
+        settings.buffers_for(self.rtt.map(|e| e.rtt)).1
+    }
+}
+
+/// A device's round-trip time through the tunnel, from the TCP handshakes the gateway
+/// answered: SYN-ACK sent to ACK received.
+#[derive(Debug, Clone, Copy)]
+struct RttEstimate {
+    rtt: Duration,
+    measured: Instant,
+}
+
+impl RttEstimate {
+    /// Keeps the smaller sample, unless the kept one is old.
+    fn update(estimate: &mut Option<RttEstimate>, sample: Duration, now: Instant) {
+        let replace = estimate.is_none_or(|e| {
+            sample <= e.rtt || now.saturating_duration_since(e.measured) > RTT_MEMORY
+        });
+        if replace {
+            *estimate = Some(RttEstimate {
+                rtt: sample,
+                measured: now,
+            });
         }
     }
 }
@@ -89,6 +158,14 @@ struct TcpFlow {
     fin_forwarded: bool,
     closing: bool,
     next_poll: Option<Instant>,
+    /// When the SYN-ACK went out, until the device's ACK arrives.
+    synack_sent: Option<Instant>,
+    /// Handshake round-trip time.
+    rtt: Option<Duration>,
+    /// The send buffer's fill when last looked at (counted in the device's `queued`).
+    queued: usize,
+    /// Listed in the device's `waiting`.
+    waiting: bool,
     /// Listed in `TcpFlows::dirty`: segments arrived since the last flush.
     dirty: bool,
     bytes_up: u64,
@@ -112,6 +189,7 @@ pub struct TcpFlows {
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     dirty: Vec<FlowId>,
     scratch: Vec<u8>,
+    peers: HashMap<PeerId, PeerState>,
 }
 
 impl TcpFlows {
@@ -139,12 +217,18 @@ impl TcpFlows {
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             scratch,
+            peers: HashMap::new(),
         }
     }
 
     /// The flow a segment from `peer` with these addresses belongs to.
     pub fn lookup(&self, peer: PeerId, src: SocketAddr, dst: SocketAddr) -> Option<FlowId> {
         self.by_key.get(&(peer, src, dst)).copied()
+    }
+
+    /// Bytes queued towards `peer` by all its flows.
+    pub fn queued_for(&self, peer: PeerId) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.queued)
     }
 
     /// Number of open flows.
@@ -183,6 +267,10 @@ impl TcpFlows {
                 fin_forwarded: false,
                 closing: false,
                 next_poll: None,
+                synack_sent: None,
+                rtt: None,
+                queued: 0,
+                waiting: false,
                 dirty: false,
                 bytes_up: 0,
                 bytes_down: 0,
@@ -239,15 +327,25 @@ impl TcpFlows {
         sink: &mut S,
         out: &mut VecDeque<Command>,
     ) {
-        let mut dirty = std::mem::take(&mut self.dirty);
-        for id in dirty.drain(..) {
-            if let Some(flow) = self.flows.get_mut(&id) {
-                flow.dirty = false;
-                self.service(id, None, now, sink, out);
+        // Servicing a flow may free room under its device's cap and list the device's waiting
+        // flows again; they are serviced in the next round. A round only lists flows when
+        // acknowledgments shrank a queue, so this ends; the bound is a backstop.
+        for _ in 0..4 {
+            if self.dirty.is_empty() {
+                return;
+            }
+            let mut dirty = std::mem::take(&mut self.dirty);
+            for id in dirty.drain(..) {
+                if let Some(flow) = self.flows.get_mut(&id) {
+                    flow.dirty = false;
+                    self.service(id, None, now, sink, out);
+                }
+            }
+            if self.dirty.is_empty() {
+                // Keep the allocation for the next batch.
+                self.dirty = dirty;
             }
         }
-        // Keep the allocation for the next batch.
-        self.dirty = dirty;
     }
 
     /// Applies an upstream event.
@@ -332,6 +430,7 @@ impl TcpFlows {
         for id in ids {
             self.finish(id, "device removed", now, out);
         }
+        self.peers.remove(&peer);
     }
 
     fn connected<S: PacketSink>(
@@ -352,9 +451,13 @@ impl TcpFlows {
         };
         let syn = std::mem::take(syn);
         let s = &self.settings;
+        let rtt = self.peers.get(&flow.ctx.peer).and_then(|p| p.rtt);
+        let (rx_size, tx_size) = s.buffers_for(rtt.map(|e| e.rtt));
+        // Large buffers cost only what a flow uses: the runtime has the allocator map them
+        // (untouched pages stay unbacked).
         let mut socket = tcp::Socket::new(
-            SocketBuffer::new(vec![0u8; s.rx_buffer]),
-            SocketBuffer::new(vec![0u8; s.tx_buffer]),
+            SocketBuffer::new(vec![0u8; rx_size]),
+            SocketBuffer::new(vec![0u8; tx_size]),
         );
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(Some(s.ack_delay.into()));
@@ -372,6 +475,7 @@ impl TcpFlows {
         let handle = sockets.add(socket);
         flow.phase = Phase::Open { sockets, handle };
         flow.upstream_local = Some(local);
+        flow.synack_sent = Some(now);
         self.service(id, Some(&syn), now, sink, out);
     }
 
@@ -401,6 +505,10 @@ impl TcpFlows {
         };
         self.by_key
             .remove(&(flow.ctx.peer, flow.ctx.src, flow.ctx.dst));
+        if let Some(peer) = self.peers.get_mut(&flow.ctx.peer) {
+            peer.queued = peer.queued.saturating_sub(flow.queued);
+            peer.waiting.retain(|w| *w != id);
+        }
         out.push_back(Command::TcpClose { flow: id });
         let ctx = &flow.ctx;
         tracing::info!(
@@ -414,6 +522,7 @@ impl TcpFlows {
             egress = ?flow.upstream_local,
             bytes_up = flow.bytes_up,
             bytes_down = flow.bytes_down,
+            rtt_us = flow.rtt.map(|r| r.as_micros() as u64),
             duration_ms = now.saturating_duration_since(ctx.opened).as_millis() as u64,
             reason = why,
             "flow closed"
@@ -438,11 +547,16 @@ impl TcpFlows {
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
+        let peer = self.peers.entry(flow.ctx.peer).or_default();
+        let room = peer
+            .cap(&self.settings)
+            .saturating_sub(peer.queued.saturating_sub(flow.queued));
         let liveness = service_flow(
             &mut self.iface,
             flow,
             &self.settings,
             rx,
+            room,
             snow,
             sink,
             &mut self.scratch,
@@ -452,6 +566,42 @@ impl TcpFlows {
             self.finish(id, "closed", now, out);
             return;
         }
+        let Phase::Open { sockets, handle } = &flow.phase else {
+            return;
+        };
+        let socket = sockets.get::<tcp::Socket>(*handle);
+        if let Some(sent) = flow.synack_sent {
+            if !matches!(socket.state(), State::Listen | State::SynReceived) {
+                flow.synack_sent = None;
+                let sample = now.saturating_duration_since(sent);
+                flow.rtt = Some(sample);
+                RttEstimate::update(&mut peer.rtt, sample, now);
+            }
+        }
+        let queued = socket.send_queue();
+        let freed = queued < flow.queued;
+        peer.queued = (peer.queued + queued).saturating_sub(flow.queued);
+        flow.queued = queued;
+        if !flow.download.is_empty() && !flow.waiting {
+            flow.waiting = true;
+            peer.waiting.push(id);
+        }
+        if freed && !peer.waiting.is_empty() {
+            // Room under the device's cap: the flows that were held back get their turn in
+            // the next flush.
+            for waiter in peer.waiting.drain(..) {
+                if let Some(w) = self.flows.get_mut(&waiter) {
+                    w.waiting = false;
+                    if !w.dirty {
+                        w.dirty = true;
+                        self.dirty.push(waiter);
+                    }
+                }
+            }
+        }
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
         let Phase::Open { sockets, .. } = &flow.phase else {
             return;
         };
@@ -473,6 +623,7 @@ fn service_flow<S: PacketSink>(
     flow: &mut TcpFlow,
     settings: &TcpSettings,
     rx: Option<&[u8]>,
+    room: usize,
     snow: SmolInstant,
     sink: &mut S,
     scratch: &mut [u8],
@@ -519,10 +670,15 @@ fn service_flow<S: PacketSink>(
         out.push_back(Command::TcpShutdownWrite { flow: id });
     }
 
-    // Upstream -> device, as far as the send buffer takes it.
+    // Upstream -> device, as far as the send buffer and the device's cap take it.
     let mut credit = 0;
+    let room = room.saturating_sub(socket.send_queue());
     while let Some(front) = flow.download.front_mut() {
-        match socket.send_slice(front) {
+        let allowed = front.len().min(room - credit);
+        if allowed == 0 {
+            break;
+        }
+        match socket.send_slice(&front[..allowed]) {
             Ok(0) => break,
             Ok(n) => {
                 credit += n;
@@ -569,4 +725,51 @@ struct NullSink;
 
 impl PacketSink for NullSink {
     fn send(&mut self, _peer: PeerId, _packet: &[u8]) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_follow_the_round_trip_time_within_bounds() {
+        let s = TcpSettings::for_mtu(1420);
+        assert_eq!(s.buffers_for(None), (512 * 1024, 96 * 1024));
+        // A LAN-near device keeps the minimums that suit a stock wireguard-go device.
+        assert_eq!(
+            s.buffers_for(Some(Duration::from_micros(600))),
+            (512 * 1024, 96 * 1024)
+        );
+        // 40 ms at 1 Gbit/s is 5 MB: capped.
+        let (rx, tx) = s.buffers_for(Some(Duration::from_millis(40)));
+        assert_eq!((rx, tx), (4 * 1024 * 1024, 4 * 1024 * 1024));
+        let (rx, tx) = s.buffers_for(Some(Duration::from_millis(2)));
+        assert_eq!((rx, tx), (512 * 1024, 250_000));
+    }
+
+    #[allow(clippy::disallowed_methods)] // the fake clock starts from one real instant
+    #[test]
+    fn the_estimate_keeps_the_smallest_recent_sample() {
+        let t0 = Instant::now();
+        let mut e = None;
+        RttEstimate::update(&mut e, Duration::from_millis(5), t0);
+        RttEstimate::update(
+            &mut e,
+            Duration::from_millis(2),
+            t0 + Duration::from_secs(1),
+        );
+        RttEstimate::update(
+            &mut e,
+            Duration::from_millis(9),
+            t0 + Duration::from_secs(2),
+        );
+        assert_eq!(e.map(|e| e.rtt), Some(Duration::from_millis(2)));
+        // Once the small sample is old, the device may have moved: a slower one replaces it.
+        RttEstimate::update(
+            &mut e,
+            Duration::from_millis(30),
+            t0 + Duration::from_secs(62),
+        );
+        assert_eq!(e.map(|e| e.rtt), Some(Duration::from_millis(30)));
+    }
 }

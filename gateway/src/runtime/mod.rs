@@ -51,6 +51,7 @@ const MAX_RECV_BATCHES_PER_TURN: usize = 16;
 
 /// Runs the gateway until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> anyhow::Result<()> {
+    map_large_allocations();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -58,6 +59,24 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(run(config))
+}
+
+/// Has glibc's allocator serve large blocks (flow buffers, up to megabytes each) straight from
+/// fresh mappings. Zeroed fresh pages cost nothing until touched, so a flow's buffers occupy
+/// memory in proportion to the data it actually queued; freed blocks go back to the system. By
+/// default glibc raises this threshold after the first free and then zero-fills recycled heap
+/// memory, which would make every idle flow cost its whole buffers.
+fn map_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const THRESHOLD: libc::c_int = 128 * 1024;
+        // SAFETY: mallopt only sets an allocator parameter; it is called before any thread
+        // of ours starts.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD) };
+        if ok != 1 {
+            tracing::debug!("mallopt(M_MMAP_THRESHOLD) was refused");
+        }
+    }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
