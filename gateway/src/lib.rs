@@ -10,6 +10,7 @@ pub mod core;
 pub mod datadir;
 pub mod egress;
 pub mod flow;
+pub mod geoip;
 pub mod registry;
 pub mod runtime;
 pub mod transmit;

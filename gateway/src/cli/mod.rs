@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 pub mod device;
+pub mod geoip;
 pub mod rules;
 pub mod serve;
 
@@ -33,6 +34,32 @@ pub enum Command {
     /// Validate and evaluate Cloudflare Gateway-format rules.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Build and query GeoIP databases.
+    #[command(subcommand)]
+    Geoip(GeoipCommand),
+}
+
+/// `waygate geoip ...`
+#[derive(Debug, Subcommand)]
+pub enum GeoipCommand {
+    /// Write a MaxMind database from `network,country,continent` lines.
+    Build {
+        /// Input: one `network,country,continent` per line (e.g. `198.51.100.0/24,US,NA`).
+        #[arg(long, value_name = "FILE")]
+        csv: PathBuf,
+        /// The database to write (`.mmdb`).
+        #[arg(long, value_name = "FILE.mmdb")]
+        out: PathBuf,
+    },
+    /// Print the country and continent of addresses.
+    Lookup {
+        /// Database (default: `geoip.database` of the config).
+        #[arg(long, value_name = "FILE.mmdb")]
+        database: Option<PathBuf>,
+        /// Addresses to look up.
+        #[arg(required = true)]
+        ips: Vec<std::net::IpAddr>,
+    },
 }
 
 /// `waygate device ...`
@@ -112,5 +139,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve => serve::run(cli.config.as_deref()),
         Command::Device(cmd) => device::run(cli.config.as_deref(), cmd),
         Command::Rules(cmd) => rules::run(cmd),
+        Command::Geoip(cmd) => geoip::run(cli.config.as_deref(), cmd),
     }
 }
