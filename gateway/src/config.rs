@@ -93,6 +93,56 @@ pub struct DnsConfig {
 pub struct EgressConfig {
     /// Source address of proxied IPv4 flows; absent: the OS picks.
     pub default_ipv4: Option<Ipv4Addr>,
+    /// Where flows no egress rule matched leave from.
+    pub default: DefaultEgress,
+    /// Dedicated egress locations.
+    pub locations: Vec<EgressLocationConfig>,
+}
+
+/// `egress.default`: the source of flows no egress rule matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DefaultEgress {
+    /// `"default"`: `egress.default_ipv4` (or the OS's choice).
+    #[default]
+    Default,
+    /// `"dedicated"`: the healthy location with the lowest latency to its health-check target.
+    Dedicated,
+}
+
+/// One `[[egress.locations]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressLocationConfig {
+    /// Name, for logs.
+    pub name: String,
+    /// The location's IPv4 egress addresses.
+    pub ipv4: Vec<Ipv4Addr>,
+    /// The location's IPv6 prefix; each device leaves from its own stable address inside it.
+    pub ipv6: Option<Ipv6Net>,
+    /// How the location's health and latency are measured.
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// `health_check = { target = "203.0.113.10:80", interval = "1s" }`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    /// A TCP endpoint the location must be able to connect to.
+    pub target: SocketAddr,
+    /// Time between checks.
+    pub interval: std::time::Duration,
+}
+
+/// Parses `"500ms"`, `"2s"` or `"1m"`.
+fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let d = match unit.trim() {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n.checked_mul(60)?),
+        _ => return None,
+    };
+    (!d.is_zero()).then_some(d)
 }
 
 /// `[policy]`
@@ -253,6 +303,35 @@ impl Config {
             if let Some(v) = e.parsed::<Ipv4Addr>("default_ipv4", "an IPv4 address") {
                 cfg.egress.default_ipv4 = Some(v);
             }
+            if let Some(v) = e.string("default") {
+                match v.as_str() {
+                    "default" => cfg.egress.default = DefaultEgress::Default,
+                    "dedicated" => cfg.egress.default = DefaultEgress::Dedicated,
+                    _ => e.problem(
+                        "default",
+                        format!("expected \"default\" or \"dedicated\", got {v:?}"),
+                    ),
+                }
+            }
+            for mut l in e.table_array("locations").unwrap_or_default() {
+                if let Some(location) = egress_location(&mut l) {
+                    if cfg.egress.locations.iter().any(|o| o.name == location.name) {
+                        l.problem("name", format!("{:?} is used twice", location.name));
+                    } else {
+                        cfg.egress.locations.push(location);
+                    }
+                }
+                e.absorb(l);
+            }
+            if cfg.egress.default == DefaultEgress::Dedicated
+                && !cfg.egress.locations.iter().any(|l| !l.ipv4.is_empty())
+            {
+                e.problem(
+                    "default",
+                    "\"dedicated\" needs an [[egress.locations]] entry with ipv4 addresses"
+                        .to_string(),
+                );
+            }
             keys.absorb(e);
         }
         if let Some(mut p) = keys.section("policy") {
@@ -271,6 +350,72 @@ impl Config {
             Err(ParseError::Invalid(problems))
         }
     }
+}
+
+fn egress_location(l: &mut Keys<'_>) -> Option<EgressLocationConfig> {
+    let Some(name) = l.string("name") else {
+        l.problem("name", "missing".to_string());
+        return None;
+    };
+    let mut ipv4 = Vec::new();
+    for (i, v) in l
+        .string_array("ipv4")
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        match v.parse::<Ipv4Addr>() {
+            Ok(a) => ipv4.push(a),
+            Err(_) => l.problem(
+                &format!("ipv4[{i}]"),
+                format!("expected an IPv4 address, got {v:?}"),
+            ),
+        }
+    }
+    let ipv6 = l
+        .parsed::<Ipv6Net>("ipv6", "an IPv6 prefix like \"2001:db8:2:10::/64\"")
+        .map(|p| p.trunc());
+    if ipv6.is_some_and(|p| p.prefix_len() > 120) {
+        l.problem("ipv6", "prefix too long (at most /120)".to_string());
+    }
+    if ipv4.is_empty() && ipv6.is_none() {
+        l.problem(
+            "ipv4",
+            "a location needs ipv4 addresses or an ipv6 prefix".to_string(),
+        );
+    }
+    let health_check = match l.section("health_check") {
+        Some(mut h) => {
+            let target = h.parsed::<SocketAddr>("target", "an address like \"203.0.113.10:80\"");
+            let interval = match h.string("interval") {
+                Some(v) => match parse_duration(&v) {
+                    Some(d) => Some(d),
+                    None => {
+                        h.problem(
+                            "interval",
+                            format!("expected a duration like \"1s\" or \"500ms\", got {v:?}"),
+                        );
+                        None
+                    }
+                },
+                None => Some(std::time::Duration::from_secs(1)),
+            };
+            if target.is_none() && !h.table.contains_key("target") {
+                h.problem("target", "missing".to_string());
+            }
+            l.absorb(h);
+            target
+                .zip(interval)
+                .map(|(target, interval)| HealthCheckConfig { target, interval })
+        }
+        None => None,
+    };
+    Some(EgressLocationConfig {
+        name,
+        ipv4,
+        ipv6,
+        health_check,
+    })
 }
 
 /// Why TOML text was rejected (without the file name; see [`ConfigError`]).
@@ -406,6 +551,26 @@ impl<'a> Keys<'a> {
         }
     }
 
+    /// An array of tables (`[[key]]`), one `Keys` per entry.
+    fn table_array(&mut self, key: &'a str) -> Option<Vec<Keys<'a>>> {
+        let path = self.path(key);
+        let Value::Array(items) = self.get(key)? else {
+            self.problem(key, "expected an array of tables".to_string());
+            return None;
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match item {
+                Value::Table(t) => out.push(Keys::new(t, &format!("{path}[{i}]"))),
+                other => {
+                    let p = format!("{key}[{i}]");
+                    self.problem(&p, format!("expected a table, got {}", other.type_str()));
+                }
+            }
+        }
+        Some(out)
+    }
+
     fn absorb(&mut self, child: Keys<'_>) {
         self.problems.extend(child.finish());
     }
@@ -503,6 +668,94 @@ mod tests {
             );
         }
         assert_eq!(problems.len(), 5, "{joined}");
+    }
+
+    #[test]
+    fn egress_locations_parse() {
+        let cfg = Config::parse(
+            r#"
+            [egress]
+            default = "dedicated"
+            [[egress.locations]]
+            name = "primary"
+            ipv4 = ["192.0.2.10"]
+            ipv6 = "2001:db8:2:10::/64"
+            health_check = { target = "203.0.113.10:80", interval = "500ms" }
+            [[egress.locations]]
+            name = "secondary"
+            ipv4 = ["192.0.2.11", "192.0.2.12"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.egress.default, DefaultEgress::Dedicated);
+        assert_eq!(cfg.egress.locations.len(), 2);
+        let p = &cfg.egress.locations[0];
+        assert_eq!(p.ipv6, Some("2001:db8:2:10::/64".parse().unwrap()));
+        assert_eq!(
+            p.health_check,
+            Some(HealthCheckConfig {
+                target: "203.0.113.10:80".parse().unwrap(),
+                interval: std::time::Duration::from_millis(500),
+            })
+        );
+        assert_eq!(cfg.egress.locations[1].ipv4.len(), 2);
+        assert_eq!(cfg.egress.locations[1].health_check, None);
+    }
+
+    #[test]
+    fn bad_egress_locations_name_the_entry() {
+        let err = Config::parse(
+            r#"
+            [egress]
+            default = "dedicated"
+            [[egress.locations]]
+            name = "a"
+            ipv4 = ["192.0.2.300"]
+            health_check = { target = "203.0.113.10:80", interval = "soon", colour = 1 }
+            [[egress.locations]]
+            name = "a"
+            ipv6 = "2001:db8::/64"
+            [[egress.locations]]
+            ipv4 = ["192.0.2.1"]
+            "#,
+        )
+        .unwrap_err();
+        let ParseError::Invalid(problems) = err else {
+            panic!()
+        };
+        let joined = problems.join("\n");
+        for needle in [
+            "egress.locations[0].ipv4[0]: expected an IPv4 address",
+            "egress.locations[0].health_check.interval: expected a duration",
+            "egress.locations[0].health_check.colour: unknown key",
+            "egress.locations[1].name: \"a\" is used twice",
+            "egress.locations[2].name: missing",
+            "egress.default: \"dedicated\" needs",
+        ] {
+            assert!(
+                joined.contains(needle),
+                "{needle:?} missing from:\n{joined}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("1s"),
+            Some(std::time::Duration::from_secs(1))
+        );
+        assert_eq!(
+            parse_duration("250ms"),
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_duration("2m"),
+            Some(std::time::Duration::from_secs(120))
+        );
+        for bad in ["", "s", "0s", "1h", "1.5s", "-1s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::egress::{self, EgressSettings};
+use crate::egress::{Egress, EgressSettings, Probe};
 use crate::flow::packet::{self, build_echo_reply, build_rst, ParseError, Parsed};
 use crate::flow::tcp::{TcpFlows, TcpSettings};
 use crate::flow::udp::UdpNat;
@@ -62,6 +62,7 @@ struct Router {
     settings: CoreSettings,
     tcp: TcpFlows,
     udp: UdpNat,
+    egress: Egress,
     commands: VecDeque<Command>,
     next_flow: FlowId,
     drops: FlowDropCounters,
@@ -102,6 +103,7 @@ impl GatewayCore {
             tx: TransmitQueue::new(),
             scratch: vec![0u8; MAX_DATAGRAM],
             router: Router {
+                egress: Egress::new(settings.egress.clone()),
                 settings,
                 tcp,
                 udp: UdpNat::default(),
@@ -127,6 +129,11 @@ impl GatewayCore {
     /// Dropped device packets by reason.
     pub fn flow_drops(&self) -> &FlowDropCounters {
         &self.router.drops
+    }
+
+    /// Records a health probe of egress location `index` (its position in the config).
+    pub fn record_egress_probe(&mut self, index: usize, probe: Probe) {
+        self.router.egress.record_probe(index, probe);
     }
 
     /// Open TCP and UDP flows.
@@ -377,7 +384,8 @@ impl Router {
 
     /// Runs the stages for a new flow and logs the decision.
     fn decide(&self, ctx: &FlowCtx, target: SocketAddr) -> Upstream {
-        let bind = egress::select_source(ctx, target.ip(), &self.settings.egress);
+        // Egress rules plug in here; until a rule set is loaded every flow takes the default.
+        let bind = self.egress.select(ctx, target.ip(), None);
         tracing::info!(
             target: "waygate::policy",
             stage = "egress",

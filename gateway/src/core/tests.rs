@@ -123,7 +123,7 @@ impl Sim {
             dns_upstream: Some(DNS),
             egress: EgressSettings {
                 default_ipv4: Some(EGRESS),
-                default_ipv6: None,
+                ..EgressSettings::default()
             },
         };
         let mut core = GatewayCore::new(gw_key, settings, t0);

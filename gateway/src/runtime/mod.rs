@@ -27,6 +27,7 @@ use crate::registry::{Device, Registry};
 use crate::transmit::TransmitQueue;
 use crate::uapi::{self, UapiPeer, UapiSnapshot};
 
+pub mod health;
 pub mod upstream;
 
 use upstream::Upstreams;
@@ -135,6 +136,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
 
+    let (probe_tx, mut probe_rx) = mpsc::unbounded_channel();
+    health::spawn_probes(&config.egress.locations, probe_tx);
+
     let (event_tx, mut event_rx) = mpsc::unbounded_channel();
     let mut upstreams = Upstreams::new(event_tx);
     let mut bufs = vec![vec![0u8; RECV_BUFFER]; BATCH_SIZE];
@@ -179,6 +183,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     }
                 }
             }
+            Some((location, probe)) = probe_rx.recv() => core.record_egress_probe(location, probe),
             _ = tokio::time::sleep_until(deadline.into()) => {}
         }
         let now = Instant::now();
@@ -229,6 +234,8 @@ fn core_settings(config: &Config) -> anyhow::Result<CoreSettings> {
         egress: EgressSettings {
             default_ipv4: config.egress.default_ipv4,
             default_ipv6: None,
+            default: config.egress.default,
+            locations: config.egress.locations.clone(),
         },
     })
 }

@@ -150,18 +150,46 @@ impl Drop for Upstreams {
     }
 }
 
-async fn connect(upstream: Upstream) -> io::Result<TcpStream> {
-    let socket = match upstream.dst.ip() {
-        IpAddr::V4(_) => TcpSocket::new_v4()?,
-        IpAddr::V6(_) => TcpSocket::new_v6()?,
+/// A socket of `kind` for talking to `dst`, bound to `bind` when given. IPv6 sources are
+/// per-device addresses inside an egress prefix that the host routes locally without
+/// configuring each one, so they are bound with `IPV6_FREEBIND`.
+pub fn bound_socket(
+    dst: SocketAddr,
+    bind: Option<IpAddr>,
+    kind: Type,
+    protocol: SockProtocol,
+) -> io::Result<Socket> {
+    let domain = match dst {
+        SocketAddr::V4(_) => Domain::IPV4,
+        SocketAddr::V6(_) => Domain::IPV6,
     };
-    if let Some(bind) = upstream.bind {
-        socket.bind(SocketAddr::new(bind, 0))?;
+    let socket = Socket::new(domain, kind, Some(protocol))?;
+    socket.set_nonblocking(true)?;
+    if let Some(bind) = bind {
+        if bind.is_ipv6() {
+            socket.set_freebind_v6(true)?;
+        }
+        socket.bind(&SocketAddr::new(bind, 0).into())?;
     }
-    socket.set_nodelay(true)?;
-    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(upstream.dst))
+    Ok(socket)
+}
+
+/// Connects to `dst` from `bind` (when given) within `timeout`.
+pub async fn connect_from(
+    dst: SocketAddr,
+    bind: Option<IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = bound_socket(dst, bind, Type::STREAM, SockProtocol::TCP)?;
+    socket.set_tcp_nodelay(true)?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    tokio::time::timeout(timeout, socket.connect(dst))
         .await
         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+async fn connect(upstream: Upstream) -> io::Result<TcpStream> {
+    connect_from(upstream.dst, upstream.bind, CONNECT_TIMEOUT).await
 }
 
 async fn tcp_flow(
@@ -252,15 +280,7 @@ async fn tcp_flow(
 }
 
 fn udp_socket(upstream: Upstream) -> io::Result<UdpSocket> {
-    let domain = match upstream.dst {
-        SocketAddr::V4(_) => Domain::IPV4,
-        SocketAddr::V6(_) => Domain::IPV6,
-    };
-    let socket = Socket::new(domain, Type::DGRAM, Some(SockProtocol::UDP))?;
-    socket.set_nonblocking(true)?;
-    if let Some(bind) = upstream.bind {
-        socket.bind(&SocketAddr::new(bind, 0).into())?;
-    }
+    let socket = bound_socket(upstream.dst, upstream.bind, Type::DGRAM, SockProtocol::UDP)?;
     socket.connect(&upstream.dst.into())?;
     UdpSocket::from_std(socket.into())
 }
@@ -315,25 +335,21 @@ enum PingSocket {
 }
 
 fn ping_socket(flow: FlowId, upstream: Upstream) -> io::Result<(UdpSocket, PingSocket)> {
-    let (domain, protocol) = match upstream.dst {
-        SocketAddr::V4(_) => (Domain::IPV4, SockProtocol::ICMPV4),
-        SocketAddr::V6(_) => (Domain::IPV6, SockProtocol::ICMPV6),
+    let protocol = match upstream.dst {
+        SocketAddr::V4(_) => SockProtocol::ICMPV4,
+        SocketAddr::V6(_) => SockProtocol::ICMPV6,
     };
-    let (socket, kind) = match Socket::new(domain, Type::DGRAM, Some(protocol)) {
+    let (socket, kind) = match bound_socket(upstream.dst, upstream.bind, Type::DGRAM, protocol) {
         Ok(s) => (s, PingSocket::Datagram),
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             let ident = (flow as u16) ^ 0x5747;
             (
-                Socket::new(domain, Type::RAW, Some(protocol))?,
+                bound_socket(upstream.dst, upstream.bind, Type::RAW, protocol)?,
                 PingSocket::Raw { ident },
             )
         }
         Err(e) => return Err(e),
     };
-    socket.set_nonblocking(true)?;
-    if let Some(bind) = upstream.bind {
-        socket.bind(&SocketAddr::new(bind, 0).into())?;
-    }
     // Connected: a raw socket then only receives ICMP from this destination.
     socket.connect(&SocketAddr::new(upstream.dst.ip(), 0).into())?;
     Ok((UdpSocket::from_std(socket.into())?, kind))
