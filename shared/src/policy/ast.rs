@@ -1,7 +1,6 @@
-//! The expression tree as parsed, before type checking. `Display` prints it back in a form the
-//! parser reads to the same tree (property-tested).
+//! The expression tree as parsed, before type checking. `Display` (in [`super::printer`]) prints it
+//! back in a form the parser reads to the same tree (property-tested).
 
-use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -118,7 +117,7 @@ pub enum Rhs {
     Value(Literal),
     /// `{...}`
     Set(Vec<SetItem>),
-    /// `$name` or `$uuid`, as written without the `$`.
+    /// `$name` or `$uuid` without the `$`; UUIDs are normalized by [`normalize_list_id`].
     List(String),
 }
 
@@ -172,146 +171,24 @@ impl Expr {
         });
         out
     }
-
-    fn precedence(&self) -> u8 {
-        match self {
-            Expr::Or(_) => 1,
-            Expr::Xor(_) => 2,
-            Expr::And(_) => 3,
-            _ => 4,
-        }
-    }
 }
 
-fn write_str_lit(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
-    f.write_str("\"")?;
-    for c in s.chars() {
-        match c {
-            '"' => f.write_str("\\\"")?,
-            '\\' => f.write_str("\\\\")?,
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => write!(f, "\\x{:02x}", c as u32)?,
-            c => write!(f, "{c}")?,
-        }
-    }
-    f.write_str("\"")
-}
-
-/// A regex is printed so that the lexer returns exactly `raw` between the quotes.
-fn write_regex(f: &mut fmt::Formatter<'_>, raw: &str) -> fmt::Result {
-    let trailing_backslashes = raw.chars().rev().take_while(|c| *c == '\\').count();
-    let plain_ok = !raw.contains('"') && trailing_backslashes % 2 == 0 && {
-        // A backslash must pair with the next char exactly as the lexer pairs them.
-        let mut ok = true;
-        let mut it = raw.chars();
-        while let Some(c) = it.next() {
-            if c == '\\' && it.next().is_none() {
-                ok = false;
-            }
-        }
-        ok
-    };
-    if plain_ok {
-        return write!(f, "\"{raw}\"");
-    }
-    let mut hashes = 1;
-    while raw.contains(&format!("\"{}", "#".repeat(hashes))) {
-        hashes += 1;
-    }
-    let h = "#".repeat(hashes);
-    write!(f, "r{h}\"{raw}\"{h}")
-}
-
-impl fmt::Display for FieldRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.field.name())?;
-        match &self.access {
-            Access::Whole => Ok(()),
-            Access::Each => f.write_str("[*]"),
-            Access::Index(n) => write!(f, "[{n}]"),
-            Access::Key(k) => {
-                f.write_str("[")?;
-                write_str_lit(f, k)?;
-                f.write_str("]")
-            }
-        }
-    }
-}
-
-impl fmt::Display for Literal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Literal::Str(s) => write_str_lit(f, s),
-            Literal::Regex(r) => write_regex(f, r),
-            Literal::Int(i) => write!(f, "{i}"),
-            Literal::Ip(ip) => write!(f, "{ip}"),
-            Literal::Cidr(net) => write!(f, "{net}"),
-        }
-    }
-}
-
-impl fmt::Display for SetItem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SetItem::Str(s) => write_str_lit(f, s),
-            SetItem::Int(i) => write!(f, "{i}"),
-            SetItem::IntRange(a, b) => write!(f, "{a}..{b}"),
-            SetItem::Ip(ip) => write!(f, "{ip}"),
-            SetItem::Cidr(net) => write!(f, "{net}"),
-            SetItem::IpRange(a, b) => write!(f, "{a}..{b}"),
-        }
-    }
-}
-
-impl fmt::Display for Rhs {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Rhs::Value(v) => write!(f, "{v}"),
-            Rhs::List(name) => write!(f, "${name}"),
-            Rhs::Set(items) => {
-                f.write_str("{")?;
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(" ")?;
-                    }
-                    write!(f, "{item}")?;
-                }
-                f.write_str("}")
-            }
-        }
-    }
-}
-
-impl fmt::Display for Expr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let joined = |f: &mut fmt::Formatter<'_>, v: &[Expr], word: &str, prec: u8| {
-            for (i, e) in v.iter().enumerate() {
-                if i > 0 {
-                    write!(f, " {word} ")?;
-                }
-                // Same-precedence children came from explicit parentheses; keep them.
-                if e.precedence() <= prec {
-                    write!(f, "({e})")?;
-                } else {
-                    write!(f, "{e}")?;
-                }
-            }
-            Ok(())
-        };
-        match self {
-            Expr::Compare { lhs, op, rhs, .. } => write!(f, "{lhs} {} {rhs}", op.as_str()),
-            Expr::Field(r) => write!(f, "{r}"),
-            Expr::Not(e) => {
-                if e.precedence() < 4 {
-                    write!(f, "not ({e})")
-                } else {
-                    write!(f, "not {e}")
-                }
-            }
-            Expr::And(v) => joined(f, v, "and", 3),
-            Expr::Xor(v) => joined(f, v, "xor", 2),
-            Expr::Or(v) => joined(f, v, "or", 1),
-            Expr::Any(e) => write!(f, "any({e})"),
-            Expr::All(e) => write!(f, "all({e})"),
-        }
+/// The one spelling of a list reference.
+///
+/// Gateway's dashboard writes a list UUID with dashes (`$2c9a9e8b-4f1d-4c47-9d45-30f5f2c1a001`) and
+/// its API stores the same list as 32 hex digits (`$2c9a9e8b4f1d4c479d4530f5f2c1a001`). A name that
+/// is a UUID in either form (any case) becomes 32 lowercase hex digits; any other name is kept as
+/// written (names are case-sensitive). Lists files should key their lists through this function.
+pub fn normalize_list_id(name: &str) -> String {
+    let dashed = name.len() == 36
+        && name
+            .char_indices()
+            .all(|(i, c)| matches!(i, 8 | 13 | 18 | 23) == (c == '-'));
+    let plain = name.len() == 32;
+    let hex: String = name.chars().filter(|c| *c != '-').collect();
+    if (dashed || plain) && hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        hex.to_ascii_lowercase()
+    } else {
+        name.to_string()
     }
 }

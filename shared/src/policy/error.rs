@@ -166,6 +166,12 @@ pub enum ExprErrorKind {
         /// The field.
         field: String,
     },
+    /// Parentheses, `not` or `any(...)` nested deeper than the parser allows.
+    #[error("expression nested too deeply")]
+    TooDeep,
+    /// A comma, which wirefilter never uses (sets are space-separated).
+    #[error("unexpected \",\"; set members are separated by spaces, not commas")]
+    Comma,
     /// A range whose start is after its end.
     #[error("range {0} is empty (start after end)")]
     EmptyRange(String),

@@ -266,8 +266,14 @@ pub const FIELD_COUNT: usize = FieldId::HttpConnInternalSrcIp as usize + 1;
 pub static ALIASES: &[(&str, FieldId)] = &[
     ("http.conn.hostname", FieldId::HttpRequestHost),
     ("http.conn.domains", FieldId::HttpRequestDomains),
-    ("http.conn.content_category", FieldId::HttpRequestUriContentCategory),
-    ("http.conn.security_category", FieldId::HttpRequestUriSecurityCategory),
+    (
+        "http.conn.content_category",
+        FieldId::HttpRequestUriContentCategory,
+    ),
+    (
+        "http.conn.security_category",
+        FieldId::HttpRequestUriSecurityCategory,
+    ),
 ];
 
 impl FieldId {

@@ -161,6 +161,7 @@ pub(crate) fn tokenize(src: &str) -> Result<Vec<(Tok, Pos)>, ExprError> {
                 }
                 Tok::Word(w)
             }
+            ',' => return Err(ExprError::new(start, ExprErrorKind::Comma)),
             other => return Err(ExprError::new(start, ExprErrorKind::UnexpectedChar(other))),
         };
         out.push((tok, start));
@@ -187,7 +188,17 @@ fn quoted(cur: &mut Cursor<'_>, start: Pos) -> Result<Tok, ExprError> {
                 match e {
                     '"' | '\\' => bytes.push(e as u8),
                     'x' => {
-                        let hex: String = (0..2).filter_map(|_| cur.bump()).collect();
+                        // Only hex digits, so a short `\x` never swallows the closing quote.
+                        let mut hex = String::new();
+                        while hex.len() < 2 {
+                            match cur.peek().filter(char::is_ascii_hexdigit) {
+                                Some(h) => {
+                                    hex.push(h);
+                                    cur.bump();
+                                }
+                                None => break,
+                            }
+                        }
                         raw.push_str(&hex);
                         match u8::from_str_radix(&hex, 16) {
                             Ok(b) if hex.len() == 2 => bytes.push(b),
@@ -314,7 +325,9 @@ mod tests {
             }
         );
         let bad = toks(r#""example\.com""#);
-        assert!(matches!(&bad[0], Tok::Str { cooked: Err(ExprErrorKind::BadEscape(_)), raw } if raw == r"example\.com"));
+        assert!(
+            matches!(&bad[0], Tok::Str { cooked: Err(ExprErrorKind::BadEscape(_)), raw } if raw == r"example\.com")
+        );
     }
 
     #[test]
