@@ -15,4 +15,5 @@ pub mod registry;
 pub mod runtime;
 pub mod transmit;
 pub mod uapi;
+pub mod vnet;
 pub mod wg;

@@ -38,6 +38,16 @@ pub fn run(config: Option<&Path>, cmd: DeviceCommand) -> anyhow::Result<ExitCode
         DeviceCommand::Enroll(args) => enroll(&cfg, &registry, args)?,
         DeviceCommand::List { json } => list(&registry, json, now())?,
         DeviceCommand::Show { device } => show(&registry.find(&device)?),
+        DeviceCommand::SetVnet { device, vnet } => {
+            let target = (vnet != "default").then_some(vnet.as_str());
+            let d = registry.set_device_vnet(&device, target)?;
+            eprintln!(
+                "device {} is now in virtual network {}; new flows use it within a second",
+                d.name,
+                d.vnet_id.as_deref().unwrap_or("default")
+            );
+            String::new()
+        }
         DeviceCommand::Revoke { device } => {
             let d = registry.revoke(&device, now())?;
             eprintln!(
@@ -83,13 +93,17 @@ fn enroll(cfg: &Config, registry: &Registry, args: EnrollArgs) -> anyhow::Result
             (Some(private), public)
         }
     };
+    let vnet_id = match &args.vnet {
+        Some(needle) => Some(registry.find_vnet(needle)?.id),
+        None => None,
+    };
     let device = registry.enroll(
         NewDevice {
             name: args.name,
             email: args.email,
             user_name: None,
             groups: args.groups,
-            vnet_id: args.vnet,
+            vnet_id,
             public_key: public,
         },
         now(),

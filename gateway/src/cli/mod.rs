@@ -10,6 +10,7 @@ pub mod device;
 pub mod geoip;
 pub mod rules;
 pub mod serve;
+pub mod vnet;
 
 /// `waygate`: a self-hosted Zero Trust gateway for WireGuard devices.
 #[derive(Debug, Parser)]
@@ -34,9 +35,37 @@ pub enum Command {
     /// Validate and evaluate Cloudflare Gateway-format rules.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Create, list and delete virtual networks.
+    #[command(subcommand)]
+    Vnet(VnetCommand),
     /// Build and query GeoIP databases.
     #[command(subcommand)]
     Geoip(GeoipCommand),
+}
+
+/// `waygate vnet ...`
+#[derive(Debug, Subcommand)]
+pub enum VnetCommand {
+    /// Create a virtual network.
+    Create {
+        /// Its name.
+        name: String,
+        /// A private route, `CIDR=INTERFACE` (repeatable): flows of the network's devices to
+        /// CIDR leave through the gateway's INTERFACE.
+        #[arg(long = "route", value_name = "CIDR=INTERFACE")]
+        routes: Vec<String>,
+    },
+    /// List virtual networks.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a virtual network no device is in.
+    Delete {
+        /// Name or id.
+        vnet: String,
+    },
 }
 
 /// `waygate geoip ...`
@@ -77,6 +106,13 @@ pub enum DeviceCommand {
     Show {
         /// Device id, name or public key.
         device: String,
+    },
+    /// Move a device into a virtual network (`default`: the Internet-only network).
+    SetVnet {
+        /// Device id, name or public key.
+        device: String,
+        /// Virtual network name or id, or `default`.
+        vnet: String,
     },
     /// Revoke a device; its traffic stops within a second.
     Revoke {
@@ -140,5 +176,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Device(cmd) => device::run(cli.config.as_deref(), cmd),
         Command::Rules(cmd) => rules::run(cmd),
         Command::Geoip(cmd) => geoip::run(cli.config.as_deref(), cmd),
+        Command::Vnet(cmd) => vnet::run(cli.config.as_deref(), cmd),
     }
 }

@@ -27,6 +27,7 @@ use crate::flow::{
     Upstream, UpstreamEvent,
 };
 use crate::transmit::{TransmitQueue, MAX_DATAGRAM};
+use crate::vnet::{VnetRoute, VnetRoutes};
 use crate::wg::{self, Endpoint, PeerId, Received};
 
 /// What the core needs from the config.
@@ -63,6 +64,7 @@ struct Router {
     tcp: TcpFlows,
     udp: UdpNat,
     egress: Egress,
+    vnets: VnetRoutes,
     commands: VecDeque<Command>,
     next_flow: FlowId,
     drops: FlowDropCounters,
@@ -104,6 +106,7 @@ impl GatewayCore {
             scratch: vec![0u8; MAX_DATAGRAM],
             router: Router {
                 egress: Egress::new(settings.egress.clone()),
+                vnets: VnetRoutes::default(),
                 settings,
                 tcp,
                 udp: UdpNat::default(),
@@ -129,6 +132,11 @@ impl GatewayCore {
     /// Dropped device packets by reason.
     pub fn flow_drops(&self) -> &FlowDropCounters {
         &self.router.drops
+    }
+
+    /// Replaces the virtual networks' private routes (vnet id -> routes); new flows use them.
+    pub fn sync_vnets(&mut self, routes: HashMap<String, Vec<VnetRoute>>) {
+        self.router.vnets = VnetRoutes::new(routes);
     }
 
     /// Records a health probe of egress location `index` (its position in the config).
@@ -382,8 +390,48 @@ impl Router {
         })
     }
 
-    /// Runs the stages for a new flow and logs the decision.
-    fn decide(&self, ctx: &FlowCtx, target: SocketAddr) -> Upstream {
+    /// Runs the stages for a new flow and logs the decision; `None` refuses the flow.
+    fn decide(&self, ctx: &FlowCtx, target: SocketAddr) -> Option<Upstream> {
+        if let Some(route) = self.vnets.route(ctx.device.vnet_id.as_deref(), target.ip()) {
+            tracing::info!(
+                target: "waygate::policy",
+                stage = "egress",
+                flow = ctx.id,
+                device = %ctx.device.name,
+                user = %ctx.device.email,
+                protocol = ctx.protocol.as_str(),
+                src = %ctx.src,
+                dst = %ctx.dst,
+                vnet = ctx.device.vnet_id.as_deref().unwrap_or("default"),
+                route = %route.cidr,
+                via = %route.via,
+                "flow decision"
+            );
+            return Some(Upstream {
+                dst: target,
+                bind: None,
+                via: Some(route.ifindex),
+            });
+        }
+        if self.vnets.covers(target.ip()) {
+            // Another network's private range: the host may well have a route there, but only
+            // that network's devices may use it.
+            tracing::info!(
+                target: "waygate::policy",
+                stage = "egress",
+                flow = ctx.id,
+                device = %ctx.device.name,
+                user = %ctx.device.email,
+                protocol = ctx.protocol.as_str(),
+                src = %ctx.src,
+                dst = %ctx.dst,
+                vnet = ctx.device.vnet_id.as_deref().unwrap_or("default"),
+                decision = "refused",
+                reason = "private route of another virtual network",
+                "flow decision"
+            );
+            return None;
+        }
         // Egress rules plug in here; until a rule set is loaded every flow takes the default.
         let bind = self.egress.select(ctx, target.ip(), None);
         tracing::info!(
@@ -400,7 +448,11 @@ impl Router {
             rule = "default",
             "flow decision"
         );
-        Upstream { dst: target, bind }
+        Some(Upstream {
+            dst: target,
+            bind,
+            via: None,
+        })
     }
 
     fn tcp_segment(
@@ -424,9 +476,12 @@ impl Router {
             let Some(ctx) = self.new_ctx(peer, parsed, now, sink) else {
                 return;
             };
-            let upstream = self.decide(&ctx, target);
-            self.tcp
-                .open(ctx, upstream, packet, flags, &mut self.commands);
+            match self.decide(&ctx, target) {
+                Some(upstream) => self
+                    .tcp
+                    .open(ctx, upstream, packet, flags, &mut self.commands),
+                None => self.refuse(peer, parsed, FlowDrop::OtherVnet, sink),
+            }
         } else {
             self.refuse(peer, parsed, FlowDrop::StrayTcp, sink);
         }
@@ -447,7 +502,10 @@ impl Router {
                     return;
                 };
                 let id = ctx.id;
-                let upstream = self.decide(&ctx, target);
+                let Some(upstream) = self.decide(&ctx, target) else {
+                    self.drops.add(FlowDrop::OtherVnet);
+                    return;
+                };
                 self.udp.open(ctx, upstream, now, &mut self.commands);
                 id
             }

@@ -318,7 +318,8 @@ fn tcp_flow_waits_for_its_upstream_then_carries_bytes_both_ways() {
         upstream,
         Upstream {
             dst: ORIGIN,
-            bind: Some(IpAddr::V4(EGRESS))
+            bind: Some(IpAddr::V4(EGRESS)),
+            via: None,
         }
     );
     // The SYN-ACK waits for the upstream connect, so the device's connect reflects the origin's.
@@ -372,6 +373,53 @@ fn another_devices_address_is_refused_with_a_reset() {
     assert_eq!(sim.tcp(h).state(), tcp::State::Closed);
     assert!(sim.take_commands().is_empty());
     assert_eq!(sim.core.flow_drops().get(FlowDrop::DeviceToDevice), 1);
+}
+
+#[test]
+fn private_routes_serve_their_network_and_refuse_everyone_else() {
+    use std::num::NonZeroU32;
+
+    use crate::vnet::VnetRoute;
+
+    let site = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 10)), 80);
+    let route = |via: &str, index| VnetRoute {
+        cidr: "198.18.0.0/16".parse().unwrap(),
+        via: via.into(),
+        ifindex: NonZeroU32::new(index).unwrap(),
+    };
+    // The device is in no network yet; another network routes the range.
+    let mut sim = Sim::new();
+    sim.core.sync_vnets(HashMap::from([(
+        "other".to_string(),
+        vec![route("site-b", 8)],
+    )]));
+    let h = sim.tcp_connect(site);
+    assert_eq!(
+        sim.tcp(h).state(),
+        tcp::State::Closed,
+        "refused with a reset"
+    );
+    assert!(sim.take_commands().is_empty());
+    assert_eq!(sim.core.flow_drops().get(FlowDrop::OtherVnet), 1);
+
+    // In its own network, the same range goes through that network's interface, unbound.
+    let mut sim = Sim::new();
+    let mut info = device_info();
+    info.vnet_id = Some("mine".into());
+    sim.core.sync_peers(vec![(public(key(2)), info)], sim.now);
+    sim.core.sync_vnets(HashMap::from([
+        ("mine".to_string(), vec![route("site-a", 7)]),
+        ("other".to_string(), vec![route("site-b", 8)]),
+    ]));
+    let _ = sim.tcp_connect(site);
+    let (_, upstream) = connect_flow(&sim.take_commands());
+    assert_eq!(upstream.via.map(|v| v.get()), Some(7));
+    assert_eq!(upstream.bind, None);
+    // The Internet is unaffected.
+    let _ = sim.tcp_connect(ORIGIN);
+    let (_, upstream) = connect_flow(&sim.take_commands());
+    assert_eq!(upstream.via, None);
+    assert_eq!(upstream.bind, Some(IpAddr::V4(EGRESS)));
 }
 
 #[test]

@@ -70,6 +70,8 @@ pub struct Upstream {
     pub dst: SocketAddr,
     /// Source address to bind before connecting; `None` lets the OS choose.
     pub bind: Option<IpAddr>,
+    /// Interface (index) the connection must leave through: a virtual network's private route.
+    pub via: Option<std::num::NonZeroU32>,
 }
 
 /// Work for the runtime.
@@ -210,11 +212,13 @@ pub enum FlowDrop {
     UnsupportedIcmp,
     /// Too many flows for one device.
     FlowLimit,
+    /// Addressed to a private range of a virtual network the device is not in.
+    OtherVnet,
 }
 
 impl FlowDrop {
     /// Every reason, for counters.
-    pub const ALL: [FlowDrop; 9] = [
+    pub const ALL: [FlowDrop; 10] = [
         FlowDrop::Malformed,
         FlowDrop::Fragment,
         FlowDrop::UnsupportedProtocol,
@@ -224,6 +228,7 @@ impl FlowDrop {
         FlowDrop::StrayTcp,
         FlowDrop::UnsupportedIcmp,
         FlowDrop::FlowLimit,
+        FlowDrop::OtherVnet,
     ];
 }
 

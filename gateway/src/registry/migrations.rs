@@ -54,6 +54,33 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER device_groups_update AFTER UPDATE ON device_groups
     BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
     "#,
+    // v2: virtual networks and their private routes. Changes bump the same generation
+    // counter, so a running server reloads them with the devices.
+    r#"
+    CREATE TABLE vnets (
+        id          TEXT PRIMARY KEY NOT NULL,
+        name        TEXT NOT NULL UNIQUE,
+        created_at  INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE vnet_routes (
+        vnet_id     TEXT NOT NULL REFERENCES vnets(id) ON DELETE CASCADE,
+        cidr        TEXT NOT NULL,
+        via         TEXT NOT NULL,
+        PRIMARY KEY (vnet_id, cidr)
+    ) STRICT;
+
+    CREATE TRIGGER vnets_insert AFTER INSERT ON vnets
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER vnets_delete AFTER DELETE ON vnets
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER vnets_update AFTER UPDATE ON vnets
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER vnet_routes_insert AFTER INSERT ON vnet_routes
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER vnet_routes_delete AFTER DELETE ON vnet_routes
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -16,6 +16,9 @@
 mod alloc;
 mod migrations;
 pub mod validate;
+mod vnets;
+
+pub use vnets::{Vnet, VnetRoute};
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -145,6 +148,23 @@ pub enum RegistryError {
         /// `id (name)` of each match.
         matches: Vec<String>,
     },
+    /// No virtual network has this id or name.
+    #[error("no virtual network with id or name {0:?}")]
+    VnetNotFound(String),
+    /// Another virtual network has this name.
+    #[error("virtual network name {0:?} is already taken")]
+    VnetNameTaken(String),
+    /// Devices still belong to the virtual network.
+    #[error("virtual network {name} is used by {} device(s): {}; move them first (waygate device set-vnet)", .devices.len(), .devices.join(", "))]
+    VnetInUse {
+        /// Its name.
+        name: String,
+        /// Names of the devices in it.
+        devices: Vec<String>,
+    },
+    /// A route is malformed.
+    #[error("invalid route {0:?}: expected CIDR=INTERFACE, e.g. 198.18.0.0/16=site-a")]
+    InvalidRoute(String),
     /// The device was revoked before.
     #[error("device {name} ({id}) was already revoked at {revoked_at}")]
     AlreadyRevoked {
@@ -607,7 +627,7 @@ impl Registry {
     }
 }
 
-fn check_label(what: &'static str, value: &str) -> Result<(), RegistryError> {
+pub(crate) fn check_label(what: &'static str, value: &str) -> Result<(), RegistryError> {
     if validate::label_ok(value) {
         Ok(())
     } else {
@@ -652,7 +672,7 @@ fn default_name(tx: &Transaction<'_>, email: &str) -> Result<String, RegistryErr
 }
 
 /// A random (version 4) UUID in its usual text form.
-fn new_uuid(rng: &mut impl RngCore) -> String {
+pub(crate) fn new_uuid(rng: &mut impl RngCore) -> String {
     let mut b = [0u8; 16];
     rng.fill_bytes(&mut b);
     b[6] = (b[6] & 0x0f) | 0x40;

@@ -54,7 +54,7 @@ async fn probe_location(
         ticks.tick().await;
         let started = Instant::now();
         let timeout = check.interval.min(PROBE_TIMEOUT);
-        let probe = match connect_from(check.target, Some(source), timeout).await {
+        let probe = match connect_from(check.target, Some(source), None, timeout).await {
             Ok(_) => Probe::Up(started.elapsed()),
             Err(err) => {
                 tracing::debug!(%source, target = %check.target, %err, "egress health probe failed");

@@ -5,8 +5,10 @@
 //! A thread watches the registry and hands the device list to the loop when it changes.
 #![allow(clippy::disallowed_methods)] // the shell reads the clock for the core
 
+use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,9 +25,10 @@ use crate::core::{CoreSettings, GatewayCore};
 use crate::datadir;
 use crate::egress::EgressSettings;
 use crate::flow::DeviceInfo;
-use crate::registry::{Device, Registry};
+use crate::registry::{Device, Registry, Vnet};
 use crate::transmit::TransmitQueue;
 use crate::uapi::{self, UapiPeer, UapiSnapshot};
+use crate::vnet::VnetRoute;
 
 pub mod health;
 pub mod upstream;
@@ -100,7 +103,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let state = UdpSocketState::new((&socket).into()).context("cannot set up the UDP socket")?;
     let socket = UdpSocket::from_std(socket)?;
 
-    let (device_tx, mut device_rx) = mpsc::channel::<Vec<Device>>(4);
+    let (device_tx, mut device_rx) = mpsc::channel::<RegistrySnapshot>(4);
     let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Vec<(String, i64)>>();
     let watcher = {
         let data_dir = config.data_dir.clone();
@@ -144,6 +147,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut bufs = vec![vec![0u8; RECV_BUFFER]; BATCH_SIZE];
     let mut metas = vec![RecvMeta::default(); BATCH_SIZE];
     let mut next_seen = now + LAST_SEEN_EVERY;
+    let mut vnets: Vec<Vnet> = Vec::new();
+    let mut vnets_unresolved = false;
     let mut next_snapshot = now;
     let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -163,8 +168,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
             biased;
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            devices = device_rx.recv() => match devices {
-                Some(devices) => core.sync_peers(peers_of(devices), Instant::now()),
+            snapshot = device_rx.recv() => match snapshot {
+                Some(snapshot) => {
+                    core.sync_peers(peers_of(snapshot.devices), Instant::now());
+                    let (routes, unresolved) = resolve_vnet_routes(&snapshot.vnets);
+                    core.sync_vnets(routes);
+                    vnets = snapshot.vnets;
+                    vnets_unresolved = unresolved;
+                }
                 None => anyhow::bail!("the registry watcher stopped"),
             },
             ready = socket.readable() => {
@@ -197,6 +208,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         if now >= next_snapshot {
             next_snapshot = now + SNAPSHOT_EVERY;
+            if vnets_unresolved {
+                // An interface named by a route may come up after the gateway.
+                let (routes, unresolved) = resolve_vnet_routes(&vnets);
+                core.sync_vnets(routes);
+                vnets_unresolved = unresolved;
+            }
             if let Ok(mut s) = snapshot.lock() {
                 s.peers = uapi_peers(&core);
             }
@@ -374,6 +391,45 @@ async fn send(socket: &UdpSocket, state: &UdpSocketState, queue: &mut TransmitQu
     queue.clear();
 }
 
+/// What the registry watcher hands to the serving loop on every change.
+struct RegistrySnapshot {
+    devices: Vec<Device>,
+    vnets: Vec<Vnet>,
+}
+
+/// Each virtual network's routes with their interfaces' indexes; routes whose interface does
+/// not exist (yet) are left out and reported by the returned flag.
+fn resolve_vnet_routes(vnets: &[Vnet]) -> (HashMap<String, Vec<VnetRoute>>, bool) {
+    let mut unresolved = false;
+    let mut out = HashMap::new();
+    for vnet in vnets {
+        let mut routes = Vec::new();
+        for route in &vnet.routes {
+            match interface_index(&route.via) {
+                Some(ifindex) => routes.push(VnetRoute {
+                    cidr: route.cidr,
+                    via: route.via.clone(),
+                    ifindex,
+                }),
+                None => {
+                    unresolved = true;
+                    tracing::warn!(vnet = %vnet.name, cidr = %route.cidr, via = %route.via, "no such interface; route unused until it appears");
+                }
+            }
+        }
+        out.insert(vnet.id.clone(), routes);
+    }
+    (out, unresolved)
+}
+
+/// The index of the interface called `name` in this network namespace.
+fn interface_index(name: &str) -> Option<NonZeroU32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    NonZeroU32::new(index)
+}
+
 fn peers_of(devices: Vec<Device>) -> Vec<([u8; 32], DeviceInfo)> {
     devices
         .into_iter()
@@ -456,7 +512,7 @@ fn recently_seen(core: &GatewayCore) -> Vec<(String, i64)> {
 fn watch_registry(
     data_dir: &Path,
     tunnel: &crate::config::TunnelConfig,
-    devices: mpsc::Sender<Vec<Device>>,
+    devices: mpsc::Sender<RegistrySnapshot>,
     seen: std::sync::mpsc::Receiver<Vec<(String, i64)>>,
 ) {
     let registry = match Registry::open(data_dir, tunnel) {
@@ -469,15 +525,24 @@ fn watch_registry(
     let mut last = None;
     loop {
         match registry.change_counter() {
-            Ok(counter) if Some(counter) != last => match registry.active_devices() {
-                Ok(list) => {
-                    if devices.blocking_send(list).is_err() {
-                        return;
+            Ok(counter) if Some(counter) != last => {
+                match registry
+                    .active_devices()
+                    .and_then(|d| Ok((d, registry.vnets()?)))
+                {
+                    Ok((list, vnets)) => {
+                        let snapshot = RegistrySnapshot {
+                            devices: list,
+                            vnets,
+                        };
+                        if devices.blocking_send(snapshot).is_err() {
+                            return;
+                        }
+                        last = Some(counter);
                     }
-                    last = Some(counter);
+                    Err(err) => tracing::warn!(%err, "cannot read devices"),
                 }
-                Err(err) => tracing::warn!(%err, "cannot read devices"),
-            },
+            }
             Ok(_) => {}
             Err(err) => tracing::warn!(%err, "cannot read the registry"),
         }

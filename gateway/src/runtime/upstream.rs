@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -156,6 +157,7 @@ impl Drop for Upstreams {
 pub fn bound_socket(
     dst: SocketAddr,
     bind: Option<IpAddr>,
+    via: Option<NonZeroU32>,
     kind: Type,
     protocol: SockProtocol,
 ) -> io::Result<Socket> {
@@ -165,6 +167,14 @@ pub fn bound_socket(
     };
     let socket = Socket::new(domain, kind, Some(protocol))?;
     socket.set_nonblocking(true)?;
+    if via.is_some() {
+        // A virtual network's route: the kernel picks the route through this interface, so the
+        // same range can lead to different sites for different networks.
+        match dst {
+            SocketAddr::V4(_) => socket.bind_device_by_index_v4(via)?,
+            SocketAddr::V6(_) => socket.bind_device_by_index_v6(via)?,
+        }
+    }
     if let Some(bind) = bind {
         if bind.is_ipv6() {
             socket.set_freebind_v6(true)?;
@@ -178,9 +188,10 @@ pub fn bound_socket(
 pub async fn connect_from(
     dst: SocketAddr,
     bind: Option<IpAddr>,
+    via: Option<NonZeroU32>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let socket = bound_socket(dst, bind, Type::STREAM, SockProtocol::TCP)?;
+    let socket = bound_socket(dst, bind, via, Type::STREAM, SockProtocol::TCP)?;
     socket.set_tcp_nodelay(true)?;
     let socket = TcpSocket::from_std_stream(socket.into());
     tokio::time::timeout(timeout, socket.connect(dst))
@@ -189,7 +200,7 @@ pub async fn connect_from(
 }
 
 async fn connect(upstream: Upstream) -> io::Result<TcpStream> {
-    connect_from(upstream.dst, upstream.bind, CONNECT_TIMEOUT).await
+    connect_from(upstream.dst, upstream.bind, upstream.via, CONNECT_TIMEOUT).await
 }
 
 async fn tcp_flow(
@@ -280,7 +291,13 @@ async fn tcp_flow(
 }
 
 fn udp_socket(upstream: Upstream) -> io::Result<UdpSocket> {
-    let socket = bound_socket(upstream.dst, upstream.bind, Type::DGRAM, SockProtocol::UDP)?;
+    let socket = bound_socket(
+        upstream.dst,
+        upstream.bind,
+        upstream.via,
+        Type::DGRAM,
+        SockProtocol::UDP,
+    )?;
     socket.connect(&upstream.dst.into())?;
     UdpSocket::from_std(socket.into())
 }
@@ -339,12 +356,24 @@ fn ping_socket(flow: FlowId, upstream: Upstream) -> io::Result<(UdpSocket, PingS
         SocketAddr::V4(_) => SockProtocol::ICMPV4,
         SocketAddr::V6(_) => SockProtocol::ICMPV6,
     };
-    let (socket, kind) = match bound_socket(upstream.dst, upstream.bind, Type::DGRAM, protocol) {
+    let (socket, kind) = match bound_socket(
+        upstream.dst,
+        upstream.bind,
+        upstream.via,
+        Type::DGRAM,
+        protocol,
+    ) {
         Ok(s) => (s, PingSocket::Datagram),
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             let ident = (flow as u16) ^ 0x5747;
             (
-                bound_socket(upstream.dst, upstream.bind, Type::RAW, protocol)?,
+                bound_socket(
+                    upstream.dst,
+                    upstream.bind,
+                    upstream.via,
+                    Type::RAW,
+                    protocol,
+                )?,
                 PingSocket::Raw { ident },
             )
         }
