@@ -127,7 +127,9 @@ const UNFILLED: u8 = 2;
 const CATEGORY: u8 = 4;
 /// Continent codes: full names in rules are accepted.
 const CONTINENT: u8 = 8;
-/// An array on which Gateway accepts `==`/`!=`/`in` without `[*]` (meaning any element).
+/// An array on which Gateway accepts `==`/`!=`/`in` without `[*]` (meaning any element): the
+/// resolved geolocation (one value per resolved address, usually one country) and the identity
+/// arrays, which Cloudflare's own identity selector examples compare with `==`.
 const ARRAY_EQ: u8 = 16;
 
 /// Static facts about one field.
@@ -240,10 +242,10 @@ fields! {
     NetOnrampType = "net.onramp.type": Bytes, NET, NONE;
     IdentityEmail = "identity.email": Bytes, ALL, NONE;
     IdentityName = "identity.name": Bytes, ALL, NONE;
-    IdentityGroupsId = "identity.groups.id": BytesArray, ALL, NONE;
-    IdentityGroupsName = "identity.groups.name": BytesArray, ALL, NONE;
-    IdentityGroupsEmail = "identity.groups.email": BytesArray, ALL, NONE;
-    IdentitySamlAttributes = "identity.saml_attributes": BytesArrayMap, ALL, NONE;
+    IdentityGroupsId = "identity.groups.id": BytesArray, ALL, ARRAY_EQ;
+    IdentityGroupsName = "identity.groups.name": BytesArray, ALL, ARRAY_EQ;
+    IdentityGroupsEmail = "identity.groups.email": BytesArray, ALL, ARRAY_EQ;
+    IdentitySamlAttributes = "identity.saml_attributes": BytesArrayMap, ALL, ARRAY_EQ;
     DevicePostureChecksPassed = "device_posture.checks.passed": BytesArray, ALL, NONE;
     DevicePostureChecksFailed = "device_posture.checks.failed": BytesArray, ALL, NONE;
     AppIds = "app.ids": IntArray, DNS | HTTP | L4, UNFILLED;
@@ -257,10 +259,12 @@ fields! {
     AccessPrivateApp = "access.private_app": Bool, L4, UNFILLED;
     DnsSrcInternalIp = "dns.src_internal_ip": Ip, DNS, UNFILLED;
     HttpConnInternalSrcIp = "http.conn.internal_src_ip": Ip, HTTP, UNFILLED;
+    HttpUploadFileSize = "http.upload.file.size": Int, HTTP, UNFILLED;
+    HttpDownloadFileSize = "http.download.file.size": Int, HTTP, UNFILLED;
 }
 
 /// Number of fields; the size of an evaluation context.
-pub const FIELD_COUNT: usize = FieldId::HttpConnInternalSrcIp as usize + 1;
+pub const FIELD_COUNT: usize = FieldId::HttpDownloadFileSize as usize + 1;
 
 /// Older names Gateway still accepts, with the field they mean.
 pub static ALIASES: &[(&str, FieldId)] = &[
