@@ -304,12 +304,12 @@ fn every_field_in_every_stage() {
         let name = info.name;
         let src = match info.ty {
             FieldType::Bytes if info.is_continent() => format!("{name} == \"EU\""),
-            FieldType::Bytes => format!("{name} == \"x\""),
+            FieldType::Bytes => format!("{name} == \"US\""),
             FieldType::Int => format!("{name} >= 1"),
             FieldType::Ip => format!("{name} in {{10.0.0.0/8}}"),
             FieldType::Bool => name.to_string(),
             FieldType::BytesArray if info.is_continent() => format!("any({name}[*] == \"EU\")"),
-            FieldType::BytesArray | FieldType::BytesArrayMap => format!("any({name}[*] == \"x\")"),
+            FieldType::BytesArray | FieldType::BytesArrayMap => format!("any({name}[*] == \"US\")"),
             FieldType::IntArray => format!("any({name}[*] in {{1 2..3}})"),
             FieldType::IpArray => format!("any({name}[*] == ::1)"),
         };

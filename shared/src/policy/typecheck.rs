@@ -30,6 +30,14 @@ pub enum WarningKind {
         /// The field.
         field: &'static str,
     },
+    /// A value on a country field that is not two capital letters (ISO 3166-1 alpha-2), which
+    /// no address geolocates to.
+    NotACountryCode {
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: String,
+    },
     /// A value on a continent field that is no continent code (`AF AN AS EU NA OC SA T1`).
     UnknownContinent {
         /// The field.
@@ -46,6 +54,10 @@ impl fmt::Display for Warning {
             WarningKind::Unfilled { field } => write!(
                 f,
                 "\"{field}\" belongs to a Cloudflare feature Waygate does not have; nothing fills it, so it is always unset"
+            ),
+            WarningKind::NotACountryCode { field, value } => write!(
+                f,
+                "\"{value}\" is not an ISO 3166-1 alpha-2 country code (two capital letters) for \"{field}\""
             ),
             WarningKind::UnknownContinent { field, value } => write!(
                 f,
@@ -279,8 +291,8 @@ impl Checker {
                     if !ok {
                         return Err(bad(item.to_string(), expected_for(ty, true)));
                     }
-                    if let (SetItem::Str(s), true) = (item, info.is_continent()) {
-                        self.continent(lhs, s, rhs_pos);
+                    if let SetItem::Str(s) = item {
+                        self.geo_code(lhs, s, rhs_pos);
                     }
                 }
                 Ok(())
@@ -311,24 +323,33 @@ impl Checker {
                 if !ok {
                     return Err(bad(v.to_string(), expected_for(ty, false)));
                 }
-                if let (Literal::Str(s), true, CmpOp::Eq | CmpOp::Ne) = (v, info.is_continent(), op)
-                {
-                    self.continent(lhs, s, rhs_pos);
+                if let (Literal::Str(s), CmpOp::Eq | CmpOp::Ne) = (v, op) {
+                    self.geo_code(lhs, s, rhs_pos);
                 }
                 Ok(())
             }
         }
     }
 
-    fn continent(&mut self, lhs: &FieldRef, value: &str, pos: Pos) {
-        if !CONTINENTS.contains(&value) {
-            self.warnings.push(Warning {
-                pos,
-                kind: WarningKind::UnknownContinent {
-                    field: lhs.field.name(),
-                    value: value.to_string(),
-                },
-            });
+    /// Warns about geolocation values that can never match: Gateway compares codes, not names.
+    fn geo_code(&mut self, lhs: &FieldRef, value: &str, pos: Pos) {
+        let field = lhs.field.name();
+        let kind = if lhs.field.info().is_continent() {
+            (!CONTINENTS.contains(&value)).then(|| WarningKind::UnknownContinent {
+                field,
+                value: value.to_string(),
+            })
+        } else if field.ends_with(".geo.country") {
+            let code = value.len() == 2 && value.bytes().all(|b| b.is_ascii_uppercase());
+            (!code).then(|| WarningKind::NotACountryCode {
+                field,
+                value: value.to_string(),
+            })
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            self.warnings.push(Warning { pos, kind });
         }
     }
 }
@@ -595,6 +616,19 @@ mod tests {
         );
         assert_eq!(w[0].pos.column, 26);
         assert!(ok(r#"net.dst.geo.continent == "Europe""#, Stage::Egress).is_empty());
+        let w = ok(
+            r#"any(dns.dst.geo.country[*] in {"RU" "Russia" "by"})"#,
+            Stage::Dns,
+        );
+        let values: Vec<_> = w
+            .iter()
+            .filter_map(|w| match &w.kind {
+                WarningKind::NotACountryCode { value, .. } => Some(value.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(values, ["Russia", "by"]);
+        assert!(w[0].to_string().contains("ISO 3166-1 alpha-2"));
     }
 
     #[test]
