@@ -47,13 +47,12 @@ pub enum WarningKind {
     },
 }
 
-impl fmt::Display for Warning {
+impl fmt::Display for WarningKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: ", self.pos)?;
-        match &self.kind {
+        match self {
             WarningKind::Unfilled { field } => write!(
                 f,
-                "\"{field}\" belongs to a Cloudflare feature Waygate does not have; nothing fills it, so it is always unset"
+                "\"{field}\" belongs to a Cloudflare feature Waygate does not have: traffic never fills it, so comparisons on it are false"
             ),
             WarningKind::NotACountryCode { field, value } => write!(
                 f,
@@ -64,6 +63,12 @@ impl fmt::Display for Warning {
                 "\"{value}\" is not a continent code for \"{field}\" (AF AN AS EU NA OC SA T1)"
             ),
         }
+    }
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.pos, self.kind)
     }
 }
 
@@ -606,7 +611,7 @@ mod tests {
         assert_eq!(w.len(), 1);
         assert_eq!(
             w[0].to_string(),
-            "line 1, column 5: \"app.ids\" belongs to a Cloudflare feature Waygate does not have; nothing fills it, so it is always unset"
+            "line 1, column 5: \"app.ids\" belongs to a Cloudflare feature Waygate does not have: traffic never fills it, so comparisons on it are false"
         );
         let w = ok("dns.categories_in_request_context_matches", Stage::Dns);
         assert!(matches!(w[0].kind, WarningKind::Unfilled { .. }));
