@@ -169,6 +169,25 @@ pub enum ExprErrorKind {
     /// Parentheses, `not` or `any(...)` nested deeper than the parser allows.
     #[error("expression nested too deeply")]
     TooDeep,
+    /// A single `=`, `&`, `|` or `^`, where only the doubled operator exists.
+    #[error("unexpected \"{found}\"; did you mean \"{meant}\"?")]
+    LoneOperator {
+        /// The character found.
+        found: char,
+        /// The operator it probably meant.
+        meant: &'static str,
+    },
+    /// A single quote: strings are written in double quotes.
+    #[error("unexpected \"'\"; strings are written in double quotes (\"...\" or r\"...\")")]
+    SingleQuote,
+    /// `field not OP value`: negation goes in front of the whole comparison.
+    #[error("\"not\" goes before the comparison: not({field} {op} ...)")]
+    InfixNot {
+        /// The field as written.
+        field: String,
+        /// The operator after `not`.
+        op: &'static str,
+    },
     /// A comma, which wirefilter never uses (sets are space-separated).
     #[error("unexpected \",\"; set members are separated by spaces, not commas")]
     Comma,

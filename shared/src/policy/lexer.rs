@@ -121,7 +121,19 @@ pub(crate) fn tokenize(src: &str) -> Result<Vec<(Tok, Pos)>, ExprError> {
                 cur.bump();
                 Ok(yes)
             } else {
-                no.ok_or(ExprError::new(start, ExprErrorKind::UnexpectedChar(c)))
+                // A lone `=`, `&`, `|` or `^` is almost always its doubled operator mistyped.
+                no.ok_or(ExprError::new(
+                    start,
+                    ExprErrorKind::LoneOperator {
+                        found: c,
+                        meant: match c {
+                            '=' => "==",
+                            '&' => "&&",
+                            '|' => "||",
+                            _ => "^^",
+                        },
+                    },
+                ))
             }
         };
         let tok = match c {
@@ -162,6 +174,7 @@ pub(crate) fn tokenize(src: &str) -> Result<Vec<(Tok, Pos)>, ExprError> {
                 Tok::Word(w)
             }
             ',' => return Err(ExprError::new(start, ExprErrorKind::Comma)),
+            '\'' => return Err(ExprError::new(start, ExprErrorKind::SingleQuote)),
             other => return Err(ExprError::new(start, ExprErrorKind::UnexpectedChar(other))),
         };
         out.push((tok, start));
@@ -336,6 +349,20 @@ mod tests {
         assert_eq!((t.pos.line, t.pos.column), (2, 3));
         let t = tokenize("a\n == b").unwrap();
         assert_eq!((t[1].1.line, t[1].1.column), (2, 2));
-        assert!(tokenize("a = b").is_err());
+        assert_eq!(
+            tokenize("a = b").unwrap_err().to_string(),
+            "line 1, column 3: unexpected \"=\"; did you mean \"==\"?"
+        );
+        assert_eq!(
+            tokenize("a & b").unwrap_err().kind,
+            ExprErrorKind::LoneOperator {
+                found: '&',
+                meant: "&&"
+            }
+        );
+        assert_eq!(
+            tokenize("a == 'b'").unwrap_err().kind,
+            ExprErrorKind::SingleQuote
+        );
     }
 }

@@ -178,6 +178,22 @@ impl Parser {
     fn comparison(&mut self) -> PResult<Expr> {
         let lhs = self.field_ref()?;
         let each = lhs.access == Access::Each;
+        if self.peek_word("not") {
+            // Dashboard users write "not in"; wirefilter negates the whole comparison instead.
+            let pos = self.pos();
+            let save = self.i;
+            self.bump();
+            if let Ok(Some(op)) = self.operator() {
+                return Err(ExprError::new(
+                    pos,
+                    ExprErrorKind::InfixNot {
+                        field: lhs.to_string(),
+                        op: op.as_str(),
+                    },
+                ));
+            }
+            self.i = save;
+        }
         let e = match self.operator()? {
             None => Expr::Field(lhs),
             Some(op) => {
@@ -708,9 +724,19 @@ mod tests {
         assert_eq!(err("dns.fqdn strict \"a\"").1, 17);
         assert_eq!(
             err("dns.fqdn == \"a\"\n and\n dns.fqdn =").2,
-            "line 3, column 11: unexpected character '='"
+            "line 3, column 11: unexpected \"=\"; did you mean \"==\"?"
         );
         assert_eq!(err("dns.domains[x] == \"a\"").1, 13);
+        assert_eq!(
+            err("dns.fqdn not in {\"a\"}"),
+            (
+                1,
+                10,
+                "line 1, column 10: \"not\" goes before the comparison: not(dns.fqdn in ...)"
+                    .into()
+            )
+        );
+        assert_eq!(err("dns.domains[*] not matches \"a\"").1, 16);
         assert_eq!(err("\"a\" == dns.fqdn").1, 1);
         assert_eq!(err("dns.fqdn == abc").1, 13);
         assert_eq!(err("").1, 1);
