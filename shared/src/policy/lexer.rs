@@ -42,8 +42,8 @@ impl Tok {
     /// How the token reads in an error message.
     pub(crate) fn describe(&self) -> String {
         match self {
-            Tok::Word(w) => format!("\"{w}\""),
-            Tok::Str { raw, .. } => format!("string \"{raw}\""),
+            Tok::Word(w) => format!("\"{}\"", shorten(w)),
+            Tok::Str { raw, .. } => format!("string \"{}\"", shorten(raw)),
             Tok::List(l) => format!("list \"${l}\""),
             Tok::Eof => "end of expression".to_string(),
             other => format!("\"{}\"", other.symbol()),
@@ -72,6 +72,16 @@ impl Tok {
             Tok::XorXor => "^^",
             _ => "",
         }
+    }
+}
+
+/// Long tokens are cut in messages so one error stays one line.
+fn shorten(s: &str) -> String {
+    const MAX: usize = 40;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        s.chars().take(MAX).chain("...".chars()).collect()
     }
 }
 

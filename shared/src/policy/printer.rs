@@ -167,8 +167,9 @@ mod tests {
         normalize_list_id, Access, CmpOp, Expr, FieldRef, Literal, Rhs, SetItem,
     };
     use super::super::error::Pos;
-    use super::super::fields::{FieldId, FieldType, FIELDS};
+    use super::super::fields::{FieldId, FieldType, Stage, FIELDS};
     use super::super::parser::parse;
+    use super::super::typecheck::check;
 
     fn fields_of(ty: FieldType) -> Vec<FieldId> {
         // Continent fields rewrite full names, so a random string might not come back as written.
@@ -462,6 +463,15 @@ mod tests {
             ",",
             "\"\\x4",
             "-1",
+            "identity.groups.name",
+            "\"(\"",
+            "dns.dst.geo.country",
+            "dns.resolved_ips",
+            "[\"k\"]",
+            "r#\"a\"b\"#",
+            "'",
+            "=",
+            "&",
         ]);
         proptest::collection::vec(piece, 0..24).prop_map(|v| v.join(" "))
     }
@@ -477,6 +487,9 @@ mod tests {
         #[test]
         fn soup_round_trips_when_it_parses(s in soup()) {
             if let Ok(e) = parse(&s) {
+                for stage in Stage::ALL {
+                    let _ = check(&e, stage);
+                }
                 let text = e.to_string();
                 prop_assert_eq!(parse(&text).ok(), Some(e), "{} -> {}", s, text);
             }
