@@ -81,32 +81,35 @@ impl CmpOp {
 /// A single value on the right of a comparison.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Literal {
-    /// A string (also a quoted number or address, which Gateway accepts for Int and Ip fields).
+    /// A string. The parser turns a quoted number or address on an Int or Ip field into
+    /// [`Literal::Int`] / [`Literal::Ip`] / [`Literal::Cidr`], and a continent name on a continent
+    /// field into its code, so a `Str` there is a value that fits no other variant.
     Str(String),
-    /// A regex as written between the quotes (backslashes unchanged).
+    /// A regex as written between the quotes (backslashes unchanged); only after `matches`.
     Regex(String),
     /// An integer.
     Int(i64),
     /// An address.
     Ip(IpAddr),
-    /// A CIDR (after `==` it means "in").
+    /// A CIDR: after `==` it means "the address is in it" (and after `!=`, "is not"). Host bits
+    /// are kept as written.
     Cidr(IpNet),
 }
 
 /// One member of `{...}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SetItem {
-    /// A string (or quoted number/address).
+    /// A string (quoted numbers, addresses and ranges on Int/Ip fields become the variants below).
     Str(String),
     /// An integer.
     Int(i64),
-    /// An inclusive integer range `a..b`.
+    /// An inclusive integer range `a..b`; the parser guarantees `a <= b`.
     IntRange(i64, i64),
     /// An address.
     Ip(IpAddr),
     /// A CIDR.
     Cidr(IpNet),
-    /// An inclusive address range `a..b`.
+    /// An inclusive address range `a..b`; the parser guarantees one family and `a <= b`.
     IpRange(IpAddr, IpAddr),
 }
 

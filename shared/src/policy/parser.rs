@@ -28,6 +28,19 @@ use super::lexer::{tokenize, Tok};
 pub const MAX_DEPTH: u32 = 64;
 
 /// Parses one expression.
+///
+/// ```
+/// use waygate_shared::policy::parser::parse;
+///
+/// let e = parse(r#"net.dst.port == "2222" and any(identity.groups[*].name in {"eng"})"#).unwrap();
+/// assert_eq!(e.to_string(), r#"net.dst.port == 2222 and any(identity.groups.name[*] in {"eng"})"#);
+///
+/// let err = parse(r#"dns.fqdn == "a" or dns.fqd == "b""#).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     r#"line 1, column 20: unknown field "dns.fqd"; did you mean "dns.fqdn"?"#
+/// );
+/// ```
 pub fn parse(src: &str) -> Result<Expr, ExprError> {
     let toks = tokenize(src)?;
     let mut p = Parser {

@@ -76,6 +76,17 @@ impl fmt::Display for Warning {
 const CONTINENTS: [&str; 8] = ["AF", "AN", "AS", "EU", "NA", "OC", "SA", "T1"];
 
 /// Checks `expr` for a rule of `stage`; on success returns the warnings, each field warned once.
+///
+/// ```
+/// use waygate_shared::policy::{fields::Stage, parser::parse, typecheck::check};
+///
+/// let e = parse(r#"net.sni.host == "example.com""#).unwrap();
+/// assert!(check(&e, Stage::L4).unwrap().is_empty());
+/// assert_eq!(
+///     check(&e, Stage::Egress).unwrap_err().to_string(),
+///     r#"line 1, column 1: field "net.sni.host" is not available in egress rules"#
+/// );
+/// ```
 pub fn check(expr: &Expr, stage: Stage) -> Result<Vec<Warning>, ExprError> {
     let mut c = Checker {
         stage,
