@@ -469,6 +469,19 @@ fn cloudflare_published_examples() {
         (Http, r#"identity.groups.email == "group@example.com""#),
         (Http, r#"identity.groups.name == "\"finance\"""#),
         (Http, r#"identity.saml_attributes == "\"finance\"""#),
+        // Selector reference tables.
+        (Http, r#"identity.saml_attributes == "\"group=finance\"""#),
+        (L4, r#"net.onramp.type == "device_client""#),
+        (Dns, r#"dns.query_rtype == "TXT""#),
+        (
+            Dns,
+            r#"dns.location in {"location_uuid_1" "location_uuid_2"}"#,
+        ),
+        (L4, r#"net.protocol.detection == "ssh""#),
+        (Egress, "net.dst.ip == 192.0.2.0"),
+        (Dns, "any(dns.security_category[*] in {1})"),
+        (Http, "any(http.request.uri.security_category[*] in {1})"),
+        (L4, r#"any(net.sni.domains[*] == "example.com")"#),
         // API examples (JSON conditions written as text).
         (Dns, "any(dns.resolved_ips[*] == 203.0.113.17)"),
         (Dns, r#"any(identity.groups.name[*] in {"marketing"})"#),
@@ -481,6 +494,12 @@ fn cloudflare_published_examples() {
     // Published examples on features Waygate lacks load with a warning.
     for (stage, src) in [
         (Dns, "dns.categories_in_request_context_matches"),
+        (L4, "access.target"),
+        (Dns, r#"dns.doh_subdomain == "abcdefg""#),
+        (
+            Http,
+            r#"any(identity.oidc_claims[*] == "\"department=engineering\"")"#,
+        ),
         (Http, "http.upload.file.size > 10"),
         (Http, "http.download.file.size >= 100"),
         (Http, "http.upload.file.size < 50"),

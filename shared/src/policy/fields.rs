@@ -261,10 +261,12 @@ fields! {
     HttpConnInternalSrcIp = "http.conn.internal_src_ip": Ip, HTTP, UNFILLED;
     HttpUploadFileSize = "http.upload.file.size": Int, HTTP, UNFILLED;
     HttpDownloadFileSize = "http.download.file.size": Int, HTTP, UNFILLED;
+    IdentityOidcClaims = "identity.oidc_claims": BytesArrayMap, ALL, ARRAY_EQ | UNFILLED;
+    DnsDohSubdomain = "dns.doh_subdomain": Bytes, DNS, UNFILLED;
 }
 
 /// Number of fields; the size of an evaluation context.
-pub const FIELD_COUNT: usize = FieldId::HttpDownloadFileSize as usize + 1;
+pub const FIELD_COUNT: usize = FieldId::DnsDohSubdomain as usize + 1;
 
 /// Older names Gateway still accepts, with the field they mean.
 pub static ALIASES: &[(&str, FieldId)] = &[
@@ -278,6 +280,8 @@ pub static ALIASES: &[(&str, FieldId)] = &[
         "http.conn.security_category",
         FieldId::HttpRequestUriSecurityCategory,
     ),
+    // Cloudflare's Detected Protocol selector page spells the field this way.
+    ("net.protocol.detection", FieldId::NetDetectedProtocol),
 ];
 
 impl FieldId {

@@ -200,7 +200,7 @@ impl Checker {
         };
         if !fits {
             let access = match &r.access {
-                Access::Key(_) => "a [\"key\"] (only identity.saml_attributes is a map)",
+                Access::Key(_) => "a [\"key\"] (it is not a map)",
                 _ => "an element index (it is not an array)",
             };
             return Err(err(
