@@ -186,8 +186,8 @@ fn http_seed_examples() {
         (Http, r#"any(http.download.file.types[*] in {"7z" "zip"})"#),
         (Http, r#"http.upload.mime == "application/pdf""#),
         (Http, r#"http.download.mime matches "^video/""#),
-        // Example scenario: content categories in: Gaming.
-        (Http, "any(http.request.uri.content_category[*] in {9})"),
+        // Example scenario: content categories in: Gaming (subcategory 100 of Entertainment).
+        (Http, "any(http.request.uri.content_category[*] in {100})"),
         // Operators.
         (Http, r#"http.request.host != "example.com""#),
         (Http, r#"not(http.request.host == "example.com")"#),
