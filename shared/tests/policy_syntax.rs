@@ -637,6 +637,25 @@ fn rejections() {
             (2, 4),
             "did you mean \"dns.fqdn\"",
         ),
+        // Stages, with the field of the same selector when the stage has one.
+        (
+            Dns,
+            r#"http.request.host == "a""#,
+            (1, 1),
+            r#"field "http.request.host" is not available in dns rules; use "dns.fqdn""#,
+        ),
+        (
+            Egress,
+            r#"dns.src.geo.country == "US""#,
+            (1, 1),
+            r#"use "net.src.geo.country""#,
+        ),
+        (
+            Http,
+            "any(dns.content_category[*] in {1})",
+            (1, 5),
+            r#"use "http.request.uri.content_category""#,
+        ),
         // Types.
         (
             Dns,

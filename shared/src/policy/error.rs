@@ -77,12 +77,14 @@ pub enum ExprErrorKind {
         suggestion: Option<&'static str>,
     },
     /// A field that the rule's stage does not have.
-    #[error("field \"{field}\" is not available in {stage} rules")]
+    #[error("field \"{field}\" is not available in {stage} rules{}", instead.map(|s| format!("; use \"{s}\"")).unwrap_or_default())]
     WrongStage {
         /// The field.
         field: &'static str,
         /// The rule's stage.
         stage: Stage,
+        /// The field with the same meaning in that stage, if there is one.
+        instead: Option<&'static str>,
     },
     /// An operator the field's type does not support.
     #[error("operator \"{op}\" cannot be used on \"{field}\" ({ty})")]

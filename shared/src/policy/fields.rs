@@ -316,6 +316,40 @@ impl FieldId {
             .min_by_key(|(d, _)| *d)
             .map(|(_, cand)| cand)
     }
+    /// The field that plays this field's part in `stage` (`http.request.host` → `dns.fqdn` in DNS
+    /// rules), for hints when a rule is moved between stages.
+    pub fn counterpart(self, stage: Stage) -> Option<FieldId> {
+        use FieldId::*;
+        // One dashboard selector, one field per stage.
+        const SAME_SELECTOR: &[&[FieldId]] = &[
+            &[DnsFqdn, HttpRequestHost, NetSniHost],
+            &[DnsDomains, HttpRequestDomains, NetSniDomains],
+            &[DnsSrcIp, HttpConnSrcIp, NetSrcIp],
+            &[DnsResolvedIps, HttpConnDstIp, NetDstIp],
+            &[DnsContentCategory, HttpRequestUriContentCategory],
+            &[DnsSecurityCategory, HttpRequestUriSecurityCategory],
+            &[DnsSrcGeoCountry, HttpSrcIpGeoCountry, NetSrcGeoCountry],
+            &[
+                DnsSrcGeoContinent,
+                HttpSrcIpGeoContinent,
+                NetSrcGeoContinent,
+            ],
+            &[DnsDstGeoCountry, HttpDstIpGeoCountry, NetDstGeoCountry],
+            &[
+                DnsDstGeoContinent,
+                HttpDstIpGeoContinent,
+                NetDstGeoContinent,
+            ],
+            &[HttpConnVnetId, NetVnetId],
+            &[DnsSrcInternalIp, HttpConnInternalSrcIp],
+        ];
+        SAME_SELECTOR
+            .iter()
+            .find(|group| group.contains(&self))?
+            .iter()
+            .copied()
+            .find(|f| *f != self && f.info().in_stage(stage))
+    }
     /// Every field id, in table order.
     pub fn all() -> impl Iterator<Item = FieldId> {
         FIELDS.iter().map(|f| f.id)
@@ -381,6 +415,20 @@ mod tests {
         assert!(FieldId::DnsResolvedIps.info().post_resolution());
         assert!(!FieldId::DnsFqdn.info().post_resolution());
         assert!(FieldId::DlpProfiles.info().unfilled());
+        assert_eq!(
+            FieldId::HttpRequestHost.counterpart(Stage::Dns),
+            Some(FieldId::DnsFqdn)
+        );
+        assert_eq!(
+            FieldId::DnsFqdn.counterpart(Stage::Egress),
+            None,
+            "SNI is l4 only"
+        );
+        assert_eq!(
+            FieldId::DnsSrcGeoCountry.counterpart(Stage::Egress),
+            Some(FieldId::NetSrcGeoCountry)
+        );
+        assert_eq!(FieldId::IdentityEmail.counterpart(Stage::Dns), None);
     }
 
     #[test]

@@ -190,6 +190,7 @@ impl Checker {
                 ExprErrorKind::WrongStage {
                     field: info.name,
                     stage: self.stage,
+                    instead: r.field.counterpart(self.stage).map(FieldId::name),
                 },
             ));
         }
