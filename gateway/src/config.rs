@@ -45,6 +45,19 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Geolocation database.
     pub geoip: GeoipConfig,
+    /// Virtual networks declared here (`[[vnets]]`); the server adds them to the registry.
+    pub vnets: Vec<VnetConfig>,
+}
+
+/// One `[[vnets]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VnetConfig {
+    /// Name.
+    pub name: String,
+    /// UUID.
+    pub id: String,
+    /// Private routes: `{ cidr = "198.18.0.0/16", via = "site-a" }`.
+    pub routes: Vec<(ipnet::IpNet, String)>,
 }
 
 /// `[wireguard]`
@@ -179,6 +192,7 @@ impl Default for Config {
             egress: EgressConfig::default(),
             policy: PolicyConfig::default(),
             geoip: GeoipConfig::default(),
+            vnets: Vec::new(),
         }
     }
 }
@@ -343,6 +357,23 @@ impl Config {
             cfg.geoip.database = g.string("database").map(PathBuf::from);
             keys.absorb(g);
         }
+        for mut v in keys.table_array("vnets").unwrap_or_default() {
+            if let Some(vnet) = vnet_config(&mut v) {
+                if cfg
+                    .vnets
+                    .iter()
+                    .any(|o| o.id == vnet.id || o.name == vnet.name)
+                {
+                    v.problem(
+                        "name",
+                        format!("{:?} or its id is declared twice", vnet.name),
+                    );
+                } else {
+                    cfg.vnets.push(vnet);
+                }
+            }
+            keys.absorb(v);
+        }
         let problems = keys.finish();
         if problems.is_empty() {
             Ok(cfg)
@@ -350,6 +381,67 @@ impl Config {
             Err(ParseError::Invalid(problems))
         }
     }
+}
+
+/// A UUID in its usual text form, lower-cased.
+fn uuid_ok(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn vnet_config(v: &mut Keys<'_>) -> Option<VnetConfig> {
+    let name = v.string("name");
+    if name.is_none() {
+        v.problem("name", "missing".to_string());
+    }
+    let id = match v.string("id") {
+        Some(id) if uuid_ok(&id) => Some(id.to_ascii_lowercase()),
+        Some(id) => {
+            v.problem(
+                "id",
+                format!(
+                    "expected a UUID like \"f70ff985-a4ef-4643-bbbc-4a0ed4fc8415\", got {id:?}"
+                ),
+            );
+            None
+        }
+        None => {
+            v.problem("id", "missing (a UUID)".to_string());
+            None
+        }
+    };
+    let mut routes = Vec::new();
+    for (i, mut r) in v
+        .table_array("routes")
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let cidr = r.parsed::<ipnet::IpNet>("cidr", "a CIDR like \"198.18.0.0/16\"");
+        let via = r.string("via");
+        if via.is_none() {
+            r.problem(
+                "via",
+                "missing (the interface towards the site)".to_string(),
+            );
+        }
+        if let (Some(cidr), Some(via)) = (cidr, via) {
+            match crate::registry::VnetRoute::parse(&format!("{cidr}={via}")) {
+                Ok(route) => routes.push((route.cidr, route.via)),
+                Err(_) => r.problem("via", format!("expected an interface name, got {via:?}")),
+            }
+        }
+        let _ = i;
+        v.absorb(r);
+    }
+    Some(VnetConfig {
+        name: name?,
+        id: id?,
+        routes,
+    })
 }
 
 fn egress_location(l: &mut Keys<'_>) -> Option<EgressLocationConfig> {
@@ -731,6 +823,45 @@ mod tests {
             "egress.locations[1].name: \"a\" is used twice",
             "egress.locations[2].name: missing",
             "egress.default: \"dedicated\" needs",
+        ] {
+            assert!(
+                joined.contains(needle),
+                "{needle:?} missing from:\n{joined}"
+            );
+        }
+    }
+
+    #[test]
+    fn vnets_parse_and_bad_ones_name_the_key() {
+        let cfg = Config::parse(
+            r#"
+            [[vnets]]
+            name = "site-a"
+            id = "F70FF985-A4EF-4643-BBBC-4A0ED4FC8415"
+            routes = [{ cidr = "198.18.0.0/16", via = "sa" }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.vnets.len(), 1);
+        assert_eq!(cfg.vnets[0].id, "f70ff985-a4ef-4643-bbbc-4a0ed4fc8415");
+        assert_eq!(cfg.vnets[0].routes[0].1, "sa");
+        let err = Config::parse(
+            r#"
+            [[vnets]]
+            name = "x"
+            id = "nope"
+            routes = [{ cidr = "198.18.0.0/16", via = "198.19.0.1" }, { cidr = "bad" , via = "a"}]
+            "#,
+        )
+        .unwrap_err();
+        let ParseError::Invalid(problems) = err else {
+            panic!()
+        };
+        let joined = problems.join("\n");
+        for needle in [
+            "vnets[0].id: expected a UUID",
+            "vnets[0].routes[0].via: expected an interface name",
+            "vnets[0].routes[1].cidr: expected a CIDR",
         ] {
             assert!(
                 joined.contains(needle),

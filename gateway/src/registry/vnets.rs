@@ -114,6 +114,50 @@ impl Registry {
         })
     }
 
+    /// Makes the registry hold the virtual network `id` with this name and exactly these
+    /// routes (the config's `[[vnets]]`), creating it when missing.
+    pub fn upsert_vnet(
+        &self,
+        id: &str,
+        name: &str,
+        routes: &[VnetRoute],
+        now_unix: i64,
+    ) -> Result<(), RegistryError> {
+        check_label("virtual network name", name)?;
+        let tx = self.write_tx()?;
+        let holder: Option<String> = tx
+            .query_row("SELECT id FROM vnets WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?;
+        if holder.is_some_and(|h| !same_id(&h, id)) {
+            return Err(RegistryError::VnetNameTaken(name.to_string()));
+        }
+        let current: Vec<VnetRoute> = match self.vnets()?.into_iter().find(|v| same_id(&v.id, id)) {
+            Some(v) if v.name == name && v.routes == routes => return Ok(()),
+            Some(v) => v.routes,
+            None => {
+                tx.execute(
+                    "INSERT INTO vnets (id, name, created_at) VALUES (?1, ?2, ?3)",
+                    params![id, name, now_unix],
+                )?;
+                Vec::new()
+            }
+        };
+        tx.execute(
+            "UPDATE vnets SET name = ?2 WHERE id = ?1 AND name != ?2",
+            params![id, name],
+        )?;
+        if current != routes {
+            tx.execute("DELETE FROM vnet_routes WHERE vnet_id = ?1", [id])?;
+            let mut insert =
+                tx.prepare("INSERT INTO vnet_routes (vnet_id, cidr, via) VALUES (?1, ?2, ?3)")?;
+            for route in routes {
+                insert.execute(params![id, route.cidr.to_string(), route.via])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Every virtual network, oldest first.
     pub fn vnets(&self) -> Result<Vec<Vnet>, RegistryError> {
         let mut stmt = self
@@ -298,6 +342,33 @@ mod tests {
         ));
         reg.set_device_vnet("laptop", None).unwrap();
         reg.delete_vnet(&a.id).unwrap();
+    }
+
+    #[test]
+    fn config_vnets_are_upserted() {
+        let (_dir, reg) = registry();
+        let id = "f70ff985-a4ef-4643-bbbc-4a0ed4fc8415";
+        let routes = [VnetRoute::parse("198.18.0.0/16=sa").unwrap()];
+        reg.upsert_vnet(id, "site-a", &routes, 1).unwrap();
+        let counter = reg.change_counter().unwrap();
+        reg.upsert_vnet(id, "site-a", &routes, 2).unwrap();
+        assert_eq!(
+            reg.change_counter().unwrap(),
+            counter,
+            "unchanged: no reload"
+        );
+        let moved = [VnetRoute::parse("198.18.0.0/15=sb").unwrap()];
+        reg.upsert_vnet(id, "site-a2", &moved, 3).unwrap();
+        let v = reg.find_vnet(id).unwrap();
+        assert_eq!(
+            (v.name.as_str(), v.routes.as_slice()),
+            ("site-a2", &moved[..])
+        );
+        reg.create_vnet("taken", &[], 4).unwrap();
+        assert!(matches!(
+            reg.upsert_vnet(id, "taken", &moved, 5),
+            Err(RegistryError::VnetNameTaken(_))
+        ));
     }
 
     #[test]

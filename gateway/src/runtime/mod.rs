@@ -92,7 +92,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("server key in {}", config.data_dir.display()))?;
     let key_bytes = *key.to_bytes();
     // Fail now, not in the watcher thread, if the registry is unusable.
-    Registry::open(&config.data_dir, &config.tunnel).context("cannot open the registry")?;
+    let registry =
+        Registry::open(&config.data_dir, &config.tunnel).context("cannot open the registry")?;
+    for vnet in &config.vnets {
+        let routes: Vec<crate::registry::VnetRoute> = vnet
+            .routes
+            .iter()
+            .map(|(cidr, via)| crate::registry::VnetRoute {
+                cidr: *cidr,
+                via: via.clone(),
+            })
+            .collect();
+        registry
+            .upsert_vnet(&vnet.id, &vnet.name, &routes, unix_now().as_secs() as i64)
+            .with_context(|| format!("vnets: cannot register {:?}", vnet.name))?;
+    }
+    drop(registry);
 
     let settings = core_settings(&config)?;
     let now = Instant::now();
