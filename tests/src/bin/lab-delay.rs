@@ -26,7 +26,9 @@ fn parse_args() -> Result<Args> {
     let mut delay = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args.next().with_context(|| format!("{flag} needs a value"))?;
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--listen" => listen = Some(value.parse().context("--listen")?),
             "--to" => to = Some(value.parse().context("--to")?),
