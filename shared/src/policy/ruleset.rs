@@ -610,6 +610,11 @@ impl StagePolicy {
             .and_then(|i| self.rules.get(i))
     }
 
+    /// How many rules run for every input because no index serves them.
+    pub fn unindexed(&self) -> usize {
+        self.first.unindexed() + self.second.unindexed()
+    }
+
     /// True when a second phase exists: DNS rules that read the upstream answer.
     pub fn needs_resolution(&self) -> bool {
         !self.second.is_empty()
