@@ -171,7 +171,14 @@ pub(crate) fn tokenize(src: &str) -> Result<Vec<(Tok, Pos)>, ExprError> {
                     cur.bump();
                 }
                 if name.is_empty() {
-                    return Err(ExprError::new(start, ExprErrorKind::UnexpectedChar('$')));
+                    // Published examples show `$<LIST_UUID>` placeholders; say what belongs there.
+                    return Err(ExprError::new(
+                        start,
+                        ExprErrorKind::Unexpected {
+                            found: "\"$\"".to_string(),
+                            expected: "a list name or UUID right after \"$\"",
+                        },
+                    ));
                 }
                 Tok::List(name)
             }
@@ -369,6 +376,10 @@ mod tests {
                 found: '&',
                 meant: "&&"
             }
+        );
+        assert_eq!(
+            tokenize("a in $<LIST_UUID>").unwrap_err().to_string(),
+            "line 1, column 6: unexpected \"$\"; expected a list name or UUID right after \"$\""
         );
         assert_eq!(
             tokenize("a == 'b'").unwrap_err().kind,
