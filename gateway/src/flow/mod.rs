@@ -13,6 +13,7 @@ use crate::wg::PeerId;
 
 pub mod device;
 pub mod packet;
+pub mod sniff;
 pub mod tcp;
 pub mod udp;
 
