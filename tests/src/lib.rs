@@ -5,6 +5,11 @@
 //! enrolled with `waygate device enroll` and brought up with stock `wg-quick` + `wireguard-go`.
 //! Dropping the lab (also while unwinding from a failed assertion) kills every process it started
 //! by pid and deletes its namespaces; on a failure it first prints the gateway's log tail.
+//!
+//! Env: `WAYGATE_SKIP_E2E=1` skips the tests when not root; `WAYGATE_BIN`, `LAB_ORIGIN` name the
+//! binaries (default: `$CARGO_TARGET_DIR` or `<root>/target`, `debug/`); `WAYGATE_E2E_LOG` is the
+//! gateway's `WAYGATE_LOG` (default `info`); `WAYGATE_E2E_KEEP=1` keeps each lab's temp dir
+//! (config, data dir, gateway log, device configs).
 #![deny(missing_docs)]
 // The harness is an I/O shell: it measures wall-clock deadlines itself.
 #![allow(clippy::disallowed_methods)]
@@ -16,7 +21,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::thread;
@@ -50,7 +55,7 @@ pub fn skip(test: &str) -> bool {
         return false;
     }
     if std::env::var(SKIP_ENV).as_deref() == Ok("1") {
-        eprintln!("{test}: skipped ({SKIP_ENV}=1 and not root)");
+        report(&format!("{test}: skipped ({SKIP_ENV}=1 and not root)"));
         return true;
     }
     panic!(
@@ -242,9 +247,9 @@ fn kill_group(child: &Child) {
 }
 
 /// Sends `sig` to `child`, waits up to `grace`, then SIGKILLs it; reaps it either way.
-fn stop_child(child: &mut Child, sig: i32, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
+fn stop_child(child: &mut Child, sig: i32, grace: Duration) -> Stopped {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Stopped::Before(Some(status));
     }
     if let Ok(pid) = i32::try_from(child.id()) {
         // SAFETY: plain syscall on our own, not yet reaped child.
@@ -252,13 +257,34 @@ fn stop_child(child: &mut Child, sig: i32, grace: Duration) {
             libc::kill(pid, sig);
         }
     }
+    let start = Instant::now();
     let exited = wait_until(grace, Duration::from_millis(10), || {
         child.try_wait().ok().flatten()
     });
-    if exited.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
+    match exited {
+        Some(status) => Stopped::Exited(status, start.elapsed()),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Stopped::Killed
+        }
     }
+}
+
+/// How a stopped process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// It was not running (never started, or had already exited with this status).
+    Before(Option<ExitStatus>),
+    /// It exited with this status this long after the signal.
+    Exited(ExitStatus, Duration),
+    /// It ignored the signal for the whole grace period and was SIGKILLed.
+    Killed,
+}
+
+/// Writes a line to the real stderr, past the test harness's capture, so CI logs show it.
+pub fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// A device enrolled in the lab's gateway.
@@ -274,6 +300,8 @@ pub struct Device {
     pub iface: String,
     /// Its tunnel address.
     pub ipv4: Ipv4Addr,
+    /// Its WireGuard public key (base64).
+    pub public_key: String,
 }
 
 /// One lab: namespaces from `scripts/lab.sh`, a running gateway, enrolled devices.
@@ -287,6 +315,7 @@ pub struct Lab {
     gateway_log: PathBuf,
     gateway: Option<Child>,
     starts: u32,
+    created: Instant,
     devices: Vec<Device>,
     background: Vec<Child>,
 }
@@ -321,6 +350,7 @@ impl Lab {
     fn try_up() -> Result<Lab> {
         let waygate = workspace_bin("WAYGATE_BIN", "waygate")?;
         let lab_origin = workspace_bin("LAB_ORIGIN", "lab-origin")?;
+        let created = Instant::now();
         let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
         // At most 2 + 5 (pid_max is 2^22) + 3 characters: lab.sh allows 10.
         let prefix = format!(
@@ -354,6 +384,7 @@ impl Lab {
             dir,
             gateway: None,
             starts: 0,
+            created,
             devices: Vec::new(),
             background: Vec::new(),
         };
@@ -466,10 +497,19 @@ impl Lab {
         }
     }
 
-    /// Stops the gateway: SIGTERM to its pid, SIGKILL after 5 s.
-    pub fn stop_gateway(&mut self) {
-        if let Some(mut child) = self.gateway.take() {
-            stop_child(&mut child, libc::SIGTERM, secs(5));
+    /// Stops the gateway the way an operator would: SIGTERM to its pid, SIGKILL after 5 s.
+    pub fn stop_gateway(&mut self) -> Stopped {
+        match self.gateway.take() {
+            Some(mut child) => stop_child(&mut child, libc::SIGTERM, secs(5)),
+            None => Stopped::Before(None),
+        }
+    }
+
+    /// Kills the gateway like a crash would (SIGKILL: no cleanup of its UAPI socket or registry).
+    pub fn kill_gateway(&mut self) -> Stopped {
+        match self.gateway.take() {
+            Some(mut child) => stop_child(&mut child, libc::SIGKILL, secs(5)),
+            None => Stopped::Before(None),
         }
     }
 
@@ -497,6 +537,22 @@ impl Lab {
     /// Enrolls a device named `name`, writes its wg-quick config (0600) and brings it up with
     /// wg-quick in namespace `<prefix><ns>`, then waits until it pings the gateway.
     pub fn add_device(&mut self, name: &str, ns: &str) -> Result<Device> {
+        let device = self.enroll(name, ns)?;
+        self.device_up(&device)?;
+        if !self.wait_tunnel(&device, secs(10)) {
+            bail!(
+                "device {name} in {} does not ping the gateway {GATEWAY_TUNNEL_V4} within 10 s \
+                 of wg-quick up\n{}",
+                self.ns(ns),
+                self.wg_show(&device)
+            );
+        }
+        Ok(device)
+    }
+
+    /// Enrolls a device named `name` (to live in namespace `<prefix><ns>`), writes its wg-quick
+    /// config (0600), and waits until the running gateway lists it as a peer.
+    pub fn enroll(&mut self, name: &str, ns: &str) -> Result<Device> {
         let out = self.waygate(&[
             "device",
             "enroll",
@@ -508,8 +564,21 @@ impl Lab {
         if !out.ok() {
             bail!("enrolling {name} failed: {}", out.describe());
         }
+        let enrolled = Instant::now();
         let ipv4 = parse_address(&out.stdout)
             .with_context(|| format!("no IPv4 Address in the enroll output:\n{}", out.stdout))?;
+        let private = out
+            .stdout
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("PrivateKey"))
+            .filter_map(|rest| rest.trim_start().strip_prefix('='))
+            .map(str::trim)
+            .next()
+            .with_context(|| format!("no PrivateKey in the enroll output:\n{}", out.stdout))?;
+        let public_key = waygate_keys::PrivateKey::from_base64(private)
+            .map_err(|e| anyhow::anyhow!("bad PrivateKey in the enroll output: {e}"))?
+            .public_key()
+            .to_base64();
         let letter = char::from(b'a' + u8::try_from(self.devices.len()).unwrap_or(25).min(25));
         let iface = format!("{}{letter}", self.prefix);
         let conf = self.dir.path().join(format!("{iface}.conf"));
@@ -527,18 +596,41 @@ impl Lab {
             conf,
             iface,
             ipv4,
+            public_key,
         };
-        self.device_up(&device)?;
         self.devices.push(device.clone());
-        if !self.wait_tunnel(&device, secs(10)) {
-            bail!(
-                "device {name} in {} does not ping the gateway {GATEWAY_TUNNEL_V4} within 10 s \
-                 of wg-quick up\n{}",
-                self.ns(ns),
-                self.wg_show(&device)
-            );
+        // Until the gateway has picked the device up from the registry it drops the device's
+        // handshake, and wireguard-go only retries after 5 s.
+        if self.gateway.is_some() {
+            let known = wait_until(secs(5), Duration::from_millis(20), || {
+                self.gateway_peers()
+                    .contains(&device.public_key)
+                    .then_some(())
+            });
+            if known.is_none() {
+                bail!(
+                    "the running gateway does not list device {name} ({}) as a peer within 5 s \
+                     of enrolling it (`wg show {}gw peers`)",
+                    device.public_key,
+                    self.prefix
+                );
+            }
+            if enrolled.elapsed() > Duration::from_millis(1500) {
+                report(&format!(
+                    "note: the gateway took {:.1}s to list device {name} (contract: within a \
+                     second)",
+                    enrolled.elapsed().as_secs_f64()
+                ));
+            }
         }
         Ok(device)
+    }
+
+    /// The public keys the gateway's UAPI (`wg show <prefix>gw peers`) lists.
+    pub fn gateway_peers(&self) -> Vec<String> {
+        let iface = self.ns("gw");
+        let out = self.run_in("gw", &["wg", "show", &iface, "peers"], secs(5));
+        out.stdout.split_whitespace().map(str::to_string).collect()
     }
 
     /// `scripts/lab.sh device-up` for an enrolled device (its config file as it is).
@@ -687,9 +779,20 @@ impl Drop for Lab {
             Ok(out) => eprintln!("lab {}: down failed: {}", self.prefix, out.describe()),
             Err(e) => eprintln!("lab {}: down failed: {e:#}", self.prefix),
         }
+        report(&format!(
+            "e2e lab {} ({}): {:.1}s{}",
+            self.prefix,
+            thread::current().name().unwrap_or("?"),
+            self.created.elapsed().as_secs_f64(),
+            if thread::panicking() { ", FAILED" } else { "" }
+        ));
         if std::env::var("WAYGATE_E2E_KEEP").as_deref() == Ok("1") {
-            let dir = std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("tempdir"));
-            eprintln!("lab {}: kept {}", self.prefix, dir.keep().display());
+            self.dir.disable_cleanup(true);
+            report(&format!(
+                "lab {}: kept {}",
+                self.prefix,
+                self.dir.path().display()
+            ));
         }
     }
 }

@@ -10,8 +10,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use waygate_e2e::{
-    skip, wait_until, Device, Lab, EGRESS_V4, GATEWAY_TUNNEL_V4, HTTP_ORIGIN, IPERF_ORIGIN,
-    UDP_ORIGIN,
+    report, skip, wait_until, Device, Lab, Stopped, EGRESS_V4, GATEWAY_TUNNEL_V4, HTTP_ORIGIN,
+    IPERF_ORIGIN, UDP_ORIGIN,
 };
 
 /// An address in the tunnel pool that belongs to no device: the spoofed inner source.
@@ -83,7 +83,7 @@ fn spine_traffic() {
         out.elapsed.as_secs_f64(),
         out.describe()
     );
-    eprintln!("refusal took {:.3}s", out.elapsed.as_secs_f64());
+    report(&format!("refusal took {:.3}s", out.elapsed.as_secs_f64()));
 
     // 3. UDP echo, and UDP too leaves from the egress address.
     let probe = lab.lab_origin().to_string_lossy().into_owned();
@@ -163,13 +163,13 @@ fn spine_traffic() {
         local.is_some(),
         "d2's listener on {d2_url} does not answer d2 itself"
     );
-    let out = lab.curl(&d1, &d2_url, secs(2), &[]);
+    let out = lab.curl(&d1, &d2_url, secs(1), &[]);
     assert!(
         !out.ok(),
         "isolation: d1 fetched {d2_url} from d2's tunnel address: {}",
         out.describe()
     );
-    if let Ok(out) = lab.ping(&d1, &d2.ipv4.to_string(), None, 2) {
+    if let Ok(out) = lab.ping(&d1, &d2.ipv4.to_string(), None, 1) {
         panic!(
             "isolation: d1 pinged d2's tunnel address {}: {}",
             d2.ipv4,
@@ -189,7 +189,10 @@ fn spine_traffic() {
              throughput (got {mbits:?} Mbit/s): {}",
             out.describe()
         );
-        eprintln!("iperf3 {dir}: {:.0} Mbit/s", mbits.unwrap_or_default());
+        report(&format!(
+            "iperf3 {dir}: {:.0} Mbit/s",
+            mbits.unwrap_or_default()
+        ));
     }
 
     // 6. A spoofed inner source is dropped; the real one keeps working. The address sits on the
@@ -210,7 +213,7 @@ fn spine_traffic() {
     let out = lab.curl(
         &d1,
         &format!("http://{HTTP_ORIGIN}/"),
-        secs(2),
+        secs(1),
         &["--interface", SPOOFED_V4],
     );
     assert!(
@@ -218,7 +221,7 @@ fn spine_traffic() {
         "spoofing: HTTP from d1 with inner source {SPOOFED_V4} got through: {}",
         out.describe()
     );
-    if let Ok(out) = lab.ping(&d1, GATEWAY_TUNNEL_V4, Some(SPOOFED_V4), 2) {
+    if let Ok(out) = lab.ping(&d1, GATEWAY_TUNNEL_V4, Some(SPOOFED_V4), 1) {
         panic!(
             "spoofing: ping from d1 with inner source {SPOOFED_V4} was answered: {}",
             out.describe()
@@ -269,15 +272,18 @@ fn spine_revoke() {
             .is_err()
             .then(|| revoked.elapsed())
     });
-    eprintln!(
-        "revoke command took {:.3}s; d1's first failed request {:?} after it returned",
+    report(&format!(
+        "revoke command took {:.3}s; d1's first failed request {} after it returned",
         out.elapsed.as_secs_f64(),
-        first_failure
-    );
+        first_failure.map_or("none within 1 s".into(), |t| format!(
+            "{:.3}s",
+            t.as_secs_f64()
+        ))
+    ));
     if let Some(left) = secs(1).checked_sub(revoked.elapsed()) {
         thread::sleep(left);
     }
-    match lab.http_src(&d1, secs(2)) {
+    match lab.http_src(&d1, secs(1)) {
         Ok(src) => panic!(
             "revocation: d1 still reached the origin (as {src}) 1 s after `waygate device revoke \
              d1` returned"
@@ -331,32 +337,50 @@ fn spine_restart() {
     assert_egress(&lab, &d2, "d2 before the restart");
 
     // 8. Restart on the same data dir: the devices come back with their configs unchanged (same
-    // server key, same registry), after wireguard-go notices and handshakes again.
-    lab.stop_gateway();
+    // server key, same registry), after wireguard-go notices and handshakes again. First the way
+    // an operator stops it (SIGTERM), then like a crash (SIGKILL: stale UAPI socket, no clean
+    // registry shutdown).
+    match lab.stop_gateway() {
+        Stopped::Exited(status, took) => assert!(
+            status.success(),
+            "SIGTERM: the gateway exited with {status} after {:.3}s, want a clean exit",
+            took.as_secs_f64()
+        ),
+        other => panic!("SIGTERM: the gateway did not exit within 5 s: {other:?}"),
+    }
     let out = lab.curl(&d1, &format!("http://{HTTP_ORIGIN}/"), secs(1), &[]);
     assert!(
         !out.ok(),
         "d1 still reaches the origin with the gateway stopped: {}",
         out.describe()
     );
-    lab.start_gateway().expect("restart the gateway");
-    let (r1, r2) = thread::scope(|s| {
-        let a = s.spawn(|| wait_reconnect(&lab, &d1, secs(30)));
-        let b = s.spawn(|| wait_reconnect(&lab, &d2, secs(30)));
-        (a.join().expect("d1 poller"), b.join().expect("d2 poller"))
-    });
-    for (device, r) in [(&d1, r1), (&d2, r2)] {
-        match r {
-            Ok(t) => eprintln!(
-                "{} reconnected {:.1}s after the restart",
-                device.name,
-                t.as_secs_f64()
-            ),
-            Err(e) => panic!(
-                "restart: {} did not reconnect without re-enrolling: {e}\n{}",
-                device.name,
-                lab.wg_show(device)
-            ),
+    for how in ["SIGTERM", "SIGKILL"] {
+        if how == "SIGKILL" {
+            assert!(
+                matches!(lab.kill_gateway(), Stopped::Exited(..)),
+                "SIGKILL did not stop the gateway"
+            );
+        }
+        lab.start_gateway()
+            .unwrap_or_else(|e| panic!("restart after {how}: the gateway did not start: {e:#}"));
+        let (r1, r2) = thread::scope(|s| {
+            let a = s.spawn(|| wait_reconnect(&lab, &d1, secs(30)));
+            let b = s.spawn(|| wait_reconnect(&lab, &d2, secs(30)));
+            (a.join().expect("d1 poller"), b.join().expect("d2 poller"))
+        });
+        for (device, r) in [(&d1, r1), (&d2, r2)] {
+            match r {
+                Ok(t) => report(&format!(
+                    "{} reconnected {:.1}s after the restart after {how}",
+                    device.name,
+                    t.as_secs_f64()
+                )),
+                Err(e) => panic!(
+                    "restart after {how}: {} did not reconnect without re-enrolling: {e}\n{}",
+                    device.name,
+                    lab.wg_show(device)
+                ),
+            }
         }
     }
 }
