@@ -15,6 +15,8 @@ declare -A wanted=(
   [ip]=iproute2
   [ping]=iputils-ping
   [ss]=iproute2
+  [pgrep]=procps
+  [sysctl]=procps
 )
 
 missing=()

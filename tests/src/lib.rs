@@ -122,6 +122,42 @@ fn workspace_bin(env: &str, name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Says so (once per process) when a source file under the workspace dirs `crates` is newer
+/// than `bin`: `cargo test -p waygate-e2e` does not rebuild other packages' binaries, and a stale
+/// gateway makes for confusing results.
+fn warn_if_stale(bin: &Path, crates: &[&str]) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let Ok(built) = fs::metadata(bin).and_then(|m| m.modified()) else {
+        return;
+    };
+    let mut stack: Vec<PathBuf> = crates.iter().map(|c| workspace_root().join(c)).collect();
+    let mut newer = None;
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = fs::read_dir(&path) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if path.extension().is_some_and(|e| e == "rs" || e == "toml")
+            && meta.modified().is_ok_and(|m| m > built)
+        {
+            newer = Some(path);
+            break;
+        }
+    }
+    if let Some(path) = newer {
+        WARNED.call_once(|| {
+            report(&format!(
+                "warning: {} is older than {}; run `cargo build --bins` to test the current code",
+                bin.display(),
+                path.display()
+            ));
+        });
+    }
+}
+
 /// What a command run by the harness did.
 #[derive(Debug, Clone)]
 pub struct Output {
@@ -349,6 +385,7 @@ impl Lab {
 
     fn try_up() -> Result<Lab> {
         let waygate = workspace_bin("WAYGATE_BIN", "waygate")?;
+        warn_if_stale(&waygate, &["gateway/src", "shared/src", "keys/src"]);
         let lab_origin = workspace_bin("LAB_ORIGIN", "lab-origin")?;
         let created = Instant::now();
         let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -718,6 +755,17 @@ impl Lab {
         } else {
             Err(out)
         }
+    }
+
+    /// Bytes the device's WireGuard interface has sent to the gateway (`wg show IFACE transfer`).
+    pub fn tunnel_tx_bytes(&self, device: &Device) -> Option<u64> {
+        let out = self.run_in(
+            &device.ns,
+            &["wg", "show", &device.iface, "transfer"],
+            secs(5),
+        );
+        // One line per peer: PUBLIC_KEY RX TX.
+        out.stdout.split_whitespace().nth(2)?.parse().ok()
     }
 
     /// `wg show` of the device's interface, for messages.

@@ -127,22 +127,29 @@ fn spine_traffic() {
         out.describe()
     );
 
-    // 4. Two devices at once.
+    // 4. Two devices at once, a few requests each.
+    let fetch = |device: &Device| {
+        (0..3)
+            .map(|_| lab.http_src(device, secs(5)))
+            .collect::<Vec<_>>()
+    };
     thread::scope(|s| {
-        let a = s.spawn(|| lab.http_src(&d1, secs(5)));
-        let b = s.spawn(|| lab.http_src(&d2, secs(5)));
-        for (device, result) in [(&d1, a.join()), (&d2, b.join())] {
-            match result.expect("curl thread") {
-                Ok(src) => assert_eq!(
-                    src, EGRESS_V4,
-                    "concurrent HTTP from d1 and d2: {} was seen from {src}, want {EGRESS_V4}",
-                    device.name
-                ),
-                Err(out) => panic!(
-                    "concurrent HTTP from d1 and d2: {} failed: {}",
-                    device.name,
-                    out.describe()
-                ),
+        let a = s.spawn(|| fetch(&d1));
+        let b = s.spawn(|| fetch(&d2));
+        for (device, results) in [(&d1, a.join()), (&d2, b.join())] {
+            for result in results.expect("curl thread") {
+                match result {
+                    Ok(src) => assert_eq!(
+                        src, EGRESS_V4,
+                        "concurrent HTTP from d1 and d2: {} was seen from {src}, want {EGRESS_V4}",
+                        device.name
+                    ),
+                    Err(out) => panic!(
+                        "concurrent HTTP from d1 and d2: {} failed: {}",
+                        device.name,
+                        out.describe()
+                    ),
+                }
             }
         }
     });
@@ -210,16 +217,27 @@ fn spine_traffic() {
         secs(5),
     );
     assert!(add.ok(), "adding {SPOOFED_V4} to d1: {}", add.describe());
+    let sent_before = lab.tunnel_tx_bytes(&d1);
     let out = lab.curl(
         &d1,
         &format!("http://{HTTP_ORIGIN}/"),
         secs(1),
         &["--interface", SPOOFED_V4],
     );
-    assert!(
-        !out.ok(),
-        "spoofing: HTTP from d1 with inner source {SPOOFED_V4} got through: {}",
+    // A timeout (28) is what a dropped SYN looks like; anything else (a bind error, a refusal)
+    // would mean the check did not test the gateway.
+    assert_eq!(
+        out.code,
+        Some(28),
+        "spoofing: HTTP from d1 with inner source {SPOOFED_V4}: want a timeout (curl exit 28, \
+         SYN dropped by the gateway): {}",
         out.describe()
+    );
+    let sent_after = lab.tunnel_tx_bytes(&d1);
+    assert!(
+        sent_after > sent_before,
+        "spoofing: d1's tunnel sent nothing during the spoofed request ({sent_before:?} -> \
+         {sent_after:?} bytes), so the check did not reach the gateway"
     );
     if let Ok(out) = lab.ping(&d1, GATEWAY_TUNNEL_V4, Some(SPOOFED_V4), 1) {
         panic!(
