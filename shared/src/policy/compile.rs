@@ -357,6 +357,8 @@ pub struct Compiler<'l> {
     lists: &'l Lists,
     compiled: &'l CompiledLists,
     regexes: FxHashMap<String, Arc<Regex>>,
+    /// With no lists file, references compile to "matches nothing" and are collected here.
+    missing: Option<Vec<(String, Pos)>>,
 }
 
 impl<'l> Compiler<'l> {
@@ -366,7 +368,23 @@ impl<'l> Compiler<'l> {
             lists,
             compiled,
             regexes: FxHashMap::default(),
+            missing: None,
         }
+    }
+
+    /// Lets references to lists that do not exist compile to lists that match nothing (for
+    /// checking rules without their lists file); [`Compiler::take_missing_lists`] reports them.
+    pub fn allow_missing_lists(mut self) -> Compiler<'l> {
+        self.missing = Some(Vec::new());
+        self
+    }
+
+    /// The missing lists met since the last call, with where they were named.
+    pub fn take_missing_lists(&mut self) -> Vec<(String, Pos)> {
+        self.missing
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Compiles a rule's non-empty expressions; the program holds when all of them do.
@@ -458,7 +476,14 @@ impl<'l> Compiler<'l> {
         pos: Pos,
     ) -> Result<Test, ExprError> {
         if let (CmpOp::In, Rhs::List(name)) = (op, rhs) {
-            let list = self.list(name, pos)?;
+            let list = match (self.list(name, pos), &mut self.missing) {
+                (Ok(list), _) => list,
+                (Err(_), Some(missing)) => {
+                    missing.push((name.to_owned(), pos));
+                    return Ok(Test::Never);
+                }
+                (Err(e), None) => return Err(e),
+            };
             let fits = matches!(
                 (&*list, ty),
                 (CompiledList::Ips(_), FieldType::Ip)

@@ -674,6 +674,22 @@ impl fmt::Display for RuleError {
     }
 }
 
+struct PolicyErrors {
+    errors: Vec<RuleError>,
+    warnings: Vec<RuleError>,
+}
+
+/// What [`Policy::check`] found.
+#[derive(Debug)]
+pub struct PolicyCheck {
+    /// The compiled policy, when there was no error.
+    pub policy: Option<Policy>,
+    /// Every error, in rule order.
+    pub errors: Vec<RuleError>,
+    /// Every warning, in rule order.
+    pub warnings: Vec<RuleError>,
+}
+
 /// Every stage's compiled rules.
 #[derive(Debug)]
 pub struct Policy {
@@ -690,6 +706,20 @@ fn stage_index(s: Stage) -> usize {
         Stage::L4 => 2,
         Stage::Egress => 3,
     }
+}
+
+fn names_list(e: &Expr, list: &str) -> bool {
+    let mut found = false;
+    e.walk(&mut |n| {
+        if let Expr::Compare {
+            rhs: super::ast::Rhs::List(l),
+            ..
+        } = n
+        {
+            found |= l == list;
+        }
+    });
+    found
 }
 
 fn parse_ip(s: &str) -> Option<IpAddr> {
@@ -836,8 +866,38 @@ fn typed_egress(e: Option<&EgressSettings>) -> Result<EgressAction, String> {
 impl Policy {
     /// Parses, checks and compiles every rule; all errors are reported together.
     pub fn compile(set: &RuleSet, lists: &Lists) -> Result<Policy, Vec<RuleError>> {
+        Policy::build(set, lists, false).map_err(|e| e.errors)
+    }
+
+    /// Like [`Policy::compile`] for rules whose lists file is not at hand: every `$list` matches
+    /// nothing and is reported as a warning.
+    pub fn compile_without_lists(set: &RuleSet) -> Result<Policy, Vec<RuleError>> {
+        Policy::build(set, &Lists::default(), true).map_err(|e| e.errors)
+    }
+
+    /// Compiles for `rules check`: the policy when there is no error, every error, and the
+    /// warnings also when there are errors. Without `lists` every `$list` matches nothing.
+    pub fn check(set: &RuleSet, lists: Option<&Lists>) -> PolicyCheck {
+        match Policy::build(set, lists.unwrap_or(&Lists::default()), lists.is_none()) {
+            Ok(policy) => PolicyCheck {
+                warnings: policy.warnings.clone(),
+                policy: Some(policy),
+                errors: Vec::new(),
+            },
+            Err(failed) => PolicyCheck {
+                policy: None,
+                errors: failed.errors,
+                warnings: failed.warnings,
+            },
+        }
+    }
+
+    fn build(set: &RuleSet, lists: &Lists, missing_ok: bool) -> Result<Policy, PolicyErrors> {
         let compiled_lists = CompiledLists::new(lists);
         let mut compiler = Compiler::new(lists, &compiled_lists);
+        if missing_ok {
+            compiler = compiler.allow_missing_lists();
+        }
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
         // Per stage: (phase, precedence, index, rule, program).
@@ -921,7 +981,21 @@ impl Policy {
                     stage == Stage::Dns && e.fields().iter().any(|f| f.info().post_resolution());
             }
             let refs: Vec<&Expr> = exprs.iter().map(|(_, e)| e).collect();
-            let program = match compiler.compile_rule(&refs) {
+            let compiled = compiler.compile_rule(&refs);
+            for (list, pos) in compiler.take_missing_lists() {
+                let key = exprs
+                    .iter()
+                    .find(|(_, e)| names_list(e, &list))
+                    .map_or("traffic", |(k, _)| k);
+                warnings.push(err(
+                    key,
+                    Some(pos),
+                    format!(
+                        "list \"${list}\" is not known without a lists file; it matches nothing"
+                    ),
+                ));
+            }
+            let program = match compiled {
                 Ok(p) => p,
                 Err(e) => {
                     if ok {
@@ -980,7 +1054,7 @@ impl Policy {
             ));
         }
         if !errors.is_empty() {
-            return Err(errors);
+            return Err(PolicyErrors { errors, warnings });
         }
         let build = |stage: Stage, mut v: Vec<(u8, i64, CompiledRule, super::compile::Program)>| {
             v.sort_by_key(|(phase, prec, r, _)| (*phase, *prec, r.index));
