@@ -283,15 +283,14 @@ fn spine_revoke() {
         .expect("run revoke");
     assert!(out.ok(), "waygate device revoke d1: {}", out.describe());
     let revoked = Instant::now();
-    // Short probes show when it took effect (a slow success only makes this later, never
-    // earlier); the fresh request at +1 s below is what decides.
+    // Short probes show when it took effect (the start of the first failed one); the fresh
+    // request at +1 s below is what decides.
     let first_failure = wait_until(secs(1), ms(20), || {
-        lab.http_src(&d1, ms(300))
-            .is_err()
-            .then(|| revoked.elapsed())
+        let started = revoked.elapsed();
+        lab.http_src(&d1, ms(300)).is_err().then_some(started)
     });
     report(&format!(
-        "revoke command took {:.3}s; d1's first failed request {} after it returned",
+        "revoke command took {:.3}s; d1's first failed request started {} after it returned",
         out.elapsed.as_secs_f64(),
         first_failure.map_or("none within 1 s".into(), |t| format!(
             "{:.3}s",
@@ -319,6 +318,21 @@ fn spine_revoke() {
         );
     }
     assert_egress(&lab, &d2, "d2 after d1 was revoked");
+    // The UAPI lists live peers only (it refreshes about once a second).
+    let gone = wait_until(secs(3), ms(100), || {
+        (!lab.gateway_peers().contains(&d1.public_key)).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "revocation: `wg show {}gw peers` still lists d1 ({}) 3 s after revocation",
+        lab.prefix(),
+        d1.public_key
+    );
+    assert!(
+        lab.gateway_peers().contains(&d2.public_key),
+        "revocation of d1: `wg show {}gw peers` no longer lists d2",
+        lab.prefix()
+    );
 }
 
 /// Polls until `device` fetches from the origin again; the time it took.
