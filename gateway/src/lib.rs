@@ -11,6 +11,7 @@ pub mod datadir;
 pub mod egress;
 pub mod flow;
 pub mod geoip;
+pub mod policy;
 pub mod registry;
 pub mod runtime;
 pub mod transmit;

@@ -26,9 +26,14 @@ use crate::flow::{
     Command, DeviceInfo, FlowCtx, FlowDrop, FlowDropCounters, FlowId, PacketSink, Protocol,
     Upstream, UpstreamEvent,
 };
+use crate::geoip::GeoIp;
+use crate::policy;
 use crate::transmit::{TransmitQueue, MAX_DATAGRAM};
 use crate::vnet::{VnetRoute, VnetRoutes};
 use crate::wg::{self, Endpoint, PeerId, Received};
+use waygate_shared::policy::fields::Stage;
+use waygate_shared::policy::input::Input;
+use waygate_shared::policy::ruleset::Policy;
 
 /// What the core needs from the config.
 #[derive(Debug, Clone)]
@@ -65,6 +70,10 @@ struct Router {
     udp: UdpNat,
     egress: Egress,
     vnets: VnetRoutes,
+    policy: Arc<Policy>,
+    geoip: Option<Arc<GeoIp>>,
+    /// Reused for every new flow, so deciding allocates nothing once warm.
+    input: Input,
     commands: VecDeque<Command>,
     next_flow: FlowId,
     drops: FlowDropCounters,
@@ -107,6 +116,9 @@ impl GatewayCore {
             router: Router {
                 egress: Egress::new(settings.egress.clone()),
                 vnets: VnetRoutes::default(),
+                policy: Arc::new(Policy::empty()),
+                geoip: None,
+                input: Input::new(),
                 settings,
                 tcp,
                 udp: UdpNat::default(),
@@ -137,6 +149,16 @@ impl GatewayCore {
     /// Replaces the virtual networks' private routes (vnet id -> routes); new flows use them.
     pub fn sync_vnets(&mut self, routes: HashMap<String, Vec<VnetRoute>>) {
         self.router.vnets = VnetRoutes::new(routes);
+    }
+
+    /// Replaces the rule set; flows opened from now on are decided by it.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.router.policy = policy;
+    }
+
+    /// Replaces the GeoIP database (`None`: geolocation fields stay unset).
+    pub fn set_geoip(&mut self, geoip: Option<Arc<GeoIp>>) {
+        self.router.geoip = geoip;
     }
 
     /// Records a health probe of egress location `index` (its position in the config).
@@ -390,8 +412,8 @@ impl Router {
         })
     }
 
-    /// Runs the stages for a new flow and logs the decision; `None` refuses the flow.
-    fn decide(&self, ctx: &FlowCtx, target: SocketAddr) -> Option<Upstream> {
+    /// Runs the stages for a new flow and logs the decision; an error refuses the flow.
+    fn decide(&mut self, ctx: &FlowCtx, target: SocketAddr) -> Result<Upstream, FlowDrop> {
         if let Some(route) = self.vnets.route(ctx.device.vnet_id.as_deref(), target.ip()) {
             tracing::info!(
                 target: "waygate::policy",
@@ -407,7 +429,7 @@ impl Router {
                 via = %route.via,
                 "flow decision"
             );
-            return Some(Upstream {
+            return Ok(Upstream {
                 dst: target,
                 bind: None,
                 via: Some(route.ifindex),
@@ -430,26 +452,42 @@ impl Router {
                 reason = "private route of another virtual network",
                 "flow decision"
             );
-            return None;
+            return Err(FlowDrop::OtherVnet);
         }
-        // Egress rules plug in here; until a rule set is loaded every flow takes the default.
-        let bind = self.egress.select(ctx, target.ip(), None);
+        // Egress, then network: the egress rule picks the source, the network rule may refuse
+        // the flow or send it elsewhere.
+        policy::flow_input(&mut self.input, ctx, target, self.geoip.as_deref());
+        let egress_rule = self.policy.stage(Stage::Egress).evaluate(&self.input);
+        let choice = egress_rule.and_then(policy::egress_choice);
+        let l4_rule = self.policy.stage(Stage::L4).evaluate(&self.input);
+        let verdict = policy::l4_verdict(l4_rule, target);
+        let (upstream, bind) = match verdict {
+            policy::L4Verdict::Allow { target: to } => {
+                (Some(to), self.egress.select(ctx, to.ip(), choice.as_ref()))
+            }
+            policy::L4Verdict::Block => (None, None),
+        };
         tracing::info!(
             target: "waygate::policy",
-            stage = "egress",
+            stage = "flow",
             flow = ctx.id,
             device = %ctx.device.name,
             user = %ctx.device.email,
             protocol = ctx.protocol.as_str(),
             src = %ctx.src,
             dst = %ctx.dst,
-            upstream = %target,
+            vnet = ctx.device.vnet_id.as_deref().unwrap_or("default"),
+            egress_rule = egress_rule.map_or("default", |r| r.id.as_str()),
+            egress_rule_name = egress_rule.map(|r| r.name.as_str()),
             egress = ?bind,
-            rule = "default",
+            l4_rule = l4_rule.map(|r| r.id.as_str()),
+            l4_rule_name = l4_rule.map(|r| r.name.as_str()),
+            l4_action = l4_rule.map_or("allow", |r| r.action_name.as_str()),
+            upstream = ?upstream,
             "flow decision"
         );
-        Some(Upstream {
-            dst: target,
+        Ok(Upstream {
+            dst: upstream.ok_or(FlowDrop::PolicyBlocked)?,
             bind,
             via: None,
         })
@@ -477,10 +515,10 @@ impl Router {
                 return;
             };
             match self.decide(&ctx, target) {
-                Some(upstream) => self
+                Ok(upstream) => self
                     .tcp
                     .open(ctx, upstream, packet, flags, &mut self.commands),
-                None => self.refuse(peer, parsed, FlowDrop::OtherVnet, sink),
+                Err(reason) => self.refuse(peer, parsed, reason, sink),
             }
         } else {
             self.refuse(peer, parsed, FlowDrop::StrayTcp, sink);
@@ -502,9 +540,12 @@ impl Router {
                     return;
                 };
                 let id = ctx.id;
-                let Some(upstream) = self.decide(&ctx, target) else {
-                    self.drops.add(FlowDrop::OtherVnet);
-                    return;
+                let upstream = match self.decide(&ctx, target) {
+                    Ok(upstream) => upstream,
+                    Err(reason) => {
+                        self.drops.add(reason);
+                        return;
+                    }
                 };
                 self.udp.open(ctx, upstream, now, &mut self.commands);
                 id

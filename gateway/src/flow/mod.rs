@@ -215,11 +215,13 @@ pub enum FlowDrop {
     FlowLimit,
     /// Addressed to a private range of a virtual network the device is not in.
     OtherVnet,
+    /// A network (l4) rule blocked it.
+    PolicyBlocked,
 }
 
 impl FlowDrop {
     /// Every reason, for counters.
-    pub const ALL: [FlowDrop; 10] = [
+    pub const ALL: [FlowDrop; 11] = [
         FlowDrop::Malformed,
         FlowDrop::Fragment,
         FlowDrop::UnsupportedProtocol,
@@ -230,6 +232,7 @@ impl FlowDrop {
         FlowDrop::UnsupportedIcmp,
         FlowDrop::FlowLimit,
         FlowDrop::OtherVnet,
+        FlowDrop::PolicyBlocked,
     ];
 }
 

@@ -31,6 +31,7 @@ use crate::uapi::{self, UapiPeer, UapiSnapshot};
 use crate::vnet::VnetRoute;
 
 pub mod health;
+pub mod reload;
 pub mod upstream;
 
 use upstream::Upstreams;
@@ -154,6 +155,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
 
+    let (followed, policy, geoip) = reload::Followed::load(&config)?;
+    if let Some(policy) = policy {
+        core.set_policy(Arc::new(policy));
+    }
+    core.set_geoip(geoip.map(Arc::new));
+    let (reload_tx, mut reload_rx) = mpsc::channel(2);
+    std::thread::Builder::new()
+        .name("waygate-reload".into())
+        .spawn(move || followed.run(reload_tx))?;
+
     let (probe_tx, mut probe_rx) = mpsc::unbounded_channel();
     health::spawn_probes(&config.egress.locations, probe_tx);
 
@@ -210,6 +221,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
             Some((location, probe)) = probe_rx.recv() => core.record_egress_probe(location, probe),
+            Some(reloaded) = reload_rx.recv() => match reloaded {
+                reload::Reloaded::Policy(policy) => core.set_policy(policy),
+                reload::Reloaded::GeoIp(db) => core.set_geoip(Some(db)),
+            },
             _ = tokio::time::sleep_until(deadline.into()) => {}
         }
         let now = Instant::now();

@@ -1,0 +1,327 @@
+//! The rule engine in the gateway: loading Cloudflare-format rule sets from files, the fields a
+//! new flow offers to the egress and network (l4) rules, and what their actions mean here.
+//!
+//! Rule sets are read and compiled away from the serving loop (see `runtime`), which swaps the
+//! compiled set in whole; a set that fails to load leaves the running one in place.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{bail, Context as _};
+use waygate_shared::policy::fields::FieldId;
+use waygate_shared::policy::input::Input;
+use waygate_shared::policy::ruleset::{
+    Action, CompiledRule, EgressAction, Ipv4Fallback, Lists, Policy, RuleSet,
+};
+
+use crate::egress::EgressChoice;
+use crate::flow::FlowCtx;
+use crate::geoip::GeoIp;
+
+/// Fields a network rule can only know once the client has sent its first bytes. Flows are
+/// decided at their first packet, so rule sets whose network rules read them are refused rather
+/// than evaluated with the fields unset (which would let a rule written for one server name
+/// decide for all).
+const AFTER_FIRST_BYTES: [FieldId; 3] = [
+    FieldId::NetSniHost,
+    FieldId::NetSniDomains,
+    FieldId::NetDetectedProtocol,
+];
+
+/// Reads and compiles a rule set (`rules`, with the lists of `lists` when given).
+pub fn load(rules: &Path, lists: Option<&Path>) -> anyhow::Result<Policy> {
+    let text = std::fs::read_to_string(rules)
+        .with_context(|| format!("cannot read {}", rules.display()))?;
+    let set = RuleSet::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", rules.display()))?;
+    let lists = match lists {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Lists::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => Lists::new(Vec::new()),
+    };
+    let policy = Policy::compile(&set, &lists).map_err(|errors| {
+        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("{}: {}", rules.display(), all.join("; "))
+    })?;
+    refuse_after_first_bytes_fields(&set).with_context(|| format!("{}", rules.display()))?;
+    Ok(policy)
+}
+
+fn refuse_after_first_bytes_fields(set: &RuleSet) -> anyhow::Result<()> {
+    use waygate_shared::policy::parser::parse;
+    for rule in &set.rules {
+        let is_l4 = rule
+            .filters
+            .get()
+            .is_some_and(|f| f.iter().any(|s| s == "l4"));
+        if !is_l4 || rule.enabled.get() == Some(&false) {
+            continue;
+        }
+        let Some(traffic) = rule.traffic.get() else {
+            continue;
+        };
+        let Ok(expr) = parse(traffic) else {
+            continue;
+        };
+        if let Some(f) = expr
+            .fields()
+            .into_iter()
+            .find(|f| AFTER_FIRST_BYTES.contains(f))
+        {
+            bail!(
+                "network rule {:?} reads {}, which this gateway does not fill yet (flows are \
+                 decided at their first packet); remove the rule or move it to an HTTP rule",
+                rule.name.get().map(String::as_str).unwrap_or("(unnamed)"),
+                f.info().name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Fills `input` with what is known about a new flow going to `target`.
+pub fn flow_input(input: &mut Input, ctx: &FlowCtx, target: SocketAddr, geo: Option<&GeoIp>) {
+    input.clear();
+    let device = &ctx.device;
+    // The device's public address is its source as the Internet sees it; inside the tunnel
+    // it has no other.
+    let public = ctx.device_public.map(|a| a.ip());
+    input.set_ip(FieldId::NetSrcIp, public.unwrap_or(ctx.src.ip()));
+    input.set_int(FieldId::NetSrcPort, i64::from(ctx.src.port()));
+    input.set_ip(FieldId::NetDstIp, target.ip());
+    input.set_int(FieldId::NetDstPort, i64::from(target.port()));
+    input.set_str(FieldId::NetProtocol, ctx.protocol.as_str());
+    input.set_str(FieldId::NetOnrampType, "device_client");
+    if let Some(vnet) = &device.vnet_id {
+        input.set_str(FieldId::NetVnetId, vnet);
+    }
+    if let Some(geo) = geo {
+        if let Some(public) = public {
+            let g = geo.lookup(public);
+            if let Some(c) = g.country {
+                input.set_str(FieldId::NetSrcGeoCountry, c.as_str());
+            }
+            if let Some(c) = g.continent {
+                input.set_str(FieldId::NetSrcGeoContinent, c.as_str());
+            }
+        }
+        let g = geo.lookup(target.ip());
+        if let Some(c) = g.country {
+            input.set_str(FieldId::NetDstGeoCountry, c.as_str());
+        }
+        if let Some(c) = g.continent {
+            input.set_str(FieldId::NetDstGeoContinent, c.as_str());
+        }
+    }
+    input.set_str(FieldId::IdentityEmail, &device.email);
+    if let Some(name) = &device.user_name {
+        input.set_str(FieldId::IdentityName, name);
+    }
+    if !device.groups.is_empty() {
+        input.set_strs(
+            FieldId::IdentityGroupsName,
+            device.groups.iter().map(String::as_str),
+        );
+    }
+}
+
+/// What an egress rule's action asks for; `None` for the default egress.
+pub fn egress_choice(rule: &CompiledRule) -> Option<EgressChoice> {
+    match &rule.action {
+        Action::Egress(EgressAction::Dedicated {
+            ipv4,
+            ipv6,
+            ipv4_fallback,
+        }) => Some(EgressChoice {
+            ipv4: *ipv4,
+            ipv6: ipv6.and_then(|net| match net {
+                ipnet::IpNet::V6(v6) => Some(v6),
+                ipnet::IpNet::V4(_) => None,
+            }),
+            ipv4_fallback: match ipv4_fallback {
+                Ipv4Fallback::None => None,
+                Ipv4Fallback::DefaultEgress => Some(std::net::Ipv4Addr::UNSPECIFIED),
+                Ipv4Fallback::Addr(a) => Some(*a),
+            },
+        }),
+        _ => None,
+    }
+}
+
+/// A network rule's verdict on a flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum L4Verdict {
+    /// Go on to `target` (the original destination, or the override's).
+    Allow {
+        /// Where to connect.
+        target: SocketAddr,
+    },
+    /// Refuse the flow.
+    Block,
+}
+
+/// Applies the matching network rule (if any) to a flow going to `target`.
+pub fn l4_verdict(rule: Option<&CompiledRule>, target: SocketAddr) -> L4Verdict {
+    match rule.map(|r| &r.action) {
+        Some(Action::Block(_)) => L4Verdict::Block,
+        Some(Action::L4Override { ip, port }) => L4Verdict::Allow {
+            target: SocketAddr::new(*ip, port.unwrap_or(target.port())),
+        },
+        _ => L4Verdict::Allow { target },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::flow::{DeviceInfo, Protocol};
+    use waygate_shared::policy::fields::Stage;
+
+    fn ctx() -> FlowCtx {
+        #[allow(clippy::disallowed_methods)] // any instant: the stages ignore it
+        let opened = Instant::now();
+        FlowCtx {
+            id: 1,
+            peer: 1,
+            device: Arc::new(DeviceInfo {
+                id: "d1".into(),
+                name: "laptop".into(),
+                email: "ada@example.com".into(),
+                user_name: Some("Ada".into()),
+                groups: vec!["eng".into(), "ops".into()],
+                vnet_id: Some("f70ff985-a4ef-4643-bbbc-4a0ed4fc8415".into()),
+                ipv4: Ipv4Addr::new(100, 96, 0, 2),
+                ipv6: "fd77:6761:7465::2".parse().unwrap(),
+            }),
+            device_public: Some("198.51.100.11:40000".parse().unwrap()),
+            protocol: Protocol::Tcp,
+            src: "100.96.0.2:40000".parse().unwrap(),
+            dst: "203.0.113.10:443".parse().unwrap(),
+            opened,
+        }
+    }
+
+    fn compile(json: &str) -> Policy {
+        let set = RuleSet::from_json(json).unwrap();
+        Policy::compile(&set, &Lists::new(Vec::new())).unwrap()
+    }
+
+    fn geo() -> GeoIp {
+        let csv = "198.51.100.0/24,US,NA\n203.0.113.0/24,JP,AS\n";
+        GeoIp::from_bytes(crate::geoip::build_from_csv(csv.as_bytes()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn egress_rules_see_identity_geo_and_the_flow() {
+        let policy = compile(
+            r#"[
+              {"id": "jp", "name": "Japan via .10", "action": "egress", "filters": ["egress"],
+               "precedence": 1,
+               "traffic": "net.dst.geo.country == \"JP\" and net.src.geo.continent == \"North America\" and net.dst.port == 443 and net.protocol == \"tcp\"",
+               "identity": "any(identity.groups.name[*] == \"eng\") and identity.email == \"ada@example.com\"",
+               "rule_settings": {"egress": {"ipv4": "192.0.2.10", "ipv6": "2001:db8:2:10::/64", "ipv4_fallback": "192.0.2.11"}}},
+              {"id": "vnet", "name": "vnet", "action": "egress", "filters": ["egress"],
+               "precedence": 2,
+               "traffic": "net.vnet_id == \"f70ff985-a4ef-4643-bbbc-4a0ed4fc8415\" and net.src.ip == 198.51.100.0/24",
+               "rule_settings": {"egress": {"ipv4": "192.0.2.12", "ipv4_fallback": "0.0.0.0"}}}
+            ]"#,
+        );
+        let geo = geo();
+        let mut input = Input::new();
+        let flow = ctx();
+        flow_input(&mut input, &flow, flow.dst, Some(&geo));
+        let rule = policy.stage(Stage::Egress).evaluate(&input).unwrap();
+        assert_eq!(rule.id, "jp");
+        let choice = egress_choice(rule).unwrap();
+        assert_eq!(choice.ipv4, Some(Ipv4Addr::new(192, 0, 2, 10)));
+        assert_eq!(
+            choice.ipv6.map(|p| p.to_string()).as_deref(),
+            Some("2001:db8:2:10::/64")
+        );
+        assert_eq!(choice.ipv4_fallback, Some(Ipv4Addr::new(192, 0, 2, 11)));
+
+        // Port 80 misses the first rule; the second matches on the vnet and public address.
+        let target: SocketAddr = "203.0.113.10:80".parse().unwrap();
+        flow_input(&mut input, &flow, target, Some(&geo));
+        let rule = policy.stage(Stage::Egress).evaluate(&input).unwrap();
+        assert_eq!(rule.id, "vnet");
+        assert_eq!(
+            egress_choice(rule).unwrap().ipv4_fallback,
+            Some(Ipv4Addr::UNSPECIFIED)
+        );
+
+        // Without a database, geo fields are unset and geo rules do not match.
+        flow_input(&mut input, &flow, flow.dst, None);
+        assert_eq!(
+            policy
+                .stage(Stage::Egress)
+                .evaluate(&input)
+                .map(|r| r.id.as_str()),
+            Some("vnet")
+        );
+    }
+
+    #[test]
+    fn network_rules_block_allow_and_override() {
+        let policy = compile(
+            r#"[
+              {"id": "ssh", "action": "block", "filters": ["l4"], "precedence": 1,
+               "traffic": "net.dst.port == 22"},
+              {"id": "redirect", "action": "l4_override", "filters": ["l4"], "precedence": 2,
+               "traffic": "net.dst.ip == 203.0.113.99",
+               "rule_settings": {"l4override": {"ip": "203.0.113.10", "port": 8080}}}
+            ]"#,
+        );
+        let flow = ctx();
+        let mut input = Input::new();
+        let mut verdict = |target: &str| {
+            let target: SocketAddr = target.parse().unwrap();
+            flow_input(&mut input, &flow, target, None);
+            l4_verdict(policy.stage(Stage::L4).evaluate(&input), target)
+        };
+        assert_eq!(verdict("203.0.113.10:22"), L4Verdict::Block);
+        assert_eq!(
+            verdict("203.0.113.99:443"),
+            L4Verdict::Allow {
+                target: "203.0.113.10:8080".parse().unwrap()
+            }
+        );
+        assert_eq!(
+            verdict("203.0.113.10:443"),
+            L4Verdict::Allow {
+                target: "203.0.113.10:443".parse().unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn rule_sets_needing_first_bytes_are_refused_with_the_rule_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.json");
+        std::fs::write(
+            &path,
+            r#"[{"name": "no example", "action": "block", "filters": ["l4"],
+                 "traffic": "net.sni.host == \"example.com\""}]"#,
+        )
+        .unwrap();
+        let err = format!("{:#}", load(&path, None).unwrap_err());
+        assert!(
+            err.contains("\"no example\"") && err.contains("net.sni.host"),
+            "{err}"
+        );
+        std::fs::write(
+            &path,
+            r#"[{"action": "allow", "filters": ["l4"], "traffic": "net.dst.port == 443"}]"#,
+        )
+        .unwrap();
+        assert!(load(&path, None).is_ok());
+        std::fs::write(&path, "not json").unwrap();
+        assert!(load(&path, None).is_err());
+    }
+}
