@@ -10,8 +10,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use waygate_e2e::{
-    report, skip, wait_until, Device, Lab, Stopped, EGRESS_V4, GATEWAY_TUNNEL_V4, HTTP_ORIGIN,
-    IPERF_ORIGIN, UDP_ORIGIN,
+    report, skip, wait_until, Device, Lab, Output, Stopped, EGRESS_V4, GATEWAY_TUNNEL_V4,
+    HTTP_ORIGIN, IPERF_ORIGIN, UDP_ORIGIN,
 };
 
 /// An address in the tunnel pool that belongs to no device: the spoofed inner source.
@@ -37,6 +37,36 @@ fn assert_egress(lab: &Lab, device: &Device, what: &str) {
         Err(out) => panic!(
             "{what}: HTTP GET http://{HTTP_ORIGIN}/ from {} through the tunnel failed: {}",
             device.name,
+            out.describe()
+        ),
+    }
+}
+
+/// curl exit codes of a request the network did not carry: couldn't connect, timeout, empty
+/// reply, receive error. Others (bad URL, bind failure) mean the check itself is broken.
+const CURL_BLOCKED: [i32; 4] = [7, 28, 52, 56];
+
+/// A request that must not get through failed, and for a network reason.
+fn assert_blocked(out: &Output, what: &str) {
+    assert!(
+        out.code.is_some_and(|c| CURL_BLOCKED.contains(&c)),
+        "{what}: want the request to fail with curl exit {CURL_BLOCKED:?} (not carried): {}",
+        out.describe()
+    );
+}
+
+/// A ping that must go unanswered got no reply (exit 1), rather than an answer (0) or an error
+/// such as an unknown source address (2).
+fn assert_no_reply(result: Result<Output, Output>, what: &str) {
+    match result {
+        Ok(out) => panic!(
+            "{what}: want no reply, but it was answered: {}",
+            out.describe()
+        ),
+        Err(out) => assert_eq!(
+            out.code,
+            Some(1),
+            "{what}: want ping to exit 1 (no reply): {}",
             out.describe()
         ),
     }
@@ -171,18 +201,14 @@ fn spine_traffic() {
         "d2's listener on {d2_url} does not answer d2 itself"
     );
     let out = lab.curl(&d1, &d2_url, secs(1), &[]);
-    assert!(
-        !out.ok(),
-        "isolation: d1 fetched {d2_url} from d2's tunnel address: {}",
-        out.describe()
+    assert_blocked(
+        &out,
+        &format!("isolation: d1 fetching {d2_url} on d2's tunnel address"),
     );
-    if let Ok(out) = lab.ping(&d1, &d2.ipv4.to_string(), None, 1) {
-        panic!(
-            "isolation: d1 pinged d2's tunnel address {}: {}",
-            d2.ipv4,
-            out.describe()
-        );
-    }
+    assert_no_reply(
+        lab.ping(&d1, &d2.ipv4.to_string(), None, 1),
+        &format!("isolation: d1 pinging d2's tunnel address {}", d2.ipv4),
+    );
 
     // 9. Bulk TCP both ways.
     for (dir, extra) in [("upload", None), ("download", Some("-R"))] {
@@ -239,12 +265,10 @@ fn spine_traffic() {
         "spoofing: d1's tunnel sent nothing during the spoofed request ({sent_before:?} -> \
          {sent_after:?} bytes), so the check did not reach the gateway"
     );
-    if let Ok(out) = lab.ping(&d1, GATEWAY_TUNNEL_V4, Some(SPOOFED_V4), 1) {
-        panic!(
-            "spoofing: ping from d1 with inner source {SPOOFED_V4} was answered: {}",
-            out.describe()
-        );
-    }
+    assert_no_reply(
+        lab.ping(&d1, GATEWAY_TUNNEL_V4, Some(SPOOFED_V4), 1),
+        &format!("spoofing: ping from d1 to {GATEWAY_TUNNEL_V4} with inner source {SPOOFED_V4}"),
+    );
     let out = lab.run_in(
         &d1.ns,
         &[
@@ -258,9 +282,11 @@ fn spine_traffic() {
         ],
         secs(5),
     );
-    assert!(
-        !out.ok(),
-        "spoofing: UDP echo from d1 with inner source {SPOOFED_V4} came back: {}",
+    // udp-probe exits 1 when no reply came, 2 on errors such as a failed bind.
+    assert_eq!(
+        out.code,
+        Some(1),
+        "spoofing: UDP echo from d1 with inner source {SPOOFED_V4}: want no reply (exit 1): {}",
         out.describe()
     );
     assert_egress(&lab, &d1, "d1's real address after the spoofing attempts");
@@ -305,18 +331,12 @@ fn spine_revoke() {
             "revocation: d1 still reached the origin (as {src}) 1 s after `waygate device revoke \
              d1` returned"
         ),
-        Err(out) => assert!(
-            out.code != Some(0),
-            "revocation: unexpected output from d1: {}",
-            out.describe()
-        ),
+        Err(out) => assert_blocked(&out, "revocation: d1's HTTP 1 s after revocation"),
     }
-    if let Ok(out) = lab.ping(&d1, GATEWAY_TUNNEL_V4, None, 1) {
-        panic!(
-            "revocation: d1 still pings the gateway after revocation: {}",
-            out.describe()
-        );
-    }
+    assert_no_reply(
+        lab.ping(&d1, GATEWAY_TUNNEL_V4, None, 1),
+        "revocation: d1 pinging the gateway after revocation",
+    );
     assert_egress(&lab, &d2, "d2 after d1 was revoked");
     // The UAPI lists live peers only (it refreshes about once a second).
     let gone = wait_until(secs(3), ms(100), || {
@@ -381,11 +401,7 @@ fn spine_restart() {
         other => panic!("SIGTERM: the gateway did not exit within 5 s: {other:?}"),
     }
     let out = lab.curl(&d1, &format!("http://{HTTP_ORIGIN}/"), secs(1), &[]);
-    assert!(
-        !out.ok(),
-        "d1 still reaches the origin with the gateway stopped: {}",
-        out.describe()
-    );
+    assert_blocked(&out, "d1's HTTP with the gateway stopped");
     for how in ["SIGTERM", "SIGKILL"] {
         if how == "SIGKILL" {
             assert!(
