@@ -398,3 +398,10 @@ fn policy_handle_swaps_atomically() {
     i.set_int(FieldId::NetDstPort, 1);
     assert!(handle.load().stage(Stage::L4).evaluate(&i).is_some());
 }
+
+#[test]
+fn policies_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Policy>();
+    send_sync::<PolicyHandle>();
+}

@@ -925,3 +925,51 @@ fn add_keys(by_field: &mut FxHashMap<FieldId, FieldIndexBuilder>, keys: Keys, r:
         Keys::Union(parts) => parts.into_iter().for_each(|k| add_keys(by_field, k, r)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ip_table_merges_overlapping_and_adjacent_ranges() {
+        let t = IpTable::new([
+            (ip("10.0.0.0"), ip("10.0.0.255")),
+            (ip("10.0.1.0"), ip("10.0.1.9")),
+            (ip("10.0.0.128"), ip("10.0.0.200")),
+            (ip("192.0.2.9"), ip("192.0.2.1")),
+            (ip("2001:db8::"), ip("2001:db8::ffff")),
+            (ip("10.0.0.1"), ip("2001:db8::1")),
+        ]);
+        assert_eq!(t.v4, vec![(0x0a00_0000, 0x0a00_0109)]);
+        assert_eq!(t.v6.len(), 1);
+        assert!(t.contains(ip("10.0.1.9")));
+        assert!(!t.contains(ip("10.0.1.10")));
+        assert!(!t.contains(ip("192.0.2.5")));
+        assert!(t.contains(ip("2001:db8::abcd")));
+        assert!(!t.contains(ip("::ffff:10.0.0.1")));
+        let all = IpTable::new([(ip("0.0.0.0"), ip("255.255.255.255"))]);
+        assert!(all.contains(ip("255.255.255.255")));
+        assert_eq!(all.cidrs(4), Some(vec!["0.0.0.0/0".parse().unwrap()]));
+    }
+
+    #[test]
+    fn int_set_enumerates_small_ranges_only() {
+        let s = IntSet::new([(1, 3), (10, 1_000_000), (5, 4), (i64::MIN, i64::MIN + 1)]);
+        assert_eq!(s.singles.len(), 5);
+        assert_eq!(s.ranges, vec![(10, 1_000_000)]);
+        assert!(s.contains(500) && s.contains(i64::MIN) && !s.contains(4) && !s.contains(5));
+    }
+
+    #[test]
+    fn masks() {
+        assert_eq!(mask(ip("10.1.2.3"), 8, false), Some(0x0a00_0000));
+        assert_eq!(mask(ip("10.1.2.3"), 0, false), Some(0));
+        assert_eq!(mask(ip("10.1.2.3"), 32, false), Some(0x0a01_0203));
+        assert_eq!(mask(ip("2001:db8::1"), 0, true), Some(0));
+        assert_eq!(mask(ip("2001:db8::1"), 32, false), None);
+    }
+}
