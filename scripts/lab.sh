@@ -192,6 +192,16 @@ kill_pid() {
   kill -KILL "$pid" 2>/dev/null || true
 }
 
+# forget_resolvconf IFACE: drop openresolv's record of IFACE's DNS servers. wg-quick down does
+# that itself, but not when the interface is already gone (its wireguard-go died), and the state in
+# /run/resolvconf is global, not per namespace. Files only: regenerating resolv.conf here would
+# rewrite the host's.
+forget_resolvconf() {
+  local d=/run/resolvconf
+  [ -d "$d" ] || return 0
+  rm -f "$d/interfaces/$1" "$d/exclusive/"*" $1" "$d/metrics/"*" $1"
+}
+
 cmd_down() {
   local p="$1" sd
   check_prefix "$p"
@@ -207,6 +217,7 @@ cmd_down() {
       fi
       [ -n "${pid:-}" ] && kill_pid "$pid" "${start:-}"
       rm -f "/var/run/wireguard/$(basename "$conf" .conf).sock"
+      forget_resolvconf "$(basename "$conf" .conf)"
     done <"$sd/wg"
   fi
   if [ -f "$sd/pids" ]; then
@@ -264,6 +275,7 @@ cmd_device_down() {
   ip netns exec "$n" wg-quick down "$conf" >/dev/null 2>&1 || true
   [ -n "${pid:-}" ] && kill_pid "$pid" "${start:-}"
   rm -f "/var/run/wireguard/$(basename "$conf" .conf).sock"
+  forget_resolvconf "$(basename "$conf" .conf)"
   [ -f "$sd/wg" ] && sed -i "\|^$n $conf\( \|\$\)|d" "$sd/wg"
   return 0
 }
