@@ -325,7 +325,8 @@ fn ip_in_range(ip: IpAddr, a: IpAddr, b: IpAddr) -> bool {
     }
 }
 
-/// Glob match of the whole text: `*` is any run, `?` one byte, `\` escapes the next byte.
+/// Wildcard match of the whole text: `*` is any run of bytes and `\` makes the next byte literal;
+/// every other byte (`?` included, unlike shell globs) stands for itself.
 pub(crate) fn wildcard_match(pat: &[u8], text: &[u8], ignore_case: bool) -> bool {
     let eq = |a: u8, b: u8| {
         if ignore_case {
@@ -344,13 +345,11 @@ pub(crate) fn wildcard_match(pat: &[u8], text: &[u8], ignore_case: bool) -> bool
         }
         if p < pat.len() {
             let (lit, width) = if pat[p] == b'\\' && p + 1 < pat.len() {
-                (Some(pat[p + 1]), 2)
-            } else if pat[p] == b'?' {
-                (None, 1)
+                (pat[p + 1], 2)
             } else {
-                (Some(pat[p]), 1)
+                (pat[p], 1)
             };
-            if lit.is_none_or(|c| eq(c, text[t])) {
+            if eq(lit, text[t]) {
                 p += width;
                 t += 1;
                 continue;
@@ -376,7 +375,8 @@ mod tests {
     fn wildcard() {
         assert!(wildcard_match(b"*.example.com", b"a.EXAMPLE.com", true));
         assert!(!wildcard_match(b"*.example.com", b"a.EXAMPLE.com", false));
-        assert!(wildcard_match(b"a?c", b"abc", false));
+        assert!(!wildcard_match(b"a?c", b"abc", false));
+        assert!(wildcard_match(b"a?c", b"a?c", false));
         assert!(wildcard_match(b"a\\*c", b"a*c", false));
         assert!(!wildcard_match(b"a\\*c", b"abc", false));
         assert!(wildcard_match(b"**", b"", false));
