@@ -640,8 +640,12 @@ impl Keys {
         match self {
             Keys::Str(f, _) | Keys::Int(f, _) | Keys::List(f, _) => field_weight(*f),
             Keys::Ip(f, nets) => nets.iter().fold(field_weight(*f), |acc, n| {
-                let host_bits = u32::from(n.max_prefix_len() - n.prefix_len());
-                acc.saturating_add(host_bits * host_bits)
+                // An IPv6 /64 is as specific in practice as an IPv4 address.
+                let wide = match n {
+                    IpNet::V4(n) => 32 - n.prefix_len(),
+                    IpNet::V6(n) => 64u8.saturating_sub(n.prefix_len()),
+                };
+                acc.saturating_add(u32::from(wide) * u32::from(wide))
             }),
             Keys::Union(parts) => parts.iter().map(Keys::score).fold(0, u32::saturating_add),
         }
@@ -758,7 +762,7 @@ impl Evaluator {
         for (r, p) in programs.iter().enumerate() {
             let r = r as u32;
             match Keys::of(&p.node) {
-                Some(keys) if keys.score() < 1000 => add_keys(&mut by_field, keys, r),
+                Some(keys) => add_keys(&mut by_field, keys, r),
                 _ => always.push(r),
             }
         }
