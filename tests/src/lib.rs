@@ -389,11 +389,12 @@ impl Lab {
         let lab_origin = workspace_bin("LAB_ORIGIN", "lab-origin")?;
         let created = Instant::now();
         let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
-        // At most 2 + 5 (pid_max is 2^22) + 3 characters: lab.sh allows 10.
+        // 2 + 5 (pid_max is at most 2^22, padded so pid and counter cannot run together) + up
+        // to 3 characters: lab.sh allows 10.
         let prefix = format!(
-            "e2{}{}",
+            "e2{:0>5}{}",
             base36(u64::from(std::process::id())),
-            base36(u64::from(n))
+            base36(u64::from(n % (36 * 36 * 36)))
         );
         let root = workspace_root();
         let lab_sh = root.join("scripts/lab.sh");
@@ -811,6 +812,8 @@ impl Drop for Lab {
             eprintln!("{report}=====");
         }
         self.stop_gateway();
+        // Left behind when the gateway was SIGKILLed and not restarted; the name is this lab's.
+        let _ = fs::remove_file(format!("/var/run/wireguard/{}gw.sock", self.prefix));
         for child in &mut self.background {
             stop_child(child, libc::SIGTERM, secs(2));
         }
