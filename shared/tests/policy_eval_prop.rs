@@ -13,7 +13,7 @@ use waygate_shared::policy::error::Pos;
 use waygate_shared::policy::fields::FieldId;
 use waygate_shared::policy::input::Input;
 use waygate_shared::policy::interp;
-use waygate_shared::policy::ruleset::{List, ListType, Lists};
+use waygate_shared::policy::ruleset::{List, ListType, Lists, Policy, RuleSet};
 
 const STRS: &[&str] = &[
     "a.example.com",
@@ -343,6 +343,78 @@ proptest! {
                 .position(|r| interp::rule_matches(&r.iter().collect::<Vec<_>>(), i, &lists));
             prop_assert_eq!(ev.first_match(i), naive);
             prop_assert_eq!(ev.first_match_linear(i), naive);
+        }
+    }
+}
+
+const SOUP: &[&str] = &[
+    "dns.fqdn",
+    "dns.domains[*]",
+    "any(",
+    "all(",
+    ")",
+    "(",
+    " and ",
+    " or ",
+    " xor ",
+    "not ",
+    " == ",
+    " != ",
+    " in ",
+    " matches ",
+    " contains ",
+    " wildcard ",
+    " < ",
+    " >= ",
+    "{",
+    "}",
+    "\"a.b\"",
+    "\"(\"",
+    "80",
+    "1..9",
+    "10.0.0.0/8",
+    "::1",
+    "$doms",
+    "$nets",
+    "net.dst.ip",
+    "net.dst.port",
+    "identity.saml_attributes[\"x\"]",
+    "dns.content_category[0]",
+    "\"*\"",
+    "r#\"x\"#",
+    "\"\\x41\"",
+    "access.private_app",
+    "http.request.host",
+    ",",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// Any rules document, expression text and flow either loads or is refused; none panics.
+    #[test]
+    fn hostile_rules_and_inputs_never_panic(
+        parts in prop::collection::vec(0..SOUP.len(), 0..16),
+        stage in 0..4usize,
+        flow in prop::collection::vec((0..FIELDS.len(), 0..STRS.len(), 0..3usize), 0..6),
+    ) {
+        let traffic: String = parts.iter().map(|i| SOUP[*i]).collect();
+        let filter = ["dns", "http", "l4", "egress"][stage];
+        let doc = serde_json::json!([{"name": "r", "action": "block", "filters": [filter], "traffic": traffic}]);
+        let set = RuleSet::from_json(&doc.to_string()).expect("well-formed JSON");
+        let policy = Policy::compile(&set, &lists());
+        let mut obj = serde_json::Map::new();
+        for (f, s, shape) in flow {
+            let v = match shape {
+                0 => serde_json::json!(STRS[s]),
+                1 => serde_json::json!([STRS[s], INTS[s % INTS.len()]]),
+                _ => serde_json::json!(INTS[s % INTS.len()]),
+            };
+            obj.insert(FIELDS[f].0.name().to_owned(), v);
+        }
+        if let (Ok(p), Ok(input)) = (policy, Input::from_json(&serde_json::Value::Object(obj))) {
+            let st = p.stage(waygate_shared::policy::fields::Stage::parse(filter).unwrap());
+            prop_assert_eq!(st.evaluate(&input).is_some(), st.evaluate_linear(&input).is_some());
         }
     }
 }
