@@ -278,7 +278,7 @@ fn lists_by_name_and_by_uuid_in_both_spellings() {
     let lists = json!({"result": [
         {"id": "2c9a9e8b-4f1d-4c47-9d45-30f5f2c1a001", "name": "Corp nets", "type": "IP",
          "items": [{"value": "10.0.0.0/8"}, {"value": "2001:db8::/32"}]},
-        {"id": "2c9a9e8b-4f1d-4c47-9d45-30f5f2c1a002", "name": "vips", "type": "EMAIL",
+        {"id": "2c9a9e8b-4f1d-4c47-9d45-30f5f2c1a002", "name": "vips", "type": "email",
          "items": ["ceo@example.com"]}
     ]});
     let p = policy(

@@ -347,14 +347,19 @@ impl RuleSet {
 #[serde(rename_all = "UPPERCASE")]
 pub enum ListType {
     /// Addresses and CIDRs.
+    #[serde(alias = "ip")]
     Ip,
     /// Host names (compared like domain fields).
+    #[serde(alias = "domain")]
     Domain,
     /// Email addresses.
+    #[serde(alias = "email")]
     Email,
     /// URLs.
+    #[serde(alias = "url")]
     Url,
     /// Device serial numbers.
+    #[serde(alias = "serial")]
     Serial,
 }
 
