@@ -72,6 +72,23 @@ fn assert_no_reply(result: Result<Output, Output>, what: &str) {
     }
 }
 
+#[test]
+fn parses_iperf_intervals() {
+    let text = "Connecting to host 203.0.113.20, port 5201\n\
+        [ ID] Interval           Transfer     Bitrate\n\
+        [  5]   0.00-0.50   sec  1.25 MBytes  20966 Kbits/sec\n\
+        [  5]   1.00-1.50   sec   600 KBytes  9820 Kbits/sec\n\
+        [  5]   1.50-2.00   sec  0.00 Bytes  0.00 bits/sec\n";
+    assert_eq!(
+        iperf_intervals(text),
+        vec![
+            (0.0, 1.25 * 1024.0 * 1024.0),
+            (1.0, 600.0 * 1024.0),
+            (1.5, 0.0)
+        ]
+    );
+}
+
 /// Mbit/s the receiver counted in an `iperf3 -J` run.
 fn iperf_mbits(json: &str) -> Option<f64> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
@@ -303,21 +320,73 @@ fn spine_revoke() {
     assert_egress(&lab, &d1, "d1 before revocation");
     assert_egress(&lab, &d2, "d2 before revocation");
 
-    // 7. Revocation while the gateway runs stops d1 within a second; d2 is untouched.
-    let out = lab
-        .waygate(&["device", "revoke", "d1"])
-        .expect("run revoke");
-    assert!(out.ok(), "waygate device revoke d1: {}", out.describe());
-    let revoked = Instant::now();
+    // 7. Revocation while the gateway runs stops d1 within a second, new and established flows
+    // alike; d2 is untouched. The established flow is a paced iperf3 download (reverse mode), so
+    // its per-interval report shows when bytes stopped arriving.
+    thread::scope(|s| {
+        let started = Instant::now();
+        let stream = s.spawn(|| {
+            lab.run_in(
+                &d1.ns,
+                &[
+                    "iperf3",
+                    "-c",
+                    IPERF_ORIGIN,
+                    "-R",
+                    "-b",
+                    "20M",
+                    "-t",
+                    "4",
+                    "-i",
+                    "0.5",
+                    "--forceflush",
+                ],
+                // A stalled iperf3 never ends by itself: this timeout ends it.
+                ms(5500),
+            )
+        });
+        thread::sleep(secs(1));
+        let out = lab
+            .waygate(&["device", "revoke", "d1"])
+            .expect("run revoke");
+        assert!(out.ok(), "waygate device revoke d1: {}", out.describe());
+        let revoked = Instant::now();
+        let revoked_at = started.elapsed();
+        revoke_checks(&lab, &d1, &d2, revoked, out.elapsed);
+        let stream = stream.join().expect("iperf3 thread");
+        let intervals = iperf_intervals(&stream.stdout);
+        assert!(
+            intervals.first().is_some_and(|&(_, bytes)| bytes > 0.0),
+            "revocation: d1's download did not get going before the revocation: {}",
+            stream.describe()
+        );
+        // iperf3's clock starts after its connect, so an interval starting at t began at least t
+        // after `started`.
+        let after: Vec<_> = intervals
+            .iter()
+            .filter(|&&(start, _)| start >= revoked_at.as_secs_f64() + 1.0)
+            .collect();
+        assert!(
+            !after.is_empty() && after.iter().all(|&&(_, bytes)| bytes == 0.0),
+            "revocation: d1's established download (revoked {:.2}s into it) still received \
+             bytes more than 1 s after revocation, or reported no interval after it: {}",
+            revoked_at.as_secs_f64(),
+            stream.describe()
+        );
+    });
+}
+
+/// New flows from the revoked `d1` fail within a second of `revoked`; `d2` keeps working.
+fn revoke_checks(lab: &Lab, d1: &Device, d2: &Device, revoked: Instant, took: Duration) {
     // Short probes show when it took effect (the start of the first failed one); the fresh
     // request at +1 s below is what decides.
     let first_failure = wait_until(secs(1), ms(20), || {
         let started = revoked.elapsed();
-        lab.http_src(&d1, ms(300)).is_err().then_some(started)
+        lab.http_src(d1, ms(300)).is_err().then_some(started)
     });
     report(&format!(
         "revoke command took {:.3}s; d1's first failed request started {} after it returned",
-        out.elapsed.as_secs_f64(),
+        took.as_secs_f64(),
         first_failure.map_or("none within 1 s".into(), |t| format!(
             "{:.3}s",
             t.as_secs_f64()
@@ -326,7 +395,7 @@ fn spine_revoke() {
     if let Some(left) = secs(1).checked_sub(revoked.elapsed()) {
         thread::sleep(left);
     }
-    match lab.http_src(&d1, secs(1)) {
+    match lab.http_src(d1, secs(1)) {
         Ok(src) => panic!(
             "revocation: d1 still reached the origin (as {src}) 1 s after `waygate device revoke \
              d1` returned"
@@ -334,10 +403,10 @@ fn spine_revoke() {
         Err(out) => assert_blocked(&out, "revocation: d1's HTTP 1 s after revocation"),
     }
     assert_no_reply(
-        lab.ping(&d1, GATEWAY_TUNNEL_V4, None, 1),
+        lab.ping(d1, GATEWAY_TUNNEL_V4, None, 1),
         "revocation: d1 pinging the gateway after revocation",
     );
-    assert_egress(&lab, &d2, "d2 after d1 was revoked");
+    assert_egress(lab, d2, "d2 after d1 was revoked");
     // The UAPI lists live peers only (it refreshes about once a second).
     let gone = wait_until(secs(3), ms(100), || {
         (!lab.gateway_peers().contains(&d1.public_key)).then_some(())
@@ -353,6 +422,32 @@ fn spine_revoke() {
         "revocation of d1: `wg show {}gw peers` no longer lists d2",
         lab.prefix()
     );
+}
+
+/// `(start seconds, bytes)` of each interval line of iperf3's text report (`[  5]   1.00-1.50
+/// sec  600 KBytes  9820 Kbits/sec`); the summary lines after the run are not intervals but are
+/// never reached when the flow is cut.
+fn iperf_intervals(text: &str) -> Vec<(f64, f64)> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.trim_start().strip_prefix('[')?;
+            let (_, rest) = rest.split_once(']')?;
+            let mut words = rest.split_whitespace();
+            let (start, _) = words.next()?.split_once('-')?;
+            if words.next()? != "sec" {
+                return None;
+            }
+            let amount: f64 = words.next()?.parse().ok()?;
+            let scale = match words.next()? {
+                "Bytes" => 1.0,
+                "KBytes" => 1024.0,
+                "MBytes" => 1024.0 * 1024.0,
+                "GBytes" => 1024.0 * 1024.0 * 1024.0,
+                _ => return None,
+            };
+            Some((start.parse().ok()?, amount * scale))
+        })
+        .collect()
 }
 
 /// Polls until `device` fetches from the origin again; the time it took.
