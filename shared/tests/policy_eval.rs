@@ -405,3 +405,44 @@ fn policies_cross_threads() {
     send_sync::<Policy>();
     send_sync::<PolicyHandle>();
 }
+
+#[test]
+fn unsupported_actions_and_resolver_policies_load_with_warnings() {
+    let set = RuleSet::from_json(
+        &json!([
+            rule(
+                "isolate",
+                1,
+                "http",
+                "isolate",
+                "http.request.host == \"a.test\""
+            ),
+            rule(
+                "resolver",
+                2,
+                "dns_resolver",
+                "resolve",
+                "dns.fqdn == \"a.test\""
+            ),
+            rule("ssh", 3, "l4", "audit_ssh", "net.dst.port == 22"),
+            rule(
+                "allow",
+                4,
+                "http",
+                "allow",
+                "http.request.host == \"a.test\""
+            ),
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let p = Policy::compile(&set, &Lists::default()).expect("loads");
+    assert_eq!(p.warnings().len(), 3, "{:?}", p.warnings());
+    assert_eq!(
+        decide(&p, Stage::Http, json!({"http.request.host": "a.test"})).as_deref(),
+        Some("allow")
+    );
+    assert_eq!(decide(&p, Stage::L4, json!({"net.dst.port": 22})), None);
+    // The rules stay in the document.
+    assert_eq!(set.to_json().as_array().map(Vec::len), Some(4));
+}

@@ -748,7 +748,7 @@ fn typed_action(stage: Stage, action: &str, s: &RuleSettings) -> Result<Option<A
             "noscan",
             "quarantine",
         ],
-        Stage::L4 => &["allow", "block", "l4_override"],
+        Stage::L4 => &["allow", "block", "l4_override", "audit_ssh"],
         Stage::Egress => &["egress"],
     };
     if !valid.contains(&action) {
@@ -828,7 +828,7 @@ fn typed_action(stage: Stage, action: &str, s: &RuleSettings) -> Result<Option<A
             Action::L4Override { ip, port }
         }
         "egress" => Action::Egress(typed_egress(s.egress.get())?),
-        // isolate, noscan, quarantine: accepted, not enforced.
+        // isolate, noscan, quarantine, audit_ssh: accepted, not enforced.
         _ => return Ok(None),
     }))
 }
@@ -922,6 +922,15 @@ impl Policy {
             let stage = match filters {
                 [one] => match Stage::parse(one) {
                     Some(s) => s,
+                    // Gateway's resolver policies: kept so exports load whole, never evaluated.
+                    None if one == "dns_resolver" => {
+                        warnings.push(err(
+                            "filters",
+                            None,
+                            "resolver policies (\"dns_resolver\") are not supported; the rule never matches".into(),
+                        ));
+                        continue;
+                    }
                     None => {
                         errors.push(err(
                             "filters",
