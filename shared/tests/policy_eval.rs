@@ -446,3 +446,16 @@ fn unsupported_actions_and_resolver_policies_load_with_warnings() {
     // The rules stay in the document.
     assert_eq!(set.to_json().as_array().map(Vec::len), Some(4));
 }
+
+#[test]
+fn bad_ip_list_items_are_refused_with_their_position() {
+    let text =
+        "[{\"name\": \"nets\", \"type\": \"IP\",\n  \"items\": [\"10.0.0.0/8\", \"10.0.0.300\"]}]";
+    let err = Lists::from_json(text).unwrap_err();
+    assert_eq!((err.line, err.column), (2, 27), "{err}");
+    assert!(
+        err.to_string()
+            .contains("\"10.0.0.300\" is not an address or CIDR"),
+        "{err}"
+    );
+}

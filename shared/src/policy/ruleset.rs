@@ -415,6 +415,16 @@ enum RawLists {
     Envelope { result: Vec<RawList> },
 }
 
+/// The 1-based line and column where `needle` is first written as a JSON string in `text`.
+fn position_of(text: &str, needle: &str) -> (usize, usize) {
+    let quoted = serde_json::to_string(needle).unwrap_or_default();
+    let at = text.find(&quoted).map_or(0, |i| i + 1);
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count());
+    (line, column.max(1))
+}
+
 /// Every list a rule set may name, found by `$name` or `$uuid` (with or without dashes).
 #[derive(Clone, Debug, Default)]
 pub struct Lists {
@@ -446,22 +456,36 @@ impl Lists {
                 RawLists::Array(v) | RawLists::Envelope { result: v } => v,
             }
         };
-        Ok(Lists::new(
-            raw.into_iter()
-                .map(|l| List {
-                    id: l.id,
-                    name: l.name,
-                    kind: l.kind,
-                    items: l
-                        .items
-                        .into_iter()
-                        .map(|i| match i {
-                            RawItem::Plain(s) | RawItem::Object { value: s } => s,
-                        })
-                        .collect(),
-                })
-                .collect(),
-        ))
+        let lists: Vec<List> = raw
+            .into_iter()
+            .map(|l| List {
+                id: l.id,
+                name: l.name,
+                kind: l.kind,
+                items: l
+                    .items
+                    .into_iter()
+                    .map(|i| match i {
+                        RawItem::Plain(s) | RawItem::Object { value: s } => s,
+                    })
+                    .collect(),
+            })
+            .collect();
+        for l in lists.iter().filter(|l| l.kind == ListType::Ip) {
+            if let Some(bad) = l
+                .items
+                .iter()
+                .find(|i| super::interp::parse_net(i).is_none())
+            {
+                let (line, column) = position_of(text, bad);
+                return Err(DocumentError {
+                    line,
+                    column,
+                    message: format!("list \"{}\": \"{bad}\" is not an address or CIDR", l.name),
+                });
+            }
+        }
+        Ok(Lists::new(lists))
     }
 
     /// The position of the list a reference names.
