@@ -493,7 +493,6 @@ impl Lab {
             .open(&self.gateway_log)
             .context("opening the gateway log")?;
         writeln!(log, "=== e2e harness: gateway start #{} ===", self.starts)?;
-        let log_len = log.metadata()?.len();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns("gw")])
             .arg(&self.waygate)
@@ -512,14 +511,16 @@ impl Lab {
         let pid = child.id().to_string();
         self.gateway = Some(child);
         self.lab_sh(["record-pid", &self.prefix, &pid, "waygate"], secs(10))?;
+        // Ready when its UAPI answers (documented: `wg show <interface_name>`); the gateway
+        // creates it after binding the WireGuard socket. A socket a killed gateway left behind
+        // refuses connections, so it does not count.
+        let iface = self.ns("gw");
         let ready = wait_until(secs(20), Duration::from_millis(20), || {
             if let Some(Ok(Some(status))) = self.gateway.as_mut().map(Child::try_wait) {
                 return Some(Err(anyhow::anyhow!("the gateway exited: {status}")));
             }
-            let text = fs::read(&self.gateway_log).unwrap_or_default();
-            let new = text.get(log_len as usize..).unwrap_or_default();
-            String::from_utf8_lossy(new)
-                .contains("waygate serving")
+            self.run_in("gw", &["wg", "show", &iface, "public-key"], secs(5))
+                .ok()
                 .then_some(Ok(()))
         });
         match ready {
@@ -529,7 +530,8 @@ impl Lab {
                 Err(e.context(format!("gateway log:\n{}", self.gateway_log_tail())))
             }
             None => bail!(
-                "the gateway did not log \"waygate serving\" within 20 s; log:\n{}",
+                "the gateway's UAPI (`wg show {iface}`) did not answer within 20 s of its start; \
+                 log:\n{}",
                 self.gateway_log_tail()
             ),
         }
