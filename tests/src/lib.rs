@@ -690,9 +690,15 @@ impl Lab {
 
     /// Runs `ARGS` in namespace `<prefix><ns>`, killed after `timeout`.
     pub fn run_in(&self, ns: &str, args: &[&str], timeout: Duration) -> Output {
+        self.try_run_in(ns, args, timeout)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// [`Lab::run_in`] that returns spawn errors instead of panicking (for use in `Drop`).
+    fn try_run_in(&self, ns: &str, args: &[&str], timeout: Duration) -> Result<Output> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns(ns)]).args(args);
-        run_with_timeout(cmd, timeout).unwrap_or_else(|e| panic!("{e:#}"))
+        run_with_timeout(cmd, timeout)
     }
 
     /// Starts `ARGS` in the background in namespace `<prefix><ns>`; the lab kills it on drop.
@@ -773,8 +779,10 @@ impl Lab {
 
     /// `wg show` of the device's interface, for messages.
     pub fn wg_show(&self, device: &Device) -> String {
-        self.run_in(&device.ns, &["wg", "show", &device.iface], secs(5))
-            .describe()
+        match self.try_run_in(&device.ns, &["wg", "show", &device.iface], secs(5)) {
+            Ok(out) => out.describe(),
+            Err(e) => format!("{e:#}"),
+        }
     }
 }
 
@@ -808,6 +816,14 @@ impl Drop for Lab {
                 self.gateway_log.display(),
                 self.gateway_log_tail()
             );
+            if self.gateway.is_some() {
+                let iface = self.ns("gw");
+                let out = match self.try_run_in("gw", &["wg", "show", &iface], secs(5)) {
+                    Ok(out) => out.describe(),
+                    Err(e) => format!("{e:#}"),
+                };
+                let _ = writeln!(report, "===== gateway UAPI: {out}");
+            }
             for d in &self.devices {
                 let _ = writeln!(report, "===== {} ({}): {}", d.name, d.ns, self.wg_show(d));
             }
