@@ -108,6 +108,7 @@ fn bench(c: &mut Criterion) {
         src: "100.96.0.2:40000".parse().expect("addr"),
         dst: "203.0.113.10:443".parse().expect("addr"),
         opened: Instant::now(),
+        rules: Default::default(),
     };
     let target: SocketAddr = ctx.dst;
     let mut input = Input::new();

@@ -306,6 +306,7 @@ mod tests {
             src: "100.96.0.2:40000".parse().unwrap(),
             dst: "203.0.113.10:80".parse().unwrap(),
             opened,
+            rules: Default::default(),
         }
     }
 

@@ -204,6 +204,7 @@ mod tests {
             src: "100.96.0.2:40000".parse().unwrap(),
             dst: "203.0.113.10:443".parse().unwrap(),
             opened,
+            rules: Default::default(),
         }
     }
 

@@ -34,7 +34,8 @@ fn read(path: &Path) -> anyhow::Result<String> {
 
 /// Loads and compiles; prints warnings and errors, and returns None when there are errors.
 fn load(rules: &Path, lists: Option<&Path>) -> anyhow::Result<Option<(RuleSet, Policy)>> {
-    let set = RuleSet::from_json(&read(rules)?).with_context(|| rules.display().to_string())?;
+    let text = read(rules)?;
+    let set = RuleSet::from_json(&text).with_context(|| rules.display().to_string())?;
     let lists = match lists {
         Some(path) => {
             Some(Lists::from_json(&read(path)?).with_context(|| path.display().to_string())?)
@@ -42,7 +43,10 @@ fn load(rules: &Path, lists: Option<&Path>) -> anyhow::Result<Option<(RuleSet, P
         None => None,
     };
     let report = Policy::check(&set, lists.as_ref());
-    let print = |kind: &str, e: &RuleError| eprintln!("{}: {kind}{e}", rules.display());
+    let print = |kind: &str, e: &RuleError| match file_position(&text, &set, e) {
+        Some((line, column)) => eprintln!("{}:{line}:{column}: {kind}{e}", rules.display()),
+        None => eprintln!("{}: {kind}{e}", rules.display()),
+    };
     report.errors.iter().for_each(|e| print("", e));
     report.warnings.iter().for_each(|w| print("warning: ", w));
     match report.policy {
@@ -57,6 +61,38 @@ fn load(rules: &Path, lists: Option<&Path>) -> anyhow::Result<Option<(RuleSet, P
             Ok(None)
         }
     }
+}
+
+/// Where in the rules file an expression error is, for editors that jump to `FILE:LINE:COL`:
+/// found by locating the expression's JSON string (the first with that text) and counting the
+/// escaped characters before the error's position inside it.
+fn file_position(text: &str, set: &RuleSet, e: &RuleError) -> Option<(usize, usize)> {
+    let pos = e.pos?;
+    let rule = set.rules.get(e.index)?;
+    let expr = match e.key {
+        "traffic" => rule.traffic.get(),
+        "identity" => rule.identity.get(),
+        "device_posture" => rule.device_posture.get(),
+        _ => None,
+    }?;
+    let start = text.find(&serde_json::to_string(expr).ok()?)?;
+    // The expression's lines are joined by escapes inside one line of the file.
+    let mut prefix = String::new();
+    for (i, line) in expr.split('\n').enumerate() {
+        if i + 1 < pos.line as usize {
+            prefix.push_str(line);
+            prefix.push('\n');
+        } else {
+            prefix.extend(line.chars().take((pos.column as usize).saturating_sub(1)));
+            break;
+        }
+    }
+    let encoded = serde_json::to_string(&prefix).ok()?;
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let column =
+        before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + encoded.chars().count();
+    Some((line, column))
 }
 
 fn check(file: &Path, lists: Option<&Path>) -> anyhow::Result<ExitCode> {

@@ -23,8 +23,8 @@ use crate::flow::packet::{self, build_echo_reply, build_rst, ParseError, Parsed}
 use crate::flow::tcp::{TcpFlows, TcpSettings};
 use crate::flow::udp::UdpNat;
 use crate::flow::{
-    Command, DeviceInfo, FlowCtx, FlowDrop, FlowDropCounters, FlowId, PacketSink, Protocol,
-    Upstream, UpstreamEvent,
+    Command, DeviceInfo, FlowCtx, FlowDrop, FlowDropCounters, FlowId, FlowRules, PacketSink,
+    Protocol, Upstream, UpstreamEvent,
 };
 use crate::geoip::GeoIp;
 use crate::policy;
@@ -409,11 +409,12 @@ impl Router {
             src: parsed.src,
             dst: parsed.dst,
             opened: now,
+            rules: FlowRules::default(),
         })
     }
 
     /// Runs the stages for a new flow and logs the decision; an error refuses the flow.
-    fn decide(&mut self, ctx: &FlowCtx, target: SocketAddr) -> Result<Upstream, FlowDrop> {
+    fn decide(&mut self, ctx: &mut FlowCtx, target: SocketAddr) -> Result<Upstream, FlowDrop> {
         if let Some(route) = self.vnets.route(ctx.device.vnet_id.as_deref(), target.ip()) {
             tracing::info!(
                 target: "waygate::policy",
@@ -429,6 +430,7 @@ impl Router {
                 via = %route.via,
                 "flow decision"
             );
+            ctx.rules.route = Some(format!("{} via {}", route.cidr, route.via));
             return Ok(Upstream {
                 dst: target,
                 bind: None,
@@ -486,6 +488,8 @@ impl Router {
             upstream = ?upstream,
             "flow decision"
         );
+        ctx.rules.egress = egress_rule.map(|r| r.id.clone());
+        ctx.rules.l4 = l4_rule.map(|r| r.id.clone());
         Ok(Upstream {
             dst: upstream.ok_or(FlowDrop::PolicyBlocked)?,
             bind,
@@ -511,10 +515,10 @@ impl Router {
             return;
         }
         if flags.syn && !flags.ack && !flags.rst {
-            let Some(ctx) = self.new_ctx(peer, parsed, now, sink) else {
+            let Some(mut ctx) = self.new_ctx(peer, parsed, now, sink) else {
                 return;
             };
-            match self.decide(&ctx, target) {
+            match self.decide(&mut ctx, target) {
                 Ok(upstream) => self
                     .tcp
                     .open(ctx, upstream, packet, flags, &mut self.commands),
@@ -536,11 +540,11 @@ impl Router {
         let id = match self.udp.lookup(peer, parsed.src, parsed.dst) {
             Some(id) => id,
             None => {
-                let Some(ctx) = self.new_ctx(peer, parsed, now, sink) else {
+                let Some(mut ctx) = self.new_ctx(peer, parsed, now, sink) else {
                     return;
                 };
                 let id = ctx.id;
-                let upstream = match self.decide(&ctx, target) {
+                let upstream = match self.decide(&mut ctx, target) {
                     Ok(upstream) => upstream,
                     Err(reason) => {
                         self.drops.add(reason);

@@ -62,6 +62,19 @@ pub struct FlowCtx {
     pub dst: SocketAddr,
     /// When the first packet arrived.
     pub opened: Instant,
+    /// The rules that decided it, for its log line.
+    pub rules: FlowRules,
+}
+
+/// Which rules decided a flow (`None`: no rule matched; the stage's default applied).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowRules {
+    /// The egress rule's id.
+    pub egress: Option<String>,
+    /// The network (l4) rule's id.
+    pub l4: Option<String>,
+    /// The virtual network route taken, as `CIDR via INTERFACE`.
+    pub route: Option<String>,
 }
 
 /// Where and how a flow leaves the gateway, as decided by the stages.
