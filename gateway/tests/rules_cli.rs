@@ -87,6 +87,8 @@ fn check_reports_errors_with_line_and_column() {
             ),
         "{err}"
     );
+    // Prefixed by the error's place in the (pretty-printed) file, for editors.
+    assert!(err.contains("bad.json:8:39: rule 1"), "{err}");
     std::fs::write(
         &r,
         "[\n  {\"name\": \"x\",\n   \"precedence\": \"high\"}\n]",
