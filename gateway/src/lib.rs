@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod datadir;
+pub mod dns;
 pub mod egress;
 pub mod flow;
 pub mod geoip;
