@@ -2,7 +2,9 @@
 //! and the gateway enforces who may send what (issue "The spine").
 //!
 //! Each test builds its own lab (`scripts/lab.sh`), so they can fail independently; checks that
-//! need no fresh state share one lab to keep the file well under two minutes.
+//! need no fresh state share one lab to keep the file well under two minutes. The numbered
+//! comments are the issue's behaviours: `spine_traffic` 1-6, 9, 10 (egress address, refusal, UDP,
+//! two devices, isolation, spoofing, iperf3, ping), `spine_revoke` 7, `spine_restart` 8.
 // Wall-clock deadlines are what these tests measure.
 #![allow(clippy::disallowed_methods)]
 
