@@ -15,6 +15,11 @@
 #          (+ .10 .11 .12) 2001:db8:2::1/64 (egress), default routes via the Internet (.254)
 #   <P>d1  device 1: ul0 198.51.100.11/24 2001:db8:1::11/64, no default route
 #   <P>d2  device 2: ul0 198.51.100.12/24 2001:db8:1::12/64, no default route
+#          2001:db8:2:10::/64 is routed to the gateway and local there (dedicated IPv6 egress)
+#   <P>s1  private site 1 (virtual networks): vs0 198.19.1.2/24 198.18.0.10/24, HTTP echo on
+#          198.18.0.10:80; the gateway's side is vs1 198.19.1.1/24
+#   <P>s2  private site 2: the same 198.18.0.10 behind the gateway's vs2 198.19.2.1/24 (vs0
+#          198.19.2.2/24), so two virtual networks reach one private range at two sites
 #   <P>in  Internet: eg0 192.0.2.254/24 2001:db8:2::254/64; on lo: 203.0.113.10 (HTTP
 #          echo :80), .20 (iperf3 -s), .30 (UDP echo :7, UDP whoami :8), .53 (DNS, later) and
 #          2001:db8:3::10/.20/.30. It has no route to 198.51.100.0/24: devices reach it only
@@ -106,7 +111,7 @@ cmd_up() {
   [ "$(id -u)" -eq 0 ] || die "needs root"
   sd="$(state_dir "$p")"
   [ ! -e "$sd" ] || die "prefix $p is in use ($sd exists); run: $0 down $p"
-  for suffix in ul gw d1 d2 in; do
+  for suffix in ul gw d1 d2 in s1 s2; do
     ! ip netns list | awk '{print $1}' | grep -qx "$p$suffix" || die "namespace $p$suffix exists"
   done
   origin="$(origin_bin)"
@@ -118,8 +123,8 @@ cmd_up() {
   up_ok=0
   trap 'if [ "$up_ok" != 1 ]; then log "up failed; tearing down"; cmd_down "$p"; fi' EXIT
 
-  local ul="${p}ul" gw="${p}gw" d1="${p}d1" d2="${p}d2" in="${p}in"
-  for n in "$ul" "$gw" "$d1" "$d2" "$in"; do add_ns "$p" "$n"; done
+  local ul="${p}ul" gw="${p}gw" d1="${p}d1" d2="${p}d2" in="${p}in" s1="${p}s1" s2="${p}s2"
+  for n in "$ul" "$gw" "$d1" "$d2" "$in" "$s1" "$s2"; do add_ns "$p" "$n"; done
 
   # Underlay: a bridge in <P>ul, one port per host.
   ns "$ul" ip link add br0 type bridge
@@ -145,6 +150,20 @@ cmd_up() {
   ns "$gw" ip -6 route add default via 2001:db8:2::254 dev eg0
   ns "$in" ip addr add 192.0.2.254/24 dev eg0
   ns "$in" ip addr add 2001:db8:2::254/64 dev eg0 nodad
+  # Dedicated IPv6 egress: the Internet routes the prefix to the gateway, which owns all of it.
+  ns "$gw" ip -6 route add local 2001:db8:2:10::/64 dev lo
+  ns "$in" ip -6 route add 2001:db8:2:10::/64 via 2001:db8:2::1 dev eg0
+
+  # Private sites: the same private address at both; the gateway reaches them through vs1 / vs2
+  # (a virtual network's route names the interface), so its main table has no route to 198.18/15.
+  local i s
+  for i in 1 2; do
+    s="${p}s$i"
+    veth "$gw" "vs$i" "$s" vs0
+    ns "$gw" ip addr add "198.19.$i.1/24" dev "vs$i"
+    ns "$s" ip addr add "198.19.$i.2/24" dev vs0
+    ns "$s" ip addr add 198.18.0.10/24 dev vs0
+  done
 
   # Origins: addresses on lo of the Internet namespace (this kernel has no dummy interfaces).
   for a in 10 20 30 53; do ns "$in" ip addr add "203.0.113.$a/32" dev lo; done
@@ -156,13 +175,15 @@ cmd_up() {
     --udp-echo 203.0.113.30:7 --udp-echo '[2001:db8:3::30]:7' \
     --udp-whoami 203.0.113.30:8 --udp-whoami '[2001:db8:3::30]:8'
   start "$p" "$in" iperf3 iperf3 -s -B 203.0.113.20 -p 5201
+  for s in "$s1" "$s2"; do start "$p" "$s" "origin-$s" "$origin" serve --http 198.18.0.10:80; done
   wait_port "$in" tcp "*:80"
   wait_port "$in" udp "203.0.113.30:7"
   wait_port "$in" udp "203.0.113.30:8"
   wait_port "$in" tcp "203.0.113.20:5201"
+  for s in "$s1" "$s2"; do wait_port "$s" tcp "198.18.0.10:80"; done
   up_ok=1
   trap - EXIT
-  log "up: prefix $p (namespaces ${p}ul ${p}gw ${p}d1 ${p}d2 ${p}in; state $sd)"
+  log "up: prefix $p (namespaces ${p}ul ${p}gw ${p}d1 ${p}d2 ${p}in ${p}s1 ${p}s2; state $sd)"
   echo "$p"
 }
 

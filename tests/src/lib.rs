@@ -454,6 +454,26 @@ impl Lab {
         format!("{}{suffix}", self.prefix)
     }
 
+    /// Writes `csv` (`network,country,continent` lines) to the lab's dir and builds a GeoIP
+    /// database from it with `waygate geoip build`; returns the database's path.
+    pub fn build_geoip(&self, csv: &str) -> Result<PathBuf> {
+        let csv_path = self.dir().join("geo.csv");
+        let db = self.dir().join("geo.mmdb");
+        fs::write(&csv_path, csv).context("writing geo.csv")?;
+        let out = self.waygate(&[
+            "geoip",
+            "build",
+            "--csv",
+            &csv_path.to_string_lossy(),
+            "--out",
+            &db.to_string_lossy(),
+        ])?;
+        if !out.ok() {
+            bail!("waygate geoip build: {}", out.describe());
+        }
+        Ok(db)
+    }
+
     /// The gateway's config file.
     pub fn config(&self) -> &Path {
         &self.config
@@ -577,7 +597,17 @@ impl Lab {
     /// Enrolls a device named `name`, writes its wg-quick config (0600) and brings it up with
     /// wg-quick in namespace `<prefix><ns>`, then waits until it pings the gateway.
     pub fn add_device(&mut self, name: &str, ns: &str) -> Result<Device> {
-        let device = self.enroll(name, ns)?;
+        self.add_device_with(name, ns, &[])
+    }
+
+    /// [`Lab::add_device`] with more `waygate device enroll` arguments (`--group G`, `--vnet V`).
+    pub fn add_device_with(
+        &mut self,
+        name: &str,
+        ns: &str,
+        enroll_args: &[&str],
+    ) -> Result<Device> {
+        let device = self.enroll_with(name, ns, enroll_args)?;
         self.device_up(&device)?;
         if !self.wait_tunnel(&device, secs(10)) {
             bail!(
@@ -593,14 +623,15 @@ impl Lab {
     /// Enrolls a device named `name` (to live in namespace `<prefix><ns>`), writes its wg-quick
     /// config (0600), and waits until the running gateway lists it as a peer.
     pub fn enroll(&mut self, name: &str, ns: &str) -> Result<Device> {
-        let out = self.waygate(&[
-            "device",
-            "enroll",
-            "--email",
-            &format!("{name}@example.com"),
-            "--name",
-            name,
-        ])?;
+        self.enroll_with(name, ns, &[])
+    }
+
+    /// [`Lab::enroll`] with more `waygate device enroll` arguments.
+    pub fn enroll_with(&mut self, name: &str, ns: &str, enroll_args: &[&str]) -> Result<Device> {
+        let email = format!("{name}@example.com");
+        let mut args = vec!["device", "enroll", "--email", &email, "--name", name];
+        args.extend_from_slice(enroll_args);
+        let out = self.waygate(&args)?;
         if !out.ok() {
             bail!("enrolling {name} failed: {}", out.describe());
         }
@@ -730,8 +761,19 @@ impl Lab {
 
     /// The source address the HTTP echo origin saw for a `GET /` from the device.
     pub fn http_src(&self, device: &Device, max_time: Duration) -> Result<String, Output> {
-        let url = format!("http://{HTTP_ORIGIN}/");
-        let out = self.curl(device, &url, max_time, &[]);
+        self.http_src_of(device, &format!("http://{HTTP_ORIGIN}/"), max_time, &[])
+    }
+
+    /// The source address an HTTP echo origin at `url` saw for a `GET` from the device, with
+    /// extra curl arguments (`--local-port N`, `-6`).
+    pub fn http_src_of(
+        &self,
+        device: &Device,
+        url: &str,
+        max_time: Duration,
+        extra: &[&str],
+    ) -> Result<String, Output> {
+        let out = self.curl(device, url, max_time, extra);
         if !out.ok() {
             return Err(out);
         }

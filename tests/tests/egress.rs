@@ -46,19 +46,7 @@ fn configure(lab: &mut Lab) {
     lab.stop_gateway();
     let dir = lab.dir().to_path_buf();
     fs::write(dir.join("rules.json"), RULES).expect("rules");
-    fs::write(dir.join("geo.csv"), GEO_CSV).expect("csv");
-    let geo = dir.join("geo.mmdb");
-    let out = lab
-        .waygate(&[
-            "geoip",
-            "build",
-            "--csv",
-            &dir.join("geo.csv").to_string_lossy(),
-            "--out",
-            &geo.to_string_lossy(),
-        ])
-        .expect("waygate geoip build");
-    assert!(out.ok(), "waygate geoip build: {}", out.describe());
+    let geo = lab.build_geoip(GEO_CSV).expect("GeoIP database");
     let mut config = fs::read_to_string(lab.config()).expect("config");
     config.push_str(&format!(
         "[policy]\nrules = \"{}\"\n[geoip]\ndatabase = \"{}\"\n\

@@ -101,7 +101,7 @@ fn enroll(cfg: &Config, registry: &Registry, args: EnrollArgs) -> anyhow::Result
         NewDevice {
             name: args.name,
             email: args.email,
-            user_name: None,
+            user_name: args.user_name,
             groups: args.groups,
             vnet_id,
             public_key: public,

@@ -130,6 +130,9 @@ pub struct EnrollArgs {
     /// Device name (default: derived from the email).
     #[arg(long)]
     pub name: Option<String>,
+    /// The user's display name (`identity.name` in rules).
+    #[arg(long, value_name = "NAME")]
+    pub user_name: Option<String>,
     /// Group the user belongs to (repeatable).
     #[arg(long = "group")]
     pub groups: Vec<String>,
