@@ -7,29 +7,81 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use waygate_shared::policy::fields::FieldId;
+use waygate_shared::policy::fields::Stage;
 use waygate_shared::policy::input::Input;
 use waygate_shared::policy::ruleset::{
-    Action, CompiledRule, EgressAction, Ipv4Fallback, Lists, Policy, RuleSet,
+    Action, CompiledRule, EgressAction, Ipv4Fallback, Lists, Policy, RuleError, RuleSet,
 };
 
 use crate::egress::EgressChoice;
+use crate::flow::sniff::Detected;
 use crate::flow::FlowCtx;
 use crate::geoip::GeoIp;
 
-/// Fields a network rule can only know once the client has sent its first bytes. Flows are
-/// decided at their first packet, so rule sets whose network rules read them are refused rather
-/// than evaluated with the fields unset (which would let a rule written for one server name
-/// decide for all).
+/// Fields a network rule can only know once the client has sent its first bytes.
 const AFTER_FIRST_BYTES: [FieldId; 3] = [
     FieldId::NetSniHost,
     FieldId::NetSniDomains,
     FieldId::NetDetectedProtocol,
 ];
 
+/// A compiled rule set with what the flow stages need to know about its network rules.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The compiled rules of every stage.
+    pub policy: Policy,
+    /// Position, in the l4 stage's evaluation order, of the first rule reading a field known
+    /// only after the client's first bytes (`net.sni.*`, `net.detected_protocol`).
+    pub l4_sniff_rank: Option<usize>,
+}
+
+impl Loaded {
+    /// No rules: every stage takes its default.
+    pub fn empty() -> Loaded {
+        Loaded {
+            policy: Policy::empty(),
+            l4_sniff_rank: None,
+        }
+    }
+
+    /// Compiles `set` with `lists`.
+    pub fn compile(set: &RuleSet, lists: &Lists) -> Result<Loaded, Vec<RuleError>> {
+        let policy = Policy::compile(set, lists)?;
+        let reads = first_bytes_rules(set);
+        let l4_sniff_rank = policy
+            .stage(Stage::L4)
+            .rules()
+            .iter()
+            .position(|r| reads.contains(&r.index));
+        Ok(Loaded {
+            policy,
+            l4_sniff_rank,
+        })
+    }
+
+    /// Whether a TCP flow whose first packet matched `rule` (or nothing) must wait for the
+    /// client's first bytes: a rule ranked above it might still match once they are known.
+    pub fn l4_waits_for_first_bytes(&self, rule: Option<&CompiledRule>) -> bool {
+        let Some(sniff) = self.l4_sniff_rank else {
+            return false;
+        };
+        let Some(rule) = rule else {
+            return true;
+        };
+        let rank = self
+            .policy
+            .stage(Stage::L4)
+            .rules()
+            .iter()
+            .position(|r| r.index == rule.index);
+        rank.is_none_or(|rank| rank >= sniff)
+    }
+}
+
 /// Reads and compiles a rule set (`rules`, with the lists of `lists` when given).
-pub fn load(rules: &Path, lists: Option<&Path>) -> anyhow::Result<Policy> {
+pub fn load(rules: &Path, lists: Option<&Path>) -> anyhow::Result<Loaded> {
     let text = std::fs::read_to_string(rules)
         .with_context(|| format!("cannot read {}", rules.display()))?;
     let set = RuleSet::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", rules.display()))?;
@@ -41,17 +93,17 @@ pub fn load(rules: &Path, lists: Option<&Path>) -> anyhow::Result<Policy> {
         }
         None => Lists::new(Vec::new()),
     };
-    let policy = Policy::compile(&set, &lists).map_err(|errors| {
+    Loaded::compile(&set, &lists).map_err(|errors| {
         let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("{}: {}", rules.display(), all.join("; "))
-    })?;
-    refuse_after_first_bytes_fields(&set).with_context(|| format!("{}", rules.display()))?;
-    Ok(policy)
+    })
 }
 
-fn refuse_after_first_bytes_fields(set: &RuleSet) -> anyhow::Result<()> {
+/// Positions in `set` of the enabled network rules that read a first-bytes field.
+fn first_bytes_rules(set: &RuleSet) -> Vec<usize> {
     use waygate_shared::policy::parser::parse;
-    for rule in &set.rules {
+    let mut found = Vec::new();
+    for (index, rule) in set.rules.iter().enumerate() {
         let is_l4 = rule
             .filters
             .get()
@@ -62,23 +114,23 @@ fn refuse_after_first_bytes_fields(set: &RuleSet) -> anyhow::Result<()> {
         let Some(traffic) = rule.traffic.get() else {
             continue;
         };
+        // The rule compiled, so its expression parses; an error here only means "no".
         let Ok(expr) = parse(traffic) else {
             continue;
         };
-        if let Some(f) = expr
-            .fields()
-            .into_iter()
-            .find(|f| AFTER_FIRST_BYTES.contains(f))
-        {
-            bail!(
-                "network rule {:?} reads {}, which this gateway does not fill yet (flows are \
-                 decided at their first packet); remove the rule or move it to an HTTP rule",
-                rule.name.get().map(String::as_str).unwrap_or("(unnamed)"),
-                f.info().name
-            );
+        if expr.fields().iter().any(|f| AFTER_FIRST_BYTES.contains(f)) {
+            found.push(index);
         }
     }
-    Ok(())
+    found
+}
+
+/// Sets the fields the client's first bytes revealed.
+pub fn first_bytes_input(input: &mut Input, detected: &Detected) {
+    input.set_str(FieldId::NetDetectedProtocol, detected.protocol());
+    if let Detected::Tls { sni: Some(host) } = detected {
+        input.set_host(FieldId::NetSniHost, host);
+    }
 }
 
 /// Fills `input` with what is known about a new flow going to `target`.
@@ -302,27 +354,61 @@ mod tests {
     }
 
     #[test]
-    fn rule_sets_needing_first_bytes_are_refused_with_the_rule_named() {
+    fn flows_wait_for_first_bytes_only_when_a_sniffing_rule_ranks_above_their_match() {
+        let loaded = |json: &str| {
+            let set = RuleSet::from_json(json).unwrap();
+            Loaded::compile(&set, &Lists::new(Vec::new())).unwrap()
+        };
+        let rules = loaded(
+            r#"[{"id": "ssh", "action": "block", "filters": ["l4"], "precedence": 1,
+                 "traffic": "net.dst.port == 22"},
+                {"id": "sni", "action": "block", "filters": ["l4"], "precedence": 2,
+                 "traffic": "net.sni.host == \"blocked.example\""},
+                {"id": "web", "action": "allow", "filters": ["l4"], "precedence": 3,
+                 "traffic": "net.dst.port == 443"}]"#,
+        );
+        assert_eq!(rules.l4_sniff_rank, Some(1));
+        let l4 = rules.policy.stage(Stage::L4);
+        let rule = |id: &str| l4.rules().iter().find(|r| r.id == id);
+        // A match above the SNI rule is final; below it, or no match, waits for the bytes.
+        assert!(!rules.l4_waits_for_first_bytes(rule("ssh")));
+        assert!(rules.l4_waits_for_first_bytes(rule("web")));
+        assert!(rules.l4_waits_for_first_bytes(None));
+
+        let mut input = Input::new();
+        input.set_int(FieldId::NetDstPort, 443);
+        first_bytes_input(
+            &mut input,
+            &Detected::Tls {
+                sni: Some("www.blocked.example".into()),
+            },
+        );
+        assert_eq!(l4.evaluate(&input).map(|r| r.id.as_str()), Some("web"));
+        first_bytes_input(
+            &mut input,
+            &Detected::Tls {
+                sni: Some("blocked.example".into()),
+            },
+        );
+        assert_eq!(l4.evaluate(&input).map(|r| r.id.as_str()), Some("sni"));
+
+        let plain =
+            loaded(r#"[{"action": "allow", "filters": ["l4"], "traffic": "net.dst.port == 443"}]"#);
+        assert_eq!(plain.l4_sniff_rank, None);
+        assert!(!plain.l4_waits_for_first_bytes(None));
+    }
+
+    #[test]
+    fn a_rules_file_that_is_no_rule_set_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rules.json");
-        std::fs::write(
-            &path,
-            r#"[{"name": "no example", "action": "block", "filters": ["l4"],
-                 "traffic": "net.sni.host == \"example.com\""}]"#,
-        )
-        .unwrap();
-        let err = format!("{:#}", load(&path, None).unwrap_err());
-        assert!(
-            err.contains("\"no example\"") && err.contains("net.sni.host"),
-            "{err}"
-        );
+        std::fs::write(&path, "not json").unwrap();
+        assert!(load(&path, None).is_err());
         std::fs::write(
             &path,
             r#"[{"action": "allow", "filters": ["l4"], "traffic": "net.dst.port == 443"}]"#,
         )
         .unwrap();
         assert!(load(&path, None).is_ok());
-        std::fs::write(&path, "not json").unwrap();
-        assert!(load(&path, None).is_err());
     }
 }

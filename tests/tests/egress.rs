@@ -19,7 +19,8 @@ fn secs(n: u64) -> Duration {
 }
 
 /// Rules: Alice's traffic to Japan leaves from the primary location (the secondary while it is
-/// down); a network rule blocks Bob's UDP echo; another sends 203.0.113.99 to the HTTP origin;
+/// down); network rules allow Alice's UDP echo above a rule blocking everyone's, reset TLS to
+/// blocked.example (from the ClientHello's SNI), and send 203.0.113.99 to the HTTP origin;
 /// everything else leaves from the catch-all address at the bottom.
 const RULES: &str = r#"{"result": [
   {"id": "alice-jp", "name": "Alice to Japan", "action": "egress", "filters": ["egress"],
@@ -30,10 +31,14 @@ const RULES: &str = r#"{"result": [
   {"id": "catch-all", "name": "Everyone else", "action": "egress", "filters": ["egress"],
    "precedence": 1000, "traffic": "net.dst.ip == 0.0.0.0/0",
    "rule_settings": {"egress": {"ipv4": "192.0.2.12", "ipv6": "", "ipv4_fallback": "0.0.0.0"}}},
-  {"id": "no-echo-for-bob", "name": "No UDP echo for Bob", "action": "block", "filters": ["l4"],
-   "precedence": 20,
+  {"id": "echo-for-alice", "name": "UDP echo for Alice", "action": "allow", "filters": ["l4"],
+   "precedence": 15,
    "traffic": "net.protocol == \"udp\" and net.dst.port == 7",
-   "identity": "identity.email == \"bob@example.com\""},
+   "identity": "identity.email == \"alice@example.com\""},
+  {"id": "no-echo", "name": "No UDP echo", "action": "block", "filters": ["l4"],
+   "precedence": 20, "traffic": "net.protocol == \"udp\" and net.dst.port == 7"},
+  {"id": "no-blocked-example", "name": "No blocked.example", "action": "block",
+   "filters": ["l4"], "precedence": 5, "traffic": "net.sni.host == \"blocked.example\""},
   {"id": "moved", "name": "Moved origin", "action": "l4_override", "filters": ["l4"],
    "precedence": 30, "traffic": "net.dst.ip == 203.0.113.99 and net.dst.port == 80",
    "rule_settings": {"l4override": {"ip": "203.0.113.10", "port": 80}}}
@@ -119,7 +124,26 @@ fn egress_and_network_rules_steer_block_redirect_and_fail_over() {
     assert!(udp_echo(&lab, &alice), "Alice's UDP echo must pass");
     assert!(
         !udp_echo(&lab, &bob),
-        "Bob's UDP echo must be blocked by rule no-echo-for-bob"
+        "Bob's UDP echo must be blocked by rule no-echo"
+    );
+    // The SNI rule: TLS to blocked.example is reset once the ClientHello is seen; another name
+    // reaches the origin (a plain HTTP server, so that TLS handshake fails differently).
+    let tls_to = |name: &str| {
+        let connect = format!("{name}:443:{HTTP_ORIGIN}:80");
+        let url = format!("https://{name}/");
+        lab.curl(&alice, &url, secs(5), &["-k", "--connect-to", &connect])
+    };
+    let blocked = tls_to("blocked.example");
+    assert!(
+        !blocked.ok() && blocked.stderr.contains("reset"),
+        "TLS to blocked.example must be reset: {}",
+        blocked.describe()
+    );
+    let other = tls_to("allowed.example");
+    assert!(
+        !other.stderr.contains("reset"),
+        "TLS to allowed.example must reach the origin: {}",
+        other.describe()
     );
     let moved = lab.curl(&alice, "http://203.0.113.99/", secs(5), &[]);
     assert!(

@@ -18,9 +18,10 @@ use std::time::Instant;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::egress::{Egress, EgressSettings, Probe};
+use crate::egress::{Egress, EgressChoice, EgressSettings, Probe};
 use crate::flow::packet::{self, build_echo_reply, build_rst, ParseError, Parsed};
-use crate::flow::tcp::{TcpFlows, TcpSettings};
+use crate::flow::sniff::Detected;
+use crate::flow::tcp::{Opening, Release, TcpFlows, TcpSettings};
 use crate::flow::udp::UdpNat;
 use crate::flow::{
     Command, DeviceInfo, FlowCtx, FlowDrop, FlowDropCounters, FlowId, FlowRules, PacketSink,
@@ -33,7 +34,6 @@ use crate::vnet::{VnetRoute, VnetRoutes};
 use crate::wg::{self, Endpoint, PeerId, Received};
 use waygate_shared::policy::fields::Stage;
 use waygate_shared::policy::input::Input;
-use waygate_shared::policy::ruleset::Policy;
 
 /// What the core needs from the config.
 #[derive(Debug, Clone)]
@@ -70,7 +70,7 @@ struct Router {
     udp: UdpNat,
     egress: Egress,
     vnets: VnetRoutes,
-    policy: Arc<Policy>,
+    policy: Arc<policy::Loaded>,
     geoip: Option<Arc<GeoIp>>,
     /// Reused for every new flow, so deciding allocates nothing once warm.
     input: Input,
@@ -116,7 +116,7 @@ impl GatewayCore {
             router: Router {
                 egress: Egress::new(settings.egress.clone()),
                 vnets: VnetRoutes::default(),
-                policy: Arc::new(Policy::empty()),
+                policy: Arc::new(policy::Loaded::empty()),
                 geoip: None,
                 input: Input::new(),
                 settings,
@@ -152,7 +152,7 @@ impl GatewayCore {
     }
 
     /// Replaces the rule set; flows opened from now on are decided by it.
-    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+    pub fn set_policy(&mut self, policy: Arc<policy::Loaded>) {
         self.router.policy = policy;
     }
 
@@ -235,9 +235,12 @@ impl GatewayCore {
             UpstreamEvent::UdpData { flow, data } => {
                 router.udp.receive(flow, &data, now, &mut sink)
             }
-            other => router
-                .tcp
-                .handle_event(other, now, &mut sink, &mut router.commands),
+            other => {
+                router
+                    .tcp
+                    .handle_event(other, now, &mut sink, &mut router.commands);
+                router.decide_sniffed(now, &mut sink);
+            }
         }
     }
 
@@ -255,6 +258,7 @@ impl GatewayCore {
         router
             .tcp
             .handle_timeout(now, &mut sink, &mut router.commands);
+        router.decide_sniffed(now, &mut sink);
         router.udp.handle_timeout(now, &mut router.commands);
     }
 
@@ -267,6 +271,7 @@ impl GatewayCore {
         };
         let router = &mut self.router;
         router.tcp.flush(now, &mut sink, &mut router.commands);
+        router.decide_sniffed(now, &mut sink);
     }
 
     /// The next time [`GatewayCore::handle_timeout`] must run.
@@ -413,62 +418,47 @@ impl Router {
         })
     }
 
-    /// Runs the stages for a new flow and logs the decision; an error refuses the flow.
-    fn decide(&mut self, ctx: &mut FlowCtx, target: SocketAddr) -> Result<Upstream, FlowDrop> {
-        if let Some(route) = self.vnets.route(ctx.device.vnet_id.as_deref(), target.ip()) {
-            tracing::info!(
-                target: "waygate::policy",
-                stage = "egress",
-                flow = ctx.id,
-                device = %ctx.device.name,
-                user = %ctx.device.email,
-                protocol = ctx.protocol.as_str(),
-                src = %ctx.src,
-                dst = %ctx.dst,
-                vnet = ctx.device.vnet_id.as_deref().unwrap_or("default"),
-                route = %route.cidr,
-                via = %route.via,
-                "flow decision"
-            );
-            ctx.rules.route = Some(format!("{} via {}", route.cidr, route.via));
-            return Ok(Upstream {
-                dst: target,
-                bind: None,
-                via: Some(route.ifindex),
-            });
-        }
-        if self.vnets.covers(target.ip()) {
-            // Another network's private range: the host may well have a route there, but only
-            // that network's devices may use it.
-            tracing::info!(
-                target: "waygate::policy",
-                stage = "egress",
-                flow = ctx.id,
-                device = %ctx.device.name,
-                user = %ctx.device.email,
-                protocol = ctx.protocol.as_str(),
-                src = %ctx.src,
-                dst = %ctx.dst,
-                vnet = ctx.device.vnet_id.as_deref().unwrap_or("default"),
-                decision = "refused",
-                reason = "private route of another virtual network",
-                "flow decision"
-            );
-            return Err(FlowDrop::OtherVnet);
-        }
+    /// Runs the stages for a new flow and logs the decision; an error refuses the flow. When
+    /// the network decision waits for the client's first bytes (TCP only), the flow opens to
+    /// what its first packet decided (the dialled destination if that was a block).
+    fn decide(
+        &mut self,
+        ctx: &mut FlowCtx,
+        target: SocketAddr,
+    ) -> Result<(Upstream, Opening), FlowDrop> {
         // Egress, then network: the egress rule picks the source, the network rule may refuse
-        // the flow or send it elsewhere.
+        // the flow or send it elsewhere; a virtual network's private route replaces egress.
         policy::flow_input(&mut self.input, ctx, target, self.geoip.as_deref());
-        let egress_rule = self.policy.stage(Stage::Egress).evaluate(&self.input);
-        let choice = egress_rule.and_then(policy::egress_choice);
-        let l4_rule = self.policy.stage(Stage::L4).evaluate(&self.input);
-        let verdict = policy::l4_verdict(l4_rule, target);
-        let (upstream, bind) = match verdict {
-            policy::L4Verdict::Allow { target: to } => {
-                (Some(to), self.egress.select(ctx, to.ip(), choice.as_ref()))
+        let loaded = Arc::clone(&self.policy);
+        let rules = &loaded.policy;
+        let egress_rule = rules.stage(Stage::Egress).evaluate(&self.input);
+        let l4_rule = rules.stage(Stage::L4).evaluate(&self.input);
+        let pending = ctx.protocol == Protocol::Tcp && loaded.l4_waits_for_first_bytes(l4_rule);
+        let mut verdict = policy::l4_verdict(l4_rule, target);
+        let mut opening = Opening::Connect;
+        if pending {
+            let dialled = target;
+            opening = Opening::ConnectAndHold { dialled };
+            if verdict == policy::L4Verdict::Block {
+                opening = Opening::AcceptAndHold { dialled };
+                verdict = policy::L4Verdict::Allow { target };
             }
-            policy::L4Verdict::Block => (None, None),
+        }
+        ctx.rules.egress = egress_rule.map(|r| r.id.clone());
+        ctx.rules.l4 = if pending {
+            None
+        } else {
+            l4_rule.map(|r| r.id.clone())
         };
+        let choice = egress_rule.and_then(policy::egress_choice);
+        let upstream = match verdict {
+            policy::L4Verdict::Allow { target: to } => self.route(ctx, to, choice.as_ref()),
+            policy::L4Verdict::Block => Err(FlowDrop::PolicyBlocked),
+        };
+        let (egress_rule, l4_rule) = (
+            egress_rule.map(|r| (r.id.as_str(), r.name.as_str())),
+            l4_rule.map(|r| (r.id.as_str(), r.name.as_str(), r.action_name.as_str())),
+        );
         tracing::info!(
             target: "waygate::policy",
             stage = "flow",
@@ -479,22 +469,105 @@ impl Router {
             src = %ctx.src,
             dst = %ctx.dst,
             vnet = ctx.device.vnet_id.as_deref().unwrap_or("default"),
-            egress_rule = egress_rule.map_or("default", |r| r.id.as_str()),
-            egress_rule_name = egress_rule.map(|r| r.name.as_str()),
-            egress = ?bind,
-            l4_rule = l4_rule.map(|r| r.id.as_str()),
-            l4_rule_name = l4_rule.map(|r| r.name.as_str()),
-            l4_action = l4_rule.map_or("allow", |r| r.action_name.as_str()),
-            upstream = ?upstream,
+            route = ctx.rules.route.as_deref(),
+            egress_rule = egress_rule.map_or("default", |r| r.0),
+            egress_rule_name = egress_rule.map(|r| r.1),
+            egress = ?upstream.as_ref().ok().and_then(|u| u.bind),
+            l4_rule = l4_rule.filter(|_| !pending).map(|r| r.0),
+            l4_rule_name = l4_rule.filter(|_| !pending).map(|r| r.1),
+            l4_action = if pending { "pending first bytes" } else { l4_rule.map_or("allow", |r| r.2) },
+            upstream = ?upstream.as_ref().ok().map(|u| u.dst),
+            refused = ?upstream.as_ref().err(),
             "flow decision"
         );
-        ctx.rules.egress = egress_rule.map(|r| r.id.clone());
-        ctx.rules.l4 = l4_rule.map(|r| r.id.clone());
+        upstream.map(|u| (u, opening))
+    }
+
+    /// Where a flow allowed to `to` leaves: a private route of its virtual network, else the
+    /// Internet from the egress address. Other networks' private ranges are refused: the host
+    /// may well have a route there, but only that network's devices may use it.
+    fn route(
+        &mut self,
+        ctx: &mut FlowCtx,
+        to: SocketAddr,
+        choice: Option<&EgressChoice>,
+    ) -> Result<Upstream, FlowDrop> {
+        if let Some(route) = self.vnets.route(ctx.device.vnet_id.as_deref(), to.ip()) {
+            ctx.rules.route = Some(format!("{} via {}", route.cidr, route.via));
+            return Ok(Upstream {
+                dst: to,
+                bind: None,
+                via: Some(route.ifindex),
+            });
+        }
+        if self.vnets.covers(to.ip()) {
+            return Err(FlowDrop::OtherVnet);
+        }
         Ok(Upstream {
-            dst: upstream.ok_or(FlowDrop::PolicyBlocked)?,
-            bind,
+            dst: to,
+            bind: self.egress.select(ctx, to.ip(), choice),
             via: None,
         })
+    }
+
+    /// Decides the held TCP flows whose first bytes are known.
+    fn decide_sniffed(&mut self, now: Instant, sink: &mut WgSink<'_>) {
+        while let Some((id, detected)) = self.tcp.poll_sniffed() {
+            let Some(held) = self.tcp.held(id) else {
+                continue;
+            };
+            let mut ctx = held.ctx.clone();
+            let (target, opened, connected) = (held.dialled, held.opened, held.connected);
+            policy::flow_input(&mut self.input, &ctx, target, self.geoip.as_deref());
+            policy::first_bytes_input(&mut self.input, &detected);
+            let rules = Arc::clone(&self.policy);
+            let l4_rule = rules.policy.stage(Stage::L4).evaluate(&self.input);
+            let release = match policy::l4_verdict(l4_rule, target) {
+                policy::L4Verdict::Block => Release::Reset,
+                policy::L4Verdict::Allow { target: to } if connected && to == opened.dst => {
+                    Release::Forward
+                }
+                policy::L4Verdict::Allow { target: to } => {
+                    let choice = rules
+                        .policy
+                        .stage(Stage::Egress)
+                        .evaluate(&self.input)
+                        .and_then(policy::egress_choice);
+                    match self.route(&mut ctx, to, choice.as_ref()) {
+                        Ok(upstream) => Release::Redirect(upstream),
+                        Err(_) => Release::Reset,
+                    }
+                }
+            };
+            if release == Release::Reset {
+                self.drops.add(FlowDrop::PolicyBlocked);
+            }
+            let sni = match &detected {
+                Detected::Tls { sni } => sni.as_deref(),
+                _ => None,
+            };
+            tracing::info!(
+                target: "waygate::policy",
+                stage = "l4",
+                flow = id,
+                device = %ctx.device.name,
+                user = %ctx.device.email,
+                src = %ctx.src,
+                dst = %ctx.dst,
+                detected_protocol = detected.protocol(),
+                sni,
+                l4_rule = l4_rule.map(|r| r.id.as_str()),
+                l4_rule_name = l4_rule.map(|r| r.name.as_str()),
+                l4_action = l4_rule.map_or("allow", |r| r.action_name.as_str()),
+                decision = ?release,
+                "flow decision"
+            );
+            if let Some(held) = self.tcp.held(id) {
+                held.ctx.rules.l4 = l4_rule.map(|r| r.id.clone());
+                held.ctx.rules.route = ctx.rules.route.clone();
+            }
+            self.tcp.release(id, release, now, sink, &mut self.commands);
+        }
     }
 
     fn tcp_segment(
@@ -519,9 +592,16 @@ impl Router {
                 return;
             };
             match self.decide(&mut ctx, target) {
-                Ok(upstream) => self
-                    .tcp
-                    .open(ctx, upstream, packet, flags, &mut self.commands),
+                Ok((upstream, opening)) => self.tcp.open(
+                    ctx,
+                    upstream,
+                    packet,
+                    flags,
+                    opening,
+                    now,
+                    sink,
+                    &mut self.commands,
+                ),
                 Err(reason) => self.refuse(peer, parsed, reason, sink),
             }
         } else {
@@ -545,7 +625,7 @@ impl Router {
                 };
                 let id = ctx.id;
                 let upstream = match self.decide(&mut ctx, target) {
-                    Ok(upstream) => upstream,
+                    Ok((upstream, _)) => upstream,
                     Err(reason) => {
                         self.drops.add(reason);
                         return;

@@ -790,3 +790,152 @@ fn fill_ipv4_checksum(p: &mut [u8]) {
     let folded = (folded & 0xffff) + (folded >> 16);
     p[10..12].copy_from_slice(&(!(folded as u16)).to_be_bytes());
 }
+
+fn sniffing_rules() -> Arc<policy::Loaded> {
+    let set = waygate_shared::policy::ruleset::RuleSet::from_json(
+        r#"[{"id": "no-blocked", "action": "block", "filters": ["l4"], "precedence": 1,
+             "traffic": "net.sni.host == \"blocked.example\""},
+            {"id": "http-8080", "action": "l4_override", "filters": ["l4"], "precedence": 2,
+             "traffic": "net.detected_protocol == \"http\" and net.dst.port == 8080",
+             "rule_settings": {"l4override": {"ip": "203.0.113.10", "port": 80}}}]"#,
+    )
+    .unwrap();
+    let lists = waygate_shared::policy::ruleset::Lists::new(Vec::new());
+    Arc::new(policy::Loaded::compile(&set, &lists).unwrap())
+}
+
+/// Connects the device to `to`, lets the upstream connect, and sends `first` from the device.
+fn held_flow(sim: &mut Sim, to: SocketAddr, first: &[u8]) -> (SocketHandle, FlowId) {
+    let h = sim.tcp_connect(to);
+    let (flow, upstream) = connect_flow(&sim.take_commands());
+    assert_eq!(
+        upstream.dst, to,
+        "a held flow connects where the device dialled"
+    );
+    sim.upstream(UpstreamEvent::TcpConnected {
+        flow,
+        local: SocketAddr::new(IpAddr::V4(EGRESS), 50000),
+    });
+    assert_eq!(sim.tcp(h).state(), tcp::State::Established);
+    if !first.is_empty() {
+        sim.tcp(h).send_slice(first).unwrap();
+        sim.run();
+    }
+    (h, flow)
+}
+
+#[test]
+fn network_rules_on_the_first_bytes_block_forward_and_redirect() {
+    let mut sim = Sim::new();
+    sim.core.set_policy(sniffing_rules());
+
+    // The SNI of the ClientHello decides: blocked.example is reset, nothing reached upstream.
+    let hello = crate::flow::sniff::client_hello("blocked.example");
+    let to = SocketAddr::new(ORIGIN.ip(), 443);
+    let (h, flow) = held_flow(&mut sim, to, &hello);
+    let cmds = sim.take_commands();
+    assert!(sent_upstream(&cmds).is_empty(), "{cmds:?}");
+    assert!(cmds
+        .iter()
+        .any(|c| matches!(c, Command::TcpClose { flow: f } if *f == flow)));
+    assert_eq!(sim.tcp(h).state(), tcp::State::Closed);
+
+    // Another name passes, with the whole ClientHello.
+    let hello = crate::flow::sniff::client_hello("www.example.com");
+    let to = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 11)), 443);
+    let (h, _) = held_flow(&mut sim, to, &hello);
+    assert_eq!(sent_upstream(&sim.take_commands()), hello);
+    assert_eq!(sim.tcp(h).state(), tcp::State::Established);
+
+    // HTTP to port 8080 is redirected: the first upstream is closed, the new one gets the
+    // request once connected.
+    let request = b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n";
+    let to = SocketAddr::new(ORIGIN.ip(), 8080);
+    let (h, flow) = held_flow(&mut sim, to, request);
+    let cmds = sim.take_commands();
+    assert!(sent_upstream(&cmds).is_empty());
+    assert!(cmds
+        .iter()
+        .any(|c| matches!(c, Command::TcpClose { flow: f } if *f == flow)));
+    let (again, upstream) = connect_flow(&cmds);
+    assert_eq!((again, upstream.dst), (flow, ORIGIN));
+    // What the closed upstream still reported is not the new one's.
+    sim.upstream(UpstreamEvent::TcpData {
+        flow,
+        data: Bytes::from_static(b"stale"),
+    });
+    sim.upstream(UpstreamEvent::TcpConnected {
+        flow,
+        local: SocketAddr::new(IpAddr::V4(EGRESS), 50001),
+    });
+    assert_eq!(sent_upstream(&sim.take_commands()), request);
+    assert_eq!(sim.tcp(h).recv_queue(), 0);
+    assert_eq!(sim.tcp(h).state(), tcp::State::Established);
+}
+
+#[test]
+fn a_held_flow_where_the_server_speaks_first_is_decided_after_the_wait() {
+    let mut sim = Sim::new();
+    sim.core.set_policy(sniffing_rules());
+    let to = SocketAddr::new(ORIGIN.ip(), 25);
+    let (h, flow) = held_flow(&mut sim, to, b"");
+    // The greeting is not held.
+    sim.upstream(UpstreamEvent::TcpData {
+        flow,
+        data: Bytes::from_static(b"220 mail.example ESMTP\r\n"),
+    });
+    assert_eq!(sim.tcp(h).recv_queue(), 24);
+    // Two bytes that could still start an HTTP request wait, but not past the wait.
+    sim.tcp(h).send_slice(b"GE").unwrap();
+    sim.run();
+    assert!(sent_upstream(&sim.take_commands()).is_empty(), "held");
+    sim.advance(crate::flow::tcp::SNIFF_WAIT);
+    assert_eq!(sent_upstream(&sim.take_commands()), b"GE");
+    sim.tcp(h).send_slice(b"T x\r\n").unwrap();
+    sim.run();
+    assert_eq!(sent_upstream(&sim.take_commands()), b"T x\r\n");
+}
+
+#[test]
+fn a_flow_its_first_packet_blocks_is_held_unconnected_until_its_first_bytes() {
+    let mut sim = Sim::new();
+    let set = waygate_shared::policy::ruleset::RuleSet::from_json(
+        r#"[{"id": "partner", "action": "allow", "filters": ["l4"], "precedence": 1,
+             "traffic": "net.sni.host == \"partner.example\""},
+            {"id": "no-443", "action": "block", "filters": ["l4"], "precedence": 2,
+             "traffic": "net.dst.port == 443"}]"#,
+    )
+    .unwrap();
+    let lists = waygate_shared::policy::ruleset::Lists::new(Vec::new());
+    sim.core
+        .set_policy(Arc::new(policy::Loaded::compile(&set, &lists).unwrap()));
+
+    // Nothing connects to a destination the flow will most likely not reach.
+    let to = SocketAddr::new(ORIGIN.ip(), 443);
+    let h = sim.tcp_connect(to);
+    assert!(sim.take_commands().is_empty());
+    assert_eq!(sim.tcp(h).state(), tcp::State::Established);
+    sim.tcp(h)
+        .send_slice(&crate::flow::sniff::client_hello("other.example"))
+        .unwrap();
+    sim.run();
+    assert!(!sim
+        .take_commands()
+        .iter()
+        .any(|c| matches!(c, Command::TcpConnect { .. } | Command::TcpSend { .. })));
+    assert_eq!(sim.tcp(h).state(), tcp::State::Closed);
+
+    // The rule above the block lets this name through: the decision connects the flow.
+    let to = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 12)), 443);
+    let h = sim.tcp_connect(to);
+    let hello = crate::flow::sniff::client_hello("partner.example");
+    sim.tcp(h).send_slice(&hello).unwrap();
+    sim.run();
+    let (flow, upstream) = connect_flow(&sim.take_commands());
+    assert_eq!(upstream.dst, to);
+    sim.upstream(UpstreamEvent::TcpConnected {
+        flow,
+        local: SocketAddr::new(IpAddr::V4(EGRESS), 50002),
+    });
+    assert_eq!(sent_upstream(&sim.take_commands()), hello);
+}

@@ -304,31 +304,32 @@ fn server_name(body: &[u8]) -> Option<Option<String>> {
     Some(None)
 }
 
+/// A ClientHello as a real TLS stack writes it (for tests here and in the core).
+#[cfg(test)]
+pub(crate) fn client_hello(name: &str) -> Vec<u8> {
+    use std::sync::Arc;
+    let roots = rustls::RootCertStore::empty();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), name.to_string().try_into().unwrap())
+            .unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    /// A ClientHello as a real TLS stack writes it.
-    fn client_hello(name: &str) -> Vec<u8> {
-        use std::sync::Arc;
-        let roots = rustls::RootCertStore::empty();
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let mut conn =
-            rustls::ClientConnection::new(Arc::new(config), name.to_string().try_into().unwrap())
-                .unwrap();
-        let mut out = Vec::new();
-        while conn.wants_write() {
-            conn.write_tls(&mut out).unwrap();
-        }
-        out
-    }
 
     fn tls(sni: Option<&str>) -> Sniff {
         Sniff::Done(Detected::Tls {

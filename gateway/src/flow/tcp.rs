@@ -9,6 +9,12 @@
 //! on exactly the destination the device dialled is created and the SYN is fed to it, so the
 //! device sees SYN-ACK only for reachable origins and a RST for refused ones.
 //!
+//! When a network rule ranked above the flow's first-packet match reads the client's first bytes
+//! (`net.sni.host`, `net.detected_protocol`), the flow connects to its destination as usual but
+//! holds the device's bytes: once [`sniff`] has seen enough of them (or the device sent nothing
+//! for [`SNIFF_WAIT`]), the flow is listed in [`TcpFlows::poll_sniffed`] and waits for
+//! [`TcpFlows::release`] to forward, reset or redirect it.
+//!
 //! Backpressure both ways: at most [`TcpSettings::upload_window`] bytes are in flight to the
 //! upstream (the smoltcp receive window closes behind them), and the runtime reads from the
 //! upstream only as far as [`Command::TcpCredit`] allows.
@@ -26,7 +32,8 @@ use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
 
 use super::device::FlowDevice;
 use super::packet::{build_rst, TcpFlags};
-use super::{Command, FlowCtx, FlowId, PacketSink, UpstreamEvent};
+use super::sniff::{sniff, Detected, Sniff, MAX_SNIFF};
+use super::{Command, FlowCtx, FlowId, PacketSink, Upstream, UpstreamEvent};
 use crate::wg::PeerId;
 
 /// Tuning of terminated connections.
@@ -85,6 +92,66 @@ impl TcpSettings {
             bdp.clamp(self.tx_buffer_min, self.buffer_max.max(self.tx_buffer_min)),
         )
     }
+}
+
+/// How long a held flow waits for the client's first bytes before it is decided without them
+/// (the protocol then counts as unknown): protocols where the server speaks first are not
+/// stalled for longer than this, and they are not stalled at all in their download direction.
+pub const SNIFF_WAIT: Duration = Duration::from_secs(1);
+
+/// Where a flow is in waiting for its network decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// Decided: bytes move.
+    Off,
+    /// Collecting the client's first bytes; `until` is set once the upstream is connected.
+    Sniffing { until: Option<Instant> },
+    /// Listed in `sniffed`, waiting for [`TcpFlows::release`].
+    Deciding,
+    /// Redirected: the first upstream is closed, the new one not yet connected.
+    Reconnecting,
+}
+
+/// How a new flow starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// Connect upstream; answer the device once connected; bytes move.
+    Connect,
+    /// Connect upstream as [`Opening::Connect`], but hold the device's bytes for the decision
+    /// about the flow to `dialled` (the destination the stages were asked about).
+    ConnectAndHold {
+        /// The destination the decision is about.
+        dialled: SocketAddr,
+    },
+    /// Answer the device at once without connecting (the flow would likely be blocked): the
+    /// decision connects it, with [`Release::Redirect`], or resets it.
+    AcceptAndHold {
+        /// The destination the decision is about.
+        dialled: SocketAddr,
+    },
+}
+
+/// A held flow as the network stage sees it.
+pub struct Held<'a> {
+    /// Its context.
+    pub ctx: &'a mut FlowCtx,
+    /// The destination the decision is about.
+    pub dialled: SocketAddr,
+    /// Where it was opened to.
+    pub opened: Upstream,
+    /// Whether that upstream is connected.
+    pub connected: bool,
+}
+
+/// What the network stage decided for a held flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Forward the held bytes to the connected upstream.
+    Forward,
+    /// Reset the device's connection and close the upstream.
+    Reset,
+    /// Close the upstream, connect here instead, then forward.
+    Redirect(Upstream),
 }
 
 /// How long a device's smallest handshake round-trip time stays its estimate when later
@@ -150,6 +217,10 @@ enum Phase {
 
 struct TcpFlow {
     ctx: FlowCtx,
+    upstream: Upstream,
+    /// The destination the network decision is about.
+    dialled: SocketAddr,
+    hold: Hold,
     upstream_local: Option<SocketAddr>,
     phase: Phase,
     upload_in_flight: usize,
@@ -190,6 +261,8 @@ pub struct TcpFlows {
     dirty: Vec<FlowId>,
     scratch: Vec<u8>,
     peers: HashMap<PeerId, PeerState>,
+    /// Held flows whose first bytes are known, for [`TcpFlows::poll_sniffed`].
+    sniffed: VecDeque<(FlowId, Detected)>,
 }
 
 impl TcpFlows {
@@ -218,6 +291,7 @@ impl TcpFlows {
             dirty: Vec::new(),
             scratch,
             peers: HashMap::new(),
+            sniffed: VecDeque::new(),
         }
     }
 
@@ -242,12 +316,18 @@ impl TcpFlows {
     }
 
     /// Starts a flow from its SYN: asks the runtime to connect and keeps the SYN until then.
-    pub fn open(
+    /// With `hold`, the device's bytes wait for the network decision (see the module doc).
+    // The SYN, the decision and the sinks; a struct for them would only hide which is which.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open<S: PacketSink>(
         &mut self,
         ctx: FlowCtx,
-        upstream: super::Upstream,
+        upstream: Upstream,
         syn: &[u8],
         flags: TcpFlags,
+        opening: Opening,
+        now: Instant,
+        sink: &mut S,
         out: &mut VecDeque<Command>,
     ) {
         let id = ctx.id;
@@ -256,6 +336,18 @@ impl TcpFlows {
             id,
             TcpFlow {
                 ctx,
+                upstream,
+                dialled: match opening {
+                    Opening::Connect => upstream.dst,
+                    Opening::ConnectAndHold { dialled } | Opening::AcceptAndHold { dialled } => {
+                        dialled
+                    }
+                },
+                hold: if opening == Opening::Connect {
+                    Hold::Off
+                } else {
+                    Hold::Sniffing { until: None }
+                },
                 upstream_local: None,
                 phase: Phase::Connecting {
                     syn: syn.to_vec(),
@@ -276,7 +368,11 @@ impl TcpFlows {
                 bytes_down: 0,
             },
         );
-        out.push_back(Command::TcpConnect { flow: id, upstream });
+        if let Opening::AcceptAndHold { .. } = opening {
+            self.accepted(id, None, now, sink, out);
+        } else {
+            out.push_back(Command::TcpConnect { flow: id, upstream });
+        }
     }
 
     /// Feeds a device segment to its flow. smoltcp takes it (and may answer) at once; moving the
@@ -356,9 +452,20 @@ impl TcpFlows {
         sink: &mut S,
         out: &mut VecDeque<Command>,
     ) {
+        let stale = |f: FlowId| {
+            self.flows
+                .get(&f)
+                .is_some_and(|f| f.hold == Hold::Reconnecting)
+        };
         match event {
+            // What the closed first upstream still reported before its redirect.
+            UpstreamEvent::TcpData { flow, .. }
+            | UpstreamEvent::TcpEof { flow }
+            | UpstreamEvent::TcpError { flow }
+            | UpstreamEvent::TcpWritten { flow, .. }
+                if stale(flow) => {}
             UpstreamEvent::TcpConnected { flow, local } => {
-                self.connected(flow, local, now, sink, out)
+                self.accepted(flow, Some(local), now, sink, out)
             }
             UpstreamEvent::TcpConnectFailed { flow } => self.refuse(flow, now, sink, out),
             UpstreamEvent::TcpData { flow, data } => {
@@ -406,11 +513,61 @@ impl TcpFlows {
                 break;
             }
             self.timers.pop();
-            let due = self.flows.get(&id).is_some_and(|f| f.next_poll == Some(at));
+            let due = self.flows.get(&id).is_some_and(|f| {
+                f.next_poll == Some(at) || f.hold == Hold::Sniffing { until: Some(at) }
+            });
             if due {
                 self.service(id, None, now, sink, out);
             }
         }
+    }
+
+    /// The next held flow whose first bytes are known, with what they showed.
+    pub fn poll_sniffed(&mut self) -> Option<(FlowId, Detected)> {
+        self.sniffed.pop_front()
+    }
+
+    /// A held flow, for deciding it.
+    pub fn held(&mut self, id: FlowId) -> Option<Held<'_>> {
+        self.flows.get_mut(&id).map(|f| Held {
+            ctx: &mut f.ctx,
+            dialled: f.dialled,
+            opened: f.upstream,
+            connected: f.upstream_local.is_some(),
+        })
+    }
+
+    /// Applies the network decision to a flow listed by [`TcpFlows::poll_sniffed`].
+    pub fn release<S: PacketSink>(
+        &mut self,
+        id: FlowId,
+        release: Release,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if flow.hold != Hold::Deciding {
+            return;
+        }
+        match release {
+            Release::Forward => flow.hold = Hold::Off,
+            Release::Reset => {
+                if let Phase::Open { sockets, handle } = &mut flow.phase {
+                    sockets.get_mut::<tcp::Socket>(*handle).abort();
+                }
+            }
+            Release::Redirect(upstream) => {
+                flow.hold = Hold::Reconnecting;
+                flow.upstream = upstream;
+                out.push_back(Command::TcpClose { flow: id });
+                out.push_back(Command::TcpConnect { flow: id, upstream });
+                return;
+            }
+        }
+        self.service(id, None, now, sink, out);
     }
 
     /// When [`TcpFlows::handle_timeout`] should run next.
@@ -433,10 +590,12 @@ impl TcpFlows {
         self.peers.remove(&peer);
     }
 
-    fn connected<S: PacketSink>(
+    /// Answers the held SYN: the upstream connected from `local`, or (`None`) the flow is held
+    /// without one.
+    fn accepted<S: PacketSink>(
         &mut self,
         id: FlowId,
-        local: SocketAddr,
+        local: Option<SocketAddr>,
         now: Instant,
         sink: &mut S,
         out: &mut VecDeque<Command>,
@@ -446,6 +605,17 @@ impl TcpFlows {
             out.push_back(Command::TcpClose { flow: id });
             return;
         };
+        if flow.hold == Hold::Reconnecting {
+            flow.hold = Hold::Off;
+            flow.upstream_local = local;
+            self.service(id, None, now, sink, out);
+            return;
+        }
+        if let Hold::Sniffing { until } = &mut flow.hold {
+            let at = now + SNIFF_WAIT;
+            *until = Some(at);
+            self.timers.push(Reverse((at, id)));
+        }
         let Phase::Connecting { syn, .. } = &mut flow.phase else {
             return;
         };
@@ -474,7 +644,7 @@ impl TcpFlows {
         let mut sockets = SocketSet::new(Vec::with_capacity(1));
         let handle = sockets.add(socket);
         flow.phase = Phase::Open { sockets, handle };
-        flow.upstream_local = Some(local);
+        flow.upstream_local = local;
         flow.synack_sent = Some(now);
         self.service(id, Some(&syn), now, sink, out);
     }
@@ -487,9 +657,16 @@ impl TcpFlows {
         sink: &mut S,
         out: &mut VecDeque<Command>,
     ) {
-        let Some(flow) = self.flows.get(&id) else {
+        let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
+        if let Phase::Open { sockets, handle } = &mut flow.phase {
+            // A redirected flow whose new upstream refused: the device's connection is
+            // established, so it is reset.
+            sockets.get_mut::<tcp::Socket>(*handle).abort();
+            self.service(id, None, now, sink, out);
+            return;
+        }
         if let Phase::Connecting { flags, .. } = &flow.phase {
             let mut buf = [0u8; 80];
             if let Some(n) = build_rst(&mut buf, flow.ctx.dst, flow.ctx.src, flags) {
@@ -561,9 +738,10 @@ impl TcpFlows {
             &self.settings,
             rx,
             room,
-            snow,
+            (now, snow),
             sink,
             &mut self.scratch,
+            &mut self.sniffed,
             out,
         );
         if liveness == Liveness::Finished {
@@ -628,9 +806,10 @@ fn service_flow<S: PacketSink>(
     settings: &TcpSettings,
     rx: Option<&[u8]>,
     room: usize,
-    snow: SmolInstant,
+    (now, snow): (Instant, SmolInstant),
     sink: &mut S,
     scratch: &mut [u8],
+    sniffed: &mut VecDeque<(FlowId, Detected)>,
     out: &mut VecDeque<Command>,
 ) -> Liveness {
     let id = flow.ctx.id;
@@ -645,33 +824,54 @@ fn service_flow<S: PacketSink>(
     let socket = sockets.get_mut::<tcp::Socket>(*handle);
     let mut progressed = false;
 
-    // Device -> upstream, within the upload window.
-    while flow.upload_in_flight < settings.upload_window && socket.can_recv() {
-        let room = (settings.upload_window - flow.upload_in_flight).min(settings.max_chunk);
-        let chunk = socket.recv(|buf| {
-            let n = buf.len().min(room);
-            (n, Bytes::copy_from_slice(&buf[..n]))
-        });
-        match chunk {
-            Ok(data) if !data.is_empty() => {
-                flow.upload_in_flight += data.len();
-                flow.bytes_up += data.len() as u64;
-                out.push_back(Command::TcpSend { flow: id, data });
-                progressed = true;
-            }
-            _ => break,
+    if let Hold::Sniffing { until: Some(until) } = flow.hold {
+        let device_done = !matches!(
+            socket.state(),
+            State::Listen | State::SynReceived | State::Established
+        );
+        let seen = socket.peek(MAX_SNIFF).unwrap_or(&[]);
+        let enough = seen.len() >= MAX_SNIFF || device_done || now >= until;
+        let detected = match sniff(seen) {
+            Sniff::Done(detected) => Some(detected),
+            Sniff::NeedMore if enough => Some(Detected::Unknown),
+            Sniff::NeedMore => None,
+        };
+        if let Some(detected) = detected {
+            flow.hold = Hold::Deciding;
+            sniffed.push_back((id, detected));
         }
     }
-    // The device's FIN reaches the upstream only after all its data.
-    if !flow.fin_forwarded
-        && socket.recv_queue() == 0
-        && matches!(
-            socket.state(),
-            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
-        )
-    {
-        flow.fin_forwarded = true;
-        out.push_back(Command::TcpShutdownWrite { flow: id });
+    // Held flows keep the device's bytes in smoltcp (its window closes behind them) until the
+    // decision; the download direction is never held.
+    if flow.hold == Hold::Off {
+        // Device -> upstream, within the upload window.
+        while flow.upload_in_flight < settings.upload_window && socket.can_recv() {
+            let room = (settings.upload_window - flow.upload_in_flight).min(settings.max_chunk);
+            let chunk = socket.recv(|buf| {
+                let n = buf.len().min(room);
+                (n, Bytes::copy_from_slice(&buf[..n]))
+            });
+            match chunk {
+                Ok(data) if !data.is_empty() => {
+                    flow.upload_in_flight += data.len();
+                    flow.bytes_up += data.len() as u64;
+                    out.push_back(Command::TcpSend { flow: id, data });
+                    progressed = true;
+                }
+                _ => break,
+            }
+        }
+        // The device's FIN reaches the upstream only after all its data.
+        if !flow.fin_forwarded
+            && socket.recv_queue() == 0
+            && matches!(
+                socket.state(),
+                State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+            )
+        {
+            flow.fin_forwarded = true;
+            out.push_back(Command::TcpShutdownWrite { flow: id });
+        }
     }
 
     // Upstream -> device, as far as the send buffer and the device's cap take it.

@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
-use waygate_shared::policy::ruleset::Policy;
 
 use crate::config::Config;
 use crate::geoip::GeoIp;
@@ -21,7 +20,7 @@ const POLL: Duration = Duration::from_secs(1);
 /// A newly loaded version of a followed file.
 pub enum Reloaded {
     /// The rule set (with its lists).
-    Policy(Arc<Policy>),
+    Policy(Arc<policy::Loaded>),
     /// The GeoIP database.
     GeoIp(Arc<GeoIp>),
 }
@@ -45,7 +44,9 @@ pub struct Followed {
 impl Followed {
     /// Loads the configured files now (any failure stops the start) and remembers their
     /// versions.
-    pub fn load(config: &Config) -> anyhow::Result<(Followed, Option<Policy>, Option<GeoIp>)> {
+    pub fn load(
+        config: &Config,
+    ) -> anyhow::Result<(Followed, Option<policy::Loaded>, Option<GeoIp>)> {
         let mut followed = Followed {
             rules: config.policy.rules.clone(),
             lists: config.policy.lists.clone(),
