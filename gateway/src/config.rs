@@ -56,7 +56,8 @@ pub struct VnetConfig {
     pub name: String,
     /// UUID.
     pub id: String,
-    /// Private routes: `{ cidr = "198.18.0.0/16", via = "site-a" }`.
+    /// Private routes: `{ cidr = "198.18.0.0/16", via = "site-a" }` (an interface) or
+    /// `via = "198.19.1.2"` (a next hop).
     pub routes: Vec<(ipnet::IpNet, String)>,
 }
 
@@ -431,7 +432,12 @@ fn vnet_config(v: &mut Keys<'_>) -> Option<VnetConfig> {
         if let (Some(cidr), Some(via)) = (cidr, via) {
             match crate::registry::VnetRoute::parse(&format!("{cidr}={via}")) {
                 Ok(route) => routes.push((route.cidr, route.via)),
-                Err(_) => r.problem("via", format!("expected an interface name, got {via:?}")),
+                Err(_) => r.problem(
+                    "via",
+                    format!(
+                        "expected an interface name or a next hop of the range's family, got {via:?}"
+                    ),
+                ),
             }
         }
         let _ = i;
@@ -850,7 +856,7 @@ mod tests {
             [[vnets]]
             name = "x"
             id = "nope"
-            routes = [{ cidr = "198.18.0.0/16", via = "198.19.0.1" }, { cidr = "bad" , via = "a"}]
+            routes = [{ cidr = "198.18.0.0/16", via = "2001:db8::1" }, { cidr = "bad" , via = "a"}]
             "#,
         )
         .unwrap_err();
@@ -860,7 +866,7 @@ mod tests {
         let joined = problems.join("\n");
         for needle in [
             "vnets[0].id: expected a UUID",
-            "vnets[0].routes[0].via: expected an interface name",
+            "vnets[0].routes[0].via: expected an interface name or a next hop",
             "vnets[0].routes[1].cidr: expected a CIDR",
         ] {
             assert!(

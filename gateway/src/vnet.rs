@@ -4,19 +4,20 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 
 use ipnet::IpNet;
 
-/// One private route, resolved to the interface it leaves through.
+use crate::flow::Via;
+
+/// One private route, resolved to how its flows leave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VnetRoute {
     /// Destinations.
     pub cidr: IpNet,
-    /// Interface name, for logs.
+    /// Interface name or next hop, for logs.
     pub via: String,
-    /// Interface index, for binding sockets.
-    pub ifindex: NonZeroU32,
+    /// How its sockets are set up.
+    pub path: Via,
 }
 
 /// The routes of every virtual network.
@@ -54,12 +55,13 @@ impl VnetRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::num::NonZeroU32;
 
     fn route(cidr: &str, via: &str, index: u32) -> VnetRoute {
         VnetRoute {
             cidr: cidr.parse().unwrap(),
             via: via.into(),
-            ifindex: NonZeroU32::new(index).unwrap(),
+            path: Via::Interface(NonZeroU32::new(index).unwrap()),
         }
     }
 
@@ -77,12 +79,12 @@ mod tests {
         ]));
         let dst: IpAddr = "198.18.0.10".parse().unwrap();
         assert_eq!(
-            routes.route(Some("a"), dst).map(|r| r.ifindex.get()),
-            Some(7)
+            routes.route(Some("a"), dst).map(|r| r.via.as_str()),
+            Some("site-a")
         );
         assert_eq!(
-            routes.route(Some("b"), dst).map(|r| r.ifindex.get()),
-            Some(8)
+            routes.route(Some("b"), dst).map(|r| r.via.as_str()),
+            Some("site-b")
         );
         let deeper: IpAddr = "198.18.5.1".parse().unwrap();
         assert_eq!(

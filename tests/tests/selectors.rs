@@ -1,5 +1,5 @@
 //! Every egress selector steering real flows, virtual networks reaching the same private range at
-//! two sites, and IPv6 egress from a per-device stable address (issue "Egress stage, geolocation,
+//! two sites (through an interface and through a next hop), and IPv6 egress from a per-device stable address (issue "Egress stage, geolocation,
 //! virtual networks and network (l4) policies").
 //!
 //! One lab serves all cases: each case rewrites the rules file and waits for the gateway's reload,
@@ -234,7 +234,7 @@ fn setup() -> Setup {
          [[vnets]]\nname = \"blue\"\nid = \"{BLUE}\"\n\
          routes = [{{ cidr = \"198.18.0.0/24\", via = \"vs1\" }}]\n\
          [[vnets]]\nname = \"green\"\nid = \"{GREEN}\"\n\
-         routes = [{{ cidr = \"198.18.0.0/24\", via = \"vs2\" }}]\n",
+         routes = [{{ cidr = \"198.18.0.0/24\", via = \"198.19.2.2\" }}]\n",
         dir.join("rules.json").display(),
         geo.display()
     ));
@@ -294,7 +294,8 @@ fn selectors_vnets_and_ipv6_egress() {
     }
     report("egress: every selector steered its flow and left the others to the catch-all");
 
-    // Virtual networks: the same private address is a different site for each network.
+    // Virtual networks: the same private address is a different site for each network; blue
+    // routes through an interface, green through a next hop.
     let site = |who: Who| s.lab.http_src_of(s.device(who), SITE, secs(3), &[]);
     assert_eq!(
         site(Who::Alice).as_deref().ok(),

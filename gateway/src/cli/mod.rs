@@ -50,9 +50,10 @@ pub enum VnetCommand {
     Create {
         /// Its name.
         name: String,
-        /// A private route, `CIDR=INTERFACE` (repeatable): flows of the network's devices to
-        /// CIDR leave through the gateway's INTERFACE.
-        #[arg(long = "route", value_name = "CIDR=INTERFACE")]
+        /// A private route, `CIDR=INTERFACE` or `CIDR=NEXT_HOP` (repeatable): flows of the
+        /// network's devices to CIDR leave through the gateway's INTERFACE, or via the router
+        /// at NEXT_HOP.
+        #[arg(long = "route", value_name = "CIDR=INTERFACE|NEXT_HOP")]
         routes: Vec<String>,
     },
     /// List virtual networks.

@@ -497,7 +497,7 @@ impl Router {
             return Ok(Upstream {
                 dst: to,
                 bind: None,
-                via: Some(route.ifindex),
+                via: Some(route.path),
             });
         }
         if self.vnets.covers(to.ip()) {

@@ -385,7 +385,7 @@ fn private_routes_serve_their_network_and_refuse_everyone_else() {
     let route = |via: &str, index| VnetRoute {
         cidr: "198.18.0.0/16".parse().unwrap(),
         via: via.into(),
-        ifindex: NonZeroU32::new(index).unwrap(),
+        path: crate::flow::Via::Interface(NonZeroU32::new(index).unwrap()),
     };
     // The device is in no network yet; another network routes the range.
     let mut sim = Sim::new();
@@ -413,7 +413,10 @@ fn private_routes_serve_their_network_and_refuse_everyone_else() {
     ]));
     let _ = sim.tcp_connect(site);
     let (_, upstream) = connect_flow(&sim.take_commands());
-    assert_eq!(upstream.via.map(|v| v.get()), Some(7));
+    assert_eq!(
+        upstream.via,
+        Some(crate::flow::Via::Interface(NonZeroU32::new(7).unwrap()))
+    );
     assert_eq!(upstream.bind, None);
     // The Internet is unaffected.
     let _ = sim.tcp_connect(ORIGIN);

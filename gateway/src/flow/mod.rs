@@ -84,8 +84,17 @@ pub struct Upstream {
     pub dst: SocketAddr,
     /// Source address to bind before connecting; `None` lets the OS choose.
     pub bind: Option<IpAddr>,
-    /// Interface (index) the connection must leave through: a virtual network's private route.
-    pub via: Option<std::num::NonZeroU32>,
+    /// How the connection must leave: a virtual network's private route.
+    pub via: Option<Via>,
+}
+
+/// How a flow on a virtual network's private route leaves the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Through this interface (index).
+    Interface(std::num::NonZeroU32),
+    /// By the routing table this firewall mark selects (a route through a next hop).
+    Mark(std::num::NonZeroU32),
 }
 
 /// Work for the runtime.

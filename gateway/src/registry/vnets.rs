@@ -13,24 +13,34 @@ use super::{check_label, new_uuid, Device, Registry, RegistryError};
 pub struct VnetRoute {
     /// Destinations it covers.
     pub cidr: IpNet,
-    /// The gateway's interface towards the site.
+    /// The gateway's interface towards the site, or the address of the router to send to.
     pub via: String,
 }
 
 impl VnetRoute {
-    /// Parses `CIDR=INTERFACE`.
+    /// Parses `CIDR=INTERFACE` or `CIDR=NEXT_HOP` (an address of the range's family).
     pub fn parse(text: &str) -> Result<VnetRoute, RegistryError> {
         let bad = || RegistryError::InvalidRoute(text.to_string());
         let (cidr, via) = text.split_once('=').ok_or_else(bad)?;
         let cidr: IpNet = cidr.trim().parse().map_err(|_| bad())?;
         let via = via.trim();
-        if !interface_name_ok(via) {
-            return Err(bad());
-        }
+        let via = match via.parse::<std::net::IpAddr>() {
+            Ok(hop) if hop.is_ipv4() == cidr.addr().is_ipv4() && !hop.is_unspecified() => {
+                hop.to_string()
+            }
+            Ok(_) => return Err(bad()),
+            Err(_) if interface_name_ok(via) => via.to_string(),
+            Err(_) => return Err(bad()),
+        };
         Ok(VnetRoute {
             cidr: cidr.trunc(),
-            via: via.to_string(),
+            via,
         })
+    }
+
+    /// The router this route sends to, when it names one instead of an interface.
+    pub fn next_hop(&self) -> Option<std::net::IpAddr> {
+        self.via.parse().ok()
     }
 }
 
@@ -281,6 +291,9 @@ mod tests {
         let r = VnetRoute::parse("198.18.0.0/16=site-a").unwrap();
         assert_eq!(r.cidr.to_string(), "198.18.0.0/16");
         assert_eq!(r.via, "site-a");
+        assert_eq!(r.next_hop(), None);
+        let r = VnetRoute::parse("198.18.0.0/16=198.19.1.2").unwrap();
+        assert_eq!(r.next_hop(), Some("198.19.1.2".parse().unwrap()));
         assert_eq!(
             VnetRoute::parse("198.18.1.7/16=x")
                 .unwrap()
@@ -292,7 +305,8 @@ mod tests {
             "198.18.0.0/16",
             "198.18.0.0/33=a",
             "198.18.0.0/16=",
-            "198.18.0.0/16=198.19.255.2",
+            "198.18.0.0/16=2001:db8::1",
+            "198.18.0.0/16=0.0.0.0",
             "198.18.0.0/16=a-very-long-interface",
             "198.18.0.0/16=a/b",
         ] {

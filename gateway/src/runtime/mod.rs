@@ -24,13 +24,15 @@ use crate::config::Config;
 use crate::core::{CoreSettings, GatewayCore};
 use crate::datadir;
 use crate::egress::EgressSettings;
-use crate::flow::DeviceInfo;
+use crate::flow::{DeviceInfo, Via};
 use crate::registry::{Device, Registry, Vnet};
 use crate::transmit::TransmitQueue;
 use crate::uapi::{self, UapiPeer, UapiSnapshot};
 use crate::vnet::VnetRoute;
+use nexthop::{NextHopRoute, NextHops};
 
 pub mod health;
+pub mod nexthop;
 pub mod reload;
 pub mod upstream;
 
@@ -175,6 +177,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut next_seen = now + LAST_SEEN_EVERY;
     let mut vnets: Vec<Vnet> = Vec::new();
     let mut vnets_unresolved = false;
+    // Removes the kernel routes it installed when the loop ends, also on error.
+    let mut next_hops = NextHops::default();
     let mut next_snapshot = now;
     let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -197,7 +201,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             snapshot = device_rx.recv() => match snapshot {
                 Some(snapshot) => {
                     core.sync_peers(peers_of(snapshot.devices), Instant::now());
-                    let (routes, unresolved) = resolve_vnet_routes(&snapshot.vnets);
+                    let (routes, unresolved) = resolve_vnet_routes(&snapshot.vnets, &mut next_hops);
                     core.sync_vnets(routes);
                     vnets = snapshot.vnets;
                     vnets_unresolved = unresolved;
@@ -240,7 +244,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             next_snapshot = now + SNAPSHOT_EVERY;
             if vnets_unresolved {
                 // An interface named by a route may come up after the gateway.
-                let (routes, unresolved) = resolve_vnet_routes(&vnets);
+                let (routes, unresolved) = resolve_vnet_routes(&vnets, &mut next_hops);
                 core.sync_vnets(routes);
                 vnets_unresolved = unresolved;
             }
@@ -427,24 +431,53 @@ struct RegistrySnapshot {
     vnets: Vec<Vnet>,
 }
 
-/// Each virtual network's routes with their interfaces' indexes; routes whose interface does
+/// Each virtual network's routes, resolved to their interfaces' indexes or, for next hops, to
+/// the marks of the routing tables `next_hops` installs for them; routes whose interface does
 /// not exist (yet) are left out and reported by the returned flag.
-fn resolve_vnet_routes(vnets: &[Vnet]) -> (HashMap<String, Vec<VnetRoute>>, bool) {
+fn resolve_vnet_routes(
+    vnets: &[Vnet],
+    next_hops: &mut NextHops,
+) -> (HashMap<String, Vec<VnetRoute>>, bool) {
+    let wanted: Vec<NextHopRoute> = vnets
+        .iter()
+        .flat_map(|v| &v.routes)
+        .filter_map(|r| {
+            r.next_hop().map(|next_hop| NextHopRoute {
+                cidr: r.cidr,
+                next_hop,
+            })
+        })
+        .collect();
+    let mut marks = next_hops.sync(&wanted).into_iter();
     let mut unresolved = false;
     let mut out = HashMap::new();
     for vnet in vnets {
         let mut routes = Vec::new();
         for route in &vnet.routes {
-            match interface_index(&route.via) {
-                Some(ifindex) => routes.push(VnetRoute {
+            let path = match route.next_hop() {
+                Some(_) => match marks.next() {
+                    Some(Ok(mark)) => Some(Via::Mark(mark)),
+                    Some(Err(why)) => {
+                        tracing::warn!(vnet = %vnet.name, cidr = %route.cidr, via = %route.via, "next-hop route unusable: {why}");
+                        None
+                    }
+                    None => None,
+                },
+                None => match interface_index(&route.via) {
+                    Some(ifindex) => Some(Via::Interface(ifindex)),
+                    None => {
+                        unresolved = true;
+                        tracing::warn!(vnet = %vnet.name, cidr = %route.cidr, via = %route.via, "no such interface; route unused until it appears");
+                        None
+                    }
+                },
+            };
+            if let Some(path) = path {
+                routes.push(VnetRoute {
                     cidr: route.cidr,
                     via: route.via.clone(),
-                    ifindex,
-                }),
-                None => {
-                    unresolved = true;
-                    tracing::warn!(vnet = %vnet.name, cidr = %route.cidr, via = %route.via, "no such interface; route unused until it appears");
-                }
+                    path,
+                });
             }
         }
         out.insert(vnet.id.clone(), routes);

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::flow::{Command, FlowId, Upstream, UpstreamEvent};
+use crate::flow::{Command, FlowId, Upstream, UpstreamEvent, Via};
 
 /// How long a TCP connect may take before the device gets a RST.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -157,7 +156,7 @@ impl Drop for Upstreams {
 pub fn bound_socket(
     dst: SocketAddr,
     bind: Option<IpAddr>,
-    via: Option<NonZeroU32>,
+    via: Option<Via>,
     kind: Type,
     protocol: SockProtocol,
 ) -> io::Result<Socket> {
@@ -167,13 +166,16 @@ pub fn bound_socket(
     };
     let socket = Socket::new(domain, kind, Some(protocol))?;
     socket.set_nonblocking(true)?;
-    if via.is_some() {
-        // A virtual network's route: the kernel picks the route through this interface, so the
-        // same range can lead to different sites for different networks.
-        match dst {
-            SocketAddr::V4(_) => socket.bind_device_by_index_v4(via)?,
-            SocketAddr::V6(_) => socket.bind_device_by_index_v6(via)?,
-        }
+    // A virtual network's route: the kernel picks the route through this interface, or in the
+    // table this mark selects, so the same range can lead to different sites for different
+    // networks.
+    match via {
+        Some(Via::Interface(index)) => match dst {
+            SocketAddr::V4(_) => socket.bind_device_by_index_v4(Some(index))?,
+            SocketAddr::V6(_) => socket.bind_device_by_index_v6(Some(index))?,
+        },
+        Some(Via::Mark(mark)) => socket.set_mark(mark.get())?,
+        None => {}
     }
     if let Some(bind) = bind {
         if bind.is_ipv6() {
@@ -188,7 +190,7 @@ pub fn bound_socket(
 pub async fn connect_from(
     dst: SocketAddr,
     bind: Option<IpAddr>,
-    via: Option<NonZeroU32>,
+    via: Option<Via>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let socket = bound_socket(dst, bind, via, Type::STREAM, SockProtocol::TCP)?;
