@@ -21,7 +21,7 @@
 #   <P>s2  private site 2: the same 198.18.0.10 behind the gateway's vs2 198.19.2.1/24 (vs0
 #          198.19.2.2/24), so two virtual networks reach one private range at two sites
 #   <P>in  Internet: eg0 192.0.2.254/24 2001:db8:2::254/64; on lo: 203.0.113.10 (HTTP
-#          echo :80), .20 (iperf3 -s), .30 (UDP echo :7, UDP whoami :8), .53 (DNS, later) and
+#          echo :80), .20 (iperf3 -s), .30 (UDP echo :7, UDP whoami :8), .53 (DNS: the zone in tests/src/dns_origin.rs) and
 #          2001:db8:3::10/.20/.30. It has no route to 198.51.100.0/24: devices reach it only
 #          through the gateway's egress address.
 #
@@ -173,12 +173,14 @@ cmd_up() {
   # to each origin address, so replies leave from the address the probe sent to.
   start "$p" "$in" origin "$origin" serve --http '[::]:80' \
     --udp-echo 203.0.113.30:7 --udp-echo '[2001:db8:3::30]:7' \
-    --udp-whoami 203.0.113.30:8 --udp-whoami '[2001:db8:3::30]:8'
+    --udp-whoami 203.0.113.30:8 --udp-whoami '[2001:db8:3::30]:8' \
+    --dns 203.0.113.53:53 --dns '[2001:db8:3::53]:53'
   start "$p" "$in" iperf3 iperf3 -s -B 203.0.113.20 -p 5201
   for s in "$s1" "$s2"; do start "$p" "$s" "origin-$s" "$origin" serve --http 198.18.0.10:80; done
   wait_port "$in" tcp "*:80"
   wait_port "$in" udp "203.0.113.30:7"
   wait_port "$in" udp "203.0.113.30:8"
+  wait_port "$in" udp "203.0.113.53:53"
   wait_port "$in" tcp "203.0.113.20:5201"
   for s in "$s1" "$s2"; do wait_port "$s" tcp "198.18.0.10:80"; done
   up_ok=1

@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use toml::{Table, Value};
 
 /// Default directory for the server key, registry and CA.
@@ -100,6 +100,25 @@ impl TunnelConfig {
 pub struct DnsConfig {
     /// Upstream resolvers; empty means the host's resolvers from `/etc/resolv.conf`.
     pub upstreams: Vec<String>,
+    /// Answer DNS a device sends to any address on port 53, not only to the gateway.
+    pub intercept: bool,
+    /// Plain DNS listeners (UDP and TCP) for networks without the client.
+    pub listen: Vec<SocketAddr>,
+    /// Networks whose queries to `listen` count as a location's.
+    pub locations: Vec<DnsLocation>,
+    /// Address answering blocks of rules with `block_page_enabled: true`.
+    pub block_page: Option<IpAddr>,
+}
+
+/// `[[dns.locations]]`: a network (an office) querying a `dns.listen` address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsLocation {
+    /// Name (`dns.location` in rules).
+    pub name: String,
+    /// Id, for logs.
+    pub id: Option<String>,
+    /// Source networks of its queries.
+    pub networks: Vec<IpNet>,
 }
 
 /// `[egress]`
@@ -311,6 +330,55 @@ impl Config {
         if let Some(mut d) = keys.section("dns") {
             if let Some(v) = d.string_array("upstreams") {
                 cfg.dns.upstreams = v;
+            }
+            match d.get("intercept") {
+                Some(Value::Boolean(b)) => cfg.dns.intercept = *b,
+                Some(other) => d.problem(
+                    "intercept",
+                    format!("expected true or false, got {}", other.type_str()),
+                ),
+                None => {}
+            }
+            for (i, text) in d
+                .string_array("listen")
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                match text.parse::<SocketAddr>() {
+                    Ok(a) => cfg.dns.listen.push(a),
+                    Err(_) => d.problem(
+                        &format!("listen[{i}]"),
+                        format!("expected an address like \"198.51.100.1:53\", got {text:?}"),
+                    ),
+                }
+            }
+            cfg.dns.block_page = d.parsed::<IpAddr>("block_page", "an IP address");
+            for mut l in d.table_array("locations").unwrap_or_default() {
+                let name = l.string("name");
+                if name.is_none() {
+                    l.problem("name", "a location needs a name".to_string());
+                }
+                let id = l.string("id");
+                let mut networks = Vec::new();
+                for (i, text) in l
+                    .string_array("networks")
+                    .unwrap_or_default()
+                    .iter()
+                    .enumerate()
+                {
+                    match text.parse::<IpNet>() {
+                        Ok(n) => networks.push(n.trunc()),
+                        Err(_) => l.problem(
+                            &format!("networks[{i}]"),
+                            format!("expected a CIDR like \"198.51.100.0/24\", got {text:?}"),
+                        ),
+                    }
+                }
+                if let Some(name) = name {
+                    cfg.dns.locations.push(DnsLocation { name, id, networks });
+                }
+                d.absorb(l);
             }
             keys.absorb(d);
         }

@@ -14,6 +14,8 @@
 // The harness is an I/O shell: it measures wall-clock deadlines itself.
 #![allow(clippy::disallowed_methods)]
 
+pub mod dns_origin;
+
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write as _};

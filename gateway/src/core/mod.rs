@@ -19,7 +19,7 @@ use std::time::Instant;
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::egress::{Egress, EgressChoice, EgressSettings, Probe};
-use crate::flow::packet::{self, build_echo_reply, build_rst, ParseError, Parsed};
+use crate::flow::packet::{self, build_echo_reply, build_rst, build_udp, ParseError, Parsed};
 use crate::flow::sniff::Detected;
 use crate::flow::tcp::{Opening, Release, TcpFlows, TcpSettings};
 use crate::flow::udp::UdpNat;
@@ -48,8 +48,13 @@ pub struct CoreSettings {
     pub gateway_v6: Ipv6Addr,
     /// Tunnel MTU.
     pub mtu: u16,
-    /// Where DNS sent to the gateway's tunnel addresses is forwarded.
+    /// Where DNS over TCP to the gateway's tunnel addresses goes: the resolver's listener
+    /// (announced with a PROXY line naming the device) when `dns_resolver`, else an upstream.
     pub dns_upstream: Option<SocketAddr>,
+    /// DNS over UDP to the gateway goes to the runtime's resolver ([`Command::DnsQuery`]).
+    pub dns_resolver: bool,
+    /// DNS a device sends to any address on port 53 is answered as if sent to the gateway.
+    pub dns_intercept: bool,
     /// Egress addresses.
     pub egress: EgressSettings,
 }
@@ -61,6 +66,14 @@ pub struct GatewayCore {
     scratch: Vec<u8>,
     router: Router,
     next_wg_tick: Instant,
+}
+
+/// Where a new TCP flow goes.
+enum Target {
+    /// Where the device dialled (or a fixed rewrite of it): the stages decide.
+    Dialled(SocketAddr),
+    /// Already decided.
+    Decided(Upstream),
 }
 
 /// Routes decrypted packets to flows; everything but the WireGuard side.
@@ -224,6 +237,24 @@ impl GatewayCore {
         self.router.handle_packet(peer, packet, now, &mut sink);
     }
 
+    /// Sends the resolver's answer to a [`Command::DnsQuery`] back to the device.
+    pub fn handle_dns_answer(
+        &mut self,
+        peer: PeerId,
+        client: SocketAddr,
+        server: SocketAddr,
+        answer: &[u8],
+    ) {
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        let router = &mut self.router;
+        if let Some(n) = build_udp(&mut router.reply, server, client, answer) {
+            sink.send(peer, &router.reply[..n]);
+        }
+    }
+
     /// Handles a report from the runtime about an upstream connection.
     pub fn handle_upstream(&mut self, event: UpstreamEvent, now: Instant) {
         let mut sink = WgSink {
@@ -310,7 +341,10 @@ impl Router {
             }
         };
         let dst = parsed.dst.ip();
-        if self.is_gateway(dst) {
+        let intercepted = self.settings.dns_intercept
+            && parsed.dst.port() == 53
+            && matches!(parsed.protocol, Protocol::Udp | Protocol::Tcp);
+        if self.is_gateway(dst) || intercepted {
             return self.for_gateway(peer, packet, &parsed, now, sink);
         }
         if let Some(reason) = self.forbidden(dst) {
@@ -318,7 +352,14 @@ impl Router {
             return;
         }
         match parsed.protocol {
-            Protocol::Tcp => self.tcp_segment(peer, packet, &parsed, parsed.dst, now, sink),
+            Protocol::Tcp => self.tcp_segment(
+                peer,
+                packet,
+                &parsed,
+                Target::Dialled(parsed.dst),
+                now,
+                sink,
+            ),
             Protocol::Udp => self.datagram(peer, &parsed, parsed.dst, now, sink),
             Protocol::Icmp if parsed.icmp_echo_request => {
                 self.datagram(peer, &parsed, parsed.dst, now, sink)
@@ -387,8 +428,32 @@ impl Router {
                 }
             }
             (Protocol::Icmp, _, _) => self.drops.add(FlowDrop::UnsupportedIcmp),
+            (Protocol::Udp, 53, _) if self.settings.dns_resolver => {
+                let Some(device) = sink.wg.peer_data(peer).cloned() else {
+                    return;
+                };
+                self.commands.push_back(Command::DnsQuery {
+                    peer,
+                    device,
+                    device_public: sink.wg.peer_endpoint(peer),
+                    client: parsed.src,
+                    server: parsed.dst,
+                    payload: bytes::Bytes::copy_from_slice(parsed.payload),
+                });
+            }
+            (Protocol::Tcp, 53, Some(listener)) if self.settings.dns_resolver => {
+                // Carried to the resolver's listener with a PROXY line naming the device; the
+                // resolver's rules decide it, not the flow stages.
+                let to = Upstream {
+                    dst: listener,
+                    bind: None,
+                    via: None,
+                    announce: Some(parsed.src),
+                };
+                self.tcp_segment(peer, packet, parsed, Target::Decided(to), now, sink)
+            }
             (Protocol::Tcp, 53, Some(upstream)) => {
-                self.tcp_segment(peer, packet, parsed, upstream, now, sink)
+                self.tcp_segment(peer, packet, parsed, Target::Dialled(upstream), now, sink)
             }
             (Protocol::Udp, 53, Some(upstream)) => self.datagram(peer, parsed, upstream, now, sink),
             _ => self.refuse(peer, parsed, FlowDrop::GatewayPortClosed, sink),
@@ -498,6 +563,7 @@ impl Router {
                 dst: to,
                 bind: None,
                 via: Some(route.path),
+                announce: None,
             });
         }
         if self.vnets.covers(to.ip()) {
@@ -507,6 +573,7 @@ impl Router {
             dst: to,
             bind: self.egress.select(ctx, to.ip(), choice),
             via: None,
+            announce: None,
         })
     }
 
@@ -575,7 +642,7 @@ impl Router {
         peer: PeerId,
         packet: &[u8],
         parsed: &Parsed<'_>,
-        target: SocketAddr,
+        target: Target,
         now: Instant,
         sink: &mut WgSink<'_>,
     ) {
@@ -587,25 +654,29 @@ impl Router {
                 .deliver(id, packet, flags.rst, now, sink, &mut self.commands);
             return;
         }
-        if flags.syn && !flags.ack && !flags.rst {
-            let Some(mut ctx) = self.new_ctx(peer, parsed, now, sink) else {
-                return;
-            };
-            match self.decide(&mut ctx, target) {
-                Ok((upstream, opening)) => self.tcp.open(
-                    ctx,
-                    upstream,
-                    packet,
-                    flags,
-                    opening,
-                    now,
-                    sink,
-                    &mut self.commands,
-                ),
-                Err(reason) => self.refuse(peer, parsed, reason, sink),
-            }
-        } else {
+        if !(flags.syn && !flags.ack && !flags.rst) {
             self.refuse(peer, parsed, FlowDrop::StrayTcp, sink);
+            return;
+        }
+        let Some(mut ctx) = self.new_ctx(peer, parsed, now, sink) else {
+            return;
+        };
+        let decided = match target {
+            Target::Dialled(to) => self.decide(&mut ctx, to),
+            Target::Decided(upstream) => Ok((upstream, Opening::Connect)),
+        };
+        match decided {
+            Ok((upstream, opening)) => self.tcp.open(
+                ctx,
+                upstream,
+                packet,
+                flags,
+                opening,
+                now,
+                sink,
+                &mut self.commands,
+            ),
+            Err(reason) => self.refuse(peer, parsed, reason, sink),
         }
     }
 

@@ -121,6 +121,8 @@ impl Sim {
             gateway_v6: "fd77:6761:7465::1".parse().unwrap(),
             mtu: 1420,
             dns_upstream: Some(DNS),
+            dns_resolver: false,
+            dns_intercept: false,
             egress: EgressSettings {
                 default_ipv4: Some(EGRESS),
                 ..EgressSettings::default()
@@ -320,6 +322,7 @@ fn tcp_flow_waits_for_its_upstream_then_carries_bytes_both_ways() {
             dst: ORIGIN,
             bind: Some(IpAddr::V4(EGRESS)),
             via: None,
+            announce: None,
         }
     );
     // The SYN-ACK waits for the upstream connect, so the device's connect reflects the origin's.

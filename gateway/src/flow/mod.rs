@@ -86,6 +86,9 @@ pub struct Upstream {
     pub bind: Option<IpAddr>,
     /// How the connection must leave: a virtual network's private route.
     pub via: Option<Via>,
+    /// Send a PROXY protocol v1 line naming this client before the device's bytes (for the
+    /// gateway's own resolver, which identifies the device by its tunnel address).
+    pub announce: Option<SocketAddr>,
 }
 
 /// How a flow on a virtual network's private route leaves the gateway.
@@ -157,6 +160,21 @@ pub enum Command {
     UdpClose {
         /// Flow.
         flow: FlowId,
+    },
+    /// A DNS query for the gateway's resolver; answer with `GatewayCore::handle_dns_answer`.
+    DnsQuery {
+        /// The device's peer, to answer.
+        peer: PeerId,
+        /// Who asked.
+        device: std::sync::Arc<DeviceInfo>,
+        /// The device's WireGuard endpoint.
+        device_public: Option<SocketAddr>,
+        /// The query's source (the device's tunnel address and port).
+        client: SocketAddr,
+        /// Where the device sent it (the answer's source).
+        server: SocketAddr,
+        /// The DNS message.
+        payload: bytes::Bytes,
     },
 }
 

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::core::{CoreSettings, GatewayCore};
 use crate::datadir;
 use crate::egress::EgressSettings;
-use crate::flow::{DeviceInfo, Via};
+use crate::flow::{Command, DeviceInfo, Via};
 use crate::registry::{Device, Registry, Vnet};
 use crate::transmit::TransmitQueue;
 use crate::uapi::{self, UapiPeer, UapiSnapshot};
@@ -34,6 +34,7 @@ use nexthop::{NextHopRoute, NextHops};
 pub mod health;
 pub mod nexthop;
 pub mod reload;
+pub mod resolver;
 pub mod upstream;
 
 use upstream::Upstreams;
@@ -112,7 +113,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     drop(registry);
 
-    let settings = core_settings(&config)?;
+    let (answer_tx, mut answer_rx) = mpsc::unbounded_channel::<resolver::Answer>();
+    let dns = resolver::spawn(&config, answer_tx).context("dns")?;
+    let mut settings = core_settings(&config)?;
+    settings.dns_upstream = Some(dns.tcp_listener);
     let now = Instant::now();
     let mut core = GatewayCore::new(key_bytes, settings.clone(), now);
 
@@ -159,9 +163,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let (followed, policy, geoip) = reload::Followed::load(&config)?;
     if let Some(policy) = policy {
-        core.set_policy(Arc::new(policy));
+        let policy = Arc::new(policy);
+        dns.set_policy(policy.clone());
+        core.set_policy(policy);
     }
-    core.set_geoip(geoip.map(Arc::new));
+    let geoip = geoip.map(Arc::new);
+    dns.set_geoip(geoip.clone());
+    core.set_geoip(geoip);
     let (reload_tx, mut reload_rx) = mpsc::channel(2);
     std::thread::Builder::new()
         .name("waygate-reload".into())
@@ -200,7 +208,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
             snapshot = device_rx.recv() => match snapshot {
                 Some(snapshot) => {
-                    core.sync_peers(peers_of(snapshot.devices), Instant::now());
+                    let peers = peers_of(snapshot.devices);
+                    dns.set_devices(peers.iter().map(|(_, d)| d));
+                    core.sync_peers(peers, Instant::now());
                     let (routes, unresolved) = resolve_vnet_routes(&snapshot.vnets, &mut next_hops);
                     core.sync_vnets(routes);
                     vnets = snapshot.vnets;
@@ -226,9 +236,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
             Some((location, probe)) = probe_rx.recv() => core.record_egress_probe(location, probe),
             Some(reloaded) = reload_rx.recv() => match reloaded {
-                reload::Reloaded::Policy(policy) => core.set_policy(policy),
-                reload::Reloaded::GeoIp(db) => core.set_geoip(Some(db)),
+                reload::Reloaded::Policy(policy) => {
+                    dns.set_policy(policy.clone());
+                    core.set_policy(policy);
+                }
+                reload::Reloaded::GeoIp(db) => {
+                    dns.set_geoip(Some(db.clone()));
+                    core.set_geoip(Some(db));
+                }
             },
+            Some(answer) = answer_rx.recv() => {
+                core.handle_dns_answer(answer.peer, answer.to, answer.from, &answer.payload);
+                for _ in 1..MAX_EVENTS_PER_TURN {
+                    match answer_rx.try_recv() {
+                        Ok(a) => core.handle_dns_answer(a.peer, a.to, a.from, &a.payload),
+                        Err(_) => break,
+                    }
+                }
+            }
             _ = tokio::time::sleep_until(deadline.into()) => {}
         }
         let now = Instant::now();
@@ -238,7 +263,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
         core.flush(now);
         send(&socket, &state, core.transmit_queue()).await;
         while let Some(command) = core.poll_command() {
-            upstreams.execute(command);
+            match command {
+                Command::DnsQuery {
+                    peer,
+                    device,
+                    device_public,
+                    client,
+                    server,
+                    payload,
+                } => dns.query(resolver::Query {
+                    peer,
+                    client: resolver::device_client(
+                        &device,
+                        client.ip(),
+                        device_public.map(|a| a.ip()),
+                    ),
+                    from: client,
+                    to: server,
+                    payload,
+                }),
+                other => upstreams.execute(other),
+            }
         }
         if now >= next_snapshot {
             next_snapshot = now + SNAPSHOT_EVERY;
@@ -271,46 +316,22 @@ fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal
 
 /// What the core needs, derived from the config.
 fn core_settings(config: &Config) -> anyhow::Result<CoreSettings> {
-    let dns_upstream = match config.dns.upstreams.first() {
-        Some(u) => Some(parse_upstream(u).with_context(|| format!("dns.upstreams: {u:?}"))?),
-        None => host_resolver(Path::new("/etc/resolv.conf")),
-    };
     Ok(CoreSettings {
         pool_v4: config.tunnel.ipv4_pool,
         pool_v6: config.tunnel.ipv6_pool,
         gateway_v4: config.tunnel.gateway_ipv4(),
         gateway_v6: config.tunnel.gateway_ipv6(),
         mtu: config.tunnel.mtu,
-        dns_upstream,
+        // The resolver's loopback listener, known once it runs.
+        dns_upstream: None,
+        dns_resolver: true,
+        dns_intercept: config.dns.intercept,
         egress: EgressSettings {
             default_ipv4: config.egress.default_ipv4,
             default_ipv6: None,
             default: config.egress.default,
             locations: config.egress.locations.clone(),
         },
-    })
-}
-
-/// `203.0.113.53`, `203.0.113.53:53` or `[2001:db8::53]:53`.
-fn parse_upstream(text: &str) -> anyhow::Result<SocketAddr> {
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let ip: IpAddr = text
-        .parse()
-        .context("expected an address like 203.0.113.53:53")?;
-    Ok(SocketAddr::new(ip, 53))
-}
-
-/// The first nameserver of the host's resolv.conf.
-fn host_resolver(path: &Path) -> Option<SocketAddr> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some("nameserver"))
-            .then(|| words.next()?.parse::<IpAddr>().ok())
-            .flatten()
-            .map(|ip| SocketAddr::new(ip, 53))
     })
 }
 
@@ -618,43 +639,5 @@ fn watch_registry(
             return;
         }
         std::thread::sleep(REGISTRY_POLL);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upstream_forms() {
-        assert_eq!(
-            parse_upstream("203.0.113.53").unwrap(),
-            "203.0.113.53:53".parse().unwrap()
-        );
-        assert_eq!(
-            parse_upstream("203.0.113.53:5353").unwrap(),
-            "203.0.113.53:5353".parse().unwrap()
-        );
-        assert_eq!(
-            parse_upstream("[2001:db8::53]:53").unwrap(),
-            "[2001:db8::53]:53".parse().unwrap()
-        );
-        assert!(parse_upstream("resolver.example").is_err());
-    }
-
-    #[test]
-    fn resolv_conf_first_nameserver() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("resolv.conf");
-        std::fs::write(
-            &path,
-            "# comment\nsearch example.com\nnameserver 203.0.113.53\nnameserver 203.0.113.54\n",
-        )
-        .unwrap();
-        assert_eq!(
-            host_resolver(&path),
-            Some("203.0.113.53:53".parse().unwrap())
-        );
-        assert_eq!(host_resolver(&dir.path().join("missing")), None);
     }
 }

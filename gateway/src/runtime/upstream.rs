@@ -59,6 +59,10 @@ impl Upstreams {
     /// Carries out one command from the core.
     pub fn execute(&mut self, command: Command) {
         match command {
+            Command::DnsQuery { .. } => {
+                // The runtime hands these to its resolver before commands reach here.
+                tracing::debug!("dns query without a resolver dropped");
+            }
             Command::TcpConnect { flow, upstream } => {
                 let (ops_tx, ops_rx) = mpsc::unbounded_channel();
                 let credit = Arc::new(Semaphore::new(DOWNLOAD_WINDOW));
@@ -212,7 +216,7 @@ async fn tcp_flow(
     credit: Arc<Semaphore>,
     events: mpsc::UnboundedSender<UpstreamEvent>,
 ) {
-    let stream = match connect(upstream).await {
+    let mut stream = match connect(upstream).await {
         Ok(s) => s,
         Err(err) => {
             tracing::debug!(flow, %upstream.dst, %err, "upstream connect failed");
@@ -220,6 +224,13 @@ async fn tcp_flow(
             return;
         }
     };
+    if let Some(client) = upstream.announce {
+        let line = crate::dns::server::proxy_line(client, upstream.dst);
+        if stream.write_all(line.as_bytes()).await.is_err() {
+            let _ = events.send(UpstreamEvent::TcpConnectFailed { flow });
+            return;
+        }
+    }
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::new(upstream.dst.ip(), 0));

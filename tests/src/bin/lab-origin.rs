@@ -1,7 +1,7 @@
 //! The lab's origins and probes, so the lab depends on nothing but this binary, iperf3 and curl.
 //!
 //! ```text
-//! lab-origin serve [--http ADDR]... [--udp-echo ADDR]... [--udp-whoami ADDR]...
+//! lab-origin serve [--http ADDR]... [--udp-echo ADDR]... [--udp-whoami ADDR]... [--dns ADDR]...
 //! lab-origin udp-probe ADDR [--payload TEXT] [--timeout-ms N] [--bind ADDR]
 //! ```
 //!
@@ -11,6 +11,7 @@
 //!   One thread per connection, `Connection: close`.
 //! - UDP echo (`--udp-echo`, e.g. `0.0.0.0:7`): every datagram is sent back unchanged.
 //! - UDP whoami (`--udp-whoami`): every datagram is answered with `{"src":"IP","port":N}`.
+//! - DNS (`--dns`, UDP and TCP): the lab's fixed zone (see `waygate_e2e::dns_origin`).
 //!
 //! `udp-probe` sends one datagram (retrying every 200 ms) and prints the first reply on stdout; it
 //! exits 0 on a reply and 1 when `--timeout-ms` (default 2000) passes without one.
@@ -64,6 +65,7 @@ fn serve(args: &[String]) -> Result<ExitCode, String> {
                 let whoami = flag == "--udp-whoami";
                 handles.push(thread::spawn(move || udp_serve(socket, whoami)));
             }
+            "--dns" => handles.extend(waygate_e2e::dns_origin::serve(addr)?),
             other => return Err(format!("unknown flag {other}")),
         }
         eprintln!("lab-origin: {flag} on {addr}");

@@ -1,0 +1,740 @@
+//! The sans-IO resolver core.
+//!
+//! Inputs: a client's query bytes ([`Resolver::handle_query`]) and an upstream's response bytes, or
+//! its failure ([`Resolver::handle_upstream`]), each with `now`. Outputs: the bytes to send, written
+//! into the caller's buffer, and a [`Handled`] naming the next action. The shell owns sockets and
+//! the clock and keeps the reply route of each [`Ticket`]. Nothing here panics on input bytes.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::svcb::{SvcParamKey, SVCB};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, HTTPS};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
+
+use super::cache::Cache;
+use super::memory::{NameMemory, Names};
+use super::policy::{BlockMode, ClientCtx, Decision, DnsPolicy, PolicyVerdict, QueryInfo};
+
+/// Largest DNS message over TCP.
+pub const MAX_MESSAGE: usize = 65535;
+/// UDP payload without EDNS (RFC 1035).
+pub const CLASSIC_UDP: usize = 512;
+/// UDP payload we accept and advertise upstream (the DNS Flag Day 2020 value).
+pub const EDNS_UDP: u16 = 1232;
+
+/// Resolver sizes and TTLs; `Default` gives the documented values.
+#[derive(Debug, Clone)]
+pub struct ResolverConfig {
+    /// Cached answers (default 100,000).
+    pub cache_capacity: usize,
+    /// Remembered (client, address) pairs (default 200,000).
+    pub memory_capacity: usize,
+    /// Cap on positive TTLs in the cache (default 1 day).
+    pub max_ttl: u32,
+    /// Cap on negative TTLs (default 1 hour, RFC 2308 suggests 1-3 hours).
+    pub max_negative_ttl: u32,
+    /// TTL of locally made answers: blocks and overrides (default 10 s, as AdGuard Home).
+    pub local_ttl: u32,
+    /// Upstream queries in flight at once; more are answered SERVFAIL (default 4,096).
+    pub max_pending: usize,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        ResolverConfig {
+            cache_capacity: 100_000,
+            memory_capacity: 200_000,
+            max_ttl: 86_400,
+            max_negative_ttl: 3_600,
+            local_ttl: 10,
+            max_pending: 4_096,
+        }
+    }
+}
+
+/// How the query arrived; decides the answer's size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Datagram: answers beyond the client's payload size are truncated (TC).
+    Udp,
+    /// Stream (TCP, later DoT/DoH): up to 64 KiB.
+    Stream,
+}
+
+/// Identifies one upstream query; it is also the upstream message id, drawn at random.
+pub type Ticket = u16;
+
+/// What the shell does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Send the buffer to the client.
+    Answer,
+    /// Send the buffer (a query) upstream; feed the response back with this ticket.
+    Upstream(Ticket),
+    /// Send nothing (unreadable bytes, a response instead of a query, unknown ticket).
+    Drop,
+}
+
+/// Which address hints an HTTPS/SVCB answer loses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Hints {
+    v4: bool,
+    v6: bool,
+}
+
+struct Pending {
+    client: ClientCtx,
+    id: u16,
+    qname: Name,
+    qtype: RecordType,
+    /// Set when the answer is a CNAME to this target followed by the target's records.
+    target: Option<Name>,
+    verdict: PolicyVerdict,
+    /// Address hints to drop from HTTPS/SVCB answers: the family the policy blocks.
+    strip: Hints,
+    limit: usize,
+    recursion_desired: bool,
+    edns: bool,
+    started: Instant,
+}
+
+/// Counters since start, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Queries handled (all outcomes).
+    pub queries: u64,
+    /// Answered from the cache.
+    pub cache_hits: u64,
+    /// Sent upstream.
+    pub upstream: u64,
+    /// Answered FORMERR.
+    pub formerr: u64,
+    /// Answered SERVFAIL because the upstream failed or too many were pending.
+    pub servfail: u64,
+    /// Answered locally by a policy decision.
+    pub local: u64,
+    /// Unreadable datagrams dropped.
+    pub dropped: u64,
+}
+
+/// The resolver state machine: policy, cache, pending upstream queries, name memory.
+pub struct Resolver<P> {
+    policy: P,
+    config: ResolverConfig,
+    cache: Cache,
+    memory: NameMemory,
+    pending: HashMap<Ticket, Pending>,
+    rng: u64,
+    stats: Stats,
+}
+
+/// Fixed parts of the answer being built.
+struct Reply<'a> {
+    id: u16,
+    query: &'a Query,
+    rd: bool,
+    edns: bool,
+    limit: usize,
+}
+
+impl<P: DnsPolicy> Resolver<P> {
+    /// A resolver; `seed` feeds the upstream id generator (the shell passes OS randomness).
+    pub fn new(policy: P, config: ResolverConfig, seed: u64) -> Self {
+        Resolver {
+            policy,
+            cache: Cache::new(
+                config.cache_capacity,
+                config.max_ttl,
+                config.max_negative_ttl,
+            ),
+            memory: NameMemory::new(config.memory_capacity),
+            config,
+            pending: HashMap::new(),
+            // xorshift must not start at zero.
+            rng: seed | 1,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Upstream queries awaiting an answer.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Replaces the policy (a rules reload); pending queries keep their decisions.
+    pub fn set_policy(&mut self, policy: P) {
+        self.policy = policy;
+    }
+
+    /// The names `client` resolved to reach `ip`, for `net.fqdn.*`.
+    pub fn names_for(&self, client: &super::ClientKey, ip: IpAddr, now: Instant) -> Option<Names> {
+        self.memory.names_for(client, ip, now).cloned()
+    }
+
+    /// Drops expired name memory; call every few seconds.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.memory.purge(now);
+    }
+
+    /// Handles one query from `client`; writes the answer or the upstream query into `out`.
+    pub fn handle_query(
+        &mut self,
+        client: &ClientCtx,
+        bytes: &[u8],
+        transport: Transport,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Handled {
+        self.stats.queries += 1;
+        out.clear();
+        let msg = match Message::from_vec(bytes) {
+            Ok(m) => m,
+            Err(_) => return self.formerr(bytes, out),
+        };
+        if msg.message_type() != MessageType::Query {
+            // Answering responses would let two resolvers ping-pong forever.
+            self.stats.dropped += 1;
+            return Handled::Drop;
+        }
+        let edns = msg.extensions().is_some();
+        let limit = match transport {
+            Transport::Stream => MAX_MESSAGE,
+            Transport::Udp => msg.extensions().as_ref().map_or(CLASSIC_UDP, |e| {
+                usize::from(e.max_payload()).clamp(CLASSIC_UDP, 4096)
+            }),
+        };
+        let [query] = msg.queries() else {
+            return self.formerr(bytes, out);
+        };
+        let mut reply = Reply {
+            id: msg.id(),
+            query,
+            rd: msg.recursion_desired(),
+            edns,
+            limit,
+        };
+        if msg.op_code() != OpCode::Query || query.query_class() != DNSClass::IN {
+            return self.local(
+                &reply,
+                ResponseCode::NotImp,
+                Vec::new(),
+                client,
+                "notimp",
+                None,
+                out,
+            );
+        }
+        let qname = query.name().to_lowercase();
+        let qtype = query.query_type();
+        let verdict = self.policy.decide(&QueryInfo {
+            client,
+            qname: &qname,
+            qtype,
+        });
+        let ttl = self.config.local_ttl;
+        let rewritable = matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::HTTPS);
+        let (resolve, target) = match &verdict.decision {
+            Decision::Resolve => (qname.clone(), None),
+            Decision::Block(mode) => {
+                let (rcode, answers) = block_answer(*mode, query, ttl);
+                let label = verdict.decision.label();
+                let rule = verdict.rule.clone();
+                return self.local(&reply, rcode, answers, client, label, rule, out);
+            }
+            Decision::OverrideIps(ips) => {
+                let (rcode, answers) = if rewritable {
+                    let answers = ips
+                        .iter()
+                        .filter_map(|ip| address_record(query.name(), *ip, qtype, ttl))
+                        .collect();
+                    (ResponseCode::NoError, answers)
+                } else {
+                    (ResponseCode::Refused, Vec::new())
+                };
+                let rule = verdict.rule.clone();
+                return self.local(&reply, rcode, answers, client, "override_ips", rule, out);
+            }
+            Decision::OverrideHost(host) if rewritable => (host.to_lowercase(), Some(host.clone())),
+            Decision::OverrideHost(_) => {
+                let rule = verdict.rule.clone();
+                return self.local(
+                    &reply,
+                    ResponseCode::Refused,
+                    Vec::new(),
+                    client,
+                    "override_host",
+                    rule,
+                    out,
+                );
+            }
+            Decision::SafeSearch(host) if rewritable => (host.to_lowercase(), Some(host.clone())),
+            // SafeSearch rewrites only address lookups; MX, TXT & co. resolve as asked.
+            Decision::SafeSearch(_) => (qname.clone(), None),
+        };
+
+        // A client that may not learn addresses of one family must not learn them from hints.
+        let mut strip = Hints::default();
+        if matches!(qtype, RecordType::HTTPS | RecordType::SVCB) {
+            let blocked = |t| {
+                let v = self.policy.decide(&QueryInfo {
+                    client,
+                    qname: &qname,
+                    qtype: t,
+                });
+                matches!(v.decision, Decision::Block(_))
+            };
+            strip = Hints {
+                v4: blocked(RecordType::A),
+                v6: blocked(RecordType::AAAA),
+            };
+        }
+        let key = (resolve, qtype);
+        {
+            if let Some(hit) = self.cache.get(&key, now) {
+                self.stats.cache_hits += 1;
+                let age = hit.age(now);
+                let rcode = hit.rcode;
+                let mut answers = Vec::with_capacity(hit.answers.len() + 1);
+                if let Some(t) = &target {
+                    answers.push(cname(query.name(), t, ttl));
+                }
+                answers.extend(hit.answers.iter().map(|r| strip_hints(aged(r, age), strip)));
+                let authority: Vec<Record> = hit.authority.iter().map(|r| aged(r, age)).collect();
+                if self.policy.wants_answer() && matches!(verdict.decision, Decision::Resolve) {
+                    let info = QueryInfo {
+                        client,
+                        qname: &qname,
+                        qtype,
+                    };
+                    if let Some(v) = self.policy.decide_answer(&info, &answers) {
+                        if let Decision::Block(mode) = v.decision {
+                            let (rcode, blocked) = block_answer(mode, query, ttl);
+                            let rule = v.rule.clone();
+                            return self.local(
+                                &reply,
+                                rcode,
+                                blocked,
+                                client,
+                                v.decision.label(),
+                                rule,
+                                out,
+                            );
+                        }
+                    }
+                }
+                self.remember(client, &qname, &answers, now);
+                emit(&reply, rcode, answers, authority, out);
+                log_query(
+                    client,
+                    &qname,
+                    qtype,
+                    &verdict,
+                    rcode,
+                    None,
+                    true,
+                    Duration::ZERO,
+                );
+                return Handled::Answer;
+            }
+        }
+
+        if self.pending.len() >= self.config.max_pending {
+            self.stats.servfail += 1;
+            reply.limit = reply.limit.min(limit);
+            return self.local(
+                &reply,
+                ResponseCode::ServFail,
+                Vec::new(),
+                client,
+                "overload",
+                None,
+                out,
+            );
+        }
+        let ticket = self.fresh_ticket();
+        let mut up = Message::new();
+        up.set_id(ticket)
+            .set_message_type(MessageType::Query)
+            .set_op_code(OpCode::Query)
+            .set_recursion_desired(true)
+            .add_query(Query::query(key.0.clone(), qtype));
+        let mut e = Edns::new();
+        e.set_max_payload(EDNS_UDP);
+        up.set_edns(e);
+        if emit_message(&up, out).is_err() {
+            return self.local(
+                &reply,
+                ResponseCode::ServFail,
+                Vec::new(),
+                client,
+                "encode",
+                None,
+                out,
+            );
+        }
+        self.pending.insert(
+            ticket,
+            Pending {
+                client: client.clone(),
+                id: reply.id,
+                qname,
+                qtype,
+                target,
+                verdict,
+                strip,
+                limit,
+                recursion_desired: reply.rd,
+                edns,
+                started: now,
+            },
+        );
+        self.stats.upstream += 1;
+        Handled::Upstream(ticket)
+    }
+
+    /// Handles the upstream's response for `ticket` (`None`: every upstream failed or timed out);
+    /// writes the client's answer into `out`. `upstream` names the server for the log line.
+    pub fn handle_upstream(
+        &mut self,
+        ticket: Ticket,
+        response: Option<&[u8]>,
+        upstream: &str,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Handled {
+        out.clear();
+        let Some(p) = self.pending.remove(&ticket) else {
+            return Handled::Drop;
+        };
+        let query = Query::query(p.qname.clone(), p.qtype);
+        let reply = Reply {
+            id: p.id,
+            query: &query,
+            rd: p.recursion_desired,
+            edns: p.edns,
+            limit: p.limit,
+        };
+        let resolved = p.target.as_ref().map_or(&p.qname, |t| t).to_lowercase();
+        let parsed = response
+            .and_then(|b| Message::from_vec(b).ok())
+            .filter(|m| {
+                m.id() == ticket
+                    && m.message_type() == MessageType::Response
+                    && m.queries().len() == 1
+                    && m.queries()[0].name() == &resolved
+                    && m.queries()[0].query_type() == p.qtype
+            });
+        let latency = now.saturating_duration_since(p.started);
+        let Some(mut m) = parsed else {
+            self.stats.servfail += 1;
+            emit(&reply, ResponseCode::ServFail, Vec::new(), Vec::new(), out);
+            let up = Some(upstream);
+            log_query(
+                &p.client,
+                &p.qname,
+                p.qtype,
+                &p.verdict,
+                ResponseCode::ServFail,
+                up,
+                false,
+                latency,
+            );
+            return Handled::Answer;
+        };
+        let rcode = m.response_code();
+        let answers = m.take_answers();
+        let authority = m.take_name_servers();
+        if !m.truncated() {
+            self.cache
+                .insert((resolved, p.qtype), rcode, &answers, &authority, now);
+        }
+        let mut verdict = p.verdict;
+        if self.policy.wants_answer() && matches!(verdict.decision, Decision::Resolve) {
+            let info = QueryInfo {
+                client: &p.client,
+                qname: &p.qname,
+                qtype: p.qtype,
+            };
+            if let Some(v) = self.policy.decide_answer(&info, &answers) {
+                verdict = v;
+                if let Decision::Block(mode) = verdict.decision {
+                    let (rcode, blocked) = block_answer(mode, &query, self.config.local_ttl);
+                    emit(&reply, rcode, blocked, Vec::new(), out);
+                    self.stats.local += 1;
+                    let up = Some(upstream);
+                    log_query(
+                        &p.client, &p.qname, p.qtype, &verdict, rcode, up, false, latency,
+                    );
+                    return Handled::Answer;
+                }
+            }
+        }
+        let mut out_answers = Vec::with_capacity(answers.len() + 1);
+        if let Some(t) = &p.target {
+            out_answers.push(cname(query.name(), t, self.config.local_ttl));
+        }
+        out_answers.extend(answers.into_iter().map(|r| strip_hints(r, p.strip)));
+        self.remember(&p.client, &p.qname, &out_answers, now);
+        emit(&reply, rcode, out_answers, authority, out);
+        log_query(
+            &p.client,
+            &p.qname,
+            p.qtype,
+            &verdict,
+            rcode,
+            Some(upstream),
+            false,
+            latency,
+        );
+        Handled::Answer
+    }
+
+    fn fresh_ticket(&mut self) -> Ticket {
+        loop {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            let t = (self.rng >> 32) as u16;
+            if !self.pending.contains_key(&t) {
+                return t;
+            }
+        }
+    }
+
+    /// Records every address in `answers` for `client` under the CNAME chain from `qname`.
+    fn remember(
+        &mut self,
+        client: &ClientCtx,
+        qname: &Name,
+        answers: &[Record],
+        now: Instant,
+    ) -> Option<()> {
+        let mut ips = answers.iter().filter_map(|r| match r.data() {
+            RData::A(a) => Some((IpAddr::V4(a.0), r.ttl())),
+            RData::AAAA(a) => Some((IpAddr::V6(a.0), r.ttl())),
+            _ => None,
+        });
+        let first = ips.next()?;
+        let host = display_name(qname);
+        let mut domains: Vec<Arc<str>> = vec![host.clone()];
+        domains.extend(answers.iter().filter_map(|r| match r.data() {
+            RData::CNAME(c) => Some(display_name(&c.0)),
+            _ => None,
+        }));
+        let names = Names {
+            host,
+            domains: Arc::from(domains),
+        };
+        let key = client.key();
+        for (ip, ttl) in std::iter::once(first).chain(ips) {
+            self.memory.remember(&key, ip, &names, ttl, now);
+        }
+        Some(())
+    }
+
+    fn formerr(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Handled {
+        // Too short for an id, or a response: nothing sensible to answer.
+        let (Some(&hi), Some(&lo)) = (bytes.first(), bytes.get(1)) else {
+            self.stats.dropped += 1;
+            return Handled::Drop;
+        };
+        if bytes.get(2).is_some_and(|flags| flags & 0x80 != 0) {
+            self.stats.dropped += 1;
+            return Handled::Drop;
+        }
+        self.stats.formerr += 1;
+        let id = u16::from_be_bytes([hi, lo]);
+        let msg = Message::error_msg(id, OpCode::Query, ResponseCode::FormErr);
+        if emit_message(&msg, out).is_err() {
+            out.clear();
+            return Handled::Drop;
+        }
+        tracing::info!(target: "waygate::dns", id, rcode = "FORMERR", len = bytes.len(), "malformed dns query");
+        Handled::Answer
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn local(
+        &mut self,
+        reply: &Reply<'_>,
+        rcode: ResponseCode,
+        answers: Vec<Record>,
+        client: &ClientCtx,
+        decision: &'static str,
+        rule: Option<Arc<str>>,
+        out: &mut Vec<u8>,
+    ) -> Handled {
+        self.stats.local += 1;
+        let qname = reply.query.name().to_lowercase();
+        emit(reply, rcode, answers, Vec::new(), out);
+        tracing::info!(
+            target: "waygate::dns",
+            client = %client.label(),
+            src_ip = %client.src_ip,
+            name = %qname,
+            qtype = %reply.query.query_type(),
+            decision,
+            rule = rule.as_deref().unwrap_or(""),
+            rcode = %rcode,
+            upstream = "",
+            cache_hit = false,
+            latency_us = 0u64,
+            "dns query"
+        );
+        Handled::Answer
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_query(
+    client: &ClientCtx,
+    qname: &Name,
+    qtype: RecordType,
+    verdict: &PolicyVerdict,
+    rcode: ResponseCode,
+    upstream: Option<&str>,
+    cache_hit: bool,
+    latency: Duration,
+) {
+    tracing::info!(
+        target: "waygate::dns",
+        client = %client.label(),
+        src_ip = %client.src_ip,
+        name = %qname,
+        qtype = %qtype,
+        decision = verdict.decision.label(),
+        rule = verdict.rule.as_deref().unwrap_or(""),
+        rcode = %rcode,
+        upstream = upstream.unwrap_or(""),
+        cache_hit,
+        latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+        "dns query"
+    );
+}
+
+fn display_name(name: &Name) -> Arc<str> {
+    let s = name.to_lowercase().to_ascii();
+    Arc::from(s.strip_suffix('.').unwrap_or(&s))
+}
+
+/// `r` without the address hints `strip` names, when it is an HTTPS or SVCB record.
+fn strip_hints(r: Record, strip: Hints) -> Record {
+    if strip == Hints::default() {
+        return r;
+    }
+    let svcb = match r.data() {
+        RData::HTTPS(h) => &h.0,
+        RData::SVCB(s) => s,
+        _ => return r,
+    };
+    let params = svcb
+        .svc_params()
+        .iter()
+        .filter(|(k, _)| match k {
+            SvcParamKey::Ipv4Hint => !strip.v4,
+            SvcParamKey::Ipv6Hint => !strip.v6,
+            _ => true,
+        })
+        .cloned()
+        .collect();
+    let new = SVCB::new(svcb.svc_priority(), svcb.target_name().clone(), params);
+    let data = match r.data() {
+        RData::HTTPS(_) => RData::HTTPS(HTTPS(new)),
+        _ => RData::SVCB(new),
+    };
+    let mut out = Record::from_rdata(r.name().clone(), r.ttl(), data);
+    out.set_dns_class(r.dns_class());
+    out
+}
+
+fn aged(r: &Record, age: u32) -> Record {
+    let mut r = r.clone();
+    r.set_ttl(r.ttl().saturating_sub(age));
+    r
+}
+
+fn cname(owner: &Name, target: &Name, ttl: u32) -> Record {
+    Record::from_rdata(owner.clone(), ttl, RData::CNAME(CNAME(target.clone())))
+}
+
+fn address_record(owner: &Name, ip: IpAddr, qtype: RecordType, ttl: u32) -> Option<Record> {
+    let rdata = match (ip, qtype) {
+        (IpAddr::V4(v4), RecordType::A) => RData::A(A(v4)),
+        (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(v6)),
+        _ => return None,
+    };
+    Some(Record::from_rdata(owner.clone(), ttl, rdata))
+}
+
+fn block_answer(mode: BlockMode, query: &Query, ttl: u32) -> (ResponseCode, Vec<Record>) {
+    let qtype = query.query_type();
+    let owner = query.name();
+    match mode {
+        BlockMode::Refused => (ResponseCode::Refused, Vec::new()),
+        BlockMode::NxDomain => (ResponseCode::NXDomain, Vec::new()),
+        BlockMode::ZeroIp => {
+            let zero = match qtype {
+                RecordType::AAAA => IpAddr::from([0u16; 8]),
+                _ => IpAddr::from([0u8; 4]),
+            };
+            let answers = address_record(owner, zero, qtype, ttl)
+                .into_iter()
+                .collect();
+            (ResponseCode::NoError, answers)
+        }
+        BlockMode::Address(ip) => {
+            let answers = address_record(owner, ip, qtype, ttl).into_iter().collect();
+            (ResponseCode::NoError, answers)
+        }
+    }
+}
+
+fn emit(
+    reply: &Reply<'_>,
+    rcode: ResponseCode,
+    answers: Vec<Record>,
+    authority: Vec<Record>,
+    out: &mut Vec<u8>,
+) {
+    let mut m = Message::new();
+    m.set_id(reply.id)
+        .set_message_type(MessageType::Response)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(reply.rd)
+        .set_recursion_available(true)
+        .set_response_code(rcode)
+        .add_query(reply.query.clone());
+    if reply.edns {
+        let mut e = Edns::new();
+        e.set_max_payload(EDNS_UDP);
+        m.set_edns(e);
+    }
+    m.insert_answers(answers);
+    m.insert_name_servers(authority);
+    if emit_message(&m, out).is_ok() && out.len() <= reply.limit {
+        return;
+    }
+    // Too big for the client's datagram (or unencodable): header and question with TC set.
+    m.take_answers();
+    m.take_name_servers();
+    m.set_truncated(true);
+    if emit_message(&m, out).is_err() {
+        out.clear();
+    }
+}
+
+fn emit_message(m: &Message, out: &mut Vec<u8>) -> Result<(), hickory_proto::ProtoError> {
+    out.clear();
+    let mut enc = BinEncoder::new(out);
+    m.emit(&mut enc)
+}

@@ -1,0 +1,369 @@
+//! DNS listeners (tokio shell): UDP and TCP sockets answering through the shared [`Resolver`].
+//!
+//! Each UDP worker owns its receive and send buffers for its whole life; a query that needs the
+//! upstream is handed to a task so one slow upstream never stalls the socket. The resolver sits
+//! behind a mutex held only for the synchronous core calls.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
+
+use super::core::{Handled, Resolver, Transport, MAX_MESSAGE};
+use super::policy::{ClientCtx, DnsPolicy};
+use super::upstream::UpstreamClient;
+
+/// Socket receive/send buffer asked for each UDP listener.
+pub const UDP_SOCKET_BUFFER: usize = 4 << 20;
+/// How often expired name memory is purged.
+pub const TICK: Duration = Duration::from_secs(10);
+/// A TCP client idle this long is disconnected (RFC 7766 suggests tens of seconds).
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Where to listen.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// UDP listen addresses (port 0 picks one; see [`RunningServer::udp_addrs`]).
+    pub udp: Vec<SocketAddr>,
+    /// TCP listen addresses.
+    pub tcp: Vec<SocketAddr>,
+    /// TCP listen addresses whose connections start with a PROXY protocol v1 line naming the
+    /// client (the gateway's data plane carrying a device's DNS over TCP); bind them to loopback.
+    pub tcp_proxied: Vec<SocketAddr>,
+    /// Tasks receiving on each UDP socket (default 1 when 0).
+    pub udp_workers: usize,
+}
+
+/// Maps a query's source address to the client the policy sees (device lookup, locations).
+pub type Identify = Arc<dyn Fn(SocketAddr) -> ClientCtx + Send + Sync>;
+
+/// The resolver shared between listeners and the integrator.
+pub type SharedResolver<P> = Arc<Mutex<Resolver<P>>>;
+
+/// Listeners around a resolver and an upstream client.
+pub struct DnsServer<P> {
+    resolver: SharedResolver<P>,
+    upstream: Arc<UpstreamClient>,
+    identify: Identify,
+}
+
+/// Running listeners; dropping it stops them.
+pub struct RunningServer {
+    /// Bound UDP addresses, in configuration order.
+    pub udp_addrs: Vec<SocketAddr>,
+    /// Bound TCP addresses, in configuration order.
+    pub tcp_addrs: Vec<SocketAddr>,
+    /// Bound PROXY-line TCP addresses, in configuration order.
+    pub tcp_proxied_addrs: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[allow(clippy::disallowed_methods)]
+fn now() -> Instant {
+    // The shell is where the clock is read (house rule 2).
+    Instant::now()
+}
+
+fn lock<P>(r: &SharedResolver<P>) -> std::sync::MutexGuard<'_, Resolver<P>> {
+    // A panic elsewhere must not take DNS down with it; the core's state stays consistent per call.
+    r.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<P: DnsPolicy + 'static> DnsServer<P> {
+    /// Listeners answering through `resolver`, asking `upstream`, identifying clients by `identify`.
+    pub fn new(resolver: SharedResolver<P>, upstream: UpstreamClient, identify: Identify) -> Self {
+        DnsServer {
+            resolver,
+            upstream: Arc::new(upstream),
+            identify,
+        }
+    }
+
+    /// The shared resolver (for `names_for` and policy reloads).
+    pub fn resolver(&self) -> &SharedResolver<P> {
+        &self.resolver
+    }
+
+    /// Binds every address and starts serving on the current tokio runtime.
+    pub async fn start(&self, config: &ServerConfig) -> io::Result<RunningServer> {
+        let mut running = RunningServer {
+            udp_addrs: Vec::new(),
+            tcp_addrs: Vec::new(),
+            tcp_proxied_addrs: Vec::new(),
+            tasks: Vec::new(),
+        };
+        for addr in &config.udp {
+            let sock = Arc::new(udp_socket(*addr)?);
+            running.udp_addrs.push(sock.local_addr()?);
+            for _ in 0..config.udp_workers.max(1) {
+                let worker = UdpWorker {
+                    sock: sock.clone(),
+                    resolver: self.resolver.clone(),
+                    upstream: self.upstream.clone(),
+                    identify: self.identify.clone(),
+                };
+                running.tasks.push(tokio::spawn(worker.run()));
+            }
+        }
+        let listeners = config
+            .tcp
+            .iter()
+            .map(|a| (a, false))
+            .chain(config.tcp_proxied.iter().map(|a| (a, true)));
+        for (addr, proxied) in listeners {
+            let listener = TcpListener::bind(addr).await?;
+            if proxied {
+                running.tcp_proxied_addrs.push(listener.local_addr()?);
+            } else {
+                running.tcp_addrs.push(listener.local_addr()?);
+            }
+            let resolver = self.resolver.clone();
+            let upstream = self.upstream.clone();
+            let identify = self.identify.clone();
+            running.tasks.push(tokio::spawn(async move {
+                loop {
+                    let (stream, from) = match listener.accept().await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(target: "waygate::dns", error = %e, "dns tcp accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let conn = TcpConn {
+                        resolver: resolver.clone(),
+                        upstream: upstream.clone(),
+                        identify: identify.clone(),
+                        from,
+                        proxied,
+                    };
+                    tokio::spawn(conn.run(stream));
+                }
+            }));
+        }
+        let resolver = self.resolver.clone();
+        running.tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            loop {
+                tick.tick().await;
+                lock(&resolver).handle_timeout(now());
+            }
+        }));
+        Ok(running)
+    }
+}
+
+fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Bursts of queries must queue in the kernel, not be dropped (RcvbufErrors).
+    let _ = sock.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
+struct UdpWorker<P> {
+    sock: Arc<UdpSocket>,
+    resolver: SharedResolver<P>,
+    upstream: Arc<UpstreamClient>,
+    identify: Identify,
+}
+
+impl<P: DnsPolicy + 'static> UdpWorker<P> {
+    async fn run(self) {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut out = Vec::with_capacity(MAX_MESSAGE);
+        loop {
+            let (n, from) = match self.sock.recv_from(&mut buf).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // ICMP port unreachable from an earlier send surfaces here; keep serving.
+                    tracing::debug!(target: "waygate::dns", error = %e, "dns udp recv failed");
+                    continue;
+                }
+            };
+            let client = (self.identify)(from);
+            let handled = lock(&self.resolver).handle_query(
+                &client,
+                &buf[..n],
+                Transport::Udp,
+                now(),
+                &mut out,
+            );
+            match handled {
+                Handled::Answer => {
+                    let _ = self.sock.send_to(&out, from).await;
+                }
+                Handled::Upstream(ticket) => {
+                    let query = out.clone();
+                    let sock = self.sock.clone();
+                    let resolver = self.resolver.clone();
+                    let upstream = self.upstream.clone();
+                    tokio::spawn(async move {
+                        let mut answer = Vec::new();
+                        if resolve(&resolver, &upstream, ticket, &query, &mut answer).await {
+                            let _ = sock.send_to(&answer, from).await;
+                        }
+                    });
+                }
+                Handled::Drop => {}
+            }
+        }
+    }
+}
+
+/// Asks the upstream and feeds the result to the core; true when `out` holds an answer.
+async fn resolve<P: DnsPolicy>(
+    resolver: &SharedResolver<P>,
+    upstream: &UpstreamClient,
+    ticket: u16,
+    query: &[u8],
+    out: &mut Vec<u8>,
+) -> bool {
+    let result = upstream.query(query).await;
+    let (bytes, label) = match &result {
+        Ok((bytes, up)) => (Some(bytes.as_slice()), up.to_string()),
+        Err(e) => {
+            tracing::debug!(target: "waygate::dns", error = %e, "dns upstreams failed");
+            (None, String::from("failed"))
+        }
+    };
+    let handled = lock(resolver).handle_upstream(ticket, bytes, &label, now(), out);
+    handled == Handled::Answer
+}
+
+struct TcpConn<P> {
+    resolver: SharedResolver<P>,
+    upstream: Arc<UpstreamClient>,
+    identify: Identify,
+    from: SocketAddr,
+    proxied: bool,
+}
+
+/// Longest PROXY protocol v1 line (the specification's bound).
+const PROXY_LINE_MAX: usize = 107;
+
+/// Reads a PROXY protocol v1 line (`PROXY TCP4 SRC DST SPORT DPORT\r\n`) and returns SRC:SPORT.
+async fn read_proxy_line(stream: &mut TcpStream) -> Option<SocketAddr> {
+    let mut line = Vec::with_capacity(PROXY_LINE_MAX);
+    while !line.ends_with(b"\r\n") {
+        if line.len() >= PROXY_LINE_MAX {
+            return None;
+        }
+        line.push(stream.read_u8().await.ok()?);
+    }
+    parse_proxy_line(&line)
+}
+
+/// The client address of a PROXY protocol v1 line.
+pub fn parse_proxy_line(line: &[u8]) -> Option<SocketAddr> {
+    let text = std::str::from_utf8(line).ok()?.strip_suffix("\r\n")?;
+    let mut parts = text.split(' ');
+    let (
+        Some("PROXY"),
+        Some("TCP4" | "TCP6"),
+        Some(src),
+        Some(_dst),
+        Some(sport),
+        Some(_dport),
+        None,
+    ) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    )
+    else {
+        return None;
+    };
+    Some(SocketAddr::new(src.parse().ok()?, sport.parse().ok()?))
+}
+
+/// The PROXY protocol v1 line announcing `client` talking to `server`.
+pub fn proxy_line(client: SocketAddr, server: SocketAddr) -> String {
+    let family = if client.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {family} {} {} {} {}\r\n",
+        client.ip(),
+        server.ip(),
+        client.port(),
+        server.port()
+    )
+}
+
+impl<P: DnsPolicy> TcpConn<P> {
+    async fn run(self, mut stream: TcpStream) {
+        let from = if self.proxied {
+            match tokio::time::timeout(TCP_IDLE, read_proxy_line(&mut stream)).await {
+                Ok(Some(client)) => client,
+                _ => return,
+            }
+        } else {
+            self.from
+        };
+        let client = (self.identify)(from);
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut out = Vec::with_capacity(MAX_MESSAGE);
+        let mut framed = Vec::with_capacity(MAX_MESSAGE + 2);
+        loop {
+            let read = async {
+                let n = usize::from(stream.read_u16().await?);
+                stream.read_exact(&mut buf[..n]).await?;
+                io::Result::Ok(n)
+            };
+            let n = match tokio::time::timeout(TCP_IDLE, read).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let handled = lock(&self.resolver).handle_query(
+                &client,
+                &buf[..n],
+                Transport::Stream,
+                now(),
+                &mut out,
+            );
+            let answered = match handled {
+                Handled::Answer => true,
+                Handled::Upstream(ticket) => {
+                    let query = std::mem::take(&mut out);
+                    let ok =
+                        resolve(&self.resolver, &self.upstream, ticket, &query, &mut out).await;
+                    ok
+                }
+                Handled::Drop => false,
+            };
+            if !answered {
+                continue;
+            }
+            let Ok(len) = u16::try_from(out.len()) else {
+                return;
+            };
+            framed.clear();
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&out);
+            if stream.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+    }
+}

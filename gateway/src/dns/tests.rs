@@ -1,0 +1,371 @@
+//! The resolver core with a fake clock and a scripted upstream.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::svcb::{IpHint, SvcParamKey, SvcParamValue, SVCB};
+use hickory_proto::rr::rdata::{A, AAAA, HTTPS, SOA};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use proptest::prelude::*;
+
+use super::*;
+
+fn client() -> ClientCtx {
+    ClientCtx::from_ip(IpAddr::V4(Ipv4Addr::new(100, 96, 0, 2)))
+}
+
+fn query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
+    let mut m = Message::new();
+    m.set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    m.to_vec().unwrap()
+}
+
+/// The upstream's answer to the query the core wrote.
+fn upstream_answer(
+    up_query: &[u8],
+    rcode: ResponseCode,
+    records: Vec<Record>,
+    authority: Vec<Record>,
+) -> Vec<u8> {
+    let q = Message::from_vec(up_query).unwrap();
+    let mut m = Message::new();
+    m.set_id(q.id())
+        .set_message_type(MessageType::Response)
+        .set_response_code(rcode)
+        .add_query(q.queries()[0].clone());
+    m.insert_answers(records);
+    m.insert_name_servers(authority);
+    m.to_vec().unwrap()
+}
+
+fn a(name: &str, ip: [u8; 4], ttl: u32) -> Record {
+    Record::from_rdata(
+        Name::from_ascii(name).unwrap(),
+        ttl,
+        RData::A(A(Ipv4Addr::from(ip))),
+    )
+}
+
+fn answer_of(bytes: &[u8]) -> Message {
+    Message::from_vec(bytes).unwrap()
+}
+
+type Policy = fn(&QueryInfo<'_>) -> PolicyVerdict;
+
+fn resolver(policy: Policy) -> Resolver<Policy> {
+    Resolver::new(policy, ResolverConfig::default(), 7)
+}
+
+fn allow(_: &QueryInfo<'_>) -> PolicyVerdict {
+    Decision::Resolve.into()
+}
+
+#[test]
+fn answers_come_from_upstream_then_from_the_cache_until_the_ttl_ends() {
+    let mut r = resolver(allow);
+    let t0 = test_epoch();
+    let mut out = Vec::new();
+    let h = r.handle_query(
+        &client(),
+        &query(1, "a.example.", RecordType::A),
+        Transport::Udp,
+        t0,
+        &mut out,
+    );
+    let Handled::Upstream(ticket) = h else {
+        panic!("{h:?}")
+    };
+    let resp = upstream_answer(
+        &out,
+        ResponseCode::NoError,
+        vec![a("a.example.", [203, 0, 113, 10], 60)],
+        vec![],
+    );
+    assert_eq!(
+        r.handle_upstream(ticket, Some(&resp), "up", t0, &mut out),
+        Handled::Answer
+    );
+    let m = answer_of(&out);
+    assert_eq!((m.id(), m.answers().len()), (1, 1));
+
+    // Cached: answered at once, TTL counting down.
+    let later = t0 + Duration::from_secs(20);
+    let h = r.handle_query(
+        &client(),
+        &query(2, "A.EXAMPLE.", RecordType::A),
+        Transport::Udp,
+        later,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Answer);
+    let m = answer_of(&out);
+    assert_eq!(m.id(), 2);
+    assert_eq!(m.answers()[0].ttl(), 40);
+    assert_eq!(r.stats().cache_hits, 1);
+
+    // Expired: upstream again.
+    let expired = t0 + Duration::from_secs(61);
+    let h = r.handle_query(
+        &client(),
+        &query(3, "a.example.", RecordType::A),
+        Transport::Udp,
+        expired,
+        &mut out,
+    );
+    assert!(matches!(h, Handled::Upstream(_)));
+}
+
+#[test]
+fn negative_answers_are_cached_for_the_soa_minimum() {
+    let mut r = resolver(allow);
+    let t0 = test_epoch();
+    let mut out = Vec::new();
+    let Handled::Upstream(ticket) = r.handle_query(
+        &client(),
+        &query(1, "nx.example.", RecordType::A),
+        Transport::Udp,
+        t0,
+        &mut out,
+    ) else {
+        panic!()
+    };
+    let soa = SOA::new(
+        Name::from_ascii("ns.example.").unwrap(),
+        Name::from_ascii("admin.example.").unwrap(),
+        1,
+        60,
+        60,
+        60,
+        30,
+    );
+    let soa = Record::from_rdata(Name::from_ascii("example.").unwrap(), 30, RData::SOA(soa));
+    let resp = upstream_answer(&out, ResponseCode::NXDomain, vec![], vec![soa]);
+    r.handle_upstream(ticket, Some(&resp), "up", t0, &mut out);
+    assert_eq!(answer_of(&out).response_code(), ResponseCode::NXDomain);
+    let h = r.handle_query(
+        &client(),
+        &query(2, "nx.example.", RecordType::A),
+        Transport::Udp,
+        t0 + Duration::from_secs(10),
+        &mut out,
+    );
+    assert_eq!(h, Handled::Answer);
+    assert_eq!(answer_of(&out).response_code(), ResponseCode::NXDomain);
+    let h = r.handle_query(
+        &client(),
+        &query(3, "nx.example.", RecordType::A),
+        Transport::Udp,
+        t0 + Duration::from_secs(31),
+        &mut out,
+    );
+    assert!(matches!(h, Handled::Upstream(_)));
+}
+
+#[test]
+fn blocks_and_overrides_are_answered_locally() {
+    fn policy(q: &QueryInfo<'_>) -> PolicyVerdict {
+        match q.qname.to_ascii().as_str() {
+            "blocked.example." => Decision::Block(BlockMode::Refused).into(),
+            "zero.example." => Decision::Block(BlockMode::ZeroIp).into(),
+            "moved.example." => {
+                Decision::OverrideIps(vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 99))]).into()
+            }
+            _ => Decision::Resolve.into(),
+        }
+    }
+    let mut r = resolver(policy);
+    let t0 = test_epoch();
+    let mut out = Vec::new();
+    let mut ask = |name: &str, t: RecordType| {
+        let h = r.handle_query(&client(), &query(9, name, t), Transport::Udp, t0, &mut out);
+        assert_eq!(h, Handled::Answer, "{name}");
+        answer_of(&out)
+    };
+    assert_eq!(
+        ask("blocked.example.", RecordType::A).response_code(),
+        ResponseCode::Refused
+    );
+    let zero = ask("zero.example.", RecordType::AAAA);
+    assert_eq!(
+        zero.answers()[0].data(),
+        &RData::AAAA(AAAA(Ipv6Addr::UNSPECIFIED))
+    );
+    let moved = ask("moved.example.", RecordType::A);
+    assert_eq!(
+        moved.answers()[0].data(),
+        &RData::A(A(Ipv4Addr::new(203, 0, 113, 99)))
+    );
+    assert_eq!(
+        moved.answers()[0].ttl(),
+        ResolverConfig::default().local_ttl
+    );
+    assert_eq!(
+        ask("moved.example.", RecordType::MX).response_code(),
+        ResponseCode::Refused
+    );
+}
+
+#[test]
+fn safesearch_answers_the_cname_then_the_targets_records() {
+    fn policy(q: &QueryInfo<'_>) -> PolicyVerdict {
+        rules::safe_search(q.qname)
+            .unwrap_or(Decision::Resolve)
+            .into()
+    }
+    let mut r = resolver(policy);
+    let t0 = test_epoch();
+    let mut out = Vec::new();
+    let Handled::Upstream(ticket) = r.handle_query(
+        &client(),
+        &query(4, "www.google.com.", RecordType::A),
+        Transport::Udp,
+        t0,
+        &mut out,
+    ) else {
+        panic!()
+    };
+    let up = answer_of(&out);
+    assert_eq!(
+        up.queries()[0].name().to_ascii(),
+        "forcesafesearch.google.com."
+    );
+    let resp = upstream_answer(
+        &out,
+        ResponseCode::NoError,
+        vec![a("forcesafesearch.google.com.", [203, 0, 113, 61], 300)],
+        vec![],
+    );
+    r.handle_upstream(ticket, Some(&resp), "up", t0, &mut out);
+    let m = answer_of(&out);
+    assert_eq!(m.queries()[0].name().to_ascii(), "www.google.com.");
+    assert!(
+        matches!(m.answers()[0].data(), RData::CNAME(c) if c.0.to_ascii() == "forcesafesearch.google.com.")
+    );
+    assert_eq!(
+        m.answers()[1].data(),
+        &RData::A(A(Ipv4Addr::new(203, 0, 113, 61)))
+    );
+}
+
+#[test]
+fn a_blocked_family_loses_its_hints_in_https_answers() {
+    fn policy(q: &QueryInfo<'_>) -> PolicyVerdict {
+        if q.qtype == RecordType::AAAA {
+            Decision::Block(BlockMode::Refused).into()
+        } else {
+            Decision::Resolve.into()
+        }
+    }
+    let mut r = resolver(policy);
+    let t0 = test_epoch();
+    let mut out = Vec::new();
+    let Handled::Upstream(ticket) = r.handle_query(
+        &client(),
+        &query(5, "h.example.", RecordType::HTTPS),
+        Transport::Udp,
+        t0,
+        &mut out,
+    ) else {
+        panic!()
+    };
+    let svcb = SVCB::new(
+        1,
+        Name::root(),
+        vec![
+            (
+                SvcParamKey::Ipv4Hint,
+                SvcParamValue::Ipv4Hint(IpHint(vec![A(Ipv4Addr::new(203, 0, 113, 10))])),
+            ),
+            (
+                SvcParamKey::Ipv6Hint,
+                SvcParamValue::Ipv6Hint(IpHint(vec![AAAA(Ipv6Addr::LOCALHOST)])),
+            ),
+        ],
+    );
+    let rec = Record::from_rdata(
+        Name::from_ascii("h.example.").unwrap(),
+        300,
+        RData::HTTPS(HTTPS(svcb)),
+    );
+    let resp = upstream_answer(&out, ResponseCode::NoError, vec![rec], vec![]);
+    r.handle_upstream(ticket, Some(&resp), "up", t0, &mut out);
+    let m = answer_of(&out);
+    let RData::HTTPS(h) = m.answers()[0].data() else {
+        panic!("{m:?}")
+    };
+    let keys: Vec<_> = h.svc_params().iter().map(|(k, _)| *k).collect();
+    assert_eq!(keys, vec![SvcParamKey::Ipv4Hint]);
+}
+
+#[test]
+fn malformed_queries_get_formerr_and_responses_are_dropped() {
+    let mut r = resolver(allow);
+    let t0 = test_epoch();
+    let mut out = Vec::new();
+    // A header with a question count but no question.
+    let h = r.handle_query(
+        &client(),
+        &[0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+        Transport::Udp,
+        t0,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Answer);
+    let m = answer_of(&out);
+    assert_eq!((m.id(), m.response_code()), (0x1234, ResponseCode::FormErr));
+    // Too short for an id: nothing to answer.
+    assert_eq!(
+        r.handle_query(&client(), &[7], Transport::Udp, t0, &mut out),
+        Handled::Drop
+    );
+    // A response sent as a query is never answered (no ping-pong between resolvers).
+    let mut resp = query(1, "a.example.", RecordType::A);
+    resp[2] |= 0x80;
+    assert_eq!(
+        r.handle_query(&client(), &resp, Transport::Udp, t0, &mut out),
+        Handled::Drop
+    );
+    // An upstream answer for an unknown ticket or with the wrong id is not trusted.
+    assert_eq!(
+        r.handle_upstream(999, Some(&resp), "up", t0, &mut out),
+        Handled::Drop
+    );
+}
+
+proptest! {
+    #[test]
+    fn hostile_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let mut r = resolver(allow);
+        let mut out = Vec::new();
+        let t0 = test_epoch();
+        if let Handled::Upstream(ticket) = r.handle_query(&client(), &bytes, Transport::Udp, t0, &mut out) {
+            let _ = r.handle_upstream(ticket, Some(&bytes), "up", t0, &mut out);
+        }
+    }
+
+    #[test]
+    fn mutated_queries_never_panic(flips in proptest::collection::vec((0usize..40, any::<u8>()), 1..6)) {
+        let mut q = query(1, "www.a.example.", RecordType::A);
+        for (i, b) in flips {
+            if let Some(x) = q.get_mut(i) {
+                *x = b;
+            }
+        }
+        let mut r = resolver(allow);
+        let mut out = Vec::new();
+        let t0 = test_epoch();
+        match r.handle_query(&client(), &q, Transport::Udp, t0, &mut out) {
+            Handled::Answer => prop_assert!(Message::from_vec(&out).is_ok()),
+            Handled::Upstream(ticket) => {
+                let resp = q.clone();
+                let _ = r.handle_upstream(ticket, Some(&resp), "up", t0, &mut out);
+            }
+            Handled::Drop => {}
+        }
+    }
+}

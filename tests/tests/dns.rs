@@ -1,0 +1,290 @@
+//! The DNS stage through real wg-quick devices with `dig`: every action, the seed's order of
+//! operations (allow list before block list; a blocked domain takes its subdomains, a bare TLD
+//! the whole TLD), per-rule block answers, the AAAA block with its hints stripped, rules on the
+//! answer, identity, DNS over TCP, intercept and a location (issue "DNS stage").
+// Wall-clock deadlines are what these tests measure.
+#![allow(clippy::disallowed_methods)]
+
+use std::fs;
+use std::time::Duration;
+
+use waygate_e2e::{report, skip, Device, Lab};
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+const RULES: &str = r#"{"result": [
+  {"id": "allow-list", "name": "Allow list", "action": "allow", "filters": ["dns"],
+   "precedence": 20, "traffic": "any(dns.domains[*] in $allowed)"},
+  {"id": "block-list", "name": "Block list", "action": "block", "filters": ["dns"],
+   "precedence": 30, "traffic": "any(dns.domains[*] in $blocked)"},
+  {"id": "safe", "name": "SafeSearch", "action": "safesearch", "filters": ["dns"],
+   "precedence": 40,
+   "traffic": "any(dns.domains[*] in {\"google.com\" \"google.de\" \"bing.com\" \"duckduckgo.com\"})"},
+  {"id": "yt", "name": "YouTube restricted", "action": "ytrestricted", "filters": ["dns"],
+   "precedence": 41, "traffic": "any(dns.domains[*] == \"youtube.com\")"},
+  {"id": "eng-only", "name": "Not for eng", "action": "block", "filters": ["dns"],
+   "precedence": 50, "traffic": "dns.fqdn == \"games.example\"",
+   "identity": "any(identity.groups.name[*] in {\"eng\"})"},
+  {"id": "gone", "action": "block", "filters": ["dns"], "precedence": 51,
+   "traffic": "dns.fqdn == \"gone.example\"", "rule_settings": {"dns_block": "nxdomain"}},
+  {"id": "zero", "action": "block", "filters": ["dns"], "precedence": 52,
+   "traffic": "dns.fqdn == \"zero.example\"", "rule_settings": {"block_page_enabled": false}},
+  {"id": "moved", "action": "override", "filters": ["dns"], "precedence": 53,
+   "traffic": "dns.fqdn == \"moved.example\"", "rule_settings": {"override_ips": ["203.0.113.99"]}},
+  {"id": "renamed", "action": "override", "filters": ["dns"], "precedence": 54,
+   "traffic": "dns.fqdn == \"renamed.example\"", "rule_settings": {"override_host": "safe.duckduckgo.com"}},
+  {"id": "v4-only", "action": "block", "filters": ["dns"], "precedence": 55,
+   "traffic": "dns.fqdn == \"v4only.example\" and dns.query_rtype == \"AAAA\""},
+  {"id": "office", "action": "block", "filters": ["dns"], "precedence": 56,
+   "traffic": "dns.location == \"office\" and dns.fqdn == \"office-blocked.example\""},
+  {"id": "no-alias", "name": "Nothing behind a.example", "action": "block", "filters": ["dns"],
+   "precedence": 60, "traffic": "any(dns.response.cname[*] == \"a.example\")"}
+]}"#;
+
+const LISTS: &str = r#"[
+  {"id": "allowed", "name": "Allow list", "type": "DOMAIN", "items": [{"value": "ok.blocked.example"}, {"value": "fine.net"}]},
+  {"id": "blocked", "name": "Block list", "type": "DOMAIN", "items": [{"value": "blocked.example"}, {"value": "net"}]}
+]"#;
+
+struct Dns<'a> {
+    lab: &'a Lab,
+}
+
+impl Dns<'_> {
+    /// `dig` from the device's namespace: `@server name type` plus `extra`; returns the status
+    /// word (`NOERROR`, `REFUSED`, ...) and the answer section's data.
+    fn dig(
+        &self,
+        ns: &str,
+        server: &str,
+        name: &str,
+        qtype: &str,
+        extra: &[&str],
+    ) -> (String, Vec<String>) {
+        let at = format!("@{server}");
+        let mut args = vec![
+            "dig",
+            &at,
+            name,
+            qtype,
+            "+tries=2",
+            "+time=2",
+            "+noall",
+            "+comments",
+            "+answer",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.lab.run_in(ns, &args, secs(10));
+        assert!(
+            out.ok() || out.stdout.contains("status:"),
+            "dig failed: {}",
+            out.describe()
+        );
+        let status = out
+            .stdout
+            .split("status: ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or("NO-STATUS")
+            .to_string();
+        let answers = out
+            .stdout
+            .lines()
+            .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+            .filter(|l| l.split_whitespace().count() > 4)
+            .map(|l| l.split_whitespace().skip(3).collect::<Vec<_>>().join(" "))
+            .collect();
+        (status, answers)
+    }
+
+    fn ask(&self, device: &Device, name: &str, qtype: &str) -> (String, Vec<String>) {
+        self.dig(&device.ns, "100.96.0.1", name, qtype, &[])
+    }
+}
+
+fn setup() -> (Lab, Device, Device) {
+    let mut lab = Lab::up();
+    lab.stop_gateway();
+    let dir = lab.dir().to_path_buf();
+    fs::write(dir.join("rules.json"), RULES).expect("rules");
+    fs::write(dir.join("lists.json"), LISTS).expect("lists");
+    let mut config = fs::read_to_string(lab.config()).expect("config");
+    config = config.replace(
+        "[dns]\n",
+        "[dns]\nintercept = true\nlisten = [\"198.51.100.1:53\"]\n\
+         locations = [{ name = \"office\", networks = [\"198.51.100.0/24\"] }]\n",
+    );
+    config.push_str(&format!(
+        "[policy]\nrules = \"{}\"\nlists = \"{}\"\n",
+        dir.join("rules.json").display(),
+        dir.join("lists.json").display()
+    ));
+    fs::write(lab.config(), config).expect("config");
+    if let Err(e) = lab.start_gateway() {
+        panic!("the gateway did not start with DNS rules: {e:#}");
+    }
+    let alice = lab
+        .add_device_with("alice", "d1", &["--group", "eng"])
+        .expect("alice");
+    let bob = lab.add_device("bob", "d2").expect("bob");
+    (lab, alice, bob)
+}
+
+#[test]
+fn dns_rules_through_the_tunnel() {
+    if skip("dns_rules_through_the_tunnel") {
+        return;
+    }
+    let (lab, alice, bob) = setup();
+    let dns = Dns { lab: &lab };
+    let a = |name: &str, t: &str| dns.ask(&alice, name, t);
+    let fail = |what: &str, got: &(String, Vec<String>)| -> String {
+        format!(
+            "{what}: got {got:?}\ngateway log:\n{}",
+            lab.gateway_log_tail()
+        )
+    };
+
+    // Resolution through the upstream.
+    let got = a("a.example", "A");
+    assert_eq!(
+        got,
+        ("NOERROR".into(), vec!["A 203.0.113.10".into()]),
+        "{}",
+        fail("plain A", &got)
+    );
+
+    // Order of operations: allow list before the block list; a blocked domain takes its
+    // subdomains; a bare TLD blocks the whole TLD.
+    for (name, want) in [
+        ("blocked.example", "REFUSED"),
+        ("www.blocked.example", "REFUSED"),
+        ("ok.blocked.example", "NOERROR"),
+        ("anything.net", "REFUSED"),
+        ("fine.net", "NOERROR"),
+    ] {
+        let got = a(name, "A");
+        assert_eq!(got.0, want, "{}", fail(name, &got));
+    }
+
+    // SafeSearch and YouTube restricted: the engine's CNAME, then its addresses.
+    for (name, target, addr) in [
+        (
+            "www.google.com",
+            "forcesafesearch.google.com.",
+            "203.0.113.61",
+        ),
+        (
+            "www.google.de",
+            "forcesafesearch.google.com.",
+            "203.0.113.61",
+        ),
+        ("www.bing.com", "strict.bing.com.", "203.0.113.62"),
+        ("duckduckgo.com", "safe.duckduckgo.com.", "203.0.113.63"),
+        ("www.youtube.com", "restrict.youtube.com.", "203.0.113.64"),
+    ] {
+        let got = a(name, "A");
+        assert_eq!(
+            got,
+            (
+                "NOERROR".to_string(),
+                vec![format!("CNAME {target}"), format!("A {addr}")]
+            ),
+            "{}",
+            fail(name, &got)
+        );
+    }
+
+    // Block answers per rule, overrides (other types REFUSED).
+    assert_eq!(a("gone.example", "A").0, "NXDOMAIN");
+    assert_eq!(
+        a("zero.example", "A"),
+        ("NOERROR".into(), vec!["A 0.0.0.0".into()])
+    );
+    assert_eq!(
+        a("zero.example", "AAAA"),
+        ("NOERROR".into(), vec!["AAAA ::".into()])
+    );
+    assert_eq!(
+        a("moved.example", "A"),
+        ("NOERROR".into(), vec!["A 203.0.113.99".into()])
+    );
+    assert_eq!(a("moved.example", "TXT").0, "REFUSED");
+    let got = a("renamed.example", "A");
+    assert_eq!(
+        got,
+        (
+            "NOERROR".into(),
+            vec!["CNAME safe.duckduckgo.com.".into(), "A 203.0.113.63".into()]
+        ),
+        "{}",
+        fail("override_host", &got)
+    );
+
+    // AAAA blocked: no AAAA, and HTTPS answers lose their IPv6 hints (not their IPv4 ones).
+    assert_eq!(a("v4only.example", "AAAA").0, "REFUSED");
+    let https = a("v4only.example", "HTTPS");
+    let text = https.1.join(" ");
+    assert!(
+        https.0 == "NOERROR" && text.contains("ipv4hint") && !text.contains("ipv6hint"),
+        "{}",
+        fail("HTTPS without ipv6hint", &https)
+    );
+    let other = a("dual.example", "HTTPS");
+    assert!(
+        other.1.join(" ").contains("ipv6hint"),
+        "{}",
+        fail("HTTPS keeps hints for other names", &other)
+    );
+
+    // A rule on the answer: alias.example resolves through a.example, which that rule blocks.
+    assert_eq!(a("alias.example", "A").0, "REFUSED");
+
+    // Identity: Alice's group is refused, Bob resolves.
+    assert_eq!(a("games.example", "A").0, "REFUSED");
+    assert_eq!(dns.ask(&bob, "games.example", "A").0, "NOERROR");
+
+    // DNS over TCP follows the same rules and identity.
+    let tcp = dns.dig(&alice.ns, "100.96.0.1", "games.example", "A", &["+tcp"]);
+    assert_eq!(tcp.0, "REFUSED", "{}", fail("TCP, identity", &tcp));
+    let tcp = dns.dig(&bob.ns, "100.96.0.1", "a.example", "A", &["+tcp"]);
+    assert_eq!(
+        tcp,
+        ("NOERROR".into(), vec!["A 203.0.113.10".into()]),
+        "{}",
+        fail("TCP", &tcp)
+    );
+
+    // Intercept: DNS to another resolver is answered by Waygate, with its rules.
+    let got = dns.dig(&alice.ns, "203.0.113.99", "blocked.example", "A", &[]);
+    assert_eq!(got.0, "REFUSED", "{}", fail("intercepted", &got));
+    let got = dns.dig(&alice.ns, "203.0.113.99", "a.example", "A", &[]);
+    assert_eq!(
+        got.1,
+        vec!["A 203.0.113.10".to_string()],
+        "{}",
+        fail("intercepted", &got)
+    );
+
+    // A location: a host of 198.51.100.0/24 asking the plain listener outside the tunnel (the
+    // gateway's own namespace: the devices send everything through their tunnels).
+    let got = dns.dig("gw", "198.51.100.1", "office-blocked.example", "A", &[]);
+    assert_eq!(got.0, "REFUSED", "{}", fail("location rule", &got));
+    let got = dns.dig(&bob.ns, "100.96.0.1", "office-blocked.example", "A", &[]);
+    assert_eq!(
+        got.0,
+        "NOERROR",
+        "{}",
+        fail("not a location through the tunnel", &got)
+    );
+
+    // One structured log line per query.
+    let log = lab.gateway_log_tail();
+    assert!(
+        log.contains("dns query") && log.contains("games.example"),
+        "no query log lines:\n{log}"
+    );
+    report("dns: actions, order of operations, AAAA hints, answer rules, identity, TCP, intercept, location");
+}
