@@ -146,6 +146,9 @@ pub fn flow_input(input: &mut Input, ctx: &FlowCtx, target: SocketAddr, geo: Opt
     input.set_int(FieldId::NetDstPort, i64::from(target.port()));
     input.set_str(FieldId::NetProtocol, ctx.protocol.as_str());
     input.set_str(FieldId::NetOnrampType, "device_client");
+    if let Some(name) = &ctx.rules.name {
+        input.set_host(FieldId::NetFqdnHost, name);
+    }
     if let Some(vnet) = &device.vnet_id {
         input.set_str(FieldId::NetVnetId, vnet);
     }

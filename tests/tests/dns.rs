@@ -40,7 +40,10 @@ const RULES: &str = r#"{"result": [
   {"id": "office", "action": "block", "filters": ["dns"], "precedence": 56,
    "traffic": "dns.location == \"office\" and dns.fqdn == \"office-blocked.example\""},
   {"id": "no-alias", "name": "Nothing behind a.example", "action": "block", "filters": ["dns"],
-   "precedence": 60, "traffic": "any(dns.response.cname[*] == \"a.example\")"}
+   "precedence": 60, "traffic": "any(dns.response.cname[*] == \"a.example\")"},
+  {"id": "by-name", "name": "Steered by name", "action": "egress", "filters": ["egress"],
+   "precedence": 70, "traffic": "net.fqdn.host == \"steer.example\"",
+   "rule_settings": {"egress": {"ipv4": "192.0.2.10", "ipv6": "", "ipv4_fallback": ""}}}
 ]}"#;
 
 const LISTS: &str = r#"[
@@ -279,6 +282,21 @@ fn dns_rules_through_the_tunnel() {
         "{}",
         fail("not a location through the tunnel", &got)
     );
+
+    // Name memory: once Alice resolved steer.example through the gateway, her flows to its
+    // address carry the name, and a rule on net.fqdn.host steers them; Bob's do not.
+    let src = |d: &Device| {
+        lab.http_src(d, secs(5))
+            .unwrap_or_else(|o| panic!("{}", o.describe()))
+    };
+    assert_eq!(src(&alice), "192.0.2.1", "before resolving steer.example");
+    assert_eq!(
+        a("steer.example", "A").1,
+        vec!["A 203.0.113.10".to_string()]
+    );
+    assert_eq!(src(&alice), "192.0.2.10", "after resolving steer.example");
+    assert_eq!(src(&bob), "192.0.2.1", "Bob did not resolve it");
+    assert!(lab.gateway_log_tail().contains("steer.example"));
 
     // One structured log line per query.
     let log = lab.gateway_log_tail();

@@ -18,6 +18,8 @@ use std::time::Instant;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
+use crate::dns::memory::{NameMemory, Names};
+use crate::dns::ClientKey;
 use crate::egress::{Egress, EgressChoice, EgressSettings, Probe};
 use crate::flow::packet::{self, build_echo_reply, build_rst, build_udp, ParseError, Parsed};
 use crate::flow::sniff::Detected;
@@ -68,6 +70,11 @@ pub struct GatewayCore {
     next_wg_tick: Instant,
 }
 
+/// How often the name memory drops expired entries.
+const NAMES_PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most (device, address) pairs the data plane remembers names for.
+const NAMES_CAPACITY: usize = 200_000;
+
 /// Where a new TCP flow goes.
 enum Target {
     /// Where the device dialled (or a fixed rewrite of it): the stages decide.
@@ -87,6 +94,9 @@ struct Router {
     geoip: Option<Arc<GeoIp>>,
     /// Reused for every new flow, so deciding allocates nothing once warm.
     input: Input,
+    /// What the resolver answered each device: flows to those addresses carry the name.
+    names: NameMemory,
+    names_purged: Instant,
     commands: VecDeque<Command>,
     next_flow: FlowId,
     drops: FlowDropCounters,
@@ -132,6 +142,8 @@ impl GatewayCore {
                 policy: Arc::new(policy::Loaded::empty()),
                 geoip: None,
                 input: Input::new(),
+                names: NameMemory::new(NAMES_CAPACITY),
+                names_purged: now,
                 settings,
                 tcp,
                 udp: UdpNat::default(),
@@ -235,6 +247,26 @@ impl GatewayCore {
             tx: &mut self.tx,
         };
         self.router.handle_packet(peer, packet, now, &mut sink);
+    }
+
+    /// Remembers that the resolver answered `ip` to device `device_id` for `names`, so its flows
+    /// there carry the name (`net.fqdn.*`, logs).
+    pub fn learn_name(
+        &mut self,
+        device_id: &str,
+        ip: IpAddr,
+        names: &Names,
+        ttl: u32,
+        now: Instant,
+    ) {
+        let router = &mut self.router;
+        router
+            .names
+            .remember(&ClientKey::device(device_id), ip, names, ttl, now);
+        if now.saturating_duration_since(router.names_purged) >= NAMES_PURGE_EVERY {
+            router.names.purge(now);
+            router.names_purged = now;
+        }
     }
 
     /// Sends the resolver's answer to a [`Command::DnsQuery`] back to the device.
@@ -493,6 +525,11 @@ impl Router {
     ) -> Result<(Upstream, Opening), FlowDrop> {
         // Egress, then network: the egress rule picks the source, the network rule may refuse
         // the flow or send it elsewhere; a virtual network's private route replaces egress.
+        let device = ClientKey::device(&ctx.device.id);
+        ctx.rules.name = self
+            .names
+            .names_for(&device, target.ip(), ctx.opened)
+            .map(|n| n.host.clone());
         policy::flow_input(&mut self.input, ctx, target, self.geoip.as_deref());
         let loaded = Arc::clone(&self.policy);
         let rules = &loaded.policy;
@@ -533,6 +570,7 @@ impl Router {
             protocol = ctx.protocol.as_str(),
             src = %ctx.src,
             dst = %ctx.dst,
+            name = ctx.rules.name.as_deref(),
             vnet = ctx.device.vnet_id.as_deref().unwrap_or("default"),
             route = ctx.rules.route.as_deref(),
             egress_rule = egress_rule.map_or("default", |r| r.0),

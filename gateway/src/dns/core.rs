@@ -18,7 +18,9 @@ use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 
 use super::cache::Cache;
 use super::memory::{NameMemory, Names};
-use super::policy::{BlockMode, ClientCtx, Decision, DnsPolicy, PolicyVerdict, QueryInfo};
+use super::policy::{
+    BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, PolicyVerdict, QueryInfo,
+};
 
 /// Largest DNS message over TCP.
 pub const MAX_MESSAGE: usize = 65535;
@@ -122,9 +124,14 @@ pub struct Stats {
     pub dropped: u64,
 }
 
+/// Told of every address the resolver answers to a client, with the names behind it and the
+/// answer's TTL (the data plane keeps its own name memory from these).
+pub type LearnSink = Box<dyn FnMut(&ClientKey, IpAddr, &Names, u32) + Send>;
+
 /// The resolver state machine: policy, cache, pending upstream queries, name memory.
 pub struct Resolver<P> {
     policy: P,
+    learn: Option<LearnSink>,
     config: ResolverConfig,
     cache: Cache,
     memory: NameMemory,
@@ -147,6 +154,7 @@ impl<P: DnsPolicy> Resolver<P> {
     pub fn new(policy: P, config: ResolverConfig, seed: u64) -> Self {
         Resolver {
             policy,
+            learn: None,
             cache: Cache::new(
                 config.cache_capacity,
                 config.max_ttl,
@@ -169,6 +177,11 @@ impl<P: DnsPolicy> Resolver<P> {
     /// Upstream queries awaiting an answer.
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Reports every answered address to `sink` from now on.
+    pub fn set_learn_sink(&mut self, sink: LearnSink) {
+        self.learn = Some(sink);
     }
 
     /// Replaces the policy (a rules reload); pending queries keep their decisions.
@@ -538,6 +551,9 @@ impl<P: DnsPolicy> Resolver<P> {
         let key = client.key();
         for (ip, ttl) in std::iter::once(first).chain(ips) {
             self.memory.remember(&key, ip, &names, ttl, now);
+            if let Some(learn) = &mut self.learn {
+                learn(&key, ip, &names, ttl);
+            }
         }
         Some(())
     }

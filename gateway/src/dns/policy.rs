@@ -47,6 +47,14 @@ impl ClientKey {
         ClientKey(ClientKeyInner::Device(Arc::from(id)))
     }
 
+    /// The device id, for a device's key.
+    pub fn device_id(&self) -> Option<&str> {
+        match &self.0 {
+            ClientKeyInner::Device(id) => Some(id),
+            ClientKeyInner::Ip(_) => None,
+        }
+    }
+
     /// The key of a client known only by its address.
     pub fn ip(ip: IpAddr) -> Self {
         ClientKey(ClientKeyInner::Ip(ip))

@@ -75,6 +75,8 @@ pub struct FlowRules {
     pub l4: Option<String>,
     /// The virtual network route taken, as `CIDR via INTERFACE`.
     pub route: Option<String>,
+    /// The name the device resolved, through the gateway's resolver, for the destination.
+    pub name: Option<std::sync::Arc<str>>,
 }
 
 /// Where and how a flow leaves the gateway, as decided by the stages.

@@ -700,6 +700,7 @@ impl TcpFlows {
             egress_rule = ctx.rules.egress.as_deref(),
             l4_rule = ctx.rules.l4.as_deref(),
             route = ctx.rules.route.as_deref(),
+            name = ctx.rules.name.as_deref(),
             egress = ?flow.upstream_local,
             bytes_up = flow.bytes_up,
             bytes_down = flow.bytes_down,

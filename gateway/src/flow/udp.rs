@@ -200,6 +200,7 @@ impl UdpNat {
             egress_rule = ctx.rules.egress.as_deref(),
             l4_rule = ctx.rules.l4.as_deref(),
             route = ctx.rules.route.as_deref(),
+            name = ctx.rules.name.as_deref(),
             egress = ?flow.upstream.bind,
             datagrams_up = flow.datagrams_up,
             bytes_up = flow.bytes_up,

@@ -114,7 +114,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     drop(registry);
 
     let (answer_tx, mut answer_rx) = mpsc::unbounded_channel::<resolver::Answer>();
-    let dns = resolver::spawn(&config, answer_tx).context("dns")?;
+    let (learned_tx, mut learned_rx) = mpsc::unbounded_channel::<resolver::Learned>();
+    let dns = resolver::spawn(&config, answer_tx, learned_tx).context("dns")?;
     let mut settings = core_settings(&config)?;
     settings.dns_upstream = Some(dns.tcp_listener);
     let now = Instant::now();
@@ -245,6 +246,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     core.set_geoip(Some(db));
                 }
             },
+            Some(l) = learned_rx.recv() => {
+                let now = Instant::now();
+                core.learn_name(&l.device_id, l.ip, &l.names, l.ttl, now);
+                for _ in 1..MAX_EVENTS_PER_TURN {
+                    match learned_rx.try_recv() {
+                        Ok(l) => core.learn_name(&l.device_id, l.ip, &l.names, l.ttl, now),
+                        Err(_) => break,
+                    }
+                }
+            }
             Some(answer) = answer_rx.recv() => {
                 core.handle_dns_answer(answer.peer, answer.to, answer.from, &answer.payload);
                 for _ in 1..MAX_EVENTS_PER_TURN {

@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, DnsLocation};
+use crate::dns::memory::Names;
 use crate::dns::rules::DnsRules;
 use crate::dns::{
     ClientCtx, DnsServer, Handled, Resolver, ResolverConfig, ServerConfig, Transport, Upstream,
@@ -50,6 +51,19 @@ pub struct Answer {
     pub from: SocketAddr,
     /// The message.
     pub payload: Vec<u8>,
+}
+
+/// An address the resolver answered to a device, for the data plane's name memory.
+#[derive(Debug)]
+pub struct Learned {
+    /// The device's registry id.
+    pub device_id: String,
+    /// The answered address.
+    pub ip: IpAddr,
+    /// The names behind it.
+    pub names: Names,
+    /// The answer's TTL.
+    pub ttl: u32,
 }
 
 /// Devices by tunnel address, for queries that arrive by address only (DNS over TCP).
@@ -150,10 +164,12 @@ fn listener_client(from: SocketAddr, clients: &Clients, locations: &[DnsLocation
     client
 }
 
-/// Starts the resolver thread; answers to in-tunnel queries go to `answers`.
+/// Starts the resolver thread; answers to in-tunnel queries go to `answers`, and what it answered
+/// each device to `learned`.
 pub fn spawn(
     config: &Config,
     answers: mpsc::UnboundedSender<Answer>,
+    learned: mpsc::UnboundedSender<Learned>,
 ) -> anyhow::Result<ResolverHandle> {
     let upstream = UpstreamClient::new(
         upstreams(config)?,
@@ -171,6 +187,16 @@ pub fn spawn(
         ResolverConfig::default(),
         seed,
     )));
+    lock(&resolver).set_learn_sink(Box::new(move |key, ip, names, ttl| {
+        if let Some(device_id) = key.device_id() {
+            let _ = learned.send(Learned {
+                device_id: device_id.to_string(),
+                ip,
+                names: names.clone(),
+                ttl,
+            });
+        }
+    }));
     let clients: Clients = Arc::default();
     let (queries_tx, mut queries_rx) = mpsc::unbounded_channel::<Query>();
     let server_config = ServerConfig {
