@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use toml::{Table, Value};
+use waygate_shared::categories::{CategoryFormat, CategorySource};
 
 /// Default directory for the server key, registry and CA.
 pub const DEFAULT_DATA_DIR: &str = "./waygate-data";
@@ -108,6 +109,8 @@ pub struct DnsConfig {
     pub locations: Vec<DnsLocation>,
     /// Address answering blocks of rules with `block_page_enabled: true`.
     pub block_page: Option<IpAddr>,
+    /// Domain category sources (`[[dns.categories]] path, format, category`).
+    pub categories: Vec<CategorySource>,
 }
 
 /// `[[dns.locations]]`: a network (an office) querying a `dns.listen` address.
@@ -354,6 +357,46 @@ impl Config {
                 }
             }
             cfg.dns.block_page = d.parsed::<IpAddr>("block_page", "an IP address");
+            for mut c in d.table_array("categories").unwrap_or_default() {
+                let path = c.string("path");
+                if path.is_none() {
+                    c.problem("path", "a category source needs a path".to_string());
+                }
+                let format = match c.string("format").as_deref() {
+                    Some("csv") => Some(CategoryFormat::Csv),
+                    Some("dir") => Some(CategoryFormat::Dir),
+                    Some("ut1") => Some(CategoryFormat::Ut1),
+                    Some("hosts") => Some(CategoryFormat::Hosts),
+                    Some(other) => {
+                        c.problem(
+                            "format",
+                            format!("expected csv, dir, ut1 or hosts, got {other:?}"),
+                        );
+                        None
+                    }
+                    None => {
+                        c.problem("format", "expected csv, dir, ut1 or hosts".to_string());
+                        None
+                    }
+                };
+                let category = c
+                    .integer("category", 1..=i64::from(u16::MAX))
+                    .map(|v| v as u16);
+                if format == Some(CategoryFormat::Hosts) && category.is_none() {
+                    c.problem(
+                        "category",
+                        "a hosts source needs the category id of its domains".to_string(),
+                    );
+                }
+                if let (Some(path), Some(format)) = (path, format) {
+                    cfg.dns.categories.push(CategorySource {
+                        path: PathBuf::from(path),
+                        format,
+                        category,
+                    });
+                }
+                d.absorb(c);
+            }
             for mut l in d.table_array("locations").unwrap_or_default() {
                 let name = l.string("name");
                 if name.is_none() {

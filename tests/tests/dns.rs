@@ -15,6 +15,8 @@ fn secs(n: u64) -> Duration {
 }
 
 const RULES: &str = r#"{"result": [
+  {"id": "child-abuse", "name": "Child Abuse", "action": "block", "filters": ["dns"],
+   "precedence": 1, "traffic": "any(dns.content_category[*] in {170})"},
   {"id": "allow-list", "name": "Allow list", "action": "allow", "filters": ["dns"],
    "precedence": 20, "traffic": "any(dns.domains[*] in $allowed)"},
   {"id": "block-list", "name": "Block list", "action": "block", "filters": ["dns"],
@@ -24,6 +26,8 @@ const RULES: &str = r#"{"result": [
    "traffic": "any(dns.domains[*] in {\"google.com\" \"google.de\" \"bing.com\" \"duckduckgo.com\"})"},
   {"id": "yt", "name": "YouTube restricted", "action": "ytrestricted", "filters": ["dns"],
    "precedence": 41, "traffic": "any(dns.domains[*] == \"youtube.com\")"},
+  {"id": "gambling", "name": "Category block: Gambling", "action": "block", "filters": ["dns"],
+   "precedence": 45, "traffic": "any(dns.content_category[*] in {8})"},
   {"id": "eng-only", "name": "Not for eng", "action": "block", "filters": ["dns"],
    "precedence": 50, "traffic": "dns.fqdn == \"games.example\"",
    "identity": "any(identity.groups.name[*] in {\"eng\"})"},
@@ -47,9 +51,12 @@ const RULES: &str = r#"{"result": [
 ]}"#;
 
 const LISTS: &str = r#"[
-  {"id": "allowed", "name": "Allow list", "type": "DOMAIN", "items": [{"value": "ok.blocked.example"}, {"value": "fine.net"}]},
+  {"id": "allowed", "name": "Allow list", "type": "DOMAIN", "items": [{"value": "ok.blocked.example"}, {"value": "fine.net"}, {"value": "csam.example"}]},
   {"id": "blocked", "name": "Block list", "type": "DOMAIN", "items": [{"value": "blocked.example"}, {"value": "net"}]}
 ]"#;
+
+/// Gambling (99, under parent 8) and Child Abuse (170).
+const CATEGORIES: &str = "casino.example,99\ncsam.example,170\n";
 
 struct Dns<'a> {
     lab: &'a Lab,
@@ -113,11 +120,17 @@ fn setup() -> (Lab, Device, Device) {
     let dir = lab.dir().to_path_buf();
     fs::write(dir.join("rules.json"), RULES).expect("rules");
     fs::write(dir.join("lists.json"), LISTS).expect("lists");
+    fs::write(dir.join("categories.csv"), CATEGORIES).expect("categories");
     let mut config = fs::read_to_string(lab.config()).expect("config");
     config = config.replace(
         "[dns]\n",
         "[dns]\nintercept = true\nlisten = [\"198.51.100.1:53\"]\n\
-         locations = [{ name = \"office\", networks = [\"198.51.100.0/24\"] }]\n",
+         locations = [{ name = \"office\", networks = [\"198.51.100.0/24\"] }]\n\
+         categories = [{ path = \"CATEGORIES\", format = \"csv\" }]\n",
+    );
+    config = config.replace(
+        "CATEGORIES",
+        &dir.join("categories.csv").display().to_string(),
     );
     config.push_str(&format!(
         "[policy]\nrules = \"{}\"\nlists = \"{}\"\n",
@@ -171,6 +184,30 @@ fn dns_rules_through_the_tunnel() {
         let got = a(name, "A");
         assert_eq!(got.0, want, "{}", fail(name, &got));
     }
+
+    // Categories: Child Abuse first, even for a name on the allow list; a rule on the parent
+    // category Gambling blocks its subcategory, subdomains inherit; the file reloads.
+    for (name, want) in [
+        ("csam.example", "REFUSED"),
+        ("casino.example", "REFUSED"),
+        ("www.casino.example", "REFUSED"),
+        ("poker.example", "NOERROR"),
+    ] {
+        let got = a(name, "A");
+        assert_eq!(got.0, want, "{}", fail(name, &got));
+    }
+    fs::write(
+        lab.dir().join("categories.csv"),
+        format!("{CATEGORIES}poker.example,99\n"),
+    )
+    .expect("categories");
+    let reloaded = waygate_e2e::wait_until(secs(5), Duration::from_millis(200), || {
+        (a("poker.example", "A").0 == "REFUSED").then_some(())
+    });
+    assert!(
+        reloaded.is_some(),
+        "the categories file did not reload within 5 s"
+    );
 
     // SafeSearch and YouTube restricted: the engine's CNAME, then its addresses.
     for (name, target, addr) in [

@@ -13,6 +13,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use hickory_proto::rr::{Name, RData, Record};
+use waygate_shared::categories::CategoryDb;
 use waygate_shared::policy::fields::{FieldId, Stage};
 use waygate_shared::policy::input::Input;
 use waygate_shared::policy::ruleset::{Action, CompiledRule};
@@ -29,6 +30,7 @@ pub const YANDEX_SAFE: Ipv4Addr = Ipv4Addr::new(213, 180, 193, 56);
 pub struct DnsRules {
     loaded: Arc<Loaded>,
     geoip: Option<Arc<GeoIp>>,
+    categories: Option<Arc<CategoryDb>>,
     block_page: Option<IpAddr>,
 }
 
@@ -43,8 +45,16 @@ impl DnsRules {
         DnsRules {
             loaded,
             geoip,
+            categories: None,
             block_page,
         }
+    }
+
+    /// The same rules reading `categories` for `dns.content_category` and
+    /// `dns.security_category`.
+    pub fn with_categories(mut self, categories: Option<Arc<CategoryDb>>) -> Self {
+        self.categories = categories;
+        self
     }
 
     fn fill(&self, input: &mut Input, query: &QueryInfo<'_>) {
@@ -52,6 +62,11 @@ impl DnsRules {
         let fqdn = query.qname.to_ascii();
         input.set_host(FieldId::DnsFqdn, fqdn.trim_end_matches('.'));
         input.set_str(FieldId::DnsQueryRtype, &query.qtype.to_string());
+        if let Some(db) = &self.categories {
+            let found = db.lookup(&fqdn);
+            input.set_ints(FieldId::DnsContentCategory, found.content);
+            input.set_ints(FieldId::DnsSecurityCategory, found.security);
+        }
         let client = query.client;
         input.set_ip(FieldId::DnsSrcIp, client.src_ip);
         if let Some(location) = &client.location {

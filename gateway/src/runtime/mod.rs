@@ -162,7 +162,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
 
-    let (followed, policy, geoip) = reload::Followed::load(&config)?;
+    let (followed, policy, geoip, categories) = reload::Followed::load(&config)?;
+    dns.set_categories(categories.map(Arc::new));
     if let Some(policy) = policy {
         let policy = Arc::new(policy);
         dns.set_policy(policy.clone());
@@ -241,6 +242,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     dns.set_policy(policy.clone());
                     core.set_policy(policy);
                 }
+                reload::Reloaded::Categories(db) => dns.set_categories(Some(db)),
                 reload::Reloaded::GeoIp(db) => {
                     dns.set_geoip(Some(db.clone()));
                     core.set_geoip(Some(db));

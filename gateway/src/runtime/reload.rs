@@ -1,4 +1,5 @@
-//! Files the gateway follows while it runs: the rule set, its lists and the GeoIP database.
+//! Files the gateway follows while it runs: the rule set, its lists, the GeoIP database and the
+//! domain categories.
 //! A thread notices changes by modification time and size, loads and compiles the new version
 //! off the serving loop, and hands it over whole; a version that fails to load is reported and
 //! the running one stays.
@@ -9,6 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
+
+use waygate_shared::categories::{CategoryDb, CategorySource};
 
 use crate::config::Config;
 use crate::geoip::GeoIp;
@@ -23,6 +26,8 @@ pub enum Reloaded {
     Policy(Arc<policy::Loaded>),
     /// The GeoIP database.
     GeoIp(Arc<GeoIp>),
+    /// The domain categories.
+    Categories(Arc<CategoryDb>),
 }
 
 /// What identifies a version of a file without reading it.
@@ -33,27 +38,79 @@ fn stamp(path: &Path) -> Stamp {
     Some((meta.modified().ok()?, meta.len()))
 }
 
+/// A category source's version: a file's stamp, or for a directory the newest modification and
+/// total size of the files in it and one level below (the UT1 layout).
+fn tree_stamp(path: &Path) -> Stamp {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return stamp(path);
+    }
+    let mut newest = meta.modified().ok()?;
+    let mut total = 0u64;
+    let mut visit = |p: &Path| {
+        if let Some((m, len)) = stamp(p) {
+            newest = newest.max(m);
+            total = total.wrapping_add(len).wrapping_add(1);
+        }
+    };
+    for entry in std::fs::read_dir(path).ok()?.flatten() {
+        let p = entry.path();
+        visit(&p);
+        if p.is_dir() {
+            for inner in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                visit(&inner.path());
+            }
+        }
+    }
+    Some((newest, total))
+}
+
+fn load_categories(sources: &[CategorySource]) -> anyhow::Result<CategoryDb> {
+    let (db, warnings) = CategoryDb::load(sources)?;
+    for w in warnings {
+        tracing::warn!("dns.categories: {w}");
+    }
+    tracing::info!(domains = db.len(), "domain categories loaded");
+    Ok(db)
+}
+
 /// The files to follow, and their versions when last loaded.
 pub struct Followed {
     rules: Option<PathBuf>,
     lists: Option<PathBuf>,
     geoip: Option<PathBuf>,
     stamps: [Stamp; 3],
+    categories: Vec<CategorySource>,
+    category_stamps: Vec<Stamp>,
 }
 
 impl Followed {
     /// Loads the configured files now (any failure stops the start) and remembers their
     /// versions.
+    #[allow(clippy::type_complexity)]
     pub fn load(
         config: &Config,
-    ) -> anyhow::Result<(Followed, Option<policy::Loaded>, Option<GeoIp>)> {
+    ) -> anyhow::Result<(
+        Followed,
+        Option<policy::Loaded>,
+        Option<GeoIp>,
+        Option<CategoryDb>,
+    )> {
         let mut followed = Followed {
             rules: config.policy.rules.clone(),
             lists: config.policy.lists.clone(),
             geoip: config.geoip.database.clone(),
             stamps: [None, None, None],
+            categories: config.dns.categories.clone(),
+            category_stamps: Vec::new(),
         };
         followed.stamps = followed.current();
+        followed.category_stamps = followed.current_categories();
+        let categories = if followed.categories.is_empty() {
+            None
+        } else {
+            Some(load_categories(&followed.categories).context("dns.categories")?)
+        };
         let policy = match &followed.rules {
             Some(rules) => {
                 Some(policy::load(rules, followed.lists.as_deref()).context("policy.rules")?)
@@ -64,11 +121,18 @@ impl Followed {
             Some(path) => Some(GeoIp::open(path).context("geoip.database")?),
             None => None,
         };
-        Ok((followed, policy, geoip))
+        Ok((followed, policy, geoip, categories))
     }
 
     fn current(&self) -> [Stamp; 3] {
         [&self.rules, &self.lists, &self.geoip].map(|p| p.as_deref().and_then(stamp))
+    }
+
+    fn current_categories(&self) -> Vec<Stamp> {
+        self.categories
+            .iter()
+            .map(|s| tree_stamp(&s.path))
+            .collect()
     }
 
     /// Follows the files until `out` closes.
@@ -108,6 +172,26 @@ impl Followed {
                     }
                 }
                 self.stamps[2] = now[2];
+            }
+            let now = self.current_categories();
+            if now != self.category_stamps {
+                // Built here, off the resolver: queries keep the old set until the swap.
+                match load_categories(&self.categories) {
+                    Ok(db) => {
+                        if out
+                            .blocking_send(Reloaded::Categories(Arc::new(db)))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(
+                            "domain categories not reloaded, the previous ones stay: {err:#}"
+                        )
+                    }
+                }
+                self.category_stamps = now;
             }
         }
     }

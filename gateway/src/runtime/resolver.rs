@@ -13,6 +13,8 @@ use std::time::Instant;
 use anyhow::Context as _;
 use tokio::sync::mpsc;
 
+use waygate_shared::categories::CategoryDb;
+
 use crate::config::{Config, DnsLocation};
 use crate::dns::memory::Names;
 use crate::dns::rules::DnsRules;
@@ -82,12 +84,14 @@ pub struct ResolverHandle {
 struct RulesState {
     loaded: Arc<Loaded>,
     geoip: Option<Arc<GeoIp>>,
+    categories: Option<Arc<CategoryDb>>,
     block_page: Option<IpAddr>,
 }
 
 impl RulesState {
     fn rules(&self) -> DnsRules {
         DnsRules::new(self.loaded.clone(), self.geoip.clone(), self.block_page)
+            .with_categories(self.categories.clone())
     }
 }
 
@@ -179,6 +183,7 @@ pub fn spawn(
     let state = Arc::new(Mutex::new(RulesState {
         loaded: Arc::new(Loaded::empty()),
         geoip: None,
+        categories: None,
         block_page: config.dns.block_page,
     }));
     let seed = rand::RngCore::next_u64(&mut rand::rngs::OsRng);
@@ -331,6 +336,16 @@ impl ResolverHandle {
         let rules = {
             let mut s = lock(&self.state);
             s.geoip = geoip;
+            s.rules()
+        };
+        lock(&self.resolver).set_policy(rules);
+    }
+
+    /// Replaces the domain categories the rules read.
+    pub fn set_categories(&self, categories: Option<Arc<CategoryDb>>) {
+        let rules = {
+            let mut s = lock(&self.state);
+            s.categories = categories;
             s.rules()
         };
         lock(&self.resolver).set_policy(rules);
