@@ -6,6 +6,7 @@
 //! [`Handled`] out) -> [`upstream`] and [`server`] (tokio shells, the only code here reading the
 //! clock or touching sockets).
 
+pub mod batch;
 pub mod cache;
 pub mod core;
 pub mod memory;

@@ -10,10 +10,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::AsRawFd;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 
+use super::batch::{send_batch, RecvBatch, BATCH};
 use super::core::{Handled, Resolver, Transport, MAX_MESSAGE};
 use super::policy::{ClientCtx, DnsPolicy};
 use super::upstream::UpstreamClient;
@@ -188,42 +191,72 @@ struct UdpWorker<P> {
 
 impl<P: DnsPolicy + 'static> UdpWorker<P> {
     async fn run(self) {
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        let mut out = Vec::with_capacity(MAX_MESSAGE);
+        let fd = self.sock.as_raw_fd();
+        let mut batch = RecvBatch::default();
+        // One answer buffer per datagram of a batch, kept for the listener's life.
+        let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(1232)).collect();
+        let mut ready: Vec<(SocketAddr, usize)> = Vec::with_capacity(BATCH);
         loop {
-            let (n, from) = match self.sock.recv_from(&mut buf).await {
-                Ok(r) => r,
+            if let Err(e) = self.sock.readable().await {
+                tracing::warn!(target: "waygate::dns", error = %e, "dns udp socket failed");
+                return;
+            }
+            let n = match self.sock.try_io(Interest::READABLE, || batch.recv(fd)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     // ICMP port unreachable from an earlier send surfaces here; keep serving.
                     tracing::debug!(target: "waygate::dns", error = %e, "dns udp recv failed");
                     continue;
                 }
             };
-            let client = (self.identify)(from);
-            let handled = lock(&self.resolver).handle_query(
-                &client,
-                &buf[..n],
-                Transport::Udp,
-                now(),
-                &mut out,
-            );
-            match handled {
-                Handled::Answer => {
-                    let _ = self.sock.send_to(&out, from).await;
-                }
-                Handled::Upstream(ticket) => {
-                    let query = out.clone();
-                    let sock = self.sock.clone();
-                    let resolver = self.resolver.clone();
-                    let upstream = self.upstream.clone();
-                    tokio::spawn(async move {
-                        let mut answer = Vec::new();
-                        if resolve(&resolver, &upstream, ticket, &query, &mut answer).await {
-                            let _ = sock.send_to(&answer, from).await;
+            ready.clear();
+            {
+                let mut resolver = lock(&self.resolver);
+                let now = now();
+                for (i, out) in outs.iter_mut().enumerate().take(n) {
+                    let Some((query, from)) = batch.get(i) else {
+                        continue;
+                    };
+                    let client = (self.identify)(from);
+                    match resolver.handle_query(&client, query, Transport::Udp, now, out) {
+                        Handled::Answer => ready.push((from, i)),
+                        Handled::Upstream(ticket) => {
+                            let query = out.clone();
+                            let sock = self.sock.clone();
+                            let resolver = self.resolver.clone();
+                            let upstream = self.upstream.clone();
+                            tokio::spawn(async move {
+                                let mut answer = Vec::new();
+                                if resolve(&resolver, &upstream, ticket, &query, &mut answer).await
+                                {
+                                    let _ = sock.send_to(&answer, from).await;
+                                }
+                            });
                         }
-                    });
+                        Handled::Drop => {}
+                    }
                 }
-                Handled::Drop => {}
+            }
+            let answers: Vec<(SocketAddr, &[u8])> = ready
+                .iter()
+                .map(|&(to, i)| (to, outs[i].as_slice()))
+                .collect();
+            let mut sent = 0;
+            while sent < answers.len() {
+                match self
+                    .sock
+                    .try_io(Interest::WRITABLE, || send_batch(fd, &answers[sent..]))
+                {
+                    Ok(k) if k > 0 => sent += k,
+                    _ => {
+                        // A full socket buffer: the rest one by one, waiting for room.
+                        for (to, msg) in &answers[sent..] {
+                            let _ = self.sock.send_to(msg, to).await;
+                        }
+                        break;
+                    }
+                }
             }
         }
     }
