@@ -10,6 +10,7 @@ declare -A wanted=(
   [iperf3]=iperf3
   [curl]=curl
   [dig]=dnsutils
+  [kdig]=knot-dnsutils
   [nft]=nftables
   [resolvconf]=openresolv
   [ip]=iproute2

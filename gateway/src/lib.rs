@@ -15,6 +15,7 @@ pub mod geoip;
 pub mod policy;
 pub mod registry;
 pub mod runtime;
+pub mod tls;
 pub mod transmit;
 pub mod uapi;
 pub mod vnet;

@@ -1,4 +1,4 @@
-//! Private key files in `wg genkey` format: one base64 line, mode 0600.
+//! Secret files (mode 0600): private keys in `wg genkey` format (one base64 line), CA keys.
 //!
 //! Writes go to a temporary file in the same directory (created 0600, so the key is never readable
 //! by others even briefly), are fsynced, then moved into place, so a crash leaves either the old
@@ -67,7 +67,26 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KeyFileError + '_ {
 
 /// Writes `key` to `path` (mode 0600), atomically replacing any existing file.
 pub fn write_private_key(path: &Path, key: &PrivateKey) -> Result<(), KeyFileError> {
-    let tmp = write_temp(path, key)?;
+    write_secret_file(path, key_line(key).as_bytes())
+}
+
+/// Writes `key` to `path` (mode 0600) only if no file is there yet; otherwise
+/// [`KeyFileError::AlreadyExists`]. Two processes racing here never both succeed, and neither
+/// can observe a half-written file.
+pub fn create_private_key(path: &Path, key: &PrivateKey) -> Result<(), KeyFileError> {
+    create_secret_file(path, key_line(key).as_bytes())
+}
+
+fn key_line(key: &PrivateKey) -> Zeroizing<String> {
+    let mut line = Zeroizing::new(String::with_capacity(KEY_LEN_BASE64 + 1));
+    line.push_str(key.to_base64().as_str());
+    line.push('\n');
+    line
+}
+
+/// Writes secret `bytes` to `path` (mode 0600), atomically replacing any existing file.
+pub fn write_secret_file(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
+    let tmp = write_temp(path, bytes)?;
     let result = fs::rename(&tmp, path).map_err(io_err(path));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -76,11 +95,10 @@ pub fn write_private_key(path: &Path, key: &PrivateKey) -> Result<(), KeyFileErr
     sync_parent(path)
 }
 
-/// Writes `key` to `path` (mode 0600) only if no file is there yet; otherwise
-/// [`KeyFileError::AlreadyExists`]. Two processes racing here never both succeed, and neither
-/// can observe a half-written file.
-pub fn create_private_key(path: &Path, key: &PrivateKey) -> Result<(), KeyFileError> {
-    let tmp = write_temp(path, key)?;
+/// Writes secret `bytes` to `path` (mode 0600) only if no file is there yet; otherwise
+/// [`KeyFileError::AlreadyExists`].
+pub fn create_secret_file(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
+    let tmp = write_temp(path, bytes)?;
     // link(2) fails if the target exists, which rename(2) would silently replace.
     let result = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
@@ -95,6 +113,18 @@ pub fn create_private_key(path: &Path, key: &PrivateKey) -> Result<(), KeyFileEr
 
 /// Reads a key written by us or by `wg genkey > FILE`, refusing files others may read.
 pub fn read_private_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
+    // A key file is one short line; the cap keeps a wrong path (a huge file) from being slurped.
+    let bytes = read_secret_file(path, 4 * KEY_LEN_BASE64)?;
+    let text = std::str::from_utf8(&bytes).unwrap_or("");
+    // wg tolerates trailing whitespace (the newline `wg genkey >` writes); so do we.
+    PrivateKey::from_base64(text.trim_end()).map_err(|source| KeyFileError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads at most `cap` bytes of a secret file, refusing files group or others may access.
+pub fn read_secret_file(path: &Path, cap: usize) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
     let mut file = File::open(path).map_err(io_err(path))?;
     // Checking the opened file (not the path) leaves no window for a swap between check and read.
     let meta = file.metadata().map_err(io_err(path))?;
@@ -110,21 +140,16 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
             mode,
         });
     }
-    let mut text = Zeroizing::new(String::new());
-    // A key file is one short line; the cap keeps a wrong path (a huge file) from being slurped.
+    let mut bytes = Zeroizing::new(Vec::new());
     (&mut file)
-        .take(4 * KEY_LEN_BASE64 as u64)
-        .read_to_string(&mut text)
+        .take(cap as u64)
+        .read_to_end(&mut bytes)
         .map_err(io_err(path))?;
-    // wg tolerates trailing whitespace (the newline `wg genkey >` writes); so do we.
-    PrivateKey::from_base64(text.trim_end()).map_err(|source| KeyFileError::Parse {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(bytes)
 }
 
-/// Creates `.NAME.tmp.PID.N` beside `path` with mode 0600, writes and fsyncs the key.
-fn write_temp(path: &Path, key: &PrivateKey) -> Result<PathBuf, KeyFileError> {
+/// Creates `.NAME.tmp.PID.N` beside `path` with mode 0600, writes and fsyncs `bytes`.
+fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf, KeyFileError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path.file_name().ok_or_else(|| KeyFileError::NotAFile {
         path: path.to_path_buf(),
@@ -142,12 +167,7 @@ fn write_temp(path: &Path, key: &PrivateKey) -> Result<PathBuf, KeyFileError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io_err(&tmp))?;
-    let mut line = Zeroizing::new(String::with_capacity(KEY_LEN_BASE64 + 1));
-    line.push_str(key.to_base64().as_str());
-    line.push('\n');
-    let written = file
-        .write_all(line.as_bytes())
-        .and_then(|()| file.sync_all());
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(io_err(&tmp)(e));

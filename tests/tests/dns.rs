@@ -1,13 +1,17 @@
 //! The DNS stage through real wg-quick devices with `dig`: every action, the seed's order of
 //! operations (allow list before block list; a blocked domain takes its subdomains, a bare TLD
 //! the whole TLD), per-rule block answers, the AAAA block with its hints stripped, rules on the
-//! answer, identity, DNS over TCP, intercept and a location (issue "DNS stage").
+//! answer, identity, DNS over TCP, TLS (`kdig`) and HTTPS (`curl`) with the gateway's CA,
+//! intercept and a location (issue "DNS stage").
 // Wall-clock deadlines are what these tests measure.
 #![allow(clippy::disallowed_methods)]
 
 use std::fs;
 use std::time::Duration;
 
+use base64::Engine;
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
 use waygate_e2e::{report, skip, Device, Lab};
 
 fn secs(n: u64) -> Duration {
@@ -335,6 +339,8 @@ fn dns_rules_through_the_tunnel() {
     assert_eq!(src(&bob), "192.0.2.1", "Bob did not resolve it");
     assert!(lab.gateway_log_tail().contains("steer.example"));
 
+    encrypted_dns(&lab, &alice, &bob);
+
     // One structured log line per query.
     let log = lab.gateway_log_tail();
     assert!(
@@ -342,4 +348,183 @@ fn dns_rules_through_the_tunnel() {
         "no query log lines:\n{log}"
     );
     report("dns: actions, order of operations, AAAA hints, answer rules, identity, TCP, intercept, location");
+}
+
+/// A DNS query for `name`/`qtype` in wire form.
+fn wire_query(name: &str, qtype: RecordType) -> Vec<u8> {
+    let mut m = Message::new();
+    m.set_id(0)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+    m.to_vec().expect("query")
+}
+
+/// The response code and A/AAAA addresses of a wire answer.
+fn parse_answer(bytes: &[u8]) -> (ResponseCode, Vec<String>) {
+    let m =
+        Message::from_vec(bytes).unwrap_or_else(|e| panic!("not a DNS answer ({e}): {bytes:?}"));
+    let ips = m
+        .answers()
+        .iter()
+        .filter_map(|r| match r.data() {
+            hickory_proto::rr::RData::A(a) => Some(a.to_string()),
+            hickory_proto::rr::RData::AAAA(a) => Some(a.to_string()),
+            _ => None,
+        })
+        .collect();
+    (m.response_code(), ips)
+}
+
+/// DNS over TLS with `kdig` and DNS over HTTPS with `curl`, both verifying the gateway's
+/// certificate against the CA `waygate ca show` prints; the same rules and identities apply.
+fn encrypted_dns(lab: &Lab, alice: &Device, bob: &Device) {
+    let shown = lab.waygate(&["ca", "show"]).expect("waygate ca show");
+    assert!(shown.ok(), "{}", shown.describe());
+    assert!(shown.stdout.starts_with("-----BEGIN CERTIFICATE-----"));
+    let ca = lab.dir().join("gateway-ca.pem");
+    fs::write(&ca, &shown.stdout).expect("ca file");
+    let ca = ca.display().to_string();
+    let tls_ca = format!("+tls-ca={ca}");
+
+    let kdig = |device: &Device, name: &str, extra: &[&str]| {
+        let mut args = vec!["kdig", "@100.96.0.1", name, "A", "+timeout=3", "+retry=0"];
+        args.extend_from_slice(extra);
+        lab.run_in(&device.ns, &args, secs(10))
+    };
+    let status = |stdout: &str| {
+        stdout
+            .split("status: ")
+            .nth(1)
+            .and_then(|s| s.split(';').next())
+            .unwrap_or("NO-STATUS")
+            .trim()
+            .to_string()
+    };
+    let got = kdig(bob, "a.example", &[&tls_ca, "+tls-hostname=100.96.0.1"]);
+    assert!(got.ok(), "kdig over TLS: {}", got.describe());
+    assert_eq!(status(&got.stdout), "NOERROR", "{}", got.describe());
+    assert!(got.stdout.contains("203.0.113.10"), "{}", got.describe());
+    assert!(
+        got.stdout.contains("TLS"),
+        "not over TLS: {}",
+        got.describe()
+    );
+    let got = kdig(alice, "games.example", &[&tls_ca]);
+    assert_eq!(
+        status(&got.stdout),
+        "REFUSED",
+        "identity over TLS: {}",
+        got.describe()
+    );
+    let got = kdig(bob, "blocked.example", &[&tls_ca]);
+    assert_eq!(
+        status(&got.stdout),
+        "REFUSED",
+        "block list over TLS: {}",
+        got.describe()
+    );
+    // A client trusting only the public CAs refuses the gateway's certificate.
+    let got = kdig(
+        bob,
+        "a.example",
+        &[
+            "+tls-ca=/etc/ssl/certs/ca-certificates.crt",
+            "+tls-hostname=100.96.0.1",
+        ],
+    );
+    assert!(
+        !got.stdout.contains("status: NOERROR"),
+        "verified against the wrong CA: {}",
+        got.describe()
+    );
+
+    // DNS over HTTPS: POST and GET of wire messages, then curl resolving through it.
+    let doh = "https://100.96.0.1/dns-query";
+    let query = lab.dir().join("doh-query.bin");
+    fs::write(&query, wire_query("a.example.", RecordType::A)).expect("query");
+    let answer = lab.dir().join("doh-answer.bin");
+    let out_arg = answer.display().to_string();
+    let data = format!("@{}", query.display());
+    let got = lab.curl(
+        bob,
+        doh,
+        secs(5),
+        &[
+            "--cacert",
+            &ca,
+            "-H",
+            "content-type: application/dns-message",
+            "--data-binary",
+            &data,
+            "-o",
+            &out_arg,
+            "-w",
+            "%{http_code} %{content_type} %{http_version}",
+        ],
+    );
+    assert!(got.ok(), "DoH POST: {}", got.describe());
+    assert!(
+        got.stdout.starts_with("200 application/dns-message"),
+        "{}",
+        got.describe()
+    );
+    let (rcode, ips) = parse_answer(&fs::read(&answer).expect("answer"));
+    assert_eq!(
+        (rcode, ips),
+        (ResponseCode::NoError, vec!["203.0.113.10".to_string()])
+    );
+
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(wire_query("games.example.", RecordType::A));
+    let get_url = format!("{doh}?dns={b64}");
+    let got = lab.curl(
+        alice,
+        &get_url,
+        secs(5),
+        &[
+            "--cacert",
+            &ca,
+            "--http1.1",
+            "-H",
+            "accept: application/dns-message",
+            "-o",
+            &out_arg,
+            "-w",
+            "%{http_code}",
+        ],
+    );
+    assert_eq!(got.stdout, "200", "DoH GET: {}", got.describe());
+    let (rcode, _) = parse_answer(&fs::read(&answer).expect("answer"));
+    assert_eq!(rcode, ResponseCode::Refused, "identity over HTTPS");
+
+    let got = lab.curl(
+        bob,
+        &format!("{doh}?nodns"),
+        secs(5),
+        &["--cacert", &ca, "-o", "/dev/null", "-w", "%{http_code}"],
+    );
+    assert_eq!(got.stdout, "400", "DoH without a query: {}", got.describe());
+
+    // curl resolving its host through the gateway's DoH, then fetching from the origin.
+    let got = lab.curl(
+        bob,
+        "http://a.example/",
+        secs(5),
+        &["--cacert", &ca, "--doh-url", doh],
+    );
+    assert!(got.ok(), "curl --doh-url: {}", got.describe());
+    assert!(got.stdout.contains("192.0.2.1"), "{}", got.describe());
+    let got = lab.curl(
+        bob,
+        "http://blocked.example/",
+        secs(5),
+        &["--cacert", &ca, "--doh-url", doh],
+    );
+    assert!(
+        !got.ok() && got.stderr.contains("resolve"),
+        "a blocked name resolved over DoH: {}",
+        got.describe()
+    );
 }

@@ -41,6 +41,16 @@ pub enum Command {
     /// Build and query GeoIP databases.
     #[command(subcommand)]
     Geoip(GeoipCommand),
+    /// The gateway's certificate authority, for devices to trust.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+/// `waygate ca ...`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Print the CA certificate (PEM), creating the CA if the data dir has none yet.
+    Show,
 }
 
 /// `waygate vnet ...`
@@ -181,5 +191,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rules(cmd) => rules::run(cmd),
         Command::Geoip(cmd) => geoip::run(cli.config.as_deref(), cmd),
         Command::Vnet(cmd) => vnet::run(cli.config.as_deref(), cmd),
+        Command::Ca(CaCommand::Show) => {
+            let config = crate::config::Config::load(cli.config.as_deref())?;
+            crate::datadir::ensure_data_dir(&config.data_dir)?;
+            #[allow(clippy::disallowed_methods)] // the CLI is a shell
+            let now = std::time::SystemTime::now();
+            print!("{}", crate::tls::load_ca(&config.data_dir, now)?.cert_pem());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

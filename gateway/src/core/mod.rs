@@ -53,6 +53,10 @@ pub struct CoreSettings {
     /// Where DNS over TCP to the gateway's tunnel addresses goes: the resolver's listener
     /// (announced with a PROXY line naming the device) when `dns_resolver`, else an upstream.
     pub dns_upstream: Option<SocketAddr>,
+    /// Where DNS over TLS (TCP 853 to the gateway) goes, announced with a PROXY line.
+    pub dns_over_tls: Option<SocketAddr>,
+    /// Where DNS over HTTPS (TCP 443 to the gateway) goes, announced with a PROXY line.
+    pub dns_over_https: Option<SocketAddr>,
     /// DNS over UDP to the gateway goes to the runtime's resolver ([`Command::DnsQuery`]).
     pub dns_resolver: bool,
     /// DNS a device sends to any address on port 53 is answered as if sent to the gateway.
@@ -440,7 +444,7 @@ impl Router {
         }
     }
 
-    /// Packets to the gateway's own tunnel addresses: ping, and DNS forwarded upstream.
+    /// Packets to the gateway's own tunnel addresses: ping, and DNS (plain, over TLS, over HTTPS).
     fn for_gateway(
         &mut self,
         peer: PeerId,
@@ -449,6 +453,14 @@ impl Router {
         now: Instant,
         sink: &mut WgSink<'_>,
     ) {
+        let encrypted_dns = match parsed.dst.port() {
+            853 => self.settings.dns_over_tls,
+            443 => self.settings.dns_over_https,
+            _ => None,
+        };
+        if let (Protocol::Tcp, Some(listener)) = (parsed.protocol, encrypted_dns) {
+            return self.carry_to_resolver(peer, packet, parsed, listener, now, sink);
+        }
         match (
             parsed.protocol,
             parsed.dst.port(),
@@ -476,13 +488,7 @@ impl Router {
             (Protocol::Tcp, 53, Some(listener)) if self.settings.dns_resolver => {
                 // Carried to the resolver's listener with a PROXY line naming the device; the
                 // resolver's rules decide it, not the flow stages.
-                let to = Upstream {
-                    dst: listener,
-                    bind: None,
-                    via: None,
-                    announce: Some(parsed.src),
-                };
-                self.tcp_segment(peer, packet, parsed, Target::Decided(to), now, sink)
+                self.carry_to_resolver(peer, packet, parsed, listener, now, sink)
             }
             (Protocol::Tcp, 53, Some(upstream)) => {
                 self.tcp_segment(peer, packet, parsed, Target::Dialled(upstream), now, sink)
@@ -490,6 +496,25 @@ impl Router {
             (Protocol::Udp, 53, Some(upstream)) => self.datagram(peer, parsed, upstream, now, sink),
             _ => self.refuse(peer, parsed, FlowDrop::GatewayPortClosed, sink),
         }
+    }
+
+    /// Carries a TCP flow to one of the resolver's loopback listeners, announcing the device.
+    fn carry_to_resolver(
+        &mut self,
+        peer: PeerId,
+        packet: &[u8],
+        parsed: &Parsed<'_>,
+        listener: SocketAddr,
+        now: Instant,
+        sink: &mut WgSink<'_>,
+    ) {
+        let to = Upstream {
+            dst: listener,
+            bind: None,
+            via: None,
+            announce: Some(parsed.src),
+        };
+        self.tcp_segment(peer, packet, parsed, Target::Decided(to), now, sink)
     }
 
     fn new_ctx(

@@ -121,6 +121,8 @@ impl Sim {
             gateway_v6: "fd77:6761:7465::1".parse().unwrap(),
             mtu: 1420,
             dns_upstream: Some(DNS),
+            dns_over_tls: None,
+            dns_over_https: None,
             dns_resolver: false,
             dns_intercept: false,
             egress: EgressSettings {

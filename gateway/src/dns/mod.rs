@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod cache;
 pub mod core;
+pub mod doh;
 pub mod memory;
 pub mod policy;
 pub mod rules;
@@ -23,7 +24,7 @@ pub use memory::Names;
 pub use policy::{
     AllowAll, BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, PolicyVerdict, QueryInfo,
 };
-pub use server::{DnsServer, ServerConfig};
+pub use server::{DnsServer, ServerConfig, TlsConfigs};
 pub use upstream::{Upstream, UpstreamClient, UpstreamError};
 
 /// Fixed origin of the fake clock in tests.

@@ -1,4 +1,5 @@
-//! DNS listeners (tokio shell): UDP and TCP sockets answering through the shared [`Resolver`].
+//! DNS listeners (tokio shell): UDP, TCP, DNS over TLS and DNS over HTTPS sockets answering
+//! through the shared [`Resolver`].
 //!
 //! Each UDP worker owns its receive and send buffers for its whole life; a query that needs the
 //! upstream is handed to a task so one slow upstream never stalls the socket. The resolver sits
@@ -12,12 +13,13 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::os::fd::AsRawFd;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 
 use super::batch::{send_batch, RecvBatch, BATCH};
 use super::core::{Handled, Resolver, Transport, MAX_MESSAGE};
+use super::doh;
 use super::policy::{ClientCtx, DnsPolicy};
 use super::upstream::UpstreamClient;
 
@@ -38,8 +40,34 @@ pub struct ServerConfig {
     /// TCP listen addresses whose connections start with a PROXY protocol v1 line naming the
     /// client (the gateway's data plane carrying a device's DNS over TCP); bind them to loopback.
     pub tcp_proxied: Vec<SocketAddr>,
+    /// DNS over TLS (RFC 7858) listen addresses behind a PROXY line; need `tls`.
+    pub dot_proxied: Vec<SocketAddr>,
+    /// DNS over HTTPS (RFC 8484) listen addresses behind a PROXY line; need `tls`.
+    pub doh_proxied: Vec<SocketAddr>,
+    /// Certificates for the DoT and DoH listeners.
+    pub tls: Option<TlsConfigs>,
     /// Tasks receiving on each UDP socket (default 1 when 0).
     pub udp_workers: usize,
+}
+
+/// TLS server settings of the encrypted listeners (they differ in ALPN).
+#[derive(Debug, Clone)]
+pub struct TlsConfigs {
+    /// For DNS over TLS (ALPN `dot`).
+    pub dot: Arc<rustls::ServerConfig>,
+    /// For DNS over HTTPS (ALPN `h2`, `http/1.1`).
+    pub doh: Arc<rustls::ServerConfig>,
+}
+
+/// What a stream listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamKind {
+    /// Length-prefixed DNS over TCP.
+    Tcp,
+    /// Length-prefixed DNS inside TLS.
+    Tls,
+    /// HTTP inside TLS.
+    Https,
 }
 
 /// Maps a query's source address to the client the policy sees (device lookup, locations).
@@ -63,6 +91,10 @@ pub struct RunningServer {
     pub tcp_addrs: Vec<SocketAddr>,
     /// Bound PROXY-line TCP addresses, in configuration order.
     pub tcp_proxied_addrs: Vec<SocketAddr>,
+    /// Bound PROXY-line DNS over TLS addresses.
+    pub dot_proxied_addrs: Vec<SocketAddr>,
+    /// Bound PROXY-line DNS over HTTPS addresses.
+    pub doh_proxied_addrs: Vec<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -106,6 +138,8 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
             udp_addrs: Vec::new(),
             tcp_addrs: Vec::new(),
             tcp_proxied_addrs: Vec::new(),
+            dot_proxied_addrs: Vec::new(),
+            doh_proxied_addrs: Vec::new(),
             tasks: Vec::new(),
         };
         for addr in &config.udp {
@@ -124,18 +158,49 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
         let listeners = config
             .tcp
             .iter()
-            .map(|a| (a, false))
-            .chain(config.tcp_proxied.iter().map(|a| (a, true)));
-        for (addr, proxied) in listeners {
+            .map(|a| (a, false, StreamKind::Tcp))
+            .chain(
+                config
+                    .tcp_proxied
+                    .iter()
+                    .map(|a| (a, true, StreamKind::Tcp)),
+            )
+            .chain(
+                config
+                    .dot_proxied
+                    .iter()
+                    .map(|a| (a, true, StreamKind::Tls)),
+            )
+            .chain(
+                config
+                    .doh_proxied
+                    .iter()
+                    .map(|a| (a, true, StreamKind::Https)),
+            );
+        for (addr, proxied, kind) in listeners {
+            let tls = match (kind, &config.tls) {
+                (StreamKind::Tcp, _) => None,
+                (StreamKind::Tls, Some(t)) => Some(t.dot.clone()),
+                (StreamKind::Https, Some(t)) => Some(t.doh.clone()),
+                (_, None) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "DNS over TLS/HTTPS listeners need a certificate",
+                    ))
+                }
+            };
             let listener = TcpListener::bind(addr).await?;
-            if proxied {
-                running.tcp_proxied_addrs.push(listener.local_addr()?);
-            } else {
-                running.tcp_addrs.push(listener.local_addr()?);
+            let bound = listener.local_addr()?;
+            match (kind, proxied) {
+                (StreamKind::Tcp, false) => running.tcp_addrs.push(bound),
+                (StreamKind::Tcp, true) => running.tcp_proxied_addrs.push(bound),
+                (StreamKind::Tls, _) => running.dot_proxied_addrs.push(bound),
+                (StreamKind::Https, _) => running.doh_proxied_addrs.push(bound),
             }
             let resolver = self.resolver.clone();
             let upstream = self.upstream.clone();
             let identify = self.identify.clone();
+            let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
             running.tasks.push(tokio::spawn(async move {
                 loop {
                     let (stream, from) = match listener.accept().await {
@@ -152,6 +217,8 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
                         identify: identify.clone(),
                         from,
                         proxied,
+                        kind,
+                        acceptor: acceptor.clone(),
                     };
                     tokio::spawn(conn.run(stream));
                 }
@@ -282,12 +349,34 @@ async fn resolve<P: DnsPolicy>(
     handled == Handled::Answer
 }
 
+/// Answers `query` from `client` into `out`, asking the upstream when the core needs it; true
+/// when `out` holds an answer.
+async fn answer_query<P: DnsPolicy>(
+    resolver: &SharedResolver<P>,
+    upstream: &UpstreamClient,
+    client: &ClientCtx,
+    query: &[u8],
+    out: &mut Vec<u8>,
+) -> bool {
+    let handled = lock(resolver).handle_query(client, query, Transport::Stream, now(), out);
+    match handled {
+        Handled::Answer => true,
+        Handled::Upstream(ticket) => {
+            let query = std::mem::take(out);
+            resolve(resolver, upstream, ticket, &query, out).await
+        }
+        Handled::Drop => false,
+    }
+}
+
 struct TcpConn<P> {
     resolver: SharedResolver<P>,
     upstream: Arc<UpstreamClient>,
     identify: Identify,
     from: SocketAddr,
     proxied: bool,
+    kind: StreamKind,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Longest PROXY protocol v1 line (the specification's bound).
@@ -344,7 +433,7 @@ pub fn proxy_line(client: SocketAddr, server: SocketAddr) -> String {
     )
 }
 
-impl<P: DnsPolicy> TcpConn<P> {
+impl<P: DnsPolicy + 'static> TcpConn<P> {
     async fn run(self, mut stream: TcpStream) {
         let from = if self.proxied {
             match tokio::time::timeout(TCP_IDLE, read_proxy_line(&mut stream)).await {
@@ -355,6 +444,28 @@ impl<P: DnsPolicy> TcpConn<P> {
             self.from
         };
         let client = (self.identify)(from);
+        let Some(acceptor) = self.acceptor.clone() else {
+            return self.serve_messages(&client, stream).await;
+        };
+        let tls = match tokio::time::timeout(TCP_IDLE, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(target: "waygate::dns", client = %from, error = %e, "dns tls handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        match self.kind {
+            StreamKind::Https => self.serve_https(client, tls).await,
+            StreamKind::Tcp | StreamKind::Tls => self.serve_messages(&client, tls).await,
+        }
+    }
+
+    /// Length-prefixed DNS messages (RFC 1035 4.2.2 framing, also DoT's), until idle or closed.
+    async fn serve_messages<S>(&self, client: &ClientCtx, mut stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let mut out = Vec::with_capacity(MAX_MESSAGE);
         let mut framed = Vec::with_capacity(MAX_MESSAGE + 2);
@@ -368,24 +479,7 @@ impl<P: DnsPolicy> TcpConn<P> {
                 Ok(Ok(n)) => n,
                 _ => return,
             };
-            let handled = lock(&self.resolver).handle_query(
-                &client,
-                &buf[..n],
-                Transport::Stream,
-                now(),
-                &mut out,
-            );
-            let answered = match handled {
-                Handled::Answer => true,
-                Handled::Upstream(ticket) => {
-                    let query = std::mem::take(&mut out);
-                    let ok =
-                        resolve(&self.resolver, &self.upstream, ticket, &query, &mut out).await;
-                    ok
-                }
-                Handled::Drop => false,
-            };
-            if !answered {
+            if !answer_query(&self.resolver, &self.upstream, client, &buf[..n], &mut out).await {
                 continue;
             }
             let Ok(len) = u16::try_from(out.len()) else {
@@ -394,9 +488,46 @@ impl<P: DnsPolicy> TcpConn<P> {
             framed.clear();
             framed.extend_from_slice(&len.to_be_bytes());
             framed.extend_from_slice(&out);
-            if stream.write_all(&framed).await.is_err() {
+            if stream.write_all(&framed).await.is_err() || stream.flush().await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// HTTP/1.1 or HTTP/2 requests carrying DNS messages (RFC 8484).
+    async fn serve_https<S>(self, client: ClientCtx, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let client = Arc::new(client);
+        let (resolver, upstream) = (self.resolver, self.upstream);
+        let service = hyper::service::service_fn(move |request| {
+            let (resolver, upstream, client) = (resolver.clone(), upstream.clone(), client.clone());
+            async move {
+                let response = match doh::read_query(request).await {
+                    Err(rejection) => doh::rejection_response(&rejection),
+                    Ok(query) => {
+                        let mut out = Vec::new();
+                        if answer_query(&resolver, &upstream, &client, &query, &mut out).await {
+                            doh::answer_response(out)
+                        } else {
+                            doh::rejection_response(&doh::Rejection {
+                                status: hyper::StatusCode::BAD_REQUEST,
+                                reason: "not a DNS query",
+                            })
+                        }
+                    }
+                };
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        if let Err(e) = builder
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await
+        {
+            tracing::debug!(target: "waygate::dns", error = %e, "dns over https connection ended");
         }
     }
 }

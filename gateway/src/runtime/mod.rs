@@ -115,9 +115,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let (answer_tx, mut answer_rx) = mpsc::unbounded_channel::<resolver::Answer>();
     let (learned_tx, mut learned_rx) = mpsc::unbounded_channel::<resolver::Learned>();
-    let dns = resolver::spawn(&config, answer_tx, learned_tx).context("dns")?;
+    let wall = UNIX_EPOCH + unix_now();
+    let ca = crate::tls::load_ca(&config.data_dir, wall)?;
+    let dns_tls = crate::tls::gateway_dns_tls(&ca, &config, wall)?;
+    let dns = resolver::spawn(&config, dns_tls, answer_tx, learned_tx).context("dns")?;
     let mut settings = core_settings(&config)?;
     settings.dns_upstream = Some(dns.tcp_listener);
+    settings.dns_over_tls = Some(dns.tls_listener);
+    settings.dns_over_https = Some(dns.https_listener);
     let now = Instant::now();
     let mut core = GatewayCore::new(key_bytes, settings.clone(), now);
 
@@ -337,6 +342,8 @@ fn core_settings(config: &Config) -> anyhow::Result<CoreSettings> {
         mtu: config.tunnel.mtu,
         // The resolver's loopback listener, known once it runs.
         dns_upstream: None,
+        dns_over_tls: None,
+        dns_over_https: None,
         dns_resolver: true,
         dns_intercept: config.dns.intercept,
         egress: EgressSettings {

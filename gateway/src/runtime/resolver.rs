@@ -1,7 +1,7 @@
 //! The gateway's resolver on a thread of its own (so DNS uses the second core and never stalls the
 //! data plane): devices' UDP queries arrive as [`Query`] from the data plane and their answers go
-//! back as [`Answer`]; DNS over TCP from devices arrives on a loopback listener after a PROXY line
-//! naming the device; `dns.listen` serves networks without the client, attributed to
+//! back as [`Answer`]; DNS over TCP, TLS and HTTPS from devices arrives on loopback listeners after
+//! a PROXY line naming the device; `dns.listen` serves networks without the client, attributed to
 //! `[[dns.locations]]`.
 
 use std::collections::HashMap;
@@ -19,8 +19,8 @@ use crate::config::{Config, DnsLocation};
 use crate::dns::memory::Names;
 use crate::dns::rules::DnsRules;
 use crate::dns::{
-    ClientCtx, DnsServer, Handled, Resolver, ResolverConfig, ServerConfig, Transport, Upstream,
-    UpstreamClient,
+    ClientCtx, DnsServer, Handled, Resolver, ResolverConfig, ServerConfig, TlsConfigs, Transport,
+    Upstream, UpstreamClient,
 };
 use crate::flow::DeviceInfo;
 use crate::geoip::GeoIp;
@@ -76,6 +76,10 @@ pub struct ResolverHandle {
     queries: mpsc::UnboundedSender<Query>,
     /// The loopback listener DNS over TCP from devices is carried to.
     pub tcp_listener: SocketAddr,
+    /// The loopback listener DNS over TLS from devices is carried to.
+    pub tls_listener: SocketAddr,
+    /// The loopback listener DNS over HTTPS from devices is carried to.
+    pub https_listener: SocketAddr,
     clients: Clients,
     state: Arc<Mutex<RulesState>>,
     resolver: Arc<Mutex<Resolver<DnsRules>>>,
@@ -169,9 +173,10 @@ fn listener_client(from: SocketAddr, clients: &Clients, locations: &[DnsLocation
 }
 
 /// Starts the resolver thread; answers to in-tunnel queries go to `answers`, and what it answered
-/// each device to `learned`.
+/// each device to `learned`. DNS over TLS and HTTPS serve the certificate in `tls`.
 pub fn spawn(
     config: &Config,
+    tls: TlsConfigs,
     answers: mpsc::UnboundedSender<Answer>,
     learned: mpsc::UnboundedSender<Learned>,
 ) -> anyhow::Result<ResolverHandle> {
@@ -204,10 +209,14 @@ pub fn spawn(
     }));
     let clients: Clients = Arc::default();
     let (queries_tx, mut queries_rx) = mpsc::unbounded_channel::<Query>();
+    let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
     let server_config = ServerConfig {
         udp: config.dns.listen.clone(),
         tcp: config.dns.listen.clone(),
-        tcp_proxied: vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)],
+        tcp_proxied: vec![loopback],
+        dot_proxied: vec![loopback],
+        doh_proxied: vec![loopback],
+        tls: Some(tls),
         udp_workers: 1,
     };
     let identify = {
@@ -243,7 +252,11 @@ pub fn spawn(
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok(running.tcp_proxied_addrs.first().copied()));
+                let _ = ready_tx.send(Ok((
+                    running.tcp_proxied_addrs.first().copied(),
+                    running.dot_proxied_addrs.first().copied(),
+                    running.doh_proxied_addrs.first().copied(),
+                )));
                 let mut out = Vec::new();
                 while let Some(q) = queries_rx.recv().await {
                     let handled = lock(&shared).handle_query(
@@ -296,13 +309,12 @@ pub fn spawn(
                 drop(running);
             });
         })?;
-    let tcp_listener = ready_rx
-        .recv()
-        .context("the dns thread stopped")??
-        .context("no loopback listener for DNS over TCP")?;
+    let (tcp, dot, doh) = ready_rx.recv().context("the dns thread stopped")??;
     Ok(ResolverHandle {
         queries: queries_tx,
-        tcp_listener,
+        tcp_listener: tcp.context("no loopback listener for DNS over TCP")?,
+        tls_listener: dot.context("no loopback listener for DNS over TLS")?,
+        https_listener: doh.context("no loopback listener for DNS over HTTPS")?,
         clients,
         state,
         resolver,
