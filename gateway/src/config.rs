@@ -101,6 +101,8 @@ impl TunnelConfig {
 pub struct DnsConfig {
     /// Upstream resolvers; empty means the host's resolvers from `/etc/resolv.conf`.
     pub upstreams: Vec<String>,
+    /// Extra CA certificates (PEM) trusted for `tls://` and `https://` upstreams.
+    pub upstream_ca: Option<PathBuf>,
     /// Answer DNS a device sends to any address on port 53, not only to the gateway.
     pub intercept: bool,
     /// Plain DNS listeners (UDP and TCP) for networks without the client.
@@ -334,6 +336,7 @@ impl Config {
             if let Some(v) = d.string_array("upstreams") {
                 cfg.dns.upstreams = v;
             }
+            cfg.dns.upstream_ca = d.string("upstream_ca").map(PathBuf::from);
             match d.get("intercept") {
                 Some(Value::Boolean(b)) => cfg.dns.intercept = *b,
                 Some(other) => d.problem(
@@ -825,7 +828,8 @@ mod tests {
             ipv6_pool = "fd77:6761:7465::/64"
             mtu = 1380
             [dns]
-            upstreams = ["203.0.113.53:53"]
+            upstreams = ["203.0.113.53:53", "tls://dns.example@203.0.113.53"]
+            upstream_ca = "private-ca.pem"
             [egress]
             default_ipv4 = "192.0.2.1"
             [policy]
@@ -841,7 +845,8 @@ mod tests {
         assert_eq!(cfg.tunnel.mtu, 1380);
         assert_eq!(cfg.tunnel.gateway_ipv4(), Ipv4Addr::new(100, 100, 0, 1));
         assert_eq!(cfg.egress.default_ipv4, Some(Ipv4Addr::new(192, 0, 2, 1)));
-        assert_eq!(cfg.dns.upstreams, vec!["203.0.113.53:53".to_string()]);
+        assert_eq!(cfg.dns.upstreams.len(), 2);
+        assert_eq!(cfg.dns.upstream_ca, Some(PathBuf::from("private-ca.pem")));
         assert_eq!(cfg.policy.rules, Some(PathBuf::from("rules.json")));
     }
 

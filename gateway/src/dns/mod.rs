@@ -10,12 +10,15 @@ pub mod batch;
 pub mod cache;
 pub mod core;
 pub mod doh;
+pub mod encrypted;
 pub mod memory;
 pub mod policy;
 pub mod rules;
 pub mod server;
 pub mod upstream;
 
+#[cfg(test)]
+mod socket_tests;
 #[cfg(test)]
 mod tests;
 

@@ -40,9 +40,13 @@ pub struct ServerConfig {
     /// TCP listen addresses whose connections start with a PROXY protocol v1 line naming the
     /// client (the gateway's data plane carrying a device's DNS over TCP); bind them to loopback.
     pub tcp_proxied: Vec<SocketAddr>,
-    /// DNS over TLS (RFC 7858) listen addresses behind a PROXY line; need `tls`.
+    /// DNS over TLS (RFC 7858) listen addresses; need `tls`.
+    pub dot: Vec<SocketAddr>,
+    /// DNS over HTTPS (RFC 8484) listen addresses; need `tls`.
+    pub doh: Vec<SocketAddr>,
+    /// DNS over TLS listen addresses behind a PROXY line; need `tls`.
     pub dot_proxied: Vec<SocketAddr>,
-    /// DNS over HTTPS (RFC 8484) listen addresses behind a PROXY line; need `tls`.
+    /// DNS over HTTPS listen addresses behind a PROXY line; need `tls`.
     pub doh_proxied: Vec<SocketAddr>,
     /// Certificates for the DoT and DoH listeners.
     pub tls: Option<TlsConfigs>,
@@ -91,6 +95,10 @@ pub struct RunningServer {
     pub tcp_addrs: Vec<SocketAddr>,
     /// Bound PROXY-line TCP addresses, in configuration order.
     pub tcp_proxied_addrs: Vec<SocketAddr>,
+    /// Bound DNS over TLS addresses.
+    pub dot_addrs: Vec<SocketAddr>,
+    /// Bound DNS over HTTPS addresses.
+    pub doh_addrs: Vec<SocketAddr>,
     /// Bound PROXY-line DNS over TLS addresses.
     pub dot_proxied_addrs: Vec<SocketAddr>,
     /// Bound PROXY-line DNS over HTTPS addresses.
@@ -138,6 +146,8 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
             udp_addrs: Vec::new(),
             tcp_addrs: Vec::new(),
             tcp_proxied_addrs: Vec::new(),
+            dot_addrs: Vec::new(),
+            doh_addrs: Vec::new(),
             dot_proxied_addrs: Vec::new(),
             doh_proxied_addrs: Vec::new(),
             tasks: Vec::new(),
@@ -165,6 +175,8 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
                     .iter()
                     .map(|a| (a, true, StreamKind::Tcp)),
             )
+            .chain(config.dot.iter().map(|a| (a, false, StreamKind::Tls)))
+            .chain(config.doh.iter().map(|a| (a, false, StreamKind::Https)))
             .chain(
                 config
                     .dot_proxied
@@ -194,8 +206,10 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
             match (kind, proxied) {
                 (StreamKind::Tcp, false) => running.tcp_addrs.push(bound),
                 (StreamKind::Tcp, true) => running.tcp_proxied_addrs.push(bound),
-                (StreamKind::Tls, _) => running.dot_proxied_addrs.push(bound),
-                (StreamKind::Https, _) => running.doh_proxied_addrs.push(bound),
+                (StreamKind::Tls, false) => running.dot_addrs.push(bound),
+                (StreamKind::Https, false) => running.doh_addrs.push(bound),
+                (StreamKind::Tls, true) => running.dot_proxied_addrs.push(bound),
+                (StreamKind::Https, true) => running.doh_proxied_addrs.push(bound),
             }
             let resolver = self.resolver.clone();
             let upstream = self.upstream.clone();

@@ -1,16 +1,19 @@
 //! Upstream client (tokio shell): sends the core's query to each configured upstream in turn until
-//! one answers. Plain DNS goes over UDP, retried over TCP when the answer comes back truncated.
+//! one answers. Plain DNS goes over UDP, retried over TCP when the answer comes back truncated;
+//! `tls://` and `https://` upstreams go through [`super::encrypted`].
 //! Queries leave from the configured egress address.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 use super::core::MAX_MESSAGE;
+use super::encrypted::{self, trust_roots, EncryptedPool, HttpsTarget};
 
 /// Default time one upstream gets to answer before the next is tried.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -21,17 +24,21 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum Upstream {
     /// `203.0.113.53`, `203.0.113.53:53` or `udp://…`: UDP with TCP fallback.
     Plain(SocketAddr),
-    /// `tls://host-or-ip[:853]` (DNS over TLS): parsed, not implemented yet.
+    /// `tls://IP[:853]` or `tls://NAME@IP[:853]` (DNS over TLS; the certificate must name NAME,
+    /// or IP).
     Tls {
         /// Server address.
         addr: SocketAddr,
         /// Name the certificate must carry.
         server_name: String,
     },
-    /// `https://host/dns-query` (DNS over HTTPS): parsed, not implemented yet.
+    /// `https://host[:port]/dns-query` (DNS over HTTPS, POST); a host name is resolved with the
+    /// host's resolver.
     Https {
         /// The full URL.
         url: String,
+        /// Its host, port and path.
+        target: HttpsTarget,
     },
 }
 
@@ -40,7 +47,7 @@ impl fmt::Display for Upstream {
         match self {
             Upstream::Plain(a) => write!(f, "{a}"),
             Upstream::Tls { addr, server_name } => write!(f, "tls://{server_name}@{addr}"),
-            Upstream::Https { url } => f.write_str(url),
+            Upstream::Https { url, .. } => f.write_str(url),
         }
     }
 }
@@ -74,7 +81,11 @@ impl FromStr for Upstream {
             reason,
         };
         if s.starts_with("https://") {
-            return Ok(Upstream::Https { url: s.to_owned() });
+            let target = HttpsTarget::parse(s).ok_or(err("expected https://host[:port][/path]"))?;
+            return Ok(Upstream::Https {
+                url: s.to_owned(),
+                target,
+            });
         }
         if let Some(rest) = s.strip_prefix("tls://") {
             // `tls://name@ip:port` pins the address; a bare IP is its own name.
@@ -121,12 +132,6 @@ pub enum UpstreamError {
         /// Which upstream.
         upstream: String,
     },
-    /// The transport is parsed but not implemented yet.
-    #[error("dns upstream {upstream}: transport not supported yet")]
-    Unsupported {
-        /// Which upstream.
-        upstream: String,
-    },
 }
 
 /// Sends queries to the configured upstreams, in order, each with a timeout.
@@ -135,16 +140,31 @@ pub struct UpstreamClient {
     upstreams: Vec<Upstream>,
     bind: Option<IpAddr>,
     timeout: Duration,
+    encrypted: Arc<EncryptedPool>,
 }
 
 impl UpstreamClient {
-    /// A client for `upstreams`, sending from `bind` (the egress address) when given.
+    /// A client for `upstreams`, sending from `bind` (the egress address) when given; encrypted
+    /// upstreams must present a certificate the host trusts.
     pub fn new(upstreams: Vec<Upstream>, bind: Option<IpAddr>, timeout: Duration) -> Self {
+        let needs_roots = upstreams.iter().any(|u| !matches!(u, Upstream::Plain(_)));
+        let roots = if needs_roots {
+            trust_roots(None).unwrap_or_else(|_| rustls::RootCertStore::empty())
+        } else {
+            rustls::RootCertStore::empty()
+        };
         UpstreamClient {
             upstreams,
             bind,
             timeout,
+            encrypted: Arc::new(EncryptedPool::new(&roots)),
         }
+    }
+
+    /// Trusts `roots` (instead of the host's store alone) for encrypted upstreams.
+    pub fn with_roots(mut self, roots: &rustls::RootCertStore) -> Self {
+        self.encrypted = Arc::new(EncryptedPool::new(roots));
+        self
     }
 
     /// The configured upstreams.
@@ -158,8 +178,8 @@ impl UpstreamClient {
     /// datagrams to our ephemeral port are ignored rather than trusted.
     pub async fn query(&self, query: &[u8]) -> Result<(Vec<u8>, &Upstream), UpstreamError> {
         let mut last = UpstreamError::NoUpstreams;
-        for up in &self.upstreams {
-            match self.query_one(up, query).await {
+        for (index, up) in self.upstreams.iter().enumerate() {
+            match self.query_one(index, up, query).await {
                 Ok(answer) => return Ok((answer, up)),
                 Err(e) => {
                     tracing::debug!(target: "waygate::dns", upstream = %up, error = %e, "dns upstream failed");
@@ -170,12 +190,12 @@ impl UpstreamClient {
         Err(last)
     }
 
-    async fn query_one(&self, up: &Upstream, query: &[u8]) -> Result<Vec<u8>, UpstreamError> {
-        let Upstream::Plain(addr) = up else {
-            return Err(UpstreamError::Unsupported {
-                upstream: up.to_string(),
-            });
-        };
+    async fn query_one(
+        &self,
+        index: usize,
+        up: &Upstream,
+        query: &[u8],
+    ) -> Result<Vec<u8>, UpstreamError> {
         let io = |source| UpstreamError::Io {
             upstream: up.to_string(),
             source,
@@ -183,13 +203,43 @@ impl UpstreamClient {
         let timeout = || UpstreamError::Timeout {
             upstream: up.to_string(),
         };
-        let answer = tokio::time::timeout(self.timeout, self.udp(*addr, query))
+        let addr = match up {
+            Upstream::Plain(addr) => *addr,
+            Upstream::Tls { addr, server_name } => {
+                let answer = self
+                    .encrypted
+                    .dot(index, server_name, query, self.connect_tcp(*addr));
+                return tokio::time::timeout(self.timeout, answer)
+                    .await
+                    .map_err(|_| timeout())?
+                    .map_err(io);
+            }
+            Upstream::Https { target, .. } => {
+                let connect = async {
+                    let addrs = encrypted::lookup(&target.host, target.port).await?;
+                    let mut last = std::io::Error::other("the host name has no address");
+                    for addr in addrs {
+                        match self.connect_tcp(addr).await {
+                            Ok(s) => return Ok(s),
+                            Err(e) => last = e,
+                        }
+                    }
+                    Err(last)
+                };
+                let answer = self.encrypted.doh(index, target, query, connect);
+                return tokio::time::timeout(self.timeout, answer)
+                    .await
+                    .map_err(|_| timeout())?
+                    .map_err(io);
+            }
+        };
+        let answer = tokio::time::timeout(self.timeout, self.udp(addr, query))
             .await
             .map_err(|_| timeout())?
             .map_err(io)?;
         // TC bit: the answer did not fit, ask again over TCP (RFC 7766).
         if answer.get(2).is_some_and(|f| f & 0x02 != 0) {
-            return tokio::time::timeout(self.timeout, self.tcp(*addr, query))
+            return tokio::time::timeout(self.timeout, self.tcp(addr, query))
                 .await
                 .map_err(|_| timeout())?
                 .map_err(io);

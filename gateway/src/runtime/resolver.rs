@@ -180,11 +180,15 @@ pub fn spawn(
     answers: mpsc::UnboundedSender<Answer>,
     learned: mpsc::UnboundedSender<Learned>,
 ) -> anyhow::Result<ResolverHandle> {
-    let upstream = UpstreamClient::new(
+    let mut upstream = UpstreamClient::new(
         upstreams(config)?,
         config.egress.default_ipv4.map(IpAddr::V4),
         crate::dns::upstream::DEFAULT_TIMEOUT,
     );
+    if let Some(ca) = &config.dns.upstream_ca {
+        let roots = crate::dns::encrypted::trust_roots(Some(ca)).context("dns.upstream_ca")?;
+        upstream = upstream.with_roots(&roots);
+    }
     let state = Arc::new(Mutex::new(RulesState {
         loaded: Arc::new(Loaded::empty()),
         geoip: None,
@@ -214,6 +218,8 @@ pub fn spawn(
         udp: config.dns.listen.clone(),
         tcp: config.dns.listen.clone(),
         tcp_proxied: vec![loopback],
+        dot: Vec::new(),
+        doh: Vec::new(),
         dot_proxied: vec![loopback],
         doh_proxied: vec![loopback],
         tls: Some(tls),
