@@ -3,6 +3,8 @@
 //! hit costs no allocation. Time comes in as `now`.
 
 use std::collections::{HashMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
@@ -177,6 +179,63 @@ impl Cache {
             let map = &self.map;
             self.ring.retain(|k| map.contains_key(k));
         }
+    }
+}
+
+/// Values by (lowercase name text, type), for the resolver's fast path. Bounded: when full it
+/// starts over, which costs one full-path answer per name to refill.
+pub struct ReplayCache<V> {
+    map: FxHashMap<Box<[u8]>, V>,
+    key: Vec<u8>,
+    capacity: usize,
+}
+
+impl<V> ReplayCache<V> {
+    /// An empty cache of at most `capacity` entries.
+    pub fn new(capacity: usize) -> Self {
+        ReplayCache {
+            map: FxHashMap::default(),
+            key: Vec::with_capacity(258),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn key_of(&mut self, name: &str, qtype: u16) -> &[u8] {
+        self.key.clear();
+        self.key.extend_from_slice(name.as_bytes());
+        self.key.extend_from_slice(&qtype.to_be_bytes());
+        &self.key
+    }
+
+    /// The entry for `name`/`qtype`.
+    pub fn get(&mut self, name: &str, qtype: u16) -> Option<&V> {
+        self.key_of(name, qtype);
+        self.map.get(self.key.as_slice())
+    }
+
+    /// Drops the entry for `name`/`qtype`.
+    pub fn remove(&mut self, name: &str, qtype: u16) {
+        self.key_of(name, qtype);
+        self.map.remove(self.key.as_slice());
+    }
+
+    /// Stores `value` for `name`/`qtype`.
+    pub fn insert(&mut self, name: &str, qtype: u16, value: V) {
+        if self.map.len() >= self.capacity {
+            self.map.clear();
+        }
+        let key: Box<[u8]> = self.key_of(name, qtype).into();
+        self.map.insert(key, value);
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 }
 

@@ -16,11 +16,12 @@ use hickory_proto::rr::rdata::{A, AAAA, CNAME, HTTPS};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 
-use super::cache::Cache;
+use super::cache::{Cache, ReplayCache};
 use super::memory::{NameMemory, Names};
 use super::policy::{
     BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, PolicyVerdict, QueryInfo,
 };
+use super::wire::{push_record, NameText, QueryView, WireAnswer};
 
 /// Largest DNS message over TCP.
 pub const MAX_MESSAGE: usize = 65535;
@@ -134,11 +135,22 @@ pub struct Resolver<P> {
     learn: Option<LearnSink>,
     config: ResolverConfig,
     cache: Cache,
+    /// Answers as sent, replayed by the fast path.
+    replay: ReplayCache<Replay>,
     memory: NameMemory,
     pending: HashMap<Ticket, Pending>,
     rng: u64,
     stats: Stats,
 }
+
+/// A replayable answer and the addresses it teaches the name memory.
+struct Replay {
+    wire: WireAnswer,
+    learned: Option<(Names, Box<[Address]>)>,
+}
+
+/// An answered address and its TTL.
+type Address = (IpAddr, u32);
 
 /// Fixed parts of the answer being built.
 struct Reply<'a> {
@@ -160,6 +172,7 @@ impl<P: DnsPolicy> Resolver<P> {
                 config.max_ttl,
                 config.max_negative_ttl,
             ),
+            replay: ReplayCache::new(config.cache_capacity),
             memory: NameMemory::new(config.memory_capacity),
             config,
             pending: HashMap::new(),
@@ -210,6 +223,14 @@ impl<P: DnsPolicy> Resolver<P> {
     ) -> Handled {
         self.stats.queries += 1;
         out.clear();
+        let mut text = NameText::default();
+        if let Some(view) = QueryView::parse(bytes, &mut text) {
+            if let Some(handled) =
+                self.fast_query(client, &view, text.as_str(), transport, now, out)
+            {
+                return handled;
+            }
+        }
         let msg = match Message::from_vec(bytes) {
             Ok(m) => m,
             Err(_) => return self.formerr(bytes, out),
@@ -248,10 +269,11 @@ impl<P: DnsPolicy> Resolver<P> {
             );
         }
         let qname = query.name().to_lowercase();
+        let name = display_name(&qname);
         let qtype = query.query_type();
         let verdict = self.policy.decide(&QueryInfo {
             client,
-            qname: &qname,
+            name: &name,
             qtype,
         });
         let ttl = self.config.local_ttl;
@@ -301,7 +323,7 @@ impl<P: DnsPolicy> Resolver<P> {
             let blocked = |t| {
                 let v = self.policy.decide(&QueryInfo {
                     client,
-                    qname: &qname,
+                    name: &name,
                     qtype: t,
                 });
                 matches!(v.decision, Decision::Block(_))
@@ -323,10 +345,11 @@ impl<P: DnsPolicy> Resolver<P> {
                 }
                 answers.extend(hit.answers.iter().map(|r| strip_hints(aged(r, age), strip)));
                 let authority: Vec<Record> = hit.authority.iter().map(|r| aged(r, age)).collect();
+                let hit_remaining = hit.remaining(now);
                 if self.policy.wants_answer() && matches!(verdict.decision, Decision::Resolve) {
                     let info = QueryInfo {
                         client,
-                        qname: &qname,
+                        name: &name,
                         qtype,
                     };
                     if let Some(v) = self.policy.decide_answer(&info, &answers) {
@@ -345,11 +368,19 @@ impl<P: DnsPolicy> Resolver<P> {
                         }
                     }
                 }
+                let remaining = Duration::from_secs(u64::from(hit_remaining));
                 self.remember(client, &qname, &answers, now);
+                let replayable = matches!(verdict.decision, Decision::Resolve)
+                    && target.is_none()
+                    && strip == Hints::default();
+                let learned = replayable.then(|| addresses(&qname, &answers)).flatten();
                 emit(&reply, rcode, answers, authority, out);
+                if replayable {
+                    self.keep_replay(&name, qtype, out, learned, now, now + remaining);
+                }
                 log_query(
                     client,
-                    &qname,
+                    &name,
                     qtype,
                     &verdict,
                     rcode,
@@ -454,7 +485,7 @@ impl<P: DnsPolicy> Resolver<P> {
             let up = Some(upstream);
             log_query(
                 &p.client,
-                &p.qname,
+                &display_name(&p.qname),
                 p.qtype,
                 &p.verdict,
                 ResponseCode::ServFail,
@@ -467,15 +498,18 @@ impl<P: DnsPolicy> Resolver<P> {
         let rcode = m.response_code();
         let answers = m.take_answers();
         let authority = m.take_name_servers();
-        if !m.truncated() {
+        let cached_for = if m.truncated() {
+            None
+        } else {
             self.cache
-                .insert((resolved, p.qtype), rcode, &answers, &authority, now);
-        }
+                .insert((resolved, p.qtype), rcode, &answers, &authority, now)
+        };
+        let name = display_name(&p.qname);
         let mut verdict = p.verdict;
         if self.policy.wants_answer() && matches!(verdict.decision, Decision::Resolve) {
             let info = QueryInfo {
                 client: &p.client,
-                qname: &p.qname,
+                name: &name,
                 qtype: p.qtype,
             };
             if let Some(v) = self.policy.decide_answer(&info, &answers) {
@@ -486,7 +520,7 @@ impl<P: DnsPolicy> Resolver<P> {
                     self.stats.local += 1;
                     let up = Some(upstream);
                     log_query(
-                        &p.client, &p.qname, p.qtype, &verdict, rcode, up, false, latency,
+                        &p.client, &name, p.qtype, &verdict, rcode, up, false, latency,
                     );
                     return Handled::Answer;
                 }
@@ -498,10 +532,21 @@ impl<P: DnsPolicy> Resolver<P> {
         }
         out_answers.extend(answers.into_iter().map(|r| strip_hints(r, p.strip)));
         self.remember(&p.client, &p.qname, &out_answers, now);
+        let replayable = matches!(verdict.decision, Decision::Resolve)
+            && p.target.is_none()
+            && p.strip == Hints::default()
+            && !self.policy.wants_answer();
+        let learned = replayable
+            .then(|| addresses(&p.qname, &out_answers))
+            .flatten();
         emit(&reply, rcode, out_answers, authority, out);
+        if let (true, Some(ttl)) = (replayable, cached_for) {
+            let expires = now + Duration::from_secs(u64::from(ttl));
+            self.keep_replay(&name, p.qtype, out, learned, now, expires);
+        }
         log_query(
             &p.client,
-            &p.qname,
+            &name,
             p.qtype,
             &verdict,
             rcode,
@@ -525,37 +570,138 @@ impl<P: DnsPolicy> Resolver<P> {
     }
 
     /// Records every address in `answers` for `client` under the CNAME chain from `qname`.
-    fn remember(
+    fn remember(&mut self, client: &ClientCtx, qname: &Name, answers: &[Record], now: Instant) {
+        if let Some((names, ips)) = addresses(qname, answers) {
+            learn(
+                &mut self.memory,
+                &mut self.learn,
+                client,
+                &names,
+                &ips,
+                0,
+                now,
+            );
+        }
+    }
+
+    /// Keeps `response` (just sent for `name`/`qtype`) for the fast path until `expires`.
+    fn keep_replay(
+        &mut self,
+        name: &str,
+        qtype: RecordType,
+        response: &[u8],
+        learned: Option<(Names, Vec<Address>)>,
+        now: Instant,
+        expires: Instant,
+    ) {
+        if let Some(wire) = WireAnswer::capture(response, now, expires) {
+            let learned = learned.map(|(names, ips)| (names, ips.into_boxed_slice()));
+            self.replay
+                .insert(name, u16::from(qtype), Replay { wire, learned });
+        }
+    }
+
+    /// The common query without a message object: policy blocks answered from the query's own
+    /// bytes, resolved names replayed from the bytes sent last time. `None` sends the query down
+    /// the full path.
+    fn fast_query(
         &mut self,
         client: &ClientCtx,
-        qname: &Name,
-        answers: &[Record],
+        query: &QueryView<'_>,
+        name: &str,
+        transport: Transport,
         now: Instant,
-    ) -> Option<()> {
-        let mut ips = answers.iter().filter_map(|r| match r.data() {
-            RData::A(a) => Some((IpAddr::V4(a.0), r.ttl())),
-            RData::AAAA(a) => Some((IpAddr::V6(a.0), r.ttl())),
-            _ => None,
+        out: &mut Vec<u8>,
+    ) -> Option<Handled> {
+        let qtype = RecordType::from(query.qtype);
+        let verdict = self.policy.decide(&QueryInfo {
+            client,
+            name,
+            qtype,
         });
-        let first = ips.next()?;
-        let host = display_name(qname);
-        let mut domains: Vec<Arc<str>> = vec![host.clone()];
-        domains.extend(answers.iter().filter_map(|r| match r.data() {
-            RData::CNAME(c) => Some(display_name(&c.0)),
-            _ => None,
-        }));
-        let names = Names {
-            host,
-            domains: Arc::from(domains),
-        };
-        let key = client.key();
-        for (ip, ttl) in std::iter::once(first).chain(ips) {
-            self.memory.remember(&key, ip, &names, ttl, now);
-            if let Some(learn) = &mut self.learn {
-                learn(&key, ip, &names, ttl);
+        match &verdict.decision {
+            Decision::Block(mode) => {
+                const ZERO: [u8; 16] = [0; 16];
+                let (rcode, record) = match (mode, qtype) {
+                    (BlockMode::Refused, _) => (ResponseCode::Refused, None),
+                    (BlockMode::NxDomain, _) => (ResponseCode::NXDomain, None),
+                    (BlockMode::ZeroIp, RecordType::A) => (ResponseCode::NoError, Some(&ZERO[..4])),
+                    (BlockMode::ZeroIp, RecordType::AAAA) => {
+                        (ResponseCode::NoError, Some(&ZERO[..]))
+                    }
+                    (BlockMode::ZeroIp, _) => (ResponseCode::NoError, None),
+                    (BlockMode::Address(_), _) => return None,
+                };
+                query.start_response(rcode.low(), u16::from(record.is_some()), 0, out);
+                if let Some(rdata) = record {
+                    push_record(query.qtype, self.config.local_ttl, rdata, out);
+                }
+                query.finish(EDNS_UDP, out);
+                self.stats.local += 1;
+                log_query(
+                    client,
+                    name,
+                    qtype,
+                    &verdict,
+                    rcode,
+                    None,
+                    false,
+                    Duration::ZERO,
+                );
+                Some(Handled::Answer)
             }
+            Decision::Resolve
+                if !matches!(qtype, RecordType::HTTPS | RecordType::SVCB)
+                    && !self.policy.wants_answer() =>
+            {
+                let limit = match transport {
+                    Transport::Stream => MAX_MESSAGE,
+                    Transport::Udp => query
+                        .edns_payload
+                        .map_or(CLASSIC_UDP, |p| usize::from(p).clamp(CLASSIC_UDP, 4096)),
+                };
+                let hit = match self.replay.get(name, query.qtype) {
+                    None => return None,
+                    Some(hit) if !hit.wire.live(now) => {
+                        self.replay.remove(name, query.qtype);
+                        return None;
+                    }
+                    Some(hit) => hit,
+                };
+                hit.wire.replay(query, EDNS_UDP, now, out);
+                if out.len() > limit {
+                    // The full path answers with TC set.
+                    out.clear();
+                    return None;
+                }
+                if let Some((names, ips)) = &hit.learned {
+                    let age = hit.wire.age(now);
+                    learn(
+                        &mut self.memory,
+                        &mut self.learn,
+                        client,
+                        names,
+                        ips,
+                        age,
+                        now,
+                    );
+                }
+                self.stats.cache_hits += 1;
+                let rcode = ResponseCode::from(0, out.get(3).map_or(0, |b| b & 0x0f));
+                log_query(
+                    client,
+                    name,
+                    qtype,
+                    &verdict,
+                    rcode,
+                    None,
+                    true,
+                    Duration::ZERO,
+                );
+                Some(Handled::Answer)
+            }
+            _ => None,
         }
-        Some(())
     }
 
     fn formerr(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Handled {
@@ -611,10 +757,58 @@ impl<P: DnsPolicy> Resolver<P> {
     }
 }
 
+/// The addresses in `answers` with their TTLs, and the names behind them (the CNAME chain from
+/// `qname`).
+fn addresses(qname: &Name, answers: &[Record]) -> Option<(Names, Vec<Address>)> {
+    let ips: Vec<Address> = answers
+        .iter()
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some((IpAddr::V4(a.0), r.ttl())),
+            RData::AAAA(a) => Some((IpAddr::V6(a.0), r.ttl())),
+            _ => None,
+        })
+        .collect();
+    if ips.is_empty() {
+        return None;
+    }
+    let host = display_name(qname);
+    let mut domains: Vec<Arc<str>> = vec![host.clone()];
+    domains.extend(answers.iter().filter_map(|r| match r.data() {
+        RData::CNAME(c) => Some(display_name(&c.0)),
+        _ => None,
+    }));
+    let names = Names {
+        host,
+        domains: Arc::from(domains),
+    };
+    Some((names, ips))
+}
+
+/// Tells the name memory and the learn sink that `client` got `ips` for `names`, `age` seconds
+/// after their TTLs were read.
+fn learn(
+    memory: &mut NameMemory,
+    sink: &mut Option<LearnSink>,
+    client: &ClientCtx,
+    names: &Names,
+    ips: &[Address],
+    age: u32,
+    now: Instant,
+) {
+    let key = client.key();
+    for &(ip, ttl) in ips {
+        let ttl = ttl.saturating_sub(age);
+        memory.remember(&key, ip, names, ttl, now);
+        if let Some(learn) = sink {
+            learn(&key, ip, names, ttl);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn log_query(
     client: &ClientCtx,
-    qname: &Name,
+    name: &str,
     qtype: RecordType,
     verdict: &PolicyVerdict,
     rcode: ResponseCode,
@@ -626,7 +820,7 @@ fn log_query(
         target: "waygate::dns",
         client = %client.label(),
         src_ip = %client.src_ip,
-        name = %qname,
+        name,
         qtype = %qtype,
         decision = verdict.decision.label(),
         rule = verdict.rule.as_deref().unwrap_or(""),

@@ -16,6 +16,7 @@ pub mod policy;
 pub mod rules;
 pub mod server;
 pub mod upstream;
+pub mod wire;
 
 #[cfg(test)]
 mod socket_tests;

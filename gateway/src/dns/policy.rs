@@ -145,8 +145,8 @@ impl Decision {
 pub struct QueryInfo<'a> {
     /// Who asked.
     pub client: &'a ClientCtx,
-    /// The queried name, lowercased, fully qualified.
-    pub qname: &'a Name,
+    /// The queried name, lowercased, without the root's trailing dot (`""` for the root).
+    pub name: &'a str,
     /// The queried type.
     pub qtype: RecordType,
 }

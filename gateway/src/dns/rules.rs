@@ -29,6 +29,8 @@ pub const YANDEX_SAFE: Ipv4Addr = Ipv4Addr::new(213, 180, 193, 56);
 #[derive(Clone)]
 pub struct DnsRules {
     loaded: Arc<Loaded>,
+    /// Log labels of the DNS rules by rule index, made once per rule set.
+    labels: Arc<[Option<Arc<str>>]>,
     geoip: Option<Arc<GeoIp>>,
     categories: Option<Arc<CategoryDb>>,
     block_page: Option<IpAddr>,
@@ -42,8 +44,14 @@ thread_local! {
 impl DnsRules {
     /// Rules from `loaded`; `block_page` answers rules with `block_page_enabled: true`.
     pub fn new(loaded: Arc<Loaded>, geoip: Option<Arc<GeoIp>>, block_page: Option<IpAddr>) -> Self {
+        let rules = loaded.policy.stage(Stage::Dns).rules();
+        let mut labels = vec![None; rules.iter().map(|r| r.index + 1).max().unwrap_or(0)];
+        for r in rules {
+            labels[r.index] = Some(Arc::from(rule_label(r)));
+        }
         DnsRules {
             loaded,
+            labels: labels.into(),
             geoip,
             categories: None,
             block_page,
@@ -59,11 +67,11 @@ impl DnsRules {
 
     fn fill(&self, input: &mut Input, query: &QueryInfo<'_>) {
         input.clear();
-        let fqdn = query.qname.to_ascii();
-        input.set_host(FieldId::DnsFqdn, fqdn.trim_end_matches('.'));
-        input.set_str(FieldId::DnsQueryRtype, &query.qtype.to_string());
+        input.set_host(FieldId::DnsFqdn, query.name);
+        let rtype: &'static str = query.qtype.into();
+        input.set_str(FieldId::DnsQueryRtype, rtype);
         if let Some(db) = &self.categories {
-            let found = db.lookup(&fqdn);
+            let found = db.lookup(query.name);
             input.set_ints(FieldId::DnsContentCategory, found.content);
             input.set_ints(FieldId::DnsSecurityCategory, found.security);
         }
@@ -109,20 +117,21 @@ impl DnsRules {
                 },
                 None => Decision::OverrideIps(ips.clone()),
             },
-            Action::SafeSearch => safe_search(query.qname).unwrap_or(Decision::Resolve),
+            Action::SafeSearch => safe_search(query.name).unwrap_or(Decision::Resolve),
             Action::YtRestricted => {
                 let moderate = rule
                     .settings
                     .get("youtube_restricted")
                     .and_then(|v| v.as_str())
                     == Some("moderate");
-                youtube(query.qname, moderate).unwrap_or(Decision::Resolve)
+                youtube(query.name, moderate).unwrap_or(Decision::Resolve)
             }
             _ => Decision::Resolve,
         };
+        let label = self.labels.get(rule.index).cloned().flatten();
         PolicyVerdict {
             decision,
-            rule: Some(Arc::from(rule_label(rule))),
+            rule: label.or_else(|| Some(Arc::from(rule_label(rule)))),
         }
     }
 
@@ -216,22 +225,17 @@ impl DnsPolicy for DnsRules {
     }
 }
 
-fn labels(name: &Name) -> Vec<String> {
-    name.to_lowercase()
-        .to_ascii()
-        .trim_end_matches('.')
-        .split('.')
-        .map(str::to_string)
-        .collect()
+fn labels(name: &str) -> Vec<&str> {
+    name.trim_end_matches('.').split('.').collect()
 }
 
 /// Whether `rest` (the labels after the engine's name) is a country or generic TLD of the kind
 /// search engines register: `com`, `de`, `co.uk`, `com.au`.
-fn engine_tld(rest: &[String]) -> bool {
-    let short = |l: &String| l.len() == 2 && l.bytes().all(|b| b.is_ascii_lowercase());
+fn engine_tld(rest: &[&str]) -> bool {
+    let short = |l: &&str| l.len() == 2 && l.bytes().all(|b| b.is_ascii_lowercase());
     match rest {
-        [one] => one == "com" || short(one),
-        [first, cc] => (first == "co" || first == "com") && short(cc),
+        [one] => *one == "com" || short(one),
+        [first, cc] => (*first == "co" || *first == "com") && short(cc),
         _ => false,
     }
 }
@@ -243,11 +247,10 @@ fn target(name: &str) -> Decision {
     }
 }
 
-/// The SafeSearch answer for `qname`, if it is a search engine's name.
-pub fn safe_search(qname: &Name) -> Option<Decision> {
-    let l = labels(qname);
-    let s: Vec<&str> = l.iter().map(String::as_str).collect();
-    match s.as_slice() {
+/// The SafeSearch answer for `name` (lowercase), if it is a search engine's name.
+pub fn safe_search(name: &str) -> Option<Decision> {
+    let l = labels(name);
+    match l.as_slice() {
         ["www", "google", ..] if engine_tld(&l[2..]) => Some(target("forcesafesearch.google.com.")),
         ["google", ..] if engine_tld(&l[1..]) => Some(target("forcesafesearch.google.com.")),
         ["www" | "edgeservices", "bing", "com"] => Some(target("strict.bing.com.")),
@@ -261,13 +264,13 @@ pub fn safe_search(qname: &Name) -> Option<Decision> {
         ["www", "yandex", ..] if engine_tld(&l[2..]) => {
             Some(Decision::OverrideIps(vec![IpAddr::V4(YANDEX_SAFE)]))
         }
-        _ => youtube(qname, false),
+        _ => youtube(name, false),
     }
 }
 
-/// The YouTube restricted-mode answer for `qname` (strict, or `moderate`), if it is YouTube's.
-pub fn youtube(qname: &Name, moderate: bool) -> Option<Decision> {
-    let name = qname.to_lowercase().to_ascii();
+/// The YouTube restricted-mode answer for `name` (lowercase; strict, or `moderate`), if it is
+/// YouTube's.
+pub fn youtube(name: &str, moderate: bool) -> Option<Decision> {
     let youtube = matches!(
         name.trim_end_matches('.'),
         "www.youtube.com"
@@ -299,10 +302,9 @@ mod tests {
     }
 
     fn ask(r: &DnsRules, client: &ClientCtx, name: &str, qtype: RecordType) -> PolicyVerdict {
-        let qname = Name::from_ascii(name).unwrap();
         r.decide(&QueryInfo {
             client,
-            qname: &qname,
+            name: name.trim_end_matches('.'),
             qtype,
         })
     }
@@ -371,32 +373,23 @@ mod tests {
         let n = |s: &str| Name::from_ascii(s).unwrap();
         let t = |s: &str| Some(Decision::SafeSearch(n(s)));
         assert_eq!(
-            safe_search(&n("www.google.co.uk.")),
+            safe_search("www.google.co.uk."),
             t("forcesafesearch.google.com.")
         );
+        assert_eq!(safe_search("google.com."), t("forcesafesearch.google.com."));
+        assert_eq!(safe_search("www.bing.com."), t("strict.bing.com."));
+        assert_eq!(safe_search("duckduckgo.com."), t("safe.duckduckgo.com."));
         assert_eq!(
-            safe_search(&n("google.com.")),
-            t("forcesafesearch.google.com.")
-        );
-        assert_eq!(safe_search(&n("www.bing.com.")), t("strict.bing.com."));
-        assert_eq!(
-            safe_search(&n("duckduckgo.com.")),
-            t("safe.duckduckgo.com.")
-        );
-        assert_eq!(
-            safe_search(&n("yandex.ru.")),
+            safe_search("yandex.ru."),
             Some(Decision::OverrideIps(vec![IpAddr::V4(YANDEX_SAFE)]))
         );
+        assert_eq!(safe_search("www.youtube.com."), t("restrict.youtube.com."));
         assert_eq!(
-            safe_search(&n("www.youtube.com.")),
-            t("restrict.youtube.com.")
-        );
-        assert_eq!(
-            youtube(&n("m.youtube.com."), true),
+            youtube("m.youtube.com.", true),
             t("restrictmoderate.youtube.com.")
         );
-        assert_eq!(safe_search(&n("maps.google.com.")), None);
-        assert_eq!(safe_search(&n("www.google.example.org.")), None);
-        assert_eq!(youtube(&n("www.example.com."), false), None);
+        assert_eq!(safe_search("maps.google.com."), None);
+        assert_eq!(safe_search("www.google.example.org."), None);
+        assert_eq!(youtube("www.example.com.", false), None);
     }
 }

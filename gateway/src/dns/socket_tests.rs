@@ -14,7 +14,7 @@ use super::encrypted::{trust_roots, HttpsTarget};
 use super::*;
 
 fn policy(q: &QueryInfo<'_>) -> PolicyVerdict {
-    match q.qname.to_ascii().as_str() {
+    match format!("{}.", q.name).as_str() {
         "blocked.example." => Decision::Block(BlockMode::Refused).into(),
         "moved.example." => {
             Decision::OverrideIps(vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 99))]).into()

@@ -137,10 +137,16 @@ impl Followed {
 
     /// Follows the files until `out` closes.
     pub fn run(mut self, out: mpsc::Sender<Reloaded>) {
+        // The first pass returns what the initial load left behind.
+        let mut trim = true;
         loop {
             std::thread::sleep(POLL);
             if out.is_closed() {
                 return;
+            }
+            if std::mem::take(&mut trim) {
+                // By now the replaced rules are dropped.
+                release_free_memory();
             }
             let now = self.current();
             let policy_changed = now[0] != self.stamps[0] || now[1] != self.stamps[1];
@@ -148,6 +154,7 @@ impl Followed {
                 match policy::load(rules, self.lists.as_deref()) {
                     Ok(p) => {
                         tracing::info!(rules = %rules.display(), "rule set reloaded");
+                        trim = true;
                         if out.blocking_send(Reloaded::Policy(Arc::new(p))).is_err() {
                             return;
                         }
@@ -178,6 +185,7 @@ impl Followed {
                 // Built here, off the resolver: queries keep the old set until the swap.
                 match load_categories(&self.categories) {
                     Ok(db) => {
+                        trim = true;
                         if out
                             .blocking_send(Reloaded::Categories(Arc::new(db)))
                             .is_err()
@@ -194,5 +202,17 @@ impl Followed {
                 self.category_stamps = now;
             }
         }
+    }
+}
+
+/// Hands freed heap pages back to the OS. Loading a large list parses its JSON into strings that
+/// are dropped once compiled; glibc keeps such pages mapped, and a million-domain list would
+/// otherwise leave its parsing scratch in the gateway's RSS for good.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own arenas under their locks; it has no
+    // preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -23,12 +23,13 @@ use super::interp::{
     set_item_int_ranges, set_item_ip_range, set_item_str, str_literal, wildcard_match,
 };
 use super::ruleset::{List, ListType, Lists};
+use super::strset::StringSet;
 
 /// A list compiled for membership tests: names and strings hashed, addresses as intervals.
 #[derive(Debug)]
 pub enum CompiledList {
     /// DOMAIN, EMAIL, URL and SERIAL lists.
-    Strings(FxHashSet<Box<str>>),
+    Strings(StringSet),
     /// IP lists.
     Ips(IpTable),
 }
@@ -44,16 +45,17 @@ impl CompiledList {
                     .map(|n| (n.network(), n.broadcast())),
             )),
             kind => {
-                let mut set = FxHashSet::default();
-                set.reserve(list.items.len());
+                let mut set = StringSet::with_capacity(list.items.len());
+                let mut scratch = String::new();
                 for item in &list.items {
-                    let mut s = item.trim().to_owned();
+                    scratch.clear();
+                    scratch.push_str(item.trim());
                     if kind == ListType::Domain {
-                        super::input::normalize_domain(&mut s);
+                        super::input::normalize_domain(&mut scratch);
                     }
-                    set.insert(s.into_boxed_str());
+                    set.insert(&scratch);
                 }
-                CompiledList::Strings(set)
+                CompiledList::Strings(set.finish())
             }
         }
     }

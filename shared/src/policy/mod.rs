@@ -18,4 +18,5 @@ mod lexer;
 pub mod parser;
 pub mod printer;
 pub mod ruleset;
+pub mod strset;
 pub mod typecheck;
