@@ -99,6 +99,7 @@ fn bench(c: &mut Criterion) {
             email: "ada@example.com".into(),
             user_name: Some("Ada".into()),
             groups: vec!["eng".into(), "ops".into()],
+            extras: Default::default(),
             vnet_id: None,
             ipv4: Ipv4Addr::new(100, 96, 0, 2),
             ipv6: "fd77:6761:7465::2".parse().expect("v6"),

@@ -297,6 +297,7 @@ mod tests {
                 email: "ada@example.com".into(),
                 user_name: None,
                 groups: vec![],
+                extras: Default::default(),
                 vnet_id: None,
                 ipv4: Ipv4Addr::new(100, 96, 0, 2),
                 ipv6: "fd77:6761:7465::2".parse().unwrap(),

@@ -19,6 +19,7 @@ use crate::egress::EgressChoice;
 use crate::flow::sniff::Detected;
 use crate::flow::FlowCtx;
 use crate::geoip::GeoIp;
+use crate::registry::IdentityExtras;
 
 /// Fields a network rule can only know once the client has sent its first bytes.
 const AFTER_FIRST_BYTES: [FieldId; 3] = [
@@ -180,6 +181,23 @@ pub fn flow_input(input: &mut Input, ctx: &FlowCtx, target: SocketAddr, geo: Opt
             device.groups.iter().map(String::as_str),
         );
     }
+    fill_identity_extras(input, &device.extras);
+}
+
+/// Sets the identity and posture fields of `extras` that have values.
+pub fn fill_identity_extras(input: &mut Input, extras: &IdentityExtras) {
+    let fields = [
+        (FieldId::IdentityGroupsId, &extras.group_ids),
+        (FieldId::IdentityGroupsEmail, &extras.group_emails),
+        (FieldId::IdentitySamlAttributes, &extras.attributes),
+        (FieldId::DevicePostureChecksPassed, &extras.posture_passed),
+        (FieldId::DevicePostureChecksFailed, &extras.posture_failed),
+    ];
+    for (field, values) in fields {
+        if !values.is_empty() {
+            input.set_strs(field, values.iter().map(String::as_str));
+        }
+    }
 }
 
 /// What an egress rule's action asks for; `None` for the default egress.
@@ -250,6 +268,7 @@ mod tests {
                 email: "ada@example.com".into(),
                 user_name: Some("Ada".into()),
                 groups: vec!["eng".into(), "ops".into()],
+                extras: Default::default(),
                 vnet_id: Some("f70ff985-a4ef-4643-bbbc-4a0ed4fc8415".into()),
                 ipv4: Ipv4Addr::new(100, 96, 0, 2),
                 ipv6: "fd77:6761:7465::2".parse().unwrap(),

@@ -54,22 +54,38 @@ const ORIGIN_DE: Probe = Probe::Http("http://203.0.113.20/", &[]);
 
 struct Case {
     selector: &'static str,
-    /// `traffic` (or `identity`, for identity fields) expression of the rule.
+    /// Expression of the rule, in `traffic`, `identity` or `device_posture` by its field.
     expr: String,
-    identity: bool,
     hit: (Who, Probe),
     miss: (Who, Probe),
+}
+
+impl Case {
+    /// The rule key the expression belongs in.
+    fn key(&self) -> &'static str {
+        if self.selector.starts_with("identity.") {
+            "identity"
+        } else if self.selector.starts_with("device_posture.") {
+            "device_posture"
+        } else {
+            "traffic"
+        }
+    }
 }
 
 fn case(selector: &'static str, expr: &str, hit: (Who, Probe), miss: (Who, Probe)) -> Case {
     Case {
         selector,
         expr: expr.to_string(),
-        identity: selector.starts_with("identity."),
         hit,
         miss,
     }
 }
+
+/// Alice's group, created with this id and email before she enrolls.
+const ENG_ID: &str = "9a0a1a52-0000-4c55-9d3e-0b6f2a1e00e1";
+/// A posture check Alice passes and Bob fails.
+const DISK_CHECK: &str = "1308749e-fcfb-4ebc-b051-fe022b632644";
 
 fn cases() -> Vec<Case> {
     use Who::{Alice, Bob};
@@ -89,6 +105,30 @@ fn cases() -> Vec<Case> {
         case(
             "identity.groups.name",
             r#"any(identity.groups.name[*] in {"eng"})"#,
+            (Alice, ORIGIN_JP),
+            (Bob, ORIGIN_JP),
+        ),
+        case(
+            "identity.groups.id",
+            &format!("any(identity.groups.id[*] in {{\"{ENG_ID}\"}})"),
+            (Alice, ORIGIN_JP),
+            (Bob, ORIGIN_JP),
+        ),
+        case(
+            "identity.groups.email",
+            r#"any(identity.groups.email[*] == "eng@example.com")"#,
+            (Alice, ORIGIN_JP),
+            (Bob, ORIGIN_JP),
+        ),
+        case(
+            "identity.saml_attributes",
+            r#"identity.saml_attributes["department"] == "engineering""#,
+            (Alice, ORIGIN_JP),
+            (Bob, ORIGIN_JP),
+        ),
+        case(
+            "device_posture.checks.passed",
+            &format!("any(device_posture.checks.passed[*] in {{\"{DISK_CHECK}\"}})"),
             (Alice, ORIGIN_JP),
             (Bob, ORIGIN_JP),
         ),
@@ -160,13 +200,12 @@ fn cases() -> Vec<Case> {
 
 /// A rules document: the selector's rule on top, the catch-all at the bottom.
 fn rules(c: &Case, addr: &str) -> String {
-    let rule = serde_json::json!({
+    let mut rule = serde_json::json!({
         "id": "selector", "name": c.selector, "action": "egress", "filters": ["egress"],
-        "precedence": 10,
-        "traffic": if c.identity { "" } else { c.expr.as_str() },
-        "identity": if c.identity { c.expr.as_str() } else { "" },
+        "precedence": 10, "traffic": "", "identity": "", "device_posture": "",
         "rule_settings": {"egress": {"ipv4": addr, "ipv6": "", "ipv4_fallback": ""}},
     });
+    rule[c.key()] = serde_json::Value::from(c.expr.as_str());
     let catch_all = serde_json::json!({
         "id": "catch-all", "name": "Everyone else", "action": "egress", "filters": ["egress"],
         "precedence": 1000, "traffic": "net.dst.ip == 0.0.0.0/0 or net.dst.ip == ::/0",
@@ -242,6 +281,20 @@ fn setup() -> Setup {
     if let Err(e) = lab.start_gateway() {
         panic!("the gateway did not start with rules, GeoIP and vnets: {e:#}");
     }
+    let cli = |args: &[&str]| {
+        let out = lab.waygate(args).expect("waygate");
+        assert!(out.ok(), "waygate {args:?}: {}", out.describe());
+    };
+    cli(&[
+        "group",
+        "create",
+        "eng",
+        "--email",
+        "eng@example.com",
+        "--id",
+        ENG_ID,
+    ]);
+    cli(&["group", "create", "sales"]);
     let alice = lab
         .add_device_with(
             "alice",
@@ -253,12 +306,31 @@ fn setup() -> Setup {
                 "Alice Liddell",
                 "--vnet",
                 "blue",
+                "--attribute",
+                "department=engineering",
             ],
         )
         .expect("alice");
     let bob = lab
-        .add_device_with("bob", "d2", &["--group", "sales", "--vnet", "green"])
+        .add_device_with(
+            "bob",
+            "d2",
+            &[
+                "--group",
+                "sales",
+                "--vnet",
+                "green",
+                "--attribute",
+                "department=sales",
+            ],
+        )
         .expect("bob");
+    let cli = |args: &[&str]| {
+        let out = lab.waygate(args).expect("waygate");
+        assert!(out.ok(), "waygate {args:?}: {}", out.describe());
+    };
+    cli(&["device", "posture", "alice", "--passed", DISK_CHECK]);
+    cli(&["device", "posture", "bob", "--failed", DISK_CHECK]);
     Setup { lab, alice, bob }
 }
 

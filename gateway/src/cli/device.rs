@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use waygate_keys::{PrivateKey, PublicKey};
 
-use super::{DeviceCommand, EnrollArgs};
+use super::{now, DeviceCommand, EnrollArgs};
 use crate::config::{Config, TunnelConfig, WireguardConfig};
 use crate::datadir;
 use crate::registry::{Device, NewDevice, Registry};
@@ -48,6 +48,20 @@ pub fn run(config: Option<&Path>, cmd: DeviceCommand) -> anyhow::Result<ExitCode
             );
             String::new()
         }
+        DeviceCommand::Posture {
+            device,
+            passed,
+            failed,
+        } => {
+            let d = registry.set_posture(&device, &passed, &failed, now())?;
+            eprintln!(
+                "device {}: {} check(s) passed, {} failed; rules see them within a second",
+                d.name,
+                d.extras.posture_passed.len(),
+                d.extras.posture_failed.len()
+            );
+            String::new()
+        }
         DeviceCommand::Revoke { device } => {
             let d = registry.revoke(&device, now())?;
             eprintln!(
@@ -67,15 +81,6 @@ pub fn run(config: Option<&Path>, cmd: DeviceCommand) -> anyhow::Result<ExitCode
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e).context("writing to stdout"),
     }
-}
-
-/// The CLI is an I/O shell: it reads the clock and hands the time to the registry.
-#[allow(clippy::disallowed_methods)]
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn enroll(cfg: &Config, registry: &Registry, args: EnrollArgs) -> anyhow::Result<String> {
@@ -103,6 +108,7 @@ fn enroll(cfg: &Config, registry: &Registry, args: EnrollArgs) -> anyhow::Result
             email: args.email,
             user_name: args.user_name,
             groups: args.groups,
+            attributes: args.attributes,
             vnet_id,
             public_key: public,
         },
@@ -270,7 +276,14 @@ fn status(d: &Device) -> String {
 
 fn show(d: &Device) -> String {
     let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_string());
-    let fields: [(&str, String); 13] = [
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let fields: [(&str, String); 17] = [
         ("id", d.id.clone()),
         ("name", d.name.clone()),
         ("status", status(d)),
@@ -284,6 +297,10 @@ fn show(d: &Device) -> String {
                 d.groups.join(", ")
             },
         ),
+        ("group ids", list(&d.extras.group_ids)),
+        ("attributes", list(&d.extras.attributes)),
+        ("posture passed", list(&d.extras.posture_passed)),
+        ("posture failed", list(&d.extras.posture_failed)),
         ("virtual network", dash(&d.vnet_id)),
         ("public key", d.public_key.to_string()),
         ("ipv4", d.ipv4.to_string()),
@@ -354,6 +371,7 @@ mod tests {
             email: "alice@example.com".into(),
             user_name: None,
             groups: vec!["eng".into(), "sre".into()],
+            extras: Default::default(),
             vnet_id: None,
             created_at: 1_795_000_000,
             last_seen: None,
@@ -463,6 +481,7 @@ mod tests {
             email: "alice@example.com".into(),
             user_name: None,
             groups: vec!["eng".into()],
+            attributes: vec![],
             vnet_id: None,
             public_key: device().public_key,
         };

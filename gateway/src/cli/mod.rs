@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 pub mod device;
 pub mod geoip;
+pub mod group;
 pub mod rules;
 pub mod serve;
 pub mod vnet;
@@ -38,6 +39,9 @@ pub enum Command {
     /// Create, list and delete virtual networks.
     #[command(subcommand)]
     Vnet(VnetCommand),
+    /// Create, list and delete user groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Build and query GeoIP databases.
     #[command(subcommand)]
     Geoip(GeoipCommand),
@@ -125,10 +129,49 @@ pub enum DeviceCommand {
         /// Virtual network name or id, or `default`.
         vnet: String,
     },
+    /// Record a device's posture-check results (`device_posture.checks.*` in rules); replaces
+    /// the previous results.
+    Posture {
+        /// Device id, name or public key.
+        device: String,
+        /// A check the device passed (repeatable).
+        #[arg(long = "passed", value_name = "CHECK_ID")]
+        passed: Vec<String>,
+        /// A check the device failed (repeatable).
+        #[arg(long = "failed", value_name = "CHECK_ID")]
+        failed: Vec<String>,
+    },
     /// Revoke a device; its traffic stops within a second.
     Revoke {
         /// Device id, name or public key.
         device: String,
+    },
+}
+
+/// `waygate group ...`
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create a group; devices enrolled with `--group NAME` carry its id and email.
+    Create {
+        /// Its name.
+        name: String,
+        /// Its email (`identity.groups.email`).
+        #[arg(long)]
+        email: Option<String>,
+        /// Its id (`identity.groups.id`; default: a new UUID), e.g. the id your rules use.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// List groups.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a group (devices keep its name).
+    Delete {
+        /// Name or id.
+        group: String,
     },
 }
 
@@ -147,6 +190,9 @@ pub struct EnrollArgs {
     /// Group the user belongs to (repeatable).
     #[arg(long = "group")]
     pub groups: Vec<String>,
+    /// An attribute of the user, `NAME=VALUE` (repeatable; `identity.saml_attributes` in rules).
+    #[arg(long = "attribute", value_name = "NAME=VALUE")]
+    pub attributes: Vec<String>,
     /// Virtual network (name or id).
     #[arg(long)]
     pub vnet: Option<String>,
@@ -183,6 +229,16 @@ pub enum RulesCommand {
     },
 }
 
+/// Unix seconds now. The CLI is an I/O shell: it reads the clock and hands the time to the
+/// registry.
+#[allow(clippy::disallowed_methods)]
+pub(crate) fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -191,6 +247,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rules(cmd) => rules::run(cmd),
         Command::Geoip(cmd) => geoip::run(cli.config.as_deref(), cmd),
         Command::Vnet(cmd) => vnet::run(cli.config.as_deref(), cmd),
+        Command::Group(cmd) => group::run(cli.config.as_deref(), cmd),
         Command::Ca(CaCommand::Show) => {
             let config = crate::config::Config::load(cli.config.as_deref())?;
             crate::datadir::ensure_data_dir(&config.data_dir)?;

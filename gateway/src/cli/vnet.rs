@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
+use super::now;
 use super::VnetCommand;
 use crate::config::Config;
 use crate::registry::{Registry, Vnet, VnetRoute};
@@ -70,13 +71,4 @@ fn table(vnets: &[Vnet], members: impl Fn(&str) -> usize) -> String {
         );
     }
     out
-}
-
-/// The CLI is an I/O shell: it reads the clock and hands the time to the registry.
-#[allow(clippy::disallowed_methods)]
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

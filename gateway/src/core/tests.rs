@@ -42,6 +42,7 @@ fn device_info() -> DeviceInfo {
         email: "ada@example.com".into(),
         user_name: None,
         groups: vec![],
+        extras: Default::default(),
         vnet_id: None,
         ipv4: DEV_V4,
         ipv6: "fd77:6761:7465::2".parse().unwrap(),

@@ -4,6 +4,8 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::registry::IdentityExtras;
+
 use hickory_proto::rr::{Name, Record, RecordType};
 
 /// Who asked: a tunnel device or a location (an office network) querying a plain listener.
@@ -21,6 +23,8 @@ pub struct ClientCtx {
     pub user_name: Option<String>,
     /// The user's groups.
     pub groups: Vec<String>,
+    /// Group ids and emails, the user's attributes, the device's posture results.
+    pub extras: Arc<IdentityExtras>,
     /// Virtual network the device is on.
     pub vnet: Option<String>,
     /// Location name, for queries to a `dns.listen` address from a configured network.
@@ -72,6 +76,7 @@ impl ClientCtx {
             user_name: None,
             public_ip: None,
             groups: Vec::new(),
+            extras: Arc::default(),
             vnet: None,
             location: None,
         }

@@ -92,6 +92,7 @@ impl DnsRules {
                 client.groups.iter().map(String::as_str),
             );
         }
+        crate::policy::fill_identity_extras(input, &client.extras);
         if let (Some(geo), Some(public)) = (&self.geoip, client.public_ip) {
             let g = geo.lookup(public);
             if let Some(c) = g.country {

@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::registry::IdentityExtras;
 use crate::wg::PeerId;
 
 pub mod device;
@@ -35,6 +36,8 @@ pub struct DeviceInfo {
     pub user_name: Option<String>,
     /// User's groups.
     pub groups: Vec<String>,
+    /// Group ids and emails, the user's attributes, posture results.
+    pub extras: Arc<IdentityExtras>,
     /// Virtual network id.
     pub vnet_id: Option<String>,
     /// Tunnel IPv4 address.

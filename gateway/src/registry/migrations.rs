@@ -81,6 +81,48 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER vnet_routes_delete AFTER DELETE ON vnet_routes
     BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
     "#,
+    // v3: what identity and posture rules read beyond names: groups with ids and emails, the
+    // user's attributes (SAML-style `name=value`) and each device's posture-check results.
+    r#"
+    CREATE TABLE groups (
+        id          TEXT PRIMARY KEY NOT NULL,
+        name        TEXT NOT NULL UNIQUE,
+        email       TEXT,
+        created_at  INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE device_attributes (
+        device_id   TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        name        TEXT NOT NULL,
+        value       TEXT NOT NULL,
+        PRIMARY KEY (device_id, name, value)
+    ) STRICT;
+
+    CREATE TABLE device_posture (
+        device_id   TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        check_id    TEXT NOT NULL,
+        passed      INTEGER NOT NULL,
+        reported_at INTEGER NOT NULL,
+        PRIMARY KEY (device_id, check_id)
+    ) STRICT;
+
+    CREATE TRIGGER groups_insert AFTER INSERT ON groups
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER groups_delete AFTER DELETE ON groups
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER groups_update AFTER UPDATE ON groups
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER device_attributes_insert AFTER INSERT ON device_attributes
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER device_attributes_delete AFTER DELETE ON device_attributes
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER device_posture_insert AFTER INSERT ON device_posture
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER device_posture_delete AFTER DELETE ON device_posture
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    CREATE TRIGGER device_posture_update AFTER UPDATE ON device_posture
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -14,10 +14,12 @@
 //! addresses, so none of them is handed to a new device while logs may still refer to the old one.
 
 mod alloc;
+mod identity;
 mod migrations;
 pub mod validate;
 mod vnets;
 
+pub use identity::{parse_attribute, Group, IdentityExtras};
 pub use vnets::{Vnet, VnetRoute};
 
 use std::collections::HashMap;
@@ -165,6 +167,15 @@ pub enum RegistryError {
     /// A route is malformed.
     #[error("invalid route {0:?}: expected CIDR=INTERFACE, e.g. 198.18.0.0/16=site-a")]
     InvalidRoute(String),
+    /// No group has this id or name.
+    #[error("no group with id or name {0:?}")]
+    GroupNotFound(String),
+    /// A group already has this name or id.
+    #[error("group {0:?} already has this name or id")]
+    GroupTaken(String),
+    /// An attribute is not `name=value`.
+    #[error("invalid attribute {0:?}: expected NAME=VALUE, e.g. department=engineering")]
+    InvalidAttribute(String),
     /// The device was revoked before.
     #[error("device {name} ({id}) was already revoked at {revoked_at}")]
     AlreadyRevoked {
@@ -188,6 +199,8 @@ pub struct NewDevice {
     pub user_name: Option<String>,
     /// The user's groups.
     pub groups: Vec<String>,
+    /// The user's attributes, `name=value`.
+    pub attributes: Vec<String>,
     /// Virtual network the device starts in.
     pub vnet_id: Option<String>,
     /// The device's WireGuard public key.
@@ -221,6 +234,9 @@ pub struct Device {
     pub last_seen: Option<i64>,
     /// Revocation time (unix seconds); revoked devices are refused.
     pub revoked_at: Option<i64>,
+    /// Group ids and emails, the user's attributes, posture results.
+    #[serde(flatten)]
+    pub extras: IdentityExtras,
 }
 
 impl Device {
@@ -273,7 +289,11 @@ impl Row {
         })
     }
 
-    fn into_device(self, groups: Vec<String>) -> Result<Device, RegistryError> {
+    fn into_device(
+        self,
+        groups: Vec<String>,
+        extras: IdentityExtras,
+    ) -> Result<Device, RegistryError> {
         fn parse<T: std::str::FromStr>(
             id: &str,
             column: &'static str,
@@ -298,6 +318,7 @@ impl Row {
             created_at: self.created_at,
             last_seen: self.last_seen,
             revoked_at: self.revoked_at,
+            extras,
         })
     }
 }
@@ -374,6 +395,11 @@ impl Registry {
         if let Some(user_name) = &new.user_name {
             check_label("user name", user_name)?;
         }
+        let attributes = new
+            .attributes
+            .iter()
+            .map(|a| parse_attribute(a))
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(vnet) = &new.vnet_id {
             check_label("virtual network", vnet)?;
         }
@@ -436,7 +462,10 @@ impl Registry {
                 insert.execute(params![id, group])?;
             }
         }
+        identity::insert_attributes(&tx, &id, &attributes)?;
         tx.commit()?;
+        // Group ids and emails come from the groups table: read them back.
+        let extras = self.extras()?.remove(&id).unwrap_or_default();
         Ok(Device {
             id,
             name,
@@ -450,6 +479,7 @@ impl Registry {
             created_at: now_unix,
             last_seen: None,
             revoked_at: None,
+            extras,
         })
     }
 
@@ -556,10 +586,16 @@ impl Registry {
             .query_map(params, Row::read)?
             .collect::<Result<Vec<Row>, _>>()?;
         let mut groups = self.groups_of(&rows)?;
+        let mut extras = if rows.is_empty() {
+            HashMap::new()
+        } else {
+            self.extras()?
+        };
         rows.into_iter()
             .map(|row| {
                 let g = groups.remove(&row.id).unwrap_or_default();
-                row.into_device(g)
+                let e = extras.remove(&row.id).unwrap_or_default();
+                row.into_device(g, e)
             })
             .collect()
     }

@@ -22,6 +22,7 @@ fn new(email: &str, seed: u64) -> NewDevice {
         email: email.to_string(),
         user_name: None,
         groups: Vec::new(),
+        attributes: vec![],
         vnet_id: None,
         public_key: key(seed),
     }
@@ -113,6 +114,7 @@ fn explicit_fields_are_stored_and_groups_deduplicated() {
                 email: "alice@example.com".into(),
                 user_name: Some("Alice Liddell".into()),
                 groups: vec!["eng".into(), "sre team".into(), "eng".into()],
+                attributes: vec![],
                 vnet_id: Some("office".into()),
                 public_key: key(1),
             },
@@ -173,6 +175,7 @@ fn duplicates_and_bad_input_are_refused_and_leave_nothing_behind() {
         (
             NewDevice {
                 groups: vec!["".into()],
+                attributes: vec![],
                 ..new("bob@example.com", 3)
             },
             "invalid group \"\"",
@@ -266,6 +269,7 @@ fn change_counter_sees_other_processes_but_not_last_seen() {
         .enroll(
             NewDevice {
                 groups: vec!["eng".into()],
+                attributes: vec![],
                 ..new("alice@example.com", 1)
             },
             1,
@@ -340,4 +344,75 @@ fn concurrent_enrollments_get_distinct_addresses() {
     names.sort();
     names.dedup();
     assert_eq!(names.len(), 20);
+}
+
+#[test]
+fn groups_attributes_and_posture_reach_the_device_and_bump_the_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = open(tmp.path());
+    let eng = reg
+        .create_group("eng", Some("eng@example.com"), Some("c5e1e3a0-eng"), 1)
+        .unwrap();
+    assert_eq!(eng.id, "c5e1e3a0-eng");
+    let ops = reg.create_group("ops", None, None, 2).unwrap();
+    assert_eq!(ops.id.len(), 36);
+    assert!(matches!(
+        reg.create_group("eng", None, None, 3),
+        Err(RegistryError::GroupTaken(_))
+    ));
+    assert!(reg
+        .create_group("x", Some("not-an-email"), None, 3)
+        .is_err());
+
+    let mut n = new("alice@example.com", 1);
+    n.groups = vec!["eng".into(), "ops".into(), "unknown".into()];
+    n.attributes = vec!["department=Engineering".into(), "site = Berlin".into()];
+    let d = reg.enroll(n, 10).unwrap();
+    assert_eq!(d.extras.group_ids, vec![eng.id.clone(), ops.id.clone()]);
+    assert_eq!(d.extras.group_emails, vec!["eng@example.com".to_string()]);
+    assert_eq!(
+        d.extras.attributes,
+        vec![
+            "department=Engineering".to_string(),
+            "site=Berlin".to_string()
+        ]
+    );
+    let mut bad = new("bob@example.com", 2);
+    bad.attributes = vec!["no-equals".into()];
+    assert!(matches!(
+        reg.enroll(bad, 11),
+        Err(RegistryError::InvalidAttribute(_))
+    ));
+
+    let before = reg.change_counter().unwrap();
+    let d = reg
+        .set_posture(
+            &d.name,
+            &["disk-encryption".into()],
+            &["firewall".into()],
+            12,
+        )
+        .unwrap();
+    assert_eq!(d.extras.posture_passed, vec!["disk-encryption".to_string()]);
+    assert_eq!(d.extras.posture_failed, vec!["firewall".to_string()]);
+    assert!(reg.change_counter().unwrap() > before);
+    // Results are replaced, not accumulated; a check cannot both pass and fail.
+    let d = reg
+        .set_posture(&d.id, &["firewall".into()], &[], 13)
+        .unwrap();
+    assert_eq!(d.extras.posture_passed, vec!["firewall".to_string()]);
+    assert!(d.extras.posture_failed.is_empty());
+    assert!(reg
+        .set_posture(&d.id, &["a".into()], &["a".into()], 14)
+        .is_err());
+
+    // Deleting a group takes its id and email off its members.
+    reg.delete_group("eng").unwrap();
+    let d = reg.find(&d.id).unwrap();
+    assert_eq!(d.extras.group_ids, vec![ops.id]);
+    assert!(d.extras.group_emails.is_empty());
+    assert!(matches!(
+        reg.delete_group("eng"),
+        Err(RegistryError::GroupNotFound(_))
+    ));
 }

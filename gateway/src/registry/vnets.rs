@@ -278,6 +278,7 @@ mod tests {
                 email: format!("{name}@example.com"),
                 user_name: None,
                 groups: vec![],
+                attributes: vec![],
                 vnet_id: vnet,
                 public_key: key,
             },

@@ -547,6 +547,7 @@ fn peers_of(devices: Vec<Device>) -> Vec<([u8; 32], DeviceInfo)> {
                     email: d.email,
                     user_name: d.user_name,
                     groups: d.groups,
+                    extras: Arc::new(d.extras),
                     vnet_id: d.vnet_id,
                     ipv4: d.ipv4,
                     ipv6: d.ipv6,

@@ -107,6 +107,7 @@ pub fn device_client(device: &DeviceInfo, src: IpAddr, public: Option<IpAddr>) -
         email: Some(device.email.clone()),
         user_name: device.user_name.clone(),
         groups: device.groups.clone(),
+        extras: device.extras.clone(),
         vnet: device.vnet_id.clone(),
         location: None,
         src_ip: src,
