@@ -176,6 +176,23 @@ fn dns_rules_through_the_tunnel() {
         fail("plain A", &got)
     );
 
+    // The resolver answers on the gateway's IPv6 tunnel address too, with the same rules.
+    let v6 = dns.dig(&alice.ns, "fd77:6761:7465::1", "a.example", "AAAA", &[]);
+    assert_eq!(
+        v6,
+        ("NOERROR".into(), vec!["AAAA 2001:db8:3::10".into()]),
+        "{}",
+        fail("over IPv6", &v6)
+    );
+    let v6 = dns.dig(
+        &alice.ns,
+        "fd77:6761:7465::1",
+        "blocked.example",
+        "A",
+        &["+tcp"],
+    );
+    assert_eq!(v6.0, "REFUSED", "{}", fail("TCP over IPv6", &v6));
+
     // Order of operations: allow list before the block list; a blocked domain takes its
     // subdomains; a bare TLD blocks the whole TLD.
     for (name, want) in [

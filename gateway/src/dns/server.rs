@@ -29,6 +29,9 @@ pub const UDP_SOCKET_BUFFER: usize = 4 << 20;
 pub const TICK: Duration = Duration::from_secs(10);
 /// A TCP client idle this long is disconnected (RFC 7766 suggests tens of seconds).
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// DNS over HTTPS clients keep connections for many queries; this long without a request's
+/// headers (HTTP/1) or between pings (HTTP/2) ends one.
+pub const DOH_IDLE: Duration = Duration::from_secs(30);
 
 /// Where to listen.
 #[derive(Debug, Clone, Default)]
@@ -535,8 +538,19 @@ impl<P: DnsPolicy + 'static> TcpConn<P> {
                 Ok::<_, std::convert::Infallible>(response)
             }
         });
-        let builder =
+        let mut builder =
             hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        // A device must not hold connections open by going quiet: HTTP/1 connections close
+        // when a request's headers take too long, HTTP/2 ones when pings go unanswered.
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(DOH_IDLE);
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(DOH_IDLE)
+            .keep_alive_timeout(TCP_IDLE);
         if let Err(e) = builder
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
             .await
