@@ -35,6 +35,13 @@ pub struct ClientCtx {
     pub public_ip: Option<IpAddr>,
 }
 
+/// The shared empty [`IdentityExtras`]: clients without a device are made per query, and cloning
+/// one `Arc` is cheaper than allocating a fresh one.
+fn no_extras() -> Arc<IdentityExtras> {
+    static EMPTY: std::sync::LazyLock<Arc<IdentityExtras>> = std::sync::LazyLock::new(Arc::default);
+    EMPTY.clone()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum ClientKeyInner {
     Device(Arc<str>),
@@ -76,7 +83,7 @@ impl ClientCtx {
             user_name: None,
             public_ip: None,
             groups: Vec::new(),
-            extras: Arc::default(),
+            extras: no_extras(),
             vnet: None,
             location: None,
         }
