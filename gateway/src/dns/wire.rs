@@ -323,6 +323,37 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Long and odd names (labels of any length and bytes, up to the wire limit and past
+        /// it) never overflow the text buffer, and whatever parses reads back as the full
+        /// parser reads it.
+        #[test]
+        fn names_of_any_shape_parse_safely(
+            labels in proptest::collection::vec(
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..70), 0..12),
+            ascii in proptest::prelude::any::<bool>(),
+        ) {
+            let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+            for label in &labels {
+                let label: Vec<u8> = if ascii {
+                    label.iter().map(|b| b'a' + b % 26).collect()
+                } else {
+                    label.clone()
+                };
+                q.push(label.len() as u8);
+                q.extend_from_slice(&label);
+            }
+            q.extend_from_slice(&[0, 0, 1, 0, 1]);
+            let mut name = NameText::default();
+            if let Some(view) = QueryView::parse(&q, &mut name) {
+                let full = Message::from_vec(&q).unwrap();
+                let expected = full.queries()[0].name().to_lowercase().to_ascii();
+                proptest::prop_assert_eq!(format!("{}.", name.as_str()), expected);
+                proptest::prop_assert_eq!(view.qtype, 1);
+            }
+        }
+    }
+
     #[test]
     fn local_answers_match_what_the_full_parser_reads() {
         let mut name = NameText::default();
