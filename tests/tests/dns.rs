@@ -360,10 +360,24 @@ fn dns_rules_through_the_tunnel() {
 
     // One structured log line per query.
     let log = lab.gateway_log_tail();
-    assert!(
-        log.contains("dns query") && log.contains("games.example"),
-        "no query log lines:\n{log}"
-    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("dns query") && l.contains("games.example") && l.contains("eng-only"))
+        .unwrap_or_else(|| panic!("no log line for Alice's blocked query:\n{log}"));
+    for field in [
+        "client=",
+        "user=",
+        "alice@example.com",
+        "qtype=",
+        "decision=",
+        "rule=",
+        "latency_us=",
+    ] {
+        assert!(
+            line.contains(field),
+            "{field} missing from the query log line: {line}"
+        );
+    }
     report("dns: actions, order of operations, AAAA hints, answer rules, identity, TCP, intercept, location");
 }
 

@@ -742,6 +742,7 @@ impl<P: DnsPolicy> Resolver<P> {
         tracing::info!(
             target: "waygate::dns",
             client = %client.label(),
+            user = client.email.as_deref().unwrap_or(""),
             src_ip = %client.src_ip,
             name = %qname,
             qtype = %reply.query.query_type(),
@@ -750,6 +751,7 @@ impl<P: DnsPolicy> Resolver<P> {
             rcode = %rcode,
             upstream = "",
             cache_hit = false,
+            upstream_latency_us = 0u64,
             latency_us = 0u64,
             "dns query"
         );
@@ -816,9 +818,11 @@ fn log_query(
     cache_hit: bool,
     latency: Duration,
 ) {
+    let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
     tracing::info!(
         target: "waygate::dns",
         client = %client.label(),
+        user = client.email.as_deref().unwrap_or(""),
         src_ip = %client.src_ip,
         name,
         qtype = %qtype,
@@ -827,7 +831,9 @@ fn log_query(
         rcode = %rcode,
         upstream = upstream.unwrap_or(""),
         cache_hit,
-        latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+        // Sent upstream the moment it arrived, so the upstream's share is the whole wait.
+        upstream_latency_us = if upstream.is_some() { micros } else { 0 },
+        latency_us = micros,
         "dns query"
     );
 }
