@@ -28,7 +28,7 @@ pub use memory::Names;
 pub use policy::{
     AllowAll, BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, PolicyVerdict, QueryInfo,
 };
-pub use server::{DnsServer, ServerConfig, TlsConfigs};
+pub use server::{DnsServer, ServerConfig, StreamKind, StreamListener, TlsConfigs};
 pub use upstream::{Upstream, UpstreamClient, UpstreamError};
 
 /// Fixed origin of the fake clock in tests.

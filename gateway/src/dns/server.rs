@@ -38,20 +38,9 @@ pub const DOH_IDLE: Duration = Duration::from_secs(30);
 pub struct ServerConfig {
     /// UDP listen addresses (port 0 picks one; see [`RunningServer::udp_addrs`]).
     pub udp: Vec<SocketAddr>,
-    /// TCP listen addresses.
-    pub tcp: Vec<SocketAddr>,
-    /// TCP listen addresses whose connections start with a PROXY protocol v1 line naming the
-    /// client (the gateway's data plane carrying a device's DNS over TCP); bind them to loopback.
-    pub tcp_proxied: Vec<SocketAddr>,
-    /// DNS over TLS (RFC 7858) listen addresses; need `tls`.
-    pub dot: Vec<SocketAddr>,
-    /// DNS over HTTPS (RFC 8484) listen addresses; need `tls`.
-    pub doh: Vec<SocketAddr>,
-    /// DNS over TLS listen addresses behind a PROXY line; need `tls`.
-    pub dot_proxied: Vec<SocketAddr>,
-    /// DNS over HTTPS listen addresses behind a PROXY line; need `tls`.
-    pub doh_proxied: Vec<SocketAddr>,
-    /// Certificates for the DoT and DoH listeners.
+    /// TCP listeners: plain, TLS or HTTPS, direct or behind a PROXY line.
+    pub streams: Vec<StreamListener>,
+    /// Certificates for the TLS and HTTPS listeners.
     pub tls: Option<TlsConfigs>,
     /// Tasks receiving on each UDP socket (default 1 when 0).
     pub udp_workers: usize,
@@ -68,13 +57,25 @@ pub struct TlsConfigs {
 
 /// What a stream listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamKind {
-    /// Length-prefixed DNS over TCP.
+pub enum StreamKind {
+    /// Length-prefixed DNS over TCP (RFC 7766).
     Tcp,
-    /// Length-prefixed DNS inside TLS.
+    /// Length-prefixed DNS inside TLS (RFC 7858); needs [`ServerConfig::tls`].
     Tls,
-    /// HTTP inside TLS.
+    /// DNS over HTTPS (RFC 8484); needs [`ServerConfig::tls`].
     Https,
+}
+
+/// A TCP listen address and what its connections speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamListener {
+    /// Where (port 0 picks one; see [`RunningServer::stream_addr`]).
+    pub addr: SocketAddr,
+    /// What it speaks.
+    pub kind: StreamKind,
+    /// Connections start with a PROXY protocol v1 line naming the client: the gateway's data
+    /// plane carrying a device's connection. Bind such listeners to loopback.
+    pub proxied: bool,
 }
 
 /// Maps a query's source address to the client the policy sees (device lookup, locations).
@@ -94,19 +95,19 @@ pub struct DnsServer<P> {
 pub struct RunningServer {
     /// Bound UDP addresses, in configuration order.
     pub udp_addrs: Vec<SocketAddr>,
-    /// Bound TCP addresses, in configuration order.
-    pub tcp_addrs: Vec<SocketAddr>,
-    /// Bound PROXY-line TCP addresses, in configuration order.
-    pub tcp_proxied_addrs: Vec<SocketAddr>,
-    /// Bound DNS over TLS addresses.
-    pub dot_addrs: Vec<SocketAddr>,
-    /// Bound DNS over HTTPS addresses.
-    pub doh_addrs: Vec<SocketAddr>,
-    /// Bound PROXY-line DNS over TLS addresses.
-    pub dot_proxied_addrs: Vec<SocketAddr>,
-    /// Bound PROXY-line DNS over HTTPS addresses.
-    pub doh_proxied_addrs: Vec<SocketAddr>,
+    /// The stream listeners with their bound addresses, in configuration order.
+    pub streams: Vec<StreamListener>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// The bound address of the first stream listener of this kind.
+    pub fn stream_addr(&self, kind: StreamKind, proxied: bool) -> Option<SocketAddr> {
+        self.streams
+            .iter()
+            .find(|l| l.kind == kind && l.proxied == proxied)
+            .map(|l| l.addr)
+    }
 }
 
 impl Drop for RunningServer {
@@ -147,12 +148,7 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
     pub async fn start(&self, config: &ServerConfig) -> io::Result<RunningServer> {
         let mut running = RunningServer {
             udp_addrs: Vec::new(),
-            tcp_addrs: Vec::new(),
-            tcp_proxied_addrs: Vec::new(),
-            dot_addrs: Vec::new(),
-            doh_addrs: Vec::new(),
-            dot_proxied_addrs: Vec::new(),
-            doh_proxied_addrs: Vec::new(),
+            streams: Vec::new(),
             tasks: Vec::new(),
         };
         for addr in &config.udp {
@@ -168,31 +164,12 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
                 running.tasks.push(tokio::spawn(worker.run()));
             }
         }
-        let listeners = config
-            .tcp
-            .iter()
-            .map(|a| (a, false, StreamKind::Tcp))
-            .chain(
-                config
-                    .tcp_proxied
-                    .iter()
-                    .map(|a| (a, true, StreamKind::Tcp)),
-            )
-            .chain(config.dot.iter().map(|a| (a, false, StreamKind::Tls)))
-            .chain(config.doh.iter().map(|a| (a, false, StreamKind::Https)))
-            .chain(
-                config
-                    .dot_proxied
-                    .iter()
-                    .map(|a| (a, true, StreamKind::Tls)),
-            )
-            .chain(
-                config
-                    .doh_proxied
-                    .iter()
-                    .map(|a| (a, true, StreamKind::Https)),
-            );
-        for (addr, proxied, kind) in listeners {
+        for &StreamListener {
+            addr,
+            kind,
+            proxied,
+        } in &config.streams
+        {
             let tls = match (kind, &config.tls) {
                 (StreamKind::Tcp, _) => None,
                 (StreamKind::Tls, Some(t)) => Some(t.dot.clone()),
@@ -205,15 +182,11 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
                 }
             };
             let listener = TcpListener::bind(addr).await?;
-            let bound = listener.local_addr()?;
-            match (kind, proxied) {
-                (StreamKind::Tcp, false) => running.tcp_addrs.push(bound),
-                (StreamKind::Tcp, true) => running.tcp_proxied_addrs.push(bound),
-                (StreamKind::Tls, false) => running.dot_addrs.push(bound),
-                (StreamKind::Https, false) => running.doh_addrs.push(bound),
-                (StreamKind::Tls, true) => running.dot_proxied_addrs.push(bound),
-                (StreamKind::Https, true) => running.doh_proxied_addrs.push(bound),
-            }
+            running.streams.push(StreamListener {
+                addr: listener.local_addr()?,
+                kind,
+                proxied,
+            });
             let resolver = self.resolver.clone();
             let upstream = self.upstream.clone();
             let identify = self.identify.clone();

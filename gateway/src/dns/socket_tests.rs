@@ -66,20 +66,27 @@ async fn serve() -> Served {
     let identify: server::Identify = Arc::new(|from: SocketAddr| ClientCtx::from_ip(from.ip()));
     let server = DnsServer::new(resolver, nowhere, identify);
     let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let listen = |kind| StreamListener {
+        addr: any,
+        kind,
+        proxied: false,
+    };
     let config = ServerConfig {
         udp: vec![any],
-        tcp: vec![any],
-        dot: vec![any],
-        doh: vec![any],
+        streams: vec![
+            listen(StreamKind::Tcp),
+            listen(StreamKind::Tls),
+            listen(StreamKind::Https),
+        ],
         tls: Some(crate::tls::dns_tls(&cert).unwrap()),
         ..ServerConfig::default()
     };
     let running = server.start(&config).await.unwrap();
     Served {
         udp: running.udp_addrs[0],
-        tcp: running.tcp_addrs[0],
-        dot: running.dot_addrs[0],
-        doh: running.doh_addrs[0],
+        tcp: running.stream_addr(StreamKind::Tcp, false).unwrap(),
+        dot: running.stream_addr(StreamKind::Tls, false).unwrap(),
+        doh: running.stream_addr(StreamKind::Https, false).unwrap(),
         _running: running,
         roots,
     }

@@ -19,8 +19,8 @@ use crate::config::{Config, DnsLocation};
 use crate::dns::memory::Names;
 use crate::dns::rules::DnsRules;
 use crate::dns::{
-    ClientCtx, DnsServer, Handled, Resolver, ResolverConfig, ServerConfig, TlsConfigs, Transport,
-    Upstream, UpstreamClient,
+    ClientCtx, DnsServer, Handled, Resolver, ResolverConfig, ServerConfig, StreamKind,
+    StreamListener, TlsConfigs, Transport, Upstream, UpstreamClient,
 };
 use crate::flow::DeviceInfo;
 use crate::geoip::GeoIp;
@@ -215,14 +215,28 @@ pub fn spawn(
     let clients: Clients = Arc::default();
     let (queries_tx, mut queries_rx) = mpsc::unbounded_channel::<Query>();
     let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+    let proxied = |kind| StreamListener {
+        addr: loopback,
+        kind,
+        proxied: true,
+    };
     let server_config = ServerConfig {
         udp: config.dns.listen.clone(),
-        tcp: config.dns.listen.clone(),
-        tcp_proxied: vec![loopback],
-        dot: Vec::new(),
-        doh: Vec::new(),
-        dot_proxied: vec![loopback],
-        doh_proxied: vec![loopback],
+        streams: config
+            .dns
+            .listen
+            .iter()
+            .map(|&addr| StreamListener {
+                addr,
+                kind: StreamKind::Tcp,
+                proxied: false,
+            })
+            .chain([
+                proxied(StreamKind::Tcp),
+                proxied(StreamKind::Tls),
+                proxied(StreamKind::Https),
+            ])
+            .collect(),
         tls: Some(tls),
         udp_workers: 1,
     };
@@ -260,9 +274,9 @@ pub fn spawn(
                     }
                 };
                 let _ = ready_tx.send(Ok((
-                    running.tcp_proxied_addrs.first().copied(),
-                    running.dot_proxied_addrs.first().copied(),
-                    running.doh_proxied_addrs.first().copied(),
+                    running.stream_addr(StreamKind::Tcp, true),
+                    running.stream_addr(StreamKind::Tls, true),
+                    running.stream_addr(StreamKind::Https, true),
                 )));
                 let mut out = Vec::new();
                 while let Some(q) = queries_rx.recv().await {
