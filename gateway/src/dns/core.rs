@@ -143,6 +143,14 @@ pub struct Resolver<P> {
     stats: Stats,
 }
 
+/// What the fast path made of a query.
+enum Fast {
+    /// Answered.
+    Done(Handled),
+    /// Decided, not answered: the full path goes on with this verdict.
+    Decided(PolicyVerdict),
+}
+
 /// A replayable answer and the addresses it teaches the name memory.
 struct Replay {
     wire: WireAnswer,
@@ -224,11 +232,11 @@ impl<P: DnsPolicy> Resolver<P> {
         self.stats.queries += 1;
         out.clear();
         let mut text = NameText::default();
+        let mut decided = None;
         if let Some(view) = QueryView::parse(bytes, &mut text) {
-            if let Some(handled) =
-                self.fast_query(client, &view, text.as_str(), transport, now, out)
-            {
-                return handled;
+            match self.fast_query(client, &view, text.as_str(), transport, now, out) {
+                Fast::Done(handled) => return handled,
+                Fast::Decided(verdict) => decided = Some(verdict),
             }
         }
         let msg = match Message::from_vec(bytes) {
@@ -250,7 +258,7 @@ impl<P: DnsPolicy> Resolver<P> {
         let [query] = msg.queries() else {
             return self.formerr(bytes, out);
         };
-        let mut reply = Reply {
+        let reply = Reply {
             id: msg.id(),
             query,
             rd: msg.recursion_desired(),
@@ -271,10 +279,13 @@ impl<P: DnsPolicy> Resolver<P> {
         let qname = query.name().to_lowercase();
         let name = display_name(&qname);
         let qtype = query.query_type();
-        let verdict = self.policy.decide(&QueryInfo {
-            client,
-            name: &name,
-            qtype,
+        // The fast path read the same name and type, and its verdict stands.
+        let verdict = decided.unwrap_or_else(|| {
+            self.policy.decide(&QueryInfo {
+                client,
+                name: &name,
+                qtype,
+            })
         });
         let ttl = self.config.local_ttl;
         let rewritable = matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::HTTPS);
@@ -369,13 +380,9 @@ impl<P: DnsPolicy> Resolver<P> {
                     }
                 }
                 let remaining = Duration::from_secs(u64::from(hit_remaining));
-                self.remember(client, &qname, &answers, now);
-                let replayable = matches!(verdict.decision, Decision::Resolve)
-                    && target.is_none()
-                    && strip == Hints::default();
-                let learned = replayable.then(|| addresses(&qname, &answers)).flatten();
+                let learned = self.remember(client, &qname, &answers, now);
                 emit(&reply, rcode, answers, authority, out);
-                if replayable {
+                if self.replayable(qtype, &verdict.decision, target.is_some()) {
                     self.keep_replay(&name, qtype, out, learned, now, now + remaining);
                 }
                 log_query(
@@ -394,7 +401,6 @@ impl<P: DnsPolicy> Resolver<P> {
 
         if self.pending.len() >= self.config.max_pending {
             self.stats.servfail += 1;
-            reply.limit = reply.limit.min(limit);
             return self.local(
                 &reply,
                 ResponseCode::ServFail,
@@ -531,15 +537,9 @@ impl<P: DnsPolicy> Resolver<P> {
             out_answers.push(cname(query.name(), t, self.config.local_ttl));
         }
         out_answers.extend(answers.into_iter().map(|r| strip_hints(r, p.strip)));
-        self.remember(&p.client, &p.qname, &out_answers, now);
-        let replayable = matches!(verdict.decision, Decision::Resolve)
-            && p.target.is_none()
-            && p.strip == Hints::default()
-            && !self.policy.wants_answer();
-        let learned = replayable
-            .then(|| addresses(&p.qname, &out_answers))
-            .flatten();
+        let learned = self.remember(&p.client, &p.qname, &out_answers, now);
         emit(&reply, rcode, out_answers, authority, out);
+        let replayable = self.replayable(p.qtype, &verdict.decision, p.target.is_some());
         if let (true, Some(ttl)) = (replayable, cached_for) {
             let expires = now + Duration::from_secs(u64::from(ttl));
             self.keep_replay(&name, p.qtype, out, learned, now, expires);
@@ -569,19 +569,36 @@ impl<P: DnsPolicy> Resolver<P> {
         }
     }
 
-    /// Records every address in `answers` for `client` under the CNAME chain from `qname`.
-    fn remember(&mut self, client: &ClientCtx, qname: &Name, answers: &[Record], now: Instant) {
-        if let Some((names, ips)) = addresses(qname, answers) {
-            learn(
-                &mut self.memory,
-                &mut self.learn,
-                client,
-                &names,
-                &ips,
-                0,
-                now,
-            );
-        }
+    /// Records every address in `answers` for `client` under the CNAME chain from `qname`, and
+    /// returns them for a replay to record again.
+    fn remember(
+        &mut self,
+        client: &ClientCtx,
+        qname: &Name,
+        answers: &[Record],
+        now: Instant,
+    ) -> Option<(Names, Vec<Address>)> {
+        let (names, ips) = addresses(qname, answers)?;
+        learn(
+            &mut self.memory,
+            &mut self.learn,
+            client,
+            &names,
+            &ips,
+            0,
+            now,
+        );
+        Some((names, ips))
+    }
+
+    /// Whether answers to `qtype` decided so may be replayed from their bytes: resolved as asked
+    /// (`rewritten`: not through a CNAME the policy chose), with no rule reading the answer and
+    /// no address hints the policy might strip.
+    fn replayable(&self, qtype: RecordType, decision: &Decision, rewritten: bool) -> bool {
+        matches!(decision, Decision::Resolve)
+            && !rewritten
+            && !matches!(qtype, RecordType::HTTPS | RecordType::SVCB)
+            && !self.policy.wants_answer()
     }
 
     /// Keeps `response` (just sent for `name`/`qtype`) for the fast path until `expires`.
@@ -602,8 +619,8 @@ impl<P: DnsPolicy> Resolver<P> {
     }
 
     /// The common query without a message object: policy blocks answered from the query's own
-    /// bytes, resolved names replayed from the bytes sent last time. `None` sends the query down
-    /// the full path.
+    /// bytes, resolved names replayed from the bytes sent last time. Anything else goes down
+    /// the full path with the verdict made here.
     fn fast_query(
         &mut self,
         client: &ClientCtx,
@@ -612,48 +629,46 @@ impl<P: DnsPolicy> Resolver<P> {
         transport: Transport,
         now: Instant,
         out: &mut Vec<u8>,
-    ) -> Option<Handled> {
+    ) -> Fast {
         let qtype = RecordType::from(query.qtype);
         let verdict = self.policy.decide(&QueryInfo {
             client,
             name,
             qtype,
         });
-        match &verdict.decision {
+        let (rcode, cache_hit) = match &verdict.decision {
             Decision::Block(mode) => {
-                const ZERO: [u8; 16] = [0; 16];
-                let (rcode, record) = match (mode, qtype) {
-                    (BlockMode::Refused, _) => (ResponseCode::Refused, None),
-                    (BlockMode::NxDomain, _) => (ResponseCode::NXDomain, None),
-                    (BlockMode::ZeroIp, RecordType::A) => (ResponseCode::NoError, Some(&ZERO[..4])),
-                    (BlockMode::ZeroIp, RecordType::AAAA) => {
-                        (ResponseCode::NoError, Some(&ZERO[..]))
+                let (rcode, address) = match *mode {
+                    BlockMode::Refused => (ResponseCode::Refused, None),
+                    BlockMode::NxDomain => (ResponseCode::NXDomain, None),
+                    BlockMode::ZeroIp if qtype == RecordType::AAAA => {
+                        (ResponseCode::NoError, Some(IpAddr::from([0u16; 8])))
                     }
-                    (BlockMode::ZeroIp, _) => (ResponseCode::NoError, None),
-                    (BlockMode::Address(_), _) => return None,
+                    BlockMode::ZeroIp => (ResponseCode::NoError, Some(IpAddr::from([0u8; 4]))),
+                    BlockMode::Address(ip) => (ResponseCode::NoError, Some(ip)),
                 };
-                query.start_response(rcode.low(), u16::from(record.is_some()), 0, out);
-                if let Some(rdata) = record {
+                // Like `block_answer`: an address only for a question of its family.
+                let (v4, v6);
+                let rdata: Option<&[u8]> = match (address, qtype) {
+                    (Some(IpAddr::V4(a)), RecordType::A) => {
+                        v4 = a.octets();
+                        Some(&v4)
+                    }
+                    (Some(IpAddr::V6(a)), RecordType::AAAA) => {
+                        v6 = a.octets();
+                        Some(&v6)
+                    }
+                    _ => None,
+                };
+                query.start_response(rcode.low(), u16::from(rdata.is_some()), 0, out);
+                if let Some(rdata) = rdata {
                     push_record(query.qtype, self.config.local_ttl, rdata, out);
                 }
                 query.finish(EDNS_UDP, out);
                 self.stats.local += 1;
-                log_query(
-                    client,
-                    name,
-                    qtype,
-                    &verdict,
-                    rcode,
-                    None,
-                    false,
-                    Duration::ZERO,
-                );
-                Some(Handled::Answer)
+                (rcode, false)
             }
-            Decision::Resolve
-                if !matches!(qtype, RecordType::HTTPS | RecordType::SVCB)
-                    && !self.policy.wants_answer() =>
-            {
+            Decision::Resolve if self.replayable(qtype, &verdict.decision, false) => {
                 let limit = match transport {
                     Transport::Stream => MAX_MESSAGE,
                     Transport::Udp => query
@@ -661,18 +676,18 @@ impl<P: DnsPolicy> Resolver<P> {
                         .map_or(CLASSIC_UDP, |p| usize::from(p).clamp(CLASSIC_UDP, 4096)),
                 };
                 let hit = match self.replay.get(name, query.qtype) {
-                    None => return None,
-                    Some(hit) if !hit.wire.live(now) => {
+                    Some(hit) if hit.wire.live(now) => hit,
+                    Some(_) => {
                         self.replay.remove(name, query.qtype);
-                        return None;
+                        return Fast::Decided(verdict);
                     }
-                    Some(hit) => hit,
+                    None => return Fast::Decided(verdict),
                 };
                 hit.wire.replay(query, EDNS_UDP, now, out);
                 if out.len() > limit {
                     // The full path answers with TC set.
                     out.clear();
-                    return None;
+                    return Fast::Decided(verdict);
                 }
                 if let Some((names, ips)) = &hit.learned {
                     let age = hit.wire.age(now);
@@ -687,21 +702,24 @@ impl<P: DnsPolicy> Resolver<P> {
                     );
                 }
                 self.stats.cache_hits += 1;
-                let rcode = ResponseCode::from(0, out.get(3).map_or(0, |b| b & 0x0f));
-                log_query(
-                    client,
-                    name,
-                    qtype,
-                    &verdict,
-                    rcode,
-                    None,
+                (
+                    ResponseCode::from(0, out.get(3).map_or(0, |b| b & 0x0f)),
                     true,
-                    Duration::ZERO,
-                );
-                Some(Handled::Answer)
+                )
             }
-            _ => None,
-        }
+            _ => return Fast::Decided(verdict),
+        };
+        log_query(
+            client,
+            name,
+            qtype,
+            &verdict,
+            rcode,
+            None,
+            cache_hit,
+            Duration::ZERO,
+        );
+        Fast::Done(Handled::Answer)
     }
 
     fn formerr(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Handled {

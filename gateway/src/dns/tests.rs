@@ -402,6 +402,9 @@ fn the_fast_path_answers_byte_for_byte_like_the_full_path() {
     fn block(q: &QueryInfo<'_>) -> PolicyVerdict {
         match q.name {
             "zero.example" => Decision::Block(BlockMode::ZeroIp).into(),
+            "page.example" => {
+                Decision::Block(BlockMode::Address(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 80)))).into()
+            }
             _ => Decision::Block(BlockMode::NxDomain).into(),
         }
     }
@@ -410,6 +413,8 @@ fn the_fast_path_answers_byte_for_byte_like_the_full_path() {
         ("zero.example.", RecordType::AAAA, ResponseCode::NoError, 1),
         ("zero.example.", RecordType::MX, ResponseCode::NoError, 0),
         ("gone.example.", RecordType::A, ResponseCode::NXDomain, 0),
+        ("page.example.", RecordType::A, ResponseCode::NoError, 1),
+        ("page.example.", RecordType::AAAA, ResponseCode::NoError, 0),
     ] {
         let mut m = Message::from_vec(&query(9, name, qtype)).unwrap();
         let mut e = hickory_proto::op::Edns::new();
@@ -424,6 +429,29 @@ fn the_fast_path_answers_byte_for_byte_like_the_full_path() {
             "{name}"
         );
         assert_eq!(got.queries()[0].query_type(), qtype);
+        if name == "page.example." && qtype == RecordType::A {
+            assert_eq!(
+                got.answers()[0].data(),
+                &RData::A(A(Ipv4Addr::new(192, 0, 2, 80)))
+            );
+        }
         assert!(got.extensions().is_some(), "EDNS answered with EDNS");
     }
+}
+
+#[test]
+fn the_policy_decides_each_query_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static DECIDED: AtomicUsize = AtomicUsize::new(0);
+    fn counting(_: &QueryInfo<'_>) -> PolicyVerdict {
+        DECIDED.fetch_add(1, Ordering::Relaxed);
+        Decision::Resolve.into()
+    }
+    let mut r = resolver(counting);
+    let mut out = Vec::new();
+    let q = query(3, "miss.example.", RecordType::A);
+    // Not in the cache: the fast path decides, the full path sends it upstream on that verdict.
+    let h = r.handle_query(&client(), &q, Transport::Udp, test_epoch(), &mut out);
+    assert!(matches!(h, Handled::Upstream(_)), "{h:?}");
+    assert_eq!(DECIDED.load(Ordering::Relaxed), 1);
 }
