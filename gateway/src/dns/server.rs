@@ -320,7 +320,7 @@ impl<P: DnsPolicy + 'static> UdpWorker<P> {
 }
 
 /// Asks the upstream and feeds the result to the core; true when `out` holds an answer.
-async fn resolve<P: DnsPolicy>(
+pub async fn resolve<P: DnsPolicy>(
     resolver: &SharedResolver<P>,
     upstream: &UpstreamClient,
     ticket: u16,

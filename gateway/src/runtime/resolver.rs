@@ -18,6 +18,7 @@ use waygate_shared::categories::CategoryDb;
 use crate::config::{Config, DnsLocation};
 use crate::dns::memory::Names;
 use crate::dns::rules::DnsRules;
+use crate::dns::server::resolve;
 use crate::dns::{
     ClientCtx, DnsServer, Handled, Resolver, ResolverConfig, ServerConfig, StreamKind,
     StreamListener, TlsConfigs, Transport, Upstream, UpstreamClient,
@@ -293,28 +294,17 @@ pub fn spawn(
                                 peer: q.peer,
                                 to: q.from,
                                 from: q.to,
-                                payload: out.clone(),
+                                payload: std::mem::take(&mut out),
                             });
                         }
                         Handled::Upstream(ticket) => {
-                            let query = out.clone();
+                            // Its own task, so a slow upstream holds up no other query.
+                            let query = std::mem::take(&mut out);
                             let (shared, upstream, answers) =
                                 (shared.clone(), upstream.clone(), answers.clone());
                             tokio::spawn(async move {
-                                let result = upstream.query(&query).await;
-                                let (bytes, label) = match &result {
-                                    Ok((bytes, up)) => (Some(bytes.as_slice()), up.to_string()),
-                                    Err(_) => (None, "failed".to_string()),
-                                };
                                 let mut out = Vec::new();
-                                let handled = lock(&shared).handle_upstream(
-                                    ticket,
-                                    bytes,
-                                    &label,
-                                    now(),
-                                    &mut out,
-                                );
-                                if handled == Handled::Answer {
+                                if resolve(&shared, &upstream, ticket, &query, &mut out).await {
                                     let _ = answers.send(Answer {
                                         peer: q.peer,
                                         to: q.from,
