@@ -1,18 +1,32 @@
 //! Answer cache: positive answers for their smallest TTL, negative ones (NXDOMAIN / NODATA) for the
 //! SOA's negative TTL (RFC 2308 §5), bounded by entry count with CLOCK (second-chance) eviction so a
-//! hit costs no allocation. Time comes in as `now`.
+//! hit costs no allocation. Each entry may also keep the answer as last sent, for the fast path to
+//! replay; it lives and dies with the entry. Time comes in as `now`.
 
-use std::collections::{HashMap, VecDeque};
-
-use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use hashbrown::hash_map::EntryRef;
+use hashbrown::HashMap;
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{RData, Record, RecordType};
+use rustc_hash::FxBuildHasher;
 
-/// Cache key: lowercased name and type (hickory's `Name` hashes case-insensitively, we lowercase
-/// anyway so the stored owner names are canonical).
-pub type CacheKey = (Name, RecordType);
+use super::memory::Names;
+use super::wire::WireAnswer;
+
+/// An answered address and its TTL.
+pub type Address = (IpAddr, u32);
+
+/// An answer as sent, and the addresses it teaches the name memory each time it is replayed.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// The sent bytes.
+    pub wire: WireAnswer,
+    /// The names and addresses behind it, if it has addresses.
+    pub learned: Option<(Names, Box<[Address]>)>,
+}
 
 /// A cached answer as stored; TTLs are the ones received.
 #[derive(Debug, Clone)]
@@ -23,16 +37,13 @@ pub struct CachedAnswer {
     pub answers: Vec<Record>,
     /// Authority section (the SOA of a negative answer).
     pub authority: Vec<Record>,
+    /// The answer as last sent, when it may be replayed.
+    pub replay: Option<Replay>,
     stored: Instant,
     expires: Instant,
 }
 
 impl CachedAnswer {
-    /// Seconds left before expiry, rounded down.
-    pub fn remaining(&self, now: Instant) -> u32 {
-        secs(self.expires.saturating_duration_since(now))
-    }
-
     /// Seconds since the answer was stored, used to decrement record TTLs.
     pub fn age(&self, now: Instant) -> u32 {
         secs(now.saturating_duration_since(self.stored))
@@ -48,10 +59,13 @@ struct Slot {
     referenced: bool,
 }
 
-/// Bounded TTL cache of upstream answers.
+/// Bounded TTL cache of upstream answers, keyed by lowercase name (no trailing dot) and type.
 pub struct Cache {
-    map: HashMap<CacheKey, Slot>,
-    ring: VecDeque<CacheKey>,
+    /// Keys are the name's bytes followed by the type, so a lookup borrows a scratch buffer
+    /// instead of allocating.
+    map: HashMap<Box<[u8]>, Slot, FxBuildHasher>,
+    ring: VecDeque<Box<[u8]>>,
+    key: Vec<u8>,
     capacity: usize,
     max_ttl: u32,
     max_negative_ttl: u32,
@@ -62,8 +76,9 @@ impl Cache {
     /// `max_negative_ttl`) so a bad upstream cannot pin an answer for days.
     pub fn new(capacity: usize, max_ttl: u32, max_negative_ttl: u32) -> Self {
         Cache {
-            map: HashMap::with_capacity(capacity.min(1 << 16)),
+            map: HashMap::with_capacity_and_hasher(capacity.min(1 << 16), FxBuildHasher),
             ring: VecDeque::new(),
+            key: Vec::with_capacity(258),
             capacity: capacity.max(1),
             max_ttl,
             max_negative_ttl,
@@ -80,33 +95,52 @@ impl Cache {
         self.map.is_empty()
     }
 
-    /// The live answer for `key`, or `None` (an expired one is dropped).
-    pub fn get(&mut self, key: &CacheKey, now: Instant) -> Option<&CachedAnswer> {
-        let expired = match self.map.get_mut(key) {
-            None => return None,
-            Some(slot) => {
-                slot.referenced = true;
-                slot.answer.expires <= now
-            }
-        };
-        if expired {
-            // The ring still names the key; eviction skips names no longer in the map.
-            self.map.remove(key);
-            return None;
-        }
-        self.map.get(key).map(|s| &s.answer)
+    fn key_of(&mut self, name: &str, qtype: RecordType) {
+        self.key.clear();
+        self.key.extend_from_slice(name.as_bytes());
+        self.key.extend_from_slice(&u16::from(qtype).to_be_bytes());
     }
 
-    /// Stores an upstream answer if it is cacheable; returns the TTL it was stored with.
+    /// The live answer for `name` (lowercase, no trailing dot) and `qtype`, or `None` (an
+    /// expired one is dropped).
+    pub fn get(&mut self, name: &str, qtype: RecordType, now: Instant) -> Option<&CachedAnswer> {
+        self.key_of(name, qtype);
+        // One probe of the table: this is on the fast path of every cached answer.
+        match self.map.entry_ref(self.key.as_slice()) {
+            EntryRef::Vacant(_) => None,
+            EntryRef::Occupied(e) if e.get().answer.expires <= now => {
+                // The ring still names the key; eviction skips names no longer in the map.
+                e.remove();
+                None
+            }
+            EntryRef::Occupied(e) => {
+                let slot = e.into_mut();
+                slot.referenced = true;
+                Some(&slot.answer)
+            }
+        }
+    }
+
+    /// Keeps `replay` with the entry for `name`/`qtype`, if there is one.
+    pub fn attach_replay(&mut self, name: &str, qtype: RecordType, replay: Replay) {
+        self.key_of(name, qtype);
+        if let Some(slot) = self.map.get_mut(self.key.as_slice()) {
+            slot.answer.replay = Some(replay);
+        }
+    }
+
+    /// Stores an upstream answer for `name`/`qtype` if it is cacheable; returns the TTL it was
+    /// stored with.
     pub fn insert(
         &mut self,
-        key: CacheKey,
+        name: &str,
+        qtype: RecordType,
         rcode: ResponseCode,
         answers: &[Record],
         authority: &[Record],
         now: Instant,
     ) -> Option<u32> {
-        let ttl = self.ttl_for(&key, rcode, answers, authority)?;
+        let ttl = self.ttl_for(qtype, rcode, answers, authority)?;
         if ttl == 0 {
             return None;
         }
@@ -114,6 +148,7 @@ impl Cache {
             rcode,
             answers: answers.to_vec(),
             authority: authority.to_vec(),
+            replay: None,
             stored: now,
             expires: now + Duration::from_secs(u64::from(ttl)),
         };
@@ -121,6 +156,8 @@ impl Cache {
             answer,
             referenced: false,
         };
+        self.key_of(name, qtype);
+        let key: Box<[u8]> = self.key.as_slice().into();
         if self.map.insert(key.clone(), slot).is_none() {
             self.ring.push_back(key);
             self.evict();
@@ -130,14 +167,14 @@ impl Cache {
 
     fn ttl_for(
         &self,
-        key: &CacheKey,
+        qtype: RecordType,
         rcode: ResponseCode,
         answers: &[Record],
         authority: &[Record],
     ) -> Option<u32> {
         let has_answer = answers
             .iter()
-            .any(|r| r.record_type() == key.1 || r.record_type() == RecordType::CNAME);
+            .any(|r| r.record_type() == qtype || r.record_type() == RecordType::CNAME);
         match rcode {
             ResponseCode::NoError if has_answer => {
                 let min = answers.iter().map(Record::ttl).min()?;
@@ -163,79 +200,22 @@ impl Cache {
             let Some(key) = self.ring.pop_front() else {
                 break;
             };
-            match self.map.get_mut(&key) {
+            match self.map.get_mut(key.as_ref()) {
                 None => {}
                 Some(slot) if slot.referenced => {
                     slot.referenced = false;
                     self.ring.push_back(key);
                 }
                 Some(_) => {
-                    self.map.remove(&key);
+                    self.map.remove(key.as_ref());
                 }
             }
         }
         // Keys dropped on expiry leave stale ring entries; compact when they dominate.
         if self.ring.len() > self.capacity * 2 {
             let map = &self.map;
-            self.ring.retain(|k| map.contains_key(k));
+            self.ring.retain(|k| map.contains_key(k.as_ref()));
         }
-    }
-}
-
-/// Values by (lowercase name text, type), for the resolver's fast path. Bounded: when full it
-/// starts over, which costs one full-path answer per name to refill.
-pub struct ReplayCache<V> {
-    map: FxHashMap<Box<[u8]>, V>,
-    key: Vec<u8>,
-    capacity: usize,
-}
-
-impl<V> ReplayCache<V> {
-    /// An empty cache of at most `capacity` entries.
-    pub fn new(capacity: usize) -> Self {
-        ReplayCache {
-            map: FxHashMap::default(),
-            key: Vec::with_capacity(258),
-            capacity: capacity.max(1),
-        }
-    }
-
-    fn key_of(&mut self, name: &str, qtype: u16) -> &[u8] {
-        self.key.clear();
-        self.key.extend_from_slice(name.as_bytes());
-        self.key.extend_from_slice(&qtype.to_be_bytes());
-        &self.key
-    }
-
-    /// The entry for `name`/`qtype`.
-    pub fn get(&mut self, name: &str, qtype: u16) -> Option<&V> {
-        self.key_of(name, qtype);
-        self.map.get(self.key.as_slice())
-    }
-
-    /// Drops the entry for `name`/`qtype`.
-    pub fn remove(&mut self, name: &str, qtype: u16) {
-        self.key_of(name, qtype);
-        self.map.remove(self.key.as_slice());
-    }
-
-    /// Stores `value` for `name`/`qtype`.
-    pub fn insert(&mut self, name: &str, qtype: u16, value: V) {
-        if self.map.len() >= self.capacity {
-            self.map.clear();
-        }
-        let key: Box<[u8]> = self.key_of(name, qtype).into();
-        self.map.insert(key, value);
-    }
-
-    /// Entries held.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// Whether nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 }
 
@@ -243,6 +223,7 @@ impl<V> ReplayCache<V> {
 mod tests {
     use super::*;
     use hickory_proto::rr::rdata::{A, SOA};
+    use hickory_proto::rr::Name;
 
     fn name(s: &str) -> Name {
         Name::from_ascii(s).unwrap()
@@ -269,15 +250,15 @@ mod tests {
     fn positive_entry_expires_after_smallest_ttl() {
         let t0 = crate::dns::test_epoch();
         let mut c = Cache::new(10, 86400, 3600);
-        let key = (name("a.example."), RecordType::A);
+        let (key, a_) = ("a.example", RecordType::A);
         let ans = [a("a.example.", 30), a("a.example.", 20)];
         assert_eq!(
-            c.insert(key.clone(), ResponseCode::NoError, &ans, &[], t0),
+            c.insert(key, a_, ResponseCode::NoError, &ans, &[], t0),
             Some(20)
         );
-        let hit = c.get(&key, t0 + Duration::from_secs(5)).unwrap();
+        let hit = c.get(key, a_, t0 + Duration::from_secs(5)).unwrap();
         assert_eq!(hit.age(t0 + Duration::from_secs(5)), 5);
-        assert!(c.get(&key, t0 + Duration::from_secs(20)).is_none());
+        assert!(c.get(key, a_, t0 + Duration::from_secs(20)).is_none());
         assert!(c.is_empty());
     }
 
@@ -285,25 +266,41 @@ mod tests {
     fn negative_ttl_is_min_of_soa_ttl_and_minimum() {
         let t0 = crate::dns::test_epoch();
         let mut c = Cache::new(10, 86400, 3600);
-        let key = (name("nx.example."), RecordType::A);
+        let key = "nx.example";
         let ttl = c.insert(
-            key.clone(),
+            key,
+            RecordType::A,
             ResponseCode::NXDomain,
             &[],
             &[soa(300, 60)],
             t0,
         );
         assert_eq!(ttl, Some(60));
-        let key2 = (name("nodata.example."), RecordType::AAAA);
         assert_eq!(
-            c.insert(key2, ResponseCode::NoError, &[], &[soa(30, 60)], t0),
+            c.insert(
+                "nodata.example",
+                RecordType::AAAA,
+                ResponseCode::NoError,
+                &[],
+                &[soa(30, 60)],
+                t0
+            ),
             Some(30)
         );
         // Without an SOA a negative answer is not cached.
-        let key3 = (name("bare.example."), RecordType::A);
-        assert_eq!(c.insert(key3, ResponseCode::NXDomain, &[], &[], t0), None);
         assert_eq!(
-            c.insert(key.clone(), ResponseCode::ServFail, &[], &[], t0),
+            c.insert(
+                "bare.example",
+                RecordType::A,
+                ResponseCode::NXDomain,
+                &[],
+                &[],
+                t0
+            ),
+            None
+        );
+        assert_eq!(
+            c.insert(key, RecordType::A, ResponseCode::ServFail, &[], &[], t0),
             None
         );
     }
@@ -312,25 +309,24 @@ mod tests {
     fn bounded_and_keeps_recently_used() {
         let t0 = crate::dns::test_epoch();
         let mut c = Cache::new(3, 86400, 3600);
-        let keys: Vec<CacheKey> = (0..3)
-            .map(|i| (name(&format!("n{i}.example.")), RecordType::A))
-            .collect();
+        let keys: Vec<String> = (0..3).map(|i| format!("n{i}.example")).collect();
+        let ok = ResponseCode::NoError;
         for k in &keys {
-            c.insert(k.clone(), ResponseCode::NoError, &[a("x.", 100)], &[], t0);
+            c.insert(k, RecordType::A, ok, &[a("x.", 100)], &[], t0);
         }
-        assert!(c.get(&keys[0], t0).is_some());
-        let extra = (name("n9.example."), RecordType::A);
-        c.insert(
-            extra.clone(),
-            ResponseCode::NoError,
-            &[a("x.", 100)],
-            &[],
-            t0,
-        );
+        assert!(c.get(&keys[0], RecordType::A, t0).is_some());
+        let extra = "n9.example";
+        c.insert(extra, RecordType::A, ok, &[a("x.", 100)], &[], t0);
         assert_eq!(c.len(), 3);
-        assert!(c.get(&keys[0], t0).is_some(), "recently used survives");
-        assert!(c.get(&keys[1], t0).is_none(), "oldest unused is evicted");
-        assert!(c.get(&extra, t0).is_some());
+        assert!(
+            c.get(&keys[0], RecordType::A, t0).is_some(),
+            "recently used survives"
+        );
+        assert!(
+            c.get(&keys[1], RecordType::A, t0).is_none(),
+            "oldest unused is evicted"
+        );
+        assert!(c.get(extra, RecordType::A, t0).is_some());
     }
 
     #[test]
@@ -338,17 +334,61 @@ mod tests {
         let t0 = crate::dns::test_epoch();
         let mut c = Cache::new(50, 86400, 3600);
         for i in 0..1000u32 {
-            let k = (name(&format!("n{i}.example.")), RecordType::A);
+            let k = format!("n{i}.example");
             c.insert(
-                k.clone(),
+                &k,
+                RecordType::A,
                 ResponseCode::NoError,
                 &[a("x.", 1 + i % 3)],
                 &[],
                 t0,
             );
-            c.get(&k, t0 + Duration::from_secs(u64::from(i % 5)));
+            c.get(
+                &k,
+                RecordType::A,
+                t0 + Duration::from_secs(u64::from(i % 5)),
+            );
             assert!(c.len() <= 50);
             assert!(c.ring.len() <= 101);
         }
+    }
+
+    #[test]
+    fn a_replay_lives_and_dies_with_its_entry() {
+        let t0 = crate::dns::test_epoch();
+        let mut c = Cache::new(10, 86400, 3600);
+        let replay = |sent| Replay {
+            wire: WireAnswer::capture(
+                &[0, 1, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1],
+                sent,
+            )
+            .unwrap(),
+            learned: None,
+        };
+        // No entry, nothing to attach to.
+        c.attach_replay("a.example", RecordType::A, replay(t0));
+        assert!(c.is_empty());
+        let store = |c: &mut Cache| {
+            let ok = ResponseCode::NoError;
+            c.insert(
+                "a.example",
+                RecordType::A,
+                ok,
+                &[a("a.example.", 60)],
+                &[],
+                t0,
+            )
+        };
+        store(&mut c);
+        c.attach_replay("a.example", RecordType::A, replay(t0));
+        let live = |c: &mut Cache, s| {
+            c.get("a.example", RecordType::A, t0 + Duration::from_secs(s))
+                .is_some_and(|e| e.replay.is_some())
+        };
+        assert!(live(&mut c, 59));
+        assert!(!live(&mut c, 60));
+        // A new answer for the name starts without the old bytes.
+        store(&mut c);
+        assert!(!live(&mut c, 1));
     }
 }

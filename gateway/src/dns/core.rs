@@ -16,7 +16,7 @@ use hickory_proto::rr::rdata::{A, AAAA, CNAME, HTTPS};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 
-use super::cache::{Cache, ReplayCache};
+use super::cache::{Address, Cache, Replay};
 use super::memory::{NameMemory, Names};
 use super::policy::{
     BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, PolicyVerdict, QueryInfo,
@@ -113,6 +113,8 @@ pub struct Stats {
     pub queries: u64,
     /// Answered from the cache.
     pub cache_hits: u64,
+    /// Of those, replayed from the bytes sent before (the fast path).
+    pub replayed: u64,
     /// Sent upstream.
     pub upstream: u64,
     /// Answered FORMERR.
@@ -135,8 +137,6 @@ pub struct Resolver<P> {
     learn: Option<LearnSink>,
     config: ResolverConfig,
     cache: Cache,
-    /// Answers as sent, replayed by the fast path.
-    replay: ReplayCache<Replay>,
     memory: NameMemory,
     pending: HashMap<Ticket, Pending>,
     rng: u64,
@@ -150,15 +150,6 @@ enum Fast {
     /// Decided, not answered: the full path goes on with this verdict.
     Decided(PolicyVerdict),
 }
-
-/// A replayable answer and the addresses it teaches the name memory.
-struct Replay {
-    wire: WireAnswer,
-    learned: Option<(Names, Box<[Address]>)>,
-}
-
-/// An answered address and its TTL.
-type Address = (IpAddr, u32);
 
 /// Fixed parts of the answer being built.
 struct Reply<'a> {
@@ -180,7 +171,6 @@ impl<P: DnsPolicy> Resolver<P> {
                 config.max_ttl,
                 config.max_negative_ttl,
             ),
-            replay: ReplayCache::new(config.cache_capacity),
             memory: NameMemory::new(config.memory_capacity),
             config,
             pending: HashMap::new(),
@@ -344,9 +334,12 @@ impl<P: DnsPolicy> Resolver<P> {
                 v6: blocked(RecordType::AAAA),
             };
         }
-        let key = (resolve, qtype);
+        let resolve_name = match &target {
+            Some(_) => display_name(&resolve),
+            None => name.clone(),
+        };
         {
-            if let Some(hit) = self.cache.get(&key, now) {
+            if let Some(hit) = self.cache.get(&resolve_name, qtype, now) {
                 self.stats.cache_hits += 1;
                 let age = hit.age(now);
                 let rcode = hit.rcode;
@@ -356,7 +349,6 @@ impl<P: DnsPolicy> Resolver<P> {
                 }
                 answers.extend(hit.answers.iter().map(|r| strip_hints(aged(r, age), strip)));
                 let authority: Vec<Record> = hit.authority.iter().map(|r| aged(r, age)).collect();
-                let hit_remaining = hit.remaining(now);
                 if self.policy.wants_answer() && matches!(verdict.decision, Decision::Resolve) {
                     let info = QueryInfo {
                         client,
@@ -379,11 +371,10 @@ impl<P: DnsPolicy> Resolver<P> {
                         }
                     }
                 }
-                let remaining = Duration::from_secs(u64::from(hit_remaining));
                 let learned = self.remember(client, &qname, &answers, now);
                 emit(&reply, rcode, answers, authority, out);
                 if self.replayable(qtype, &verdict.decision, target.is_some()) {
-                    self.keep_replay(&name, qtype, out, learned, now, now + remaining);
+                    self.keep_replay(&name, qtype, out, learned, now);
                 }
                 log_query(
                     client,
@@ -417,7 +408,7 @@ impl<P: DnsPolicy> Resolver<P> {
             .set_message_type(MessageType::Query)
             .set_op_code(OpCode::Query)
             .set_recursion_desired(true)
-            .add_query(Query::query(key.0.clone(), qtype));
+            .add_query(Query::query(resolve, qtype));
         let mut e = Edns::new();
         e.set_max_payload(EDNS_UDP);
         up.set_edns(e);
@@ -504,12 +495,18 @@ impl<P: DnsPolicy> Resolver<P> {
         let rcode = m.response_code();
         let answers = m.take_answers();
         let authority = m.take_name_servers();
-        let cached_for = if m.truncated() {
-            None
-        } else {
-            self.cache
-                .insert((resolved, p.qtype), rcode, &answers, &authority, now)
-        };
+        let cached = !m.truncated()
+            && self
+                .cache
+                .insert(
+                    &display_name(&resolved),
+                    p.qtype,
+                    rcode,
+                    &answers,
+                    &authority,
+                    now,
+                )
+                .is_some();
         let name = display_name(&p.qname);
         let mut verdict = p.verdict;
         if self.policy.wants_answer() && matches!(verdict.decision, Decision::Resolve) {
@@ -540,9 +537,8 @@ impl<P: DnsPolicy> Resolver<P> {
         let learned = self.remember(&p.client, &p.qname, &out_answers, now);
         emit(&reply, rcode, out_answers, authority, out);
         let replayable = self.replayable(p.qtype, &verdict.decision, p.target.is_some());
-        if let (true, Some(ttl)) = (replayable, cached_for) {
-            let expires = now + Duration::from_secs(u64::from(ttl));
-            self.keep_replay(&name, p.qtype, out, learned, now, expires);
+        if replayable && cached {
+            self.keep_replay(&name, p.qtype, out, learned, now);
         }
         log_query(
             &p.client,
@@ -601,7 +597,8 @@ impl<P: DnsPolicy> Resolver<P> {
             && !self.policy.wants_answer()
     }
 
-    /// Keeps `response` (just sent for `name`/`qtype`) for the fast path until `expires`.
+    /// Keeps `response` (just sent for `name`/`qtype`) with the cached answer it came from,
+    /// for the fast path.
     fn keep_replay(
         &mut self,
         name: &str,
@@ -609,12 +606,11 @@ impl<P: DnsPolicy> Resolver<P> {
         response: &[u8],
         learned: Option<(Names, Vec<Address>)>,
         now: Instant,
-        expires: Instant,
     ) {
-        if let Some(wire) = WireAnswer::capture(response, now, expires) {
+        if let Some(wire) = WireAnswer::capture(response, now) {
             let learned = learned.map(|(names, ips)| (names, ips.into_boxed_slice()));
-            self.replay
-                .insert(name, u16::from(qtype), Replay { wire, learned });
+            self.cache
+                .attach_replay(name, qtype, Replay { wire, learned });
         }
     }
 
@@ -675,13 +671,12 @@ impl<P: DnsPolicy> Resolver<P> {
                         .edns_payload
                         .map_or(CLASSIC_UDP, |p| usize::from(p).clamp(CLASSIC_UDP, 4096)),
                 };
-                let hit = match self.replay.get(name, query.qtype) {
-                    Some(hit) if hit.wire.live(now) => hit,
-                    Some(_) => {
-                        self.replay.remove(name, query.qtype);
-                        return Fast::Decided(verdict);
-                    }
-                    None => return Fast::Decided(verdict),
+                let Some(hit) = self
+                    .cache
+                    .get(name, qtype, now)
+                    .and_then(|e| e.replay.as_ref())
+                else {
+                    return Fast::Decided(verdict);
                 };
                 hit.wire.replay(query, EDNS_UDP, now, out);
                 if out.len() > limit {
@@ -702,6 +697,7 @@ impl<P: DnsPolicy> Resolver<P> {
                     );
                 }
                 self.stats.cache_hits += 1;
+                self.stats.replayed += 1;
                 (
                     ResponseCode::from(0, out.get(3).map_or(0, |b| b & 0x0f)),
                     true,

@@ -397,6 +397,7 @@ fn the_fast_path_answers_byte_for_byte_like_the_full_path() {
     assert_eq!(ask(&mut r, &q, &mut out), Handled::Answer);
     assert_eq!(out, full);
     assert_eq!(r.stats().cache_hits, 1);
+    assert_eq!(r.stats().replayed, 1, "answered on the fast path");
 
     // A block answered from the query's bytes reads like one built by the full parser.
     fn block(q: &QueryInfo<'_>) -> PolicyVerdict {

@@ -208,13 +208,12 @@ pub struct WireAnswer {
     /// Where each record's TTL sits in `records`.
     ttls: Box<[u16]>,
     sent: Instant,
-    expires: Instant,
 }
 
 impl WireAnswer {
-    /// Captures the records of `response` (a message we emitted, not truncated), live until
-    /// `expires`; `None` if it does not have the expected shape.
-    pub fn capture(response: &[u8], sent: Instant, expires: Instant) -> Option<WireAnswer> {
+    /// Captures the records of `response` (a message we emitted at `sent`, not truncated);
+    /// `None` if it does not have the expected shape.
+    pub fn capture(response: &[u8], sent: Instant) -> Option<WireAnswer> {
         let flags = u16_at(response, 2)?;
         if flags & 0x0200 != 0 || u16_at(response, 4)? != 1 {
             return None;
@@ -241,13 +240,7 @@ impl WireAnswer {
             records: response.get(start..at)?.into(),
             ttls: ttls.into(),
             sent,
-            expires,
         })
-    }
-
-    /// Whether it may still be served at `now`.
-    pub fn live(&self, now: Instant) -> bool {
-        now < self.expires
     }
 
     /// Seconds since it was sent (what every TTL loses).
@@ -392,7 +385,7 @@ mod tests {
             RData::A("203.0.113.11".parse().unwrap()),
         ));
         let bytes = m.to_vec().unwrap();
-        let cached = WireAnswer::capture(&bytes, t0, t0 + Duration::from_secs(60)).unwrap();
+        let cached = WireAnswer::capture(&bytes, t0).unwrap();
 
         let mut name = NameText::default();
         let q = query("A.EXAMPLE.", false);
@@ -404,7 +397,5 @@ mod tests {
         assert_eq!(r.queries()[0].name().to_ascii(), "A.EXAMPLE.");
         let ttls: Vec<u32> = r.answers().iter().map(|a| a.ttl()).collect();
         assert_eq!(ttls, vec![280, 40]);
-        assert!(cached.live(t0 + Duration::from_secs(59)));
-        assert!(!cached.live(t0 + Duration::from_secs(60)));
     }
 }
