@@ -18,12 +18,12 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{ACCEPT, CONTENT_TYPE, HOST};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::core::MAX_MESSAGE;
 use super::doh::DNS_MESSAGE;
+use super::upstream::exchange;
 
 /// Where a DNS over HTTPS upstream lives, parsed from its URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,26 +273,6 @@ impl EncryptedPool {
                 .map_err(io::Error::other)?;
             tokio::spawn(conn);
             Ok(HttpSender::H1(sender))
-        }
-    }
-}
-
-/// Sends one length-prefixed query and reads the answer with the same id.
-async fn exchange(stream: &mut TlsStream<TcpStream>, query: &[u8]) -> io::Result<Vec<u8>> {
-    let len = u16::try_from(query.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "query too long"))?;
-    let mut framed = Vec::with_capacity(query.len() + 2);
-    framed.extend_from_slice(&len.to_be_bytes());
-    framed.extend_from_slice(query);
-    stream.write_all(&framed).await?;
-    stream.flush().await?;
-    loop {
-        let n = usize::from(stream.read_u16().await?);
-        let mut answer = vec![0u8; n];
-        stream.read_exact(&mut answer).await?;
-        // An answer to an earlier query that timed out on this connection: skip it.
-        if answer.len() >= 2 && query.len() >= 2 && answer[..2] == query[..2] {
-            return Ok(answer);
         }
     }
 }

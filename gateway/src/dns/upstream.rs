@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 use super::core::MAX_MESSAGE;
@@ -264,16 +264,7 @@ impl UpstreamClient {
 
     async fn tcp(&self, addr: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
         let mut stream = self.connect_tcp(addr).await?;
-        let len = u16::try_from(query.len())
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "query too long"))?;
-        let mut framed = Vec::with_capacity(query.len() + 2);
-        framed.extend_from_slice(&len.to_be_bytes());
-        framed.extend_from_slice(query);
-        stream.write_all(&framed).await?;
-        let n = usize::from(stream.read_u16().await?);
-        let mut buf = vec![0u8; n];
-        stream.read_exact(&mut buf).await?;
-        Ok(buf)
+        exchange(&mut stream, query).await
     }
 
     async fn connect_tcp(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
@@ -292,6 +283,30 @@ impl UpstreamClient {
             Some(ip) => SocketAddr::new(ip, 0),
             None if addr.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], 0)),
             None => SocketAddr::from(([0u16; 8], 0)),
+        }
+    }
+}
+
+/// Sends one length-prefixed query (RFC 1035 4.2.2 framing: TCP and DNS over TLS) and reads
+/// the answer with the same id.
+pub(super) async fn exchange<S>(stream: &mut S, query: &[u8]) -> std::io::Result<Vec<u8>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let len = u16::try_from(query.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "query too long"))?;
+    let mut framed = Vec::with_capacity(query.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(query);
+    stream.write_all(&framed).await?;
+    stream.flush().await?;
+    loop {
+        let n = usize::from(stream.read_u16().await?);
+        let mut answer = vec![0u8; n];
+        stream.read_exact(&mut answer).await?;
+        // An answer to an earlier query that timed out on this connection: skip it.
+        if answer.len() >= 2 && query.len() >= 2 && answer[..2] == query[..2] {
+            return Ok(answer);
         }
     }
 }
