@@ -287,27 +287,28 @@ async fn post(
         Ok(IpAddr::V6(ip)) => format!("[{ip}]:{}", target.port),
         _ => format!("{}:{}", target.host, target.port),
     };
-    let builder = hyper::Request::post(&target.path)
-        .header(CONTENT_TYPE, DNS_MESSAGE)
-        .header(ACCEPT, DNS_MESSAGE);
+    // HTTP/2 wants an absolute URI (it becomes :scheme and :authority); HTTP/1.1 a path and Host.
+    let h2 = matches!(sender, HttpSender::H2(_));
+    let mut request = hyper::Request::post(if h2 {
+        format!("https://{authority}{}", target.path)
+    } else {
+        target.path.clone()
+    })
+    .header(CONTENT_TYPE, DNS_MESSAGE)
+    .header(ACCEPT, DNS_MESSAGE);
+    if !h2 {
+        request = request.header(HOST, authority);
+    }
+    let request = request
+        .body(Full::new(Bytes::copy_from_slice(query)))
+        .map_err(io::Error::other)?;
     let response = match &mut sender {
         HttpSender::H1(s) => {
             s.ready().await.map_err(io::Error::other)?;
-            let request = builder
-                .header(HOST, authority)
-                .body(Full::new(Bytes::copy_from_slice(query)))
-                .map_err(io::Error::other)?;
             s.send_request(request).await
         }
         HttpSender::H2(s) => {
             s.ready().await.map_err(io::Error::other)?;
-            // HTTP/2 wants an absolute URI (it becomes :scheme and :authority).
-            let uri = format!("https://{authority}{}", target.path);
-            let request = hyper::Request::post(uri)
-                .header(CONTENT_TYPE, DNS_MESSAGE)
-                .header(ACCEPT, DNS_MESSAGE)
-                .body(Full::new(Bytes::copy_from_slice(query)))
-                .map_err(io::Error::other)?;
             s.send_request(request).await
         }
     }
