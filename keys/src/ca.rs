@@ -18,7 +18,7 @@ use rcgen::{
 };
 use zeroize::Zeroizing;
 
-use crate::key_file::{create_secret_file, read_secret_file, KeyFileError};
+use crate::key_file::{create_secret_file, read_secret_file, replace_file, KeyFileError};
 
 /// File name of the CA certificate inside the data dir.
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -143,7 +143,7 @@ impl CertificateAuthority {
         let ca = Self::generate(common_name, now)?;
         // The certificate goes first: a key without its certificate would be unusable, while a
         // certificate left alone by a crash is overwritten on the next try.
-        write_public(&cert_path, ca.cert_pem.as_bytes())?;
+        replace_file(&cert_path, ca.cert_pem.as_bytes(), 0o644)?;
         let key_pem = Zeroizing::new(ca.issuer.key().serialize_pem());
         match create_secret_file(&key_path, key_pem.as_bytes()) {
             Ok(()) => Ok(ca),
@@ -236,20 +236,6 @@ impl CertificateAuthority {
             cert_pem: cert.pem(),
         })
     }
-}
-
-/// Writes a public file atomically (mode 0644).
-fn write_public(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
-    let io = |source| CaError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    fs::write(&tmp, bytes).map_err(io)?;
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        io(e)
-    })
 }
 
 /// The bytes of the first `-----BEGIN {label}-----` block of `pem`.

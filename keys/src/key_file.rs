@@ -86,7 +86,13 @@ fn key_line(key: &PrivateKey) -> Zeroizing<String> {
 
 /// Writes secret `bytes` to `path` (mode 0600), atomically replacing any existing file.
 pub fn write_secret_file(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
-    let tmp = write_temp(path, bytes)?;
+    replace_file(path, bytes, 0o600)
+}
+
+/// Writes `bytes` to `path` with `mode`, atomically replacing any existing file (the CA's public
+/// certificate goes through here too).
+pub(crate) fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyFileError> {
+    let tmp = write_temp(path, bytes, mode)?;
     let result = fs::rename(&tmp, path).map_err(io_err(path));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -98,7 +104,7 @@ pub fn write_secret_file(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> 
 /// Writes secret `bytes` to `path` (mode 0600) only if no file is there yet; otherwise
 /// [`KeyFileError::AlreadyExists`].
 pub fn create_secret_file(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
-    let tmp = write_temp(path, bytes)?;
+    let tmp = write_temp(path, bytes, 0o600)?;
     // link(2) fails if the target exists, which rename(2) would silently replace.
     let result = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
@@ -148,8 +154,9 @@ pub fn read_secret_file(path: &Path, cap: usize) -> Result<Zeroizing<Vec<u8>>, K
     Ok(bytes)
 }
 
-/// Creates `.NAME.tmp.PID.N` beside `path` with mode 0600, writes and fsyncs `bytes`.
-fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf, KeyFileError> {
+/// Creates `.NAME.tmp.PID.N` beside `path` with `mode` (0600 for secrets, so they are never
+/// readable by others even briefly), writes and fsyncs `bytes`.
+fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf, KeyFileError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path.file_name().ok_or_else(|| KeyFileError::NotAFile {
         path: path.to_path_buf(),
@@ -164,7 +171,7 @@ fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf, KeyFileError> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)
         .map_err(io_err(&tmp))?;
     let written = file.write_all(bytes).and_then(|()| file.sync_all());
