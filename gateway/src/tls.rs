@@ -52,27 +52,28 @@ pub fn gateway_names(config: &Config) -> (Vec<String>, Vec<IpAddr>) {
 
 /// TLS settings for DNS over TLS and DNS over HTTPS serving `cert`.
 pub fn dns_tls(cert: &IssuedCert) -> anyhow::Result<TlsConfigs> {
-    let config = |alpn: &[&[u8]]| -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        let chain: Vec<CertificateDer<'static>> = cert
-            .chain_der
-            .iter()
-            .map(|c| CertificateDer::from(c.clone()))
-            .collect();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.to_vec()));
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .context("tls protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .context("the issued certificate")?;
+    let chain: Vec<CertificateDer<'static>> = cert
+        .chain_der
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.to_vec()));
+    let base = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("tls protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .context("the issued certificate")?;
+    let with_alpn = |alpn: &[&[u8]]| {
+        let mut config = base.clone();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok(Arc::new(config))
+        Arc::new(config)
     };
     Ok(TlsConfigs {
-        dot: config(&[b"dot"])?,
-        doh: config(&[b"h2", b"http/1.1"])?,
+        dot: with_alpn(&[b"dot"]),
+        doh: with_alpn(&[b"h2", b"http/1.1"]),
     })
 }
 
