@@ -187,14 +187,18 @@ impl Registry {
         self.find(&device.id)
     }
 
-    /// The extras of every device, by device id.
-    pub(super) fn extras(&self) -> Result<HashMap<String, IdentityExtras>, RegistryError> {
+    /// The extras of the device `only`, or of every device, by device id.
+    pub(super) fn extras(
+        &self,
+        only: Option<&str>,
+    ) -> Result<HashMap<String, IdentityExtras>, RegistryError> {
         let mut out: HashMap<String, IdentityExtras> = HashMap::new();
         let mut stmt = self.conn.prepare(
             "SELECT dg.device_id, g.id, g.email FROM device_groups dg \
-             JOIN groups g ON g.name = dg.name ORDER BY dg.rowid",
+             JOIN groups g ON g.name = dg.name \
+             WHERE ?1 IS NULL OR dg.device_id = ?1 ORDER BY dg.rowid",
         )?;
-        let mut rows = stmt.query([])?;
+        let mut rows = stmt.query([only])?;
         while let Some(r) = rows.next()? {
             let e = out.entry(r.get(0)?).or_default();
             e.group_ids.push(r.get(1)?);
@@ -202,10 +206,11 @@ impl Registry {
                 e.group_emails.push(email);
             }
         }
-        let mut stmt = self
-            .conn
-            .prepare("SELECT device_id, name, value FROM device_attributes ORDER BY rowid")?;
-        let mut rows = stmt.query([])?;
+        let mut stmt = self.conn.prepare(
+            "SELECT device_id, name, value FROM device_attributes \
+             WHERE ?1 IS NULL OR device_id = ?1 ORDER BY rowid",
+        )?;
+        let mut rows = stmt.query([only])?;
         while let Some(r) = rows.next()? {
             let (name, value): (String, String) = (r.get(1)?, r.get(2)?);
             out.entry(r.get(0)?)
@@ -214,9 +219,10 @@ impl Registry {
                 .push(format!("{name}={value}"));
         }
         let mut stmt = self.conn.prepare(
-            "SELECT device_id, check_id, passed FROM device_posture ORDER BY device_id, check_id",
+            "SELECT device_id, check_id, passed FROM device_posture \
+             WHERE ?1 IS NULL OR device_id = ?1 ORDER BY device_id, check_id",
         )?;
-        let mut rows = stmt.query([])?;
+        let mut rows = stmt.query([only])?;
         while let Some(r) = rows.next()? {
             let e = out.entry(r.get(0)?).or_default();
             let check: String = r.get(1)?;

@@ -465,7 +465,7 @@ impl Registry {
         identity::insert_attributes(&tx, &id, &attributes)?;
         tx.commit()?;
         // Group ids and emails come from the groups table: read them back.
-        let extras = self.extras()?.remove(&id).unwrap_or_default();
+        let extras = self.extras(Some(&id))?.remove(&id).unwrap_or_default();
         Ok(Device {
             id,
             name,
@@ -586,10 +586,11 @@ impl Registry {
             .query_map(params, Row::read)?
             .collect::<Result<Vec<Row>, _>>()?;
         let mut groups = self.groups_of(&rows)?;
-        let mut extras = if rows.is_empty() {
-            HashMap::new()
-        } else {
-            self.extras()?
+        // One device (a lookup) or all of them (a listing), as `groups_of` does.
+        let mut extras = match rows.as_slice() {
+            [] => HashMap::new(),
+            [one] => self.extras(Some(&one.id))?,
+            _ => self.extras(None)?,
         };
         rows.into_iter()
             .map(|row| {
