@@ -17,9 +17,8 @@ use waygate_shared::policy::ruleset::{
 
 use crate::egress::EgressChoice;
 use crate::flow::sniff::Detected;
-use crate::flow::FlowCtx;
+use crate::flow::{DeviceInfo, FlowCtx};
 use crate::geoip::GeoIp;
-use crate::registry::IdentityExtras;
 
 /// Fields a network rule can only know once the client has sent its first bytes.
 const AFTER_FIRST_BYTES: [FieldId; 3] = [
@@ -171,6 +170,11 @@ pub fn flow_input(input: &mut Input, ctx: &FlowCtx, target: SocketAddr, geo: Opt
             input.set_str(FieldId::NetDstGeoContinent, c.as_str());
         }
     }
+    fill_identity(input, device);
+}
+
+/// Sets the identity and device posture fields (every stage reads them) of `device`'s user.
+pub fn fill_identity(input: &mut Input, device: &DeviceInfo) {
     input.set_str(FieldId::IdentityEmail, &device.email);
     if let Some(name) = &device.user_name {
         input.set_str(FieldId::IdentityName, name);
@@ -181,11 +185,7 @@ pub fn flow_input(input: &mut Input, ctx: &FlowCtx, target: SocketAddr, geo: Opt
             device.groups.iter().map(String::as_str),
         );
     }
-    fill_identity_extras(input, &device.extras);
-}
-
-/// Sets the identity and posture fields of `extras` that have values.
-pub fn fill_identity_extras(input: &mut Input, extras: &IdentityExtras) {
+    let extras = &device.extras;
     let fields = [
         (FieldId::IdentityGroupsId, &extras.group_ids),
         (FieldId::IdentityGroupsEmail, &extras.group_emails),

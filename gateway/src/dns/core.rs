@@ -756,7 +756,7 @@ impl<P: DnsPolicy> Resolver<P> {
         tracing::info!(
             target: "waygate::dns",
             client = %client.label(),
-            user = client.email.as_deref().unwrap_or(""),
+            user = client.email().unwrap_or(""),
             src_ip = %client.src_ip,
             name = %qname,
             qtype = %reply.query.query_type(),
@@ -836,7 +836,7 @@ fn log_query(
     tracing::info!(
         target: "waygate::dns",
         client = %client.label(),
-        user = client.email.as_deref().unwrap_or(""),
+        user = client.email().unwrap_or(""),
         src_ip = %client.src_ip,
         name,
         qtype = %qtype,

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::registry::IdentityExtras;
+use crate::flow::DeviceInfo;
 
 use hickory_proto::rr::{Name, Record, RecordType};
 
@@ -13,33 +13,15 @@ use hickory_proto::rr::{Name, Record, RecordType};
 /// Opaque to the resolver except for [`ClientCtx::key`], which scopes the name memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCtx {
-    /// Registry id of the device, if the query came through the tunnel.
-    pub device_id: Option<String>,
-    /// Device name.
-    pub device_name: Option<String>,
-    /// The user's email.
-    pub email: Option<String>,
-    /// The user's name.
-    pub user_name: Option<String>,
-    /// The user's groups.
-    pub groups: Vec<String>,
-    /// Group ids and emails, the user's attributes, the device's posture results.
-    pub extras: Arc<IdentityExtras>,
-    /// Virtual network the device is on.
-    pub vnet: Option<String>,
+    /// The device, when the query came through the tunnel (or from a device's tunnel address):
+    /// its id, user, groups and posture, shared with the data plane rather than copied.
+    pub device: Option<Arc<DeviceInfo>>,
     /// Location name, for queries to a `dns.listen` address from a configured network.
     pub location: Option<String>,
     /// Source address of the query (the device's tunnel address, or the location's host).
     pub src_ip: IpAddr,
     /// The device's public address (its WireGuard endpoint), for `dns.src.geo.*`.
     pub public_ip: Option<IpAddr>,
-}
-
-/// The shared empty [`IdentityExtras`]: clients without a device are made per query, and cloning
-/// one `Arc` is cheaper than allocating a fresh one.
-fn no_extras() -> Arc<IdentityExtras> {
-    static EMPTY: std::sync::LazyLock<Arc<IdentityExtras>> = std::sync::LazyLock::new(Arc::default);
-    EMPTY.clone()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -76,34 +58,33 @@ impl ClientCtx {
     /// A client known only by its source address (tests, locations).
     pub fn from_ip(src_ip: IpAddr) -> Self {
         ClientCtx {
-            src_ip,
-            device_id: None,
-            device_name: None,
-            email: None,
-            user_name: None,
-            public_ip: None,
-            groups: Vec::new(),
-            extras: no_extras(),
-            vnet: None,
+            device: None,
             location: None,
+            src_ip,
+            public_ip: None,
         }
     }
 
     /// Key for the name memory: flows find their device by id, so prefer it over the address.
     pub fn key(&self) -> ClientKey {
-        match &self.device_id {
-            Some(id) => ClientKey::device(id),
+        match &self.device {
+            Some(d) => ClientKey::device(&d.id),
             None => ClientKey::ip(self.src_ip),
         }
     }
 
-    /// Short label for logs: device name, else id, else location, else address.
+    /// The user's email, when a device asked.
+    pub fn email(&self) -> Option<&str> {
+        self.device.as_deref().map(|d| d.email.as_str())
+    }
+
+    /// Short label for logs: device name, else location, else address.
     pub fn label(&self) -> String {
-        self.device_name
-            .clone()
-            .or_else(|| self.device_id.clone())
-            .or_else(|| self.location.clone())
-            .unwrap_or_else(|| self.src_ip.to_string())
+        match (&self.device, &self.location) {
+            (Some(d), _) => d.name.clone(),
+            (None, Some(location)) => location.clone(),
+            (None, None) => self.src_ip.to_string(),
+        }
     }
 }
 

@@ -80,19 +80,9 @@ impl DnsRules {
         if let Some(location) = &client.location {
             input.set_str(FieldId::DnsLocation, location);
         }
-        if let Some(email) = &client.email {
-            input.set_str(FieldId::IdentityEmail, email);
+        if let Some(device) = &client.device {
+            crate::policy::fill_identity(input, device);
         }
-        if let Some(name) = &client.user_name {
-            input.set_str(FieldId::IdentityName, name);
-        }
-        if !client.groups.is_empty() {
-            input.set_strs(
-                FieldId::IdentityGroupsName,
-                client.groups.iter().map(String::as_str),
-            );
-        }
-        crate::policy::fill_identity_extras(input, &client.extras);
         if let (Some(geo), Some(public)) = (&self.geoip, client.public_ip) {
             let g = geo.lookup(public);
             if let Some(c) = g.country {
@@ -312,8 +302,17 @@ mod tests {
 
     fn alice() -> ClientCtx {
         let mut c = ClientCtx::from_ip("100.96.0.2".parse().unwrap());
-        c.email = Some("alice@example.com".into());
-        c.groups = vec!["eng".into()];
+        c.device = Some(Arc::new(crate::flow::DeviceInfo {
+            id: "d-alice".into(),
+            name: "alice-laptop".into(),
+            email: "alice@example.com".into(),
+            user_name: None,
+            groups: vec!["eng".into()],
+            extras: Default::default(),
+            vnet_id: None,
+            ipv4: "100.96.0.2".parse().unwrap(),
+            ipv6: "fd77:6761:7465::2".parse().unwrap(),
+        }));
         c
     }
 

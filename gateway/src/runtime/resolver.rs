@@ -101,15 +101,9 @@ impl RulesState {
 }
 
 /// The client a device is to its resolver.
-pub fn device_client(device: &DeviceInfo, src: IpAddr, public: Option<IpAddr>) -> ClientCtx {
+pub fn device_client(device: &Arc<DeviceInfo>, src: IpAddr, public: Option<IpAddr>) -> ClientCtx {
     ClientCtx {
-        device_id: Some(device.id.clone()),
-        device_name: Some(device.name.clone()),
-        email: Some(device.email.clone()),
-        user_name: device.user_name.clone(),
-        groups: device.groups.clone(),
-        extras: device.extras.clone(),
-        vnet: device.vnet_id.clone(),
+        device: Some(device.clone()),
         location: None,
         src_ip: src,
         public_ip: public,
@@ -378,14 +372,10 @@ impl ResolverHandle {
     pub fn set_devices<'a>(&self, devices: impl IntoIterator<Item = &'a DeviceInfo>) {
         let mut map = HashMap::new();
         for d in devices {
-            map.insert(
-                IpAddr::V4(d.ipv4),
-                device_client(d, IpAddr::V4(d.ipv4), None),
-            );
-            map.insert(
-                IpAddr::V6(d.ipv6),
-                device_client(d, IpAddr::V6(d.ipv6), None),
-            );
+            let d = Arc::new(d.clone());
+            for ip in [IpAddr::V4(d.ipv4), IpAddr::V6(d.ipv6)] {
+                map.insert(ip, device_client(&d, ip, None));
+            }
         }
         *self.clients.write().unwrap_or_else(PoisonError::into_inner) = map;
     }
@@ -426,6 +416,6 @@ mod tests {
         let c = listener_client(from, &clients, std::slice::from_ref(&office));
         assert_eq!(c.location.as_deref(), Some("office"));
         let c = listener_client("203.0.113.7:53".parse().unwrap(), &clients, &[office]);
-        assert_eq!((c.location, c.device_id), (None, None));
+        assert_eq!((c.location, c.device), (None, None));
     }
 }
