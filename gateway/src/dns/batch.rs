@@ -35,14 +35,12 @@ impl RecvBatch {
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         // SAFETY: zeroed storage is a valid (empty) sockaddr_storage and mmsghdr.
         let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
-        let mut iovs: Vec<libc::iovec> = self
-            .bufs
-            .chunks_mut(DATAGRAM)
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
+        // SAFETY: as above; every iovec is filled below.
+        let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
+        for (iov, buf) in iovs.iter_mut().zip(self.bufs.chunks_mut(DATAGRAM)) {
+            iov.iov_base = buf.as_mut_ptr().cast();
+            iov.iov_len = buf.len();
+        }
         // SAFETY: as above.
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
         for (i, m) in msgs.iter_mut().enumerate() {
@@ -105,40 +103,41 @@ fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// Sends `out` (destination, message) with as few calls as the kernel allows; returns how many
-/// were sent (the rest hit a full socket buffer: `WouldBlock` when none went).
-pub fn send_batch(fd: RawFd, out: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
-    let out = &out[..out.len().min(BATCH)];
-    let addrs: Vec<socket2::SockAddr> = out.iter().map(|(a, _)| (*a).into()).collect();
-    let mut iovs: Vec<libc::iovec> = out
-        .iter()
-        .map(|(_, m)| libc::iovec {
-            iov_base: m.as_ptr() as *mut libc::c_void,
-            iov_len: m.len(),
-        })
-        .collect();
-    // SAFETY: zeroed mmsghdrs are valid; each is filled below.
-    let mut msgs: Vec<libc::mmsghdr> = (0..out.len()).map(|_| unsafe { zeroed() }).collect();
-    for (i, m) in msgs.iter_mut().enumerate() {
-        m.msg_hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
-        m.msg_hdr.msg_namelen = addrs[i].len();
-        m.msg_hdr.msg_iov = &mut iovs[i];
-        m.msg_hdr.msg_iovlen = 1;
+/// Sends `out` (destination, message; at most [`BATCH`] are taken) with as few calls as the
+/// kernel allows; returns how many were sent (the rest hit a full socket buffer: `WouldBlock`
+/// when none went). The headers live on the stack: nothing is allocated per batch.
+pub fn send_batch<'a>(
+    fd: RawFd,
+    out: impl IntoIterator<Item = (SocketAddr, &'a [u8])>,
+) -> io::Result<usize> {
+    let mut addrs: [Option<socket2::SockAddr>; BATCH] = [const { None }; BATCH];
+    // SAFETY: zeroed iovecs and mmsghdrs are valid; the ones used are filled below.
+    let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
+    // SAFETY: as above.
+    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
+    let mut n = 0;
+    for (to, msg) in out.into_iter().take(BATCH) {
+        let addr = addrs[n].insert(to.into());
+        iovs[n].iov_base = msg.as_ptr() as *mut libc::c_void;
+        iovs[n].iov_len = msg.len();
+        let hdr = &mut msgs[n].msg_hdr;
+        hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+        hdr.msg_namelen = addr.len();
+        hdr.msg_iov = &mut iovs[n];
+        hdr.msg_iovlen = 1;
+        n += 1;
     }
-    // SAFETY: the headers point into `addrs`, `iovs` and `out`, alive for the call; the kernel
-    // only reads the buffers.
-    let n = unsafe {
-        libc::sendmmsg(
-            fd,
-            msgs.as_mut_ptr(),
-            msgs.len() as libc::c_uint,
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
+    if n == 0 {
+        return Ok(0);
+    }
+    // SAFETY: the first `n` headers point into `addrs`, `iovs` and the caller's messages, alive
+    // for the call; the kernel only reads them.
+    let sent =
+        unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT) };
+    if sent < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(n as usize)
+    Ok(sent as usize)
 }
 
 #[cfg(test)]
@@ -153,7 +152,7 @@ mod tests {
         let to = b.local_addr().unwrap();
         let msgs: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; usize::from(i) + 1]).collect();
         let out: Vec<(SocketAddr, &[u8])> = msgs.iter().map(|m| (to, m.as_slice())).collect();
-        assert_eq!(send_batch(a.as_raw_fd(), &out).unwrap(), 10);
+        assert_eq!(send_batch(a.as_raw_fd(), out.iter().copied()).unwrap(), 10);
         let mut batch = RecvBatch::default();
         let mut got = 0;
         for _ in 0..100 {

@@ -295,21 +295,19 @@ impl<P: DnsPolicy + 'static> UdpWorker<P> {
                     }
                 }
             }
-            let answers: Vec<(SocketAddr, &[u8])> = ready
-                .iter()
-                .map(|&(to, i)| (to, outs[i].as_slice()))
-                .collect();
             let mut sent = 0;
-            while sent < answers.len() {
+            while sent < ready.len() {
+                let rest = &ready[sent..];
+                let answers = rest.iter().map(|&(to, i)| (to, outs[i].as_slice()));
                 match self
                     .sock
-                    .try_io(Interest::WRITABLE, || send_batch(fd, &answers[sent..]))
+                    .try_io(Interest::WRITABLE, || send_batch(fd, answers.clone()))
                 {
                     Ok(k) if k > 0 => sent += k,
                     _ => {
                         // A full socket buffer: the rest one by one, waiting for room.
-                        for (to, msg) in &answers[sent..] {
-                            let _ = self.sock.send_to(msg, to).await;
+                        for &(to, i) in rest {
+                            let _ = self.sock.send_to(&outs[i], to).await;
                         }
                         break;
                     }
