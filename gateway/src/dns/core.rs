@@ -17,10 +17,8 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 
 use super::cache::{Address, Cache, Replay};
-use super::memory::{NameMemory, Names};
-use super::policy::{
-    BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, PolicyVerdict, QueryInfo,
-};
+use super::memory::Names;
+use super::policy::{BlockMode, ClientCtx, Decision, DnsPolicy, PolicyVerdict, QueryInfo};
 use super::wire::{push_record, NameText, QueryView, WireAnswer};
 
 /// Largest DNS message over TCP.
@@ -35,8 +33,6 @@ pub const EDNS_UDP: u16 = 1232;
 pub struct ResolverConfig {
     /// Cached answers (default 100,000).
     pub cache_capacity: usize,
-    /// Remembered (client, address) pairs (default 200,000).
-    pub memory_capacity: usize,
     /// Cap on positive TTLs in the cache (default 1 day).
     pub max_ttl: u32,
     /// Cap on negative TTLs (default 1 hour, RFC 2308 suggests 1-3 hours).
@@ -51,7 +47,6 @@ impl Default for ResolverConfig {
     fn default() -> Self {
         ResolverConfig {
             cache_capacity: 100_000,
-            memory_capacity: 200_000,
             max_ttl: 86_400,
             max_negative_ttl: 3_600,
             local_ttl: 10,
@@ -127,17 +122,16 @@ pub struct Stats {
     pub dropped: u64,
 }
 
-/// Told of every address the resolver answers to a client, with the names behind it and the
-/// answer's TTL (the data plane keeps its own name memory from these).
-pub type LearnSink = Box<dyn FnMut(&ClientKey, IpAddr, &Names, u32) + Send>;
+/// Told of every address the resolver answers to a device (by its registry id), with the names
+/// behind it and the answer's TTL; the data plane's name memory is built from these.
+pub type LearnSink = Box<dyn FnMut(&str, IpAddr, &Names, u32) + Send>;
 
-/// The resolver state machine: policy, cache, pending upstream queries, name memory.
+/// The resolver state machine: policy, cache, pending upstream queries.
 pub struct Resolver<P> {
     policy: P,
     learn: Option<LearnSink>,
     config: ResolverConfig,
     cache: Cache,
-    memory: NameMemory,
     pending: HashMap<Ticket, Pending>,
     rng: u64,
     stats: Stats,
@@ -171,7 +165,6 @@ impl<P: DnsPolicy> Resolver<P> {
                 config.max_ttl,
                 config.max_negative_ttl,
             ),
-            memory: NameMemory::new(config.memory_capacity),
             config,
             pending: HashMap::new(),
             // xorshift must not start at zero.
@@ -198,16 +191,6 @@ impl<P: DnsPolicy> Resolver<P> {
     /// Replaces the policy (a rules reload); pending queries keep their decisions.
     pub fn set_policy(&mut self, policy: P) {
         self.policy = policy;
-    }
-
-    /// The names `client` resolved to reach `ip`, for `net.fqdn.*`.
-    pub fn names_for(&self, client: &super::ClientKey, ip: IpAddr, now: Instant) -> Option<Names> {
-        self.memory.names_for(client, ip, now).cloned()
-    }
-
-    /// Drops expired name memory; call every few seconds.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        self.memory.purge(now);
     }
 
     /// Handles one query from `client`; writes the answer or the upstream query into `out`.
@@ -371,7 +354,7 @@ impl<P: DnsPolicy> Resolver<P> {
                         }
                     }
                 }
-                let learned = self.remember(client, &qname, &answers, now);
+                let learned = self.remember(client, &qname, &answers);
                 emit(&reply, rcode, answers, authority, out);
                 if self.replayable(qtype, &verdict.decision, target.is_some()) {
                     self.keep_replay(&name, qtype, out, learned, now);
@@ -534,7 +517,7 @@ impl<P: DnsPolicy> Resolver<P> {
             out_answers.push(cname(query.name(), t, self.config.local_ttl));
         }
         out_answers.extend(answers.into_iter().map(|r| strip_hints(r, p.strip)));
-        let learned = self.remember(&p.client, &p.qname, &out_answers, now);
+        let learned = self.remember(&p.client, &p.qname, &out_answers);
         emit(&reply, rcode, out_answers, authority, out);
         let replayable = self.replayable(p.qtype, &verdict.decision, p.target.is_some());
         if replayable && cached {
@@ -565,25 +548,16 @@ impl<P: DnsPolicy> Resolver<P> {
         }
     }
 
-    /// Records every address in `answers` for `client` under the CNAME chain from `qname`, and
-    /// returns them for a replay to record again.
+    /// Reports every address in `answers` for `client` under the CNAME chain from `qname`, and
+    /// returns them for a replay to report again.
     fn remember(
         &mut self,
         client: &ClientCtx,
         qname: &Name,
         answers: &[Record],
-        now: Instant,
     ) -> Option<(Names, Vec<Address>)> {
         let (names, ips) = addresses(qname, answers)?;
-        learn(
-            &mut self.memory,
-            &mut self.learn,
-            client,
-            &names,
-            &ips,
-            0,
-            now,
-        );
+        learn(&mut self.learn, client, &names, &ips, 0);
         Some((names, ips))
     }
 
@@ -686,15 +660,7 @@ impl<P: DnsPolicy> Resolver<P> {
                 }
                 if let Some((names, ips)) = &hit.learned {
                     let age = hit.wire.age(now);
-                    learn(
-                        &mut self.memory,
-                        &mut self.learn,
-                        client,
-                        names,
-                        ips,
-                        age,
-                        now,
-                    );
+                    learn(&mut self.learn, client, names, ips, age);
                 }
                 self.stats.cache_hits += 1;
                 self.stats.replayed += 1;
@@ -800,24 +766,21 @@ fn addresses(qname: &Name, answers: &[Record]) -> Option<(Names, Vec<Address>)> 
     Some((names, ips))
 }
 
-/// Tells the name memory and the learn sink that `client` got `ips` for `names`, `age` seconds
-/// after their TTLs were read.
+/// Tells the learn sink that a device got `ips` for `names`, `age` seconds after their TTLs were
+/// read. Only devices' flows pass the gateway's flow stages, so only their answers are worth
+/// remembering; a location's queries would only push devices' names out of a bounded memory.
 fn learn(
-    memory: &mut NameMemory,
     sink: &mut Option<LearnSink>,
     client: &ClientCtx,
     names: &Names,
     ips: &[Address],
     age: u32,
-    now: Instant,
 ) {
-    let key = client.key();
+    let (Some(sink), Some(device)) = (sink, &client.device) else {
+        return;
+    };
     for &(ip, ttl) in ips {
-        let ttl = ttl.saturating_sub(age);
-        memory.remember(&key, ip, names, ttl, now);
-        if let Some(learn) = sink {
-            learn(&key, ip, names, ttl);
-        }
+        sink(&device.id, ip, names, ttl.saturating_sub(age));
     }
 }
 

@@ -25,8 +25,6 @@ use super::upstream::UpstreamClient;
 
 /// Socket receive/send buffer asked for each UDP listener.
 pub const UDP_SOCKET_BUFFER: usize = 4 << 20;
-/// How often expired name memory is purged.
-pub const TICK: Duration = Duration::from_secs(10);
 /// A TCP client idle this long is disconnected (RFC 7766 suggests tens of seconds).
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
 /// DNS over HTTPS clients keep connections for many queries; this long without a request's
@@ -139,7 +137,7 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
         }
     }
 
-    /// The shared resolver (for `names_for` and policy reloads).
+    /// The shared resolver (for policy reloads).
     pub fn resolver(&self) -> &SharedResolver<P> {
         &self.resolver
     }
@@ -214,14 +212,6 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
                 }
             }));
         }
-        let resolver = self.resolver.clone();
-        running.tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(TICK);
-            loop {
-                tick.tick().await;
-                lock(&resolver).handle_timeout(now());
-            }
-        }));
         Ok(running)
     }
 }

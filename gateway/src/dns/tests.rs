@@ -456,3 +456,69 @@ fn the_policy_decides_each_query_once() {
     assert!(matches!(h, Handled::Upstream(_)), "{h:?}");
     assert_eq!(DECIDED.load(Ordering::Relaxed), 1);
 }
+
+#[test]
+fn a_device_answers_are_reported_with_aged_ttls_and_an_address_client_is_not() {
+    use std::sync::{Arc, Mutex};
+    /// Device id, address, host, TTL.
+    type Report = (String, IpAddr, String, u32);
+    let heard: Arc<Mutex<Vec<Report>>> = Arc::default();
+    let mut r = resolver(allow);
+    let sink = heard.clone();
+    r.set_learn_sink(Box::new(move |device, ip, names, ttl| {
+        sink.lock()
+            .unwrap()
+            .push((device.to_string(), ip, names.host.to_string(), ttl));
+    }));
+    let mut device = client();
+    device.device = Some(Arc::new(crate::flow::DeviceInfo {
+        id: "d-ada".into(),
+        name: "ada-laptop".into(),
+        email: "ada@example.com".into(),
+        user_name: None,
+        groups: Vec::new(),
+        extras: Default::default(),
+        vnet_id: None,
+        ipv4: Ipv4Addr::new(100, 96, 0, 2),
+        ipv6: "fd77:6761:7465::2".parse().unwrap(),
+    }));
+    let t0 = test_epoch();
+    let mut out = Vec::new();
+    let h = r.handle_query(
+        &device,
+        &query(1, "web.example.", RecordType::A),
+        Transport::Udp,
+        t0,
+        &mut out,
+    );
+    let Handled::Upstream(ticket) = h else {
+        panic!("{h:?}")
+    };
+    let resp = upstream_answer(
+        &out,
+        ResponseCode::NoError,
+        vec![a("web.example.", [203, 0, 113, 10], 60)],
+        vec![],
+    );
+    r.handle_upstream(ticket, Some(&resp), "up", t0, &mut out);
+    let ip = IpAddr::from([203, 0, 113, 10]);
+    let first = (String::from("d-ada"), ip, String::from("web.example"), 60);
+    assert_eq!(*heard.lock().unwrap(), vec![first.clone()]);
+
+    // From the cache 20 s later: reported again with what is left of the TTL.
+    let later = t0 + Duration::from_secs(20);
+    let q = query(2, "web.example.", RecordType::A);
+    assert_eq!(
+        r.handle_query(&device, &q, Transport::Udp, later, &mut out),
+        Handled::Answer
+    );
+    let second = (String::from("d-ada"), ip, String::from("web.example"), 40);
+    assert_eq!(*heard.lock().unwrap(), vec![first.clone(), second.clone()]);
+
+    // A client known only by its address (a location) gets the answer, nothing is reported.
+    assert_eq!(
+        r.handle_query(&client(), &q, Transport::Udp, later, &mut out),
+        Handled::Answer
+    );
+    assert_eq!(*heard.lock().unwrap(), vec![first, second]);
+}

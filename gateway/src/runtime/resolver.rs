@@ -197,15 +197,13 @@ pub fn spawn(
         ResolverConfig::default(),
         seed,
     )));
-    lock(&resolver).set_learn_sink(Box::new(move |key, ip, names, ttl| {
-        if let Some(device_id) = key.device_id() {
-            let _ = learned.send(Learned {
-                device_id: device_id.to_string(),
-                ip,
-                names: names.clone(),
-                ttl,
-            });
-        }
+    lock(&resolver).set_learn_sink(Box::new(move |device_id, ip, names, ttl| {
+        let _ = learned.send(Learned {
+            device_id: device_id.to_string(),
+            ip,
+            names: names.clone(),
+            ttl,
+        });
     }));
     let clients: Clients = Arc::default();
     let (queries_tx, mut queries_rx) = mpsc::unbounded_channel::<Query>();
