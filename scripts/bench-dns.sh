@@ -10,7 +10,10 @@
 # (dnsperf -c, default 4).
 #
 # Everything runs in a network namespace of its own on loopback: an upstream answering every
-# name (lab-origin --dns) at 127.0.0.1:5353, Waygate at 127.0.0.1:5300, Unbound at 127.0.0.1:5301.
+# name (lab-origin --dns) at 127.0.0.1:5353, Waygate at 127.0.0.1:5300, Unbound at 127.0.0.1:5301,
+# and a floor at 127.0.0.1:5302 (lab-origin --dns-floor: REFUSED to everything, no DNS work, the
+# same recvmmsg/sendmmsg batches as Waygate). The floor's queries per CPU-second are what any UDP
+# server could reach here; the last line shows how far each server is from it.
 # The query file mixes names of the block list (answered REFUSED by both) and 1,000 allowed
 # names (resolved once upstream, then from each server's cache). Both servers log no queries
 # (Waygate with WAYGATE_LOG=warn). Printed: QPS, average latency, the server's CPU-seconds,
@@ -92,6 +95,9 @@ EOF
 
 ip netns exec "$NS" "$ORIGIN" serve --dns 127.0.0.1:5353 >"$WORK/origin.log" 2>&1 &
 PIDS+=($!)
+ip netns exec "$NS" "$ORIGIN" serve --dns-floor 127.0.0.1:5302 >"$WORK/floor.log" 2>&1 &
+FLOOR_PID=$!
+PIDS+=("$FLOOR_PID")
 
 cat >"$WORK/waygate.toml" <<EOT
 data_dir = "$WORK/data"
@@ -172,9 +178,15 @@ measure waygate "$WG_PID" 5300
 W_QPS=$QPS W_CPU=$CPU W_RSS=$RSS
 measure unbound "$UB_PID" 5301
 U_QPS=$QPS U_CPU=$CPU U_RSS=$RSS
-awk -v wq="$W_QPS" -v uq="$U_QPS" -v wc="$W_CPU" -v uc="$U_CPU" -v wr="$W_RSS" -v ur="$U_RSS" 'BEGIN {
+wait_refused 5302 floor.test
+measure floor "$FLOOR_PID" 5302
+F_QPS=$QPS F_CPU=$CPU
+awk -v wq="$W_QPS" -v uq="$U_QPS" -v wc="$W_CPU" -v uc="$U_CPU" -v wr="$W_RSS" -v ur="$U_RSS" \
+  -v fq="$F_QPS" -v fc="$F_CPU" -v s="$SECONDS_PER_RUN" 'BEGIN {
   printf "\nratios waygate/unbound: qps %.2fx (target >= 1.0)   queries per cpu-second %.2fx (target >= 1.5)   rss %s MB vs %s MB (target <= 150)\n",
-    wq / uq, (wq / wc) / (uq / uc), wr, ur }'
+    wq / uq, (wq / wc) / (uq / uc), wr, ur
+  printf "floor (no DNS work): %.0f queries per cpu-second (%.2fx unbound); waygate reaches %.0f%% of it, unbound %.0f%%\n",
+    fq * s / fc, (fq / fc) / (uq / uc), 100 * (wq / wc) / (fq / fc), 100 * (uq / uc) / (fq / fc) }'
 
 # Reload: rewrite the list file (one more domain) while dnsperf runs, then take the worst second.
 echo
@@ -204,5 +216,6 @@ if not vals:
     sys.exit("bench-dns: no per-second figures in the dnsperf output:\n" + out)
 per_second = vals[:-1] if len(vals) > 2 else vals
 mean = sum(per_second) / len(per_second)
+print("reload: per-second qps " + " ".join(f"{v:.0f}" for v in per_second))
 print(f"reload: per-second qps min {min(per_second):.0f}, mean {mean:.0f}: lowest second at {100 * min(per_second) / mean:.0f}% of the mean (target >= 50%)")
 ' <<<"$out"

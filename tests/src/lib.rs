@@ -14,6 +14,7 @@
 // The harness is an I/O shell: it measures wall-clock deadlines itself.
 #![allow(clippy::disallowed_methods)]
 
+pub mod dns_floor;
 pub mod dns_origin;
 
 use std::fmt::Write as _;

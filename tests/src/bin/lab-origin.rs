@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! lab-origin serve [--http ADDR]... [--udp-echo ADDR]... [--udp-whoami ADDR]... [--dns ADDR]...
+//!                  [--dns-floor ADDR]...
 //! lab-origin udp-probe ADDR [--payload TEXT] [--timeout-ms N] [--bind ADDR]
 //! ```
 //!
@@ -12,6 +13,8 @@
 //! - UDP echo (`--udp-echo`, e.g. `0.0.0.0:7`): every datagram is sent back unchanged.
 //! - UDP whoami (`--udp-whoami`): every datagram is answered with `{"src":"IP","port":N}`.
 //! - DNS (`--dns`, UDP and TCP): the lab's fixed zone (see `waygate_e2e::dns_origin`).
+//! - DNS floor (`--dns-floor`, UDP): REFUSED to everything with no DNS work, the benchmark's
+//!   measure of the kernel's share of a query (see `waygate_e2e::dns_floor`).
 //!
 //! `udp-probe` sends one datagram (retrying every 200 ms) and prints the first reply on stdout; it
 //! exits 0 on a reply and 1 when `--timeout-ms` (default 2000) passes without one.
@@ -66,6 +69,7 @@ fn serve(args: &[String]) -> Result<ExitCode, String> {
                 handles.push(thread::spawn(move || udp_serve(socket, whoami)));
             }
             "--dns" => handles.extend(waygate_e2e::dns_origin::serve(addr)?),
+            "--dns-floor" => handles.push(waygate_e2e::dns_floor::serve(addr)?),
             other => return Err(format!("unknown flag {other}")),
         }
         eprintln!("lab-origin: {flag} on {addr}");
