@@ -250,6 +250,29 @@ impl<T> Endpoint<T> {
         self.peers.get(&id).and_then(|p| p.endpoint)
     }
 
+    /// Starts a handshake with a peer that has not reached us since we started, at the address
+    /// it was last seen at (a restart): the peer answers and its session is back at once,
+    /// instead of when its own retry notices the old session is gone. The address stays the
+    /// peer's endpoint until an authenticated datagram says otherwise, so boringtun's handshake
+    /// retries go there too. False when the peer is unknown or has been heard from already.
+    pub fn resume(&mut self, peer: PeerId, at: SocketAddr, tx: &mut TransmitQueue) -> bool {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        if p.endpoint.is_some() {
+            return false;
+        }
+        let mut buf = [0u8; HANDSHAKE_INIT_LEN];
+        match p.tunn.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(init) => {
+                tx.push(at, init);
+                p.endpoint = Some(at);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Ids and keys of every peer.
     pub fn peer_keys(&self) -> impl Iterator<Item = (PeerId, &[u8; 32])> {
         self.peers.iter().map(|(id, p)| (*id, &p.public_key))
@@ -645,6 +668,62 @@ mod tests {
         let r =
             p.gw.handle_datagram(p.dev_addr, &d, &mut p.scratch, &mut p.tx);
         assert_eq!(r, Received::Dropped(DropReason::UnknownIndex));
+    }
+
+    #[test]
+    fn a_resumed_peer_is_reached_first_and_its_session_carries_data_both_ways() {
+        let mut p = pair();
+        let id = p.gw.peer_by_key(&public(key(2))).unwrap();
+        assert!(p.gw.resume(id, p.dev_addr, &mut p.tx));
+        assert_eq!(p.gw.peer_endpoint(id), Some(p.dev_addr));
+        // Only once: a peer with an endpoint is not resumed again.
+        assert!(!p.gw.resume(id, p.dev_addr, &mut p.tx));
+        assert_eq!(p.tx.datagrams().len(), 1);
+        let d = &p.tx.datagrams()[0];
+        assert_eq!(d.dst, p.dev_addr);
+        let init = p.tx.bytes()[d.range.clone()].to_vec();
+
+        // The device answers the gateway's initiation; the gateway confirms with a keepalive.
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let response = match p.dev.decapsulate(None, &init, &mut buf) {
+            TunnResult::WriteToNetwork(r) => r.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        p.tx.clear();
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &response, &mut p.scratch, &mut p.tx);
+        assert!(matches!(r, Received::Nothing), "{r:?}");
+        let keepalive = p.tx.bytes()[p.tx.datagrams()[0].range.clone()].to_vec();
+        assert!(matches!(
+            p.dev.decapsulate(None, &keepalive, &mut buf),
+            TunnResult::Done
+        ));
+
+        // Gateway to device and device to gateway, on the session the gateway started.
+        p.tx.clear();
+        let reply = ipv4_udp(Ipv4Addr::new(203, 0, 113, 30));
+        assert!(p.gw.encapsulate(id, &reply, &mut p.tx));
+        let d = &p.tx.datagrams()[0];
+        match p
+            .dev
+            .decapsulate(None, &p.tx.bytes()[d.range.clone()], &mut buf)
+        {
+            TunnResult::WriteToTunnelV4(got, _) => assert_eq!(got, &reply[..]),
+            other => panic!("{other:?}"),
+        }
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(
+            matches!(results[..], [Received::Packet { .. }]),
+            "{results:?}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_peer_is_not_resumed() {
+        let mut gw: Endpoint<()> = Endpoint::new(key(1));
+        let mut tx = TransmitQueue::new();
+        assert!(!gw.resume(42, "198.51.100.11:40000".parse().unwrap(), &mut tx));
+        assert!(tx.datagrams().is_empty());
     }
 
     #[test]

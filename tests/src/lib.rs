@@ -822,6 +822,17 @@ impl Lab {
         out.stdout.split_whitespace().nth(2)?.parse().ok()
     }
 
+    /// When (unix seconds) the device last completed a handshake with the gateway; 0 for never.
+    pub fn latest_handshake(&self, device: &Device) -> Option<u64> {
+        let out = self.run_in(
+            &device.ns,
+            &["wg", "show", &device.iface, "latest-handshakes"],
+            secs(5),
+        );
+        // One line per peer: PUBLIC_KEY UNIX_SECONDS.
+        out.stdout.split_whitespace().nth(1)?.parse().ok()
+    }
+
     /// `wg show` of the device's interface, for messages.
     pub fn wg_show(&self, device: &Device) -> String {
         match self.try_run_in(&device.ns, &["wg", "show", &device.iface], secs(5)) {

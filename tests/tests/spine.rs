@@ -16,6 +16,12 @@ use waygate_e2e::{
     HTTP_ORIGIN, IPERF_ORIGIN, UDP_ORIGIN,
 };
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// An address in the tunnel pool that belongs to no device: the spoofed inner source.
 const SPOOFED_V4: &str = "100.96.200.200";
 
@@ -486,9 +492,9 @@ fn spine_restart() {
     assert_egress(&lab, &d2, "d2 before the restart");
 
     // 8. Restart on the same data dir: the devices come back with their configs unchanged (same
-    // server key, same registry), after wireguard-go notices and handshakes again. First the way
-    // an operator stops it (SIGTERM), then like a crash (SIGKILL: stale UAPI socket, no clean
-    // registry shutdown).
+    // server key, same registry), the gateway handshaking first with each at its last address.
+    // First the way an operator stops it (SIGTERM), then like a crash (SIGKILL: stale UAPI
+    // socket, no clean registry shutdown).
     match lab.stop_gateway() {
         Stopped::Exited(status, took) => assert!(
             status.success(),
@@ -506,8 +512,34 @@ fn spine_restart() {
                 "SIGKILL did not stop the gateway"
             );
         }
+        let before = [&d1, &d2].map(|d| lab.latest_handshake(d).unwrap_or(0));
+        // Handshake times are whole seconds: start in a later second than the last one.
+        let newest = before[0].max(before[1]);
+        while unix_now() <= newest {
+            thread::sleep(ms(100));
+        }
         lab.start_gateway()
             .unwrap_or_else(|e| panic!("restart after {how}: the gateway did not start: {e:#}"));
+        // The gateway starts the handshake at each device's last address, while the devices send
+        // nothing (their keepalives do not make wireguard-go handshake again; after the SIGKILL
+        // nothing else would).
+        let started = Instant::now();
+        for (device, before) in [(&d1, before[0]), (&d2, before[1])] {
+            let resumed = wait_until(secs(10), ms(100), || {
+                lab.latest_handshake(device).filter(|&t| t > before)
+            });
+            assert!(
+                resumed.is_some(),
+                "restart after {how}: the gateway did not reach {} first\n{}",
+                device.name,
+                lab.wg_show(device)
+            );
+            report(&format!(
+                "{} handshaken by the gateway within {:.1}s of its restart after {how}",
+                device.name,
+                started.elapsed().as_secs_f64()
+            ));
+        }
         let (r1, r2) = thread::scope(|s| {
             let a = s.spawn(|| wait_reconnect(&lab, &d1, secs(30)));
             let b = s.spawn(|| wait_reconnect(&lab, &d2, secs(30)));

@@ -283,7 +283,7 @@ fn show(d: &Device) -> String {
             v.join(", ")
         }
     };
-    let fields: [(&str, String); 17] = [
+    let fields: [(&str, String); 18] = [
         ("id", d.id.clone()),
         ("name", d.name.clone()),
         ("status", status(d)),
@@ -307,6 +307,11 @@ fn show(d: &Device) -> String {
         ("ipv6", d.ipv6.to_string()),
         ("created", utc(d.created_at)),
         ("last seen", d.last_seen.map_or_else(|| "never".into(), utc)),
+        (
+            "last endpoint",
+            d.last_endpoint
+                .map_or_else(|| "-".into(), |e| e.to_string()),
+        ),
         ("revoked", d.revoked_at.map_or_else(|| "-".into(), utc)),
     ];
     let mut s = String::new();
@@ -375,6 +380,7 @@ mod tests {
             vnet_id: None,
             created_at: 1_795_000_000,
             last_seen: None,
+            last_endpoint: None,
             revoked_at: None,
         }
     }
@@ -489,7 +495,12 @@ mod tests {
         new.public_key = PrivateKey::generate(&mut StdRng::seed_from_u64(5)).public_key();
         new.name = Some("bob-laptop-with-a-long-name".into());
         reg.enroll(new, 11).unwrap();
-        reg.record_last_seen(&[(a.id.clone(), 70)]).unwrap();
+        reg.record_last_seen(&[crate::registry::Seen {
+            device_id: a.id.clone(),
+            at: 70,
+            endpoint: None,
+        }])
+        .unwrap();
         reg.revoke("bob-laptop-with-a-long-name", 80).unwrap();
 
         let table = list(&reg, false, 100).unwrap();

@@ -235,6 +235,22 @@ impl GatewayCore {
         }
     }
 
+    /// Reaches out to a device that has not reached us since we started, at the address it was
+    /// last seen at, so its session comes back without waiting for it (see
+    /// [`Endpoint::resume`]). False when the device is unknown or already connected.
+    pub fn resume_peer(&mut self, public_key: &[u8; 32], at: SocketAddr) -> bool {
+        let Some(peer) = self.wg.peer_by_key(public_key) else {
+            return false;
+        };
+        let resumed = self.wg.resume(peer, at, &mut self.tx);
+        if resumed {
+            if let Some(device) = self.wg.peer_data(peer) {
+                tracing::info!(device = %device.name, id = %device.id, endpoint = %at, "handshake sent to the device's last endpoint");
+            }
+        }
+        resumed
+    }
+
     /// Handles one datagram from the WireGuard socket.
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         let received = self

@@ -123,6 +123,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER device_posture_update AFTER UPDATE ON device_posture
     BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
     "#,
+    // v4: the address each device was last seen at, written with last_seen (and like it left out
+    // of the update trigger), so a restarted gateway can start the handshake itself.
+    r#"
+    ALTER TABLE devices ADD COLUMN last_endpoint TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -25,7 +25,7 @@ pub use vnets::{Vnet, VnetRoute};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -232,11 +232,24 @@ pub struct Device {
     pub created_at: i64,
     /// Last time traffic was seen from it (unix seconds).
     pub last_seen: Option<i64>,
+    /// The address (IP and UDP port) it was last seen at.
+    pub last_endpoint: Option<SocketAddr>,
     /// Revocation time (unix seconds); revoked devices are refused.
     pub revoked_at: Option<i64>,
     /// Group ids and emails, the user's attributes, posture results.
     #[serde(flatten)]
     pub extras: IdentityExtras,
+}
+
+/// A device seen by the server: what [`Registry::record_last_seen`] writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// The device's id.
+    pub device_id: String,
+    /// When (unix seconds).
+    pub at: i64,
+    /// Where from, when known.
+    pub endpoint: Option<SocketAddr>,
 }
 
 impl Device {
@@ -255,7 +268,7 @@ pub struct Registry {
 }
 
 const DEVICE_COLUMNS: &str = "id, name, public_key, ipv4, ipv6, email, user_name, vnet_id, \
-                              created_at, last_seen, revoked_at";
+                              created_at, last_seen, revoked_at, last_endpoint";
 
 /// A device row as stored, before its text columns are parsed.
 struct Row {
@@ -270,6 +283,7 @@ struct Row {
     created_at: i64,
     last_seen: Option<i64>,
     revoked_at: Option<i64>,
+    last_endpoint: Option<String>,
 }
 
 impl Row {
@@ -286,6 +300,7 @@ impl Row {
             created_at: r.get(8)?,
             last_seen: r.get(9)?,
             revoked_at: r.get(10)?,
+            last_endpoint: r.get(11)?,
         })
     }
 
@@ -317,6 +332,8 @@ impl Row {
             vnet_id: self.vnet_id,
             created_at: self.created_at,
             last_seen: self.last_seen,
+            // Only a hint for reconnecting: an unreadable value is as good as none.
+            last_endpoint: self.last_endpoint.and_then(|e| e.parse().ok()),
             revoked_at: self.revoked_at,
             extras,
         })
@@ -441,7 +458,7 @@ impl Registry {
         tx.execute(
             &format!(
                 "INSERT INTO devices ({DEVICE_COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, NULL)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, NULL, NULL)"
             ),
             params![
                 id,
@@ -478,6 +495,7 @@ impl Registry {
             vnet_id: new.vnet_id,
             created_at: now_unix,
             last_seen: None,
+            last_endpoint: None,
             revoked_at: None,
             extras,
         })
@@ -545,20 +563,27 @@ impl Registry {
         Ok(generation.unsigned_abs())
     }
 
-    /// Stores when devices were last seen, in one transaction. Times only move forward; ids of
-    /// devices that no longer exist are skipped.
-    pub fn record_last_seen(&self, seen: &[(String, i64)]) -> Result<(), RegistryError> {
+    /// Records when (unix seconds) and from where devices were last seen; an older time than
+    /// the one stored is ignored, a missing address keeps the stored one.
+    pub fn record_last_seen(&self, seen: &[Seen]) -> Result<(), RegistryError> {
         if seen.is_empty() {
             return Ok(());
         }
         let tx = self.write_tx()?;
         {
             let mut update = tx.prepare(
-                "UPDATE devices SET last_seen = ?2 \
-                 WHERE id = ?1 AND (last_seen IS NULL OR last_seen < ?2)",
+                "UPDATE devices SET \
+                   last_seen = CASE WHEN last_seen IS NULL OR last_seen < ?2 THEN ?2 \
+                                    ELSE last_seen END, \
+                   last_endpoint = coalesce(?3, last_endpoint) \
+                 WHERE id = ?1",
             )?;
-            for (id, at) in seen {
-                update.execute(params![id, at])?;
+            for s in seen {
+                update.execute(params![
+                    s.device_id,
+                    s.at,
+                    s.endpoint.map(|e| e.to_string())
+                ])?;
             }
         }
         tx.commit()?;

@@ -278,15 +278,39 @@ fn change_counter_sees_other_processes_but_not_last_seen() {
     let c1 = server.change_counter().unwrap();
     assert_ne!(c1, c0);
 
-    server.record_last_seen(&[(d.id.clone(), 500)]).unwrap();
-    cli.record_last_seen(&[(d.id.clone(), 600)]).unwrap();
-    assert_eq!(server.change_counter().unwrap(), c1);
-    assert_eq!(server.find(&d.id).unwrap().last_seen, Some(600));
-    // Older reports never move last_seen back; unknown ids are skipped.
+    let here: SocketAddr = "198.51.100.11:40000".parse().unwrap();
+    let there: SocketAddr = "[2001:db8::11]:41000".parse().unwrap();
+    let seen = |id: &str, at: i64, endpoint: Option<SocketAddr>| Seen {
+        device_id: id.to_string(),
+        at,
+        endpoint,
+    };
     server
-        .record_last_seen(&[(d.id.clone(), 550), ("gone".into(), 1)])
+        .record_last_seen(&[seen(&d.id, 500, Some(here))])
         .unwrap();
-    assert_eq!(server.find(&d.id).unwrap().last_seen, Some(600));
+    cli.record_last_seen(&[seen(&d.id, 600, None)]).unwrap();
+    // Neither time nor address is a change of the device set.
+    assert_eq!(server.change_counter().unwrap(), c1);
+    let found = server.find(&d.id).unwrap();
+    assert_eq!(
+        (found.last_seen, found.last_endpoint),
+        (Some(600), Some(here))
+    );
+    // Older reports never move last_seen back; unknown ids are skipped; a new address sticks.
+    server
+        .record_last_seen(&[seen(&d.id, 550, Some(there)), seen("gone", 1, None)])
+        .unwrap();
+    let found = server.find(&d.id).unwrap();
+    assert_eq!(
+        (found.last_seen, found.last_endpoint),
+        (Some(600), Some(there))
+    );
+    // A hand-edited address that does not parse reads as none.
+    raw(tmp.path())
+        .execute("UPDATE devices SET last_endpoint = 'nowhere'", [])
+        .unwrap();
+    assert_eq!(server.find(&d.id).unwrap().last_endpoint, None);
+    assert_eq!(server.change_counter().unwrap(), c1);
 
     cli.revoke(&d.name, 700).unwrap();
     let c2 = server.change_counter().unwrap();

@@ -25,7 +25,7 @@ use crate::core::{CoreSettings, GatewayCore};
 use crate::datadir;
 use crate::egress::EgressSettings;
 use crate::flow::{Command, DeviceInfo, Via};
-use crate::registry::{Device, Registry, Vnet};
+use crate::registry::{Device, Registry, Seen, Vnet};
 use crate::transmit::TransmitQueue;
 use crate::uapi::{self, UapiPeer, UapiSnapshot};
 use crate::vnet::VnetRoute;
@@ -43,6 +43,8 @@ use upstream::Upstreams;
 const REGISTRY_POLL: Duration = Duration::from_millis(200);
 /// How often last-seen times are written to the registry.
 const LAST_SEEN_EVERY: Duration = Duration::from_secs(30);
+/// After a start, devices seen this recently at a known address get a handshake from the gateway.
+const RESUME_WITHIN: Duration = Duration::from_secs(3600);
 /// How often the `wg show` snapshot is refreshed.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 /// Kernel buffer for the WireGuard socket: bursts from many devices must not overflow it.
@@ -132,7 +134,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let socket = UdpSocket::from_std(socket)?;
 
     let (device_tx, mut device_rx) = mpsc::channel::<RegistrySnapshot>(4);
-    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Vec<(String, i64)>>();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Vec<Seen>>();
     let watcher = {
         let data_dir = config.data_dir.clone();
         let tunnel = config.tunnel.clone();
@@ -190,6 +192,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut bufs = vec![vec![0u8; RECV_BUFFER]; BATCH_SIZE];
     let mut metas = vec![RecvMeta::default(); BATCH_SIZE];
     let mut next_seen = now + LAST_SEEN_EVERY;
+    let mut reported: HashMap<String, SocketAddr> = HashMap::new();
     let mut vnets: Vec<Vnet> = Vec::new();
     let mut vnets_unresolved = false;
     // Removes the kernel routes it installed when the loop ends, also on error.
@@ -215,9 +218,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
             snapshot = device_rx.recv() => match snapshot {
                 Some(snapshot) => {
+                    let resume = resumable(&snapshot.devices, unix_now().as_secs() as i64);
                     let peers = peers_of(snapshot.devices);
                     dns.set_devices(peers.iter().map(|(_, d)| d));
                     core.sync_peers(peers, Instant::now());
+                    // Devices already heard from since the start are skipped.
+                    for (key, at) in resume {
+                        core.resume_peer(&key, at);
+                    }
                     let (routes, unresolved) = resolve_vnet_routes(&snapshot.vnets, &mut next_hops);
                     core.sync_vnets(routes);
                     vnets = snapshot.vnets;
@@ -314,13 +322,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
             if let Ok(mut s) = snapshot.lock() {
                 s.peers = uapi_peers(&core);
             }
-        }
-        if now >= next_seen {
-            next_seen = now + LAST_SEEN_EVERY;
-            let _ = seen_tx.send(recently_seen(&core));
+            // Written every LAST_SEEN_EVERY, and within a second when a device appears at a new
+            // address, so a crash soon after still leaves the next start where to reach it.
+            let seen = recently_seen(&core);
+            let moved = seen
+                .iter()
+                .any(|s| s.endpoint.is_some() && reported.get(&s.device_id) != s.endpoint.as_ref());
+            if moved || now >= next_seen {
+                next_seen = now + LAST_SEEN_EVERY;
+                for s in &seen {
+                    if let Some(at) = s.endpoint {
+                        reported.insert(s.device_id.clone(), at);
+                    }
+                }
+                let _ = seen_tx.send(seen);
+            }
         }
     }
     tracing::info!("waygate stopping");
+    // Where every device is now, for the next start to reach them.
+    let _ = seen_tx.send(recently_seen(&core));
     drop(upstreams);
     drop(device_rx);
     let _ = std::fs::remove_file(&uapi_path);
@@ -592,7 +613,7 @@ fn uapi_peers(core: &GatewayCore) -> Vec<UapiPeer> {
         .collect()
 }
 
-fn recently_seen(core: &GatewayCore) -> Vec<(String, i64)> {
+fn recently_seen(core: &GatewayCore) -> Vec<Seen> {
     let wg = core.wireguard();
     let now = unix_now();
     wg.stats()
@@ -604,12 +625,35 @@ fn recently_seen(core: &GatewayCore) -> Vec<(String, i64)> {
                 return None;
             }
             let device = wg.peer_data(wg.peer_by_key(&s.public_key)?)?;
-            Some((
-                device.id.clone(),
-                now.saturating_sub(since).as_secs() as i64,
-            ))
+            Some(Seen {
+                device_id: device.id.clone(),
+                at: now.saturating_sub(since).as_secs() as i64,
+                endpoint: s.endpoint,
+            })
         })
         .collect()
+}
+
+/// Devices to reach out to after a start: active, seen at a known address within
+/// [`RESUME_WITHIN`] of `now` (unix seconds). Older addresses have likely changed hands.
+fn resumable(devices: &[Device], now: i64) -> Vec<([u8; 32], SocketAddr)> {
+    devices
+        .iter()
+        .filter(|d| d.is_active())
+        .filter(|d| {
+            d.last_seen
+                .is_some_and(|t| now.saturating_sub(t) <= RESUME_WITHIN.as_secs() as i64)
+        })
+        .filter_map(|d| Some((*d.public_key.as_bytes(), d.last_endpoint?)))
+        .collect()
+}
+
+fn record_seen(registry: &Registry, seen: &std::sync::mpsc::Receiver<Vec<Seen>>) {
+    while let Ok(batch) = seen.try_recv() {
+        if let Err(err) = registry.record_last_seen(&batch) {
+            tracing::warn!(%err, "cannot record last-seen times");
+        }
+    }
 }
 
 /// Polls the registry's change counter and sends the device list whenever it changes; writes
@@ -618,7 +662,7 @@ fn watch_registry(
     data_dir: &Path,
     tunnel: &crate::config::TunnelConfig,
     devices: mpsc::Sender<RegistrySnapshot>,
-    seen: std::sync::mpsc::Receiver<Vec<(String, i64)>>,
+    seen: std::sync::mpsc::Receiver<Vec<Seen>>,
 ) {
     let registry = match Registry::open(data_dir, tunnel) {
         Ok(r) => r,
@@ -651,14 +695,62 @@ fn watch_registry(
             Ok(_) => {}
             Err(err) => tracing::warn!(%err, "cannot read the registry"),
         }
-        while let Ok(batch) = seen.try_recv() {
-            if let Err(err) = registry.record_last_seen(&batch) {
-                tracing::warn!(%err, "cannot record last-seen times");
-            }
-        }
+        record_seen(&registry, &seen);
         if devices.is_closed() {
+            // The serving loop's last report comes before it closes the channel.
+            record_seen(&registry, &seen);
             return;
         }
         std::thread::sleep(REGISTRY_POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use waygate_keys::PrivateKey;
+
+    fn device(seed: u64, last_seen: Option<i64>, at: Option<&str>, revoked: bool) -> Device {
+        Device {
+            id: format!("d{seed}"),
+            name: format!("device-{seed}"),
+            public_key: PrivateKey::generate(&mut StdRng::seed_from_u64(seed)).public_key(),
+            ipv4: Ipv4Addr::new(100, 96, 0, 2),
+            ipv6: "fd77:6761:7465::2".parse().expect("v6"),
+            email: "ada@example.com".into(),
+            user_name: None,
+            groups: Vec::new(),
+            extras: Default::default(),
+            vnet_id: None,
+            created_at: 1_000,
+            last_seen,
+            last_endpoint: at.map(|a| a.parse().expect("endpoint")),
+            revoked_at: revoked.then_some(2_000),
+        }
+    }
+
+    #[test]
+    fn only_active_devices_seen_lately_at_a_known_address_are_resumed() {
+        let now = 100_000;
+        let recent = Some(now - 600);
+        let devices = [
+            device(1, recent, Some("198.51.100.11:40000"), false),
+            device(2, recent, None, false),
+            device(3, Some(now - 7_200), Some("198.51.100.13:40000"), false),
+            device(4, recent, Some("198.51.100.14:40000"), true),
+            device(5, None, Some("198.51.100.15:40000"), false),
+        ];
+        let got = resumable(&devices, now);
+        assert_eq!(
+            got,
+            vec![(
+                *devices[0].public_key.as_bytes(),
+                "198.51.100.11:40000".parse().expect("endpoint")
+            )]
+        );
     }
 }
