@@ -214,7 +214,9 @@ out = sys.stdin.read()
 vals = [float(m) for m in re.findall(r"^\s*[0-9.]+: ([0-9.]+)\s*$", out, re.M)]
 if not vals:
     sys.exit("bench-dns: no per-second figures in the dnsperf output:\n" + out)
-per_second = vals[:-1] if len(vals) > 2 else vals
+# The first and last figures cover partial seconds (dnsperf 2.10 sometimes prints the first
+# against a zero start time, a rate near 0); the reload happens 3 s in, well inside the rest.
+per_second = vals[1:-1] if len(vals) > 3 else vals
 mean = sum(per_second) / len(per_second)
 print("reload: per-second qps " + " ".join(f"{v:.0f}" for v in per_second))
 print(f"reload: per-second qps min {min(per_second):.0f}, mean {mean:.0f}: lowest second at {100 * min(per_second) / mean:.0f}% of the mean (target >= 50%)")
