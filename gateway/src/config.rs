@@ -48,6 +48,53 @@ pub struct Config {
     pub geoip: GeoipConfig,
     /// Virtual networks declared here (`[[vnets]]`); the server adds them to the registry.
     pub vnets: Vec<VnetConfig>,
+    /// Protected destinations devices may reach anyway (`[network]`).
+    pub network: NetworkConfig,
+    /// What one device may hold (`[limits]`).
+    pub limits: LimitsConfig,
+}
+
+/// `[network]`
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NetworkConfig {
+    /// Private, link-local or directly connected ranges devices may reach anyway
+    /// (`allow_private`); the gateway host's own addresses stay refused.
+    pub allow_private: Vec<IpNet>,
+}
+
+/// `[limits]`: per-device caps. One device at its caps leaves room for every other device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Open TCP flows per device.
+    pub tcp_flows_per_device: usize,
+    /// UDP and ping NAT entries per device.
+    pub udp_flows_per_device: usize,
+    /// DNS queries per device waiting for an upstream.
+    pub dns_queries_per_device: usize,
+    /// Flow buffer memory per device, in bytes (`flow_memory_per_device_mb` in the file).
+    pub flow_memory_per_device: usize,
+}
+
+/// Default `limits.tcp_flows_per_device`: a browser with many tabs holds a few hundred
+/// connections; 1,024 leaves room for that while one device cannot take the descriptor table.
+pub const DEFAULT_TCP_FLOWS_PER_DEVICE: usize = 1024;
+/// Default `limits.udp_flows_per_device` (UDP and ping flows, each one upstream socket).
+pub const DEFAULT_UDP_FLOWS_PER_DEVICE: usize = 1024;
+/// Default `limits.dns_queries_per_device`: each waiting query holds an upstream socket for up
+/// to 2 s per upstream; 256 is far above what a device's resolver keeps outstanding.
+pub const DEFAULT_DNS_QUERIES_PER_DEVICE: usize = 256;
+/// Default `limits.flow_memory_per_device_mb`.
+pub const DEFAULT_FLOW_MEMORY_PER_DEVICE_MB: usize = 256;
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            tcp_flows_per_device: DEFAULT_TCP_FLOWS_PER_DEVICE,
+            udp_flows_per_device: DEFAULT_UDP_FLOWS_PER_DEVICE,
+            dns_queries_per_device: DEFAULT_DNS_QUERIES_PER_DEVICE,
+            flow_memory_per_device: DEFAULT_FLOW_MEMORY_PER_DEVICE_MB * 1024 * 1024,
+        }
+    }
 }
 
 /// One `[[vnets]]` entry.
@@ -218,6 +265,8 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             geoip: GeoipConfig::default(),
             vnets: Vec::new(),
+            network: NetworkConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -471,6 +520,39 @@ impl Config {
         if let Some(mut g) = keys.section("geoip") {
             cfg.geoip.database = g.string("database").map(PathBuf::from);
             keys.absorb(g);
+        }
+        if let Some(mut n) = keys.section("network") {
+            for (i, text) in n
+                .string_array("allow_private")
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                match text.parse::<IpNet>() {
+                    Ok(net) => cfg.network.allow_private.push(net.trunc()),
+                    Err(_) => n.problem(
+                        &format!("allow_private[{i}]"),
+                        format!("expected a CIDR like \"10.20.0.0/16\", got {text:?}"),
+                    ),
+                }
+            }
+            keys.absorb(n);
+        }
+        if let Some(mut l) = keys.section("limits") {
+            let l_ = &mut cfg.limits;
+            if let Some(v) = l.integer("tcp_flows_per_device", 1..=1_000_000) {
+                l_.tcp_flows_per_device = v as usize;
+            }
+            if let Some(v) = l.integer("udp_flows_per_device", 1..=1_000_000) {
+                l_.udp_flows_per_device = v as usize;
+            }
+            if let Some(v) = l.integer("dns_queries_per_device", 1..=100_000) {
+                l_.dns_queries_per_device = v as usize;
+            }
+            if let Some(v) = l.integer("flow_memory_per_device_mb", 1..=1_048_576) {
+                l_.flow_memory_per_device = v as usize * 1024 * 1024;
+            }
+            keys.absorb(l);
         }
         for mut v in keys.table_array("vnets").unwrap_or_default() {
             if let Some(vnet) = vnet_config(&mut v) {
@@ -848,6 +930,48 @@ mod tests {
         assert_eq!(cfg.dns.upstreams.len(), 2);
         assert_eq!(cfg.dns.upstream_ca, Some(PathBuf::from("private-ca.pem")));
         assert_eq!(cfg.policy.rules, Some(PathBuf::from("rules.json")));
+    }
+
+    #[test]
+    fn network_and_limits_parse_and_bad_values_name_their_key() {
+        let cfg = Config::parse(
+            r#"
+            [network]
+            allow_private = ["10.20.0.5/16", "fd00:1::/48"]
+            [limits]
+            tcp_flows_per_device = 50
+            udp_flows_per_device = 40
+            dns_queries_per_device = 30
+            flow_memory_per_device_mb = 8
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.network.allow_private,
+            vec![
+                "10.20.0.0/16".parse::<IpNet>().unwrap(),
+                "fd00:1::/48".parse().unwrap()
+            ]
+        );
+        assert_eq!(cfg.limits.tcp_flows_per_device, 50);
+        assert_eq!(cfg.limits.udp_flows_per_device, 40);
+        assert_eq!(cfg.limits.dns_queries_per_device, 30);
+        assert_eq!(cfg.limits.flow_memory_per_device, 8 * 1024 * 1024);
+        let err = Config::parse(
+            "[network]\nallow_private = [\"10.0.0.0/33\"]\n[limits]\ntcp_flows_per_device = 0\n",
+        )
+        .unwrap_err();
+        let ParseError::Invalid(problems) = err else {
+            panic!("expected invalid keys");
+        };
+        assert!(
+            problems[0].starts_with("network.allow_private[0]"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("limits.tcp_flows_per_device"),
+            "{problems:?}"
+        );
     }
 
     #[test]

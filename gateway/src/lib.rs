@@ -13,6 +13,7 @@ pub mod egress;
 pub mod flow;
 pub mod geoip;
 pub mod policy;
+pub mod protect;
 pub mod registry;
 pub mod runtime;
 pub mod tls;

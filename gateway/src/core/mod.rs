@@ -26,11 +26,12 @@ use crate::flow::sniff::Detected;
 use crate::flow::tcp::{Opening, Release, TcpFlows, TcpSettings};
 use crate::flow::udp::UdpNat;
 use crate::flow::{
-    Command, DeviceInfo, FlowCtx, FlowDrop, FlowDropCounters, FlowId, FlowRules, PacketSink,
-    Protocol, Upstream, UpstreamEvent,
+    Command, DeviceInfo, FlowCtx, FlowDrop, FlowDropCounters, FlowId, FlowLimits, FlowRules,
+    PacketSink, Protocol, Upstream, UpstreamEvent,
 };
 use crate::geoip::GeoIp;
 use crate::policy;
+use crate::protect::{HostAddress, Protected};
 use crate::transmit::{TransmitQueue, MAX_DATAGRAM};
 use crate::vnet::{VnetRoute, VnetRoutes};
 use crate::wg::{self, Endpoint, PeerId, Received};
@@ -63,6 +64,11 @@ pub struct CoreSettings {
     pub dns_intercept: bool,
     /// Egress addresses.
     pub egress: EgressSettings,
+    /// Destinations devices may not reach (the host's interfaces follow with
+    /// [`GatewayCore::set_host_addresses`]).
+    pub protected: Protected,
+    /// What one device may hold, and all together.
+    pub limits: FlowLimits,
 }
 
 /// The data plane.
@@ -78,6 +84,9 @@ pub struct GatewayCore {
 const NAMES_PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most (device, address) pairs the data plane remembers names for.
 const NAMES_CAPACITY: usize = 200_000;
+
+/// How often one device's hitting a flow limit is logged.
+const LIMIT_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where a new TCP flow goes.
 enum Target {
@@ -104,6 +113,8 @@ struct Router {
     commands: VecDeque<Command>,
     next_flow: FlowId,
     drops: FlowDropCounters,
+    /// When each device was last said to be at a flow limit.
+    limit_warned: HashMap<PeerId, Instant>,
     reply: Vec<u8>,
 }
 
@@ -122,8 +133,12 @@ impl PacketSink for WgSink<'_> {
 impl GatewayCore {
     /// A core with the server's private key and no peers.
     pub fn new(private_key: [u8; 32], settings: CoreSettings, now: Instant) -> Self {
+        let tcp_settings = TcpSettings {
+            memory_per_device: settings.limits.memory_per_device,
+            ..TcpSettings::for_mtu(usize::from(settings.mtu))
+        };
         let tcp = TcpFlows::new(
-            TcpSettings::for_mtu(usize::from(settings.mtu)),
+            tcp_settings,
             &[
                 (
                     IpAddr::V4(settings.gateway_v4),
@@ -154,6 +169,7 @@ impl GatewayCore {
                 commands: VecDeque::new(),
                 next_flow: 1,
                 drops: FlowDropCounters::default(),
+                limit_warned: HashMap::new(),
                 reply: vec![0u8; MAX_DATAGRAM],
             },
             next_wg_tick: now,
@@ -178,6 +194,12 @@ impl GatewayCore {
     /// Replaces the virtual networks' private routes (vnet id -> routes); new flows use them.
     pub fn sync_vnets(&mut self, routes: HashMap<String, Vec<VnetRoute>>) {
         self.router.vnets = VnetRoutes::new(routes);
+    }
+
+    /// Replaces the host's interface addresses and the prefixes it routes to itself: flows to
+    /// them and to the interfaces' networks are refused from now on.
+    pub fn set_host_addresses(&mut self, addrs: &[HostAddress], local: &[ipnet::IpNet]) {
+        self.router.settings.protected.set_host(addrs, local);
     }
 
     /// Replaces the rule set; flows opened from now on are decided by it.
@@ -219,6 +241,7 @@ impl GatewayCore {
                 self.router
                     .udp
                     .remove_peer(peer, now, &mut self.router.commands);
+                self.router.limit_warned.remove(&peer);
             }
         }
         for (key, info) in wanted {
@@ -420,6 +443,35 @@ impl Router {
         }
     }
 
+    /// Flows of all devices.
+    fn open_flows(&self) -> usize {
+        self.tcp.len() + self.udp.len()
+    }
+
+    /// Says, at most once per [`LIMIT_WARN_EVERY`] per device, that a device hit a limit.
+    fn at_limit(&mut self, peer: PeerId, reason: FlowDrop, now: Instant, sink: &WgSink<'_>) {
+        let due = self
+            .limit_warned
+            .get(&peer)
+            .is_none_or(|at| now.saturating_duration_since(*at) >= LIMIT_WARN_EVERY);
+        if !due {
+            return;
+        }
+        self.limit_warned.insert(peer, now);
+        let device = sink.wg.peer_data(peer);
+        tracing::warn!(
+            device = device.map(|d| d.name.as_str()),
+            id = device.map(|d| d.id.as_str()),
+            ?reason,
+            tcp_flows = self.tcp.flows_of(peer),
+            udp_flows = self.udp.flows_of(peer),
+            buffer_memory = self.tcp.memory_of(peer),
+            all_flows = self.open_flows(),
+            limit_total = self.settings.limits.total,
+            "device at a flow limit: new flows refused (said at most once per 10 s per device)"
+        );
+    }
+
     fn is_gateway(&self, addr: IpAddr) -> bool {
         addr == IpAddr::V4(self.settings.gateway_v4) || addr == IpAddr::V6(self.settings.gateway_v6)
     }
@@ -437,7 +489,14 @@ impl Router {
             IpAddr::V4(a) => {
                 a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_broadcast()
             }
-            IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast(),
+            // An IPv4-mapped destination would be reached as the IPv4 address it embeds; no
+            // device needs to send one over IPv6.
+            IpAddr::V6(a) => {
+                a.is_loopback()
+                    || a.is_unspecified()
+                    || a.is_multicast()
+                    || a.to_ipv4_mapped().is_some()
+            }
         };
         special.then_some(FlowDrop::ForbiddenDestination)
     }
@@ -636,7 +695,11 @@ impl Router {
         to: SocketAddr,
         choice: Option<&EgressChoice>,
     ) -> Result<Upstream, FlowDrop> {
-        if let Some(route) = self.vnets.route(ctx.device.vnet_id.as_deref(), to.ip()) {
+        let route = self.vnets.route(ctx.device.vnet_id.as_deref(), to.ip());
+        if let Some(refused) = self.settings.protected.check(to.ip(), route.is_some()) {
+            return Err(refused);
+        }
+        if let Some(route) = route {
             ctx.rules.route = Some(format!("{} via {}", route.cidr, route.via));
             return Ok(Upstream {
                 dst: to,
@@ -737,6 +800,25 @@ impl Router {
             self.refuse(peer, parsed, FlowDrop::StrayTcp, sink);
             return;
         }
+        let limits = &self.settings.limits;
+        let admitted = limits
+            .admit(
+                self.tcp.flows_of(peer),
+                limits.tcp_per_device,
+                self.open_flows(),
+            )
+            .and_then(|()| {
+                if self.tcp.has_memory_for_flow(peer) {
+                    Ok(())
+                } else {
+                    Err(FlowDrop::MemoryLimit)
+                }
+            });
+        if let Err(reason) = admitted {
+            self.at_limit(peer, reason, now, sink);
+            self.refuse(peer, parsed, reason, sink);
+            return;
+        }
         let Some(mut ctx) = self.new_ctx(peer, parsed, now, sink) else {
             return;
         };
@@ -770,6 +852,13 @@ impl Router {
         let id = match self.udp.lookup(peer, parsed.src, parsed.dst) {
             Some(id) => id,
             None => {
+                let limits = &self.settings.limits;
+                let held = self.udp.flows_of(peer);
+                if let Err(reason) = limits.admit(held, limits.udp_per_device, self.open_flows()) {
+                    self.at_limit(peer, reason, now, sink);
+                    self.drops.add(reason);
+                    return;
+                }
                 let Some(mut ctx) = self.new_ctx(peer, parsed, now, sink) else {
                     return;
                 };

@@ -130,6 +130,8 @@ impl Sim {
                 default_ipv4: Some(EGRESS),
                 ..EgressSettings::default()
             },
+            protected: Protected::default(),
+            limits: FlowLimits::default(),
         };
         let mut core = GatewayCore::new(gw_key, settings, t0);
         core.sync_peers(vec![(public(dev_key), device_info())], t0);

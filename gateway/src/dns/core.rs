@@ -18,7 +18,9 @@ use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 
 use super::cache::{Address, Cache, Replay};
 use super::memory::Names;
-use super::policy::{BlockMode, ClientCtx, Decision, DnsPolicy, PolicyVerdict, QueryInfo};
+use super::policy::{
+    BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, PolicyVerdict, QueryInfo,
+};
 use super::wire::{push_record, NameText, QueryView, WireAnswer};
 
 /// Largest DNS message over TCP.
@@ -41,6 +43,10 @@ pub struct ResolverConfig {
     pub local_ttl: u32,
     /// Upstream queries in flight at once; more are answered SERVFAIL (default 4,096).
     pub max_pending: usize,
+    /// Upstream queries in flight at once for one client (a device, or a source address);
+    /// more are answered SERVFAIL, so one client cannot take every upstream socket (default
+    /// 256).
+    pub max_pending_per_client: usize,
 }
 
 impl Default for ResolverConfig {
@@ -51,6 +57,7 @@ impl Default for ResolverConfig {
             max_negative_ttl: 3_600,
             local_ttl: 10,
             max_pending: 4_096,
+            max_pending_per_client: 256,
         }
     }
 }
@@ -116,6 +123,8 @@ pub struct Stats {
     pub formerr: u64,
     /// Answered SERVFAIL because the upstream failed or too many were pending.
     pub servfail: u64,
+    /// Of those, because the client had `max_pending_per_client` queries pending.
+    pub client_limited: u64,
     /// Answered locally by a policy decision.
     pub local: u64,
     /// Unreadable datagrams dropped.
@@ -133,6 +142,8 @@ pub struct Resolver<P> {
     config: ResolverConfig,
     cache: Cache,
     pending: HashMap<Ticket, Pending>,
+    /// Pending queries per client.
+    pending_by_client: HashMap<ClientKey, usize>,
     rng: u64,
     stats: Stats,
 }
@@ -167,6 +178,7 @@ impl<P: DnsPolicy> Resolver<P> {
             ),
             config,
             pending: HashMap::new(),
+            pending_by_client: HashMap::new(),
             // xorshift must not start at zero.
             rng: seed | 1,
             stats: Stats::default(),
@@ -373,6 +385,21 @@ impl<P: DnsPolicy> Resolver<P> {
             }
         }
 
+        let key = client.key();
+        let held = self.pending_by_client.get(&key).copied().unwrap_or(0);
+        if held >= self.config.max_pending_per_client {
+            self.stats.servfail += 1;
+            self.stats.client_limited += 1;
+            return self.local(
+                &reply,
+                ResponseCode::ServFail,
+                Vec::new(),
+                client,
+                "client limit",
+                None,
+                out,
+            );
+        }
         if self.pending.len() >= self.config.max_pending {
             self.stats.servfail += 1;
             return self.local(
@@ -406,6 +433,7 @@ impl<P: DnsPolicy> Resolver<P> {
                 out,
             );
         }
+        *self.pending_by_client.entry(key).or_default() += 1;
         self.pending.insert(
             ticket,
             Pending {
@@ -440,6 +468,13 @@ impl<P: DnsPolicy> Resolver<P> {
         let Some(p) = self.pending.remove(&ticket) else {
             return Handled::Drop;
         };
+        let key = p.client.key();
+        if let Some(n) = self.pending_by_client.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending_by_client.remove(&key);
+            }
+        }
         let query = Query::query(p.qname.clone(), p.qtype);
         let reply = Reply {
             id: p.id,

@@ -522,3 +522,55 @@ fn a_device_answers_are_reported_with_aged_ttls_and_an_address_client_is_not() {
     );
     assert_eq!(*heard.lock().unwrap(), vec![first, second]);
 }
+
+#[test]
+fn one_client_cannot_take_every_pending_upstream_query() {
+    let config = ResolverConfig {
+        max_pending_per_client: 3,
+        ..ResolverConfig::default()
+    };
+    let mut r: Resolver<Policy> = Resolver::new(allow, config, 7);
+    let t0 = test_epoch();
+    let mut out = Vec::new();
+    let other = ClientCtx::from_ip(IpAddr::V4(Ipv4Addr::new(100, 96, 0, 3)));
+    let mut tickets = Vec::new();
+    for i in 0..3u16 {
+        let q = query(i, &format!("n{i}.example."), RecordType::A);
+        match r.handle_query(&client(), &q, Transport::Udp, t0, &mut out) {
+            Handled::Upstream(t) => tickets.push(t),
+            h => panic!("{h:?}"),
+        }
+    }
+    // The fourth fresh name of the same client is refused at once, another client's goes on.
+    let h = r.handle_query(
+        &client(),
+        &query(9, "n9.example.", RecordType::A),
+        Transport::Udp,
+        t0,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Answer);
+    assert_eq!(answer_of(&out).response_code(), ResponseCode::ServFail);
+    assert_eq!(r.stats().client_limited, 1);
+    let h = r.handle_query(
+        &other,
+        &query(10, "o.example.", RecordType::A),
+        Transport::Udp,
+        t0,
+        &mut out,
+    );
+    assert!(matches!(h, Handled::Upstream(_)), "{h:?}");
+    // An upstream that failed frees the client's place.
+    assert_eq!(
+        r.handle_upstream(tickets[0], None, "up", t0, &mut out),
+        Handled::Answer
+    );
+    let h = r.handle_query(
+        &client(),
+        &query(11, "n11.example.", RecordType::A),
+        Transport::Udp,
+        t0,
+        &mut out,
+    );
+    assert!(matches!(h, Handled::Upstream(_)), "{h:?}");
+}

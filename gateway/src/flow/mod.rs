@@ -256,17 +256,29 @@ pub enum FlowDrop {
     StrayTcp,
     /// ICMP other than echo requests.
     UnsupportedIcmp,
-    /// Too many flows for one device.
+    /// The device holds as many flows of this kind as it may (`limits.*_per_device`).
     FlowLimit,
     /// Addressed to a private range of a virtual network the device is not in.
     OtherVnet,
     /// A network (l4) rule blocked it.
     PolicyBlocked,
+    /// Addressed to one of the gateway host's own addresses (see [`crate::protect`]).
+    HostAddress,
+    /// Addressed to a link-local address (169.254.0.0/16, fe80::/10).
+    LinkLocal,
+    /// Addressed to a network the gateway host is directly connected to.
+    ConnectedNetwork,
+    /// Addressed to a private range no virtual network of the device routes.
+    PrivateRange,
+    /// The gateway's flow budget is spent, and this device already holds its guaranteed share.
+    GatewayFlowLimit,
+    /// The device's flows hold as much buffer memory as it may.
+    MemoryLimit,
 }
 
 impl FlowDrop {
     /// Every reason, for counters.
-    pub const ALL: [FlowDrop; 11] = [
+    pub const ALL: [FlowDrop; 17] = [
         FlowDrop::Malformed,
         FlowDrop::Fragment,
         FlowDrop::UnsupportedProtocol,
@@ -278,7 +290,59 @@ impl FlowDrop {
         FlowDrop::FlowLimit,
         FlowDrop::OtherVnet,
         FlowDrop::PolicyBlocked,
+        FlowDrop::HostAddress,
+        FlowDrop::LinkLocal,
+        FlowDrop::ConnectedNetwork,
+        FlowDrop::PrivateRange,
+        FlowDrop::GatewayFlowLimit,
+        FlowDrop::MemoryLimit,
     ];
+}
+
+/// How many flows one device may hold, and all devices together.
+///
+/// Every flow holds an upstream descriptor, so the total follows the process's descriptor
+/// limit. A device holding at least [`FlowLimits::GUARANTEED`] flows may not take the last
+/// quarter of the total: one device at its caps leaves room for every device below them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// Open TCP flows per device.
+    pub tcp_per_device: usize,
+    /// UDP and ping flows per device.
+    pub udp_per_device: usize,
+    /// Buffer memory of one device's TCP flows, in bytes (see [`tcp::TcpSettings`]).
+    pub memory_per_device: usize,
+    /// Flows of all devices together.
+    pub total: usize,
+}
+
+impl Default for FlowLimits {
+    fn default() -> Self {
+        FlowLimits {
+            tcp_per_device: 1024,
+            udp_per_device: 1024,
+            memory_per_device: 256 * 1024 * 1024,
+            total: 100_000,
+        }
+    }
+}
+
+impl FlowLimits {
+    /// Flows a device may always open while the total is not spent.
+    pub const GUARANTEED: usize = 64;
+
+    /// Whether a device holding `held` flows of a kind capped at `cap` may open another while
+    /// `open` flows of all devices are open.
+    pub fn admit(&self, held: usize, cap: usize, open: usize) -> Result<(), FlowDrop> {
+        if held >= cap {
+            return Err(FlowDrop::FlowLimit);
+        }
+        let reserve = self.total / 4;
+        if open >= self.total || (held >= Self::GUARANTEED && open + reserve >= self.total) {
+            return Err(FlowDrop::GatewayFlowLimit);
+        }
+        Ok(())
+    }
 }
 
 /// Per-reason counts of dropped device packets.
@@ -288,6 +352,11 @@ pub struct FlowDropCounters {
 }
 
 impl FlowDropCounters {
+    /// Every reason with its count.
+    pub fn iter(&self) -> impl Iterator<Item = (FlowDrop, u64)> + '_ {
+        FlowDrop::ALL.iter().map(|r| (*r, self.get(*r)))
+    }
+
     /// Adds one.
     pub fn add(&mut self, reason: FlowDrop) {
         self.counts[reason as usize] += 1;
@@ -296,5 +365,27 @@ impl FlowDropCounters {
     /// Count for `reason`.
     pub fn get(&self, reason: FlowDrop) -> u64 {
         self.counts[reason as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_at_its_cap_is_refused_and_the_reserve_is_kept_for_small_devices() {
+        let limits = FlowLimits {
+            tcp_per_device: 100,
+            udp_per_device: 100,
+            memory_per_device: 1 << 20,
+            total: 400,
+        };
+        assert_eq!(limits.admit(99, 100, 0), Ok(()));
+        assert_eq!(limits.admit(100, 100, 0), Err(FlowDrop::FlowLimit));
+        // Past three quarters of the total only devices below their guaranteed share open more.
+        assert_eq!(limits.admit(80, 100, 299), Ok(()));
+        assert_eq!(limits.admit(80, 100, 300), Err(FlowDrop::GatewayFlowLimit));
+        assert_eq!(limits.admit(3, 100, 399), Ok(()));
+        assert_eq!(limits.admit(3, 100, 400), Err(FlowDrop::GatewayFlowLimit));
     }
 }

@@ -56,6 +56,17 @@ pub struct TcpSettings {
     pub max_chunk: usize,
     /// How long smoltcp may delay an ACK.
     pub ack_delay: Duration,
+    /// Bytes the runtime may read from a flow's upstream before the device has taken them.
+    pub download_window: usize,
+    /// Receive and send buffer of a flow whose device is short of buffer memory (its download
+    /// window is then [`UPSTREAM_READ`]): enough for a few round trips on a LAN, so it still
+    /// works, slowly.
+    pub floor_buffers: usize,
+    /// Buffer memory all flows of one device may hold (`limits.flow_memory_per_device`):
+    /// each flow counts its two smoltcp buffers and its download window in full, what it
+    /// could come to hold. With the default 256 MiB, a device gets about 110 flows at full
+    /// size and then about 1,000 at the floor, as many as its flow cap of 1,024.
+    pub memory_per_device: usize,
 }
 
 impl TcpSettings {
@@ -77,6 +88,9 @@ impl TcpSettings {
             upload_window: 512 * 1024,
             max_chunk: 64 * 1024,
             ack_delay: Duration::from_millis(1),
+            download_window: 512 * 1024,
+            floor_buffers: 32 * 1024,
+            memory_per_device: 256 * 1024 * 1024,
         }
     }
 
@@ -93,6 +107,10 @@ impl TcpSettings {
         )
     }
 }
+
+/// The runtime reads an upstream this much at a time, once the device has granted that much
+/// credit: no flow's download window may be smaller, or its upstream is never read again.
+pub const UPSTREAM_READ: usize = 64 * 1024;
 
 /// How long a held flow waits for the client's first bytes before it is decided without them
 /// (the protocol then counts as unknown): protocols where the server speaks first are not
@@ -168,6 +186,10 @@ struct PeerState {
     queued: usize,
     /// Flows holding upstream data that did not fit under the device's cap.
     waiting: Vec<FlowId>,
+    /// Open flows.
+    flows: usize,
+    /// Buffer memory the device's flows may come to hold (see `TcpSettings::memory_per_device`).
+    memory: usize,
 }
 
 impl PeerState {
@@ -239,8 +261,24 @@ struct TcpFlow {
     waiting: bool,
     /// Listed in `TcpFlows::dirty`: segments arrived since the last flush.
     dirty: bool,
+    /// Receive buffer, send buffer and download window, fixed when the flow opens.
+    buffers: FlowBuffers,
     bytes_up: u64,
     bytes_down: u64,
+}
+
+/// The sizes of one flow's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlowBuffers {
+    rx: usize,
+    tx: usize,
+    window: usize,
+}
+
+impl FlowBuffers {
+    fn total(&self) -> usize {
+        self.rx + self.tx + self.window
+    }
 }
 
 /// Outcome of servicing a flow.
@@ -310,6 +348,46 @@ impl TcpFlows {
         self.flows.len()
     }
 
+    /// Number of open flows of `peer`.
+    pub fn flows_of(&self, peer: PeerId) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.flows)
+    }
+
+    /// Buffer memory `peer`'s flows may come to hold.
+    pub fn memory_of(&self, peer: PeerId) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.memory)
+    }
+
+    /// The buffers a new flow of `peer` gets: sized for the device's round-trip time while its
+    /// flows hold less than half its memory cap, then the floor, so a device with many flows
+    /// keeps opening them (slowly) up to its flow cap; `None` when even the floor would pass
+    /// the cap.
+    fn buffers_for_new(&self, peer: PeerId) -> Option<FlowBuffers> {
+        let s = &self.settings;
+        let state = self.peers.get(&peer);
+        let held = state.map_or(0, |p| p.memory);
+        let (rx, tx) = s.buffers_for(state.and_then(|p| p.rtt).map(|e| e.rtt));
+        let full = FlowBuffers {
+            rx,
+            tx,
+            window: s.download_window,
+        };
+        if held + full.total() <= s.memory_per_device / 2 {
+            return Some(full);
+        }
+        let floor = FlowBuffers {
+            rx: s.floor_buffers,
+            tx: s.floor_buffers,
+            window: UPSTREAM_READ,
+        };
+        (held + floor.total() <= s.memory_per_device).then_some(floor)
+    }
+
+    /// Whether `peer` has the buffer memory for one more flow.
+    pub fn has_memory_for_flow(&self, peer: PeerId) -> bool {
+        self.buffers_for_new(peer).is_some()
+    }
+
     /// Whether no flow is open.
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
@@ -331,6 +409,14 @@ impl TcpFlows {
         out: &mut VecDeque<Command>,
     ) {
         let id = ctx.id;
+        let buffers = self.buffers_for_new(ctx.peer).unwrap_or(FlowBuffers {
+            rx: self.settings.floor_buffers,
+            tx: self.settings.floor_buffers,
+            window: UPSTREAM_READ,
+        });
+        let peer = self.peers.entry(ctx.peer).or_default();
+        peer.flows += 1;
+        peer.memory += buffers.total();
         self.by_key.insert((ctx.peer, ctx.src, ctx.dst), id);
         self.flows.insert(
             id,
@@ -364,6 +450,7 @@ impl TcpFlows {
                 queued: 0,
                 waiting: false,
                 dirty: false,
+                buffers,
                 bytes_up: 0,
                 bytes_down: 0,
             },
@@ -371,7 +458,7 @@ impl TcpFlows {
         if let Opening::AcceptAndHold { .. } = opening {
             self.accepted(id, None, now, sink, out);
         } else {
-            out.push_back(Command::TcpConnect { flow: id, upstream });
+            connect(id, upstream, buffers.window, out);
         }
     }
 
@@ -563,7 +650,7 @@ impl TcpFlows {
                 flow.hold = Hold::Reconnecting;
                 flow.upstream = upstream;
                 out.push_back(Command::TcpClose { flow: id });
-                out.push_back(Command::TcpConnect { flow: id, upstream });
+                connect(id, upstream, flow.buffers.window, out);
                 return;
             }
         }
@@ -621,13 +708,11 @@ impl TcpFlows {
         };
         let syn = std::mem::take(syn);
         let s = &self.settings;
-        let rtt = self.peers.get(&flow.ctx.peer).and_then(|p| p.rtt);
-        let (rx_size, tx_size) = s.buffers_for(rtt.map(|e| e.rtt));
         // Large buffers cost only what a flow uses: the runtime has the allocator map them
         // (untouched pages stay unbacked).
         let mut socket = tcp::Socket::new(
-            SocketBuffer::new(vec![0u8; rx_size]),
-            SocketBuffer::new(vec![0u8; tx_size]),
+            SocketBuffer::new(vec![0u8; flow.buffers.rx]),
+            SocketBuffer::new(vec![0u8; flow.buffers.tx]),
         );
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(Some(s.ack_delay.into()));
@@ -685,6 +770,8 @@ impl TcpFlows {
         if let Some(peer) = self.peers.get_mut(&flow.ctx.peer) {
             peer.queued = peer.queued.saturating_sub(flow.queued);
             peer.waiting.retain(|w| *w != id);
+            peer.flows = peer.flows.saturating_sub(1);
+            peer.memory = peer.memory.saturating_sub(flow.buffers.total());
         }
         out.push_back(Command::TcpClose { flow: id });
         let ctx = &flow.ctx;
@@ -925,6 +1012,16 @@ fn service_flow<S: PacketSink>(
     }
 }
 
+/// Asks the runtime to connect a flow's upstream and lets it read `window` bytes ahead of the
+/// device.
+fn connect(flow: FlowId, upstream: Upstream, window: usize, out: &mut VecDeque<Command>) {
+    out.push_back(Command::TcpConnect { flow, upstream });
+    out.push_back(Command::TcpCredit {
+        flow,
+        bytes: window,
+    });
+}
+
 /// A sink for the one poll during setup that never transmits.
 struct NullSink;
 
@@ -950,6 +1047,25 @@ mod tests {
         assert_eq!((rx, tx), (4 * 1024 * 1024, 4 * 1024 * 1024));
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(2)));
         assert_eq!((rx, tx), (512 * 1024, 250_000));
+    }
+
+    #[allow(clippy::disallowed_methods)] // the fake clock starts from one real instant
+    #[test]
+    fn a_device_gets_full_buffers_then_the_floor_then_none() {
+        let settings = TcpSettings {
+            memory_per_device: 8 * 1024 * 1024,
+            ..TcpSettings::for_mtu(1420)
+        };
+        let mut flows = TcpFlows::new(settings, &[], Instant::now());
+        let full = flows.buffers_for_new(1).unwrap();
+        assert_eq!(full.total(), (512 + 96 + 512) * 1024);
+        flows.peers.entry(1).or_default().memory = 4 * 1024 * 1024;
+        let floor = flows.buffers_for_new(1).unwrap();
+        assert_eq!(floor.total(), (32 + 32 + 64) * 1024);
+        flows.peers.entry(1).or_default().memory = 8 * 1024 * 1024 - 1000;
+        assert!(!flows.has_memory_for_flow(1));
+        // Another device is not held back by the first one's memory.
+        assert_eq!(flows.buffers_for_new(2), Some(full));
     }
 
     #[allow(clippy::disallowed_methods)] // the fake clock starts from one real instant

@@ -39,6 +39,8 @@ struct UdpFlow {
 pub struct UdpNat {
     flows: HashMap<FlowId, UdpFlow>,
     by_key: HashMap<Key, FlowId>,
+    /// Open flows per device.
+    per_peer: HashMap<PeerId, usize>,
     next_sweep: Option<Instant>,
     scratch: Vec<u8>,
 }
@@ -48,6 +50,7 @@ impl Default for UdpNat {
         UdpNat {
             flows: HashMap::new(),
             by_key: HashMap::new(),
+            per_peer: HashMap::new(),
             next_sweep: None,
             scratch: vec![0u8; 65_535 + 48],
         }
@@ -63,6 +66,11 @@ impl UdpNat {
     /// Number of open flows.
     pub fn len(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Number of open flows of `peer`.
+    pub fn flows_of(&self, peer: PeerId) -> usize {
+        self.per_peer.get(&peer).copied().unwrap_or(0)
     }
 
     /// Whether no flow is open.
@@ -86,6 +94,7 @@ impl UdpNat {
             UDP_IDLE
         };
         self.by_key.insert((ctx.peer, ctx.src, ctx.dst), id);
+        *self.per_peer.entry(ctx.peer).or_default() += 1;
         self.flows.insert(
             id,
             UdpFlow {
@@ -185,6 +194,12 @@ impl UdpNat {
         };
         self.by_key
             .remove(&(flow.ctx.peer, flow.ctx.src, flow.ctx.dst));
+        if let Some(n) = self.per_peer.get_mut(&flow.ctx.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_peer.remove(&flow.ctx.peer);
+            }
+        }
         out.push_back(Command::UdpClose { flow: id });
         let ctx = &flow.ctx;
         tracing::info!(

@@ -24,7 +24,8 @@ use crate::config::Config;
 use crate::core::{CoreSettings, GatewayCore};
 use crate::datadir;
 use crate::egress::EgressSettings;
-use crate::flow::{Command, DeviceInfo, Via};
+use crate::flow::{Command, DeviceInfo, FlowLimits, Via};
+use crate::protect::Protected;
 use crate::registry::{Device, Registry, Seen, Vnet};
 use crate::transmit::TransmitQueue;
 use crate::uapi::{self, UapiPeer, UapiSnapshot};
@@ -32,6 +33,7 @@ use crate::vnet::VnetRoute;
 use nexthop::{NextHopRoute, NextHops};
 
 pub mod health;
+pub mod host;
 pub mod nexthop;
 pub mod reload;
 pub mod resolver;
@@ -45,6 +47,9 @@ const REGISTRY_POLL: Duration = Duration::from_millis(200);
 const LAST_SEEN_EVERY: Duration = Duration::from_secs(30);
 /// After a start, devices seen this recently at a known address get a handshake from the gateway.
 const RESUME_WITHIN: Duration = Duration::from_secs(3600);
+/// Flows that must have closed since the peak before freed memory is handed back: trimming
+/// walks the whole heap, so not for every few flows.
+const FLOWS_BEFORE_TRIM: usize = 256;
 /// How often the `wg show` snapshot is refreshed.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 /// Kernel buffer for the WireGuard socket: bursts from many devices must not overflow it.
@@ -62,6 +67,7 @@ const MAX_RECV_BATCHES_PER_TURN: usize = 16;
 /// Runs the gateway until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> anyhow::Result<()> {
     map_large_allocations();
+    let descriptors = host::raise_descriptor_limit();
     // One thread: the core, the WireGuard socket and every upstream task. Handing packets and
     // bytes between worker threads cost a wake-up each (measured with 2 workers: 40,000 context
     // switches per second uploading at 0.64 Gbit/s, 1.25 CPU-s/Gbit; one thread: 0.80 CPU-s/Gbit
@@ -70,7 +76,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, descriptors))
 }
 
 /// Has glibc's allocator serve large blocks (flow buffers, up to megabytes each) straight from
@@ -91,7 +97,7 @@ fn map_large_allocations() {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     datadir::ensure_data_dir(&config.data_dir)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
     let key = datadir::load_or_create_server_key(&config.data_dir)
@@ -120,13 +126,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let wall = UNIX_EPOCH + unix_now();
     let ca = crate::tls::load_ca(&config.data_dir, wall)?;
     let dns_tls = crate::tls::gateway_dns_tls(&ca, &config, wall)?;
-    let dns = resolver::spawn(&config, dns_tls, answer_tx, learned_tx).context("dns")?;
-    let mut settings = core_settings(&config)?;
+    let dns = resolver::spawn(
+        &config,
+        host::dns_queries_for_descriptors(descriptors),
+        dns_tls,
+        answer_tx,
+        learned_tx,
+    )
+    .context("dns")?;
+    let mut settings = core_settings(&config, descriptors)?;
     settings.dns_upstream = Some(dns.tcp_listener);
     settings.dns_over_tls = Some(dns.tls_listener);
     settings.dns_over_https = Some(dns.https_listener);
     let now = Instant::now();
     let mut core = GatewayCore::new(key_bytes, settings.clone(), now);
+    let mut host_addresses = (
+        host::interface_addresses().context("cannot list the host's addresses")?,
+        host::local_ipv6_prefixes(),
+    );
+    core.set_host_addresses(&host_addresses.0, &host_addresses.1);
+    // Flows at their most since memory was last handed back (see `host::return_freed_memory`).
+    let mut flows_peak = 0;
 
     let socket = bind_wireguard(config.wireguard.listen)
         .with_context(|| format!("cannot listen on UDP {}", config.wireguard.listen))?;
@@ -313,6 +333,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         if now >= next_snapshot {
             next_snapshot = now + SNAPSHOT_EVERY;
+            // Addresses come and go (DHCP, a new interface): flows to them are refused at once.
+            match host::interface_addresses() {
+                Ok(addrs) => {
+                    let now_host = (addrs, host::local_ipv6_prefixes());
+                    if now_host != host_addresses {
+                        tracing::info!(
+                            addresses = now_host.0.len(),
+                            local_prefixes = now_host.1.len(),
+                            "the host's addresses changed"
+                        );
+                        core.set_host_addresses(&now_host.0, &now_host.1);
+                        host_addresses = now_host;
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "cannot list the host's addresses"),
+            }
+            let (tcp, udp) = core.open_flows();
+            let flows = tcp + udp;
+            flows_peak = flows_peak.max(flows);
+            if flows + FLOWS_BEFORE_TRIM <= flows_peak {
+                host::return_freed_memory();
+                flows_peak = flows;
+            }
             if vnets_unresolved {
                 // An interface named by a route may come up after the gateway.
                 let (routes, unresolved) = resolve_vnet_routes(&vnets, &mut next_hops);
@@ -354,7 +397,23 @@ fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal
 }
 
 /// What the core needs, derived from the config.
-fn core_settings(config: &Config) -> anyhow::Result<CoreSettings> {
+fn core_settings(config: &Config, descriptors: u64) -> anyhow::Result<CoreSettings> {
+    // The host owns its egress addresses and whole IPv6 egress prefixes even where no
+    // interface lists them (a prefix routed `local` to lo answers on every address).
+    let egress = &config.egress;
+    let owned: Vec<ipnet::IpNet> = egress
+        .default_ipv4
+        .into_iter()
+        .chain(egress.locations.iter().flat_map(|l| l.ipv4.iter().copied()))
+        .map(|a| ipnet::IpNet::from(IpAddr::V4(a)))
+        .chain(
+            egress
+                .locations
+                .iter()
+                .filter_map(|l| l.ipv6)
+                .map(ipnet::IpNet::V6),
+        )
+        .collect();
     Ok(CoreSettings {
         pool_v4: config.tunnel.ipv4_pool,
         pool_v6: config.tunnel.ipv6_pool,
@@ -372,6 +431,13 @@ fn core_settings(config: &Config) -> anyhow::Result<CoreSettings> {
             default_ipv6: None,
             default: config.egress.default,
             locations: config.egress.locations.clone(),
+        },
+        protected: Protected::new(owned, config.network.allow_private.clone()),
+        limits: FlowLimits {
+            tcp_per_device: config.limits.tcp_flows_per_device,
+            udp_per_device: config.limits.udp_flows_per_device,
+            memory_per_device: config.limits.flow_memory_per_device,
+            total: host::flows_for_descriptors(descriptors),
         },
     })
 }

@@ -172,6 +172,7 @@ fn listener_client(from: SocketAddr, clients: &Clients, locations: &[DnsLocation
 /// each device to `learned`. DNS over TLS and HTTPS serve the certificate in `tls`.
 pub fn spawn(
     config: &Config,
+    max_pending: usize,
     tls: TlsConfigs,
     answers: mpsc::UnboundedSender<Answer>,
     learned: mpsc::UnboundedSender<Learned>,
@@ -194,7 +195,11 @@ pub fn spawn(
     let seed = rand::RngCore::next_u64(&mut rand::rngs::OsRng);
     let resolver = Arc::new(Mutex::new(Resolver::new(
         lock(&state).rules(),
-        ResolverConfig::default(),
+        ResolverConfig {
+            max_pending,
+            max_pending_per_client: config.limits.dns_queries_per_device,
+            ..ResolverConfig::default()
+        },
         seed,
     )));
     lock(&resolver).set_learn_sink(Box::new(move |device_id, ip, names, ttl| {

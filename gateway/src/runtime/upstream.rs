@@ -17,10 +17,8 @@ use crate::flow::{Command, FlowId, Upstream, UpstreamEvent, Via};
 
 /// How long a TCP connect may take before the device gets a RST.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes the runtime may read from an upstream before the device has taken them.
-const DOWNLOAD_WINDOW: usize = 512 * 1024;
-/// Largest read from an upstream socket.
-const READ_CHUNK: usize = 64 * 1024;
+/// Largest read from an upstream socket; every flow's download window is at least this.
+const READ_CHUNK: usize = crate::flow::tcp::UPSTREAM_READ;
 /// Datagrams queued per UDP flow before new ones are dropped.
 const UDP_QUEUE: usize = 256;
 
@@ -65,7 +63,8 @@ impl Upstreams {
             }
             Command::TcpConnect { flow, upstream } => {
                 let (ops_tx, ops_rx) = mpsc::unbounded_channel();
-                let credit = Arc::new(Semaphore::new(DOWNLOAD_WINDOW));
+                // The core grants the flow's download window right after this command.
+                let credit = Arc::new(Semaphore::new(0));
                 let events = self.events.clone();
                 let task = tokio::spawn(tcp_flow(flow, upstream, ops_rx, credit.clone(), events));
                 self.handles.insert(
