@@ -357,6 +357,8 @@ pub struct Lab {
     created: Instant,
     devices: Vec<Device>,
     background: Vec<Child>,
+    /// The soft descriptor limit the gateway starts with (`None`: the test process's).
+    gateway_soft_nofile: Option<u64>,
 }
 
 /// Distinguishes labs of one test process.
@@ -428,6 +430,7 @@ impl Lab {
             created,
             devices: Vec::new(),
             background: Vec::new(),
+            gateway_soft_nofile: None,
         };
         let toml = format!(
             "data_dir = \"{data}\"\n\
@@ -487,6 +490,11 @@ impl Lab {
         self.dir.path()
     }
 
+    /// The `lab-load` binary (one device's load: held connections, DNS floods).
+    pub fn lab_load(&self) -> Result<PathBuf> {
+        workspace_bin("LAB_LOAD", "lab-load")
+    }
+
     /// The `lab-origin` binary (origins and probes).
     pub fn lab_origin(&self) -> &Path {
         &self.lab_origin
@@ -529,6 +537,25 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some(soft) = self.gateway_soft_nofile {
+            // SAFETY: only async-signal-safe calls (getrlimit, setrlimit) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    limit.rlim_cur = soft.min(limit.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         // `ip netns exec` execs the gateway, so this pid is the gateway's.
         let child = cmd.spawn().context("spawning the gateway")?;
         let pid = child.id().to_string();
@@ -574,6 +601,23 @@ impl Lab {
             Some(mut child) => stop_child(&mut child, libc::SIGKILL, secs(5)),
             None => Stopped::Before(None),
         }
+    }
+
+    /// Starts the gateway from now on with this soft descriptor limit, as systemd does (1,024).
+    pub fn set_gateway_soft_nofile(&mut self, soft: Option<u64>) {
+        self.gateway_soft_nofile = soft;
+    }
+
+    /// The gateway's resident memory in KiB (`VmRSS`), while it runs.
+    pub fn gateway_rss_kib(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.gateway_pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     }
 
     /// The gateway's pid, while it runs.
