@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 pub mod device;
 pub mod geoip;
 pub mod group;
+pub mod logging;
 pub mod rules;
 pub mod serve;
 pub mod vnet;
