@@ -31,6 +31,7 @@ use crate::uapi::{self, UapiPeer, UapiSnapshot};
 use crate::vnet::VnetRoute;
 use nexthop::{NextHopRoute, NextHops};
 
+pub mod drops;
 pub mod health;
 pub mod nexthop;
 pub mod reload;
@@ -198,6 +199,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Removes the kernel routes it installed when the loop ends, also on error.
     let mut next_hops = NextHops::default();
     let mut next_snapshot = now;
+    let mut drop_report = drops::DropReport::new(now);
     let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
 
@@ -321,6 +323,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
             if let Ok(mut s) = snapshot.lock() {
                 s.peers = uapi_peers(&core);
+            }
+            if let Some(dropped) =
+                drop_report.poll(now, core.wireguard().drops(), core.flow_drops())
+            {
+                drops::log(&dropped);
             }
             // Written every LAST_SEEN_EVERY, and within a second when a device appears at a new
             // address, so a crash soon after still leaves the next start where to reach it.
