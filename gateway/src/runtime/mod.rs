@@ -95,12 +95,13 @@ fn map_large_allocations() {
 async fn run(config: Config) -> anyhow::Result<()> {
     datadir::ensure_data_dir(&config.data_dir)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
+    // Fail now, not in the watcher thread, if the registry is unusable. Opened before the key
+    // is created: a key without a registry means the registry was lost, and is refused.
+    let registry =
+        Registry::open(&config.data_dir, &config.tunnel).context("cannot open the registry")?;
     let key = datadir::load_or_create_server_key(&config.data_dir)
         .with_context(|| format!("server key in {}", config.data_dir.display()))?;
     let key_bytes = *key.to_bytes();
-    // Fail now, not in the watcher thread, if the registry is unusable.
-    let registry =
-        Registry::open(&config.data_dir, &config.tunnel).context("cannot open the registry")?;
     for vnet in &config.vnets {
         let routes: Vec<crate::registry::VnetRoute> = vnet
             .routes
