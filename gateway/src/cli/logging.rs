@@ -94,14 +94,42 @@ impl Drop for Logging {
         if let Some(reporter) = self.reporter.take() {
             let _ = reporter.join();
         }
-        // Flushes what is queued; blocking on stderr is fine once the gateway has stopped.
-        drop(self.guard.take());
-        let dropped = self.counter.dropped_lines();
-        if dropped > 0 {
-            eprintln!(
-                "waygate: {dropped} log line(s) were dropped because stderr was not read fast enough"
+        let before = self.counter.dropped_lines();
+        if before > 0 {
+            tracing::warn!(
+                dropped_total = before,
+                "log lines dropped: stderr was not read fast enough"
             );
         }
+        // Flushes what is queued; tracing-appender gives up after about a second.
+        drop(self.guard.take());
+        let after = self.counter.dropped_lines();
+        if after > before {
+            // The line above may be among the dropped: say it straight, but never hang the
+            // exit on a reader that has stopped reading.
+            let line = format!(
+                "waygate: {after} log line(s) were dropped because stderr was not read fast enough\n"
+            );
+            write_within(line, EXIT_WRITE_TIMEOUT);
+        }
+    }
+}
+
+/// How long the exit waits to tell stderr about dropped lines.
+const EXIT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Writes `line` to stderr from a helper thread, waiting at most `timeout` for it: a stalled
+/// pipe blocks the write (and holds stderr's lock) for good, and the process exits anyway.
+fn write_within(line: String, timeout: Duration) {
+    let (done, wait) = mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("waygate-log-exit".into())
+        .spawn(move || {
+            let _ = io::stderr().write_all(line.as_bytes());
+            let _ = done.send(());
+        });
+    if spawned.is_ok() {
+        let _ = wait.recv_timeout(timeout);
     }
 }
 
