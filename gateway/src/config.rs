@@ -365,6 +365,11 @@ impl Config {
             {
                 if v.prefix_len() > 30 {
                     t.problem("ipv4_pool", format!("pool {v} is too small (at most /30)"));
+                } else if v != v.trunc() {
+                    t.problem(
+                        "ipv4_pool",
+                        host_bits(&v.to_string(), &v.trunc().to_string()),
+                    );
                 } else {
                     cfg.tunnel.ipv4_pool = v.trunc();
                 }
@@ -372,6 +377,11 @@ impl Config {
             if let Some(v) = t.parsed::<Ipv6Net>("ipv6_pool", "an IPv6 CIDR like \"fd77::/64\"") {
                 if v.prefix_len() > 126 {
                     t.problem("ipv6_pool", format!("pool {v} is too small (at most /126)"));
+                } else if v != v.trunc() {
+                    t.problem(
+                        "ipv6_pool",
+                        host_bits(&v.to_string(), &v.trunc().to_string()),
+                    );
                 } else {
                     cfg.tunnel.ipv6_pool = v.trunc();
                 }
@@ -401,6 +411,14 @@ impl Config {
                 .enumerate()
             {
                 match text.parse::<SocketAddr>() {
+                    Ok(a) if udp_clash(cfg.wireguard.listen, a) => d.problem(
+                        &format!("listen[{i}]"),
+                        format!(
+                            "{a} clashes with wireguard.listen ({}): both are UDP on the same \
+                             port and address; pick another port for one of them",
+                            cfg.wireguard.listen
+                        ),
+                    ),
                     Ok(a) => cfg.dns.listen.push(a),
                     Err(_) => d.problem(
                         &format!("listen[{i}]"),
@@ -712,6 +730,24 @@ fn egress_location(l: &mut Keys<'_>) -> Option<EgressLocationConfig> {
     })
 }
 
+/// The message for a pool written with host bits set (`100.96.0.1/12`): the gateway's own
+/// address is the pool's first, so a host part hides a typo rather than meaning anything.
+fn host_bits(given: &str, network: &str) -> String {
+    format!("{given} has host bits set; a pool is written as its network, e.g. \"{network}\"")
+}
+
+/// Whether a `dns.listen` UDP socket at `dns` cannot be bound beside the WireGuard socket at
+/// `wg`. The WireGuard socket on `[::]` is dual-stack; DNS sockets on `[::]` are IPv6-only.
+fn udp_clash(wg: SocketAddr, dns: SocketAddr) -> bool {
+    if wg.port() != dns.port() || wg.port() == 0 {
+        return false;
+    }
+    let (w, d) = (wg.ip(), dns.ip());
+    w == d
+        || (w.is_unspecified() && (w.is_ipv6() || d.is_ipv4()))
+        || (d.is_unspecified() && d.is_ipv4() == w.is_ipv4())
+}
+
 /// Why TOML text was rejected (without the file name; see [`ConfigError`]).
 #[derive(Debug, PartialEq, Eq)]
 pub enum ParseError {
@@ -1006,6 +1042,66 @@ mod tests {
             );
         }
         assert_eq!(problems.len(), 5, "{joined}");
+    }
+
+    #[test]
+    fn pools_with_host_bits_are_refused_by_key() {
+        let err = Config::parse(
+            r#"
+            [tunnel]
+            ipv4_pool = "100.96.0.1/12"
+            ipv6_pool = "fd77:6761:7465::1/64"
+            "#,
+        )
+        .unwrap_err();
+        let ParseError::Invalid(problems) = err else {
+            panic!("expected Invalid, got {err:?}");
+        };
+        let joined = problems.join("\n");
+        assert!(
+            joined.contains("tunnel.ipv4_pool: 100.96.0.1/12 has host bits set")
+                && joined.contains("\"100.96.0.0/12\""),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("tunnel.ipv6_pool: fd77:6761:7465::1/64 has host bits set"),
+            "{joined}"
+        );
+        // Written as networks they are fine.
+        let cfg = Config::parse("[tunnel]\nipv4_pool = \"100.96.0.0/12\"\n").unwrap();
+        assert_eq!(cfg.tunnel.ipv4_pool.to_string(), "100.96.0.0/12");
+    }
+
+    #[test]
+    fn dns_listen_clashing_with_wireguard_listen_names_both_keys() {
+        let err = Config::parse(
+            r#"
+            [wireguard]
+            listen = "0.0.0.0:5353"
+            [dns]
+            listen = ["198.51.100.1:53", "198.51.100.1:5353"]
+            "#,
+        )
+        .unwrap_err();
+        let ParseError::Invalid(problems) = err else {
+            panic!("expected Invalid, got {err:?}");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "dns.listen[1]: 198.51.100.1:5353 clashes with wireguard.listen (0.0.0.0:5353)"
+            ),
+            "{problems:?}"
+        );
+        let clash = |wg: &str, dns: &str| udp_clash(wg.parse().unwrap(), dns.parse().unwrap());
+        assert!(clash("[::]:51820", "198.51.100.1:51820"));
+        assert!(clash("198.51.100.1:51820", "0.0.0.0:51820"));
+        assert!(
+            !clash("0.0.0.0:51820", "[::]:51820"),
+            "DNS on [::] is IPv6-only"
+        );
+        assert!(!clash("198.51.100.1:51820", "198.51.100.2:51820"));
+        assert!(!clash("198.51.100.1:51820", "198.51.100.1:53"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ fn main() -> std::process::ExitCode {
     match waygate::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", waygate::cli::error_report(&err));
             std::process::ExitCode::FAILURE
         }
     }

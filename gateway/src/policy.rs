@@ -80,22 +80,37 @@ impl Loaded {
     }
 }
 
+/// Why a rule set could not be loaded, naming the config key of the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The rules file is unreadable, invalid, or its rules do not compile.
+    #[error("policy.rules: {0:#}")]
+    Rules(anyhow::Error),
+    /// The lists file is unreadable or invalid.
+    #[error("policy.lists: {0:#}")]
+    Lists(anyhow::Error),
+}
+
 /// Reads and compiles a rule set (`rules`, with the lists of `lists` when given).
-pub fn load(rules: &Path, lists: Option<&Path>) -> anyhow::Result<Loaded> {
+pub fn load(rules: &Path, lists: Option<&Path>) -> Result<Loaded, LoadError> {
     let text = std::fs::read_to_string(rules)
-        .with_context(|| format!("cannot read {}", rules.display()))?;
-    let set = RuleSet::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", rules.display()))?;
+        .with_context(|| format!("cannot read {}", rules.display()))
+        .map_err(LoadError::Rules)?;
+    let set = RuleSet::from_json(&text)
+        .map_err(|e| LoadError::Rules(anyhow::anyhow!("{}: {e}", rules.display())))?;
     let lists = match lists {
         Some(path) => {
             let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            Lists::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                .with_context(|| format!("cannot read {}", path.display()))
+                .map_err(LoadError::Lists)?;
+            Lists::from_json(&text)
+                .map_err(|e| LoadError::Lists(anyhow::anyhow!("{}: {e}", path.display())))?
         }
         None => Lists::new(Vec::new()),
     };
     Loaded::compile(&set, &lists).map_err(|errors| {
         let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!("{}: {}", rules.display(), all.join("; "))
+        LoadError::Rules(anyhow::anyhow!("{}: {}", rules.display(), all.join("; ")))
     })
 }
 
@@ -255,6 +270,25 @@ mod tests {
     use super::*;
     use crate::flow::{DeviceInfo, Protocol};
     use waygate_shared::policy::fields::Stage;
+
+    #[test]
+    fn a_missing_lists_file_is_blamed_on_policy_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules.json");
+        std::fs::write(&rules, "[]").unwrap();
+        let lists = dir.path().join("lists.json");
+        let Err(err) = load(&rules, Some(&lists)) else {
+            panic!("a missing lists file was accepted")
+        };
+        let text = err.to_string();
+        assert!(text.starts_with("policy.lists: cannot read "), "{text}");
+        assert!(text.contains("lists.json"), "{text}");
+        let Err(err) = load(&lists, None) else {
+            panic!("a missing rules file was accepted")
+        };
+        assert!(err.to_string().starts_with("policy.rules: "), "{err}");
+        assert!(load(&rules, None).is_ok());
+    }
 
     fn ctx() -> FlowCtx {
         #[allow(clippy::disallowed_methods)] // any instant: the stages ignore it

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 pub mod device;
 pub mod geoip;
 pub mod group;
+pub mod logging;
 pub mod rules;
 pub mod serve;
 pub mod vnet;
@@ -239,6 +240,25 @@ pub(crate) fn now() -> i64 {
         .unwrap_or(0)
 }
 
+/// An error and its causes on one line, `outer: inner: ...`, leaving out a cause whose text an
+/// outer message already includes: many errors print their source in their own message, and
+/// `{:#}` would then print it twice ("... Permission denied (os error 13): Permission denied
+/// (os error 13)").
+pub fn error_report(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -256,5 +276,28 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", crate::tls::load_ca(&config.data_dir, now)?.cert_pem());
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_already_in_a_message_are_not_repeated() {
+        let os = std::io::Error::from_raw_os_error(libc::EACCES);
+        let err = anyhow::Error::new(crate::registry::RegistryError::Create {
+            path: "/srv/waygate/registry.db".into(),
+            source: os,
+        })
+        .context("cannot open the registry");
+        let text = error_report(&err);
+        assert_eq!(text.matches("os error 13").count(), 1, "{text}");
+        assert!(
+            text.starts_with("cannot open the registry: cannot create /srv/waygate/registry.db: ")
+        );
+        // A cause not yet mentioned is kept.
+        let err = anyhow::anyhow!("inner detail").context("outer");
+        assert_eq!(error_report(&err), "outer: inner detail");
     }
 }

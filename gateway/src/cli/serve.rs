@@ -2,22 +2,13 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
-use tracing_subscriber::EnvFilter;
-
 use crate::config::Config;
 
 /// Runs `waygate serve`.
 pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = Config::load(config)?;
-    let filter = EnvFilter::try_from_env("WAYGATE_LOG")
-        .or_else(|_| EnvFilter::try_new("info"))
-        .context("invalid WAYGATE_LOG filter")?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Lives until serve returns, so queued lines are flushed (and drops reported) on the way out.
+    let _logging = super::logging::init_stderr()?;
     crate::runtime::serve(config)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -22,6 +22,8 @@ use super::policy::{
     BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, PolicyVerdict, QueryInfo,
 };
 use super::wire::{push_record, NameText, QueryView, WireAnswer};
+use crate::flow::DeviceInfo;
+use crate::loglimit::LogLimit;
 
 /// Largest DNS message over TCP.
 pub const MAX_MESSAGE: usize = 65535;
@@ -29,6 +31,11 @@ pub const MAX_MESSAGE: usize = 65535;
 pub const CLASSIC_UDP: usize = 512;
 /// UDP payload we accept and advertise upstream (the DNS Flag Day 2020 value).
 pub const EDNS_UDP: u16 = 1232;
+/// Malformed queries logged per [`MALFORMED_LOG_EVERY`]; the rest are summed up in one line.
+/// One device flooding garbage once wrote 221,510 lines in 12 s.
+pub const MALFORMED_LOG_BURST: u32 = 10;
+/// Interval of the malformed-query log limit.
+pub const MALFORMED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Resolver sizes and TTLs; `Default` gives the documented values.
 #[derive(Debug, Clone)]
@@ -146,6 +153,9 @@ pub struct Resolver<P> {
     pending_by_client: HashMap<ClientKey, usize>,
     rng: u64,
     stats: Stats,
+    malformed_log: LogLimit,
+    /// Who sent the last malformed query that was not logged, for the summary line.
+    malformed_last: Option<(Option<Arc<DeviceInfo>>, IpAddr)>,
 }
 
 /// What the fast path made of a query.
@@ -182,12 +192,22 @@ impl<P: DnsPolicy> Resolver<P> {
             // xorshift must not start at zero.
             rng: seed | 1,
             stats: Stats::default(),
+            malformed_log: LogLimit::new(MALFORMED_LOG_BURST, MALFORMED_LOG_EVERY),
+            malformed_last: None,
         }
     }
 
     /// Counters since start.
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// Logs how many malformed queries went unlogged once their interval is over; the shell
+    /// calls it every few seconds so a flood that stopped is still summed up.
+    pub fn poll_log(&mut self, now: Instant) {
+        if let Some(suppressed) = self.malformed_log.poll(now) {
+            self.log_suppressed(suppressed);
+        }
     }
 
     /// Upstream queries awaiting an answer.
@@ -226,7 +246,7 @@ impl<P: DnsPolicy> Resolver<P> {
         }
         let msg = match Message::from_vec(bytes) {
             Ok(m) => m,
-            Err(_) => return self.formerr(bytes, out),
+            Err(_) => return self.formerr(client, bytes, now, out),
         };
         if msg.message_type() != MessageType::Query {
             // Answering responses would let two resolvers ping-pong forever.
@@ -241,7 +261,7 @@ impl<P: DnsPolicy> Resolver<P> {
             }),
         };
         let [query] = msg.queries() else {
-            return self.formerr(bytes, out);
+            return self.formerr(client, bytes, now, out);
         };
         let reply = Reply {
             id: msg.id(),
@@ -251,6 +271,12 @@ impl<P: DnsPolicy> Resolver<P> {
             limit,
         };
         if msg.op_code() != OpCode::Query || query.query_class() != DNSClass::IN {
+            // Not a policy decision, and anyone can send these as fast as garbage.
+            if !self.admit_malformed(client, now) {
+                self.stats.local += 1;
+                emit(&reply, ResponseCode::NotImp, Vec::new(), Vec::new(), out);
+                return Handled::Answer;
+            }
             return self.local(
                 &reply,
                 ResponseCode::NotImp,
@@ -719,7 +745,13 @@ impl<P: DnsPolicy> Resolver<P> {
         Fast::Done(Handled::Answer)
     }
 
-    fn formerr(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Handled {
+    fn formerr(
+        &mut self,
+        client: &ClientCtx,
+        bytes: &[u8],
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Handled {
         // Too short for an id, or a response: nothing sensible to answer.
         let (Some(&hi), Some(&lo)) = (bytes.first(), bytes.get(1)) else {
             self.stats.dropped += 1;
@@ -736,8 +768,51 @@ impl<P: DnsPolicy> Resolver<P> {
             out.clear();
             return Handled::Drop;
         }
-        tracing::info!(target: "waygate::dns", id, rcode = "FORMERR", len = bytes.len(), "malformed dns query");
+        if self.admit_malformed(client, now) {
+            let device = client.device.as_deref();
+            tracing::info!(
+                target: "waygate::dns",
+                device = device.map_or("", |d| d.name.as_str()),
+                device_id = device.map_or("", |d| d.id.as_str()),
+                location = client.location.as_deref().unwrap_or(""),
+                src_ip = %client.src_ip,
+                public_ip = %client.public_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                id,
+                rcode = "FORMERR",
+                len = bytes.len(),
+                "malformed dns query"
+            );
+        }
         Handled::Answer
+    }
+
+    /// Counts a malformed query from `client`; true when it gets its own log line. Reports the
+    /// previous interval's unlogged ones first.
+    fn admit_malformed(&mut self, client: &ClientCtx, now: Instant) -> bool {
+        let admit = self.malformed_log.admit(now);
+        if let Some(suppressed) = admit.suppressed_before {
+            self.log_suppressed(suppressed);
+        }
+        if !admit.log {
+            self.malformed_last = Some((client.device.clone(), client.src_ip));
+        }
+        admit.log
+    }
+
+    fn log_suppressed(&mut self, suppressed: u64) {
+        let (device, src) = match self.malformed_last.take() {
+            Some((device, src)) => (device, Some(src)),
+            None => (None, None),
+        };
+        tracing::warn!(
+            target: "waygate::dns",
+            suppressed,
+            interval_s = self.malformed_log.every().as_secs(),
+            last_device = device.as_deref().map_or("", |d| d.name.as_str()),
+            last_device_id = device.as_deref().map_or("", |d| d.id.as_str()),
+            last_src_ip = %src.map(|ip| ip.to_string()).unwrap_or_default(),
+            "malformed dns queries not logged"
+        );
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -574,3 +574,99 @@ fn one_client_cannot_take_every_pending_upstream_query() {
     );
     assert!(matches!(h, Handled::Upstream(_)), "{h:?}");
 }
+
+/// Log lines written while `f` runs, as text.
+fn logged(f: impl FnOnce()) -> String {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = buf.0.lock().unwrap().clone();
+    String::from_utf8(bytes).unwrap()
+}
+
+#[test]
+fn malformed_query_lines_name_the_device_and_are_rate_limited() {
+    use super::core::{MALFORMED_LOG_BURST, MALFORMED_LOG_EVERY};
+    use std::sync::Arc;
+    let mut r = resolver(allow);
+    let mut device = client();
+    device.public_ip = Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)));
+    device.device = Some(Arc::new(crate::flow::DeviceInfo {
+        id: "d-mallory".into(),
+        name: "mallory-laptop".into(),
+        email: "mallory@example.com".into(),
+        user_name: None,
+        groups: Vec::new(),
+        extras: Default::default(),
+        vnet_id: None,
+        ipv4: Ipv4Addr::new(100, 96, 0, 2),
+        ipv6: "fd77:6761:7465::2".parse().unwrap(),
+    }));
+    let garbage = [0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    let t0 = test_epoch();
+    let mut out = Vec::new();
+    let flood = 1_000;
+    let text = logged(|| {
+        for _ in 0..flood {
+            let h = r.handle_query(&device, &garbage, Transport::Udp, t0, &mut out);
+            assert_eq!(h, Handled::Answer, "every one still gets its FORMERR");
+        }
+        // Nothing more until the interval is over, then one summary.
+        r.poll_log(t0 + MALFORMED_LOG_EVERY / 2);
+        r.poll_log(t0 + MALFORMED_LOG_EVERY);
+        r.poll_log(t0 + MALFORMED_LOG_EVERY * 3);
+    });
+    let lines: Vec<&str> = text.lines().collect();
+    let burst = MALFORMED_LOG_BURST as usize;
+    assert_eq!(lines.len(), burst + 1, "{text}");
+    for line in &lines[..burst] {
+        assert!(line.contains("malformed dns query"), "{line}");
+        assert!(line.contains("device=\"mallory-laptop\""), "{line}");
+        assert!(line.contains("device_id=\"d-mallory\""), "{line}");
+        assert!(line.contains("src_ip=100.96.0.2"), "{line}");
+        assert!(line.contains("public_ip=198.51.100.7"), "{line}");
+    }
+    let summary = lines[burst];
+    assert!(
+        summary.contains("malformed dns queries not logged"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("suppressed={}", flood - burst)),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("last_device=\"mallory-laptop\""),
+        "{summary}"
+    );
+    assert_eq!(r.stats().formerr, flood as u64);
+
+    // A query from an address alone (a `dns.listen` client) names the address.
+    let text = logged(|| {
+        r.handle_query(
+            &client(),
+            &garbage,
+            Transport::Udp,
+            t0 + MALFORMED_LOG_EVERY * 4,
+            &mut out,
+        );
+    });
+    assert!(text.contains("src_ip=100.96.0.2"), "{text}");
+    assert!(text.contains("device=\"\""), "{text}");
+}

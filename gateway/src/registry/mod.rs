@@ -44,6 +44,87 @@ pub const REGISTRY_FILE: &str = "registry.db";
 /// How long a statement waits for another process's write transaction before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Refuses a missing or empty `registry.db` beside an existing server key (see
+/// [`RegistryError::Lost`]). A new data directory gets its registry before its key (the server
+/// and the CLI open the registry first), so only a lost registry looks like this.
+fn refuse_lost(data_dir: &Path, path: &Path) -> Result<(), RegistryError> {
+    let key = datadir::server_key_path(data_dir);
+    if !key.exists() {
+        return Ok(());
+    }
+    let state = match std::fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => "is missing",
+        Ok(meta) if meta.len() == 0 => "is empty (0 bytes)",
+        // Readable or not, SQLite says what is wrong with it.
+        _ => return Ok(()),
+    };
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    Err(RegistryError::Lost {
+        path: path.to_path_buf(),
+        key,
+        state,
+        wal: Path::new(&wal).exists(),
+    })
+}
+
+/// Opens the connection in WAL mode and migrates the schema: every step that writes the file.
+fn open_connection(path: &Path) -> Result<Connection, RegistryError> {
+    let conn = Connection::open(path).map_err(|source| RegistryError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(RegistryError::NoWal {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    // NORMAL is durable across process crashes in WAL mode; only a power cut may lose the
+    // last commits, which a re-run of the CLI fixes.
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")?;
+    migrations::migrate(&conn, path)?;
+    Ok(conn)
+}
+
+/// Turns SQLite's "disk I/O error" (seen as "... xShmMap" on a full disk) or "database or disk
+/// is full" while opening into an error that names the file and the likely cause.
+fn on_open_error(path: &Path, err: RegistryError) -> RegistryError {
+    let sqlite = match &err {
+        RegistryError::Open { source, .. } | RegistryError::Sqlite(source) => source,
+        _ => return err,
+    };
+    match sqlite.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure) => {
+            RegistryError::Storage {
+                path: path.to_path_buf(),
+                free_bytes: path.parent().and_then(free_bytes),
+                detail: sqlite.to_string(),
+            }
+        }
+        _ => err,
+    }
+}
+
+/// Bytes an unprivileged user may still write on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is NUL-terminated and outlives the call; statvfs fills `st` when it
+    // returns 0, and only then is it read.
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 /// Most `-N` suffixes tried when deriving a default device name.
 const MAX_NAME_SUFFIX: u32 = 99_999;
 
@@ -83,6 +164,40 @@ pub enum RegistryError {
         found: i64,
         /// Highest version this build knows.
         supported: i64,
+    },
+    /// `registry.db` is missing or empty while the data directory holds a server key: the
+    /// registry was lost, and starting an empty one would lock every device out.
+    #[error(
+        "registry {path} {state}, but the data directory holds a server key ({key}): the \
+         registry was lost or truncated. Starting an empty one would lock out every enrolled \
+         device and hand their addresses out again, so waygate refuses.{wal} Restore {path} \
+         from a backup; or, to start over with a new key and no devices on purpose, move the \
+         key away (mv {key} {key}.old) and run again",
+        wal = if *.wal { " Its -wal file is still there: keep it beside the restored database." } else { "" }
+    )]
+    Lost {
+        /// The database file.
+        path: PathBuf,
+        /// The server key beside it.
+        key: PathBuf,
+        /// "is missing" or "is empty (0 bytes)".
+        state: &'static str,
+        /// Whether `registry.db-wal` still exists.
+        wal: bool,
+    },
+    /// SQLite could not write the database or its -wal/-shm files: usually a full disk.
+    #[error(
+        "cannot open registry {path}: {free}the disk may be full (or failing); free space and \
+         run again. SQLite said: {detail}",
+        free = match .free_bytes { Some(b) => format!("{b} bytes free on its file system; "), None => String::new() }
+    )]
+    Storage {
+        /// The database file.
+        path: PathBuf,
+        /// Space left to unprivileged users, when it could be read.
+        free_bytes: Option<u64>,
+        /// SQLite's message.
+        detail: String,
     },
     /// Any other SQLite error.
     #[error("registry database error: {0}")]
@@ -354,6 +469,7 @@ impl Registry {
             },
         })?;
         let path = data_dir.join(REGISTRY_FILE);
+        refuse_lost(data_dir, &path)?;
         // SQLite would create the file with the umask's mode; emails and group memberships are
         // nobody else's business. Its -wal and -shm files inherit the database's mode.
         OpenOptions::new()
@@ -366,19 +482,7 @@ impl Registry {
                 path: path.clone(),
                 source,
             })?;
-        let conn = Connection::open(&path).map_err(|source| RegistryError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(RegistryError::NoWal { path, mode });
-        }
-        // NORMAL is durable across process crashes in WAL mode; only a power cut may lose the
-        // last commits, which a re-run of the CLI fixes.
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")?;
-        migrations::migrate(&conn, &path)?;
+        let conn = open_connection(&path).map_err(|e| on_open_error(&path, e))?;
         Ok(Registry {
             conn,
             path,

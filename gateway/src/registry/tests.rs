@@ -440,3 +440,93 @@ fn groups_attributes_and_posture_reach_the_device_and_bump_the_generation() {
         Err(RegistryError::GroupNotFound(_))
     ));
 }
+
+#[test]
+fn a_new_registry_is_never_empty_on_disk_while_open() {
+    // A key appears only after the first open; by then the file must not look lost.
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = open(tmp.path());
+    assert!(fs::metadata(reg.path()).unwrap().len() > 0);
+}
+
+#[test]
+fn a_lost_registry_beside_a_server_key_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = open(dir);
+    reg.enroll(new("alice@example.com", 1), 100).unwrap();
+    drop(reg);
+    crate::datadir::load_or_create_server_key(dir).unwrap();
+    let db = dir.join(REGISTRY_FILE);
+
+    // Truncated to zero bytes, its -wal file left beside it.
+    fs::write(&db, b"").unwrap();
+    fs::write(dir.join("registry.db-wal"), b"x").unwrap();
+    let err = Registry::open(dir, &tunnel()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RegistryError::Lost {
+                state: "is empty (0 bytes)",
+                wal: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("server.key"), "{text}");
+    assert!(text.contains("mv "), "{text}");
+    assert!(text.contains("-wal"), "{text}");
+    // Nothing was created or changed on the way.
+    assert_eq!(fs::metadata(&db).unwrap().len(), 0);
+
+    // Missing altogether.
+    fs::remove_file(&db).unwrap();
+    fs::remove_file(dir.join("registry.db-wal")).unwrap();
+    let err = Registry::open(dir, &tunnel()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RegistryError::Lost {
+                state: "is missing",
+                wal: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!db.exists());
+
+    // Starting over on purpose: the key moved away.
+    let key = crate::datadir::server_key_path(dir);
+    fs::rename(&key, dir.join("server.key.old")).unwrap();
+    assert!(open(dir).all_devices().unwrap().is_empty());
+}
+
+#[test]
+fn a_full_disk_on_open_names_the_file_and_the_cause() {
+    let path = Path::new("/var/lib/waygate/registry.db");
+    let io = rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_SHMSIZE),
+        Some("disk I/O error".into()),
+    );
+    let err = on_open_error(path, RegistryError::Sqlite(io));
+    let text = err.to_string();
+    assert!(matches!(err, RegistryError::Storage { .. }), "{text}");
+    assert!(text.contains("/var/lib/waygate/registry.db"), "{text}");
+    assert!(text.contains("disk may be full"), "{text}");
+    let full =
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None);
+    assert!(matches!(
+        on_open_error(path, RegistryError::Sqlite(full)),
+        RegistryError::Storage { .. }
+    ));
+    // Other errors pass unchanged.
+    let busy =
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY), None);
+    assert!(matches!(
+        on_open_error(path, RegistryError::Sqlite(busy)),
+        RegistryError::Sqlite(_)
+    ));
+}

@@ -32,6 +32,7 @@ use crate::uapi::{self, UapiPeer, UapiSnapshot};
 use crate::vnet::VnetRoute;
 use nexthop::{NextHopRoute, NextHops};
 
+pub mod drops;
 pub mod health;
 pub mod host;
 pub mod nexthop;
@@ -100,12 +101,13 @@ fn map_large_allocations() {
 async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     datadir::ensure_data_dir(&config.data_dir)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
+    // Fail now, not in the watcher thread, if the registry is unusable. Opened before the key
+    // is created: a key without a registry means the registry was lost, and is refused.
+    let registry =
+        Registry::open(&config.data_dir, &config.tunnel).context("cannot open the registry")?;
     let key = datadir::load_or_create_server_key(&config.data_dir)
         .with_context(|| format!("server key in {}", config.data_dir.display()))?;
     let key_bytes = *key.to_bytes();
-    // Fail now, not in the watcher thread, if the registry is unusable.
-    let registry =
-        Registry::open(&config.data_dir, &config.tunnel).context("cannot open the registry")?;
     for vnet in &config.vnets {
         let routes: Vec<crate::registry::VnetRoute> = vnet
             .routes
@@ -218,6 +220,7 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     // Removes the kernel routes it installed when the loop ends, also on error.
     let mut next_hops = NextHops::default();
     let mut next_snapshot = now;
+    let mut drop_report = drops::DropReport::new(now);
     let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
 
@@ -364,6 +367,11 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
             }
             if let Ok(mut s) = snapshot.lock() {
                 s.peers = uapi_peers(&core);
+            }
+            if let Some(dropped) =
+                drop_report.poll(now, core.wireguard().drops(), core.flow_drops())
+            {
+                drops::log(&dropped);
             }
             // Written every LAST_SEEN_EVERY, and within a second when a device appears at a new
             // address, so a crash soon after still leaves the next start where to reach it.

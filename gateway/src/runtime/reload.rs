@@ -112,9 +112,7 @@ impl Followed {
             Some(load_categories(&followed.categories).context("dns.categories")?)
         };
         let policy = match &followed.rules {
-            Some(rules) => {
-                Some(policy::load(rules, followed.lists.as_deref()).context("policy.rules")?)
-            }
+            Some(rules) => Some(policy::load(rules, followed.lists.as_deref())?),
             None => None,
         };
         let geoip = match &followed.geoip {

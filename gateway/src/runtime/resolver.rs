@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
@@ -27,6 +27,9 @@ use crate::flow::DeviceInfo;
 use crate::geoip::GeoIp;
 use crate::policy::Loaded;
 use crate::wg::PeerId;
+
+/// How often the resolver thread lets the core report log lines it held back.
+const LOG_POLL: Duration = Duration::from_secs(1);
 
 /// A device's query over UDP, from the data plane.
 #[derive(Debug)]
@@ -277,7 +280,20 @@ pub fn spawn(
                     running.stream_addr(StreamKind::Https, true),
                 )));
                 let mut out = Vec::new();
-                while let Some(q) = queries_rx.recv().await {
+                // Sums up malformed queries whose lines were held back, also after a flood ends.
+                let mut log_tick = tokio::time::interval(LOG_POLL);
+                log_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    let q = tokio::select! {
+                        q = queries_rx.recv() => match q {
+                            Some(q) => q,
+                            None => break,
+                        },
+                        _ = log_tick.tick() => {
+                            lock(&shared).poll_log(now());
+                            continue;
+                        }
+                    };
                     let handled = lock(&shared).handle_query(
                         &q.client,
                         &q.payload,
