@@ -81,6 +81,8 @@ pub struct Report {
     pub top_count: u64,
     /// Messages limited from all sources (including those refused because the table was full).
     pub total: u64,
+    /// Of `total`, those that carried a valid cookie (dropped rather than answered).
+    pub with_cookie: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +103,7 @@ pub struct SourceLimiter {
     last_report: Option<Instant>,
     /// Limited since the last report, and the source limited most in that time.
     pending: u64,
+    pending_with_cookie: u64,
     top: Option<(SourceKey, u64)>,
     /// Limited since the start.
     total: u64,
@@ -121,6 +124,7 @@ impl SourceLimiter {
             next_gc: None,
             last_report: None,
             pending: 0,
+            pending_with_cookie: 0,
             top: None,
             total: 0,
         }
@@ -141,7 +145,7 @@ impl SourceLimiter {
                 entry
             }
             None if full => {
-                self.count_limited(None);
+                self.count_limited(None, proven);
                 return false;
             }
             None => self.table.entry(key).or_insert(Entry {
@@ -162,13 +166,14 @@ impl SourceLimiter {
         }
         entry.limited += 1;
         let limited = entry.limited;
-        self.count_limited(Some((key, limited)));
+        self.count_limited(Some((key, limited)), proven);
         false
     }
 
-    fn count_limited(&mut self, source: Option<(SourceKey, u64)>) {
+    fn count_limited(&mut self, source: Option<(SourceKey, u64)>, proven: bool) {
         self.total += 1;
         self.pending += 1;
+        self.pending_with_cookie += u64::from(proven);
         if let Some((key, n)) = source {
             if self.top.is_none_or(|(_, top)| n > top) {
                 self.top = Some((key, n));
@@ -198,6 +203,7 @@ impl SourceLimiter {
         }
         self.last_report = Some(now);
         let total = std::mem::take(&mut self.pending);
+        let with_cookie = std::mem::take(&mut self.pending_with_cookie);
         let (top_source, top_count) = self
             .top
             .take()
@@ -206,6 +212,7 @@ impl SourceLimiter {
             top_source,
             top_count,
             total,
+            with_cookie,
         })
     }
 
@@ -342,6 +349,7 @@ mod tests {
                 top_source: SourceKey::V4(Ipv4Addr::new(198, 51, 100, 12)),
                 top_count: 100,
                 total: 110,
+                with_cookie: 110,
             })
         );
         // Still flooding: the next report waits for the interval and covers all of it.

@@ -551,8 +551,10 @@ impl<T> Endpoint<T> {
                 source = %r.top_source,
                 count = r.top_count,
                 total = r.total,
+                with_cookie = r.with_cookie,
                 "handshake messages limited per source address (count: this source's, total: \
-                 all sources', since the last such line)"
+                 all sources' since the last such line, with_cookie: of those, dropped though \
+                 their cookie was valid)"
             );
         }
         let mut buf = [0u8; HANDSHAKE_INIT_LEN];
