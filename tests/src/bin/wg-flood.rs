@@ -71,10 +71,10 @@ fn main() -> Result<()> {
     }
     let key = key.context("--gateway-key is required")?;
     let to = to.context("--to is required")?;
-    if keys == 0 || rate == 0 || !(seconds > 0.0) {
+    let duration = Duration::try_from_secs_f64(seconds).context("--seconds")?;
+    if keys == 0 || rate == 0 || duration.is_zero() {
         bail!("--keys, --rate and --seconds must be positive");
     }
-    let duration = Duration::from_secs_f64(seconds);
     let responder = Responder::new(key);
 
     // Bodies are reused: the responder's work does not depend on them being fresh (a replayed
