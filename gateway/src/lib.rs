@@ -12,6 +12,7 @@ pub mod dns;
 pub mod egress;
 pub mod flow;
 pub mod geoip;
+pub mod handshake_limit;
 pub mod loglimit;
 pub mod policy;
 pub mod protect;

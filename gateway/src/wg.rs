@@ -4,11 +4,20 @@
 //! ([`Endpoint::encapsulate`]). Output: datagrams appended to a [`TransmitQueue`] and decrypted IP
 //! packets returned to the caller. A handshake initiation is matched to its peer by the initiator's
 //! static key (boringtun's anonymous handshake parsing); every later message by receiver index.
-//! One shared [`RateLimiter`] answers handshakes with cookies under load. Cryptokey routing: a
-//! decrypted packet whose source is not the peer's own tunnel address is dropped.
+//! Cryptokey routing: a decrypted packet whose source is not the peer's own tunnel address is
+//! dropped.
+//!
+//! Before a handshake message costs any X25519 work it passes, in order: its MAC1; its cookie
+//! (MAC2), checked whenever present; the per-source buckets of [`SourceLimiter`] (a cookie-proven
+//! source beyond 20/s is dropped, an unproven one is answered with a cookie); and the global
+//! threshold [`HANDSHAKE_RATE_LIMIT`] (beyond it, every unproven message gets a cookie). Linux
+//! checks cookies and per-source rates only under load; checking them always means a source that
+//! answered a cookie once cannot spend the global budget and put every new device behind a
+//! cookie round trip (wireguard-go retries 5 s after a cookie).
 //!
 //! boringtun's `Tunn` reads its own clock for session timers; the runtime calls
-//! [`Endpoint::update_timers`] every [`TIMER_TICK`].
+//! [`Endpoint::update_timers`] every [`TIMER_TICK`]. boringtun logs timer events (REKEY_TIMEOUT,
+//! CONNECTION_EXPIRED) without naming the peer; they run inside the peer's span, so they do.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -21,19 +30,25 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
+use crate::handshake_limit::SourceLimiter;
 use crate::transmit::TransmitQueue;
 
 /// How often the runtime should call [`Endpoint::update_timers`].
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
-/// Handshakes per second before the endpoint answers with cookies. Each initiation is checked
-/// twice (here and inside `Tunn`), hence the doubling of WireGuard's usual figure.
-pub const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
+/// Handshake messages per second that may go on to X25519 work before every message without a
+/// valid cookie is answered with one (boringtun's usual figure). Counted here, once per message:
+/// boringtun's own limiter counted each initiation twice (once here, once inside `Tunn`).
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Size of a cookie reply.
+const COOKIE_REPLY_LEN: usize = 64;
 /// Bytes WireGuard adds around an IP packet (header, counter, tag).
 pub const OVERHEAD: usize = 32;
 /// Size of a handshake initiation, the largest control message.
 const HANDSHAKE_INIT_LEN: usize = 148;
 /// Tunnel indices are 24 bits: boringtun keeps the low 8 bits for its session ring.
 const INDEX_MASK: u32 = 0x00FF_FFFF;
+/// WireGuard's message type of transport data.
+const DATA_TYPE: u8 = 4;
 
 /// A peer's handle: the 24-bit index boringtun puts in the high bits of its receiver indices.
 pub type PeerId = u32;
@@ -59,11 +74,13 @@ pub enum DropReason {
     BadInnerPacket,
     /// Decrypted packet's source is not the peer's tunnel address.
     SpoofedSource,
+    /// Handshake with a valid cookie from a source over its rate ([`SourceLimiter`]).
+    SourceLimited,
 }
 
 impl DropReason {
     /// Every reason, for counters and reports.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Malformed,
         DropReason::BadMac,
         DropReason::UnderLoad,
@@ -73,6 +90,7 @@ impl DropReason {
         DropReason::BadData,
         DropReason::BadInnerPacket,
         DropReason::SpoofedSource,
+        DropReason::SourceLimited,
     ];
 
     fn from_wg(err: &WireGuardError) -> DropReason {
@@ -152,14 +170,24 @@ struct Peer<T> {
     ipv6: Ipv6Addr,
     endpoint: Option<SocketAddr>,
     data: T,
+    /// Entered around boringtun calls that may log, so its lines name the device.
+    span: tracing::Span,
 }
 
 /// The WireGuard endpoint. `T` is what the caller attaches to each peer (the device).
 pub struct Endpoint<T> {
     private: StaticSecret,
     public: PublicKey,
-    rate_limiter: Arc<RateLimiter>,
-    last_limiter_reset: Option<Instant>,
+    /// Checks MAC2 on every handshake message and makes cookie replies (limit 0: "always under
+    /// load" is the only way boringtun's limiter checks MAC2).
+    cookies: RateLimiter,
+    /// Given to every `Tunn`, which checks MAC1 again; the load decision is ours (never under
+    /// load).
+    mac1_only: Arc<RateLimiter>,
+    sources: SourceLimiter,
+    /// Handshake messages let through to X25519 work since `window_start`.
+    handshakes: u64,
+    window_start: Option<Instant>,
     peers: HashMap<PeerId, Peer<T>>,
     by_key: HashMap<[u8; 32], PeerId>,
     next_index: u32,
@@ -172,10 +200,13 @@ impl<T> Endpoint<T> {
         let private = StaticSecret::from(private_key);
         let public = PublicKey::from(&private);
         Endpoint {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            cookies: RateLimiter::new(&public, 0),
+            mac1_only: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            sources: SourceLimiter::default(),
+            handshakes: 0,
+            window_start: None,
             private,
             public,
-            last_limiter_reset: None,
             peers: HashMap::new(),
             by_key: HashMap::new(),
             next_index: 1,
@@ -189,19 +220,21 @@ impl<T> Endpoint<T> {
     }
 
     /// Adds a peer, or updates the addresses and data of an existing one without touching its
-    /// session. Returns its id.
+    /// session. Returns its id. `span` wraps boringtun's calls for this peer (its log lines).
     pub fn upsert_peer(
         &mut self,
         public_key: [u8; 32],
         ipv4: Ipv4Addr,
         ipv6: Ipv6Addr,
         data: T,
+        span: tracing::Span,
     ) -> PeerId {
         if let Some(&id) = self.by_key.get(&public_key) {
             if let Some(peer) = self.peers.get_mut(&id) {
                 peer.ipv4 = ipv4;
                 peer.ipv6 = ipv6;
                 peer.data = data;
+                peer.span = span;
                 return id;
             }
         }
@@ -212,7 +245,7 @@ impl<T> Endpoint<T> {
             None,
             None,
             id,
-            Some(self.rate_limiter.clone()),
+            Some(self.mac1_only.clone()),
         );
         self.peers.insert(
             id,
@@ -223,6 +256,7 @@ impl<T> Endpoint<T> {
                 ipv6,
                 endpoint: None,
                 data,
+                span,
             },
         );
         self.by_key.insert(public_key, id);
@@ -263,6 +297,7 @@ impl<T> Endpoint<T> {
             return false;
         }
         let mut buf = [0u8; HANDSHAKE_INIT_LEN];
+        let _in_span = p.span.enter();
         match p.tunn.format_handshake_initiation(&mut buf, false) {
             TunnResult::WriteToNetwork(init) => {
                 tx.push(at, init);
@@ -300,6 +335,13 @@ impl<T> Endpoint<T> {
         &self.drops
     }
 
+    /// Handshake messages the per-source limit stopped since the start: dropped
+    /// ([`DropReason::SourceLimited`]) or answered with a cookie (part of
+    /// [`DropReason::UnderLoad`]).
+    pub fn handshakes_limited(&self) -> u64 {
+        self.sources.limited()
+    }
+
     fn allocate_index(&mut self) -> PeerId {
         loop {
             let id = self.next_index & INDEX_MASK;
@@ -310,8 +352,8 @@ impl<T> Endpoint<T> {
         }
     }
 
-    /// Handles one datagram from `from`. Replies (handshake responses, cookies) go to `tx`;
-    /// a decrypted packet is written into `scratch` and returned.
+    /// Handles one datagram from `from`, received at `now`. Replies (handshake responses,
+    /// cookies) go to `tx`; a decrypted packet is written into `scratch` and returned.
     ///
     /// # Panics
     /// If `scratch` is shorter than `datagram` (size it [`crate::transmit::MAX_DATAGRAM`]).
@@ -319,11 +361,12 @@ impl<T> Endpoint<T> {
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
+        now: Instant,
         scratch: &'b mut [u8],
         tx: &mut TransmitQueue,
     ) -> Received<'b> {
         assert!(scratch.len() >= datagram.len().max(HANDSHAKE_INIT_LEN));
-        let id = match self.route(from, datagram, tx) {
+        let id = match self.route(from, datagram, now, tx) {
             Ok(Some(id)) => id,
             Ok(None) => return Received::Nothing,
             Err(reason) => return self.drop(reason),
@@ -331,6 +374,8 @@ impl<T> Endpoint<T> {
         let Some(peer) = self.peers.get_mut(&id) else {
             return self.drop(DropReason::UnknownIndex);
         };
+        // Data messages are most of the traffic and boringtun logs nothing worth naming for them.
+        let in_span = (datagram.first() != Some(&DATA_TYPE)).then(|| peer.span.enter());
         // The decrypted packet always starts at scratch[0]; remember only its length so the
         // borrow of `scratch` ends here and other arms can reuse it.
         let outcome = match peer.tunn.decapsulate(Some(from.ip()), datagram, scratch) {
@@ -378,7 +423,10 @@ impl<T> Endpoint<T> {
                 }
                 Received::Nothing
             }
-            Err(Some(reason)) => self.drop(reason),
+            Err(Some(reason)) => {
+                drop(in_span);
+                self.drop(reason)
+            }
         }
     }
 
@@ -387,25 +435,15 @@ impl<T> Endpoint<T> {
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
+        now: Instant,
         tx: &mut TransmitQueue,
     ) -> Result<Option<PeerId>, DropReason> {
         let packet = Tunn::parse_incoming_packet(datagram).map_err(|_| DropReason::Malformed)?;
         match packet {
             Packet::HandshakeInit(ref init) => {
-                // MACs and load first: the anonymous parse below costs a Diffie-Hellman.
-                let mut cookie = [0u8; 64];
-                match self
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
-                {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(reply)) => {
-                        tx.push(from, reply);
-                        self.drops.add(DropReason::UnderLoad);
-                        return Ok(None);
-                    }
-                    Err(TunnResult::Err(e)) => return Err(DropReason::from_wg(&e)),
-                    Err(_) => return Err(DropReason::Malformed),
+                // Admission first: the anonymous parse below costs a Diffie-Hellman.
+                if !self.admit_handshake(from, datagram, now, tx)? {
+                    return Ok(None);
                 }
                 let half = parse_handshake_anon(&self.private, &self.public, init)
                     .map_err(|_| DropReason::BadHandshake)?;
@@ -415,10 +453,52 @@ impl<T> Endpoint<T> {
                     .map(Some)
                     .ok_or(DropReason::UnknownPeer)
             }
-            Packet::HandshakeResponse(r) => self.by_index(r.receiver_idx).map(Some),
+            Packet::HandshakeResponse(r) => {
+                let id = self.by_index(r.receiver_idx)?;
+                Ok(self.admit_handshake(from, datagram, now, tx)?.then_some(id))
+            }
             Packet::PacketCookieReply(c) => self.by_index(c.receiver_idx).map(Some),
             Packet::PacketData(d) => self.by_index(d.receiver_idx).map(Some),
         }
+    }
+
+    /// Whether a handshake message may go on to X25519 work; false when a cookie reply was
+    /// queued instead. Only hashing and one AEAD (for the reply) happen here.
+    fn admit_handshake(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        tx: &mut TransmitQueue,
+    ) -> Result<bool, DropReason> {
+        let mut reply = [0u8; COOKIE_REPLY_LEN];
+        let proven = match self
+            .cookies
+            .verify_packet(Some(from.ip()), datagram, &mut reply)
+        {
+            Ok(_) => None,
+            // No valid MAC2 (none, or made with an old cookie): the reply is ready if needed.
+            Err(TunnResult::WriteToNetwork(r)) => Some(r.len()),
+            Err(TunnResult::Err(e)) => return Err(DropReason::from_wg(&e)),
+            Err(_) => return Err(DropReason::Malformed),
+        };
+        match proven {
+            None => {
+                if !self.sources.allow(from.ip(), true, now) {
+                    return Err(DropReason::SourceLimited);
+                }
+            }
+            Some(len) => {
+                let under_load = self.handshakes >= HANDSHAKE_RATE_LIMIT;
+                if under_load || !self.sources.allow(from.ip(), false, now) {
+                    tx.push(from, &reply[..len]);
+                    self.drops.add(DropReason::UnderLoad);
+                    return Ok(false);
+                }
+            }
+        }
+        self.handshakes += 1;
+        Ok(true)
     }
 
     fn by_index(&self, receiver_idx: u32) -> Result<PeerId, DropReason> {
@@ -456,17 +536,30 @@ impl<T> Endpoint<T> {
         true
     }
 
-    /// Runs every peer's timers (keepalives, rekeys, expiry) and the rate limiter's window.
+    /// Runs every peer's timers (keepalives, rekeys, expiry), the handshake load window and the
+    /// per-source limiter's pruning and report.
     pub fn update_timers(&mut self, now: Instant, tx: &mut TransmitQueue) {
-        let reset_due = self
-            .last_limiter_reset
+        let window_over = self
+            .window_start
             .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
-        if reset_due {
-            self.rate_limiter.reset_count();
-            self.last_limiter_reset = Some(now);
+        if window_over {
+            self.handshakes = 0;
+            self.window_start = Some(now);
+        }
+        if let Some(r) = self.sources.handle_timeout(now) {
+            tracing::warn!(
+                source = %r.top_source,
+                count = r.top_count,
+                total = r.total,
+                with_cookie = r.with_cookie,
+                "handshake messages limited per source address (count: this source's, total: \
+                 all sources' since the last such line, with_cookie: of those, dropped though \
+                 their cookie was valid)"
+            );
         }
         let mut buf = [0u8; HANDSHAKE_INIT_LEN];
         for peer in self.peers.values_mut() {
+            let _in_span = peer.span.enter();
             if let TunnResult::WriteToNetwork(out) = peer.tunn.update_timers(&mut buf) {
                 if let Some(dst) = peer.endpoint {
                     tx.push(dst, out);
@@ -486,11 +579,14 @@ impl<T> Endpoint<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // The fake clock starts from one real instant.
 mod tests {
     use super::*;
     use crate::transmit::MAX_DATAGRAM;
 
     const DEV_V4: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 2);
+    const BURST_FOR_TESTS: u64 = crate::handshake_limit::BURST;
+    const RATE_FOR_TESTS: u64 = crate::handshake_limit::RATE_PER_SEC;
     const DEV_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0x6761, 0x7465, 0, 0, 0, 0, 2);
 
     fn key(seed: u8) -> [u8; 32] {
@@ -510,13 +606,20 @@ mod tests {
         dev_addr: SocketAddr,
         tx: TransmitQueue,
         scratch: Vec<u8>,
+        now: Instant,
     }
 
     fn pair() -> Pair {
         let gw_key = key(1);
         let dev_key = key(2);
         let mut gw = Endpoint::new(gw_key);
-        gw.upsert_peer(public(dev_key), DEV_V4, DEV_V6, "laptop");
+        gw.upsert_peer(
+            public(dev_key),
+            DEV_V4,
+            DEV_V6,
+            "laptop",
+            tracing::Span::none(),
+        );
         let dev = Tunn::new(
             StaticSecret::from(dev_key),
             PublicKey::from(public(gw_key)),
@@ -531,6 +634,7 @@ mod tests {
             dev_addr: "198.51.100.11:40000".parse().unwrap(),
             tx: TransmitQueue::new(),
             scratch: vec![0; MAX_DATAGRAM],
+            now: Instant::now(),
         }
     }
 
@@ -551,6 +655,11 @@ mod tests {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let first = match p.dev.encapsulate(packet, &mut buf) {
             TunnResult::WriteToNetwork(d) => d.to_vec(),
+            // Queued behind a handshake that got no answer (a cookie reply): retry it now.
+            TunnResult::Done => match p.dev.format_handshake_initiation(&mut buf, true) {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                other => panic!("{other:?}"),
+            },
             other => panic!("{other:?}"),
         };
         let mut to_gw = vec![first];
@@ -559,7 +668,7 @@ mod tests {
             for d in to_gw.drain(..) {
                 p.tx.clear();
                 let r =
-                    p.gw.handle_datagram(p.dev_addr, &d, &mut p.scratch, &mut p.tx);
+                    p.gw.handle_datagram(p.dev_addr, &d, p.now, &mut p.scratch, &mut p.tx);
                 out.push(match r {
                     Received::Packet { peer, packet } => {
                         assert_eq!(p.gw.peer_data(peer), Some(&"laptop"));
@@ -627,10 +736,11 @@ mod tests {
     #[test]
     fn garbage_never_panics_and_is_counted() {
         let mut gw: Endpoint<()> = Endpoint::new(key(1));
-        gw.upsert_peer(public(key(2)), DEV_V4, DEV_V6, ());
+        gw.upsert_peer(public(key(2)), DEV_V4, DEV_V6, (), tracing::Span::none());
         let mut scratch = vec![0u8; MAX_DATAGRAM];
         let mut tx = TransmitQueue::new();
         let from: SocketAddr = "198.51.100.11:1".parse().unwrap();
+        let now = Instant::now();
         let mut cases: Vec<Vec<u8>> = vec![
             vec![],
             vec![1],
@@ -648,7 +758,7 @@ mod tests {
         data[4..8].copy_from_slice(&(1u32 << 8).to_le_bytes());
         cases.push(data);
         for case in &cases {
-            let r = gw.handle_datagram(from, case, &mut scratch, &mut tx);
+            let r = gw.handle_datagram(from, case, now, &mut scratch, &mut tx);
             assert!(matches!(r, Received::Dropped(_)), "{case:?} -> {r:?}");
         }
         assert_eq!(gw.drops().total(), cases.len() as u64);
@@ -666,7 +776,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let r =
-            p.gw.handle_datagram(p.dev_addr, &d, &mut p.scratch, &mut p.tx);
+            p.gw.handle_datagram(p.dev_addr, &d, p.now, &mut p.scratch, &mut p.tx);
         assert_eq!(r, Received::Dropped(DropReason::UnknownIndex));
     }
 
@@ -691,7 +801,7 @@ mod tests {
         };
         p.tx.clear();
         let r =
-            p.gw.handle_datagram(p.dev_addr, &response, &mut p.scratch, &mut p.tx);
+            p.gw.handle_datagram(p.dev_addr, &response, p.now, &mut p.scratch, &mut p.tx);
         assert!(matches!(r, Received::Nothing), "{r:?}");
         let keepalive = p.tx.bytes()[p.tx.datagrams()[0].range.clone()].to_vec();
         assert!(matches!(
@@ -724,6 +834,158 @@ mod tests {
         let mut tx = TransmitQueue::new();
         assert!(!gw.resume(42, "198.51.100.11:40000".parse().unwrap(), &mut tx));
         assert!(tx.datagrams().is_empty());
+    }
+
+    /// An initiator with a key the gateway does not know, answering cookies as boringtun does.
+    struct Flooder {
+        tunn: Tunn,
+        addr: SocketAddr,
+        cookie_replies: usize,
+    }
+
+    impl Flooder {
+        fn new(seed: u8, addr: &str) -> Flooder {
+            Flooder {
+                tunn: Tunn::new(
+                    StaticSecret::from(key(seed)),
+                    PublicKey::from(public(key(1))),
+                    None,
+                    None,
+                    u32::from(seed),
+                    None,
+                ),
+                addr: addr.parse().unwrap(),
+                cookie_replies: 0,
+            }
+        }
+
+        /// Sends `n` fresh initiations, one every `every`, consuming whatever comes back.
+        fn flood(&mut self, p: &mut Pair, n: usize, every: Duration) {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            for _ in 0..n {
+                let init = match self.tunn.format_handshake_initiation(&mut buf, true) {
+                    TunnResult::WriteToNetwork(d) => d.to_vec(),
+                    other => panic!("{other:?}"),
+                };
+                p.tx.clear();
+                p.gw.handle_datagram(self.addr, &init, p.now, &mut p.scratch, &mut p.tx);
+                let replies: Vec<Vec<u8>> =
+                    p.tx.datagrams()
+                        .iter()
+                        .map(|d| p.tx.bytes()[d.range.clone()].to_vec())
+                        .collect();
+                for r in replies {
+                    assert_eq!(r[0], 3, "only cookie replies go to an unknown key");
+                    self.cookie_replies += 1;
+                    assert!(matches!(
+                        self.tunn.decapsulate(None, &r, &mut buf),
+                        TunnResult::Done
+                    ));
+                }
+                p.now += every;
+            }
+        }
+    }
+
+    /// Initiations that reached X25519 work (an unknown key is found only by it).
+    fn x25519_work(p: &Pair) -> u64 {
+        p.gw.drops().get(DropReason::UnknownPeer)
+    }
+
+    #[test]
+    fn a_cookie_answering_flood_from_one_source_gets_its_rate_and_others_still_connect() {
+        let mut p = pair();
+        let mut f = Flooder::new(9, "198.51.100.12:5555");
+        // 20,000 initiations a second for a second.
+        let every = Duration::from_micros(50);
+        let mut tx = TransmitQueue::new();
+        for _ in 0..4 {
+            f.flood(&mut p, 5_000, every);
+            p.gw.update_timers(p.now, &mut tx);
+        }
+        // Its unproven burst, one cookie, then its proven burst and rate: nothing like 20,000.
+        assert_eq!(f.cookie_replies, 1);
+        let work = x25519_work(&p);
+        assert!(
+            (10..=2 * BURST_FOR_TESTS + RATE_FOR_TESTS + 1).contains(&work),
+            "{work}"
+        );
+        let limited = p.gw.drops().get(DropReason::SourceLimited);
+        assert_eq!(limited + work + 1, 20_000);
+        assert_eq!(p.gw.handshakes_limited(), limited + 1);
+
+        // A device connecting now gets its handshake at once: the flood spent no global budget
+        // beyond what its buckets allowed.
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(
+            results.iter().any(|r| matches!(r, Received::Packet { .. })),
+            "{results:?}"
+        );
+        assert_eq!(p.gw.drops().get(DropReason::UnderLoad), 1);
+    }
+
+    #[test]
+    fn a_flood_ignoring_cookies_from_one_source_gets_cookies_not_work() {
+        let mut p = pair();
+        let from: SocketAddr = "198.51.100.12:5555".parse().unwrap();
+        let mut attacker = Flooder::new(9, "198.51.100.12:5555");
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut cookies = 0;
+        for _ in 0..1000 {
+            let TunnResult::WriteToNetwork(init) =
+                attacker.tunn.format_handshake_initiation(&mut buf, true)
+            else {
+                panic!()
+            };
+            p.tx.clear();
+            p.gw.handle_datagram(from, init, p.now, &mut p.scratch, &mut p.tx);
+            cookies += p.tx.datagrams().len();
+            p.now += Duration::from_micros(50);
+        }
+        // Just under 50 ms: the burst, not yet a refill.
+        assert_eq!(x25519_work(&p), BURST_FOR_TESTS);
+        assert_eq!(cookies as u64, 1000 - BURST_FOR_TESTS);
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(results.iter().any(|r| matches!(r, Received::Packet { .. })));
+    }
+
+    #[test]
+    fn the_global_threshold_still_answers_a_spread_flood_with_cookies() {
+        let mut p = pair();
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut attacker = Flooder::new(9, "198.51.100.12:5555");
+        // One initiation from each of many sources: no bucket is ever exceeded.
+        for i in 0..HANDSHAKE_RATE_LIMIT + 50 {
+            let TunnResult::WriteToNetwork(init) =
+                attacker.tunn.format_handshake_initiation(&mut buf, true)
+            else {
+                panic!()
+            };
+            let from = SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(
+                    (0x2001_0db8_u128 << 96) | (u128::from(i) << 64),
+                )),
+                1,
+            );
+            p.tx.clear();
+            p.gw.handle_datagram(from, init, p.now, &mut p.scratch, &mut p.tx);
+        }
+        assert_eq!(x25519_work(&p), HANDSHAKE_RATE_LIMIT);
+        assert_eq!(p.gw.drops().get(DropReason::UnderLoad), 50);
+        // The device is asked for a cookie too...
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(!results.iter().any(|r| matches!(r, Received::Packet { .. })));
+        assert_eq!(p.gw.drops().get(DropReason::UnderLoad), 51);
+        // ...and once the window has passed it gets through.
+        p.now += Duration::from_secs(1);
+        let mut tx = TransmitQueue::new();
+        p.gw.update_timers(p.now, &mut tx);
+        p.gw.update_timers(p.now + Duration::from_secs(1), &mut tx);
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(
+            results.iter().any(|r| matches!(r, Received::Packet { .. })),
+            "{results:?}"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 pub mod dns_floor;
 pub mod dns_origin;
+pub mod wg_flood;
 
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};

@@ -252,8 +252,11 @@ impl GatewayCore {
                 .is_some_and(|d| **d == info);
             if !unchanged {
                 tracing::info!(device = %info.name, id = %info.id, ipv4 = %info.ipv4, "device active");
+                // Error level: enabled whenever boringtun's warnings and errors are, so they
+                // always name the device.
+                let span = tracing::error_span!("peer", device = %info.name, id = %info.id);
                 self.wg
-                    .upsert_peer(key, info.ipv4, info.ipv6, Arc::new(info));
+                    .upsert_peer(key, info.ipv4, info.ipv6, Arc::new(info), span);
             }
         }
     }
@@ -276,9 +279,9 @@ impl GatewayCore {
 
     /// Handles one datagram from the WireGuard socket.
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
-        let received = self
-            .wg
-            .handle_datagram(from, datagram, &mut self.scratch, &mut self.tx);
+        let received =
+            self.wg
+                .handle_datagram(from, datagram, now, &mut self.scratch, &mut self.tx);
         let Received::Packet { peer, packet } = received else {
             if let Received::Dropped(reason) = received {
                 tracing::trace!(?reason, %from, "datagram dropped");
