@@ -360,6 +360,8 @@ pub struct Lab {
     background: Vec<Child>,
     /// The soft descriptor limit the gateway starts with (`None`: the test process's).
     gateway_soft_nofile: Option<u64>,
+    /// When set, the gateway's stderr is a pipe read one line per this long (a slow reader).
+    gateway_stderr_pace: Option<Duration>,
 }
 
 /// Distinguishes labs of one test process.
@@ -432,6 +434,7 @@ impl Lab {
             devices: Vec::new(),
             background: Vec::new(),
             gateway_soft_nofile: None,
+            gateway_stderr_pace: None,
         };
         let toml = format!(
             "data_dir = \"{data}\"\n\
@@ -536,8 +539,12 @@ impl Lab {
                 std::env::var("WAYGATE_E2E_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .stdout(log.try_clone()?);
+        let pace = self.gateway_stderr_pace;
+        match pace {
+            Some(_) => cmd.stderr(Stdio::piped()),
+            None => cmd.stderr(log.try_clone()?),
+        };
         if let Some(soft) = self.gateway_soft_nofile {
             // SAFETY: only async-signal-safe calls (getrlimit, setrlimit) between fork and exec.
             unsafe {
@@ -558,7 +565,18 @@ impl Lab {
             }
         }
         // `ip netns exec` execs the gateway, so this pid is the gateway's.
-        let child = cmd.spawn().context("spawning the gateway")?;
+        let mut child = cmd.spawn().context("spawning the gateway")?;
+        if let (Some(pace), Some(stderr)) = (pace, child.stderr.take()) {
+            // Ends when the gateway closes its stderr (it exits).
+            thread::spawn(move || {
+                use std::io::BufRead as _;
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    let _ = writeln!(log, "{line}");
+                    thread::sleep(pace);
+                }
+            });
+        }
         let pid = child.id().to_string();
         self.gateway = Some(child);
         self.lab_sh(["record-pid", &self.prefix, &pid, "waygate"], secs(10))?;
@@ -607,6 +625,12 @@ impl Lab {
     /// Starts the gateway from now on with this soft descriptor limit, as systemd does (1,024).
     pub fn set_gateway_soft_nofile(&mut self, soft: Option<u64>) {
         self.gateway_soft_nofile = soft;
+    }
+
+    /// Starts the gateway from now on with its stderr on a pipe that the harness reads one line
+    /// per `pace` into the gateway log (`None`: straight to the log file).
+    pub fn set_gateway_stderr_pace(&mut self, pace: Option<Duration>) {
+        self.gateway_stderr_pace = pace;
     }
 
     /// The gateway's resident memory in KiB (`VmRSS`), while it runs.

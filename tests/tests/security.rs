@@ -7,7 +7,9 @@
 //! limit of 1,024 (systemd's), one device holding 1,100 connections and then flooding fresh DNS
 //! names at an upstream that does not answer leaves another device's curl, DNS and iperf3
 //! working. `memory_comes_back`: 3,000 DNS-over-TCP connections opened and closed leave the
-//! gateway's RSS within 30 MB of where it started.
+//! gateway's RSS within 30 MB of where it started. `logging_never_blocks_the_data_plane`: with
+//! the gateway's stderr read 20 lines a second, one device's floods of garbage and of fresh names
+//! (a log line each) leave another device's ping and DNS answering, and the fresh names answered.
 // Wall-clock deadlines are what these tests measure.
 #![allow(clippy::disallowed_methods)]
 
@@ -480,5 +482,102 @@ fn memory_comes_back() {
         after / 1024,
         before / 1024,
         peak / 1024
+    );
+}
+
+/// `ping -c COUNT -i 0.1` from `d` to `dst`: the average and largest round trip in ms.
+fn ping_rtt(lab: &Lab, d: &Device, dst: &str, count: u32) -> Option<(f64, f64)> {
+    let count = count.to_string();
+    let out = lab.run_in(
+        &d.ns,
+        &[
+            "ping", "-n", "-q", "-c", &count, "-i", "0.1", "-W", "1", dst,
+        ],
+        secs(30),
+    );
+    // rtt min/avg/max/mdev = 0.318/0.457/0.871/0.117 ms
+    let stats = out.stdout.lines().find(|l| l.contains("min/avg/max"))?;
+    let values: Vec<f64> = stats
+        .split('=')
+        .nth(1)?
+        .trim()
+        .split('/')
+        .filter_map(|v| v.trim_end_matches(" ms").parse().ok())
+        .collect();
+    Some((*values.get(1)?, *values.get(2)?))
+}
+
+#[test]
+fn logging_never_blocks_the_data_plane() {
+    if skip("logging_never_blocks_the_data_plane") {
+        return;
+    }
+    let mut lab = Lab::up();
+    // stderr read 20 lines a second: the pipe fills within seconds of a flood of log lines.
+    lab.set_gateway_stderr_pace(Some(Duration::from_millis(50)));
+    lab.stop_gateway();
+    lab.start_gateway()
+        .expect("gateway with a slow stderr reader");
+    let load = lab
+        .lab_load()
+        .expect("lab-load")
+        .to_string_lossy()
+        .into_owned();
+    let _d1 = lab.add_device("d1", "d1").expect("device d1");
+    let d2 = lab.add_device("d2", "d2").expect("device d2");
+    let dns = format!("{GATEWAY_TUNNEL_V4}:53");
+    // d1: garbage and fresh names (one query log line each), for 8 s.
+    let answered = lab.dir().join("answered.txt");
+    let answered_s = answered.to_string_lossy().into_owned();
+    for extra in [&["--garbage"][..], &["--report", answered_s.as_str()][..]] {
+        let mut args = vec![
+            load.as_str(),
+            "dns-flood",
+            &dns,
+            "--rate",
+            "2000",
+            "--seconds",
+            "8",
+        ];
+        args.extend_from_slice(extra);
+        lab.spawn_in("d1", &args).expect("dns flood");
+    }
+    std::thread::sleep(secs(3));
+    let rtt = ping_rtt(&lab, &d2, HTTP_ORIGIN, 20);
+    let at = format!("@{GATEWAY_TUNNEL_V4}");
+    let dig = lab.run_in(
+        &d2.ns,
+        &["dig", &at, "a.example", "A", "+tries=1", "+time=2"],
+        secs(10),
+    );
+    report(&format!(
+        "logging_never_blocks_the_data_plane: d2 ping avg/max {rtt:?} ms during the flood"
+    ));
+    assert!(
+        dig.ok() && dig.stdout.contains("status: NOERROR"),
+        "d2's DNS during the flood: {}",
+        dig.describe()
+    );
+    let (avg, _max) = rtt.expect("d2's ping through the gateway during the flood");
+    assert!(avg < 50.0, "d2's ping averaged {avg} ms during the flood");
+    // Every fresh name is a query log line: had writing them waited for the reader, the
+    // resolver would have stalled behind it.
+    let got = wait_until(secs(30), Duration::from_millis(200), || {
+        fs::read_to_string(&answered)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    })
+    .expect("the flood of fresh names reports");
+    report(&format!("d1's fresh names: {}", got.trim()));
+    let count = |i: usize| -> u64 {
+        got.split_whitespace()
+            .nth(i)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (sent, answers) = (count(1), count(3));
+    assert!(
+        sent > 10_000 && answers * 10 >= sent * 9,
+        "d1's queries answered while stderr was read slowly: {answers} of {sent}"
     );
 }

@@ -352,11 +352,6 @@ pub struct FlowDropCounters {
 }
 
 impl FlowDropCounters {
-    /// Every reason with its count.
-    pub fn iter(&self) -> impl Iterator<Item = (FlowDrop, u64)> + '_ {
-        FlowDrop::ALL.iter().map(|r| (*r, self.get(*r)))
-    }
-
     /// Adds one.
     pub fn add(&mut self, reason: FlowDrop) {
         self.counts[reason as usize] += 1;

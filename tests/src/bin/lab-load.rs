@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! lab-load hold ADDR --count N [--dns-query] [--report FILE] [--seconds S]
-//! lab-load dns-flood SERVER --rate R --seconds S [--report FILE]
+//! lab-load dns-flood SERVER --rate R --seconds S [--garbage] [--report FILE]
 //! ```
 //!
 //! `hold` opens N TCP connections to ADDR one after another (2 s connect timeout each), with
@@ -10,8 +10,9 @@
 //! answered A` to FILE (or stdout), then holds the connections for S seconds (default: until
 //! killed) and closes them.
 //!
-//! `dns-flood` sends R queries per second for fresh random names to SERVER over UDP for S seconds,
-//! and reports `sent N answered A servfail S` once done.
+//! `dns-flood` sends R queries per second for fresh random names to SERVER over UDP for S seconds
+//! (`--garbage`: random bytes that are no DNS message), and reports `sent N answered A servfail
+//! S` once done.
 // A load generator paces itself by the wall clock.
 #![allow(clippy::disallowed_methods)]
 
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("hold") => hold(&args[1..]),
         Some("dns-flood") => dns_flood(&args[1..]),
-        _ => Err("usage: lab-load hold ADDR --count N [--dns-query] [--report FILE] [--seconds S] | lab-load dns-flood SERVER --rate R --seconds S [--report FILE]".to_string()),
+        _ => Err("usage: lab-load hold ADDR --count N [--dns-query] [--report FILE] [--seconds S] | lab-load dns-flood SERVER --rate R --seconds S [--garbage] [--report FILE]".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -140,6 +141,7 @@ fn hold(args: &[String]) -> Result<(), String> {
 fn dns_flood(args: &[String]) -> Result<(), String> {
     let (server, flags) = flags(args)?;
     let rate = number(&flags, "rate")?.ok_or("--rate is required")?.max(1);
+    let garbage = flags.contains_key("garbage");
     let seconds = number(&flags, "seconds")?.ok_or("--seconds is required")?;
     let bind: SocketAddr = if server.is_ipv4() {
         "0.0.0.0:0"
@@ -164,7 +166,15 @@ fn dns_flood(args: &[String]) -> Result<(), String> {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
-            let q = dns_query(rng as u16, &format!("f{rng:x}.flood.example"));
+            let q = if garbage {
+                // A header claiming one question, then bytes that are no name.
+                let mut g = rng.to_be_bytes().to_vec();
+                g[2..4].copy_from_slice(&[0x01, 0x00]);
+                g.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0, 0xff, 0xfe, 0xfd]);
+                g
+            } else {
+                dns_query(rng as u16, &format!("f{rng:x}.flood.example"))
+            };
             if socket.send_to(&q, server).is_ok() {
                 sent += 1;
             } else {
