@@ -327,6 +327,33 @@ pub fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
+/// curl exit codes of a request the network did not carry: couldn't connect, timeout, empty
+/// reply, receive error. Others (bad URL, bind failure) mean the check itself is broken.
+pub const CURL_BLOCKED: [i32; 4] = [7, 28, 52, 56];
+
+/// A request that must not get through failed, and for a network reason.
+pub fn assert_blocked(out: &Output, what: &str) {
+    assert!(
+        out.code.is_some_and(|c| CURL_BLOCKED.contains(&c)),
+        "{what}: want the request to fail with curl exit {CURL_BLOCKED:?} (not carried): {}",
+        out.describe()
+    );
+}
+
+/// Mbit/s the receiver counted in an `iperf3 -J` run.
+pub fn iperf_mbits(json: &str) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64()?;
+    Some(bps / 1e6)
+}
+
+/// The one-line report a background tool writes to `path` once done, waited for up to `timeout`.
+pub fn wait_report(path: &Path, timeout: Duration) -> Option<String> {
+    wait_until(timeout, Duration::from_millis(200), || {
+        fs::read_to_string(path).ok().filter(|s| s.ends_with('\n'))
+    })
+}
+
 /// A device enrolled in the lab's gateway.
 #[derive(Debug, Clone)]
 pub struct Device {

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use waygate_e2e::{report, run_with_timeout, skip, Device, Lab, IPERF_ORIGIN};
+use waygate_e2e::{iperf_mbits, report, run_with_timeout, skip, Device, Lab, IPERF_ORIGIN};
 
 /// The flood's own address: on the underlay bridge, neither device's nor the gateway's.
 const FLOOD_SRC: &str = "198.51.100.13";
@@ -26,13 +26,6 @@ const CONNECT_WITHIN: Duration = Duration::from_secs(2);
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
-}
-
-/// Mbit/s the receiver counted in an `iperf3 -J` run.
-fn iperf_mbits(json: &str) -> Option<f64> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64()?;
-    Some(bps / 1e6)
 }
 
 fn iperf(lab: &Lab, device: &Device, what: &str) -> f64 {

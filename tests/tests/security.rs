@@ -17,23 +17,12 @@ use std::fs;
 use std::time::Duration;
 
 use waygate_e2e::{
-    report, skip, wait_until, Device, Lab, Output, GATEWAY_TUNNEL_V4, HTTP_ORIGIN, IPERF_ORIGIN,
+    assert_blocked, iperf_mbits, report, skip, wait_report, wait_until, Device, Lab, Output,
+    GATEWAY_TUNNEL_V4, HTTP_ORIGIN, IPERF_ORIGIN,
 };
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
-}
-
-/// curl exit codes of a request the network did not carry: couldn't connect, timeout, empty
-/// reply, receive error.
-const CURL_BLOCKED: [i32; 4] = [7, 28, 52, 56];
-
-fn assert_blocked(out: &Output, what: &str) {
-    assert!(
-        out.code.is_some_and(|c| CURL_BLOCKED.contains(&c)),
-        "{what}: want the request refused by the network, got {}",
-        out.describe()
-    );
 }
 
 fn assert_ok(out: &Output, what: &str) {
@@ -247,13 +236,6 @@ fn protected_destinations() {
     );
 }
 
-/// Mbit/s the receiver counted in an `iperf3 -J` run.
-fn iperf_mbits(json: &str) -> Option<f64> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64()?;
-    Some(bps / 1e6)
-}
-
 /// The other device's curl, DNS (UDP and TCP) and iperf3 all work.
 fn assert_device_works(lab: &Lab, d: &Device, what: &str) {
     assert_ok(
@@ -322,10 +304,7 @@ fn one_device_cannot_starve_the_others() {
         ],
     )
     .expect("hold connections");
-    let got = wait_until(secs(60), Duration::from_millis(200), || {
-        fs::read_to_string(&held).ok().filter(|s| s.ends_with('\n'))
-    })
-    .expect("lab-load hold reports within 60 s");
+    let got = wait_report(&held, secs(60)).expect("lab-load hold reports within 60 s");
     report(&format!("d1 holding: {}", got.trim()));
     let opened: u64 = got
         .split_whitespace()
@@ -377,12 +356,7 @@ fn one_device_cannot_starve_the_others() {
     std::thread::sleep(secs(2));
     // Cached names still answer; curl and iperf3 by address need no DNS.
     assert_device_works(&lab, &d2, "while d1 floods DNS at a dead upstream");
-    let flooded = wait_until(secs(20), Duration::from_millis(200), || {
-        fs::read_to_string(&flood)
-            .ok()
-            .filter(|s| s.ends_with('\n'))
-    })
-    .expect("dns-flood reports");
+    let flooded = wait_report(&flood, secs(20)).expect("dns-flood reports");
     report(&format!("d1 flood: {}", flooded.trim()));
     let log = log_since(&lab, from);
     assert!(
@@ -562,12 +536,7 @@ fn logging_never_blocks_the_data_plane() {
     assert!(avg < 50.0, "d2's ping averaged {avg} ms during the flood");
     // Every fresh name is a query log line: had writing them waited for the reader, the
     // resolver would have stalled behind it.
-    let got = wait_until(secs(30), Duration::from_millis(200), || {
-        fs::read_to_string(&answered)
-            .ok()
-            .filter(|s| s.ends_with('\n'))
-    })
-    .expect("the flood of fresh names reports");
+    let got = wait_report(&answered, secs(30)).expect("the flood of fresh names reports");
     report(&format!("d1's fresh names: {}", got.trim()));
     let count = |i: usize| -> u64 {
         got.split_whitespace()

@@ -12,8 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use waygate_e2e::{
-    report, skip, wait_until, Device, Lab, Output, Stopped, EGRESS_V4, GATEWAY_TUNNEL_V4,
-    HTTP_ORIGIN, IPERF_ORIGIN, UDP_ORIGIN,
+    assert_blocked, iperf_mbits, report, skip, wait_until, Device, Lab, Output, Stopped, EGRESS_V4,
+    GATEWAY_TUNNEL_V4, HTTP_ORIGIN, IPERF_ORIGIN, UDP_ORIGIN,
 };
 
 fn unix_now() -> u64 {
@@ -50,19 +50,6 @@ fn assert_egress(lab: &Lab, device: &Device, what: &str) {
     }
 }
 
-/// curl exit codes of a request the network did not carry: couldn't connect, timeout, empty
-/// reply, receive error. Others (bad URL, bind failure) mean the check itself is broken.
-const CURL_BLOCKED: [i32; 4] = [7, 28, 52, 56];
-
-/// A request that must not get through failed, and for a network reason.
-fn assert_blocked(out: &Output, what: &str) {
-    assert!(
-        out.code.is_some_and(|c| CURL_BLOCKED.contains(&c)),
-        "{what}: want the request to fail with curl exit {CURL_BLOCKED:?} (not carried): {}",
-        out.describe()
-    );
-}
-
 /// A ping that must go unanswered got no reply (exit 1), rather than an answer (0) or an error
 /// such as an unknown source address (2).
 fn assert_no_reply(result: Result<Output, Output>, what: &str) {
@@ -95,13 +82,6 @@ fn parses_iperf_intervals() {
             (1.5, 0.0)
         ]
     );
-}
-
-/// Mbit/s the receiver counted in an `iperf3 -J` run.
-fn iperf_mbits(json: &str) -> Option<f64> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64()?;
-    Some(bps / 1e6)
 }
 
 #[test]

@@ -375,12 +375,17 @@ impl TcpFlows {
         if held + full.total() <= s.memory_per_device / 2 {
             return Some(full);
         }
-        let floor = FlowBuffers {
-            rx: s.floor_buffers,
-            tx: s.floor_buffers,
-            window: UPSTREAM_READ,
-        };
+        let floor = self.floor_buffers();
         (held + floor.total() <= s.memory_per_device).then_some(floor)
+    }
+
+    /// What a flow of a device short of buffer memory gets.
+    fn floor_buffers(&self) -> FlowBuffers {
+        FlowBuffers {
+            rx: self.settings.floor_buffers,
+            tx: self.settings.floor_buffers,
+            window: UPSTREAM_READ,
+        }
     }
 
     /// Whether `peer` has the buffer memory for one more flow.
@@ -409,11 +414,10 @@ impl TcpFlows {
         out: &mut VecDeque<Command>,
     ) {
         let id = ctx.id;
-        let buffers = self.buffers_for_new(ctx.peer).unwrap_or(FlowBuffers {
-            rx: self.settings.floor_buffers,
-            tx: self.settings.floor_buffers,
-            window: UPSTREAM_READ,
-        });
+        // The caller checked `has_memory_for_flow`; the floor is the fallback regardless.
+        let buffers = self
+            .buffers_for_new(ctx.peer)
+            .unwrap_or_else(|| self.floor_buffers());
         let peer = self.peers.entry(ctx.peer).or_default();
         peer.flows += 1;
         peer.memory += buffers.total();
