@@ -8,6 +8,8 @@ if [ "$(id -u)" -eq 0 ]; then
   scripts/install-deps.sh
 fi
 
+echo "== crate layers"
+scripts/check-layers.sh
 echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -1,12 +1,15 @@
-//! `waygate`: wires the command line to the library. All logic lives in the library.
+//! `waygate`: wires the command line to the libraries. Logic lives in the libraries under
+//! `gateway/` and `shared/`; this crate parses arguments and prints results.
+
+mod cli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = waygate::cli::Cli::parse();
-    match waygate::cli::run(cli) {
+    let cli = cli::Cli::parse();
+    match cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {}", waygate::cli::error_report(&err));
+            eprintln!("error: {}", cli::error_report(&err));
             std::process::ExitCode::FAILURE
         }
     }

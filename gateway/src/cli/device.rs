@@ -15,9 +15,9 @@ use anyhow::Context as _;
 use waygate_keys::{PrivateKey, PublicKey};
 
 use super::{now, DeviceCommand, EnrollArgs};
-use crate::config::{Config, TunnelConfig, WireguardConfig};
-use crate::datadir;
-use crate::registry::{Device, NewDevice, Registry};
+use waygate_config::{Config, TunnelConfig, WireguardConfig};
+use waygate_registry::datadir;
+use waygate_registry::{Device, NewDevice, Registry};
 
 /// Where the primary-address probe "connects" to (TEST-NET-3; connecting a UDP socket only asks
 /// the kernel for a route, no packet is sent).
@@ -495,7 +495,7 @@ mod tests {
         new.public_key = PrivateKey::generate(&mut StdRng::seed_from_u64(5)).public_key();
         new.name = Some("bob-laptop-with-a-long-name".into());
         reg.enroll(new, 11).unwrap();
-        reg.record_last_seen(&[crate::registry::Seen {
+        reg.record_last_seen(&[waygate_registry::Seen {
             device_id: a.id.clone(),
             at: 70,
             endpoint: None,

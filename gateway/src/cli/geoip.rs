@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 
 use super::GeoipCommand;
-use crate::config::Config;
-use crate::geoip::{self, GeoIp};
+use waygate_config::Config;
+use waygate_geoip::GeoIp;
 
 /// Runs a `waygate geoip` subcommand.
 pub fn run(config: Option<&Path>, cmd: GeoipCommand) -> anyhow::Result<ExitCode> {
@@ -30,7 +30,7 @@ pub fn run(config: Option<&Path>, cmd: GeoipCommand) -> anyhow::Result<ExitCode>
 
 fn build(csv: &Path, out: &Path) -> anyhow::Result<ExitCode> {
     let input = File::open(csv).with_context(|| format!("cannot open {}", csv.display()))?;
-    let bytes = geoip::build_from_csv(BufReader::new(input))
+    let bytes = waygate_geoip::build_from_csv(BufReader::new(input))
         .with_context(|| format!("{}", csv.display()))?;
     // Written beside the target and renamed over it, so a gateway reloading the database never
     // reads half a file.
@@ -51,7 +51,8 @@ fn lookup(database: &Path, ips: &[IpAddr]) -> anyhow::Result<ExitCode> {
     let db = GeoIp::open(database)?;
     for ip in ips {
         let geo = db.lookup(*ip);
-        let show = |c: Option<geoip::Code>| c.map_or_else(|| "-".to_string(), |c| c.to_string());
+        let show =
+            |c: Option<waygate_geoip::Code>| c.map_or_else(|| "-".to_string(), |c| c.to_string());
         println!("{ip} {} {}", show(geo.country), show(geo.continent));
     }
     Ok(ExitCode::SUCCESS)

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use super::now;
 use super::GroupCommand;
-use crate::config::Config;
-use crate::registry::{Group, Registry};
+use waygate_config::Config;
+use waygate_registry::{Group, Registry};
 
 /// Runs `waygate group`.
 pub fn run(config: Option<&Path>, cmd: GroupCommand) -> anyhow::Result<ExitCode> {

@@ -269,11 +269,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vnet(cmd) => vnet::run(cli.config.as_deref(), cmd),
         Command::Group(cmd) => group::run(cli.config.as_deref(), cmd),
         Command::Ca(CaCommand::Show) => {
-            let config = crate::config::Config::load(cli.config.as_deref())?;
-            crate::datadir::ensure_data_dir(&config.data_dir)?;
+            let config = waygate_config::Config::load(cli.config.as_deref())?;
+            waygate_registry::datadir::ensure_data_dir(&config.data_dir)?;
             #[allow(clippy::disallowed_methods)] // the CLI is a shell
             let now = std::time::SystemTime::now();
-            print!("{}", crate::tls::load_ca(&config.data_dir, now)?.cert_pem());
+            print!(
+                "{}",
+                waygate_runtime::tls::load_ca(&config.data_dir, now)?.cert_pem()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -286,7 +289,7 @@ mod tests {
     #[test]
     fn causes_already_in_a_message_are_not_repeated() {
         let os = std::io::Error::from_raw_os_error(libc::EACCES);
-        let err = anyhow::Error::new(crate::registry::RegistryError::Create {
+        let err = anyhow::Error::new(waygate_registry::RegistryError::Create {
             path: "/srv/waygate/registry.db".into(),
             source: os,
         })

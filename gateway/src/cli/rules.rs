@@ -9,9 +9,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use serde::Serialize;
-use waygate_shared::policy::fields::Stage;
-use waygate_shared::policy::input::Input;
-use waygate_shared::policy::ruleset::{Lists, Policy, RuleError, RuleSet};
+use waygate_policy::fields::Stage;
+use waygate_policy::input::Input;
+use waygate_policy::ruleset::{Lists, Policy, RuleError, RuleSet};
 
 use super::RulesCommand;
 

@@ -2,13 +2,13 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::Config;
+use waygate_config::Config;
 
 /// Runs `waygate serve`.
 pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = Config::load(config)?;
     // Lives until serve returns, so queued lines are flushed (and drops reported) on the way out.
     let _logging = super::logging::init_stderr()?;
-    crate::runtime::serve(config)?;
+    waygate_runtime::serve(config)?;
     Ok(ExitCode::SUCCESS)
 }

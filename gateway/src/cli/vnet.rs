@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use super::now;
 use super::VnetCommand;
-use crate::config::Config;
-use crate::registry::{Registry, Vnet, VnetRoute};
+use waygate_config::Config;
+use waygate_registry::{Registry, Vnet, VnetRoute};
 
 /// Runs `waygate vnet`.
 pub fn run(config: Option<&Path>, cmd: VnetCommand) -> anyhow::Result<ExitCode> {

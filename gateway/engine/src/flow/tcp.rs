@@ -1,0 +1,1100 @@
+//! TCP flows, terminated in smoltcp.
+//!
+//! smoltcp scans its whole socket set on every poll, so each flow owns a set with its one
+//! socket and packets are dispatched to their flow before smoltcp sees them: the cost of a
+//! packet does not grow with the number of open flows. One `Interface` (any-IP, the gateway's
+//! tunnel addresses) is shared by all flows; it holds no per-socket state.
+//!
+//! A SYN is held, not answered, until the upstream connection succeeds: then a socket listening
+//! on exactly the destination the device dialled is created and the SYN is fed to it, so the
+//! device sees SYN-ACK only for reachable origins and a RST for refused ones.
+//!
+//! When a network rule ranked above the flow's first-packet match reads the client's first bytes
+//! (`net.sni.host`, `net.detected_protocol`), the flow connects to its destination as usual but
+//! holds the device's bytes: once [`sniff`] has seen enough of them (or the device sent nothing
+//! for [`SNIFF_WAIT`]), the flow is listed in [`TcpFlows::poll_sniffed`] and waits for
+//! [`TcpFlows::release`] to forward, reset or redirect it.
+//!
+//! Backpressure both ways: at most [`TcpSettings::upload_window`] bytes are in flight to the
+//! upstream (the smoltcp receive window closes behind them), and the runtime reads from the
+//! upstream only as far as [`Command::TcpCredit`] allows.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp::{self, CongestionControl, SocketBuffer, State};
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
+
+use super::device::FlowDevice;
+use super::packet::{build_rst, TcpFlags};
+use super::sniff::{sniff, Detected, Sniff, MAX_SNIFF};
+use super::{Command, FlowCtx, FlowId, PacketSink, Upstream, UpstreamEvent};
+use waygate_wg::PeerId;
+
+/// Tuning of terminated connections.
+#[derive(Debug, Clone)]
+pub struct TcpSettings {
+    /// Tunnel MTU: smoltcp's segments and the MSS it advertises follow from it.
+    pub mtu: usize,
+    /// Smallest smoltcp receive buffer per flow (device -> upstream).
+    pub rx_buffer_min: usize,
+    /// Smallest smoltcp send buffer per flow (upstream -> device).
+    pub tx_buffer_min: usize,
+    /// Largest buffer of either kind.
+    pub buffer_max: usize,
+    /// The rate one flow is sized for, in bytes per second: buffers hold this rate times the
+    /// device's round-trip time.
+    pub flow_rate: u64,
+    /// Bytes handed to the upstream and not yet written, per flow.
+    pub upload_window: usize,
+    /// Largest chunk handed to the runtime at once.
+    pub max_chunk: usize,
+    /// How long smoltcp may delay an ACK.
+    pub ack_delay: Duration,
+    /// Bytes the runtime may read from a flow's upstream before the device has taken them.
+    pub download_window: usize,
+    /// Receive and send buffer of a flow whose device is short of buffer memory (its download
+    /// window is then [`UPSTREAM_READ`]): enough for a few round trips on a LAN, so it still
+    /// works, slowly.
+    pub floor_buffers: usize,
+    /// Buffer memory all flows of one device may hold (`limits.flow_memory_per_device`):
+    /// each flow counts its two smoltcp buffers and its download window in full, what it
+    /// could come to hold. With the default 256 MiB, a device gets about 110 flows at full
+    /// size and then about 1,000 at the floor, as many as its flow cap of 1,024.
+    pub memory_per_device: usize,
+}
+
+impl TcpSettings {
+    /// Settings for a tunnel of `mtu` bytes.
+    pub fn for_mtu(mtu: usize) -> Self {
+        TcpSettings {
+            mtu,
+            rx_buffer_min: 512 * 1024,
+            // Bytes in flight towards a device are bounded by the send buffer. A stock
+            // wireguard-go device drains a ~200 KiB UDP socket buffer; overflowing it loses
+            // packets in bursts, and smoltcp recovers from burst loss only by go-back-N after a
+            // 1 s minimum RTO. Measured in the lab (scripts/bench-throughput.sh, RTT < 1 ms):
+            // 512 KiB collapsed downloads to 1-60 Mbit/s, 256 KiB to 0.16 Gbit/s, 96 KiB gave
+            // 0.53-0.65 Gbit/s. Far devices need more (96 KiB per 40 ms is 19 Mbit/s), so the
+            // buffer follows the device's measured round-trip time (see `buffers_for`).
+            tx_buffer_min: 96 * 1024,
+            buffer_max: 4 * 1024 * 1024,
+            flow_rate: 1_000_000_000 / 8,
+            upload_window: 512 * 1024,
+            max_chunk: 64 * 1024,
+            ack_delay: Duration::from_millis(1),
+            download_window: 512 * 1024,
+            floor_buffers: 32 * 1024,
+            memory_per_device: 256 * 1024 * 1024,
+        }
+    }
+
+    /// Receive and send buffer sizes for a flow of a device whose round-trip time through the
+    /// tunnel is `rtt` (unknown: the minimums): the bandwidth-delay product at `flow_rate`.
+    pub fn buffers_for(&self, rtt: Option<Duration>) -> (usize, usize) {
+        let bdp = rtt.map_or(0, |rtt| {
+            (rtt.as_micros() as u64).saturating_mul(self.flow_rate) / 1_000_000
+        });
+        let bdp = usize::try_from(bdp).unwrap_or(usize::MAX);
+        (
+            bdp.clamp(self.rx_buffer_min, self.buffer_max.max(self.rx_buffer_min)),
+            bdp.clamp(self.tx_buffer_min, self.buffer_max.max(self.tx_buffer_min)),
+        )
+    }
+}
+
+/// The runtime reads an upstream this much at a time, once the device has granted that much
+/// credit: no flow's download window may be smaller, or its upstream is never read again.
+pub const UPSTREAM_READ: usize = 64 * 1024;
+
+/// How long a held flow waits for the client's first bytes before it is decided without them
+/// (the protocol then counts as unknown): protocols where the server speaks first are not
+/// stalled for longer than this, and they are not stalled at all in their download direction.
+pub const SNIFF_WAIT: Duration = Duration::from_secs(1);
+
+/// Where a flow is in waiting for its network decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// Decided: bytes move.
+    Off,
+    /// Collecting the client's first bytes; `until` is set once the upstream is connected.
+    Sniffing { until: Option<Instant> },
+    /// Listed in `sniffed`, waiting for [`TcpFlows::release`].
+    Deciding,
+    /// Redirected: the first upstream is closed, the new one not yet connected.
+    Reconnecting,
+}
+
+/// How a new flow starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// Connect upstream; answer the device once connected; bytes move.
+    Connect,
+    /// Connect upstream as [`Opening::Connect`], but hold the device's bytes for the decision
+    /// about the flow to `dialled` (the destination the stages were asked about).
+    ConnectAndHold {
+        /// The destination the decision is about.
+        dialled: SocketAddr,
+    },
+    /// Answer the device at once without connecting (the flow would likely be blocked): the
+    /// decision connects it, with [`Release::Redirect`], or resets it.
+    AcceptAndHold {
+        /// The destination the decision is about.
+        dialled: SocketAddr,
+    },
+}
+
+/// A held flow as the network stage sees it.
+pub struct Held<'a> {
+    /// Its context.
+    pub ctx: &'a mut FlowCtx,
+    /// The destination the decision is about.
+    pub dialled: SocketAddr,
+    /// Where it was opened to.
+    pub opened: Upstream,
+    /// Whether that upstream is connected.
+    pub connected: bool,
+}
+
+/// What the network stage decided for a held flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Forward the held bytes to the connected upstream.
+    Forward,
+    /// Reset the device's connection and close the upstream.
+    Reset,
+    /// Close the upstream, connect here instead, then forward.
+    Redirect(Upstream),
+}
+
+/// How long a device's smallest handshake round-trip time stays its estimate when later
+/// handshakes are slower (they may be queued behind a busy flow, or the device moved).
+const RTT_MEMORY: Duration = Duration::from_secs(60);
+
+/// What the flows of one device share.
+#[derive(Debug, Default)]
+struct PeerState {
+    /// Handshake round-trip time estimate.
+    rtt: Option<RttEstimate>,
+    /// Bytes in the send buffers of all the device's flows (sent and unacknowledged, or
+    /// waiting to be sent).
+    queued: usize,
+    /// Flows holding upstream data that did not fit under the device's cap.
+    waiting: Vec<FlowId>,
+    /// Open flows.
+    flows: usize,
+    /// Buffer memory the device's flows may come to hold (see `TcpSettings::memory_per_device`).
+    memory: usize,
+}
+
+impl PeerState {
+    /// Most bytes the device's flows may have queued together: what one flow may (see
+    /// `TcpSettings::buffers_for`). Several flows then share the device's path instead of each
+    /// bursting into it, which a device drains no faster with four flows than with one.
+    fn cap(&self, settings: &TcpSettings) -> usize {
+        settings.buffers_for(self.rtt.map(|e| e.rtt)).1
+    }
+}
+
+/// A device's round-trip time through the tunnel, from the TCP handshakes the gateway
+/// answered: SYN-ACK sent to ACK received.
+#[derive(Debug, Clone, Copy)]
+struct RttEstimate {
+    rtt: Duration,
+    measured: Instant,
+}
+
+impl RttEstimate {
+    /// Keeps the smaller sample, unless the kept one is old.
+    fn update(estimate: &mut Option<RttEstimate>, sample: Duration, now: Instant) {
+        let replace = estimate.is_none_or(|e| {
+            sample <= e.rtt || now.saturating_duration_since(e.measured) > RTT_MEMORY
+        });
+        if replace {
+            *estimate = Some(RttEstimate {
+                rtt: sample,
+                measured: now,
+            });
+        }
+    }
+}
+
+/// What uniquely names a TCP flow from a device.
+type Key = (PeerId, SocketAddr, SocketAddr);
+
+enum Phase {
+    /// Waiting for the upstream connection; the device's SYN is kept to replay or refuse.
+    Connecting { syn: Vec<u8>, flags: TcpFlags },
+    /// Terminated: the flow's own one-socket set.
+    Open {
+        sockets: SocketSet<'static>,
+        handle: SocketHandle,
+    },
+}
+
+struct TcpFlow {
+    ctx: FlowCtx,
+    upstream: Upstream,
+    /// The destination the network decision is about.
+    dialled: SocketAddr,
+    hold: Hold,
+    upstream_local: Option<SocketAddr>,
+    phase: Phase,
+    upload_in_flight: usize,
+    download: VecDeque<Bytes>,
+    upstream_eof: bool,
+    fin_forwarded: bool,
+    closing: bool,
+    next_poll: Option<Instant>,
+    /// When the SYN-ACK went out, until the device's ACK arrives.
+    synack_sent: Option<Instant>,
+    /// Handshake round-trip time.
+    rtt: Option<Duration>,
+    /// The send buffer's fill when last looked at (counted in the device's `queued`).
+    queued: usize,
+    /// Listed in the device's `waiting`.
+    waiting: bool,
+    /// Listed in `TcpFlows::dirty`: segments arrived since the last flush.
+    dirty: bool,
+    /// Receive buffer, send buffer and download window, fixed when the flow opens.
+    buffers: FlowBuffers,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+/// The sizes of one flow's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlowBuffers {
+    rx: usize,
+    tx: usize,
+    window: usize,
+}
+
+impl FlowBuffers {
+    fn total(&self) -> usize {
+        self.rx + self.tx + self.window
+    }
+}
+
+/// Outcome of servicing a flow.
+#[derive(Debug, PartialEq, Eq)]
+enum Liveness {
+    Alive,
+    Finished,
+}
+
+/// All terminated TCP flows.
+pub struct TcpFlows {
+    iface: Interface,
+    epoch: Instant,
+    settings: TcpSettings,
+    flows: HashMap<FlowId, TcpFlow>,
+    by_key: HashMap<Key, FlowId>,
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    dirty: Vec<FlowId>,
+    scratch: Vec<u8>,
+    peers: HashMap<PeerId, PeerState>,
+    /// Held flows whose first bytes are known, for [`TcpFlows::poll_sniffed`].
+    sniffed: VecDeque<(FlowId, Detected)>,
+}
+
+impl TcpFlows {
+    /// An empty table answering for `addrs` (the gateway's tunnel addresses with their pools)
+    /// and, through any-IP, for every destination.
+    pub fn new(settings: TcpSettings, addrs: &[(IpAddr, u8)], now: Instant) -> Self {
+        let mut scratch = vec![0u8; settings.mtu];
+        let mut null = NullSink;
+        let mut device = FlowDevice::new(None, &mut null, 0, settings.mtu, &mut scratch);
+        let config = IfaceConfig::new(HardwareAddress::Ip);
+        let mut iface = Interface::new(config, &mut device, SmolInstant::ZERO);
+        iface.set_any_ip(true);
+        iface.update_ip_addrs(|list| {
+            for (addr, prefix) in addrs {
+                // The interface holds at most a handful of addresses; two always fit.
+                let _ = list.push(IpCidr::new((*addr).into(), *prefix));
+            }
+        });
+        TcpFlows {
+            iface,
+            epoch: now,
+            settings,
+            flows: HashMap::new(),
+            by_key: HashMap::new(),
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            scratch,
+            peers: HashMap::new(),
+            sniffed: VecDeque::new(),
+        }
+    }
+
+    /// The flow a segment from `peer` with these addresses belongs to.
+    pub fn lookup(&self, peer: PeerId, src: SocketAddr, dst: SocketAddr) -> Option<FlowId> {
+        self.by_key.get(&(peer, src, dst)).copied()
+    }
+
+    /// Bytes queued towards `peer` by all its flows.
+    pub fn queued_for(&self, peer: PeerId) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.queued)
+    }
+
+    /// Number of open flows.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Number of open flows of `peer`.
+    pub fn flows_of(&self, peer: PeerId) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.flows)
+    }
+
+    /// Buffer memory `peer`'s flows may come to hold.
+    pub fn memory_of(&self, peer: PeerId) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.memory)
+    }
+
+    /// The buffers a new flow of `peer` gets: sized for the device's round-trip time while its
+    /// flows hold less than half its memory cap, then the floor, so a device with many flows
+    /// keeps opening them (slowly) up to its flow cap; `None` when even the floor would pass
+    /// the cap.
+    fn buffers_for_new(&self, peer: PeerId) -> Option<FlowBuffers> {
+        let s = &self.settings;
+        let state = self.peers.get(&peer);
+        let held = state.map_or(0, |p| p.memory);
+        let (rx, tx) = s.buffers_for(state.and_then(|p| p.rtt).map(|e| e.rtt));
+        let full = FlowBuffers {
+            rx,
+            tx,
+            window: s.download_window,
+        };
+        if held + full.total() <= s.memory_per_device / 2 {
+            return Some(full);
+        }
+        let floor = self.floor_buffers();
+        (held + floor.total() <= s.memory_per_device).then_some(floor)
+    }
+
+    /// What a flow of a device short of buffer memory gets.
+    fn floor_buffers(&self) -> FlowBuffers {
+        FlowBuffers {
+            rx: self.settings.floor_buffers,
+            tx: self.settings.floor_buffers,
+            window: UPSTREAM_READ,
+        }
+    }
+
+    /// Whether `peer` has the buffer memory for one more flow.
+    pub fn has_memory_for_flow(&self, peer: PeerId) -> bool {
+        self.buffers_for_new(peer).is_some()
+    }
+
+    /// Whether no flow is open.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Starts a flow from its SYN: asks the runtime to connect and keeps the SYN until then.
+    /// With `hold`, the device's bytes wait for the network decision (see the module doc).
+    // The SYN, the decision and the sinks; a struct for them would only hide which is which.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open<S: PacketSink>(
+        &mut self,
+        ctx: FlowCtx,
+        upstream: Upstream,
+        syn: &[u8],
+        flags: TcpFlags,
+        opening: Opening,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let id = ctx.id;
+        // The caller checked `has_memory_for_flow`; the floor is the fallback regardless.
+        let buffers = self
+            .buffers_for_new(ctx.peer)
+            .unwrap_or_else(|| self.floor_buffers());
+        let peer = self.peers.entry(ctx.peer).or_default();
+        peer.flows += 1;
+        peer.memory += buffers.total();
+        self.by_key.insert((ctx.peer, ctx.src, ctx.dst), id);
+        self.flows.insert(
+            id,
+            TcpFlow {
+                ctx,
+                upstream,
+                dialled: match opening {
+                    Opening::Connect => upstream.dst,
+                    Opening::ConnectAndHold { dialled } | Opening::AcceptAndHold { dialled } => {
+                        dialled
+                    }
+                },
+                hold: if opening == Opening::Connect {
+                    Hold::Off
+                } else {
+                    Hold::Sniffing { until: None }
+                },
+                upstream_local: None,
+                phase: Phase::Connecting {
+                    syn: syn.to_vec(),
+                    flags,
+                },
+                upload_in_flight: 0,
+                download: VecDeque::new(),
+                upstream_eof: false,
+                fin_forwarded: false,
+                closing: false,
+                next_poll: None,
+                synack_sent: None,
+                rtt: None,
+                queued: 0,
+                waiting: false,
+                dirty: false,
+                buffers,
+                bytes_up: 0,
+                bytes_down: 0,
+            },
+        );
+        if let Opening::AcceptAndHold { .. } = opening {
+            self.accepted(id, None, now, sink, out);
+        } else {
+            connect(id, upstream, buffers.window, out);
+        }
+    }
+
+    /// Feeds a device segment to its flow. smoltcp takes it (and may answer) at once; moving the
+    /// bytes it carries waits for [`TcpFlows::flush`], so a batch of segments becomes one
+    /// upstream write instead of one per segment.
+    pub fn deliver<S: PacketSink>(
+        &mut self,
+        id: FlowId,
+        packet: &[u8],
+        rst: bool,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let snow = self.smol_now(now);
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if let Phase::Connecting { .. } = flow.phase {
+            // Retransmitted SYNs wait with the first; a RST means the device gave up.
+            if rst {
+                self.finish(id, "device reset while connecting", now, out);
+            }
+            return;
+        }
+        let Phase::Open { sockets, .. } = &mut flow.phase else {
+            return;
+        };
+        let mut device = FlowDevice::new(
+            Some(packet),
+            sink,
+            flow.ctx.peer,
+            self.settings.mtu,
+            &mut self.scratch,
+        );
+        self.iface.poll(snow, &mut device, sockets);
+        if !flow.dirty {
+            flow.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    /// Moves the bytes of every flow that received segments since the last flush. The runtime
+    /// calls this after each batch of datagrams, before sending.
+    pub fn flush<S: PacketSink>(
+        &mut self,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        // Servicing a flow may free room under its device's cap and list the device's waiting
+        // flows again; they are serviced in the next round. A round only lists flows when
+        // acknowledgments shrank a queue, so this ends; the bound is a backstop.
+        for _ in 0..4 {
+            if self.dirty.is_empty() {
+                return;
+            }
+            let mut dirty = std::mem::take(&mut self.dirty);
+            for id in dirty.drain(..) {
+                if let Some(flow) = self.flows.get_mut(&id) {
+                    flow.dirty = false;
+                    self.service(id, None, now, sink, out);
+                }
+            }
+            if self.dirty.is_empty() {
+                // Keep the allocation for the next batch.
+                self.dirty = dirty;
+            }
+        }
+    }
+
+    /// Applies an upstream event.
+    pub fn handle_event<S: PacketSink>(
+        &mut self,
+        event: UpstreamEvent,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let stale = |f: FlowId| {
+            self.flows
+                .get(&f)
+                .is_some_and(|f| f.hold == Hold::Reconnecting)
+        };
+        match event {
+            // What the closed first upstream still reported before its redirect.
+            UpstreamEvent::TcpData { flow, .. }
+            | UpstreamEvent::TcpEof { flow }
+            | UpstreamEvent::TcpError { flow }
+            | UpstreamEvent::TcpWritten { flow, .. }
+                if stale(flow) => {}
+            UpstreamEvent::TcpConnected { flow, local } => {
+                self.accepted(flow, Some(local), now, sink, out)
+            }
+            UpstreamEvent::TcpConnectFailed { flow } => self.refuse(flow, now, sink, out),
+            UpstreamEvent::TcpData { flow, data } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    f.download.push_back(data);
+                    self.service(flow, None, now, sink, out);
+                }
+            }
+            UpstreamEvent::TcpEof { flow } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    f.upstream_eof = true;
+                    self.service(flow, None, now, sink, out);
+                }
+            }
+            UpstreamEvent::TcpError { flow } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    match &mut f.phase {
+                        Phase::Open { sockets, handle } => {
+                            sockets.get_mut::<tcp::Socket>(*handle).abort();
+                            self.service(flow, None, now, sink, out);
+                        }
+                        Phase::Connecting { .. } => self.refuse(flow, now, sink, out),
+                    }
+                }
+            }
+            UpstreamEvent::TcpWritten { flow, bytes } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    f.upload_in_flight = f.upload_in_flight.saturating_sub(bytes);
+                    self.service(flow, None, now, sink, out);
+                }
+            }
+            UpstreamEvent::UdpData { .. } => {}
+        }
+    }
+
+    /// Services flows whose smoltcp timers are due.
+    pub fn handle_timeout<S: PacketSink>(
+        &mut self,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let due = self.flows.get(&id).is_some_and(|f| {
+                f.next_poll == Some(at) || f.hold == Hold::Sniffing { until: Some(at) }
+            });
+            if due {
+                self.service(id, None, now, sink, out);
+            }
+        }
+    }
+
+    /// The next held flow whose first bytes are known, with what they showed.
+    pub fn poll_sniffed(&mut self) -> Option<(FlowId, Detected)> {
+        self.sniffed.pop_front()
+    }
+
+    /// A held flow, for deciding it.
+    pub fn held(&mut self, id: FlowId) -> Option<Held<'_>> {
+        self.flows.get_mut(&id).map(|f| Held {
+            ctx: &mut f.ctx,
+            dialled: f.dialled,
+            opened: f.upstream,
+            connected: f.upstream_local.is_some(),
+        })
+    }
+
+    /// Applies the network decision to a flow listed by [`TcpFlows::poll_sniffed`].
+    pub fn release<S: PacketSink>(
+        &mut self,
+        id: FlowId,
+        release: Release,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if flow.hold != Hold::Deciding {
+            return;
+        }
+        match release {
+            Release::Forward => flow.hold = Hold::Off,
+            Release::Reset => {
+                if let Phase::Open { sockets, handle } = &mut flow.phase {
+                    sockets.get_mut::<tcp::Socket>(*handle).abort();
+                }
+            }
+            Release::Redirect(upstream) => {
+                flow.hold = Hold::Reconnecting;
+                flow.upstream = upstream;
+                out.push_back(Command::TcpClose { flow: id });
+                connect(id, upstream, flow.buffers.window, out);
+                return;
+            }
+        }
+        self.service(id, None, now, sink, out);
+    }
+
+    /// When [`TcpFlows::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Ends every flow of a peer that is gone (revoked): upstreams are closed, nothing is sent
+    /// to the device.
+    pub fn remove_peer(&mut self, peer: PeerId, now: Instant, out: &mut VecDeque<Command>) {
+        let ids: Vec<FlowId> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.ctx.peer == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.finish(id, "device removed", now, out);
+        }
+        self.peers.remove(&peer);
+    }
+
+    /// Answers the held SYN: the upstream connected from `local`, or (`None`) the flow is held
+    /// without one.
+    fn accepted<S: PacketSink>(
+        &mut self,
+        id: FlowId,
+        local: Option<SocketAddr>,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            // The device gave up meanwhile; the runtime still holds a connection.
+            out.push_back(Command::TcpClose { flow: id });
+            return;
+        };
+        if flow.hold == Hold::Reconnecting {
+            flow.hold = Hold::Off;
+            flow.upstream_local = local;
+            self.service(id, None, now, sink, out);
+            return;
+        }
+        if let Hold::Sniffing { until } = &mut flow.hold {
+            let at = now + SNIFF_WAIT;
+            *until = Some(at);
+            self.timers.push(Reverse((at, id)));
+        }
+        let Phase::Connecting { syn, .. } = &mut flow.phase else {
+            return;
+        };
+        let syn = std::mem::take(syn);
+        let s = &self.settings;
+        // Large buffers cost only what a flow uses: the runtime has the allocator map them
+        // (untouched pages stay unbacked).
+        let mut socket = tcp::Socket::new(
+            SocketBuffer::new(vec![0u8; flow.buffers.rx]),
+            SocketBuffer::new(vec![0u8; flow.buffers.tx]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(Some(s.ack_delay.into()));
+        socket.set_congestion_control(CongestionControl::Cubic);
+        let endpoint = IpListenEndpoint {
+            addr: Some(flow.ctx.dst.ip().into()),
+            port: flow.ctx.dst.port(),
+        };
+        if socket.listen(endpoint).is_err() {
+            // Port 0 cannot be listened on; such a SYN cannot be answered.
+            self.refuse(id, now, sink, out);
+            return;
+        }
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
+        let handle = sockets.add(socket);
+        flow.phase = Phase::Open { sockets, handle };
+        flow.upstream_local = local;
+        flow.synack_sent = Some(now);
+        self.service(id, Some(&syn), now, sink, out);
+    }
+
+    /// The upstream refused: answer the held SYN with a RST.
+    fn refuse<S: PacketSink>(
+        &mut self,
+        id: FlowId,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if let Phase::Open { sockets, handle } = &mut flow.phase {
+            // A redirected flow whose new upstream refused: the device's connection is
+            // established, so it is reset.
+            sockets.get_mut::<tcp::Socket>(*handle).abort();
+            self.service(id, None, now, sink, out);
+            return;
+        }
+        if let Phase::Connecting { flags, .. } = &flow.phase {
+            let mut buf = [0u8; 80];
+            if let Some(n) = build_rst(&mut buf, flow.ctx.dst, flow.ctx.src, flags) {
+                sink.send(flow.ctx.peer, &buf[..n]);
+            }
+        }
+        self.finish(id, "upstream refused", now, out);
+    }
+
+    fn finish(&mut self, id: FlowId, why: &'static str, now: Instant, out: &mut VecDeque<Command>) {
+        let Some(flow) = self.flows.remove(&id) else {
+            return;
+        };
+        self.by_key
+            .remove(&(flow.ctx.peer, flow.ctx.src, flow.ctx.dst));
+        if let Some(peer) = self.peers.get_mut(&flow.ctx.peer) {
+            peer.queued = peer.queued.saturating_sub(flow.queued);
+            peer.waiting.retain(|w| *w != id);
+            peer.flows = peer.flows.saturating_sub(1);
+            peer.memory = peer.memory.saturating_sub(flow.buffers.total());
+        }
+        out.push_back(Command::TcpClose { flow: id });
+        let ctx = &flow.ctx;
+        tracing::info!(
+            target: "waygate::flow",
+            flow = id,
+            device = %ctx.device.name,
+            user = %ctx.device.email,
+            protocol = "tcp",
+            src = %ctx.src,
+            dst = %ctx.dst,
+            vnet = ctx.device.vnet_id.as_deref().unwrap_or("default"),
+            egress_rule = ctx.rules.egress.as_deref(),
+            l4_rule = ctx.rules.l4.as_deref(),
+            route = ctx.rules.route.as_deref(),
+            name = ctx.rules.name.as_deref(),
+            egress = ?flow.upstream_local,
+            bytes_up = flow.bytes_up,
+            bytes_down = flow.bytes_down,
+            rtt_us = flow.rtt.map(|r| r.as_micros() as u64),
+            duration_ms = now.saturating_duration_since(ctx.opened).as_millis() as u64,
+            reason = why,
+            "flow closed"
+        );
+    }
+
+    fn smol_now(&self, now: Instant) -> SmolInstant {
+        SmolInstant::from_micros(now.saturating_duration_since(self.epoch).as_micros() as i64)
+    }
+
+    /// Moves what can move: the packet into smoltcp, bytes between smoltcp and the upstream,
+    /// then reschedules the flow's timer.
+    fn service<S: PacketSink>(
+        &mut self,
+        id: FlowId,
+        rx: Option<&[u8]>,
+        now: Instant,
+        sink: &mut S,
+        out: &mut VecDeque<Command>,
+    ) {
+        let snow = self.smol_now(now);
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let peer = self.peers.entry(flow.ctx.peer).or_default();
+        let room = peer
+            .cap(&self.settings)
+            .saturating_sub(peer.queued.saturating_sub(flow.queued));
+        let liveness = service_flow(
+            &mut self.iface,
+            flow,
+            &self.settings,
+            rx,
+            room,
+            (now, snow),
+            sink,
+            &mut self.scratch,
+            &mut self.sniffed,
+            out,
+        );
+        if liveness == Liveness::Finished {
+            self.finish(id, "closed", now, out);
+            return;
+        }
+        let Phase::Open { sockets, handle } = &flow.phase else {
+            return;
+        };
+        let socket = sockets.get::<tcp::Socket>(*handle);
+        if let Some(sent) = flow.synack_sent {
+            if !matches!(socket.state(), State::Listen | State::SynReceived) {
+                flow.synack_sent = None;
+                let sample = now.saturating_duration_since(sent);
+                flow.rtt = Some(sample);
+                RttEstimate::update(&mut peer.rtt, sample, now);
+            }
+        }
+        let queued = socket.send_queue();
+        let freed = queued < flow.queued;
+        peer.queued = (peer.queued + queued).saturating_sub(flow.queued);
+        flow.queued = queued;
+        if !flow.download.is_empty() && !flow.waiting {
+            flow.waiting = true;
+            peer.waiting.push(id);
+        }
+        if freed && !peer.waiting.is_empty() {
+            // Room under the device's cap: the flows that were held back get their turn in
+            // the next flush.
+            for waiter in peer.waiting.drain(..) {
+                if let Some(w) = self.flows.get_mut(&waiter) {
+                    w.waiting = false;
+                    if !w.dirty {
+                        w.dirty = true;
+                        self.dirty.push(waiter);
+                    }
+                }
+            }
+        }
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let Phase::Open { sockets, .. } = &flow.phase else {
+            return;
+        };
+        let next = self
+            .iface
+            .poll_at(snow, sockets)
+            .map(|t| self.epoch + Duration::from_micros(t.total_micros().max(0) as u64));
+        let next = next.map(|t| t.max(now));
+        flow.next_poll = next;
+        if let Some(at) = next {
+            self.timers.push(Reverse((at, id)));
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn service_flow<S: PacketSink>(
+    iface: &mut Interface,
+    flow: &mut TcpFlow,
+    settings: &TcpSettings,
+    rx: Option<&[u8]>,
+    room: usize,
+    (now, snow): (Instant, SmolInstant),
+    sink: &mut S,
+    scratch: &mut [u8],
+    sniffed: &mut VecDeque<(FlowId, Detected)>,
+    out: &mut VecDeque<Command>,
+) -> Liveness {
+    let id = flow.ctx.id;
+    let peer = flow.ctx.peer;
+    let Phase::Open { sockets, handle } = &mut flow.phase else {
+        return Liveness::Alive;
+    };
+    {
+        let mut device = FlowDevice::new(rx, sink, peer, settings.mtu, scratch);
+        iface.poll(snow, &mut device, sockets);
+    }
+    let socket = sockets.get_mut::<tcp::Socket>(*handle);
+    let mut progressed = false;
+
+    if let Hold::Sniffing { until: Some(until) } = flow.hold {
+        let device_done = !matches!(
+            socket.state(),
+            State::Listen | State::SynReceived | State::Established
+        );
+        let seen = socket.peek(MAX_SNIFF).unwrap_or(&[]);
+        let enough = seen.len() >= MAX_SNIFF || device_done || now >= until;
+        let detected = match sniff(seen) {
+            Sniff::Done(detected) => Some(detected),
+            Sniff::NeedMore if enough => Some(Detected::Unknown),
+            Sniff::NeedMore => None,
+        };
+        if let Some(detected) = detected {
+            flow.hold = Hold::Deciding;
+            sniffed.push_back((id, detected));
+        }
+    }
+    // Held flows keep the device's bytes in smoltcp (its window closes behind them) until the
+    // decision; the download direction is never held.
+    if flow.hold == Hold::Off {
+        // Device -> upstream, within the upload window.
+        while flow.upload_in_flight < settings.upload_window && socket.can_recv() {
+            let room = (settings.upload_window - flow.upload_in_flight).min(settings.max_chunk);
+            let chunk = socket.recv(|buf| {
+                let n = buf.len().min(room);
+                (n, Bytes::copy_from_slice(&buf[..n]))
+            });
+            match chunk {
+                Ok(data) if !data.is_empty() => {
+                    flow.upload_in_flight += data.len();
+                    flow.bytes_up += data.len() as u64;
+                    out.push_back(Command::TcpSend { flow: id, data });
+                    progressed = true;
+                }
+                _ => break,
+            }
+        }
+        // The device's FIN reaches the upstream only after all its data.
+        if !flow.fin_forwarded
+            && socket.recv_queue() == 0
+            && matches!(
+                socket.state(),
+                State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+            )
+        {
+            flow.fin_forwarded = true;
+            out.push_back(Command::TcpShutdownWrite { flow: id });
+        }
+    }
+
+    // Upstream -> device, as far as the send buffer and the device's cap take it.
+    let mut credit = 0;
+    let room = room.saturating_sub(socket.send_queue());
+    while let Some(front) = flow.download.front_mut() {
+        let allowed = front.len().min(room - credit);
+        if allowed == 0 {
+            break;
+        }
+        match socket.send_slice(&front[..allowed]) {
+            Ok(0) => break,
+            Ok(n) => {
+                credit += n;
+                if n == front.len() {
+                    flow.download.pop_front();
+                } else {
+                    front.advance(n);
+                    break;
+                }
+            }
+            Err(_) => {
+                // The device closed its side for good: nothing more can be delivered.
+                flow.download.clear();
+                break;
+            }
+        }
+    }
+    if credit > 0 {
+        flow.bytes_down += credit as u64;
+        out.push_back(Command::TcpCredit {
+            flow: id,
+            bytes: credit,
+        });
+        progressed = true;
+    }
+    if flow.upstream_eof && flow.download.is_empty() && !flow.closing {
+        socket.close();
+        flow.closing = true;
+        progressed = true;
+    }
+    if progressed {
+        let mut device = FlowDevice::new(None, sink, peer, settings.mtu, scratch);
+        iface.poll(snow, &mut device, sockets);
+    }
+    let socket = sockets.get::<tcp::Socket>(*handle);
+    match socket.state() {
+        State::Closed | State::TimeWait => Liveness::Finished,
+        _ => Liveness::Alive,
+    }
+}
+
+/// Asks the runtime to connect a flow's upstream and lets it read `window` bytes ahead of the
+/// device.
+fn connect(flow: FlowId, upstream: Upstream, window: usize, out: &mut VecDeque<Command>) {
+    out.push_back(Command::TcpConnect { flow, upstream });
+    out.push_back(Command::TcpCredit {
+        flow,
+        bytes: window,
+    });
+}
+
+/// A sink for the one poll during setup that never transmits.
+struct NullSink;
+
+impl PacketSink for NullSink {
+    fn send(&mut self, _peer: PeerId, _packet: &[u8]) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_follow_the_round_trip_time_within_bounds() {
+        let s = TcpSettings::for_mtu(1420);
+        assert_eq!(s.buffers_for(None), (512 * 1024, 96 * 1024));
+        // A LAN-near device keeps the minimums that suit a stock wireguard-go device.
+        assert_eq!(
+            s.buffers_for(Some(Duration::from_micros(600))),
+            (512 * 1024, 96 * 1024)
+        );
+        // 40 ms at 1 Gbit/s is 5 MB: capped.
+        let (rx, tx) = s.buffers_for(Some(Duration::from_millis(40)));
+        assert_eq!((rx, tx), (4 * 1024 * 1024, 4 * 1024 * 1024));
+        let (rx, tx) = s.buffers_for(Some(Duration::from_millis(2)));
+        assert_eq!((rx, tx), (512 * 1024, 250_000));
+    }
+
+    #[allow(clippy::disallowed_methods)] // the fake clock starts from one real instant
+    #[test]
+    fn a_device_gets_full_buffers_then_the_floor_then_none() {
+        let settings = TcpSettings {
+            memory_per_device: 8 * 1024 * 1024,
+            ..TcpSettings::for_mtu(1420)
+        };
+        let mut flows = TcpFlows::new(settings, &[], Instant::now());
+        let full = flows.buffers_for_new(1).unwrap();
+        assert_eq!(full.total(), (512 + 96 + 512) * 1024);
+        flows.peers.entry(1).or_default().memory = 4 * 1024 * 1024;
+        let floor = flows.buffers_for_new(1).unwrap();
+        assert_eq!(floor.total(), (32 + 32 + 64) * 1024);
+        flows.peers.entry(1).or_default().memory = 8 * 1024 * 1024 - 1000;
+        assert!(!flows.has_memory_for_flow(1));
+        // Another device is not held back by the first one's memory.
+        assert_eq!(flows.buffers_for_new(2), Some(full));
+    }
+
+    #[allow(clippy::disallowed_methods)] // the fake clock starts from one real instant
+    #[test]
+    fn the_estimate_keeps_the_smallest_recent_sample() {
+        let t0 = Instant::now();
+        let mut e = None;
+        RttEstimate::update(&mut e, Duration::from_millis(5), t0);
+        RttEstimate::update(
+            &mut e,
+            Duration::from_millis(2),
+            t0 + Duration::from_secs(1),
+        );
+        RttEstimate::update(
+            &mut e,
+            Duration::from_millis(9),
+            t0 + Duration::from_secs(2),
+        );
+        assert_eq!(e.map(|e| e.rtt), Some(Duration::from_millis(2)));
+        // Once the small sample is old, the device may have moved: a slower one replaces it.
+        RttEstimate::update(
+            &mut e,
+            Duration::from_millis(30),
+            t0 + Duration::from_secs(62),
+        );
+        assert_eq!(e.map(|e| e.rtt), Some(Duration::from_millis(30)));
+    }
+}

@@ -1,0 +1,885 @@
+//! `GatewayCore`: the whole data plane without I/O.
+//!
+//! Verbs in: [`GatewayCore::handle_datagram`] (from the WireGuard socket),
+//! [`GatewayCore::handle_upstream`] (from upstream connections), [`GatewayCore::handle_timeout`]
+//! and [`GatewayCore::sync_peers`] (from the registry). Out: datagrams in
+//! [`GatewayCore::transmit_queue`], work for the runtime through [`GatewayCore::poll_command`],
+//! and the next deadline from [`GatewayCore::poll_timeout`]. The runtime is the only caller and
+//! passes the clock in.
+//!
+//! Per packet: WireGuard decrypts and checks the inner source, the packet is routed to its flow
+//! (or opens one: the stages decide and the flow asks the runtime to connect), and whatever the
+//! flow sends back is encrypted into the transmit queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::flow::packet::{self, build_echo_reply, build_rst, build_udp, ParseError, Parsed};
+use crate::flow::tcp::{Opening, Release, TcpFlows, TcpSettings};
+use crate::flow::udp::UdpNat;
+use crate::flow::{
+    Command, DeviceInfo, FlowCtx, FlowDrop, FlowDropCounters, FlowId, FlowLimits, FlowRules,
+    PacketSink, Protocol, Upstream, UpstreamEvent,
+};
+use crate::protect::{HostAddress, Protected};
+use crate::vnet::{VnetRoute, VnetRoutes};
+use waygate_dns::memory::{NameMemory, Names};
+use waygate_dns::ClientKey;
+use waygate_geoip::GeoIp;
+use waygate_policy::fields::Stage;
+use waygate_policy::input::Input;
+use waygate_stages::egress::{Egress, EgressChoice, EgressSettings, Probe};
+use waygate_stages::policy;
+use waygate_wg::transmit::{TransmitQueue, MAX_DATAGRAM};
+use waygate_wg::{self as wg, Endpoint, PeerId, Received};
+use waygate_wire::sniff::Detected;
+
+/// What the core needs from the config.
+#[derive(Debug, Clone)]
+pub struct CoreSettings {
+    /// IPv4 tunnel pool.
+    pub pool_v4: Ipv4Net,
+    /// IPv6 tunnel pool.
+    pub pool_v6: Ipv6Net,
+    /// The gateway's IPv4 tunnel address.
+    pub gateway_v4: Ipv4Addr,
+    /// The gateway's IPv6 tunnel address.
+    pub gateway_v6: Ipv6Addr,
+    /// Tunnel MTU.
+    pub mtu: u16,
+    /// Where DNS over TCP to the gateway's tunnel addresses goes: the resolver's listener
+    /// (announced with a PROXY line naming the device) when `dns_resolver`, else an upstream.
+    pub dns_upstream: Option<SocketAddr>,
+    /// Where DNS over TLS (TCP 853 to the gateway) goes, announced with a PROXY line.
+    pub dns_over_tls: Option<SocketAddr>,
+    /// Where DNS over HTTPS (TCP 443 to the gateway) goes, announced with a PROXY line.
+    pub dns_over_https: Option<SocketAddr>,
+    /// DNS over UDP to the gateway goes to the runtime's resolver ([`Command::DnsQuery`]).
+    pub dns_resolver: bool,
+    /// DNS a device sends to any address on port 53 is answered as if sent to the gateway.
+    pub dns_intercept: bool,
+    /// Egress addresses.
+    pub egress: EgressSettings,
+    /// Destinations devices may not reach (the host's interfaces follow with
+    /// [`GatewayCore::set_host_addresses`]).
+    pub protected: Protected,
+    /// What one device may hold, and all together.
+    pub limits: FlowLimits,
+}
+
+/// The data plane.
+pub struct GatewayCore {
+    wg: Endpoint<Arc<DeviceInfo>>,
+    tx: TransmitQueue,
+    scratch: Vec<u8>,
+    router: Router,
+    next_wg_tick: Instant,
+}
+
+/// How often the name memory drops expired entries.
+const NAMES_PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most (device, address) pairs the data plane remembers names for.
+const NAMES_CAPACITY: usize = 200_000;
+
+/// How often one device's hitting a flow limit is logged.
+const LIMIT_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where a new TCP flow goes.
+enum Target {
+    /// Where the device dialled (or a fixed rewrite of it): the stages decide.
+    Dialled(SocketAddr),
+    /// Already decided.
+    Decided(Upstream),
+}
+
+/// Routes decrypted packets to flows; everything but the WireGuard side.
+struct Router {
+    settings: CoreSettings,
+    tcp: TcpFlows,
+    udp: UdpNat,
+    egress: Egress,
+    vnets: VnetRoutes,
+    policy: Arc<policy::Loaded>,
+    geoip: Option<Arc<GeoIp>>,
+    /// Reused for every new flow, so deciding allocates nothing once warm.
+    input: Input,
+    /// What the resolver answered each device: flows to those addresses carry the name.
+    names: NameMemory,
+    names_purged: Instant,
+    commands: VecDeque<Command>,
+    next_flow: FlowId,
+    drops: FlowDropCounters,
+    /// When each device was last said to be at a flow limit.
+    limit_warned: HashMap<PeerId, Instant>,
+    reply: Vec<u8>,
+}
+
+/// Encrypts packets for devices straight into the transmit queue.
+struct WgSink<'a> {
+    wg: &'a mut Endpoint<Arc<DeviceInfo>>,
+    tx: &'a mut TransmitQueue,
+}
+
+impl PacketSink for WgSink<'_> {
+    fn send(&mut self, peer: PeerId, packet: &[u8]) {
+        self.wg.encapsulate(peer, packet, self.tx);
+    }
+}
+
+impl GatewayCore {
+    /// A core with the server's private key and no peers.
+    pub fn new(private_key: [u8; 32], settings: CoreSettings, now: Instant) -> Self {
+        let tcp_settings = TcpSettings {
+            memory_per_device: settings.limits.memory_per_device,
+            ..TcpSettings::for_mtu(usize::from(settings.mtu))
+        };
+        let tcp = TcpFlows::new(
+            tcp_settings,
+            &[
+                (
+                    IpAddr::V4(settings.gateway_v4),
+                    settings.pool_v4.prefix_len(),
+                ),
+                (
+                    IpAddr::V6(settings.gateway_v6),
+                    settings.pool_v6.prefix_len(),
+                ),
+            ],
+            now,
+        );
+        GatewayCore {
+            wg: Endpoint::new(private_key),
+            tx: TransmitQueue::new(),
+            scratch: vec![0u8; MAX_DATAGRAM],
+            router: Router {
+                egress: Egress::new(settings.egress.clone()),
+                vnets: VnetRoutes::default(),
+                policy: Arc::new(policy::Loaded::empty()),
+                geoip: None,
+                input: Input::new(),
+                names: NameMemory::new(NAMES_CAPACITY),
+                names_purged: now,
+                settings,
+                tcp,
+                udp: UdpNat::default(),
+                commands: VecDeque::new(),
+                next_flow: 1,
+                drops: FlowDropCounters::default(),
+                limit_warned: HashMap::new(),
+                reply: vec![0u8; MAX_DATAGRAM],
+            },
+            next_wg_tick: now,
+        }
+    }
+
+    /// The server's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.wg.public_key()
+    }
+
+    /// The WireGuard endpoint (for statistics).
+    pub fn wireguard(&self) -> &Endpoint<Arc<DeviceInfo>> {
+        &self.wg
+    }
+
+    /// Dropped device packets by reason.
+    pub fn flow_drops(&self) -> &FlowDropCounters {
+        &self.router.drops
+    }
+
+    /// Replaces the virtual networks' private routes (vnet id -> routes); new flows use them.
+    pub fn sync_vnets(&mut self, routes: HashMap<String, Vec<VnetRoute>>) {
+        self.router.vnets = VnetRoutes::new(routes);
+    }
+
+    /// Replaces the host's interface addresses and the prefixes it routes to itself: flows to
+    /// them and to the interfaces' networks are refused from now on.
+    pub fn set_host_addresses(&mut self, addrs: &[HostAddress], local: &[ipnet::IpNet]) {
+        self.router.settings.protected.set_host(addrs, local);
+    }
+
+    /// Replaces the rule set; flows opened from now on are decided by it.
+    pub fn set_policy(&mut self, policy: Arc<policy::Loaded>) {
+        self.router.policy = policy;
+    }
+
+    /// Replaces the GeoIP database (`None`: geolocation fields stay unset).
+    pub fn set_geoip(&mut self, geoip: Option<Arc<GeoIp>>) {
+        self.router.geoip = geoip;
+    }
+
+    /// Records a health probe of egress location `index` (its position in the config).
+    pub fn record_egress_probe(&mut self, index: usize, probe: Probe) {
+        self.router.egress.record_probe(index, probe);
+    }
+
+    /// Open TCP and UDP flows.
+    pub fn open_flows(&self) -> (usize, usize) {
+        (self.router.tcp.len(), self.router.udp.len())
+    }
+
+    /// Makes the peer set equal to `devices` (keyed by public key): new ones are added, changed
+    /// ones updated in place, missing ones removed together with their flows.
+    pub fn sync_peers(&mut self, devices: Vec<([u8; 32], DeviceInfo)>, now: Instant) {
+        let wanted: HashMap<[u8; 32], DeviceInfo> = devices.into_iter().collect();
+        let gone: Vec<[u8; 32]> = self
+            .wg
+            .peer_keys()
+            .filter(|(_, key)| !wanted.contains_key(*key))
+            .map(|(_, key)| *key)
+            .collect();
+        for key in gone {
+            if let Some((peer, device)) = self.wg.remove_peer(&key) {
+                tracing::info!(device = %device.name, id = %device.id, "device removed");
+                self.router
+                    .tcp
+                    .remove_peer(peer, now, &mut self.router.commands);
+                self.router
+                    .udp
+                    .remove_peer(peer, now, &mut self.router.commands);
+                self.router.limit_warned.remove(&peer);
+            }
+        }
+        for (key, info) in wanted {
+            let unchanged = self
+                .wg
+                .peer_by_key(&key)
+                .and_then(|id| self.wg.peer_data(id))
+                .is_some_and(|d| **d == info);
+            if !unchanged {
+                tracing::info!(device = %info.name, id = %info.id, ipv4 = %info.ipv4, "device active");
+                // Error level: enabled whenever boringtun's warnings and errors are, so they
+                // always name the device.
+                let span = tracing::error_span!("peer", device = %info.name, id = %info.id);
+                self.wg
+                    .upsert_peer(key, info.ipv4, info.ipv6, Arc::new(info), span);
+            }
+        }
+    }
+
+    /// Reaches out to a device that has not reached us since we started, at the address it was
+    /// last seen at, so its session comes back without waiting for it (see
+    /// [`Endpoint::resume`]). False when the device is unknown or already connected.
+    pub fn resume_peer(&mut self, public_key: &[u8; 32], at: SocketAddr) -> bool {
+        let Some(peer) = self.wg.peer_by_key(public_key) else {
+            return false;
+        };
+        let resumed = self.wg.resume(peer, at, &mut self.tx);
+        if resumed {
+            if let Some(device) = self.wg.peer_data(peer) {
+                tracing::info!(device = %device.name, id = %device.id, endpoint = %at, "handshake sent to the device's last endpoint");
+            }
+        }
+        resumed
+    }
+
+    /// Handles one datagram from the WireGuard socket.
+    pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let received =
+            self.wg
+                .handle_datagram(from, datagram, now, &mut self.scratch, &mut self.tx);
+        let Received::Packet { peer, packet } = received else {
+            if let Received::Dropped(reason) = received {
+                tracing::trace!(?reason, %from, "datagram dropped");
+            }
+            return;
+        };
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        self.router.handle_packet(peer, packet, now, &mut sink);
+    }
+
+    /// Remembers that the resolver answered `ip` to device `device_id` for `names`, so its flows
+    /// there carry the name (`net.fqdn.*`, logs).
+    pub fn learn_name(
+        &mut self,
+        device_id: &str,
+        ip: IpAddr,
+        names: &Names,
+        ttl: u32,
+        now: Instant,
+    ) {
+        let router = &mut self.router;
+        router
+            .names
+            .remember(&ClientKey::device(device_id), ip, names, ttl, now);
+        if now.saturating_duration_since(router.names_purged) >= NAMES_PURGE_EVERY {
+            router.names.purge(now);
+            router.names_purged = now;
+        }
+    }
+
+    /// Sends the resolver's answer to a [`Command::DnsQuery`] back to the device.
+    pub fn handle_dns_answer(
+        &mut self,
+        peer: PeerId,
+        client: SocketAddr,
+        server: SocketAddr,
+        answer: &[u8],
+    ) {
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        let router = &mut self.router;
+        if let Some(n) = build_udp(&mut router.reply, server, client, answer) {
+            sink.send(peer, &router.reply[..n]);
+        }
+    }
+
+    /// Handles a report from the runtime about an upstream connection.
+    pub fn handle_upstream(&mut self, event: UpstreamEvent, now: Instant) {
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        let router = &mut self.router;
+        match event {
+            UpstreamEvent::UdpData { flow, data } => {
+                router.udp.receive(flow, &data, now, &mut sink)
+            }
+            other => {
+                router
+                    .tcp
+                    .handle_event(other, now, &mut sink, &mut router.commands);
+                router.decide_sniffed(now, &mut sink);
+            }
+        }
+    }
+
+    /// Runs whatever is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_wg_tick {
+            self.wg.update_timers(now, &mut self.tx);
+            self.next_wg_tick = now + wg::TIMER_TICK;
+        }
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        let router = &mut self.router;
+        router
+            .tcp
+            .handle_timeout(now, &mut sink, &mut router.commands);
+        router.decide_sniffed(now, &mut sink);
+        router.udp.handle_timeout(now, &mut router.commands);
+    }
+
+    /// Finishes the work a batch of datagrams started (moves the bytes that arrived); call it
+    /// after a batch, before sending the transmit queue.
+    pub fn flush(&mut self, now: Instant) {
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        let router = &mut self.router;
+        router.tcp.flush(now, &mut sink, &mut router.commands);
+        router.decide_sniffed(now, &mut sink);
+    }
+
+    /// The next time [`GatewayCore::handle_timeout`] must run.
+    pub fn poll_timeout(&self) -> Instant {
+        [
+            self.router.tcp.poll_timeout(),
+            self.router.udp.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(self.next_wg_tick, Instant::min)
+    }
+
+    /// Datagrams to send; the runtime sends them and clears the queue.
+    pub fn transmit_queue(&mut self) -> &mut TransmitQueue {
+        &mut self.tx
+    }
+
+    /// The next piece of work for the runtime.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.router.commands.pop_front()
+    }
+}
+
+impl Router {
+    fn handle_packet(&mut self, peer: PeerId, packet: &[u8], now: Instant, sink: &mut WgSink<'_>) {
+        let parsed = match packet::parse(packet) {
+            Ok(p) => p,
+            Err(e) => {
+                self.drops.add(match e {
+                    ParseError::Malformed => FlowDrop::Malformed,
+                    ParseError::Fragment => FlowDrop::Fragment,
+                    ParseError::UnsupportedProtocol => FlowDrop::UnsupportedProtocol,
+                });
+                return;
+            }
+        };
+        let dst = parsed.dst.ip();
+        let intercepted = self.settings.dns_intercept
+            && parsed.dst.port() == 53
+            && matches!(parsed.protocol, Protocol::Udp | Protocol::Tcp);
+        if self.is_gateway(dst) || intercepted {
+            return self.for_gateway(peer, packet, &parsed, now, sink);
+        }
+        if let Some(reason) = self.forbidden(dst) {
+            self.refuse(peer, &parsed, reason, sink);
+            return;
+        }
+        match parsed.protocol {
+            Protocol::Tcp => self.tcp_segment(
+                peer,
+                packet,
+                &parsed,
+                Target::Dialled(parsed.dst),
+                now,
+                sink,
+            ),
+            Protocol::Udp => self.datagram(peer, &parsed, parsed.dst, now, sink),
+            Protocol::Icmp if parsed.icmp_echo_request => {
+                self.datagram(peer, &parsed, parsed.dst, now, sink)
+            }
+            Protocol::Icmp => self.drops.add(FlowDrop::UnsupportedIcmp),
+        }
+    }
+
+    /// Flows of all devices.
+    fn open_flows(&self) -> usize {
+        self.tcp.len() + self.udp.len()
+    }
+
+    /// Says, at most once per [`LIMIT_WARN_EVERY`] per device, that a device hit a limit.
+    fn at_limit(&mut self, peer: PeerId, reason: FlowDrop, now: Instant, sink: &WgSink<'_>) {
+        let due = self
+            .limit_warned
+            .get(&peer)
+            .is_none_or(|at| now.saturating_duration_since(*at) >= LIMIT_WARN_EVERY);
+        if !due {
+            return;
+        }
+        self.limit_warned.insert(peer, now);
+        let device = sink.wg.peer_data(peer);
+        tracing::warn!(
+            device = device.map(|d| d.name.as_str()),
+            id = device.map(|d| d.id.as_str()),
+            ?reason,
+            tcp_flows = self.tcp.flows_of(peer),
+            udp_flows = self.udp.flows_of(peer),
+            buffer_memory = self.tcp.memory_of(peer),
+            all_flows = self.open_flows(),
+            limit_total = self.settings.limits.total,
+            "device at a flow limit: new flows refused (said at most once per 10 s per device)"
+        );
+    }
+
+    fn is_gateway(&self, addr: IpAddr) -> bool {
+        addr == IpAddr::V4(self.settings.gateway_v4) || addr == IpAddr::V6(self.settings.gateway_v6)
+    }
+
+    /// Destinations no flow may reach.
+    fn forbidden(&self, addr: IpAddr) -> Option<FlowDrop> {
+        let pools = match addr {
+            IpAddr::V4(a) => self.settings.pool_v4.contains(&a),
+            IpAddr::V6(a) => self.settings.pool_v6.contains(&a),
+        };
+        if pools {
+            return Some(FlowDrop::DeviceToDevice);
+        }
+        let special = match addr {
+            IpAddr::V4(a) => {
+                a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_broadcast()
+            }
+            // An IPv4-mapped destination would be reached as the IPv4 address it embeds; no
+            // device needs to send one over IPv6.
+            IpAddr::V6(a) => {
+                a.is_loopback()
+                    || a.is_unspecified()
+                    || a.is_multicast()
+                    || a.to_ipv4_mapped().is_some()
+            }
+        };
+        special.then_some(FlowDrop::ForbiddenDestination)
+    }
+
+    /// Drops a packet; a TCP segment is answered with a RST so the device fails fast.
+    fn refuse(
+        &mut self,
+        peer: PeerId,
+        parsed: &Parsed<'_>,
+        reason: FlowDrop,
+        sink: &mut WgSink<'_>,
+    ) {
+        self.drops.add(reason);
+        if let Some(flags) = &parsed.tcp {
+            if !flags.rst {
+                if let Some(n) = build_rst(&mut self.reply, parsed.dst, parsed.src, flags) {
+                    sink.send(peer, &self.reply[..n]);
+                }
+            }
+        }
+    }
+
+    /// Packets to the gateway's own tunnel addresses: ping, and DNS (plain, over TLS, over HTTPS).
+    fn for_gateway(
+        &mut self,
+        peer: PeerId,
+        packet: &[u8],
+        parsed: &Parsed<'_>,
+        now: Instant,
+        sink: &mut WgSink<'_>,
+    ) {
+        let encrypted_dns = match parsed.dst.port() {
+            853 => self.settings.dns_over_tls,
+            443 => self.settings.dns_over_https,
+            _ => None,
+        };
+        if let (Protocol::Tcp, Some(listener)) = (parsed.protocol, encrypted_dns) {
+            return self.carry_to_resolver(peer, packet, parsed, listener, now, sink);
+        }
+        match (
+            parsed.protocol,
+            parsed.dst.port(),
+            self.settings.dns_upstream,
+        ) {
+            (Protocol::Icmp, _, _) if parsed.icmp_echo_request => {
+                if let Some(n) = build_echo_reply(&mut self.reply, packet) {
+                    sink.send(peer, &self.reply[..n]);
+                }
+            }
+            (Protocol::Icmp, _, _) => self.drops.add(FlowDrop::UnsupportedIcmp),
+            (Protocol::Udp, 53, _) if self.settings.dns_resolver => {
+                let Some(device) = sink.wg.peer_data(peer).cloned() else {
+                    return;
+                };
+                self.commands.push_back(Command::DnsQuery {
+                    peer,
+                    device,
+                    device_public: sink.wg.peer_endpoint(peer),
+                    client: parsed.src,
+                    server: parsed.dst,
+                    payload: bytes::Bytes::copy_from_slice(parsed.payload),
+                });
+            }
+            (Protocol::Tcp, 53, Some(listener)) if self.settings.dns_resolver => {
+                // Carried to the resolver's listener with a PROXY line naming the device; the
+                // resolver's rules decide it, not the flow stages.
+                self.carry_to_resolver(peer, packet, parsed, listener, now, sink)
+            }
+            (Protocol::Tcp, 53, Some(upstream)) => {
+                self.tcp_segment(peer, packet, parsed, Target::Dialled(upstream), now, sink)
+            }
+            (Protocol::Udp, 53, Some(upstream)) => self.datagram(peer, parsed, upstream, now, sink),
+            _ => self.refuse(peer, parsed, FlowDrop::GatewayPortClosed, sink),
+        }
+    }
+
+    /// Carries a TCP flow to one of the resolver's loopback listeners, announcing the device.
+    fn carry_to_resolver(
+        &mut self,
+        peer: PeerId,
+        packet: &[u8],
+        parsed: &Parsed<'_>,
+        listener: SocketAddr,
+        now: Instant,
+        sink: &mut WgSink<'_>,
+    ) {
+        let to = Upstream {
+            dst: listener,
+            bind: None,
+            via: None,
+            announce: Some(parsed.src),
+        };
+        self.tcp_segment(peer, packet, parsed, Target::Decided(to), now, sink)
+    }
+
+    fn new_ctx(
+        &mut self,
+        peer: PeerId,
+        parsed: &Parsed<'_>,
+        now: Instant,
+        sink: &WgSink<'_>,
+    ) -> Option<FlowCtx> {
+        let device = sink.wg.peer_data(peer)?.clone();
+        let id = self.next_flow;
+        self.next_flow += 1;
+        Some(FlowCtx {
+            id,
+            peer,
+            device,
+            device_public: sink.wg.peer_endpoint(peer),
+            protocol: parsed.protocol,
+            src: parsed.src,
+            dst: parsed.dst,
+            opened: now,
+            rules: FlowRules::default(),
+        })
+    }
+
+    /// Runs the stages for a new flow and logs the decision; an error refuses the flow. When
+    /// the network decision waits for the client's first bytes (TCP only), the flow opens to
+    /// what its first packet decided (the dialled destination if that was a block).
+    fn decide(
+        &mut self,
+        ctx: &mut FlowCtx,
+        target: SocketAddr,
+    ) -> Result<(Upstream, Opening), FlowDrop> {
+        // Egress, then network: the egress rule picks the source, the network rule may refuse
+        // the flow or send it elsewhere; a virtual network's private route replaces egress.
+        let device = ClientKey::device(&ctx.device.id);
+        ctx.rules.name = self
+            .names
+            .names_for(&device, target.ip(), ctx.opened)
+            .map(|n| n.host.clone());
+        policy::flow_input(&mut self.input, ctx, target, self.geoip.as_deref());
+        let loaded = Arc::clone(&self.policy);
+        let rules = &loaded.policy;
+        let egress_rule = rules.stage(Stage::Egress).evaluate(&self.input);
+        let l4_rule = rules.stage(Stage::L4).evaluate(&self.input);
+        let pending = ctx.protocol == Protocol::Tcp && loaded.l4_waits_for_first_bytes(l4_rule);
+        let mut verdict = policy::l4_verdict(l4_rule, target);
+        let mut opening = Opening::Connect;
+        if pending {
+            let dialled = target;
+            opening = Opening::ConnectAndHold { dialled };
+            if verdict == policy::L4Verdict::Block {
+                opening = Opening::AcceptAndHold { dialled };
+                verdict = policy::L4Verdict::Allow { target };
+            }
+        }
+        ctx.rules.egress = egress_rule.map(|r| r.id.clone());
+        ctx.rules.l4 = if pending {
+            None
+        } else {
+            l4_rule.map(|r| r.id.clone())
+        };
+        let choice = egress_rule.and_then(policy::egress_choice);
+        let upstream = match verdict {
+            policy::L4Verdict::Allow { target: to } => self.route(ctx, to, choice.as_ref()),
+            policy::L4Verdict::Block => Err(FlowDrop::PolicyBlocked),
+        };
+        let (egress_rule, l4_rule) = (
+            egress_rule.map(|r| (r.id.as_str(), r.name.as_str())),
+            l4_rule.map(|r| (r.id.as_str(), r.name.as_str(), r.action_name.as_str())),
+        );
+        tracing::info!(
+            target: "waygate::policy",
+            stage = "flow",
+            flow = ctx.id,
+            device = %ctx.device.name,
+            user = %ctx.device.email,
+            protocol = ctx.protocol.as_str(),
+            src = %ctx.src,
+            dst = %ctx.dst,
+            name = ctx.rules.name.as_deref(),
+            vnet = ctx.device.vnet_id.as_deref().unwrap_or("default"),
+            route = ctx.rules.route.as_deref(),
+            egress_rule = egress_rule.map_or("default", |r| r.0),
+            egress_rule_name = egress_rule.map(|r| r.1),
+            egress = ?upstream.as_ref().ok().and_then(|u| u.bind),
+            l4_rule = l4_rule.filter(|_| !pending).map(|r| r.0),
+            l4_rule_name = l4_rule.filter(|_| !pending).map(|r| r.1),
+            l4_action = if pending { "pending first bytes" } else { l4_rule.map_or("allow", |r| r.2) },
+            upstream = ?upstream.as_ref().ok().map(|u| u.dst),
+            refused = ?upstream.as_ref().err(),
+            "flow decision"
+        );
+        upstream.map(|u| (u, opening))
+    }
+
+    /// Where a flow allowed to `to` leaves: a private route of its virtual network, else the
+    /// Internet from the egress address. Other networks' private ranges are refused: the host
+    /// may well have a route there, but only that network's devices may use it.
+    fn route(
+        &mut self,
+        ctx: &mut FlowCtx,
+        to: SocketAddr,
+        choice: Option<&EgressChoice>,
+    ) -> Result<Upstream, FlowDrop> {
+        let route = self.vnets.route(ctx.device.vnet_id.as_deref(), to.ip());
+        if let Some(refused) = self.settings.protected.check(to.ip(), route.is_some()) {
+            return Err(refused);
+        }
+        if let Some(route) = route {
+            ctx.rules.route = Some(format!("{} via {}", route.cidr, route.via));
+            return Ok(Upstream {
+                dst: to,
+                bind: None,
+                via: Some(route.path),
+                announce: None,
+            });
+        }
+        if self.vnets.covers(to.ip()) {
+            return Err(FlowDrop::OtherVnet);
+        }
+        Ok(Upstream {
+            dst: to,
+            bind: self.egress.select(ctx, to.ip(), choice),
+            via: None,
+            announce: None,
+        })
+    }
+
+    /// Decides the held TCP flows whose first bytes are known.
+    fn decide_sniffed(&mut self, now: Instant, sink: &mut WgSink<'_>) {
+        while let Some((id, detected)) = self.tcp.poll_sniffed() {
+            let Some(held) = self.tcp.held(id) else {
+                continue;
+            };
+            let mut ctx = held.ctx.clone();
+            let (target, opened, connected) = (held.dialled, held.opened, held.connected);
+            policy::flow_input(&mut self.input, &ctx, target, self.geoip.as_deref());
+            policy::first_bytes_input(&mut self.input, &detected);
+            let rules = Arc::clone(&self.policy);
+            let l4_rule = rules.policy.stage(Stage::L4).evaluate(&self.input);
+            let release = match policy::l4_verdict(l4_rule, target) {
+                policy::L4Verdict::Block => Release::Reset,
+                policy::L4Verdict::Allow { target: to } if connected && to == opened.dst => {
+                    Release::Forward
+                }
+                policy::L4Verdict::Allow { target: to } => {
+                    let choice = rules
+                        .policy
+                        .stage(Stage::Egress)
+                        .evaluate(&self.input)
+                        .and_then(policy::egress_choice);
+                    match self.route(&mut ctx, to, choice.as_ref()) {
+                        Ok(upstream) => Release::Redirect(upstream),
+                        Err(_) => Release::Reset,
+                    }
+                }
+            };
+            if release == Release::Reset {
+                self.drops.add(FlowDrop::PolicyBlocked);
+            }
+            let sni = match &detected {
+                Detected::Tls { sni } => sni.as_deref(),
+                _ => None,
+            };
+            tracing::info!(
+                target: "waygate::policy",
+                stage = "l4",
+                flow = id,
+                device = %ctx.device.name,
+                user = %ctx.device.email,
+                src = %ctx.src,
+                dst = %ctx.dst,
+                detected_protocol = detected.protocol(),
+                sni,
+                l4_rule = l4_rule.map(|r| r.id.as_str()),
+                l4_rule_name = l4_rule.map(|r| r.name.as_str()),
+                l4_action = l4_rule.map_or("allow", |r| r.action_name.as_str()),
+                decision = ?release,
+                "flow decision"
+            );
+            if let Some(held) = self.tcp.held(id) {
+                held.ctx.rules.l4 = l4_rule.map(|r| r.id.clone());
+                held.ctx.rules.route = ctx.rules.route.clone();
+            }
+            self.tcp.release(id, release, now, sink, &mut self.commands);
+        }
+    }
+
+    fn tcp_segment(
+        &mut self,
+        peer: PeerId,
+        packet: &[u8],
+        parsed: &Parsed<'_>,
+        target: Target,
+        now: Instant,
+        sink: &mut WgSink<'_>,
+    ) {
+        let Some(flags) = parsed.tcp else {
+            return;
+        };
+        if let Some(id) = self.tcp.lookup(peer, parsed.src, parsed.dst) {
+            self.tcp
+                .deliver(id, packet, flags.rst, now, sink, &mut self.commands);
+            return;
+        }
+        if !(flags.syn && !flags.ack && !flags.rst) {
+            self.refuse(peer, parsed, FlowDrop::StrayTcp, sink);
+            return;
+        }
+        let limits = &self.settings.limits;
+        let admitted = limits
+            .admit(
+                self.tcp.flows_of(peer),
+                limits.tcp_per_device,
+                self.open_flows(),
+            )
+            .and_then(|()| {
+                if self.tcp.has_memory_for_flow(peer) {
+                    Ok(())
+                } else {
+                    Err(FlowDrop::MemoryLimit)
+                }
+            });
+        if let Err(reason) = admitted {
+            self.at_limit(peer, reason, now, sink);
+            self.refuse(peer, parsed, reason, sink);
+            return;
+        }
+        let Some(mut ctx) = self.new_ctx(peer, parsed, now, sink) else {
+            return;
+        };
+        let decided = match target {
+            Target::Dialled(to) => self.decide(&mut ctx, to),
+            Target::Decided(upstream) => Ok((upstream, Opening::Connect)),
+        };
+        match decided {
+            Ok((upstream, opening)) => self.tcp.open(
+                ctx,
+                upstream,
+                packet,
+                flags,
+                opening,
+                now,
+                sink,
+                &mut self.commands,
+            ),
+            Err(reason) => self.refuse(peer, parsed, reason, sink),
+        }
+    }
+
+    fn datagram(
+        &mut self,
+        peer: PeerId,
+        parsed: &Parsed<'_>,
+        target: SocketAddr,
+        now: Instant,
+        sink: &mut WgSink<'_>,
+    ) {
+        let id = match self.udp.lookup(peer, parsed.src, parsed.dst) {
+            Some(id) => id,
+            None => {
+                let limits = &self.settings.limits;
+                let held = self.udp.flows_of(peer);
+                if let Err(reason) = limits.admit(held, limits.udp_per_device, self.open_flows()) {
+                    self.at_limit(peer, reason, now, sink);
+                    self.drops.add(reason);
+                    return;
+                }
+                let Some(mut ctx) = self.new_ctx(peer, parsed, now, sink) else {
+                    return;
+                };
+                let id = ctx.id;
+                let upstream = match self.decide(&mut ctx, target) {
+                    Ok((upstream, _)) => upstream,
+                    Err(reason) => {
+                        self.drops.add(reason);
+                        return;
+                    }
+                };
+                self.udp.open(ctx, upstream, now, &mut self.commands);
+                id
+            }
+        };
+        self.udp.send(id, parsed.payload, now, &mut self.commands);
+    }
+}
+
+#[cfg(test)]
+mod tests;

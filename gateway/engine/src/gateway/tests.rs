@@ -1,0 +1,952 @@
+//! The core in a simulated network: a device made of boringtun and a smoltcp stack, a fake clock,
+//! and the test playing the runtime (it reads the commands and answers with upstream events).
+
+#![allow(clippy::disallowed_methods)] // The fake clock starts from one real instant.
+
+use std::time::Duration;
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use bytes::Bytes;
+use proptest::prelude::*;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+
+use super::*;
+use waygate_wg::DropReason;
+
+const GW_V4: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 1);
+const DEV_V4: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 2);
+const OTHER_V4: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 3);
+const ORIGIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)), 80);
+const EGRESS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const DNS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 53)), 53);
+
+fn key(seed: u8) -> [u8; 32] {
+    let mut k = [seed; 32];
+    k[0] &= 248;
+    k[31] = (k[31] & 127) | 64;
+    k
+}
+
+fn public(private: [u8; 32]) -> [u8; 32] {
+    *PublicKey::from(&StaticSecret::from(private)).as_bytes()
+}
+
+fn device_info() -> DeviceInfo {
+    DeviceInfo {
+        id: "dev-1".into(),
+        name: "laptop".into(),
+        email: "ada@example.com".into(),
+        user_name: None,
+        groups: vec![],
+        extras: Default::default(),
+        vnet_id: None,
+        ipv4: DEV_V4,
+        ipv6: "fd77:6761:7465::2".parse().unwrap(),
+    }
+}
+
+/// The device's IP link: what its stack sends, and what the tunnel delivered to it.
+#[derive(Default)]
+struct Link {
+    to_device: VecDeque<Vec<u8>>,
+    from_device: Vec<Vec<u8>>,
+}
+
+struct LinkRx(Vec<u8>);
+struct LinkTx<'a>(&'a mut Vec<Vec<u8>>);
+
+impl phy::RxToken for LinkRx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for LinkTx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0; len];
+        let r = f(&mut buf);
+        self.0.push(buf);
+        r
+    }
+}
+
+impl phy::Device for Link {
+    type RxToken<'a> = LinkRx;
+    type TxToken<'a> = LinkTx<'a>;
+
+    fn receive(&mut self, _now: smoltcp::time::Instant) -> Option<(LinkRx, LinkTx<'_>)> {
+        let packet = self.to_device.pop_front()?;
+        Some((LinkRx(packet), LinkTx(&mut self.from_device)))
+    }
+
+    fn transmit(&mut self, _now: smoltcp::time::Instant) -> Option<LinkTx<'_>> {
+        Some(LinkTx(&mut self.from_device))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = 1420;
+        caps
+    }
+}
+
+/// A gateway and one device, wired together, with a fake clock.
+struct Sim {
+    core: GatewayCore,
+    t0: Instant,
+    now: Instant,
+    tunn: Tunn,
+    endpoint: SocketAddr,
+    link: Link,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    commands: Vec<Command>,
+    /// Packets the device's stack received, as they arrived.
+    delivered: Vec<Vec<u8>>,
+}
+
+impl Sim {
+    fn new() -> Sim {
+        let t0 = Instant::now();
+        let gw_key = key(1);
+        let dev_key = key(2);
+        let settings = CoreSettings {
+            pool_v4: "100.96.0.0/16".parse().unwrap(),
+            pool_v6: "fd77:6761:7465::/64".parse().unwrap(),
+            gateway_v4: GW_V4,
+            gateway_v6: "fd77:6761:7465::1".parse().unwrap(),
+            mtu: 1420,
+            dns_upstream: Some(DNS),
+            dns_over_tls: None,
+            dns_over_https: None,
+            dns_resolver: false,
+            dns_intercept: false,
+            egress: EgressSettings {
+                default_ipv4: Some(EGRESS),
+                ..EgressSettings::default()
+            },
+            protected: Protected::default(),
+            limits: FlowLimits::default(),
+        };
+        let mut core = GatewayCore::new(gw_key, settings, t0);
+        core.sync_peers(vec![(public(dev_key), device_info())], t0);
+        let tunn = Tunn::new(
+            StaticSecret::from(dev_key),
+            PublicKey::from(public(gw_key)),
+            None,
+            None,
+            1,
+            None,
+        );
+        let mut link = Link::default();
+        let mut iface = Interface::new(
+            Config::new(HardwareAddress::Ip),
+            &mut link,
+            smoltcp::time::Instant::from_millis(0),
+        );
+        iface.update_ip_addrs(|addrs| {
+            addrs
+                .push(IpCidr::new(IpAddress::Ipv4(DEV_V4), 16))
+                .unwrap();
+        });
+        iface.routes_mut().add_default_ipv4_route(GW_V4).unwrap();
+        Sim {
+            core,
+            t0,
+            now: t0,
+            tunn,
+            endpoint: "198.51.100.11:40000".parse().unwrap(),
+            link,
+            iface,
+            sockets: SocketSet::new(vec![]),
+            commands: Vec::new(),
+            delivered: Vec::new(),
+        }
+    }
+
+    fn smol_now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros((self.now - self.t0).as_micros() as i64)
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        if self.now >= self.core.poll_timeout() {
+            self.core.handle_timeout(self.now);
+        }
+        self.run();
+    }
+
+    /// Sends one raw IP packet through the tunnel as if the device's kernel had written it.
+    fn send_raw(&mut self, packet: &[u8]) {
+        self.link.from_device.push(packet.to_vec());
+        self.run();
+    }
+
+    /// Moves packets both ways until nothing moves.
+    fn run(&mut self) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        for _ in 0..100 {
+            let now = self.smol_now();
+            self.iface.poll(now, &mut self.link, &mut self.sockets);
+            let outgoing = std::mem::take(&mut self.link.from_device);
+            let mut to_gateway: Vec<Vec<u8>> = Vec::new();
+            for packet in &outgoing {
+                match self.tunn.encapsulate(packet, &mut buf) {
+                    TunnResult::WriteToNetwork(d) => to_gateway.push(d.to_vec()),
+                    TunnResult::Done => {}
+                    other => panic!("device encapsulate: {other:?}"),
+                }
+            }
+            if let TunnResult::WriteToNetwork(d) = self.tunn.update_timers(&mut buf) {
+                to_gateway.push(d.to_vec());
+            }
+            for d in &to_gateway {
+                self.core.handle_datagram(self.endpoint, d, self.now);
+            }
+            self.core.flush(self.now);
+            let from_gateway: Vec<Vec<u8>> = {
+                let tx = self.core.transmit_queue();
+                let out = tx
+                    .datagrams()
+                    .iter()
+                    .map(|d| {
+                        assert_eq!(d.dst, self.endpoint);
+                        tx.bytes()[d.range.clone()].to_vec()
+                    })
+                    .collect();
+                tx.clear();
+                out
+            };
+            let mut answered = false;
+            for d in &from_gateway {
+                let mut res = self.tunn.decapsulate(None, d, &mut buf);
+                loop {
+                    match res {
+                        TunnResult::WriteToNetwork(reply) => {
+                            self.core.handle_datagram(self.endpoint, reply, self.now);
+                            answered = true;
+                            res = self.tunn.decapsulate(None, &[], &mut buf);
+                        }
+                        TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                            self.delivered.push(p.to_vec());
+                            self.link.to_device.push_back(p.to_vec());
+                            break;
+                        }
+                        TunnResult::Done => break,
+                        TunnResult::Err(e) => panic!("device decapsulate: {e:?}"),
+                    }
+                }
+            }
+            while let Some(c) = self.core.poll_command() {
+                self.commands.push(c);
+            }
+            if outgoing.is_empty()
+                && to_gateway.is_empty()
+                && from_gateway.is_empty()
+                && !answered
+                && self.link.to_device.is_empty()
+            {
+                return;
+            }
+        }
+        panic!("the simulated network never settled");
+    }
+
+    fn upstream(&mut self, event: UpstreamEvent) {
+        self.core.handle_upstream(event, self.now);
+        self.run();
+    }
+
+    fn tcp_connect(&mut self, to: SocketAddr) -> SocketHandle {
+        let socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 65536]),
+            tcp::SocketBuffer::new(vec![0; 65536]),
+        );
+        let handle = self.sockets.add(socket);
+        let IpAddr::V4(ip) = to.ip() else {
+            panic!("v4 only")
+        };
+        let cx = self.iface.context();
+        self.sockets
+            .get_mut::<tcp::Socket>(handle)
+            .connect(cx, IpEndpoint::new(IpAddress::Ipv4(ip), to.port()), 49152)
+            .unwrap();
+        self.run();
+        handle
+    }
+
+    fn tcp(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(handle)
+    }
+
+    fn take_commands(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.commands)
+    }
+
+    fn drops(&self) -> u64 {
+        let flow: u64 = FlowDrop::ALL
+            .iter()
+            .map(|r| self.core.flow_drops().get(*r))
+            .sum();
+        flow + self.core.wireguard().drops().total()
+    }
+}
+
+fn connect_flow(cmds: &[Command]) -> (FlowId, Upstream) {
+    cmds.iter()
+        .find_map(|c| match c {
+            Command::TcpConnect { flow, upstream } => Some((*flow, *upstream)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no TcpConnect in {cmds:?}"))
+}
+
+fn sent_upstream(cmds: &[Command]) -> Vec<u8> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::TcpSend { data, .. } => Some(data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn tcp_flow_waits_for_its_upstream_then_carries_bytes_both_ways() {
+    let mut sim = Sim::new();
+    let h = sim.tcp_connect(ORIGIN);
+    let (flow, upstream) = connect_flow(&sim.take_commands());
+    assert_eq!(
+        upstream,
+        Upstream {
+            dst: ORIGIN,
+            bind: Some(IpAddr::V4(EGRESS)),
+            via: None,
+            announce: None,
+        }
+    );
+    // The SYN-ACK waits for the upstream connect, so the device's connect reflects the origin's.
+    assert_eq!(sim.tcp(h).state(), tcp::State::SynSent);
+
+    sim.upstream(UpstreamEvent::TcpConnected {
+        flow,
+        local: SocketAddr::new(IpAddr::V4(EGRESS), 50000),
+    });
+    assert_eq!(sim.tcp(h).state(), tcp::State::Established);
+
+    sim.tcp(h).send_slice(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    sim.run();
+    let cmds = sim.take_commands();
+    assert_eq!(sent_upstream(&cmds), b"GET / HTTP/1.1\r\n\r\n");
+
+    sim.upstream(UpstreamEvent::TcpData {
+        flow,
+        data: Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\nhello"),
+    });
+    let mut got = vec![0u8; 100];
+    let n = sim.tcp(h).recv_slice(&mut got).unwrap();
+    assert_eq!(&got[..n], b"HTTP/1.1 200 OK\r\n\r\nhello");
+
+    // The origin closes: the device sees FIN; the device closes: the upstream write side shuts.
+    sim.upstream(UpstreamEvent::TcpEof { flow });
+    assert!(!sim.tcp(h).may_recv());
+    sim.tcp(h).close();
+    sim.run();
+    assert!(sim
+        .take_commands()
+        .iter()
+        .any(|c| matches!(c, Command::TcpShutdownWrite { flow: f } if *f == flow)));
+    assert_eq!(sim.drops(), 0);
+}
+
+#[test]
+fn a_refused_upstream_resets_the_device_connection() {
+    let mut sim = Sim::new();
+    let h = sim.tcp_connect(SocketAddr::new(ORIGIN.ip(), 81));
+    let (flow, _) = connect_flow(&sim.take_commands());
+    sim.upstream(UpstreamEvent::TcpConnectFailed { flow });
+    assert_eq!(sim.tcp(h).state(), tcp::State::Closed);
+    assert_eq!(sim.core.open_flows().0, 0);
+}
+
+#[test]
+fn another_devices_address_is_refused_with_a_reset() {
+    let mut sim = Sim::new();
+    let h = sim.tcp_connect(SocketAddr::new(IpAddr::V4(OTHER_V4), 22));
+    assert_eq!(sim.tcp(h).state(), tcp::State::Closed);
+    assert!(sim.take_commands().is_empty());
+    assert_eq!(sim.core.flow_drops().get(FlowDrop::DeviceToDevice), 1);
+}
+
+#[test]
+fn private_routes_serve_their_network_and_refuse_everyone_else() {
+    use std::num::NonZeroU32;
+
+    use crate::vnet::VnetRoute;
+
+    let site = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 10)), 80);
+    let route = |via: &str, index| VnetRoute {
+        cidr: "198.18.0.0/16".parse().unwrap(),
+        via: via.into(),
+        path: crate::flow::Via::Interface(NonZeroU32::new(index).unwrap()),
+    };
+    // The device is in no network yet; another network routes the range.
+    let mut sim = Sim::new();
+    sim.core.sync_vnets(HashMap::from([(
+        "other".to_string(),
+        vec![route("site-b", 8)],
+    )]));
+    let h = sim.tcp_connect(site);
+    assert_eq!(
+        sim.tcp(h).state(),
+        tcp::State::Closed,
+        "refused with a reset"
+    );
+    assert!(sim.take_commands().is_empty());
+    assert_eq!(sim.core.flow_drops().get(FlowDrop::OtherVnet), 1);
+
+    // In its own network, the same range goes through that network's interface, unbound.
+    let mut sim = Sim::new();
+    let mut info = device_info();
+    info.vnet_id = Some("mine".into());
+    sim.core.sync_peers(vec![(public(key(2)), info)], sim.now);
+    sim.core.sync_vnets(HashMap::from([
+        ("mine".to_string(), vec![route("site-a", 7)]),
+        ("other".to_string(), vec![route("site-b", 8)]),
+    ]));
+    let _ = sim.tcp_connect(site);
+    let (_, upstream) = connect_flow(&sim.take_commands());
+    assert_eq!(
+        upstream.via,
+        Some(crate::flow::Via::Interface(NonZeroU32::new(7).unwrap()))
+    );
+    assert_eq!(upstream.bind, None);
+    // The Internet is unaffected.
+    let _ = sim.tcp_connect(ORIGIN);
+    let (_, upstream) = connect_flow(&sim.take_commands());
+    assert_eq!(upstream.via, None);
+    assert_eq!(upstream.bind, Some(IpAddr::V4(EGRESS)));
+}
+
+#[test]
+fn many_flows_each_get_their_own_upstream() {
+    let mut sim = Sim::new();
+    let handles: Vec<_> = (0..50)
+        .map(|i| sim.tcp_connect(SocketAddr::new(ORIGIN.ip(), 1000 + i)))
+        .collect();
+    let connects: Vec<(FlowId, Upstream)> = sim
+        .take_commands()
+        .into_iter()
+        .filter_map(|c| match c {
+            Command::TcpConnect { flow, upstream } => Some((flow, upstream)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(connects.len(), 50);
+    for (flow, _) in &connects {
+        sim.upstream(UpstreamEvent::TcpConnected {
+            flow: *flow,
+            local: SocketAddr::new(IpAddr::V4(EGRESS), 50000),
+        });
+    }
+    for (i, h) in handles.iter().enumerate() {
+        assert_eq!(sim.tcp(*h).state(), tcp::State::Established, "flow {i}");
+    }
+    assert_eq!(sim.core.open_flows().0, 50);
+}
+
+#[test]
+fn flows_of_one_device_share_its_cap_and_all_finish() {
+    let mut sim = Sim::new();
+    let a = sim.tcp_connect(ORIGIN);
+    let b = sim.tcp_connect(SocketAddr::new(ORIGIN.ip(), 8080));
+    let flows: Vec<FlowId> = sim
+        .take_commands()
+        .iter()
+        .filter_map(|c| match c {
+            Command::TcpConnect { flow, .. } => Some(*flow),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(flows.len(), 2);
+    for flow in &flows {
+        sim.upstream(UpstreamEvent::TcpConnected {
+            flow: *flow,
+            local: SocketAddr::new(IpAddr::V4(EGRESS), 50000),
+        });
+    }
+    let body: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    for flow in &flows {
+        sim.upstream(UpstreamEvent::TcpData {
+            flow: *flow,
+            data: Bytes::from(body.clone()),
+        });
+    }
+    let cap = TcpSettings::for_mtu(1420).buffers_for(None).1;
+    let mut got = [Vec::new(), Vec::new()];
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..2000 {
+        // Unacknowledged and unsent bytes of both flows together stay under the device's cap.
+        assert!(sim.core.router.tcp.queued_for(1) <= cap);
+        for (i, h) in [a, b].iter().enumerate() {
+            while let Ok(n) = sim.tcp(*h).recv_slice(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got[i].extend_from_slice(&buf[..n]);
+            }
+        }
+        if got.iter().all(|g| g.len() == body.len()) {
+            break;
+        }
+        sim.advance(Duration::from_millis(5));
+    }
+    assert_eq!(got[0], body, "first flow");
+    assert_eq!(got[1], body, "second flow");
+    let credited: usize = sim
+        .take_commands()
+        .iter()
+        .filter_map(|c| match c {
+            Command::TcpCredit { bytes, .. } => Some(*bytes),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(credited, 2 * body.len());
+}
+
+#[test]
+fn udp_goes_through_the_nat_and_answers_come_from_the_destination() {
+    let mut sim = Sim::new();
+    let handle = sim.sockets.add(udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+    ));
+    let echo = IpEndpoint::new(IpAddress::v4(203, 0, 113, 30), 7);
+    sim.sockets
+        .get_mut::<udp::Socket>(handle)
+        .bind(5000)
+        .unwrap();
+    sim.sockets
+        .get_mut::<udp::Socket>(handle)
+        .send_slice(b"ping", echo)
+        .unwrap();
+    sim.run();
+    let cmds = sim.take_commands();
+    let flow = match &cmds[..] {
+        [Command::UdpOpen { flow, upstream }, Command::UdpSend { data, .. }] => {
+            assert_eq!(upstream.dst, "203.0.113.30:7".parse().unwrap());
+            assert_eq!(upstream.bind, Some(IpAddr::V4(EGRESS)));
+            assert_eq!(&data[..], b"ping");
+            *flow
+        }
+        other => panic!("{other:?}"),
+    };
+    sim.upstream(UpstreamEvent::UdpData {
+        flow,
+        data: Bytes::from_static(b"pong"),
+    });
+    let (n, meta) = {
+        let mut buf = [0u8; 16];
+        let (n, meta) = sim
+            .sockets
+            .get_mut::<udp::Socket>(handle)
+            .recv_slice(&mut buf)
+            .unwrap();
+        assert_eq!(&buf[..n], b"pong");
+        (n, meta)
+    };
+    assert_eq!(n, 4);
+    assert_eq!(meta.endpoint, echo);
+
+    // A second datagram reuses the mapping; after the idle timeout it is gone.
+    sim.sockets
+        .get_mut::<udp::Socket>(handle)
+        .send_slice(b"again", echo)
+        .unwrap();
+    sim.run();
+    assert!(matches!(&sim.take_commands()[..], [Command::UdpSend { flow: f, .. }] if *f == flow));
+    sim.advance(Duration::from_secs(121));
+    assert!(sim
+        .take_commands()
+        .iter()
+        .any(|c| matches!(c, Command::UdpClose { flow: f } if *f == flow)));
+    assert_eq!(sim.core.open_flows().1, 0);
+}
+
+#[test]
+fn dns_to_the_gateway_goes_to_the_upstream_resolver() {
+    let mut sim = Sim::new();
+    let query = ipv4_udp(DEV_V4, GW_V4, 53, b"\x12\x34query");
+    sim.send_raw(&query);
+    let cmds = sim.take_commands();
+    assert!(
+        matches!(&cmds[..], [Command::UdpOpen { upstream, .. }, Command::UdpSend { .. }] if upstream.dst == DNS),
+        "{cmds:?}"
+    );
+}
+
+#[test]
+fn the_gateway_answers_ping_on_its_tunnel_address() {
+    let mut sim = Sim::new();
+    let mut echo = vec![
+        0x45, 0, 0, 32, 0, 1, 0, 0, 64, 1, 0, 0, // IPv4, ICMP
+        100, 96, 0, 2, 100, 96, 0, 1, // src, dst
+        8, 0, 0, 0, 0x12, 0x34, 0, 1, // echo request
+        b'w', b'a', b'y', b'g',
+    ];
+    fill_ipv4_checksum(&mut echo);
+    sim.send_raw(&echo);
+    let reply = sim.delivered.last().expect("an echo reply");
+    assert_eq!(&reply[12..16], &[100, 96, 0, 1]);
+    assert_eq!(&reply[16..20], &[100, 96, 0, 2]);
+    assert_eq!(reply[20], 0, "ICMP type echo reply");
+    assert_eq!(&reply[24..], &echo[24..]);
+    assert!(sim.take_commands().is_empty());
+}
+
+#[test]
+fn pings_to_the_internet_go_through_the_nat_with_the_devices_identifier() {
+    let mut sim = Sim::new();
+    let mut echo = vec![
+        0x45, 0, 0, 32, 0, 1, 0, 0, 64, 1, 0, 0, // IPv4, ICMP
+        100, 96, 0, 2, 203, 0, 113, 10, // src, dst
+        8, 0, 0, 0, 0x12, 0x34, 0, 1, // echo request, identifier 0x1234, sequence 1
+        b'w', b'a', b'y', b'g',
+    ];
+    fill_ipv4_checksum(&mut echo);
+    sim.send_raw(&echo);
+    let cmds = sim.take_commands();
+    let flow = match &cmds[..] {
+        [Command::PingOpen { flow, upstream }, Command::UdpSend { data, .. }] => {
+            assert_eq!(upstream.dst.ip(), ORIGIN.ip());
+            assert_eq!(upstream.bind, Some(IpAddr::V4(EGRESS)));
+            assert_eq!(&data[..], &echo[20..]);
+            *flow
+        }
+        other => panic!("{other:?}"),
+    };
+    // The kernel's ping socket picked its own identifier; the device gets its own back.
+    let reply = [0u8, 0, 0xab, 0xcd, 0x99, 0x99, 0, 1, b'w', b'a', b'y', b'g'];
+    sim.upstream(UpstreamEvent::UdpData {
+        flow,
+        data: Bytes::copy_from_slice(&reply),
+    });
+    let got = sim.delivered.last().expect("an echo reply");
+    let ip = smoltcp::wire::Ipv4Packet::new_checked(&got[..]).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!(ip.src_addr(), Ipv4Addr::new(203, 0, 113, 10));
+    assert_eq!(ip.dst_addr(), DEV_V4);
+    let icmp = smoltcp::wire::Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    assert_eq!(icmp.echo_ident(), 0x1234);
+    assert_eq!(icmp.echo_seq_no(), 1);
+    assert_eq!(icmp.data(), b"wayg");
+
+    // A second ping from the same process reuses the flow; another identifier opens another.
+    sim.send_raw(&echo);
+    assert!(matches!(&sim.take_commands()[..], [Command::UdpSend { flow: f, .. }] if *f == flow));
+    echo[24] = 0x55;
+    sim.send_raw(&echo);
+    assert!(matches!(
+        &sim.take_commands()[..],
+        [Command::PingOpen { .. }, Command::UdpSend { .. }]
+    ));
+    assert_eq!(sim.core.open_flows().1, 2);
+}
+
+#[test]
+fn a_spoofed_inner_source_is_dropped() {
+    let mut sim = Sim::new();
+    let h = sim.tcp_connect(ORIGIN); // establishes the session
+    let _ = sim.take_commands();
+    let _ = h;
+    let before = sim.core.wireguard().drops().get(DropReason::SpoofedSource);
+    let spoofed = ipv4_udp(
+        Ipv4Addr::new(100, 96, 200, 200),
+        Ipv4Addr::new(203, 0, 113, 30),
+        7,
+        b"x",
+    );
+    sim.send_raw(&spoofed);
+    assert!(sim.take_commands().is_empty());
+    assert_eq!(
+        sim.core.wireguard().drops().get(DropReason::SpoofedSource),
+        before + 1
+    );
+}
+
+#[test]
+fn revoking_a_device_closes_its_flows_and_ignores_its_packets() {
+    let mut sim = Sim::new();
+    let _h = sim.tcp_connect(ORIGIN);
+    let (flow, _) = connect_flow(&sim.take_commands());
+    sim.core.sync_peers(vec![], sim.now);
+    while let Some(c) = sim.core.poll_command() {
+        sim.commands.push(c);
+    }
+    assert!(sim
+        .take_commands()
+        .iter()
+        .any(|c| matches!(c, Command::TcpClose { flow: f } if *f == flow)));
+    assert_eq!(sim.core.open_flows(), (0, 0));
+    sim.send_raw(&ipv4_udp(DEV_V4, Ipv4Addr::new(203, 0, 113, 30), 7, b"x"));
+    assert!(sim.take_commands().is_empty());
+    assert!(
+        sim.delivered.iter().all(|p| p[9] == 6),
+        "nothing but TCP reached the device"
+    );
+}
+
+#[test]
+fn malformed_inner_packets_are_counted_and_dropped() {
+    let mut sim = Sim::new();
+    let _ = sim.tcp_connect(ORIGIN);
+    let _ = sim.take_commands();
+    let mut truncated_tcp = ipv4_udp(DEV_V4, Ipv4Addr::new(203, 0, 113, 10), 80, b"");
+    truncated_tcp[9] = 6; // claims TCP but carries an 8-byte UDP header
+    fill_ipv4_checksum(&mut truncated_tcp);
+    let mut bad_udp_len = ipv4_udp(DEV_V4, Ipv4Addr::new(203, 0, 113, 30), 7, b"abc");
+    bad_udp_len[24..26].copy_from_slice(&200u16.to_be_bytes());
+    let mut long_total = ipv4_udp(DEV_V4, Ipv4Addr::new(203, 0, 113, 30), 7, b"abc");
+    long_total[2..4].copy_from_slice(&1400u16.to_be_bytes());
+    fill_ipv4_checksum(&mut long_total);
+    let mut fragment = ipv4_udp(DEV_V4, Ipv4Addr::new(203, 0, 113, 30), 7, b"abc");
+    fragment[6] = 0x20; // more fragments
+    fill_ipv4_checksum(&mut fragment);
+    let mut big_ihl = ipv4_udp(DEV_V4, Ipv4Addr::new(203, 0, 113, 30), 7, b"abc");
+    big_ihl[0] = 0x4f;
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![0x45],
+        vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 6],
+        vec![0x60, 0, 0, 0, 0, 8, 17, 64],
+        truncated_tcp,
+        bad_udp_len,
+        long_total,
+        fragment,
+        big_ihl,
+    ];
+    let before = sim.drops();
+    for g in &garbage {
+        sim.send_raw(g);
+    }
+    assert!(sim.take_commands().is_empty());
+    assert_eq!(sim.drops(), before + garbage.len() as u64);
+    assert_eq!(sim.core.open_flows(), (1, 0));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Whatever the device sends from its own address, the core neither panics nor loses count.
+    #[test]
+    fn random_inner_packets_never_panic(body in proptest::collection::vec(any::<u8>(), 0..120), proto in any::<u8>(), v6 in any::<bool>()) {
+        let mut sim = Sim::new();
+        let packet = if v6 {
+            let mut p = vec![0x60, 0, 0, 0, 0, 0, proto, 64];
+            p[4..6].copy_from_slice(&(body.len() as u16).to_be_bytes());
+            p.extend_from_slice(&"fd77:6761:7465::2".parse::<Ipv6Addr>().unwrap().octets());
+            p.extend_from_slice(&"2001:db8:3::10".parse::<Ipv6Addr>().unwrap().octets());
+            p.extend_from_slice(&body);
+            p
+        } else {
+            let mut p = ipv4_udp(DEV_V4, Ipv4Addr::new(203, 0, 113, 10), 80, &body);
+            p[9] = proto;
+            p.truncate(20);
+            p.extend_from_slice(&body);
+            let total = p.len() as u16;
+            p[2..4].copy_from_slice(&total.to_be_bytes());
+            fill_ipv4_checksum(&mut p);
+            p
+        };
+        sim.send_raw(&packet);
+        let _ = sim.take_commands();
+        sim.advance(Duration::from_secs(1));
+    }
+}
+
+/// An IPv4/UDP packet with valid checksums.
+fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let total = 28 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p[20..22].copy_from_slice(&5000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&dst_port.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    fill_ipv4_checksum(&mut p);
+    p
+}
+
+fn fill_ipv4_checksum(p: &mut [u8]) {
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    if p.len() < ihl.max(20) {
+        return;
+    }
+    p[10..12].copy_from_slice(&[0, 0]);
+    let sum = p[..ihl]
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let folded = (folded & 0xffff) + (folded >> 16);
+    p[10..12].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+}
+
+fn sniffing_rules() -> Arc<policy::Loaded> {
+    let set = waygate_policy::ruleset::RuleSet::from_json(
+        r#"[{"id": "no-blocked", "action": "block", "filters": ["l4"], "precedence": 1,
+             "traffic": "net.sni.host == \"blocked.example\""},
+            {"id": "http-8080", "action": "l4_override", "filters": ["l4"], "precedence": 2,
+             "traffic": "net.detected_protocol == \"http\" and net.dst.port == 8080",
+             "rule_settings": {"l4override": {"ip": "203.0.113.10", "port": 80}}}]"#,
+    )
+    .unwrap();
+    let lists = waygate_policy::ruleset::Lists::new(Vec::new());
+    Arc::new(policy::Loaded::compile(&set, &lists).unwrap())
+}
+
+/// Connects the device to `to`, lets the upstream connect, and sends `first` from the device.
+fn held_flow(sim: &mut Sim, to: SocketAddr, first: &[u8]) -> (SocketHandle, FlowId) {
+    let h = sim.tcp_connect(to);
+    let (flow, upstream) = connect_flow(&sim.take_commands());
+    assert_eq!(
+        upstream.dst, to,
+        "a held flow connects where the device dialled"
+    );
+    sim.upstream(UpstreamEvent::TcpConnected {
+        flow,
+        local: SocketAddr::new(IpAddr::V4(EGRESS), 50000),
+    });
+    assert_eq!(sim.tcp(h).state(), tcp::State::Established);
+    if !first.is_empty() {
+        sim.tcp(h).send_slice(first).unwrap();
+        sim.run();
+    }
+    (h, flow)
+}
+
+#[test]
+fn network_rules_on_the_first_bytes_block_forward_and_redirect() {
+    let mut sim = Sim::new();
+    sim.core.set_policy(sniffing_rules());
+
+    // The SNI of the ClientHello decides: blocked.example is reset, nothing reached upstream.
+    let hello = waygate_wire::sniff::client_hello("blocked.example");
+    let to = SocketAddr::new(ORIGIN.ip(), 443);
+    let (h, flow) = held_flow(&mut sim, to, &hello);
+    let cmds = sim.take_commands();
+    assert!(sent_upstream(&cmds).is_empty(), "{cmds:?}");
+    assert!(cmds
+        .iter()
+        .any(|c| matches!(c, Command::TcpClose { flow: f } if *f == flow)));
+    assert_eq!(sim.tcp(h).state(), tcp::State::Closed);
+
+    // Another name passes, with the whole ClientHello.
+    let hello = waygate_wire::sniff::client_hello("www.example.com");
+    let to = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 11)), 443);
+    let (h, _) = held_flow(&mut sim, to, &hello);
+    assert_eq!(sent_upstream(&sim.take_commands()), hello);
+    assert_eq!(sim.tcp(h).state(), tcp::State::Established);
+
+    // HTTP to port 8080 is redirected: the first upstream is closed, the new one gets the
+    // request once connected.
+    let request = b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n";
+    let to = SocketAddr::new(ORIGIN.ip(), 8080);
+    let (h, flow) = held_flow(&mut sim, to, request);
+    let cmds = sim.take_commands();
+    assert!(sent_upstream(&cmds).is_empty());
+    assert!(cmds
+        .iter()
+        .any(|c| matches!(c, Command::TcpClose { flow: f } if *f == flow)));
+    let (again, upstream) = connect_flow(&cmds);
+    assert_eq!((again, upstream.dst), (flow, ORIGIN));
+    // What the closed upstream still reported is not the new one's.
+    sim.upstream(UpstreamEvent::TcpData {
+        flow,
+        data: Bytes::from_static(b"stale"),
+    });
+    sim.upstream(UpstreamEvent::TcpConnected {
+        flow,
+        local: SocketAddr::new(IpAddr::V4(EGRESS), 50001),
+    });
+    assert_eq!(sent_upstream(&sim.take_commands()), request);
+    assert_eq!(sim.tcp(h).recv_queue(), 0);
+    assert_eq!(sim.tcp(h).state(), tcp::State::Established);
+}
+
+#[test]
+fn a_held_flow_where_the_server_speaks_first_is_decided_after_the_wait() {
+    let mut sim = Sim::new();
+    sim.core.set_policy(sniffing_rules());
+    let to = SocketAddr::new(ORIGIN.ip(), 25);
+    let (h, flow) = held_flow(&mut sim, to, b"");
+    // The greeting is not held.
+    sim.upstream(UpstreamEvent::TcpData {
+        flow,
+        data: Bytes::from_static(b"220 mail.example ESMTP\r\n"),
+    });
+    assert_eq!(sim.tcp(h).recv_queue(), 24);
+    // Two bytes that could still start an HTTP request wait, but not past the wait.
+    sim.tcp(h).send_slice(b"GE").unwrap();
+    sim.run();
+    assert!(sent_upstream(&sim.take_commands()).is_empty(), "held");
+    sim.advance(crate::flow::tcp::SNIFF_WAIT);
+    assert_eq!(sent_upstream(&sim.take_commands()), b"GE");
+    sim.tcp(h).send_slice(b"T x\r\n").unwrap();
+    sim.run();
+    assert_eq!(sent_upstream(&sim.take_commands()), b"T x\r\n");
+}
+
+#[test]
+fn a_flow_its_first_packet_blocks_is_held_unconnected_until_its_first_bytes() {
+    let mut sim = Sim::new();
+    let set = waygate_policy::ruleset::RuleSet::from_json(
+        r#"[{"id": "partner", "action": "allow", "filters": ["l4"], "precedence": 1,
+             "traffic": "net.sni.host == \"partner.example\""},
+            {"id": "no-443", "action": "block", "filters": ["l4"], "precedence": 2,
+             "traffic": "net.dst.port == 443"}]"#,
+    )
+    .unwrap();
+    let lists = waygate_policy::ruleset::Lists::new(Vec::new());
+    sim.core
+        .set_policy(Arc::new(policy::Loaded::compile(&set, &lists).unwrap()));
+
+    // Nothing connects to a destination the flow will most likely not reach.
+    let to = SocketAddr::new(ORIGIN.ip(), 443);
+    let h = sim.tcp_connect(to);
+    assert!(sim.take_commands().is_empty());
+    assert_eq!(sim.tcp(h).state(), tcp::State::Established);
+    sim.tcp(h)
+        .send_slice(&waygate_wire::sniff::client_hello("other.example"))
+        .unwrap();
+    sim.run();
+    assert!(!sim
+        .take_commands()
+        .iter()
+        .any(|c| matches!(c, Command::TcpConnect { .. } | Command::TcpSend { .. })));
+    assert_eq!(sim.tcp(h).state(), tcp::State::Closed);
+
+    // The rule above the block lets this name through: the decision connects the flow.
+    let to = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 12)), 443);
+    let h = sim.tcp_connect(to);
+    let hello = waygate_wire::sniff::client_hello("partner.example");
+    sim.tcp(h).send_slice(&hello).unwrap();
+    sim.run();
+    let (flow, upstream) = connect_flow(&sim.take_commands());
+    assert_eq!(upstream.dst, to);
+    sim.upstream(UpstreamEvent::TcpConnected {
+        flow,
+        local: SocketAddr::new(IpAddr::V4(EGRESS), 50002),
+    });
+    assert_eq!(sent_upstream(&sim.take_commands()), hello);
+}

@@ -1,0 +1,834 @@
+//! The I/O shell around [`GatewayCore`]: the only place that touches sockets, files and the clock.
+//!
+//! One task owns the core and the WireGuard socket (batched receive with GRO, batched send with
+//! GSO). Upstream connections run as small tasks ([`upstream`]) reporting through one channel.
+//! A thread watches the registry and hands the device list to the loop when it changes.
+#![deny(missing_docs)]
+#![allow(clippy::disallowed_methods)] // the shell reads the clock for the core
+
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
+use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::uapi::{UapiPeer, UapiSnapshot};
+use nexthop::{NextHopRoute, NextHops};
+use waygate_config::Config;
+use waygate_engine::flow::{Command, DeviceInfo, FlowLimits, Via};
+use waygate_engine::gateway::{CoreSettings, GatewayCore};
+use waygate_engine::protect::Protected;
+use waygate_engine::vnet::VnetRoute;
+use waygate_registry::datadir;
+use waygate_registry::{Device, Registry, Seen, Vnet};
+use waygate_stages::egress::EgressSettings;
+use waygate_wg::transmit::TransmitQueue;
+
+pub mod dns;
+pub mod drops;
+pub mod health;
+pub mod host;
+pub mod nexthop;
+pub mod reload;
+pub mod resolver;
+pub mod tls;
+pub mod uapi;
+pub mod upstream;
+
+use upstream::Upstreams;
+
+/// How often the registry is checked for enrollments and revocations.
+const REGISTRY_POLL: Duration = Duration::from_millis(200);
+/// How often last-seen times are written to the registry.
+const LAST_SEEN_EVERY: Duration = Duration::from_secs(30);
+/// After a start, devices seen this recently at a known address get a handshake from the gateway.
+const RESUME_WITHIN: Duration = Duration::from_secs(3600);
+/// Flows that must have closed since the peak before freed memory is handed back: trimming
+/// walks the whole heap, so not for every few flows.
+const FLOWS_BEFORE_TRIM: usize = 256;
+/// How often the `wg show` snapshot is refreshed.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
+/// Kernel buffer for the WireGuard socket: bursts from many devices must not overflow it.
+const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+/// Datagrams sent to one peer in one GSO call. Longer runs arrive as one burst that overflows a
+/// stock device's socket buffer (measured: 64 -> 36 Mbit/s downloads, 4 -> 0.57 Gbit/s).
+const MAX_GSO_RUN: usize = 4;
+/// Room for one GRO-coalesced receive.
+const RECV_BUFFER: usize = 64 * 1024;
+/// Events handled before the loop looks at the socket again.
+const MAX_EVENTS_PER_TURN: usize = 512;
+/// Receive batches before the loop looks at events again.
+const MAX_RECV_BATCHES_PER_TURN: usize = 16;
+
+/// Runs the gateway until SIGINT or SIGTERM.
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    map_large_allocations();
+    let descriptors = host::raise_descriptor_limit();
+    // One thread: the core, the WireGuard socket and every upstream task. Handing packets and
+    // bytes between worker threads cost a wake-up each (measured with 2 workers: 40,000 context
+    // switches per second uploading at 0.64 Gbit/s, 1.25 CPU-s/Gbit; one thread: 0.80 CPU-s/Gbit
+    // at 0.72 Gbit/s). More cores are for shards of peers, each with its own thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(config, descriptors))
+}
+
+/// Has glibc's allocator serve large blocks (flow buffers, up to megabytes each) straight from
+/// fresh mappings. Zeroed fresh pages cost nothing until touched, so a flow's buffers occupy
+/// memory in proportion to the data it actually queued; freed blocks go back to the system. By
+/// default glibc raises this threshold after the first free and then zero-fills recycled heap
+/// memory, which would make every idle flow cost its whole buffers.
+fn map_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const THRESHOLD: libc::c_int = 128 * 1024;
+        // SAFETY: mallopt only sets an allocator parameter; it is called before any thread
+        // of ours starts.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD) };
+        if ok != 1 {
+            tracing::debug!("mallopt(M_MMAP_THRESHOLD) was refused");
+        }
+    }
+}
+
+async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
+    datadir::ensure_data_dir(&config.data_dir)
+        .with_context(|| format!("data dir {}", config.data_dir.display()))?;
+    // Fail now, not in the watcher thread, if the registry is unusable. Opened before the key
+    // is created: a key without a registry means the registry was lost, and is refused.
+    let registry =
+        Registry::open(&config.data_dir, &config.tunnel).context("cannot open the registry")?;
+    let key = datadir::load_or_create_server_key(&config.data_dir)
+        .with_context(|| format!("server key in {}", config.data_dir.display()))?;
+    let key_bytes = *key.to_bytes();
+    for vnet in &config.vnets {
+        let routes: Vec<waygate_registry::VnetRoute> = vnet
+            .routes
+            .iter()
+            .map(|(cidr, via)| waygate_registry::VnetRoute {
+                cidr: *cidr,
+                via: via.clone(),
+            })
+            .collect();
+        registry
+            .upsert_vnet(&vnet.id, &vnet.name, &routes, unix_now().as_secs() as i64)
+            .with_context(|| format!("vnets: cannot register {:?}", vnet.name))?;
+    }
+    drop(registry);
+
+    let (answer_tx, mut answer_rx) = mpsc::unbounded_channel::<resolver::Answer>();
+    let (learned_tx, mut learned_rx) = mpsc::unbounded_channel::<resolver::Learned>();
+    let wall = UNIX_EPOCH + unix_now();
+    let ca = crate::tls::load_ca(&config.data_dir, wall)?;
+    let dns_tls = crate::tls::gateway_dns_tls(&ca, &config, wall)?;
+    let dns = resolver::spawn(
+        &config,
+        host::dns_queries_for_descriptors(descriptors),
+        dns_tls,
+        answer_tx,
+        learned_tx,
+    )
+    .context("dns")?;
+    let mut settings = core_settings(&config, descriptors)?;
+    settings.dns_upstream = Some(dns.tcp_listener);
+    settings.dns_over_tls = Some(dns.tls_listener);
+    settings.dns_over_https = Some(dns.https_listener);
+    let now = Instant::now();
+    let mut core = GatewayCore::new(key_bytes, settings.clone(), now);
+    let mut host_addresses = (
+        host::interface_addresses().context("cannot list the host's addresses")?,
+        host::local_ipv6_prefixes(),
+    );
+    core.set_host_addresses(&host_addresses.0, &host_addresses.1);
+    // Flows at their most since memory was last handed back (see `host::return_freed_memory`).
+    let mut flows_peak = 0;
+
+    let socket = bind_wireguard(config.wireguard.listen)
+        .with_context(|| format!("cannot listen on UDP {}", config.wireguard.listen))?;
+    let state = UdpSocketState::new((&socket).into()).context("cannot set up the UDP socket")?;
+    let socket = UdpSocket::from_std(socket)?;
+
+    let (device_tx, mut device_rx) = mpsc::channel::<RegistrySnapshot>(4);
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Vec<Seen>>();
+    let watcher = {
+        let data_dir = config.data_dir.clone();
+        let tunnel = config.tunnel.clone();
+        std::thread::Builder::new()
+            .name("waygate-registry".into())
+            .spawn(move || watch_registry(&data_dir, &tunnel, device_tx, seen_rx))?
+    };
+
+    let snapshot = Arc::new(Mutex::new(UapiSnapshot {
+        private_key: key_bytes,
+        listen_port: config.wireguard.listen.port(),
+        peers: Vec::new(),
+    }));
+    let uapi_path = uapi::socket_path(&config.wireguard.interface_name);
+    {
+        let snapshot = snapshot.clone();
+        let path = uapi_path.clone();
+        tokio::spawn(async move {
+            let read = move || {
+                let s = snapshot
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                UapiSnapshot {
+                    private_key: s.private_key,
+                    listen_port: s.listen_port,
+                    peers: s.peers.clone(),
+                }
+            };
+            if let Err(err) = uapi::serve(path.clone(), read).await {
+                tracing::warn!(path = %path.display(), %err, "wg UAPI socket unavailable; `wg show` will not see this gateway");
+            }
+        });
+    }
+
+    let (followed, policy, geoip, categories) = reload::Followed::load(&config)?;
+    dns.set_categories(categories.map(Arc::new));
+    if let Some(policy) = policy {
+        let policy = Arc::new(policy);
+        dns.set_policy(policy.clone());
+        core.set_policy(policy);
+    }
+    let geoip = geoip.map(Arc::new);
+    dns.set_geoip(geoip.clone());
+    core.set_geoip(geoip);
+    let (reload_tx, mut reload_rx) = mpsc::channel(2);
+    std::thread::Builder::new()
+        .name("waygate-reload".into())
+        .spawn(move || followed.run(reload_tx))?;
+
+    let (probe_tx, mut probe_rx) = mpsc::unbounded_channel();
+    health::spawn_probes(&config.egress.locations, probe_tx);
+
+    let (event_tx, mut event_rx) = mpsc::unbounded_channel();
+    let mut upstreams = Upstreams::new(event_tx);
+    let mut bufs = vec![vec![0u8; RECV_BUFFER]; BATCH_SIZE];
+    let mut metas = vec![RecvMeta::default(); BATCH_SIZE];
+    let mut next_seen = now + LAST_SEEN_EVERY;
+    let mut reported: HashMap<String, SocketAddr> = HashMap::new();
+    let mut vnets: Vec<Vnet> = Vec::new();
+    let mut vnets_unresolved = false;
+    // Removes the kernel routes it installed when the loop ends, also on error.
+    let mut next_hops = NextHops::default();
+    let mut next_snapshot = now;
+    let mut drop_report = drops::DropReport::new(now);
+    let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
+
+    tracing::info!(
+        listen = %config.wireguard.listen,
+        public_key = %waygate_keys::PublicKey::from_bytes(core.public_key()),
+        gateway = %settings.gateway_v4,
+        dns_upstream = ?settings.dns_upstream,
+        egress = ?settings.egress.default_ipv4,
+        "waygate serving"
+    );
+
+    loop {
+        let deadline = core.poll_timeout();
+        tokio::select! {
+            biased;
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            snapshot = device_rx.recv() => match snapshot {
+                Some(snapshot) => {
+                    let resume = resumable(&snapshot.devices, unix_now().as_secs() as i64);
+                    let peers = peers_of(snapshot.devices);
+                    dns.set_devices(peers.iter().map(|(_, d)| d));
+                    core.sync_peers(peers, Instant::now());
+                    // Devices already heard from since the start are skipped.
+                    for (key, at) in resume {
+                        core.resume_peer(&key, at);
+                    }
+                    let (routes, unresolved) = resolve_vnet_routes(&snapshot.vnets, &mut next_hops);
+                    core.sync_vnets(routes);
+                    vnets = snapshot.vnets;
+                    vnets_unresolved = unresolved;
+                }
+                None => anyhow::bail!("the registry watcher stopped"),
+            },
+            ready = socket.readable() => {
+                ready?;
+                receive(&socket, &state, &mut core, &mut bufs, &mut metas);
+            }
+            event = event_rx.recv() => {
+                if let Some(event) = event {
+                    let now = Instant::now();
+                    core.handle_upstream(event, now);
+                    for _ in 1..MAX_EVENTS_PER_TURN {
+                        match event_rx.try_recv() {
+                            Ok(event) => core.handle_upstream(event, now),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            Some((location, probe)) = probe_rx.recv() => core.record_egress_probe(location, probe),
+            Some(reloaded) = reload_rx.recv() => match reloaded {
+                reload::Reloaded::Policy(policy) => {
+                    dns.set_policy(policy.clone());
+                    core.set_policy(policy);
+                }
+                reload::Reloaded::Categories(db) => dns.set_categories(Some(db)),
+                reload::Reloaded::GeoIp(db) => {
+                    dns.set_geoip(Some(db.clone()));
+                    core.set_geoip(Some(db));
+                }
+            },
+            Some(l) = learned_rx.recv() => {
+                let now = Instant::now();
+                core.learn_name(&l.device_id, l.ip, &l.names, l.ttl, now);
+                for _ in 1..MAX_EVENTS_PER_TURN {
+                    match learned_rx.try_recv() {
+                        Ok(l) => core.learn_name(&l.device_id, l.ip, &l.names, l.ttl, now),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Some(answer) = answer_rx.recv() => {
+                core.handle_dns_answer(answer.peer, answer.to, answer.from, &answer.payload);
+                for _ in 1..MAX_EVENTS_PER_TURN {
+                    match answer_rx.try_recv() {
+                        Ok(a) => core.handle_dns_answer(a.peer, a.to, a.from, &a.payload),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+        }
+        let now = Instant::now();
+        if now >= core.poll_timeout() {
+            core.handle_timeout(now);
+        }
+        core.flush(now);
+        send(&socket, &state, core.transmit_queue()).await;
+        while let Some(command) = core.poll_command() {
+            match command {
+                Command::DnsQuery {
+                    peer,
+                    device,
+                    device_public,
+                    client,
+                    server,
+                    payload,
+                } => dns.query(resolver::Query {
+                    peer,
+                    client: resolver::device_client(
+                        &device,
+                        client.ip(),
+                        device_public.map(|a| a.ip()),
+                    ),
+                    from: client,
+                    to: server,
+                    payload,
+                }),
+                other => upstreams.execute(other),
+            }
+        }
+        if now >= next_snapshot {
+            next_snapshot = now + SNAPSHOT_EVERY;
+            // Addresses come and go (DHCP, a new interface): flows to them are refused at once.
+            match host::interface_addresses() {
+                Ok(addrs) => {
+                    let now_host = (addrs, host::local_ipv6_prefixes());
+                    if now_host != host_addresses {
+                        tracing::info!(
+                            addresses = now_host.0.len(),
+                            local_prefixes = now_host.1.len(),
+                            "the host's addresses changed"
+                        );
+                        core.set_host_addresses(&now_host.0, &now_host.1);
+                        host_addresses = now_host;
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "cannot list the host's addresses"),
+            }
+            let (tcp, udp) = core.open_flows();
+            let flows = tcp + udp;
+            flows_peak = flows_peak.max(flows);
+            if flows + FLOWS_BEFORE_TRIM <= flows_peak {
+                host::return_freed_memory();
+                flows_peak = flows;
+            }
+            if vnets_unresolved {
+                // An interface named by a route may come up after the gateway.
+                let (routes, unresolved) = resolve_vnet_routes(&vnets, &mut next_hops);
+                core.sync_vnets(routes);
+                vnets_unresolved = unresolved;
+            }
+            if let Ok(mut s) = snapshot.lock() {
+                s.peers = uapi_peers(&core);
+            }
+            if let Some(dropped) =
+                drop_report.poll(now, core.wireguard().drops(), core.flow_drops())
+            {
+                drops::log(&dropped);
+            }
+            // Written every LAST_SEEN_EVERY, and within a second when a device appears at a new
+            // address, so a crash soon after still leaves the next start where to reach it.
+            let seen = recently_seen(&core);
+            let moved = seen
+                .iter()
+                .any(|s| s.endpoint.is_some() && reported.get(&s.device_id) != s.endpoint.as_ref());
+            if moved || now >= next_seen {
+                next_seen = now + LAST_SEEN_EVERY;
+                for s in &seen {
+                    if let Some(at) = s.endpoint {
+                        reported.insert(s.device_id.clone(), at);
+                    }
+                }
+                let _ = seen_tx.send(seen);
+            }
+        }
+    }
+    tracing::info!("waygate stopping");
+    // Where every device is now, for the next start to reach them.
+    let _ = seen_tx.send(recently_seen(&core));
+    drop(upstreams);
+    drop(device_rx);
+    let _ = std::fs::remove_file(&uapi_path);
+    let _ = watcher.join();
+    Ok(())
+}
+
+fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(kind).context("cannot install signal handler")
+}
+
+/// What the core needs, derived from the config.
+fn core_settings(config: &Config, descriptors: u64) -> anyhow::Result<CoreSettings> {
+    // The host owns its egress addresses and whole IPv6 egress prefixes even where no
+    // interface lists them (a prefix routed `local` to lo answers on every address).
+    let egress = &config.egress;
+    let owned: Vec<ipnet::IpNet> = egress
+        .default_ipv4
+        .into_iter()
+        .chain(egress.locations.iter().flat_map(|l| l.ipv4.iter().copied()))
+        .map(|a| ipnet::IpNet::from(IpAddr::V4(a)))
+        .chain(
+            egress
+                .locations
+                .iter()
+                .filter_map(|l| l.ipv6)
+                .map(ipnet::IpNet::V6),
+        )
+        .collect();
+    Ok(CoreSettings {
+        pool_v4: config.tunnel.ipv4_pool,
+        pool_v6: config.tunnel.ipv6_pool,
+        gateway_v4: config.tunnel.gateway_ipv4(),
+        gateway_v6: config.tunnel.gateway_ipv6(),
+        mtu: config.tunnel.mtu,
+        // The resolver's loopback listener, known once it runs.
+        dns_upstream: None,
+        dns_over_tls: None,
+        dns_over_https: None,
+        dns_resolver: true,
+        dns_intercept: config.dns.intercept,
+        egress: EgressSettings {
+            default_ipv4: config.egress.default_ipv4,
+            default_ipv6: None,
+            default: config.egress.default,
+            locations: config.egress.locations.clone(),
+        },
+        protected: Protected::new(owned, config.network.allow_private.clone()),
+        limits: FlowLimits {
+            tcp_per_device: config.limits.tcp_flows_per_device,
+            udp_per_device: config.limits.udp_flows_per_device,
+            memory_per_device: config.limits.flow_memory_per_device,
+            total: host::flows_for_descriptors(descriptors),
+        },
+    })
+}
+
+fn bind_wireguard(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = Socket::new(domain, Type::DGRAM, Some(SockProtocol::UDP))?;
+    if addr.is_ipv6() {
+        // [::]:port serves IPv4 devices too.
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    // As root, force buffers past net.core.{r,w}mem_max; otherwise take what the limits allow.
+    if force_buffer(&socket, libc::SO_RCVBUFFORCE, SOCKET_BUFFER).is_err() {
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    }
+    if force_buffer(&socket, libc::SO_SNDBUFFORCE, SOCKET_BUFFER).is_err() {
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`, which socket2 does not wrap (they need CAP_NET_ADMIN).
+fn force_buffer(socket: &Socket, option: libc::c_int, bytes: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the fd is open for the lifetime of `socket`; the option value is a c_int whose
+    // size is passed along.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Drains the socket in batches; GRO-coalesced buffers are split at their stride.
+fn receive(
+    socket: &UdpSocket,
+    state: &UdpSocketState,
+    core: &mut GatewayCore,
+    bufs: &mut [Vec<u8>],
+    metas: &mut [RecvMeta],
+) {
+    for _ in 0..MAX_RECV_BATCHES_PER_TURN {
+        let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let got = socket.try_io(Interest::READABLE, || {
+            state.recv(socket.into(), &mut slices, metas)
+        });
+        let count = match got {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(err) => {
+                tracing::debug!(%err, "WireGuard socket receive error");
+                return;
+            }
+        };
+        let now = Instant::now();
+        for (meta, buf) in metas.iter().zip(slices.iter()).take(count) {
+            let data = &buf[..meta.len.min(buf.len())];
+            let stride = meta.stride.max(1);
+            for datagram in data.chunks(stride) {
+                core.handle_datagram(meta.addr, datagram, now);
+            }
+        }
+    }
+}
+
+/// Sends everything queued, in GSO runs, waiting for the socket when the kernel pushes back.
+async fn send(socket: &UdpSocket, state: &UdpSocketState, queue: &mut TransmitQueue) {
+    if queue.is_empty() {
+        return;
+    }
+    let cap = state.max_gso_segments().min(MAX_GSO_RUN);
+    for run in queue.gso_runs(cap) {
+        let transmit = Transmit {
+            destination: run.dst,
+            ecn: None,
+            contents: run.contents,
+            segment_size: (run.contents.len() > run.segment_size).then_some(run.segment_size),
+            src_ip: None,
+        };
+        loop {
+            match socket.try_io(Interest::WRITABLE, || {
+                state.try_send(socket.into(), &transmit)
+            }) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if socket.writable().await.is_err() {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(%err, dst = %run.dst, "WireGuard socket send error");
+                    break;
+                }
+            }
+        }
+    }
+    queue.clear();
+}
+
+/// What the registry watcher hands to the serving loop on every change.
+struct RegistrySnapshot {
+    devices: Vec<Device>,
+    vnets: Vec<Vnet>,
+}
+
+/// Each virtual network's routes, resolved to their interfaces' indexes or, for next hops, to
+/// the marks of the routing tables `next_hops` installs for them; routes whose interface does
+/// not exist (yet) are left out and reported by the returned flag.
+fn resolve_vnet_routes(
+    vnets: &[Vnet],
+    next_hops: &mut NextHops,
+) -> (HashMap<String, Vec<VnetRoute>>, bool) {
+    let wanted: Vec<NextHopRoute> = vnets
+        .iter()
+        .flat_map(|v| &v.routes)
+        .filter_map(|r| {
+            r.next_hop().map(|next_hop| NextHopRoute {
+                cidr: r.cidr,
+                next_hop,
+            })
+        })
+        .collect();
+    let mut marks = next_hops.sync(&wanted).into_iter();
+    let mut unresolved = false;
+    let mut out = HashMap::new();
+    for vnet in vnets {
+        let mut routes = Vec::new();
+        for route in &vnet.routes {
+            let path = match route.next_hop() {
+                Some(_) => match marks.next() {
+                    Some(Ok(mark)) => Some(Via::Mark(mark)),
+                    Some(Err(why)) => {
+                        tracing::warn!(vnet = %vnet.name, cidr = %route.cidr, via = %route.via, "next-hop route unusable: {why}");
+                        None
+                    }
+                    None => None,
+                },
+                None => match interface_index(&route.via) {
+                    Some(ifindex) => Some(Via::Interface(ifindex)),
+                    None => {
+                        unresolved = true;
+                        tracing::warn!(vnet = %vnet.name, cidr = %route.cidr, via = %route.via, "no such interface; route unused until it appears");
+                        None
+                    }
+                },
+            };
+            if let Some(path) = path {
+                routes.push(VnetRoute {
+                    cidr: route.cidr,
+                    via: route.via.clone(),
+                    path,
+                });
+            }
+        }
+        out.insert(vnet.id.clone(), routes);
+    }
+    (out, unresolved)
+}
+
+/// The index of the interface called `name` in this network namespace.
+fn interface_index(name: &str) -> Option<NonZeroU32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    NonZeroU32::new(index)
+}
+
+fn peers_of(devices: Vec<Device>) -> Vec<([u8; 32], DeviceInfo)> {
+    devices
+        .into_iter()
+        .filter(Device::is_active)
+        .map(|d| {
+            (
+                *d.public_key.as_bytes(),
+                DeviceInfo {
+                    id: d.id,
+                    name: d.name,
+                    email: d.email,
+                    user_name: d.user_name,
+                    groups: d.groups,
+                    extras: Arc::new(d.extras),
+                    vnet_id: d.vnet_id,
+                    ipv4: d.ipv4,
+                    ipv6: d.ipv6,
+                },
+            )
+        })
+        .collect()
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+fn uapi_peers(core: &GatewayCore) -> Vec<UapiPeer> {
+    let wg = core.wireguard();
+    let now = unix_now();
+    wg.stats()
+        .into_iter()
+        .map(|s| {
+            let device = wg
+                .peer_by_key(&s.public_key)
+                .and_then(|id| wg.peer_data(id));
+            UapiPeer {
+                public_key: s.public_key,
+                endpoint: s.endpoint,
+                allowed_ips: device
+                    .map(|d| {
+                        vec![
+                            ipnet::IpNet::from(IpAddr::V4(d.ipv4)),
+                            ipnet::IpNet::from(IpAddr::V6(d.ipv6)),
+                        ]
+                    })
+                    .unwrap_or_default(),
+                last_handshake: s.since_handshake.map(|d| now.saturating_sub(d)),
+                rx_bytes: s.rx_bytes,
+                tx_bytes: s.tx_bytes,
+                keepalive: 0,
+            }
+        })
+        .collect()
+}
+
+fn recently_seen(core: &GatewayCore) -> Vec<Seen> {
+    let wg = core.wireguard();
+    let now = unix_now();
+    wg.stats()
+        .into_iter()
+        .filter_map(|s| {
+            let since = s.since_handshake?;
+            // A session lives at most 3 minutes without a new handshake.
+            if since > Duration::from_secs(180) {
+                return None;
+            }
+            let device = wg.peer_data(wg.peer_by_key(&s.public_key)?)?;
+            Some(Seen {
+                device_id: device.id.clone(),
+                at: now.saturating_sub(since).as_secs() as i64,
+                endpoint: s.endpoint,
+            })
+        })
+        .collect()
+}
+
+/// Devices to reach out to after a start: active, seen at a known address within
+/// [`RESUME_WITHIN`] of `now` (unix seconds). Older addresses have likely changed hands.
+fn resumable(devices: &[Device], now: i64) -> Vec<([u8; 32], SocketAddr)> {
+    devices
+        .iter()
+        .filter(|d| d.is_active())
+        .filter(|d| {
+            d.last_seen
+                .is_some_and(|t| now.saturating_sub(t) <= RESUME_WITHIN.as_secs() as i64)
+        })
+        .filter_map(|d| Some((*d.public_key.as_bytes(), d.last_endpoint?)))
+        .collect()
+}
+
+fn record_seen(registry: &Registry, seen: &std::sync::mpsc::Receiver<Vec<Seen>>) {
+    while let Ok(batch) = seen.try_recv() {
+        if let Err(err) = registry.record_last_seen(&batch) {
+            tracing::warn!(%err, "cannot record last-seen times");
+        }
+    }
+}
+
+/// Polls the registry's change counter and sends the device list whenever it changes; writes
+/// last-seen times it is handed. Ends when the serving loop goes away.
+fn watch_registry(
+    data_dir: &Path,
+    tunnel: &waygate_config::TunnelConfig,
+    devices: mpsc::Sender<RegistrySnapshot>,
+    seen: std::sync::mpsc::Receiver<Vec<Seen>>,
+) {
+    let registry = match Registry::open(data_dir, tunnel) {
+        Ok(r) => r,
+        Err(err) => {
+            tracing::error!(%err, "cannot open the registry");
+            return;
+        }
+    };
+    let mut last = None;
+    loop {
+        match registry.change_counter() {
+            Ok(counter) if Some(counter) != last => {
+                match registry
+                    .active_devices()
+                    .and_then(|d| Ok((d, registry.vnets()?)))
+                {
+                    Ok((list, vnets)) => {
+                        let snapshot = RegistrySnapshot {
+                            devices: list,
+                            vnets,
+                        };
+                        if devices.blocking_send(snapshot).is_err() {
+                            return;
+                        }
+                        last = Some(counter);
+                    }
+                    Err(err) => tracing::warn!(%err, "cannot read devices"),
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, "cannot read the registry"),
+        }
+        record_seen(&registry, &seen);
+        if devices.is_closed() {
+            // The serving loop's last report comes before it closes the channel.
+            record_seen(&registry, &seen);
+            return;
+        }
+        std::thread::sleep(REGISTRY_POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use waygate_keys::PrivateKey;
+
+    fn device(seed: u64, last_seen: Option<i64>, at: Option<&str>, revoked: bool) -> Device {
+        Device {
+            id: format!("d{seed}"),
+            name: format!("device-{seed}"),
+            public_key: PrivateKey::generate(&mut StdRng::seed_from_u64(seed)).public_key(),
+            ipv4: Ipv4Addr::new(100, 96, 0, 2),
+            ipv6: "fd77:6761:7465::2".parse().expect("v6"),
+            email: "ada@example.com".into(),
+            user_name: None,
+            groups: Vec::new(),
+            extras: Default::default(),
+            vnet_id: None,
+            created_at: 1_000,
+            last_seen,
+            last_endpoint: at.map(|a| a.parse().expect("endpoint")),
+            revoked_at: revoked.then_some(2_000),
+        }
+    }
+
+    #[test]
+    fn only_active_devices_seen_lately_at_a_known_address_are_resumed() {
+        let now = 100_000;
+        let recent = Some(now - 600);
+        let devices = [
+            device(1, recent, Some("198.51.100.11:40000"), false),
+            device(2, recent, None, false),
+            device(3, Some(now - 7_200), Some("198.51.100.13:40000"), false),
+            device(4, recent, Some("198.51.100.14:40000"), true),
+            device(5, None, Some("198.51.100.15:40000"), false),
+        ];
+        let got = resumable(&devices, now);
+        assert_eq!(
+            got,
+            vec![(
+                *devices[0].public_key.as_bytes(),
+                "198.51.100.11:40000".parse().expect("endpoint")
+            )]
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! Files the gateway follows while it runs: the rule set, its lists, the GeoIP database and the
+//! domain categories.
+//! A thread notices changes by modification time and size, loads and compiles the new version
+//! off the serving loop, and hands it over whole; a version that fails to load is reported and
+//! the running one stays.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+use waygate_policy::category_db::{CategoryDb, CategorySource};
+
+use waygate_config::Config;
+use waygate_geoip::GeoIp;
+use waygate_stages::policy;
+
+/// How often the files are looked at.
+const POLL: Duration = Duration::from_secs(1);
+
+/// A newly loaded version of a followed file.
+pub enum Reloaded {
+    /// The rule set (with its lists).
+    Policy(Arc<policy::Loaded>),
+    /// The GeoIP database.
+    GeoIp(Arc<GeoIp>),
+    /// The domain categories.
+    Categories(Arc<CategoryDb>),
+}
+
+/// What identifies a version of a file without reading it.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// A category source's version: a file's stamp, or for a directory the newest modification and
+/// total size of the files in it and one level below (the UT1 layout).
+fn tree_stamp(path: &Path) -> Stamp {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return stamp(path);
+    }
+    let mut newest = meta.modified().ok()?;
+    let mut total = 0u64;
+    let mut visit = |p: &Path| {
+        if let Some((m, len)) = stamp(p) {
+            newest = newest.max(m);
+            total = total.wrapping_add(len).wrapping_add(1);
+        }
+    };
+    for entry in std::fs::read_dir(path).ok()?.flatten() {
+        let p = entry.path();
+        visit(&p);
+        if p.is_dir() {
+            for inner in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                visit(&inner.path());
+            }
+        }
+    }
+    Some((newest, total))
+}
+
+fn load_categories(sources: &[CategorySource]) -> anyhow::Result<CategoryDb> {
+    let (db, warnings) = CategoryDb::load(sources)?;
+    for w in warnings {
+        tracing::warn!("dns.categories: {w}");
+    }
+    tracing::info!(domains = db.len(), "domain categories loaded");
+    Ok(db)
+}
+
+/// The files to follow, and their versions when last loaded.
+pub struct Followed {
+    rules: Option<PathBuf>,
+    lists: Option<PathBuf>,
+    geoip: Option<PathBuf>,
+    stamps: [Stamp; 3],
+    categories: Vec<CategorySource>,
+    category_stamps: Vec<Stamp>,
+}
+
+impl Followed {
+    /// Loads the configured files now (any failure stops the start) and remembers their
+    /// versions.
+    #[allow(clippy::type_complexity)]
+    pub fn load(
+        config: &Config,
+    ) -> anyhow::Result<(
+        Followed,
+        Option<policy::Loaded>,
+        Option<GeoIp>,
+        Option<CategoryDb>,
+    )> {
+        let mut followed = Followed {
+            rules: config.policy.rules.clone(),
+            lists: config.policy.lists.clone(),
+            geoip: config.geoip.database.clone(),
+            stamps: [None, None, None],
+            categories: config.dns.categories.clone(),
+            category_stamps: Vec::new(),
+        };
+        followed.stamps = followed.current();
+        followed.category_stamps = followed.current_categories();
+        let categories = if followed.categories.is_empty() {
+            None
+        } else {
+            Some(load_categories(&followed.categories).context("dns.categories")?)
+        };
+        let policy = match &followed.rules {
+            Some(rules) => Some(policy::load(rules, followed.lists.as_deref())?),
+            None => None,
+        };
+        let geoip = match &followed.geoip {
+            Some(path) => Some(GeoIp::open(path).context("geoip.database")?),
+            None => None,
+        };
+        Ok((followed, policy, geoip, categories))
+    }
+
+    fn current(&self) -> [Stamp; 3] {
+        [&self.rules, &self.lists, &self.geoip].map(|p| p.as_deref().and_then(stamp))
+    }
+
+    fn current_categories(&self) -> Vec<Stamp> {
+        self.categories
+            .iter()
+            .map(|s| tree_stamp(&s.path))
+            .collect()
+    }
+
+    /// Follows the files until `out` closes.
+    pub fn run(mut self, out: mpsc::Sender<Reloaded>) {
+        // The first pass returns what the initial load left behind.
+        let mut trim = true;
+        loop {
+            std::thread::sleep(POLL);
+            if out.is_closed() {
+                return;
+            }
+            if std::mem::take(&mut trim) {
+                // By now the replaced rules are dropped.
+                release_free_memory();
+            }
+            let now = self.current();
+            let policy_changed = now[0] != self.stamps[0] || now[1] != self.stamps[1];
+            if let (true, Some(rules)) = (policy_changed, &self.rules) {
+                match policy::load(rules, self.lists.as_deref()) {
+                    Ok(p) => {
+                        tracing::info!(rules = %rules.display(), "rule set reloaded");
+                        trim = true;
+                        if out.blocking_send(Reloaded::Policy(Arc::new(p))).is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(rules = %rules.display(), "rule set not reloaded, the previous one stays: {err:#}")
+                    }
+                }
+                self.stamps[0] = now[0];
+                self.stamps[1] = now[1];
+            }
+            if let (true, Some(path)) = (now[2] != self.stamps[2], &self.geoip) {
+                match GeoIp::open(path) {
+                    Ok(db) => {
+                        tracing::info!(database = %path.display(), "GeoIP database reloaded");
+                        if out.blocking_send(Reloaded::GeoIp(Arc::new(db))).is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(database = %path.display(), "GeoIP database not reloaded, the previous one stays: {err:#}")
+                    }
+                }
+                self.stamps[2] = now[2];
+            }
+            let now = self.current_categories();
+            if now != self.category_stamps {
+                // Built here, off the resolver: queries keep the old set until the swap.
+                match load_categories(&self.categories) {
+                    Ok(db) => {
+                        trim = true;
+                        if out
+                            .blocking_send(Reloaded::Categories(Arc::new(db)))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(
+                            "domain categories not reloaded, the previous ones stay: {err:#}"
+                        )
+                    }
+                }
+                self.category_stamps = now;
+            }
+        }
+    }
+}
+
+/// Hands freed heap pages back to the OS. Loading a large list parses its JSON into strings that
+/// are dropped once compiled; glibc keeps such pages mapped, and a million-domain list would
+/// otherwise leave its parsing scratch in the gateway's RSS for good.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own arenas under their locks; it has no
+    // preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -1,0 +1,511 @@
+//! Upstream connections: one small task per flow, carrying bytes between a kernel socket and the
+//! core's event channel. The core decides; these tasks only move bytes and report.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Semaphore};
+
+use waygate_engine::flow::{Command, FlowId, Upstream, UpstreamEvent, Via};
+
+/// How long a TCP connect may take before the device gets a RST.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest read from an upstream socket; every flow's download window is at least this.
+const READ_CHUNK: usize = waygate_engine::flow::tcp::UPSTREAM_READ;
+/// Datagrams queued per UDP flow before new ones are dropped.
+const UDP_QUEUE: usize = 256;
+
+enum TcpOp {
+    Send(Bytes),
+    ShutdownWrite,
+}
+
+enum Handle {
+    Tcp {
+        ops: mpsc::UnboundedSender<TcpOp>,
+        credit: Arc<Semaphore>,
+        task: tokio::task::AbortHandle,
+    },
+    Udp {
+        datagrams: mpsc::Sender<Bytes>,
+        task: tokio::task::AbortHandle,
+    },
+}
+
+/// The runtime's side of every flow: executes [`Command`]s, reports [`UpstreamEvent`]s.
+pub struct Upstreams {
+    handles: HashMap<FlowId, Handle>,
+    events: mpsc::UnboundedSender<UpstreamEvent>,
+}
+
+impl Upstreams {
+    /// Upstreams reporting into `events`.
+    pub fn new(events: mpsc::UnboundedSender<UpstreamEvent>) -> Self {
+        Upstreams {
+            handles: HashMap::new(),
+            events,
+        }
+    }
+
+    /// Carries out one command from the core.
+    pub fn execute(&mut self, command: Command) {
+        match command {
+            Command::DnsQuery { .. } => {
+                // The runtime hands these to its resolver before commands reach here.
+                tracing::debug!("dns query without a resolver dropped");
+            }
+            Command::TcpConnect { flow, upstream } => {
+                let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+                // The core grants the flow's download window right after this command.
+                let credit = Arc::new(Semaphore::new(0));
+                let events = self.events.clone();
+                let task = tokio::spawn(tcp_flow(flow, upstream, ops_rx, credit.clone(), events));
+                self.handles.insert(
+                    flow,
+                    Handle::Tcp {
+                        ops: ops_tx,
+                        credit,
+                        task: task.abort_handle(),
+                    },
+                );
+            }
+            Command::TcpSend { flow, data } => {
+                if let Some(Handle::Tcp { ops, .. }) = self.handles.get(&flow) {
+                    let _ = ops.send(TcpOp::Send(data));
+                }
+            }
+            Command::TcpShutdownWrite { flow } => {
+                if let Some(Handle::Tcp { ops, .. }) = self.handles.get(&flow) {
+                    let _ = ops.send(TcpOp::ShutdownWrite);
+                }
+            }
+            Command::TcpCredit { flow, bytes } => {
+                if let Some(Handle::Tcp { credit, .. }) = self.handles.get(&flow) {
+                    credit.add_permits(bytes);
+                }
+            }
+            Command::TcpClose { flow } | Command::UdpClose { flow } => {
+                if let Some(handle) = self.handles.remove(&flow) {
+                    match handle {
+                        Handle::Tcp { task, .. } | Handle::Udp { task, .. } => task.abort(),
+                    }
+                }
+            }
+            Command::UdpOpen { flow, upstream } => {
+                let (tx, rx) = mpsc::channel(UDP_QUEUE);
+                let events = self.events.clone();
+                let task = tokio::spawn(udp_flow(flow, upstream, rx, events));
+                self.handles.insert(
+                    flow,
+                    Handle::Udp {
+                        datagrams: tx,
+                        task: task.abort_handle(),
+                    },
+                );
+            }
+            Command::PingOpen { flow, upstream } => {
+                let (tx, rx) = mpsc::channel(UDP_QUEUE);
+                let events = self.events.clone();
+                let task = tokio::spawn(ping_flow(flow, upstream, rx, events));
+                self.handles.insert(
+                    flow,
+                    Handle::Udp {
+                        datagrams: tx,
+                        task: task.abort_handle(),
+                    },
+                );
+            }
+            Command::UdpSend { flow, data } => {
+                if let Some(Handle::Udp { datagrams, .. }) = self.handles.get(&flow) {
+                    // A full queue means the upstream socket cannot keep up: drop, as a
+                    // router would.
+                    let _ = datagrams.try_send(data);
+                }
+            }
+        }
+    }
+
+    /// Number of live upstream tasks.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+}
+
+impl Drop for Upstreams {
+    fn drop(&mut self) {
+        for (_, handle) in self.handles.drain() {
+            match handle {
+                Handle::Tcp { task, .. } | Handle::Udp { task, .. } => task.abort(),
+            }
+        }
+    }
+}
+
+/// A socket of `kind` for talking to `dst`, bound to `bind` when given. IPv6 sources are
+/// per-device addresses inside an egress prefix that the host routes locally without
+/// configuring each one, so they are bound with `IPV6_FREEBIND`.
+pub fn bound_socket(
+    dst: SocketAddr,
+    bind: Option<IpAddr>,
+    via: Option<Via>,
+    kind: Type,
+    protocol: SockProtocol,
+) -> io::Result<Socket> {
+    let domain = match dst {
+        SocketAddr::V4(_) => Domain::IPV4,
+        SocketAddr::V6(_) => Domain::IPV6,
+    };
+    let socket = Socket::new(domain, kind, Some(protocol))?;
+    socket.set_nonblocking(true)?;
+    // A virtual network's route: the kernel picks the route through this interface, or in the
+    // table this mark selects, so the same range can lead to different sites for different
+    // networks.
+    match via {
+        Some(Via::Interface(index)) => match dst {
+            SocketAddr::V4(_) => socket.bind_device_by_index_v4(Some(index))?,
+            SocketAddr::V6(_) => socket.bind_device_by_index_v6(Some(index))?,
+        },
+        Some(Via::Mark(mark)) => socket.set_mark(mark.get())?,
+        None => {}
+    }
+    if let Some(bind) = bind {
+        if bind.is_ipv6() {
+            socket.set_freebind_v6(true)?;
+        }
+        socket.bind(&SocketAddr::new(bind, 0).into())?;
+    }
+    Ok(socket)
+}
+
+/// Connects to `dst` from `bind` (when given) within `timeout`.
+pub async fn connect_from(
+    dst: SocketAddr,
+    bind: Option<IpAddr>,
+    via: Option<Via>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = bound_socket(dst, bind, via, Type::STREAM, SockProtocol::TCP)?;
+    socket.set_tcp_nodelay(true)?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    tokio::time::timeout(timeout, socket.connect(dst))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+async fn connect(upstream: Upstream) -> io::Result<TcpStream> {
+    connect_from(upstream.dst, upstream.bind, upstream.via, CONNECT_TIMEOUT).await
+}
+
+async fn tcp_flow(
+    flow: FlowId,
+    upstream: Upstream,
+    mut ops: mpsc::UnboundedReceiver<TcpOp>,
+    credit: Arc<Semaphore>,
+    events: mpsc::UnboundedSender<UpstreamEvent>,
+) {
+    let mut stream = match connect(upstream).await {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::debug!(flow, %upstream.dst, %err, "upstream connect failed");
+            let _ = events.send(UpstreamEvent::TcpConnectFailed { flow });
+            return;
+        }
+    };
+    if let Some(client) = upstream.announce {
+        let line = crate::dns::server::proxy_line(client, upstream.dst);
+        if stream.write_all(line.as_bytes()).await.is_err() {
+            let _ = events.send(UpstreamEvent::TcpConnectFailed { flow });
+            return;
+        }
+    }
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::new(upstream.dst.ip(), 0));
+    if events
+        .send(UpstreamEvent::TcpConnected { flow, local })
+        .is_err()
+    {
+        return;
+    }
+    let (mut reader, mut writer) = stream.into_split();
+    let down_events = events.clone();
+    let download = async move {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            // Wait for the device to have room before reading more: the upstream's TCP window
+            // then closes and the origin slows down instead of our memory growing.
+            let Ok(mut permit) = credit.acquire_many(READ_CHUNK as u32).await else {
+                return;
+            };
+            buf.reserve(READ_CHUNK);
+            let read = reader.read_buf(&mut buf).await;
+            match read {
+                Ok(0) => {
+                    let _ = down_events.send(UpstreamEvent::TcpEof { flow });
+                    return;
+                }
+                Ok(n) => {
+                    // What was read stays consumed until the core hands it back as credit;
+                    // the rest of the permit returns to the pool on drop.
+                    if let Some(used) = permit.split(n) {
+                        used.forget();
+                    }
+                    drop(permit);
+                    let data = buf.split().freeze();
+                    if down_events
+                        .send(UpstreamEvent::TcpData { flow, data })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = down_events.send(UpstreamEvent::TcpError { flow });
+                    return;
+                }
+            }
+        }
+    };
+    let upload = async move {
+        while let Some(op) = ops.recv().await {
+            match op {
+                TcpOp::Send(data) => {
+                    let n = data.len();
+                    if writer.write_all(&data).await.is_err() {
+                        let _ = events.send(UpstreamEvent::TcpError { flow });
+                        return;
+                    }
+                    let _ = events.send(UpstreamEvent::TcpWritten { flow, bytes: n });
+                }
+                TcpOp::ShutdownWrite => {
+                    let _ = writer.shutdown().await;
+                }
+            }
+        }
+        // The core dropped the flow: keep the write side open until the task is aborted.
+        std::future::pending::<()>().await;
+    };
+    // The task ends when the download side ends; the core closes the flow (aborting the
+    // upload side) once the device side is done too.
+    tokio::join!(download, upload);
+}
+
+fn udp_socket(upstream: Upstream) -> io::Result<UdpSocket> {
+    let socket = bound_socket(
+        upstream.dst,
+        upstream.bind,
+        upstream.via,
+        Type::DGRAM,
+        SockProtocol::UDP,
+    )?;
+    socket.connect(&upstream.dst.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+async fn udp_flow(
+    flow: FlowId,
+    upstream: Upstream,
+    mut datagrams: mpsc::Receiver<Bytes>,
+    events: mpsc::UnboundedSender<UpstreamEvent>,
+) {
+    let socket = match udp_socket(upstream) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::debug!(flow, %upstream.dst, %err, "upstream UDP socket failed");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        tokio::select! {
+            next = datagrams.recv() => match next {
+                Some(data) => {
+                    // ICMP errors surface as send errors on a connected socket; they end nothing.
+                    let _ = socket.send(&data).await;
+                }
+                None => return,
+            },
+            got = socket.recv(&mut buf) => {
+                if let Ok(n) = got {
+                    let data = Bytes::copy_from_slice(&buf[..n]);
+                    if events.send(UpstreamEvent::UdpData { flow, data }).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How a ping flow's socket sees ICMP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PingSocket {
+    /// An unprivileged ICMP datagram socket: the kernel picks the identifier, fills the
+    /// checksum and hands back only this socket's replies.
+    Datagram,
+    /// A raw socket (when `net.ipv4.ping_group_range` excludes us, as in a fresh namespace):
+    /// we set the identifier and checksum and pick our replies out of all ICMP from the peer.
+    Raw {
+        /// The identifier this flow's requests carry.
+        ident: u16,
+    },
+}
+
+fn ping_socket(flow: FlowId, upstream: Upstream) -> io::Result<(UdpSocket, PingSocket)> {
+    let protocol = match upstream.dst {
+        SocketAddr::V4(_) => SockProtocol::ICMPV4,
+        SocketAddr::V6(_) => SockProtocol::ICMPV6,
+    };
+    let (socket, kind) = match bound_socket(
+        upstream.dst,
+        upstream.bind,
+        upstream.via,
+        Type::DGRAM,
+        protocol,
+    ) {
+        Ok(s) => (s, PingSocket::Datagram),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            let ident = (flow as u16) ^ 0x5747;
+            (
+                bound_socket(
+                    upstream.dst,
+                    upstream.bind,
+                    upstream.via,
+                    Type::RAW,
+                    protocol,
+                )?,
+                PingSocket::Raw { ident },
+            )
+        }
+        Err(e) => return Err(e),
+    };
+    // Connected: a raw socket then only receives ICMP from this destination.
+    socket.connect(&SocketAddr::new(upstream.dst.ip(), 0).into())?;
+    Ok((UdpSocket::from_std(socket.into())?, kind))
+}
+
+/// The Internet checksum of `data`.
+fn icmp_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The echo reply message in what a ping socket received, if it is one of ours.
+fn ping_reply(received: &[u8], kind: PingSocket, v4: bool) -> Option<&[u8]> {
+    let PingSocket::Raw { ident } = kind else {
+        return Some(received);
+    };
+    // Raw IPv4 sockets deliver the IP header too; raw ICMPv6 sockets do not.
+    let message = if v4 {
+        let ihl = usize::from(received.first()? & 0x0f) * 4;
+        received.get(ihl..)?
+    } else {
+        received
+    };
+    let reply_type = if v4 { 0 } else { 129 };
+    (message.len() >= 8
+        && message[0] == reply_type
+        && u16::from_be_bytes([message[4], message[5]]) == ident)
+        .then_some(message)
+}
+
+async fn ping_flow(
+    flow: FlowId,
+    upstream: Upstream,
+    mut requests: mpsc::Receiver<Bytes>,
+    events: mpsc::UnboundedSender<UpstreamEvent>,
+) {
+    let (socket, kind) = match ping_socket(flow, upstream) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::debug!(flow, %upstream.dst, %err, "upstream ping socket failed");
+            return;
+        }
+    };
+    let v4 = upstream.dst.is_ipv4();
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        tokio::select! {
+            next = requests.recv() => match next {
+                Some(data) => {
+                    let mut message = data.to_vec();
+                    if let (PingSocket::Raw { ident }, true) = (kind, message.len() >= 8) {
+                        message[4..6].copy_from_slice(&ident.to_be_bytes());
+                        // The kernel fills ICMPv6 checksums on raw sockets, not ICMPv4 ones.
+                        if v4 {
+                            message[2..4].copy_from_slice(&[0, 0]);
+                            let sum = icmp_checksum(&message);
+                            message[2..4].copy_from_slice(&sum.to_be_bytes());
+                        }
+                    }
+                    let _ = socket.send(&message).await;
+                }
+                None => return,
+            },
+            got = socket.recv(&mut buf) => {
+                let Ok(n) = got else { continue };
+                if let Some(reply) = ping_reply(&buf[..n], kind, v4) {
+                    let data = Bytes::copy_from_slice(reply);
+                    if events.send(UpstreamEvent::UdpData { flow, data }).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_of_an_echo_request() {
+        // An echo request whose checksum field holds the right value sums to zero.
+        let mut m = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1, b'a', b'b', b'c'];
+        let sum = icmp_checksum(&m);
+        m[2..4].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(icmp_checksum(&m), 0);
+    }
+
+    #[test]
+    fn raw_sockets_keep_only_their_own_replies() {
+        let kind = PingSocket::Raw { ident: 0x0102 };
+        let mut packet = vec![0x45; 20];
+        packet.extend_from_slice(&[0, 0, 0, 0, 0x01, 0x02, 0, 7, b'x']);
+        assert_eq!(ping_reply(&packet, kind, true), Some(&packet[20..]));
+        packet[24] = 9; // another flow's identifier
+        assert_eq!(ping_reply(&packet, kind, true), None);
+        let request = [128, 0, 0, 0, 0x01, 0x02, 0, 1];
+        assert_eq!(
+            ping_reply(&request, kind, false),
+            None,
+            "requests are not replies"
+        );
+        let reply = [129, 0, 0, 0, 0x01, 0x02, 0, 1];
+        assert_eq!(ping_reply(&reply, kind, false), Some(&reply[..]));
+        assert_eq!(ping_reply(&[0x45], kind, true), None);
+        assert_eq!(
+            ping_reply(&[1, 2, 3], PingSocket::Datagram, true),
+            Some(&[1u8, 2, 3][..])
+        );
+    }
+}

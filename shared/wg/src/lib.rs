@@ -1,0 +1,1013 @@
+//! The WireGuard endpoint: many peers behind one UDP socket, sans I/O.
+//!
+//! Input: datagrams from the socket ([`Endpoint::handle_datagram`]) and IP packets for a peer
+//! ([`Endpoint::encapsulate`]). Output: datagrams appended to a [`TransmitQueue`] and decrypted IP
+//! packets returned to the caller. A handshake initiation is matched to its peer by the initiator's
+//! static key (boringtun's anonymous handshake parsing); every later message by receiver index.
+//! Cryptokey routing: a decrypted packet whose source is not the peer's own tunnel address is
+//! dropped.
+//!
+//! Before a handshake message costs any X25519 work it passes, in order: its MAC1; its cookie
+//! (MAC2), checked whenever present; the per-source buckets of [`SourceLimiter`] (a cookie-proven
+//! source beyond 20/s is dropped, an unproven one is answered with a cookie); and the global
+//! threshold [`HANDSHAKE_RATE_LIMIT`] (beyond it, every unproven message gets a cookie). Linux
+//! checks cookies and per-source rates only under load; checking them always means a source that
+//! answered a cookie once cannot spend the global budget and put every new device behind a
+//! cookie round trip (wireguard-go retries 5 s after a cookie).
+//!
+//! boringtun's `Tunn` reads its own clock for session timers; the runtime calls
+//! [`Endpoint::update_timers`] every [`TIMER_TICK`]. boringtun logs timer events (REKEY_TIMEOUT,
+//! CONNECTION_EXPIRED) without naming the peer; they run inside the peer's span, so they do.
+
+#![deny(missing_docs)]
+
+pub mod handshake_limit;
+pub mod transmit;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use crate::handshake_limit::SourceLimiter;
+use crate::transmit::TransmitQueue;
+
+/// How often the runtime should call [`Endpoint::update_timers`].
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Handshake messages per second that may go on to X25519 work before every message without a
+/// valid cookie is answered with one (boringtun's usual figure). Counted here, once per message:
+/// boringtun's own limiter counted each initiation twice (once here, once inside `Tunn`).
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Size of a cookie reply.
+const COOKIE_REPLY_LEN: usize = 64;
+/// Bytes WireGuard adds around an IP packet (header, counter, tag).
+pub const OVERHEAD: usize = 32;
+/// Size of a handshake initiation, the largest control message.
+const HANDSHAKE_INIT_LEN: usize = 148;
+/// Tunnel indices are 24 bits: boringtun keeps the low 8 bits for its session ring.
+const INDEX_MASK: u32 = 0x00FF_FFFF;
+/// WireGuard's message type of transport data.
+const DATA_TYPE: u8 = 4;
+
+pub use waygate_model::PeerId;
+
+/// Why a datagram or a decrypted packet was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not a WireGuard message (wrong type or length).
+    Malformed,
+    /// Handshake MAC did not verify.
+    BadMac,
+    /// Under load and no valid cookie: a cookie reply was sent or nothing could be done.
+    UnderLoad,
+    /// Handshake from a key that is not enrolled (or was revoked).
+    UnknownPeer,
+    /// Message for a receiver index nobody holds.
+    UnknownIndex,
+    /// Handshake failed to decrypt or was replayed.
+    BadHandshake,
+    /// Data failed to decrypt, was replayed or had no session.
+    BadData,
+    /// Decrypted packet is not a valid IP packet.
+    BadInnerPacket,
+    /// Decrypted packet's source is not the peer's tunnel address.
+    SpoofedSource,
+    /// Handshake with a valid cookie from a source over its rate ([`SourceLimiter`]).
+    SourceLimited,
+}
+
+impl DropReason {
+    /// Every reason, for counters and reports.
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Malformed,
+        DropReason::BadMac,
+        DropReason::UnderLoad,
+        DropReason::UnknownPeer,
+        DropReason::UnknownIndex,
+        DropReason::BadHandshake,
+        DropReason::BadData,
+        DropReason::BadInnerPacket,
+        DropReason::SpoofedSource,
+        DropReason::SourceLimited,
+    ];
+
+    fn from_wg(err: &WireGuardError) -> DropReason {
+        match err {
+            WireGuardError::InvalidMac => DropReason::BadMac,
+            WireGuardError::UnderLoad => DropReason::UnderLoad,
+            WireGuardError::InvalidPacket
+            | WireGuardError::IncorrectPacketLength
+            | WireGuardError::WrongPacketType => DropReason::Malformed,
+            WireGuardError::WrongKey
+            | WireGuardError::InvalidTai64nTimestamp
+            | WireGuardError::WrongTai64nTimestamp
+            | WireGuardError::UnexpectedPacket => DropReason::BadHandshake,
+            _ => DropReason::BadData,
+        }
+    }
+}
+
+/// Counts of dropped datagrams and packets, by reason.
+#[derive(Debug, Default, Clone)]
+pub struct DropCounters {
+    counts: [u64; DropReason::ALL.len()],
+}
+
+impl DropCounters {
+    /// Adds one drop.
+    pub fn add(&mut self, reason: DropReason) {
+        self.counts[reason as usize] += 1;
+    }
+
+    /// Drops counted for `reason`.
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.counts[reason as usize]
+    }
+
+    /// All drops.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// The result of one datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'b> {
+    /// Nothing for the tunnel (handshake, keepalive, cookie); replies, if any, are queued.
+    Nothing,
+    /// A decrypted IP packet from `peer`, source address verified.
+    Packet {
+        /// The sending peer.
+        peer: PeerId,
+        /// The IP packet.
+        packet: &'b [u8],
+    },
+    /// Dropped, and counted.
+    Dropped(DropReason),
+}
+
+/// What the endpoint knows about a peer, for `wg show` and logs.
+#[derive(Debug, Clone)]
+pub struct PeerStats {
+    /// Static public key.
+    pub public_key: [u8; 32],
+    /// Last authenticated source address.
+    pub endpoint: Option<SocketAddr>,
+    /// Time since the last completed handshake.
+    pub since_handshake: Option<Duration>,
+    /// Bytes received (decrypted payload).
+    pub rx_bytes: u64,
+    /// Bytes sent (payload before encryption).
+    pub tx_bytes: u64,
+}
+
+struct Peer<T> {
+    tunn: Tunn,
+    public_key: [u8; 32],
+    ipv4: Ipv4Addr,
+    ipv6: Ipv6Addr,
+    endpoint: Option<SocketAddr>,
+    data: T,
+    /// Entered around boringtun calls that may log, so its lines name the device.
+    span: tracing::Span,
+}
+
+/// The WireGuard endpoint. `T` is what the caller attaches to each peer (the device).
+pub struct Endpoint<T> {
+    private: StaticSecret,
+    public: PublicKey,
+    /// Checks MAC2 on every handshake message and makes cookie replies (limit 0: "always under
+    /// load" is the only way boringtun's limiter checks MAC2).
+    cookies: RateLimiter,
+    /// Given to every `Tunn`, which checks MAC1 again; the load decision is ours (never under
+    /// load).
+    mac1_only: Arc<RateLimiter>,
+    sources: SourceLimiter,
+    /// Handshake messages let through to X25519 work since `window_start`.
+    handshakes: u64,
+    window_start: Option<Instant>,
+    peers: HashMap<PeerId, Peer<T>>,
+    by_key: HashMap<[u8; 32], PeerId>,
+    next_index: u32,
+    drops: DropCounters,
+}
+
+impl<T> Endpoint<T> {
+    /// An endpoint with the server's private key and no peers.
+    pub fn new(private_key: [u8; 32]) -> Self {
+        let private = StaticSecret::from(private_key);
+        let public = PublicKey::from(&private);
+        Endpoint {
+            cookies: RateLimiter::new(&public, 0),
+            mac1_only: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            sources: SourceLimiter::default(),
+            handshakes: 0,
+            window_start: None,
+            private,
+            public,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            next_index: 1,
+            drops: DropCounters::default(),
+        }
+    }
+
+    /// The server's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        *self.public.as_bytes()
+    }
+
+    /// Adds a peer, or updates the addresses and data of an existing one without touching its
+    /// session. Returns its id. `span` wraps boringtun's calls for this peer (its log lines).
+    pub fn upsert_peer(
+        &mut self,
+        public_key: [u8; 32],
+        ipv4: Ipv4Addr,
+        ipv6: Ipv6Addr,
+        data: T,
+        span: tracing::Span,
+    ) -> PeerId {
+        if let Some(&id) = self.by_key.get(&public_key) {
+            if let Some(peer) = self.peers.get_mut(&id) {
+                peer.ipv4 = ipv4;
+                peer.ipv6 = ipv6;
+                peer.data = data;
+                peer.span = span;
+                return id;
+            }
+        }
+        let id = self.allocate_index();
+        let tunn = Tunn::new(
+            self.private.clone(),
+            PublicKey::from(public_key),
+            None,
+            None,
+            id,
+            Some(self.mac1_only.clone()),
+        );
+        self.peers.insert(
+            id,
+            Peer {
+                tunn,
+                public_key,
+                ipv4,
+                ipv6,
+                endpoint: None,
+                data,
+                span,
+            },
+        );
+        self.by_key.insert(public_key, id);
+        id
+    }
+
+    /// Removes a peer; its sessions end at once. Returns its data.
+    pub fn remove_peer(&mut self, public_key: &[u8; 32]) -> Option<(PeerId, T)> {
+        let id = self.by_key.remove(public_key)?;
+        self.peers.remove(&id).map(|p| (id, p.data))
+    }
+
+    /// The peer with this key.
+    pub fn peer_by_key(&self, public_key: &[u8; 32]) -> Option<PeerId> {
+        self.by_key.get(public_key).copied()
+    }
+
+    /// The data attached to a peer.
+    pub fn peer_data(&self, id: PeerId) -> Option<&T> {
+        self.peers.get(&id).map(|p| &p.data)
+    }
+
+    /// The peer's last authenticated source address.
+    pub fn peer_endpoint(&self, id: PeerId) -> Option<SocketAddr> {
+        self.peers.get(&id).and_then(|p| p.endpoint)
+    }
+
+    /// Starts a handshake with a peer that has not reached us since we started, at the address
+    /// it was last seen at (a restart): the peer answers and its session is back at once,
+    /// instead of when its own retry notices the old session is gone. The address stays the
+    /// peer's endpoint until an authenticated datagram says otherwise, so boringtun's handshake
+    /// retries go there too. False when the peer is unknown or has been heard from already.
+    pub fn resume(&mut self, peer: PeerId, at: SocketAddr, tx: &mut TransmitQueue) -> bool {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        if p.endpoint.is_some() {
+            return false;
+        }
+        let mut buf = [0u8; HANDSHAKE_INIT_LEN];
+        let _in_span = p.span.enter();
+        match p.tunn.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(init) => {
+                tx.push(at, init);
+                p.endpoint = Some(at);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ids and keys of every peer.
+    pub fn peer_keys(&self) -> impl Iterator<Item = (PeerId, &[u8; 32])> {
+        self.peers.iter().map(|(id, p)| (*id, &p.public_key))
+    }
+
+    /// Statistics of every peer.
+    pub fn stats(&self) -> Vec<PeerStats> {
+        self.peers
+            .values()
+            .map(|p| {
+                let (since_handshake, tx, rx, _, _) = p.tunn.stats();
+                PeerStats {
+                    public_key: p.public_key,
+                    endpoint: p.endpoint,
+                    since_handshake,
+                    rx_bytes: rx as u64,
+                    tx_bytes: tx as u64,
+                }
+            })
+            .collect()
+    }
+
+    /// Drop counters.
+    pub fn drops(&self) -> &DropCounters {
+        &self.drops
+    }
+
+    /// Handshake messages the per-source limit stopped since the start: dropped
+    /// ([`DropReason::SourceLimited`]) or answered with a cookie (part of
+    /// [`DropReason::UnderLoad`]).
+    pub fn handshakes_limited(&self) -> u64 {
+        self.sources.limited()
+    }
+
+    fn allocate_index(&mut self) -> PeerId {
+        loop {
+            let id = self.next_index & INDEX_MASK;
+            self.next_index = self.next_index.wrapping_add(1);
+            if id != 0 && !self.peers.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Handles one datagram from `from`, received at `now`. Replies (handshake responses,
+    /// cookies) go to `tx`; a decrypted packet is written into `scratch` and returned.
+    ///
+    /// # Panics
+    /// If `scratch` is shorter than `datagram` (size it [`crate::transmit::MAX_DATAGRAM`]).
+    pub fn handle_datagram<'b>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        scratch: &'b mut [u8],
+        tx: &mut TransmitQueue,
+    ) -> Received<'b> {
+        assert!(scratch.len() >= datagram.len().max(HANDSHAKE_INIT_LEN));
+        let id = match self.route(from, datagram, now, tx) {
+            Ok(Some(id)) => id,
+            Ok(None) => return Received::Nothing,
+            Err(reason) => return self.drop(reason),
+        };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return self.drop(DropReason::UnknownIndex);
+        };
+        // Data messages are most of the traffic and boringtun logs nothing worth naming for them.
+        let in_span = (datagram.first() != Some(&DATA_TYPE)).then(|| peer.span.enter());
+        // The decrypted packet always starts at scratch[0]; remember only its length so the
+        // borrow of `scratch` ends here and other arms can reuse it.
+        let outcome = match peer.tunn.decapsulate(Some(from.ip()), datagram, scratch) {
+            TunnResult::Done => Ok(None),
+            TunnResult::WriteToNetwork(reply) => {
+                tx.push(from, reply);
+                Err(None)
+            }
+            TunnResult::WriteToTunnelV4(packet, src) => {
+                if src == peer.ipv4 {
+                    Ok(Some(packet.len()))
+                } else {
+                    Err(Some(DropReason::SpoofedSource))
+                }
+            }
+            TunnResult::WriteToTunnelV6(packet, src) => {
+                if src == peer.ipv6 {
+                    Ok(Some(packet.len()))
+                } else {
+                    Err(Some(DropReason::SpoofedSource))
+                }
+            }
+            TunnResult::Err(WireGuardError::InvalidPacket) => Err(Some(DropReason::BadInnerPacket)),
+            TunnResult::Err(e) => Err(Some(DropReason::from_wg(&e))),
+        };
+        match outcome {
+            Ok(len) => {
+                // Authenticated: this is where the peer is now (roaming).
+                peer.endpoint = Some(from);
+                match len {
+                    Some(len) => Received::Packet {
+                        peer: id,
+                        packet: &scratch[..len],
+                    },
+                    None => Received::Nothing,
+                }
+            }
+            Err(None) => {
+                peer.endpoint = Some(from);
+                // A completed handshake may release packets queued while it ran.
+                while let TunnResult::WriteToNetwork(queued) =
+                    peer.tunn.decapsulate(None, &[], scratch)
+                {
+                    tx.push(from, queued);
+                }
+                Received::Nothing
+            }
+            Err(Some(reason)) => {
+                drop(in_span);
+                self.drop(reason)
+            }
+        }
+    }
+
+    /// Finds the peer a datagram is for. `Ok(None)`: fully handled here (cookie reply sent).
+    fn route(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        tx: &mut TransmitQueue,
+    ) -> Result<Option<PeerId>, DropReason> {
+        let packet = Tunn::parse_incoming_packet(datagram).map_err(|_| DropReason::Malformed)?;
+        match packet {
+            Packet::HandshakeInit(ref init) => {
+                // Admission first: the anonymous parse below costs a Diffie-Hellman.
+                if !self.admit_handshake(from, datagram, now, tx)? {
+                    return Ok(None);
+                }
+                let half = parse_handshake_anon(&self.private, &self.public, init)
+                    .map_err(|_| DropReason::BadHandshake)?;
+                self.by_key
+                    .get(&half.peer_static_public)
+                    .copied()
+                    .map(Some)
+                    .ok_or(DropReason::UnknownPeer)
+            }
+            Packet::HandshakeResponse(r) => {
+                let id = self.by_index(r.receiver_idx)?;
+                Ok(self.admit_handshake(from, datagram, now, tx)?.then_some(id))
+            }
+            Packet::PacketCookieReply(c) => self.by_index(c.receiver_idx).map(Some),
+            Packet::PacketData(d) => self.by_index(d.receiver_idx).map(Some),
+        }
+    }
+
+    /// Whether a handshake message may go on to X25519 work; false when a cookie reply was
+    /// queued instead. Only hashing and one AEAD (for the reply) happen here.
+    fn admit_handshake(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        tx: &mut TransmitQueue,
+    ) -> Result<bool, DropReason> {
+        let mut reply = [0u8; COOKIE_REPLY_LEN];
+        let proven = match self
+            .cookies
+            .verify_packet(Some(from.ip()), datagram, &mut reply)
+        {
+            Ok(_) => None,
+            // No valid MAC2 (none, or made with an old cookie): the reply is ready if needed.
+            Err(TunnResult::WriteToNetwork(r)) => Some(r.len()),
+            Err(TunnResult::Err(e)) => return Err(DropReason::from_wg(&e)),
+            Err(_) => return Err(DropReason::Malformed),
+        };
+        match proven {
+            None => {
+                if !self.sources.allow(from.ip(), true, now) {
+                    return Err(DropReason::SourceLimited);
+                }
+            }
+            Some(len) => {
+                let under_load = self.handshakes >= HANDSHAKE_RATE_LIMIT;
+                if under_load || !self.sources.allow(from.ip(), false, now) {
+                    tx.push(from, &reply[..len]);
+                    self.drops.add(DropReason::UnderLoad);
+                    return Ok(false);
+                }
+            }
+        }
+        self.handshakes += 1;
+        Ok(true)
+    }
+
+    fn by_index(&self, receiver_idx: u32) -> Result<PeerId, DropReason> {
+        let id = receiver_idx >> 8;
+        if self.peers.contains_key(&id) {
+            Ok(id)
+        } else {
+            Err(DropReason::UnknownIndex)
+        }
+    }
+
+    fn drop(&mut self, reason: DropReason) -> Received<'static> {
+        self.drops.add(reason);
+        Received::Dropped(reason)
+    }
+
+    /// Encrypts an IP packet for `peer` and queues it. Returns false when the peer is unknown or
+    /// has no endpoint yet (it has never completed a handshake with us).
+    pub fn encapsulate(&mut self, peer: PeerId, packet: &[u8], tx: &mut TransmitQueue) -> bool {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        let Some(dst) = p.endpoint else {
+            return false;
+        };
+        let tunn = &mut p.tunn;
+        tx.push_with(
+            dst,
+            (packet.len() + OVERHEAD).max(HANDSHAKE_INIT_LEN),
+            |buf| match tunn.encapsulate(packet, buf) {
+                TunnResult::WriteToNetwork(out) => out.len(),
+                _ => 0,
+            },
+        );
+        true
+    }
+
+    /// Runs every peer's timers (keepalives, rekeys, expiry), the handshake load window and the
+    /// per-source limiter's pruning and report.
+    pub fn update_timers(&mut self, now: Instant, tx: &mut TransmitQueue) {
+        let window_over = self
+            .window_start
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+        if window_over {
+            self.handshakes = 0;
+            self.window_start = Some(now);
+        }
+        if let Some(r) = self.sources.handle_timeout(now) {
+            tracing::warn!(
+                source = %r.top_source,
+                count = r.top_count,
+                total = r.total,
+                with_cookie = r.with_cookie,
+                "handshake messages limited per source address (count: this source's, total: \
+                 all sources' since the last such line, with_cookie: of those, dropped though \
+                 their cookie was valid)"
+            );
+        }
+        let mut buf = [0u8; HANDSHAKE_INIT_LEN];
+        for peer in self.peers.values_mut() {
+            let _in_span = peer.span.enter();
+            if let TunnResult::WriteToNetwork(out) = peer.tunn.update_timers(&mut buf) {
+                if let Some(dst) = peer.endpoint {
+                    tx.push(dst, out);
+                }
+            }
+        }
+    }
+
+    /// The tunnel address a peer must use as source, by IP version of `addr`.
+    pub fn peer_address_for(&self, peer: PeerId, addr: IpAddr) -> Option<IpAddr> {
+        let p = self.peers.get(&peer)?;
+        Some(match addr {
+            IpAddr::V4(_) => IpAddr::V4(p.ipv4),
+            IpAddr::V6(_) => IpAddr::V6(p.ipv6),
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // The fake clock starts from one real instant.
+mod tests {
+    use super::*;
+    use crate::transmit::MAX_DATAGRAM;
+
+    const DEV_V4: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 2);
+    const BURST_FOR_TESTS: u64 = crate::handshake_limit::BURST;
+    const RATE_FOR_TESTS: u64 = crate::handshake_limit::RATE_PER_SEC;
+    const DEV_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0x6761, 0x7465, 0, 0, 0, 0, 2);
+
+    fn key(seed: u8) -> [u8; 32] {
+        let mut k = [seed; 32];
+        k[0] &= 248;
+        k[31] = (k[31] & 127) | 64;
+        k
+    }
+
+    fn public(private: [u8; 32]) -> [u8; 32] {
+        *PublicKey::from(&StaticSecret::from(private)).as_bytes()
+    }
+
+    struct Pair {
+        gw: Endpoint<&'static str>,
+        dev: Tunn,
+        dev_addr: SocketAddr,
+        tx: TransmitQueue,
+        scratch: Vec<u8>,
+        now: Instant,
+    }
+
+    fn pair() -> Pair {
+        let gw_key = key(1);
+        let dev_key = key(2);
+        let mut gw = Endpoint::new(gw_key);
+        gw.upsert_peer(
+            public(dev_key),
+            DEV_V4,
+            DEV_V6,
+            "laptop",
+            tracing::Span::none(),
+        );
+        let dev = Tunn::new(
+            StaticSecret::from(dev_key),
+            PublicKey::from(public(gw_key)),
+            None,
+            None,
+            7,
+            None,
+        );
+        Pair {
+            gw,
+            dev,
+            dev_addr: "198.51.100.11:40000".parse().unwrap(),
+            tx: TransmitQueue::new(),
+            scratch: vec![0; MAX_DATAGRAM],
+            now: Instant::now(),
+        }
+    }
+
+    fn ipv4_udp(src: Ipv4Addr) -> Vec<u8> {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&[203, 0, 113, 30]);
+        p
+    }
+
+    /// Device sends `packet`; handshake messages are delivered until the data arrives.
+    fn device_sends(p: &mut Pair, packet: &[u8]) -> Vec<Received<'static>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let first = match p.dev.encapsulate(packet, &mut buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            // Queued behind a handshake that got no answer (a cookie reply): retry it now.
+            TunnResult::Done => match p.dev.format_handshake_initiation(&mut buf, true) {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        };
+        let mut to_gw = vec![first];
+        for _ in 0..4 {
+            let mut next = Vec::new();
+            for d in to_gw.drain(..) {
+                p.tx.clear();
+                let r =
+                    p.gw.handle_datagram(p.dev_addr, &d, p.now, &mut p.scratch, &mut p.tx);
+                out.push(match r {
+                    Received::Packet { peer, packet } => {
+                        assert_eq!(p.gw.peer_data(peer), Some(&"laptop"));
+                        Received::Packet {
+                            peer,
+                            packet: Box::leak(packet.to_vec().into_boxed_slice()),
+                        }
+                    }
+                    Received::Nothing => Received::Nothing,
+                    Received::Dropped(r) => Received::Dropped(r),
+                });
+                let replies: Vec<Vec<u8>> =
+                    p.tx.datagrams()
+                        .iter()
+                        .map(|d| p.tx.bytes()[d.range.clone()].to_vec())
+                        .collect();
+                for reply in replies {
+                    let mut res = p.dev.decapsulate(None, &reply, &mut buf);
+                    while let TunnResult::WriteToNetwork(d) = res {
+                        next.push(d.to_vec());
+                        res = p.dev.decapsulate(None, &[], &mut buf);
+                    }
+                }
+            }
+            to_gw = next;
+            if to_gw.is_empty() {
+                break;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn handshake_then_data_reaches_the_tunnel() {
+        let mut p = pair();
+        let packet = ipv4_udp(DEV_V4);
+        let results = device_sends(&mut p, &packet);
+        assert!(
+            results
+                .iter()
+                .any(|r| matches!(r, Received::Packet { packet: got, .. } if *got == &packet[..])),
+            "{results:?}"
+        );
+        assert_eq!(p.gw.peer_endpoint(1), Some(p.dev_addr));
+        assert_eq!(p.gw.drops().total(), 0);
+    }
+
+    #[test]
+    fn spoofed_inner_source_is_dropped() {
+        let mut p = pair();
+        let results = device_sends(&mut p, &ipv4_udp(Ipv4Addr::new(100, 96, 0, 3)));
+        assert!(results.contains(&Received::Dropped(DropReason::SpoofedSource)));
+        assert!(!results.iter().any(|r| matches!(r, Received::Packet { .. })));
+        assert_eq!(p.gw.drops().get(DropReason::SpoofedSource), 1);
+    }
+
+    #[test]
+    fn unknown_peer_handshake_is_dropped() {
+        let mut p = pair();
+        p.gw.remove_peer(&public(key(2)));
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert_eq!(results, vec![Received::Dropped(DropReason::UnknownPeer)]);
+    }
+
+    #[test]
+    fn garbage_never_panics_and_is_counted() {
+        let mut gw: Endpoint<()> = Endpoint::new(key(1));
+        gw.upsert_peer(public(key(2)), DEV_V4, DEV_V6, (), tracing::Span::none());
+        let mut scratch = vec![0u8; MAX_DATAGRAM];
+        let mut tx = TransmitQueue::new();
+        let from: SocketAddr = "198.51.100.11:1".parse().unwrap();
+        let now = Instant::now();
+        let mut cases: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![1],
+            vec![1, 0, 0, 0],
+            vec![4, 0, 0, 0, 1, 0, 0, 0],
+            vec![1; 148],
+            vec![2; 92],
+            vec![3; 64],
+            vec![4; 32],
+            vec![4; 1500],
+        ];
+        // A data message for an index that exists but with a bogus counter and tag.
+        let mut data = vec![0u8; 64];
+        data[0] = 4;
+        data[4..8].copy_from_slice(&(1u32 << 8).to_le_bytes());
+        cases.push(data);
+        for case in &cases {
+            let r = gw.handle_datagram(from, case, now, &mut scratch, &mut tx);
+            assert!(matches!(r, Received::Dropped(_)), "{case:?} -> {r:?}");
+        }
+        assert_eq!(gw.drops().total(), cases.len() as u64);
+        assert!(tx.is_empty());
+    }
+
+    #[test]
+    fn removed_peer_loses_its_session() {
+        let mut p = pair();
+        device_sends(&mut p, &ipv4_udp(DEV_V4));
+        p.gw.remove_peer(&public(key(2)));
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let d = match p.dev.encapsulate(&ipv4_udp(DEV_V4), &mut buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &d, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Dropped(DropReason::UnknownIndex));
+    }
+
+    #[test]
+    fn a_resumed_peer_is_reached_first_and_its_session_carries_data_both_ways() {
+        let mut p = pair();
+        let id = p.gw.peer_by_key(&public(key(2))).unwrap();
+        assert!(p.gw.resume(id, p.dev_addr, &mut p.tx));
+        assert_eq!(p.gw.peer_endpoint(id), Some(p.dev_addr));
+        // Only once: a peer with an endpoint is not resumed again.
+        assert!(!p.gw.resume(id, p.dev_addr, &mut p.tx));
+        assert_eq!(p.tx.datagrams().len(), 1);
+        let d = &p.tx.datagrams()[0];
+        assert_eq!(d.dst, p.dev_addr);
+        let init = p.tx.bytes()[d.range.clone()].to_vec();
+
+        // The device answers the gateway's initiation; the gateway confirms with a keepalive.
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let response = match p.dev.decapsulate(None, &init, &mut buf) {
+            TunnResult::WriteToNetwork(r) => r.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        p.tx.clear();
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &response, p.now, &mut p.scratch, &mut p.tx);
+        assert!(matches!(r, Received::Nothing), "{r:?}");
+        let keepalive = p.tx.bytes()[p.tx.datagrams()[0].range.clone()].to_vec();
+        assert!(matches!(
+            p.dev.decapsulate(None, &keepalive, &mut buf),
+            TunnResult::Done
+        ));
+
+        // Gateway to device and device to gateway, on the session the gateway started.
+        p.tx.clear();
+        let reply = ipv4_udp(Ipv4Addr::new(203, 0, 113, 30));
+        assert!(p.gw.encapsulate(id, &reply, &mut p.tx));
+        let d = &p.tx.datagrams()[0];
+        match p
+            .dev
+            .decapsulate(None, &p.tx.bytes()[d.range.clone()], &mut buf)
+        {
+            TunnResult::WriteToTunnelV4(got, _) => assert_eq!(got, &reply[..]),
+            other => panic!("{other:?}"),
+        }
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(
+            matches!(results[..], [Received::Packet { .. }]),
+            "{results:?}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_peer_is_not_resumed() {
+        let mut gw: Endpoint<()> = Endpoint::new(key(1));
+        let mut tx = TransmitQueue::new();
+        assert!(!gw.resume(42, "198.51.100.11:40000".parse().unwrap(), &mut tx));
+        assert!(tx.datagrams().is_empty());
+    }
+
+    /// An initiator with a key the gateway does not know, answering cookies as boringtun does.
+    struct Flooder {
+        tunn: Tunn,
+        addr: SocketAddr,
+        cookie_replies: usize,
+    }
+
+    impl Flooder {
+        fn new(seed: u8, addr: &str) -> Flooder {
+            Flooder {
+                tunn: Tunn::new(
+                    StaticSecret::from(key(seed)),
+                    PublicKey::from(public(key(1))),
+                    None,
+                    None,
+                    u32::from(seed),
+                    None,
+                ),
+                addr: addr.parse().unwrap(),
+                cookie_replies: 0,
+            }
+        }
+
+        /// Sends `n` fresh initiations, one every `every`, consuming whatever comes back.
+        fn flood(&mut self, p: &mut Pair, n: usize, every: Duration) {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            for _ in 0..n {
+                let init = match self.tunn.format_handshake_initiation(&mut buf, true) {
+                    TunnResult::WriteToNetwork(d) => d.to_vec(),
+                    other => panic!("{other:?}"),
+                };
+                p.tx.clear();
+                p.gw.handle_datagram(self.addr, &init, p.now, &mut p.scratch, &mut p.tx);
+                let replies: Vec<Vec<u8>> =
+                    p.tx.datagrams()
+                        .iter()
+                        .map(|d| p.tx.bytes()[d.range.clone()].to_vec())
+                        .collect();
+                for r in replies {
+                    assert_eq!(r[0], 3, "only cookie replies go to an unknown key");
+                    self.cookie_replies += 1;
+                    assert!(matches!(
+                        self.tunn.decapsulate(None, &r, &mut buf),
+                        TunnResult::Done
+                    ));
+                }
+                p.now += every;
+            }
+        }
+    }
+
+    /// Initiations that reached X25519 work (an unknown key is found only by it).
+    fn x25519_work(p: &Pair) -> u64 {
+        p.gw.drops().get(DropReason::UnknownPeer)
+    }
+
+    #[test]
+    fn a_cookie_answering_flood_from_one_source_gets_its_rate_and_others_still_connect() {
+        let mut p = pair();
+        let mut f = Flooder::new(9, "198.51.100.12:5555");
+        // 20,000 initiations a second for a second.
+        let every = Duration::from_micros(50);
+        let mut tx = TransmitQueue::new();
+        for _ in 0..4 {
+            f.flood(&mut p, 5_000, every);
+            p.gw.update_timers(p.now, &mut tx);
+        }
+        // Its unproven burst, one cookie, then its proven burst and rate: nothing like 20,000.
+        assert_eq!(f.cookie_replies, 1);
+        let work = x25519_work(&p);
+        assert!(
+            (10..=2 * BURST_FOR_TESTS + RATE_FOR_TESTS + 1).contains(&work),
+            "{work}"
+        );
+        let limited = p.gw.drops().get(DropReason::SourceLimited);
+        assert_eq!(limited + work + 1, 20_000);
+        assert_eq!(p.gw.handshakes_limited(), limited + 1);
+
+        // A device connecting now gets its handshake at once: the flood spent no global budget
+        // beyond what its buckets allowed.
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(
+            results.iter().any(|r| matches!(r, Received::Packet { .. })),
+            "{results:?}"
+        );
+        assert_eq!(p.gw.drops().get(DropReason::UnderLoad), 1);
+    }
+
+    #[test]
+    fn a_flood_ignoring_cookies_from_one_source_gets_cookies_not_work() {
+        let mut p = pair();
+        let from: SocketAddr = "198.51.100.12:5555".parse().unwrap();
+        let mut attacker = Flooder::new(9, "198.51.100.12:5555");
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut cookies = 0;
+        for _ in 0..1000 {
+            let TunnResult::WriteToNetwork(init) =
+                attacker.tunn.format_handshake_initiation(&mut buf, true)
+            else {
+                panic!()
+            };
+            p.tx.clear();
+            p.gw.handle_datagram(from, init, p.now, &mut p.scratch, &mut p.tx);
+            cookies += p.tx.datagrams().len();
+            p.now += Duration::from_micros(50);
+        }
+        // Just under 50 ms: the burst, not yet a refill.
+        assert_eq!(x25519_work(&p), BURST_FOR_TESTS);
+        assert_eq!(cookies as u64, 1000 - BURST_FOR_TESTS);
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(results.iter().any(|r| matches!(r, Received::Packet { .. })));
+    }
+
+    #[test]
+    fn the_global_threshold_still_answers_a_spread_flood_with_cookies() {
+        let mut p = pair();
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut attacker = Flooder::new(9, "198.51.100.12:5555");
+        // One initiation from each of many sources: no bucket is ever exceeded.
+        for i in 0..HANDSHAKE_RATE_LIMIT + 50 {
+            let TunnResult::WriteToNetwork(init) =
+                attacker.tunn.format_handshake_initiation(&mut buf, true)
+            else {
+                panic!()
+            };
+            let from = SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(
+                    (0x2001_0db8_u128 << 96) | (u128::from(i) << 64),
+                )),
+                1,
+            );
+            p.tx.clear();
+            p.gw.handle_datagram(from, init, p.now, &mut p.scratch, &mut p.tx);
+        }
+        assert_eq!(x25519_work(&p), HANDSHAKE_RATE_LIMIT);
+        assert_eq!(p.gw.drops().get(DropReason::UnderLoad), 50);
+        // The device is asked for a cookie too...
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(!results.iter().any(|r| matches!(r, Received::Packet { .. })));
+        assert_eq!(p.gw.drops().get(DropReason::UnderLoad), 51);
+        // ...and once the window has passed it gets through.
+        p.now += Duration::from_secs(1);
+        let mut tx = TransmitQueue::new();
+        p.gw.update_timers(p.now, &mut tx);
+        p.gw.update_timers(p.now + Duration::from_secs(1), &mut tx);
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(
+            results.iter().any(|r| matches!(r, Received::Packet { .. })),
+            "{results:?}"
+        );
+    }
+
+    #[test]
+    fn gateway_replies_reach_the_device() {
+        let mut p = pair();
+        device_sends(&mut p, &ipv4_udp(DEV_V4));
+        p.tx.clear();
+        let reply = ipv4_udp(Ipv4Addr::new(203, 0, 113, 30));
+        assert!(p.gw.encapsulate(1, &reply, &mut p.tx));
+        let d = &p.tx.datagrams()[0];
+        assert_eq!(d.dst, p.dev_addr);
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        match p
+            .dev
+            .decapsulate(None, &p.tx.bytes()[d.range.clone()], &mut buf)
+        {
+            TunnResult::WriteToTunnelV4(got, _) => assert_eq!(got, &reply[..]),
+            other => panic!("{other:?}"),
+        }
+    }
+}
