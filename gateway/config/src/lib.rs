@@ -1271,4 +1271,3 @@ mod tests {
         assert!(problems.iter().any(|p| p.starts_with("geoip.database")));
     }
 }
-

@@ -7,4 +7,5 @@
 #![deny(missing_docs)]
 
 pub mod egress;
+pub mod pipeline;
 pub mod policy;

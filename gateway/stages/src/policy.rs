@@ -9,7 +9,6 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use waygate_policy::fields::FieldId;
-use waygate_policy::fields::Stage;
 use waygate_policy::input::Input;
 use waygate_policy::ruleset::{
     Action, CompiledRule, EgressAction, Ipv4Fallback, Lists, Policy, RuleError, RuleSet,
@@ -20,21 +19,11 @@ use waygate_geoip::GeoIp;
 use waygate_model::{DeviceInfo, FlowCtx};
 use waygate_wire::sniff::Detected;
 
-/// Fields a network rule can only know once the client has sent its first bytes.
-const AFTER_FIRST_BYTES: [FieldId; 3] = [
-    FieldId::NetSniHost,
-    FieldId::NetSniDomains,
-    FieldId::NetDetectedProtocol,
-];
-
-/// A compiled rule set with what the flow stages need to know about its network rules.
+/// A compiled rule set, as the stages use it.
 #[derive(Debug)]
 pub struct Loaded {
     /// The compiled rules of every stage.
     pub policy: Policy,
-    /// Position, in the l4 stage's evaluation order, of the first rule reading a field known
-    /// only after the client's first bytes (`net.sni.*`, `net.detected_protocol`).
-    pub l4_sniff_rank: Option<usize>,
 }
 
 impl Loaded {
@@ -42,41 +31,14 @@ impl Loaded {
     pub fn empty() -> Loaded {
         Loaded {
             policy: Policy::empty(),
-            l4_sniff_rank: None,
         }
     }
 
     /// Compiles `set` with `lists`.
     pub fn compile(set: &RuleSet, lists: &Lists) -> Result<Loaded, Vec<RuleError>> {
-        let policy = Policy::compile(set, lists)?;
-        let reads = first_bytes_rules(set);
-        let l4_sniff_rank = policy
-            .stage(Stage::L4)
-            .rules()
-            .iter()
-            .position(|r| reads.contains(&r.index));
         Ok(Loaded {
-            policy,
-            l4_sniff_rank,
+            policy: Policy::compile(set, lists)?,
         })
-    }
-
-    /// Whether a TCP flow whose first packet matched `rule` (or nothing) must wait for the
-    /// client's first bytes: a rule ranked above it might still match once they are known.
-    pub fn l4_waits_for_first_bytes(&self, rule: Option<&CompiledRule>) -> bool {
-        let Some(sniff) = self.l4_sniff_rank else {
-            return false;
-        };
-        let Some(rule) = rule else {
-            return true;
-        };
-        let rank = self
-            .policy
-            .stage(Stage::L4)
-            .rules()
-            .iter()
-            .position(|r| r.index == rule.index);
-        rank.is_none_or(|rank| rank >= sniff)
     }
 }
 
@@ -112,32 +74,6 @@ pub fn load(rules: &Path, lists: Option<&Path>) -> Result<Loaded, LoadError> {
         let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
         LoadError::Rules(anyhow::anyhow!("{}: {}", rules.display(), all.join("; ")))
     })
-}
-
-/// Positions in `set` of the enabled network rules that read a first-bytes field.
-fn first_bytes_rules(set: &RuleSet) -> Vec<usize> {
-    use waygate_policy::parser::parse;
-    let mut found = Vec::new();
-    for (index, rule) in set.rules.iter().enumerate() {
-        let is_l4 = rule
-            .filters
-            .get()
-            .is_some_and(|f| f.iter().any(|s| s == "l4"));
-        if !is_l4 || rule.enabled.get() == Some(&false) {
-            continue;
-        }
-        let Some(traffic) = rule.traffic.get() else {
-            continue;
-        };
-        // The rule compiled, so its expression parses; an error here only means "no".
-        let Ok(expr) = parse(traffic) else {
-            continue;
-        };
-        if expr.fields().iter().any(|f| AFTER_FIRST_BYTES.contains(f)) {
-            found.push(index);
-        }
-    }
-    found
 }
 
 /// Sets the fields the client's first bytes revealed.
@@ -269,7 +205,8 @@ mod tests {
 
     use super::*;
     use waygate_model::{DeviceInfo, Protocol};
-    use waygate_policy::fields::Stage;
+    use waygate_policy::fields::{Phase, Stage};
+    use waygate_policy::ruleset::Decided;
 
     #[test]
     fn a_missing_lists_file_is_blamed_on_policy_lists() {
@@ -423,13 +360,19 @@ mod tests {
                 {"id": "web", "action": "allow", "filters": ["l4"], "precedence": 3,
                  "traffic": "net.dst.port == 443"}]"#,
         );
-        assert_eq!(rules.l4_sniff_rank, Some(1));
         let l4 = rules.policy.stage(Stage::L4);
-        let rule = |id: &str| l4.rules().iter().find(|r| r.id == id);
+        let decided = |port: i64| {
+            let mut input = Input::new();
+            input.set_int(FieldId::NetDstPort, port);
+            match l4.decide(&input, Phase::FirstPacket, Phase::FirstBytes) {
+                Decided::Final(rule) => Some(rule.map(|r| r.id.clone())),
+                Decided::Wait(_) => None,
+            }
+        };
         // A match above the SNI rule is final; below it, or no match, waits for the bytes.
-        assert!(!rules.l4_waits_for_first_bytes(rule("ssh")));
-        assert!(rules.l4_waits_for_first_bytes(rule("web")));
-        assert!(rules.l4_waits_for_first_bytes(None));
+        assert_eq!(decided(22), Some(Some("ssh".to_string())));
+        assert_eq!(decided(443), None);
+        assert_eq!(decided(8080), None);
 
         let mut input = Input::new();
         input.set_int(FieldId::NetDstPort, 443);
@@ -450,8 +393,12 @@ mod tests {
 
         let plain =
             loaded(r#"[{"action": "allow", "filters": ["l4"], "traffic": "net.dst.port == 443"}]"#);
-        assert_eq!(plain.l4_sniff_rank, None);
-        assert!(!plain.l4_waits_for_first_bytes(None));
+        let input = Input::new();
+        let plain = plain.policy.stage(Stage::L4);
+        assert!(matches!(
+            plain.decide(&input, Phase::FirstPacket, Phase::FirstBytes),
+            Decided::Final(None)
+        ));
     }
 
     #[test]

@@ -172,6 +172,49 @@ impl FieldInfo {
     }
 }
 
+/// When, in a flow's life, a field's value is known; a rule can be decided once every field it
+/// reads is. Ordered: a later phase knows everything an earlier one did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    /// The flow's first packet (addresses, ports, identity, posture, geolocation) or, for DNS,
+    /// the query.
+    FirstPacket,
+    /// The client's first bytes: TLS SNI and the detected protocol (TCP flows only).
+    FirstBytes,
+    /// An HTTP request's head (host, URI, method) and uploaded bodies.
+    Request,
+    /// An HTTP response (status, downloaded bodies), or for DNS the upstream's answer.
+    Response,
+}
+
+impl FieldId {
+    /// The phase from which this field has its value.
+    pub fn phase(self) -> Phase {
+        use FieldId::*;
+        match self {
+            NetDetectedProtocol | NetSniHost | NetSniDomains => Phase::FirstBytes,
+            HttpResponseStatusCode
+            | HttpDownloadFileTypes
+            | HttpDownloadMime
+            | HttpDownloadFileSize => Phase::Response,
+            HttpRequestHost
+            | HttpRequestDomains
+            | HttpRequestUri
+            | HttpRequestUriPath
+            | HttpRequestUriQuery
+            | HttpRequestUriPathAndQuery
+            | HttpRequestUriContentCategory
+            | HttpRequestUriSecurityCategory
+            | HttpRequestMethod
+            | HttpUploadFileTypes
+            | HttpUploadMime
+            | HttpUploadFileSize => Phase::Request,
+            _ if self.info().post_resolution() => Phase::Response,
+            _ => Phase::FirstPacket,
+        }
+    }
+}
+
 macro_rules! fields {
     ($( $variant:ident = $name:literal : $ty:ident, $stages:expr, $flags:expr; )*) => {
         /// A field's id: a dense index into the field table and the evaluation context.

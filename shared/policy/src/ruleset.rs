@@ -20,7 +20,7 @@ use serde_json::{Map, Value as Json};
 use super::ast::{normalize_list_id, Expr};
 use super::compile::{CompiledLists, Compiler, Evaluator};
 use super::error::Pos;
-use super::fields::Stage;
+use super::fields::{FieldId, Phase, Stage};
 use super::input::Input;
 use super::typecheck;
 
@@ -603,6 +603,18 @@ pub struct CompiledRule {
     pub settings: Json,
     /// True for DNS rules that read the upstream answer.
     pub post_resolution: bool,
+    /// When the rule can be decided: the latest [`Phase`] of the fields it reads.
+    pub phase: Phase,
+}
+
+/// A stage's decision given what is known about a flow so far.
+#[derive(Clone, Copy, Debug)]
+pub enum Decided<'a> {
+    /// The first matching rule (or none): no rule ranked above it needs more.
+    Final(Option<&'a CompiledRule>),
+    /// A rule ranked above any match reads fields known only from this phase: decide again
+    /// then.
+    Wait(Phase),
 }
 
 /// One stage's rules in evaluation order.
@@ -612,6 +624,22 @@ pub struct StagePolicy {
     rules: Vec<CompiledRule>,
     first: Evaluator,
     second: Evaluator,
+    /// For each phase known, the rank of the first rule that needs a later one.
+    needs_later: [Option<usize>; PHASES],
+}
+
+/// How many [`Phase`]s there are.
+const PHASES: usize = 4;
+
+/// The rank of the first of `rules` that needs more than each phase, by phase.
+fn needs_later(rules: &[CompiledRule]) -> [Option<usize>; PHASES] {
+    let phases = [
+        Phase::FirstPacket,
+        Phase::FirstBytes,
+        Phase::Request,
+        Phase::Response,
+    ];
+    phases.map(|known| rules.iter().position(|r| r.phase > known))
 }
 
 impl StagePolicy {
@@ -623,6 +651,38 @@ impl StagePolicy {
     /// The enabled rules in evaluation order.
     pub fn rules(&self) -> &[CompiledRule] {
         &self.rules
+    }
+
+    /// Decides with what is known: `known`, the phase whose fields `input` holds, and
+    /// `reachable`, the latest phase this flow can reach (a UDP flow never sends first bytes
+    /// worth sniffing; a rule needing more than that can never match it, so it is not waited for).
+    pub fn decide(&self, input: &Input, known: Phase, reachable: Phase) -> Decided<'_> {
+        let matched = self.evaluate_rank(input);
+        if known >= reachable {
+            return Decided::Final(matched.and_then(|i| self.rules.get(i)));
+        }
+        let Some(later) = self.needs_later[known as usize] else {
+            return Decided::Final(matched.and_then(|i| self.rules.get(i)));
+        };
+        // Only the match and the rules ranked above it can change the decision (the match too,
+        // when it read fields not known yet).
+        let until = matched.map_or(self.rules.len(), |i| i + 1);
+        let waited = self.rules[later..until.max(later)]
+            .iter()
+            .filter(|r| r.phase > known && r.phase <= reachable)
+            .map(|r| r.phase)
+            .min();
+        match waited {
+            Some(phase) => Decided::Wait(phase),
+            None => Decided::Final(matched.and_then(|i| self.rules.get(i))),
+        }
+    }
+
+    /// The rank of the first rule that matches, across both phases.
+    fn evaluate_rank(&self, input: &Input) -> Option<usize> {
+        self.first
+            .first_match(input)
+            .or_else(|| self.second.first_match(input).map(|i| self.first.len() + i))
     }
 
     /// The first rule that matches, across both phases.
@@ -1013,6 +1073,12 @@ impl Policy {
                     }
                 }
             }
+            let rule_phase = exprs
+                .iter()
+                .flat_map(|(_, e)| e.fields())
+                .map(FieldId::phase)
+                .max()
+                .unwrap_or(Phase::FirstPacket);
             let mut post = false;
             for (_, e) in &exprs {
                 post |=
@@ -1087,6 +1153,7 @@ impl Policy {
                         .filter(|v| !v.is_null())
                         .unwrap_or_else(|| Json::Object(Map::new())),
                     post_resolution: post,
+                    phase: rule_phase,
                 },
                 program,
             ));
@@ -1114,6 +1181,7 @@ impl Policy {
             }
             StagePolicy {
                 stage,
+                needs_later: needs_later(&rules),
                 rules,
                 first: Evaluator::new(first),
                 second: Evaluator::new(second),
@@ -1145,6 +1213,7 @@ impl Policy {
     pub fn empty() -> Policy {
         let none = |stage| StagePolicy {
             stage,
+            needs_later: [None; PHASES],
             rules: Vec::new(),
             first: Evaluator::default(),
             second: Evaluator::default(),

@@ -30,10 +30,10 @@ use crate::vnet::{VnetRoute, VnetRoutes};
 use waygate_dns::memory::{NameMemory, Names};
 use waygate_dns::ClientKey;
 use waygate_geoip::GeoIp;
-use waygate_policy::fields::Stage;
-use waygate_policy::input::Input;
 use waygate_stages::egress::{Egress, EgressChoice, EgressSettings, Probe};
+use waygate_stages::pipeline::{FlowDecision, Known, Pipeline};
 use waygate_stages::policy;
+use waygate_stages::policy::L4Verdict;
 use waygate_wg::transmit::{TransmitQueue, MAX_DATAGRAM};
 use waygate_wg::{self as wg, Endpoint, PeerId, Received};
 use waygate_wire::sniff::Detected;
@@ -105,8 +105,8 @@ struct Router {
     vnets: VnetRoutes,
     policy: Arc<policy::Loaded>,
     geoip: Option<Arc<GeoIp>>,
-    /// Reused for every new flow, so deciding allocates nothing once warm.
-    input: Input,
+    /// The stages; reused for every new flow, so deciding allocates nothing once warm.
+    pipeline: Pipeline,
     /// What the resolver answered each device: flows to those addresses carry the name.
     names: NameMemory,
     names_purged: Instant,
@@ -160,7 +160,7 @@ impl GatewayCore {
                 vnets: VnetRoutes::default(),
                 policy: Arc::new(policy::Loaded::empty()),
                 geoip: None,
-                input: Input::new(),
+                pipeline: Pipeline::new(),
                 names: NameMemory::new(NAMES_CAPACITY),
                 names_purged: now,
                 settings,
@@ -618,74 +618,53 @@ impl Router {
         })
     }
 
-    /// Runs the stages for a new flow and logs the decision; an error refuses the flow. When
-    /// the network decision waits for the client's first bytes (TCP only), the flow opens to
-    /// what its first packet decided (the dialled destination if that was a block).
+    /// Runs the stages for a new flow; an error refuses the flow. A final decision is logged
+    /// here; when the network stage waits for the client's first bytes (TCP only), the flow
+    /// opens to what the rules decided so far and is logged once [`Router::decide_sniffed`]
+    /// decides it.
     fn decide(
         &mut self,
         ctx: &mut FlowCtx,
         target: SocketAddr,
     ) -> Result<(Upstream, Opening), FlowDrop> {
-        // Egress, then network: the egress rule picks the source, the network rule may refuse
-        // the flow or send it elsewhere; a virtual network's private route replaces egress.
         let device = ClientKey::device(&ctx.device.id);
         ctx.rules.name = self
             .names
             .names_for(&device, target.ip(), ctx.opened)
             .map(|n| n.host.clone());
-        policy::flow_input(&mut self.input, ctx, target, self.geoip.as_deref());
         let loaded = Arc::clone(&self.policy);
-        let rules = &loaded.policy;
-        let egress_rule = rules.stage(Stage::Egress).evaluate(&self.input);
-        let l4_rule = rules.stage(Stage::L4).evaluate(&self.input);
-        let pending = ctx.protocol == Protocol::Tcp && loaded.l4_waits_for_first_bytes(l4_rule);
-        let mut verdict = policy::l4_verdict(l4_rule, target);
-        let mut opening = Opening::Connect;
-        if pending {
-            let dialled = target;
-            opening = Opening::ConnectAndHold { dialled };
-            if verdict == policy::L4Verdict::Block {
-                opening = Opening::AcceptAndHold { dialled };
-                verdict = policy::L4Verdict::Allow { target };
+        let decision = self.pipeline.decide(
+            &loaded,
+            self.geoip.as_deref(),
+            ctx,
+            target,
+            Known::FirstPacket,
+        );
+        ctx.rules.egress = decision.egress_rule.map(|r| r.id.clone());
+        ctx.rules.l4 = decision.network_rule.map(|r| r.id.clone());
+        let (to, opening) = match (decision.wait, &decision.verdict) {
+            (None, L4Verdict::Allow { target: to }) => (Some(*to), Opening::Connect),
+            (None, L4Verdict::Block) => (None, Opening::Connect),
+            // Waiting: connect ahead to where the rules point so far, or hold without
+            // connecting when they block so far.
+            (Some(_), L4Verdict::Allow { target: to }) => {
+                (Some(*to), Opening::ConnectAndHold { dialled: target })
             }
+            (Some(_), L4Verdict::Block) => {
+                (Some(target), Opening::AcceptAndHold { dialled: target })
+            }
+        };
+        let upstream = match to {
+            Some(to) => self.route(ctx, to, decision.egress.as_ref()),
+            None => Err(FlowDrop::PolicyBlocked),
+        };
+        if decision.wait.is_none() || upstream.is_err() {
+            let outcome = match &upstream {
+                Ok(u) => Outcome::Upstream(u),
+                Err(reason) => Outcome::Refused(*reason),
+            };
+            log_decision(ctx, None, &decision, outcome);
         }
-        ctx.rules.egress = egress_rule.map(|r| r.id.clone());
-        ctx.rules.l4 = if pending {
-            None
-        } else {
-            l4_rule.map(|r| r.id.clone())
-        };
-        let choice = egress_rule.and_then(policy::egress_choice);
-        let upstream = match verdict {
-            policy::L4Verdict::Allow { target: to } => self.route(ctx, to, choice.as_ref()),
-            policy::L4Verdict::Block => Err(FlowDrop::PolicyBlocked),
-        };
-        let (egress_rule, l4_rule) = (
-            egress_rule.map(|r| (r.id.as_str(), r.name.as_str())),
-            l4_rule.map(|r| (r.id.as_str(), r.name.as_str(), r.action_name.as_str())),
-        );
-        tracing::info!(
-            target: "waygate::policy",
-            stage = "flow",
-            flow = ctx.id,
-            device = %ctx.device.name,
-            user = %ctx.device.email,
-            protocol = ctx.protocol.as_str(),
-            src = %ctx.src,
-            dst = %ctx.dst,
-            name = ctx.rules.name.as_deref(),
-            vnet = ctx.device.vnet_id.as_deref().unwrap_or("default"),
-            route = ctx.rules.route.as_deref(),
-            egress_rule = egress_rule.map_or("default", |r| r.0),
-            egress_rule_name = egress_rule.map(|r| r.1),
-            egress = ?upstream.as_ref().ok().and_then(|u| u.bind),
-            l4_rule = l4_rule.filter(|_| !pending).map(|r| r.0),
-            l4_rule_name = l4_rule.filter(|_| !pending).map(|r| r.1),
-            l4_action = if pending { "pending first bytes" } else { l4_rule.map_or("allow", |r| r.2) },
-            upstream = ?upstream.as_ref().ok().map(|u| u.dst),
-            refused = ?upstream.as_ref().err(),
-            "flow decision"
-        );
         upstream.map(|u| (u, opening))
     }
 
@@ -730,22 +709,22 @@ impl Router {
             };
             let mut ctx = held.ctx.clone();
             let (target, opened, connected) = (held.dialled, held.opened, held.connected);
-            policy::flow_input(&mut self.input, &ctx, target, self.geoip.as_deref());
-            policy::first_bytes_input(&mut self.input, &detected);
-            let rules = Arc::clone(&self.policy);
-            let l4_rule = rules.policy.stage(Stage::L4).evaluate(&self.input);
-            let release = match policy::l4_verdict(l4_rule, target) {
-                policy::L4Verdict::Block => Release::Reset,
-                policy::L4Verdict::Allow { target: to } if connected && to == opened.dst => {
+            let loaded = Arc::clone(&self.policy);
+            let decision = self.pipeline.decide(
+                &loaded,
+                self.geoip.as_deref(),
+                &ctx,
+                target,
+                Known::FirstBytes(&detected),
+            );
+            ctx.rules.l4 = decision.network_rule.map(|r| r.id.clone());
+            let release = match decision.verdict {
+                L4Verdict::Block => Release::Reset,
+                L4Verdict::Allow { target: to } if connected && to == opened.dst => {
                     Release::Forward
                 }
-                policy::L4Verdict::Allow { target: to } => {
-                    let choice = rules
-                        .policy
-                        .stage(Stage::Egress)
-                        .evaluate(&self.input)
-                        .and_then(policy::egress_choice);
-                    match self.route(&mut ctx, to, choice.as_ref()) {
+                L4Verdict::Allow { target: to } => {
+                    match self.route(&mut ctx, to, decision.egress.as_ref()) {
                         Ok(upstream) => Release::Redirect(upstream),
                         Err(_) => Release::Reset,
                     }
@@ -754,28 +733,14 @@ impl Router {
             if release == Release::Reset {
                 self.drops.add(FlowDrop::PolicyBlocked);
             }
-            let sni = match &detected {
-                Detected::Tls { sni } => sni.as_deref(),
-                _ => None,
+            let outcome = match &release {
+                Release::Forward => Outcome::Upstream(&opened),
+                Release::Redirect(upstream) => Outcome::Upstream(upstream),
+                Release::Reset => Outcome::Refused(FlowDrop::PolicyBlocked),
             };
-            tracing::info!(
-                target: "waygate::policy",
-                stage = "l4",
-                flow = id,
-                device = %ctx.device.name,
-                user = %ctx.device.email,
-                src = %ctx.src,
-                dst = %ctx.dst,
-                detected_protocol = detected.protocol(),
-                sni,
-                l4_rule = l4_rule.map(|r| r.id.as_str()),
-                l4_rule_name = l4_rule.map(|r| r.name.as_str()),
-                l4_action = l4_rule.map_or("allow", |r| r.action_name.as_str()),
-                decision = ?release,
-                "flow decision"
-            );
+            log_decision(&ctx, Some(&detected), &decision, outcome);
             if let Some(held) = self.tcp.held(id) {
-                held.ctx.rules.l4 = l4_rule.map(|r| r.id.clone());
+                held.ctx.rules.l4 = ctx.rules.l4.clone();
                 held.ctx.rules.route = ctx.rules.route.clone();
             }
             self.tcp.release(id, release, now, sink, &mut self.commands);
@@ -881,5 +846,54 @@ impl Router {
     }
 }
 
+/// Where a decided flow goes, for its log line.
+enum Outcome<'a> {
+    /// Out through this upstream.
+    Upstream(&'a Upstream),
+    /// Refused, and why.
+    Refused(FlowDrop),
+}
+
+/// The one log line of a flow's decision.
+fn log_decision(
+    ctx: &FlowCtx,
+    detected: Option<&Detected>,
+    decision: &FlowDecision<'_>,
+    outcome: Outcome<'_>,
+) {
+    let (upstream, refused) = match outcome {
+        Outcome::Upstream(u) => (Some(u), None),
+        Outcome::Refused(reason) => (None, Some(reason)),
+    };
+    let sni = match detected {
+        Some(Detected::Tls { sni }) => sni.as_deref(),
+        _ => None,
+    };
+    let (egress_rule, l4_rule) = (decision.egress_rule, decision.network_rule);
+    tracing::info!(
+        target: "waygate::policy",
+        stage = "flow",
+        flow = ctx.id,
+        device = %ctx.device.name,
+        user = %ctx.device.email,
+        protocol = ctx.protocol.as_str(),
+        src = %ctx.src,
+        dst = %ctx.dst,
+        name = ctx.rules.name.as_deref(),
+        vnet = ctx.device.vnet_id.as_deref().unwrap_or("default"),
+        route = ctx.rules.route.as_deref(),
+        detected_protocol = detected.map(Detected::protocol),
+        sni,
+        egress_rule = egress_rule.map_or("default", |r| r.id.as_str()),
+        egress_rule_name = egress_rule.map(|r| r.name.as_str()),
+        egress = ?upstream.and_then(|u| u.bind),
+        l4_rule = l4_rule.map(|r| r.id.as_str()),
+        l4_rule_name = l4_rule.map(|r| r.name.as_str()),
+        l4_action = l4_rule.map_or("allow", |r| r.action_name.as_str()),
+        upstream = ?upstream.map(|u| u.dst),
+        refused = ?refused,
+        "flow decision"
+    );
+}
 #[cfg(test)]
 mod tests;
