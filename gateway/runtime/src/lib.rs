@@ -451,6 +451,7 @@ fn core_settings(config: &Config, descriptors: u64) -> anyhow::Result<CoreSettin
             memory_per_device: config.limits.flow_memory_per_device,
             total: host::flows_for_descriptors(descriptors),
         },
+        random_seed: rand::random(),
     })
 }
 

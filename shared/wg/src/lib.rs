@@ -24,7 +24,7 @@
 pub mod handshake_limit;
 pub mod transmit;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -192,8 +192,10 @@ pub struct Endpoint<T> {
     /// Handshake messages let through to X25519 work since `window_start`.
     handshakes: u64,
     window_start: Option<Instant>,
-    peers: HashMap<PeerId, Peer<T>>,
-    by_key: HashMap<[u8; 32], PeerId>,
+    // Fx: the keys are indices this endpoint handed out and keys the admin enrolled, never
+    // chosen by a remote party, and every datagram costs a lookup.
+    peers: FxHashMap<PeerId, Peer<T>>,
+    by_key: FxHashMap<[u8; 32], PeerId>,
     next_index: u32,
     drops: DropCounters,
 }
@@ -211,8 +213,8 @@ impl<T> Endpoint<T> {
             window_start: None,
             private,
             public,
-            peers: HashMap::new(),
-            by_key: HashMap::new(),
+            peers: FxHashMap::default(),
+            by_key: FxHashMap::default(),
             next_index: 1,
             drops: DropCounters::default(),
         }

@@ -21,6 +21,9 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+
+use foldhash::fast::RandomState;
+use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -67,6 +70,10 @@ pub struct TcpSettings {
     /// could come to hold. With the default 256 MiB, a device gets about 110 flows at full
     /// size and then about 1,000 at the floor, as many as its flow cap of 1,024.
     pub memory_per_device: usize,
+    /// Seeds smoltcp's generator of initial sequence numbers and ephemeral ports: a fixed seed
+    /// makes them predictable to anyone who has seen one flow (the runtime draws it from the
+    /// OS; tests fix it).
+    pub random_seed: u64,
 }
 
 impl TcpSettings {
@@ -91,6 +98,7 @@ impl TcpSettings {
             download_window: 512 * 1024,
             floor_buffers: 32 * 1024,
             memory_per_device: 256 * 1024 * 1024,
+            random_seed: 0,
         }
     }
 
@@ -251,6 +259,10 @@ struct TcpFlow {
     fin_forwarded: bool,
     closing: bool,
     next_poll: Option<Instant>,
+    /// The earliest entry of this flow in the timer heap not yet popped: a later deadline is
+    /// not pushed (the entry, when it pops, re-arms), so the heap grows only when a deadline
+    /// moves earlier, not on every service call.
+    armed: Option<Instant>,
     /// When the SYN-ACK went out, until the device's ACK arrives.
     synack_sent: Option<Instant>,
     /// Handshake round-trip time.
@@ -293,12 +305,14 @@ pub struct TcpFlows {
     iface: Interface,
     epoch: Instant,
     settings: TcpSettings,
-    flows: HashMap<FlowId, TcpFlow>,
-    by_key: HashMap<Key, FlowId>,
+    // Flow ids and peer ids are ours (Fx); the key holds ports and addresses the device
+    // chose, so it takes a randomly seeded hasher that a device cannot aim collisions at.
+    flows: FxHashMap<FlowId, TcpFlow>,
+    by_key: HashMap<Key, FlowId, RandomState>,
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     dirty: Vec<FlowId>,
     scratch: Vec<u8>,
-    peers: HashMap<PeerId, PeerState>,
+    peers: FxHashMap<PeerId, PeerState>,
     /// Held flows whose first bytes are known, for [`TcpFlows::poll_sniffed`].
     sniffed: VecDeque<(FlowId, Detected)>,
 }
@@ -310,7 +324,8 @@ impl TcpFlows {
         let mut scratch = vec![0u8; settings.mtu];
         let mut null = NullSink;
         let mut device = FlowDevice::new(None, &mut null, 0, settings.mtu, &mut scratch);
-        let config = IfaceConfig::new(HardwareAddress::Ip);
+        let mut config = IfaceConfig::new(HardwareAddress::Ip);
+        config.random_seed = settings.random_seed;
         let mut iface = Interface::new(config, &mut device, SmolInstant::ZERO);
         iface.set_any_ip(true);
         iface.update_ip_addrs(|list| {
@@ -323,12 +338,12 @@ impl TcpFlows {
             iface,
             epoch: now,
             settings,
-            flows: HashMap::new(),
-            by_key: HashMap::new(),
+            flows: FxHashMap::default(),
+            by_key: HashMap::default(),
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             scratch,
-            peers: HashMap::new(),
+            peers: FxHashMap::default(),
             sniffed: VecDeque::new(),
         }
     }
@@ -449,6 +464,7 @@ impl TcpFlows {
                 fin_forwarded: false,
                 closing: false,
                 next_poll: None,
+                armed: None,
                 synack_sent: None,
                 rtt: None,
                 queued: 0,
@@ -604,11 +620,25 @@ impl TcpFlows {
                 break;
             }
             self.timers.pop();
-            let due = self.flows.get(&id).is_some_and(|f| {
-                f.next_poll == Some(at) || f.hold == Hold::Sniffing { until: Some(at) }
-            });
+            let Some(flow) = self.flows.get_mut(&id) else {
+                continue;
+            };
+            if flow.armed != Some(at) {
+                continue; // superseded by an earlier entry
+            }
+            flow.armed = None;
+            let sniff_until = match flow.hold {
+                Hold::Sniffing { until } => until,
+                _ => None,
+            };
+            let due = [flow.next_poll, sniff_until]
+                .into_iter()
+                .flatten()
+                .any(|t| t <= now);
             if due {
                 self.service(id, None, now, sink, out);
+            } else if let Some(next) = [flow.next_poll, sniff_until].into_iter().flatten().min() {
+                arm(&mut self.timers, flow, id, next);
             }
         }
     }
@@ -661,6 +691,12 @@ impl TcpFlows {
         self.service(id, None, now, sink, out);
     }
 
+    /// Entries in the timer heap (for tests: it must not grow with every service call).
+    #[cfg(test)]
+    pub(crate) fn timer_entries(&self) -> usize {
+        self.timers.len()
+    }
+
     /// When [`TcpFlows::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.peek().map(|Reverse((at, _))| *at)
@@ -702,10 +738,10 @@ impl TcpFlows {
             self.service(id, None, now, sink, out);
             return;
         }
-        if let Hold::Sniffing { until } = &mut flow.hold {
+        if matches!(flow.hold, Hold::Sniffing { .. }) {
             let at = now + SNIFF_WAIT;
-            *until = Some(at);
-            self.timers.push(Reverse((at, id)));
+            flow.hold = Hold::Sniffing { until: Some(at) };
+            arm(&mut self.timers, flow, id, at);
         }
         let Phase::Connecting { syn, .. } = &mut flow.phase else {
             return;
@@ -886,8 +922,21 @@ impl TcpFlows {
         let next = next.map(|t| t.max(now));
         flow.next_poll = next;
         if let Some(at) = next {
-            self.timers.push(Reverse((at, id)));
+            arm(&mut self.timers, flow, id, at);
         }
+    }
+}
+
+/// Makes sure `flow` is woken at `at`: pushes only when that is earlier than its armed entry.
+fn arm(
+    timers: &mut BinaryHeap<Reverse<(Instant, FlowId)>>,
+    flow: &mut TcpFlow,
+    id: FlowId,
+    at: Instant,
+) {
+    if flow.armed.is_none_or(|armed| at < armed) {
+        timers.push(Reverse((at, id)));
+        flow.armed = Some(at);
     }
 }
 

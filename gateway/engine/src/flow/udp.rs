@@ -7,6 +7,9 @@
 //! device addressed.
 
 use std::collections::{HashMap, VecDeque};
+
+use foldhash::fast::RandomState;
+use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -37,10 +40,11 @@ struct UdpFlow {
 
 /// The UDP NAT table.
 pub struct UdpNat {
-    flows: HashMap<FlowId, UdpFlow>,
-    by_key: HashMap<Key, FlowId>,
+    // As in the TCP table: our ids take Fx, the device-chosen key a seeded hasher.
+    flows: FxHashMap<FlowId, UdpFlow>,
+    by_key: HashMap<Key, FlowId, RandomState>,
     /// Open flows per device.
-    per_peer: HashMap<PeerId, usize>,
+    per_peer: FxHashMap<PeerId, usize>,
     next_sweep: Option<Instant>,
     scratch: Vec<u8>,
 }
@@ -48,9 +52,9 @@ pub struct UdpNat {
 impl Default for UdpNat {
     fn default() -> Self {
         UdpNat {
-            flows: HashMap::new(),
-            by_key: HashMap::new(),
-            per_peer: HashMap::new(),
+            flows: FxHashMap::default(),
+            by_key: HashMap::default(),
+            per_peer: FxHashMap::default(),
             next_sweep: None,
             scratch: vec![0u8; 65_535 + 48],
         }

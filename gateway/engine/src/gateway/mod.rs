@@ -69,6 +69,8 @@ pub struct CoreSettings {
     pub protected: Protected,
     /// What one device may hold, and all together.
     pub limits: FlowLimits,
+    /// Seeds the TCP stack's initial sequence numbers (the runtime draws it from the OS).
+    pub random_seed: u64,
 }
 
 /// The data plane.
@@ -135,6 +137,7 @@ impl GatewayCore {
     pub fn new(private_key: [u8; 32], settings: CoreSettings, now: Instant) -> Self {
         let tcp_settings = TcpSettings {
             memory_per_device: settings.limits.memory_per_device,
+            random_seed: settings.random_seed,
             ..TcpSettings::for_mtu(usize::from(settings.mtu))
         };
         let tcp = TcpFlows::new(
