@@ -12,6 +12,7 @@ LAYERS=(
   "waygate-model waygate-wire waygate-keys waygate-policy"
   "waygate-wg waygate-config"
   "waygate-geoip waygate-registry"
+  "waygate-control"
   "waygate-stages"
   "waygate-dns"
   "waygate-engine"

@@ -7,28 +7,15 @@
 
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use waygate_keys::{PrivateKey, PublicKey};
 
 use super::{now, DeviceCommand, EnrollArgs};
-use waygate_config::{Config, TunnelConfig, WireguardConfig};
-use waygate_registry::datadir;
-use waygate_registry::{Device, NewDevice, Registry};
-
-/// Where the primary-address probe "connects" to (TEST-NET-3; connecting a UDP socket only asks
-/// the kernel for a route, no packet is sent).
-const PROBE_V4: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)), 51820);
-/// IPv6 probe target (documentation prefix), tried when there is no IPv4 route.
-const PROBE_V6: SocketAddr = SocketAddr::new(
-    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
-    51820,
-);
-/// Keepalive written into device configs: keeps NAT mappings open so the gateway can reach them.
-const PERSISTENT_KEEPALIVE: u16 = 25;
+use waygate_config::Config;
+use waygate_control::EnrollRequest;
+use waygate_registry::{Device, Registry};
 
 /// Runs `waygate device`.
 pub fn run(config: Option<&Path>, cmd: DeviceCommand) -> anyhow::Result<ExitCode> {
@@ -84,130 +71,34 @@ pub fn run(config: Option<&Path>, cmd: DeviceCommand) -> anyhow::Result<ExitCode
 }
 
 fn enroll(cfg: &Config, registry: &Registry, args: EnrollArgs) -> anyhow::Result<String> {
-    let server_key = datadir::load_or_create_server_key(&cfg.data_dir)?;
-    // Resolved before enrolling, so a failure leaves no device without a config behind.
-    let (endpoint, derived) = endpoint(&cfg.wireguard, probe_primary_address)?;
-    let (private, public) = match &args.public_key {
-        Some(text) => {
-            let public: PublicKey = text.parse().context("--public-key")?;
-            (None, public)
-        }
-        None => {
-            let private = PrivateKey::generate(&mut rand::rngs::OsRng);
-            let public = private.public_key();
-            (Some(private), public)
-        }
-    };
-    let vnet_id = match &args.vnet {
-        Some(needle) => Some(registry.find_vnet(needle)?.id),
-        None => None,
-    };
-    let device = registry.enroll(
-        NewDevice {
+    let enrolled = waygate_control::enroll(
+        cfg,
+        registry,
+        EnrollRequest {
             name: args.name,
             email: args.email,
             user_name: args.user_name,
             groups: args.groups,
             attributes: args.attributes,
-            vnet_id,
-            public_key: public,
+            vnet: args.vnet,
+            public_key: args.public_key,
         },
         now(),
     )?;
+    let device = &enrolled.device;
     eprintln!(
         "enrolled device {} ({}) for {}, address {}, {}",
         device.name, device.id, device.email, device.ipv4, device.ipv6
     );
-    if derived {
+    if enrolled.endpoint_derived {
         eprintln!(
-            "warning: wireguard.public_endpoint is not set; the config uses {endpoint}, derived \
+            "warning: wireguard.public_endpoint is not set; the config uses {}, derived \
              from this host's addresses. Set wireguard.public_endpoint if devices reach the \
-             gateway through another address or name."
+             gateway through another address or name.",
+            enrolled.endpoint
         );
     }
-    Ok(wg_quick_config(
-        &device,
-        private.as_ref(),
-        &server_key.public_key(),
-        &endpoint,
-        &cfg.tunnel,
-    ))
-}
-
-/// The device's complete wg-quick config.
-pub fn wg_quick_config(
-    device: &Device,
-    private: Option<&PrivateKey>,
-    server: &PublicKey,
-    endpoint: &str,
-    tunnel: &TunnelConfig,
-) -> String {
-    let mut s = String::from("[Interface]\n");
-    if let Some(key) = private {
-        let _ = writeln!(s, "PrivateKey = {}", key.to_base64().as_str());
-    }
-    let _ = writeln!(s, "Address = {}/32, {}/128", device.ipv4, device.ipv6);
-    let _ = writeln!(
-        s,
-        "DNS = {}, {}",
-        tunnel.gateway_ipv4(),
-        tunnel.gateway_ipv6()
-    );
-    let _ = writeln!(s, "MTU = {}", tunnel.mtu);
-    let _ = writeln!(s);
-    let _ = writeln!(s, "[Peer]");
-    let _ = writeln!(s, "PublicKey = {server}");
-    let _ = writeln!(s, "Endpoint = {endpoint}");
-    let _ = writeln!(s, "AllowedIPs = 0.0.0.0/0, ::/0");
-    let _ = writeln!(s, "PersistentKeepalive = {PERSISTENT_KEEPALIVE}");
-    s
-}
-
-/// The endpoint devices should dial, and whether it was derived rather than configured:
-/// `public_endpoint` if set; else the listen address if it is a specific one; else this host's
-/// primary address (as `probe` finds it) with the listen port.
-fn endpoint(
-    wg: &WireguardConfig,
-    probe: impl Fn(SocketAddr) -> io::Result<IpAddr>,
-) -> anyhow::Result<(String, bool)> {
-    if let Some(configured) = &wg.public_endpoint {
-        return Ok((configured.clone(), false));
-    }
-    let listen = wg.listen;
-    if !listen.ip().is_unspecified() {
-        return Ok((listen.to_string(), true));
-    }
-    // A socket bound to [::] also takes IPv4, so IPv4 is tried first for either.
-    let mut targets = vec![PROBE_V4];
-    if listen.is_ipv6() {
-        targets.push(PROBE_V6);
-    }
-    let mut last_err = None;
-    for target in targets {
-        match probe(target) {
-            Ok(ip) if !ip.is_unspecified() => {
-                return Ok((SocketAddr::new(ip, listen.port()).to_string(), true))
-            }
-            Ok(_) => {}
-            Err(e) => last_err = Some(e),
-        }
-    }
-    let why = last_err.map(|e| format!(" ({e})")).unwrap_or_default();
-    anyhow::bail!(
-        "cannot work out the gateway's address for device configs{why}: \
-         set wireguard.public_endpoint = \"host:port\" in the config"
-    )
-}
-
-/// The source address the kernel would use towards `target`.
-fn probe_primary_address(target: SocketAddr) -> io::Result<IpAddr> {
-    let bind: SocketAddr = match target {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(bind)?;
-    socket.connect(target)?;
-    Ok(socket.local_addr()?.ip())
+    Ok(enrolled.wg_quick)
 }
 
 fn list(registry: &Registry, json: bool, now: i64) -> anyhow::Result<String> {
@@ -362,7 +253,11 @@ fn ago(now: i64, then: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
+    use waygate_keys::PrivateKey;
+    use waygate_registry::NewDevice;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
@@ -383,71 +278,6 @@ mod tests {
             last_endpoint: None,
             revoked_at: None,
         }
-    }
-
-    #[test]
-    fn config_has_every_line_wg_quick_needs() {
-        let server = PrivateKey::generate(&mut StdRng::seed_from_u64(2)).public_key();
-        let private = PrivateKey::generate(&mut StdRng::seed_from_u64(3));
-        let tunnel = Config::default().tunnel;
-        let text = wg_quick_config(
-            &device(),
-            Some(&private),
-            &server,
-            "198.51.100.1:51820",
-            &tunnel,
-        );
-        let expected = format!(
-            "[Interface]\nPrivateKey = {}\nAddress = 100.96.0.2/32, fd77:6761:7465::2/128\n\
-             DNS = 100.96.0.1, fd77:6761:7465::1\nMTU = 1420\n\n[Peer]\nPublicKey = {server}\n\
-             Endpoint = 198.51.100.1:51820\nAllowedIPs = 0.0.0.0/0, ::/0\n\
-             PersistentKeepalive = 25\n",
-            private.to_base64().as_str()
-        );
-        assert_eq!(text, expected);
-        let without = wg_quick_config(&device(), None, &server, "gw:1", &tunnel);
-        assert!(!without.contains("PrivateKey"));
-        assert!(without.starts_with("[Interface]\nAddress = "));
-    }
-
-    #[test]
-    fn endpoint_prefers_config_then_listen_then_probe() {
-        let mut wg = Config::default().wireguard;
-        let never = |_: SocketAddr| -> io::Result<IpAddr> { panic!("must not probe") };
-        wg.public_endpoint = Some("gw.example.com:51820".into());
-        assert_eq!(
-            endpoint(&wg, never).unwrap(),
-            ("gw.example.com:51820".to_string(), false)
-        );
-        wg.public_endpoint = None;
-        wg.listen = "198.51.100.1:4500".parse().unwrap();
-        assert_eq!(
-            endpoint(&wg, never).unwrap(),
-            ("198.51.100.1:4500".to_string(), true)
-        );
-        wg.listen = "0.0.0.0:51820".parse().unwrap();
-        let probe = |t: SocketAddr| -> io::Result<IpAddr> {
-            assert_eq!(t, PROBE_V4);
-            Ok(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)))
-        };
-        assert_eq!(
-            endpoint(&wg, probe).unwrap(),
-            ("198.51.100.7:51820".to_string(), true)
-        );
-        // IPv6-only host: the v4 probe fails, the v6 one answers; brackets for the port.
-        wg.listen = "[::]:51820".parse().unwrap();
-        let probe = |t: SocketAddr| -> io::Result<IpAddr> {
-            if t.is_ipv4() {
-                Err(io::Error::from(io::ErrorKind::NetworkUnreachable))
-            } else {
-                Ok("2001:db8::7".parse().unwrap())
-            }
-        };
-        assert_eq!(endpoint(&wg, probe).unwrap().0, "[2001:db8::7]:51820");
-        let unreachable =
-            |_: SocketAddr| -> io::Result<IpAddr> { Err(io::ErrorKind::NetworkUnreachable.into()) };
-        let err = endpoint(&wg, unreachable).unwrap_err().to_string();
-        assert!(err.contains("wireguard.public_endpoint"), "{err}");
     }
 
     #[test]
