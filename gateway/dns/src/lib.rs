@@ -5,7 +5,7 @@
 //! owns the sockets and the clock (`waygate-runtime`'s `dns` shells).
 //!
 //! Layers, one way: [`policy`] (the seam the rule engine plugs into) and [`cache`] / [`memory`]
-//! (plain data structures) -> [`core`] (the sans-IO [`Resolver`]: bytes and `now` in, bytes and a
+//! (plain data structures) -> [`resolver`] (the sans-IO [`Resolver`]: bytes and `now` in, bytes and a
 //! [`Handled`] out).
 #![deny(missing_docs)]
 

@@ -4,13 +4,16 @@
 //!
 //! Codes are what policy fields compare: ISO 3166-1 alpha-2 countries and the continent codes
 //! AF AN AS EU NA OC SA, with `T1` standing for Tor as Cloudflare writes it.
+//!
+//! Inputs: a database file (read whole when opened) and addresses. Outputs: a [`Geo`] per
+//! address. The stages and the resolver look addresses up for each decision; the runtime opens
+//! (and reopens) the file.
 
 use std::fmt;
 use std::io::BufRead;
 use std::net::IpAddr;
 use std::path::Path;
 
-use anyhow::{bail, Context};
 use ipnet::IpNet;
 use serde::Serialize;
 
@@ -74,18 +77,63 @@ impl fmt::Debug for GeoIp {
     }
 }
 
+/// Why a database could not be opened or built; each message names the file or the line.
+#[derive(Debug, thiserror::Error)]
+pub enum GeoIpError {
+    /// The file is unreadable.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS's reason.
+        reason: std::io::Error,
+    },
+    /// The bytes are not a MaxMind database.
+    #[error("{what} is not a MaxMind database: {reason}")]
+    NotMaxMind {
+        /// The file, or "the input".
+        what: String,
+        /// The reader's reason.
+        reason: String,
+    },
+    /// A line of the CSV input is wrong.
+    #[error("line {line}: {message}")]
+    Line {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The CSV input holds no network.
+    #[error("no networks in the input")]
+    Empty,
+    /// The database could not be written.
+    #[error("cannot write the database: {0}")]
+    Write(String),
+}
+
 impl GeoIp {
     /// Opens the database at `path`.
-    pub fn open(path: &Path) -> anyhow::Result<GeoIp> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        GeoIp::from_bytes(bytes)
-            .with_context(|| format!("{} is not a MaxMind database", path.display()))
+    pub fn open(path: &Path) -> Result<GeoIp, GeoIpError> {
+        let bytes = std::fs::read(path).map_err(|reason| GeoIpError::Read {
+            path: path.display().to_string(),
+            reason,
+        })?;
+        GeoIp::from_bytes(bytes).map_err(|e| match e {
+            GeoIpError::NotMaxMind { reason, .. } => GeoIpError::NotMaxMind {
+                what: path.display().to_string(),
+                reason,
+            },
+            other => other,
+        })
     }
 
     /// Opens a database held in memory.
-    pub fn from_bytes(bytes: Vec<u8>) -> anyhow::Result<GeoIp> {
-        let reader = maxminddb::Reader::from_source(bytes)?;
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<GeoIp, GeoIpError> {
+        let reader = maxminddb::Reader::from_source(bytes).map_err(|e| GeoIpError::NotMaxMind {
+            what: "the input".to_string(),
+            reason: e.to_string(),
+        })?;
         Ok(GeoIp { reader })
     }
 
@@ -129,22 +177,23 @@ struct Record<'a> {
 
 /// Builds a database from `network,country,continent` lines (CIDR or single address; `#`
 /// comments, blank lines and a header line are skipped). Errors name the line.
-pub fn build_from_csv(input: impl BufRead) -> anyhow::Result<Vec<u8>> {
+pub fn build_from_csv(input: impl BufRead) -> Result<Vec<u8>, GeoIpError> {
     let mut writer = mmdb_writer::Writer::new("Waygate-GeoIP2-Country");
     let mut networks = 0usize;
     for (index, line) in input.lines().enumerate() {
         let n = index + 1;
-        let line = line.with_context(|| format!("line {n}: cannot read"))?;
+        let bad = |message: String| GeoIpError::Line { line: n, message };
+        let line = line.map_err(|e| bad(format!("cannot read: {e}")))?;
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
         let [network, country, continent] = fields[..] else {
-            bail!(
-                "line {n}: expected `network,country,continent`, found {} field(s)",
+            return Err(bad(format!(
+                "expected `network,country,continent`, found {} field(s)",
                 fields.len()
-            );
+            )));
         };
         if n == 1 && network.eq_ignore_ascii_case("network") {
             continue;
@@ -153,17 +202,21 @@ pub fn build_from_csv(input: impl BufRead) -> anyhow::Result<Vec<u8>> {
             Ok(net) => net.trunc(),
             Err(_) => match network.parse::<IpAddr>() {
                 Ok(ip) => IpNet::from(ip),
-                Err(_) => bail!("line {n}: `{network}` is not a network (CIDR) or an address"),
+                Err(_) => {
+                    return Err(bad(format!(
+                        "`{network}` is not a network (CIDR) or an address"
+                    )))
+                }
             },
         };
         let country = Code::parse(country)
-            .with_context(|| format!("line {n}: `{country}` is not a two-letter country code"))?;
+            .ok_or_else(|| bad(format!("`{country}` is not a two-letter country code")))?;
         let continent_code = Code::parse(continent).filter(|c| CONTINENTS.contains(&c.as_str()));
         let Some(continent) = continent_code else {
-            bail!(
-                "line {n}: `{continent}` is not a continent code (one of {})",
+            return Err(bad(format!(
+                "`{continent}` is not a continent code (one of {})",
                 CONTINENTS.join(" ")
-            );
+            )));
         };
         let record = Record {
             country: CountryRecord {
@@ -175,15 +228,15 @@ pub fn build_from_csv(input: impl BufRead) -> anyhow::Result<Vec<u8>> {
         };
         writer
             .insert(net, &record)
-            .map_err(|e| anyhow::anyhow!("line {n}: cannot add {net}: {e}"))?;
+            .map_err(|e| bad(format!("cannot add {net}: {e}")))?;
         networks += 1;
     }
     if networks == 0 {
-        bail!("no networks in the input");
+        return Err(GeoIpError::Empty);
     }
     writer
         .to_bytes()
-        .map_err(|e| anyhow::anyhow!("cannot write the database: {e}"))
+        .map_err(|e| GeoIpError::Write(e.to_string()))
 }
 
 #[cfg(test)]

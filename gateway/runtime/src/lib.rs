@@ -3,6 +3,10 @@
 //! One task owns the core and the WireGuard socket (batched receive with GRO, batched send with
 //! GSO). Upstream connections run as small tasks ([`upstream`]) reporting through one channel.
 //! A thread watches the registry and hands the device list to the loop when it changes.
+//!
+//! Inputs: the validated config, the registry, the host's sockets, files and clock. Outputs: the
+//! engine's datagrams on the wire, upstream connections, logs. Driven by tokio; it polls the
+//! sans-IO crates below it (engine, DNS core, WireGuard endpoint) and nothing polls it.
 #![deny(missing_docs)]
 #![allow(clippy::disallowed_methods)] // the shell reads the clock for the core
 

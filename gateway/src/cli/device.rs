@@ -256,10 +256,10 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use waygate_keys::PrivateKey;
-    use waygate_registry::NewDevice;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+    use waygate_keys::PrivateKey;
+    use waygate_registry::NewDevice;
 
     fn device() -> Device {
         Device {

@@ -1,5 +1,6 @@
-//! The policy stages that decide over a flow: the loaded rule sets ([`policy`]) and the egress
-//! stage ([`egress`]) that picks the source address a flow leaves from.
+//! The policy stages that decide over a flow: the loaded rule sets ([`policy`]), the egress
+//! stage ([`egress`]) that picks the source address a flow leaves from, and the [`pipeline`]
+//! that runs the stages in Cloudflare's order over what is known about a flow so far.
 //!
 //! Inputs: compiled rule sets (loaded away from the serving loop and swapped in whole) and a
 //! flow's context. Outputs: decisions the engine carries out. Polled by the engine for each new

@@ -7,7 +7,6 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use anyhow::Context as _;
 use waygate_policy::fields::FieldId;
 use waygate_policy::input::Input;
 use waygate_policy::ruleset::{
@@ -46,33 +45,31 @@ impl Loaded {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The rules file is unreadable, invalid, or its rules do not compile.
-    #[error("policy.rules: {0:#}")]
-    Rules(anyhow::Error),
+    #[error("policy.rules: {0}")]
+    Rules(String),
     /// The lists file is unreadable or invalid.
-    #[error("policy.lists: {0:#}")]
-    Lists(anyhow::Error),
+    #[error("policy.lists: {0}")]
+    Lists(String),
 }
 
 /// Reads and compiles a rule set (`rules`, with the lists of `lists` when given).
 pub fn load(rules: &Path, lists: Option<&Path>) -> Result<Loaded, LoadError> {
     let text = std::fs::read_to_string(rules)
-        .with_context(|| format!("cannot read {}", rules.display()))
-        .map_err(LoadError::Rules)?;
+        .map_err(|e| LoadError::Rules(format!("cannot read {}: {e}", rules.display())))?;
     let set = RuleSet::from_json(&text)
-        .map_err(|e| LoadError::Rules(anyhow::anyhow!("{}: {e}", rules.display())))?;
+        .map_err(|e| LoadError::Rules(format!("{}: {e}", rules.display())))?;
     let lists = match lists {
         Some(path) => {
             let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))
-                .map_err(LoadError::Lists)?;
+                .map_err(|e| LoadError::Lists(format!("cannot read {}: {e}", path.display())))?;
             Lists::from_json(&text)
-                .map_err(|e| LoadError::Lists(anyhow::anyhow!("{}: {e}", path.display())))?
+                .map_err(|e| LoadError::Lists(format!("{}: {e}", path.display())))?
         }
         None => Lists::new(Vec::new()),
     };
     Loaded::compile(&set, &lists).map_err(|errors| {
         let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        LoadError::Rules(anyhow::anyhow!("{}: {}", rules.display(), all.join("; ")))
+        LoadError::Rules(format!("{}: {}", rules.display(), all.join("; ")))
     })
 }
 

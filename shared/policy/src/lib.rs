@@ -6,6 +6,11 @@
 //! warnings, [`typecheck::parse_checked`] does both; `Display` on [`ast::Expr`] ([`printer`]) prints
 //! canonical text that parses back to the same tree. Errors are [`error::ExprError`]s carrying a
 //! line and column.
+//!
+//! Inputs: rule files (Cloudflare's JSON) and lists, compiled once per load; field values of one
+//! flow or query in an [`input::Input`]. Outputs: the first matching rule of a stage, and the
+//! [`fields::Phase`] each compiled rule needs before it can decide. Called by the gateway's
+//! stages and resolver for every decision, and by `waygate rules`; nothing here does I/O.
 
 #![deny(missing_docs)]
 
