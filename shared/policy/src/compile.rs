@@ -22,7 +22,7 @@ use super::interp::{
     category_ids, contains_literal, each_field, int_literal, ip_literal, map_entry, parse_net,
     set_item_int_ranges, set_item_ip_range, set_item_str, str_literal, wildcard_match,
 };
-use super::ruleset::{List, ListType, Lists};
+use super::lists::{List, ListType, Lists};
 use super::strset::StringSet;
 
 /// A list compiled for membership tests: names and strings hashed, addresses as intervals.

@@ -12,7 +12,7 @@ use super::ast::{Access, CmpOp, Expr, FieldRef, Literal, Rhs, SetItem};
 use super::categories;
 use super::fields::FieldId;
 use super::input::{is_domain_field, normalize_for, Input, Scalar, Value};
-use super::ruleset::{List, ListType, Lists};
+use super::lists::{List, ListType, Lists};
 
 /// Evaluates one expression against an input.
 pub fn eval(expr: &Expr, input: &Input, lists: &Lists) -> bool {

@@ -23,6 +23,7 @@ pub mod fields;
 pub mod input;
 pub mod interp;
 mod lexer;
+pub mod lists;
 pub mod parser;
 pub mod printer;
 pub mod ruleset;
