@@ -415,7 +415,7 @@ pub fn parse_str(text: &str) -> Result<Config, ConfigError> {
 
 /// The normalised `via` of a virtual network's route to `cidr`: a Linux interface name, or a
 /// next hop of the range's family (not unspecified). `None` when it is neither.
-pub fn vnet_route_via(cidr: &IpNet, via: &str) -> Option<String> {
+pub fn route_via(cidr: IpNet, via: &str) -> Option<String> {
     let via = via.trim();
     match via.parse::<IpAddr>() {
         Ok(hop) if hop.is_ipv4() == cidr.addr().is_ipv4() && !hop.is_unspecified() => {
@@ -1275,7 +1275,7 @@ impl Checker {
                 );
             }
             if let (Some(cidr), Some(via)) = (cidr, via) {
-                match vnet_route_via(&cidr, &via) {
+                match route_via(cidr, &via) {
                     Some(via) => routes.push((cidr.trunc(), via)),
                     None => self.problem(
                         join(&r_at, "via"),
@@ -1955,13 +1955,10 @@ mod tests {
     fn route_vias_are_interfaces_or_next_hops_of_the_family() {
         let v4: IpNet = "198.18.0.0/16".parse().unwrap();
         let v6: IpNet = "2001:db8::/64".parse().unwrap();
-        assert_eq!(vnet_route_via(&v4, "site-a").as_deref(), Some("site-a"));
+        assert_eq!(route_via(v4, "site-a").as_deref(), Some("site-a"));
+        assert_eq!(route_via(v4, " 198.19.1.2").as_deref(), Some("198.19.1.2"));
         assert_eq!(
-            vnet_route_via(&v4, " 198.19.1.2").as_deref(),
-            Some("198.19.1.2")
-        );
-        assert_eq!(
-            vnet_route_via(&v6, "2001:db8:0:0::1").as_deref(),
+            route_via(v6, "2001:db8:0:0::1").as_deref(),
             Some("2001:db8::1")
         );
         for bad in [
@@ -1973,9 +1970,9 @@ mod tests {
             "sixteen-chars-xx",
             "a b",
         ] {
-            assert_eq!(vnet_route_via(&v4, bad), None, "{bad:?}");
+            assert_eq!(route_via(v4, bad), None, "{bad:?}");
         }
-        assert_eq!(vnet_route_via(&v6, "198.19.1.2"), None);
+        assert_eq!(route_via(v6, "198.19.1.2"), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 use super::{check_label, new_uuid, Device, Registry, RegistryError};
-use crate::config::vnet_route_via;
+use crate::config::route_via;
 
 /// A private route of a virtual network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -25,7 +25,7 @@ impl VnetRoute {
         let (cidr, via) = text.split_once('=').ok_or_else(bad)?;
         let cidr: IpNet = cidr.trim().parse().map_err(|_| bad())?;
         // The config accepts the same routes, so the rule lives there, below the registry.
-        let via = vnet_route_via(&cidr, via).ok_or_else(bad)?;
+        let via = route_via(cidr, via).ok_or_else(bad)?;
         Ok(VnetRoute {
             cidr: cidr.trunc(),
             via,
