@@ -1,14 +1,27 @@
 //! The gateway's configuration: a TOML file whose every key is optional.
 //!
-//! Parsing is two steps (validate first, build second): the file is read into a TOML table, every
-//! known key is checked, and all problems are reported together, each naming its key path
-//! (`tunnel.mtu: expected an integer from 576 to 9000, got 70000`). Unknown keys are errors too.
-//! Relative paths are taken relative to the current directory, like the default `data_dir`.
+//! Parsing is two steps. The text is deserialized into a raw tree (`Raw*` structs, every field
+//! optional) that cannot fail on a wrong type or an unknown key: a wrong value is kept as the
+//! TOML type it had and an unknown key is set aside, so one bad key never hides the next. The
+//! validation step then walks that tree into the typed [`Config`], collecting every problem with
+//! its key path (`tunnel.mtu: expected an integer from 576 to 9000, got 70000`). Unknown keys are
+//! errors too. Relative paths are taken relative to the current directory, like the default
+//! `data_dir`.
+//!
+//! Inputs: the config file's text (or none: the embedded defaults). Outputs: a validated
+//! [`Config`] or a [`ConfigError`] listing every problem. Read once at start by `waygate serve`
+//! and every CLI command; the crate depends on nothing of the gateway but the category source
+//! types, so it sits below every other part.
 
+#![deny(missing_docs)]
+
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::de::{DeserializeOwned, Deserializer, Visitor};
+use serde::Deserialize;
 use toml::{Table, Value};
 use waygate_policy::category_db::{CategoryFormat, CategorySource};
 
@@ -271,6 +284,21 @@ impl Default for Config {
     }
 }
 
+/// One bad key: its path in the file and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, with array indices: `egress.locations[0].health_check.interval`.
+    pub key: String,
+    /// What is wrong, e.g. `expected an integer from 576 to 9000, got 70000`.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
 /// Why a configuration was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -282,22 +310,67 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file is not valid TOML.
-    #[error("{path}: invalid TOML: {message}")]
+    /// The text is not valid TOML.
+    #[error("{}invalid TOML: {message}", file_prefix(.path.as_deref()))]
     Syntax {
-        /// The file.
-        path: PathBuf,
+        /// The file; `None` for text parsed with [`parse_str`].
+        path: Option<PathBuf>,
         /// The parser's message (with line and column).
         message: String,
     },
-    /// One or more keys are unknown or hold invalid values.
-    #[error("{path}: {}", .problems.join("; "))]
+    /// One or more keys are unknown or hold invalid values; all of them are listed.
+    #[error("{}", invalid_report(.path.as_deref(), .problems))]
     Invalid {
-        /// The file.
-        path: PathBuf,
-        /// One message per bad key, each starting with the key's path.
-        problems: Vec<String>,
+        /// The file; `None` for text parsed with [`parse_str`].
+        path: Option<PathBuf>,
+        /// Every problem found, in the order the keys were checked.
+        problems: Vec<Problem>,
     },
+}
+
+impl ConfigError {
+    /// The bad keys (empty for read and syntax errors).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems,
+            ConfigError::Read { .. } | ConfigError::Syntax { .. } => &[],
+        }
+    }
+
+    /// The same error, naming the file it came from.
+    fn in_file(self, file: &Path) -> ConfigError {
+        match self {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: Some(file.to_path_buf()),
+                message,
+            },
+            ConfigError::Invalid { problems, .. } => ConfigError::Invalid {
+                path: Some(file.to_path_buf()),
+                problems,
+            },
+            read @ ConfigError::Read { .. } => read,
+        }
+    }
+}
+
+fn file_prefix(path: Option<&Path>) -> String {
+    path.map(|p| format!("{}: ", p.display()))
+        .unwrap_or_default()
+}
+
+/// One problem stays on the file's line; several go one per line so each can be read alone.
+fn invalid_report(path: Option<&Path>, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    match (path, lines.as_slice()) {
+        (_, [one]) => format!("{}{one}", file_prefix(path)),
+        (Some(file), _) => format!(
+            "{}: {} problems:\n{}",
+            file.display(),
+            lines.len(),
+            lines.join("\n")
+        ),
+        (None, _) => lines.join("\n"),
+    }
 }
 
 impl Config {
@@ -310,424 +383,928 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text).map_err(|err| match err {
-            ParseError::Syntax(message) => ConfigError::Syntax {
-                path: path.to_path_buf(),
-                message,
-            },
-            ParseError::Invalid(problems) => ConfigError::Invalid {
-                path: path.to_path_buf(),
-                problems,
-            },
-        })
+        parse_str(&text).map_err(|e| e.in_file(path))
     }
 
-    /// Parses TOML text into a validated config.
-    pub fn parse(text: &str) -> Result<Config, ParseError> {
-        let table: Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ParseError::Syntax(e.to_string()))?;
-        let mut cfg = Config::default();
-        let mut keys = Keys::new(&table, "");
+    /// Parses TOML text into a validated config (the same as [`parse_str`]).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        parse_str(text)
+    }
+}
 
-        if let Some(v) = keys.string("data_dir") {
+/// Parses TOML text into a validated config, reporting every bad key at once; never panics.
+pub fn parse_str(text: &str) -> Result<Config, ConfigError> {
+    let table: Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: None,
+            message: e.to_string(),
+        })?;
+    let mut root = Value::Table(table);
+    mark_datetimes(&mut root);
+    let mut c = Checker::default();
+    let cfg = match c.section("", Some(Section::<RawConfig>::from_value(root))) {
+        Some(raw) => c.config(raw),
+        None => Config::default(),
+    };
+    if c.problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigError::Invalid {
+            path: None,
+            problems: c.problems,
+        })
+    }
+}
+
+/// The normalised `via` of a virtual network's route to `cidr`: a Linux interface name, or a
+/// next hop of the range's family (not unspecified). `None` when it is neither.
+pub fn route_via(cidr: IpNet, via: &str) -> Option<String> {
+    let via = via.trim();
+    match via.parse::<IpAddr>() {
+        Ok(hop) if hop.is_ipv4() == cidr.addr().is_ipv4() && !hop.is_unspecified() => {
+            Some(hop.to_string())
+        }
+        Ok(_) => None,
+        Err(_) if linux_interface_name_ok(via) => Some(via.to_string()),
+        Err(_) => None,
+    }
+}
+
+/// Linux interface names: 1 to 15 bytes, no `/`, whitespace or `:`; an address is not one.
+fn linux_interface_name_ok(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+        && name.parse::<IpAddr>().is_err()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The raw tree. Every field is optional; leaves are `Leaf`s and tables `Section`s, neither of
+// which fails to deserialize, so the validation step sees the whole file whatever is wrong in it.
+
+/// A value as written: the wanted type, or the TOML type found instead (`"string"`, `"array"`,
+/// ...), kept for validation to report with the key's path.
+enum Leaf<T> {
+    Ok(T),
+    Wrong(&'static str),
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Leaf<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(d)?;
+        let type_str = type_name(&value);
+        Ok(match T::deserialize(value) {
+            Ok(v) => Leaf::Ok(v),
+            Err(_) => Leaf::Wrong(type_str),
+        })
+    }
+}
+
+/// A table as written: the raw struct built from the keys it knows, plus the keys it does not
+/// (set aside so `deny_unknown_fields` never stops the parse at the first one).
+enum Section<T> {
+    Table {
+        raw: T,
+        unknown: Vec<String>,
+    },
+    /// Not a table, or (a bug) a raw struct that still failed: the message to report.
+    Bad(String),
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Section<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Value::deserialize(d).map(Section::from_value)
+    }
+}
+
+impl<T: DeserializeOwned> Section<T> {
+    fn from_value(value: Value) -> Self {
+        let kind = type_name(&value);
+        let mut table = match value {
+            Value::Table(t) if kind == "table" => t,
+            _ => return Section::Bad(format!("expected a table, got {kind}")),
+        };
+        let known = field_names::<T>();
+        let unknown: Vec<String> = table
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        for key in &unknown {
+            table.remove(key);
+        }
+        match T::deserialize(Value::Table(table)) {
+            Ok(raw) => Section::Table { raw, unknown },
+            Err(e) => Section::Bad(e.to_string()),
+        }
+    }
+}
+
+/// Key of the one-entry table a datetime is swapped for before the raw tree is built: toml's
+/// `Value` hands a datetime on as its text, so an unquoted date would pass as a path or a name.
+const DATETIME_MARK: &str = "\0datetime";
+
+/// Swaps every datetime in `value` for a marked table, which no raw field accepts.
+fn mark_datetimes(value: &mut Value) {
+    match value {
+        Value::Datetime(d) => {
+            let text = Value::String(d.to_string());
+            *value = Value::Table(Table::from_iter([(DATETIME_MARK.to_string(), text)]));
+        }
+        Value::Array(items) => items.iter_mut().for_each(mark_datetimes),
+        Value::Table(t) => t.iter_mut().for_each(|(_, v)| mark_datetimes(v)),
+        Value::String(_) | Value::Integer(_) | Value::Float(_) | Value::Boolean(_) => {}
+    }
+}
+
+/// `Value::type_str`, counting a marked datetime as the datetime it was.
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Table(t) if t.len() == 1 && t.contains_key(DATETIME_MARK) => "datetime",
+        other => other.type_str(),
+    }
+}
+
+/// `key = ["a", "b"]`
+type Strings = Leaf<Vec<Leaf<String>>>;
+/// `[[key]]` or `key = [{ ... }]`
+type Tables<T> = Leaf<Vec<Section<T>>>;
+
+/// The field names of a raw struct, read from its derived `Deserialize` (which hands them to
+/// `deserialize_struct`), so the list of known keys cannot drift from the struct.
+fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(FieldProbe(&mut fields));
+    fields
+}
+
+/// A deserializer that records the field list it is asked for and then gives up.
+struct FieldProbe<'a>(&'a mut &'static [&'static str]);
+
+/// The probe's only error: it never produces a value.
+#[derive(Debug)]
+struct ProbeDone;
+
+impl fmt::Display for ProbeDone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("field probe")
+    }
+}
+
+impl std::error::Error for ProbeDone {}
+
+impl serde::de::Error for ProbeDone {
+    fn custom<M: fmt::Display>(_: M) -> Self {
+        ProbeDone
+    }
+}
+
+impl<'de> Deserializer<'de> for FieldProbe<'_> {
+    type Error = ProbeDone;
+
+    fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, ProbeDone> {
+        Err(ProbeDone)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _: V,
+    ) -> Result<V::Value, ProbeDone> {
+        *self.0 = fields;
+        Err(ProbeDone)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
+}
+
+/// The whole file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    data_dir: Option<Leaf<String>>,
+    wireguard: Option<Section<RawWireguard>>,
+    tunnel: Option<Section<RawTunnel>>,
+    dns: Option<Section<RawDns>>,
+    egress: Option<Section<RawEgress>>,
+    policy: Option<Section<RawPolicy>>,
+    geoip: Option<Section<RawGeoip>>,
+    network: Option<Section<RawNetwork>>,
+    limits: Option<Section<RawLimits>>,
+    vnets: Option<Tables<RawVnet>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWireguard {
+    listen: Option<Leaf<String>>,
+    public_endpoint: Option<Leaf<String>>,
+    interface_name: Option<Leaf<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    ipv4_pool: Option<Leaf<String>>,
+    ipv6_pool: Option<Leaf<String>>,
+    mtu: Option<Leaf<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    upstreams: Option<Strings>,
+    upstream_ca: Option<Leaf<String>>,
+    intercept: Option<Leaf<bool>>,
+    listen: Option<Strings>,
+    locations: Option<Tables<RawDnsLocation>>,
+    block_page: Option<Leaf<String>>,
+    categories: Option<Tables<RawCategory>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDnsLocation {
+    name: Option<Leaf<String>>,
+    id: Option<Leaf<String>>,
+    networks: Option<Strings>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCategory {
+    path: Option<Leaf<String>>,
+    format: Option<Leaf<String>>,
+    category: Option<Leaf<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEgress {
+    default_ipv4: Option<Leaf<String>>,
+    default: Option<Leaf<String>>,
+    locations: Option<Tables<RawEgressLocation>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEgressLocation {
+    name: Option<Leaf<String>>,
+    ipv4: Option<Strings>,
+    ipv6: Option<Leaf<String>>,
+    health_check: Option<Section<RawHealthCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    target: Option<Leaf<String>>,
+    interval: Option<Leaf<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    rules: Option<Leaf<String>>,
+    lists: Option<Leaf<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGeoip {
+    database: Option<Leaf<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    allow_private: Option<Strings>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    tcp_flows_per_device: Option<Leaf<i64>>,
+    udp_flows_per_device: Option<Leaf<i64>>,
+    dns_queries_per_device: Option<Leaf<i64>>,
+    flow_memory_per_device_mb: Option<Leaf<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVnet {
+    name: Option<Leaf<String>>,
+    id: Option<Leaf<String>>,
+    routes: Option<Tables<RawRoute>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    cidr: Option<Leaf<String>>,
+    via: Option<Leaf<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation: raw tree to typed config.
+
+/// `prefix.key`, or `key` at the top; a key that is not a bare TOML key is quoted so the path
+/// stays unambiguous.
+fn join(prefix: &str, key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let key = if bare {
+        key.to_string()
+    } else {
+        format!("{key:?}")
+    };
+    if prefix.is_empty() {
+        key
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// Collects problems while the raw tree is turned into typed values.
+#[derive(Default)]
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// The raw struct of a table, reporting its unknown keys, or `None` if absent or not a table.
+    fn section<T>(&mut self, path: &str, section: Option<Section<T>>) -> Option<T> {
+        match section? {
+            Section::Table { raw, unknown } => {
+                for key in unknown {
+                    self.problem(join(path, &key), "unknown key");
+                }
+                Some(raw)
+            }
+            Section::Bad(message) => {
+                self.problem(path, message);
+                None
+            }
+        }
+    }
+
+    /// The entries of an array of tables, each with its path (`key[i]`).
+    fn tables<T>(&mut self, path: &str, tables: Option<Tables<T>>) -> Vec<(String, T)> {
+        match tables {
+            None => Vec::new(),
+            Some(Leaf::Wrong(_)) => {
+                self.problem(path, "expected an array of tables");
+                Vec::new()
+            }
+            Some(Leaf::Ok(items)) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.into_iter().enumerate() {
+                    let at = format!("{path}[{i}]");
+                    if let Some(raw) = self.section(&at, Some(item)) {
+                        out.push((at, raw));
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    fn string(&mut self, path: &str, leaf: Option<Leaf<String>>) -> Option<String> {
+        match leaf? {
+            Leaf::Ok(s) => Some(s),
+            Leaf::Wrong(got) => {
+                self.problem(path, format!("expected a string, got {got}"));
+                None
+            }
+        }
+    }
+
+    fn parsed<T: std::str::FromStr>(
+        &mut self,
+        path: &str,
+        leaf: Option<Leaf<String>>,
+        expected: &str,
+    ) -> Option<T> {
+        let s = self.string(path, leaf)?;
+        match s.parse() {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.problem(path, format!("expected {expected}, got {s:?}"));
+                None
+            }
+        }
+    }
+
+    fn integer(
+        &mut self,
+        path: &str,
+        leaf: Option<Leaf<i64>>,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Option<i64> {
+        let got = match leaf? {
+            Leaf::Ok(i) if range.contains(&i) => return Some(i),
+            Leaf::Ok(i) => i.to_string(),
+            Leaf::Wrong(got) => got.to_string(),
+        };
+        self.problem(
+            path,
+            format!(
+                "expected an integer from {} to {}, got {got}",
+                range.start(),
+                range.end()
+            ),
+        );
+        None
+    }
+
+    fn boolean(&mut self, path: &str, leaf: Option<Leaf<bool>>) -> Option<bool> {
+        match leaf? {
+            Leaf::Ok(b) => Some(b),
+            Leaf::Wrong(got) => {
+                self.problem(path, format!("expected true or false, got {got}"));
+                None
+            }
+        }
+    }
+
+    /// The strings of an array, each with its path (`key[i]`); other items are reported.
+    fn strings(&mut self, path: &str, leaf: Option<Strings>) -> Vec<(String, String)> {
+        let items = match leaf {
+            None => return Vec::new(),
+            Some(Leaf::Wrong(_)) => {
+                self.problem(path, "expected an array of strings");
+                return Vec::new();
+            }
+            Some(Leaf::Ok(items)) => items,
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            if let Some(s) = self.string(&at, Some(item)) {
+                out.push((at, s));
+            }
+        }
+        out
+    }
+
+    /// Each string of an array parsed as `T`; the ones that do not parse are reported.
+    fn parsed_items<T: std::str::FromStr>(
+        &mut self,
+        path: &str,
+        leaf: Option<Strings>,
+        expected: &str,
+    ) -> Vec<(String, T)> {
+        let mut out = Vec::new();
+        for (at, s) in self.strings(path, leaf) {
+            match s.parse() {
+                Ok(v) => out.push((at, v)),
+                Err(_) => self.problem(at, format!("expected {expected}, got {s:?}")),
+            }
+        }
+        out
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let mut cfg = Config::default();
+        if let Some(v) = self.string("data_dir", raw.data_dir) {
             cfg.data_dir = PathBuf::from(v);
         }
-        if let Some(mut wg) = keys.section("wireguard") {
-            if let Some(v) = wg.parsed::<SocketAddr>("listen", "an address like \"0.0.0.0:51820\"")
-            {
-                cfg.wireguard.listen = v;
-            }
-            if let Some(v) = wg.string("public_endpoint") {
-                if host_port_ok(&v) {
-                    cfg.wireguard.public_endpoint = Some(v);
-                } else {
-                    wg.problem(
-                        "public_endpoint",
-                        format!("expected \"host:port\", got {v:?}"),
-                    );
-                }
-            }
-            if let Some(v) = wg.string("interface_name") {
-                if interface_name_ok(&v) {
-                    cfg.wireguard.interface_name = v;
-                } else {
-                    wg.problem(
-                        "interface_name",
-                        format!("expected 1 to 15 of [A-Za-z0-9_=+.-], got {v:?}"),
-                    );
-                }
-            }
-            keys.absorb(wg);
+        if let Some(wg) = self.section("wireguard", raw.wireguard) {
+            self.wireguard(wg, &mut cfg.wireguard);
         }
-        if let Some(mut t) = keys.section("tunnel") {
-            if let Some(v) = t.parsed::<Ipv4Net>("ipv4_pool", "an IPv4 CIDR like \"100.96.0.0/12\"")
-            {
-                if v.prefix_len() > 30 {
-                    t.problem("ipv4_pool", format!("pool {v} is too small (at most /30)"));
-                } else if v != v.trunc() {
-                    t.problem(
-                        "ipv4_pool",
-                        host_bits(&v.to_string(), &v.trunc().to_string()),
-                    );
-                } else {
-                    cfg.tunnel.ipv4_pool = v.trunc();
-                }
-            }
-            if let Some(v) = t.parsed::<Ipv6Net>("ipv6_pool", "an IPv6 CIDR like \"fd77::/64\"") {
-                if v.prefix_len() > 126 {
-                    t.problem("ipv6_pool", format!("pool {v} is too small (at most /126)"));
-                } else if v != v.trunc() {
-                    t.problem(
-                        "ipv6_pool",
-                        host_bits(&v.to_string(), &v.trunc().to_string()),
-                    );
-                } else {
-                    cfg.tunnel.ipv6_pool = v.trunc();
-                }
-            }
-            if let Some(v) = t.integer("mtu", i64::from(MIN_MTU)..=i64::from(MAX_MTU)) {
-                cfg.tunnel.mtu = v as u16;
-            }
-            keys.absorb(t);
+        if let Some(t) = self.section("tunnel", raw.tunnel) {
+            self.tunnel(t, &mut cfg.tunnel);
         }
-        if let Some(mut d) = keys.section("dns") {
-            if let Some(v) = d.string_array("upstreams") {
-                cfg.dns.upstreams = v;
-            }
-            cfg.dns.upstream_ca = d.string("upstream_ca").map(PathBuf::from);
-            match d.get("intercept") {
-                Some(Value::Boolean(b)) => cfg.dns.intercept = *b,
-                Some(other) => d.problem(
-                    "intercept",
-                    format!("expected true or false, got {}", other.type_str()),
-                ),
-                None => {}
-            }
-            for (i, text) in d
-                .string_array("listen")
-                .unwrap_or_default()
-                .iter()
-                .enumerate()
-            {
-                match text.parse::<SocketAddr>() {
-                    Ok(a) if udp_clash(cfg.wireguard.listen, a) => d.problem(
-                        &format!("listen[{i}]"),
-                        format!(
-                            "{a} clashes with wireguard.listen ({}): both are UDP on the same \
-                             port and address; pick another port for one of them",
-                            cfg.wireguard.listen
-                        ),
-                    ),
-                    Ok(a) => cfg.dns.listen.push(a),
-                    Err(_) => d.problem(
-                        &format!("listen[{i}]"),
-                        format!("expected an address like \"198.51.100.1:53\", got {text:?}"),
-                    ),
-                }
-            }
-            cfg.dns.block_page = d.parsed::<IpAddr>("block_page", "an IP address");
-            for mut c in d.table_array("categories").unwrap_or_default() {
-                let path = c.string("path");
-                if path.is_none() {
-                    c.problem("path", "a category source needs a path".to_string());
-                }
-                let format = match c.string("format").as_deref() {
-                    Some("csv") => Some(CategoryFormat::Csv),
-                    Some("dir") => Some(CategoryFormat::Dir),
-                    Some("ut1") => Some(CategoryFormat::Ut1),
-                    Some("hosts") => Some(CategoryFormat::Hosts),
-                    Some(other) => {
-                        c.problem(
-                            "format",
-                            format!("expected csv, dir, ut1 or hosts, got {other:?}"),
-                        );
-                        None
-                    }
-                    None => {
-                        c.problem("format", "expected csv, dir, ut1 or hosts".to_string());
-                        None
-                    }
-                };
-                let category = c
-                    .integer("category", 1..=i64::from(u16::MAX))
-                    .map(|v| v as u16);
-                if format == Some(CategoryFormat::Hosts) && category.is_none() {
-                    c.problem(
-                        "category",
-                        "a hosts source needs the category id of its domains".to_string(),
-                    );
-                }
-                if let (Some(path), Some(format)) = (path, format) {
-                    cfg.dns.categories.push(CategorySource {
-                        path: PathBuf::from(path),
-                        format,
-                        category,
-                    });
-                }
-                d.absorb(c);
-            }
-            for mut l in d.table_array("locations").unwrap_or_default() {
-                let name = l.string("name");
-                if name.is_none() {
-                    l.problem("name", "a location needs a name".to_string());
-                }
-                let id = l.string("id");
-                let mut networks = Vec::new();
-                for (i, text) in l
-                    .string_array("networks")
-                    .unwrap_or_default()
-                    .iter()
-                    .enumerate()
-                {
-                    match text.parse::<IpNet>() {
-                        Ok(n) => networks.push(n.trunc()),
-                        Err(_) => l.problem(
-                            &format!("networks[{i}]"),
-                            format!("expected a CIDR like \"198.51.100.0/24\", got {text:?}"),
-                        ),
-                    }
-                }
-                if let Some(name) = name {
-                    cfg.dns.locations.push(DnsLocation { name, id, networks });
-                }
-                d.absorb(l);
-            }
-            keys.absorb(d);
+        if let Some(d) = self.section("dns", raw.dns) {
+            cfg.dns = self.dns(d, cfg.wireguard.listen);
         }
-        if let Some(mut e) = keys.section("egress") {
-            if let Some(v) = e.parsed::<Ipv4Addr>("default_ipv4", "an IPv4 address") {
-                cfg.egress.default_ipv4 = Some(v);
-            }
-            if let Some(v) = e.string("default") {
-                match v.as_str() {
-                    "default" => cfg.egress.default = DefaultEgress::Default,
-                    "dedicated" => cfg.egress.default = DefaultEgress::Dedicated,
-                    _ => e.problem(
-                        "default",
-                        format!("expected \"default\" or \"dedicated\", got {v:?}"),
-                    ),
-                }
-            }
-            for mut l in e.table_array("locations").unwrap_or_default() {
-                if let Some(location) = egress_location(&mut l) {
-                    if cfg.egress.locations.iter().any(|o| o.name == location.name) {
-                        l.problem("name", format!("{:?} is used twice", location.name));
-                    } else {
-                        cfg.egress.locations.push(location);
-                    }
-                }
-                e.absorb(l);
-            }
-            if cfg.egress.default == DefaultEgress::Dedicated
-                && !cfg.egress.locations.iter().any(|l| !l.ipv4.is_empty())
-            {
-                e.problem(
-                    "default",
-                    "\"dedicated\" needs an [[egress.locations]] entry with ipv4 addresses"
-                        .to_string(),
-                );
-            }
-            keys.absorb(e);
+        if let Some(e) = self.section("egress", raw.egress) {
+            cfg.egress = self.egress(e);
         }
-        if let Some(mut p) = keys.section("policy") {
-            cfg.policy.rules = p.string("rules").map(PathBuf::from);
-            cfg.policy.lists = p.string("lists").map(PathBuf::from);
-            keys.absorb(p);
+        if let Some(p) = self.section("policy", raw.policy) {
+            cfg.policy.rules = self.string("policy.rules", p.rules).map(PathBuf::from);
+            cfg.policy.lists = self.string("policy.lists", p.lists).map(PathBuf::from);
         }
-        if let Some(mut g) = keys.section("geoip") {
-            cfg.geoip.database = g.string("database").map(PathBuf::from);
-            keys.absorb(g);
+        if let Some(g) = self.section("geoip", raw.geoip) {
+            cfg.geoip.database = self.string("geoip.database", g.database).map(PathBuf::from);
         }
-        if let Some(mut n) = keys.section("network") {
-            for (i, text) in n
-                .string_array("allow_private")
-                .unwrap_or_default()
-                .iter()
-                .enumerate()
-            {
-                match text.parse::<IpNet>() {
-                    Ok(net) => cfg.network.allow_private.push(net.trunc()),
-                    Err(_) => n.problem(
-                        &format!("allow_private[{i}]"),
-                        format!("expected a CIDR like \"10.20.0.0/16\", got {text:?}"),
-                    ),
-                }
-            }
-            keys.absorb(n);
+        if let Some(n) = self.section("network", raw.network) {
+            cfg.network.allow_private = self
+                .parsed_items::<IpNet>(
+                    "network.allow_private",
+                    n.allow_private,
+                    "a CIDR like \"10.20.0.0/16\"",
+                )
+                .into_iter()
+                .map(|(_, net)| net.trunc())
+                .collect();
         }
-        if let Some(mut l) = keys.section("limits") {
-            let l_ = &mut cfg.limits;
-            if let Some(v) = l.integer("tcp_flows_per_device", 1..=1_000_000) {
-                l_.tcp_flows_per_device = v as usize;
-            }
-            if let Some(v) = l.integer("udp_flows_per_device", 1..=1_000_000) {
-                l_.udp_flows_per_device = v as usize;
-            }
-            if let Some(v) = l.integer("dns_queries_per_device", 1..=100_000) {
-                l_.dns_queries_per_device = v as usize;
-            }
-            if let Some(v) = l.integer("flow_memory_per_device_mb", 1..=1_048_576) {
-                l_.flow_memory_per_device = v as usize * 1024 * 1024;
-            }
-            keys.absorb(l);
+        if let Some(l) = self.section("limits", raw.limits) {
+            self.limits(l, &mut cfg.limits);
         }
-        for mut v in keys.table_array("vnets").unwrap_or_default() {
-            if let Some(vnet) = vnet_config(&mut v) {
+        for (at, v) in self.tables("vnets", raw.vnets) {
+            if let Some(vnet) = self.vnet(&at, v) {
                 if cfg
                     .vnets
                     .iter()
                     .any(|o| o.id == vnet.id || o.name == vnet.name)
                 {
-                    v.problem(
-                        "name",
+                    self.problem(
+                        join(&at, "name"),
                         format!("{:?} or its id is declared twice", vnet.name),
                     );
                 } else {
                     cfg.vnets.push(vnet);
                 }
             }
-            keys.absorb(v);
         }
-        let problems = keys.finish();
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(ParseError::Invalid(problems))
+        cfg
+    }
+
+    fn wireguard(&mut self, raw: RawWireguard, wg: &mut WireguardConfig) {
+        if let Some(v) = self.parsed::<SocketAddr>(
+            "wireguard.listen",
+            raw.listen,
+            "an address like \"0.0.0.0:51820\"",
+        ) {
+            wg.listen = v;
         }
+        if let Some(v) = self.string("wireguard.public_endpoint", raw.public_endpoint) {
+            if host_port_ok(&v) {
+                wg.public_endpoint = Some(v);
+            } else {
+                self.problem(
+                    "wireguard.public_endpoint",
+                    format!("expected \"host:port\", got {v:?}"),
+                );
+            }
+        }
+        if let Some(v) = self.string("wireguard.interface_name", raw.interface_name) {
+            if interface_name_ok(&v) {
+                wg.interface_name = v;
+            } else {
+                self.problem(
+                    "wireguard.interface_name",
+                    format!("expected 1 to 15 of [A-Za-z0-9_=+.-], got {v:?}"),
+                );
+            }
+        }
+    }
+
+    fn tunnel(&mut self, raw: RawTunnel, t: &mut TunnelConfig) {
+        const V4: &str = "tunnel.ipv4_pool";
+        const V6: &str = "tunnel.ipv6_pool";
+        if let Some(v) =
+            self.parsed::<Ipv4Net>(V4, raw.ipv4_pool, "an IPv4 CIDR like \"100.96.0.0/12\"")
+        {
+            if v.prefix_len() > 30 {
+                self.problem(V4, format!("pool {v} is too small (at most /30)"));
+            } else if v != v.trunc() {
+                self.problem(V4, host_bits(&v.to_string(), &v.trunc().to_string()));
+            } else {
+                t.ipv4_pool = v;
+            }
+        }
+        if let Some(v) =
+            self.parsed::<Ipv6Net>(V6, raw.ipv6_pool, "an IPv6 CIDR like \"fd77::/64\"")
+        {
+            if v.prefix_len() > 126 {
+                self.problem(V6, format!("pool {v} is too small (at most /126)"));
+            } else if v != v.trunc() {
+                self.problem(V6, host_bits(&v.to_string(), &v.trunc().to_string()));
+            } else {
+                t.ipv6_pool = v;
+            }
+        }
+        let range = i64::from(MIN_MTU)..=i64::from(MAX_MTU);
+        if let Some(v) = self.integer("tunnel.mtu", raw.mtu, range) {
+            // In range, so it fits; the fallback is never taken.
+            t.mtu = u16::try_from(v).unwrap_or(DEFAULT_MTU);
+        }
+    }
+
+    fn dns(&mut self, raw: RawDns, wireguard_listen: SocketAddr) -> DnsConfig {
+        let mut dns = DnsConfig {
+            upstreams: self
+                .strings("dns.upstreams", raw.upstreams)
+                .into_iter()
+                .map(|(_, s)| s)
+                .collect(),
+            upstream_ca: self
+                .string("dns.upstream_ca", raw.upstream_ca)
+                .map(PathBuf::from),
+            intercept: self
+                .boolean("dns.intercept", raw.intercept)
+                .unwrap_or(false),
+            ..DnsConfig::default()
+        };
+        for (at, a) in self.parsed_items::<SocketAddr>(
+            "dns.listen",
+            raw.listen,
+            "an address like \"198.51.100.1:53\"",
+        ) {
+            if udp_clash(wireguard_listen, a) {
+                self.problem(
+                    at,
+                    format!(
+                        "{a} clashes with wireguard.listen ({wireguard_listen}): both are UDP on \
+                         the same port and address; pick another port for one of them"
+                    ),
+                );
+            } else {
+                dns.listen.push(a);
+            }
+        }
+        dns.block_page = self.parsed::<IpAddr>("dns.block_page", raw.block_page, "an IP address");
+        for (at, c) in self.tables("dns.categories", raw.categories) {
+            if let Some(source) = self.category(&at, c) {
+                dns.categories.push(source);
+            }
+        }
+        for (at, l) in self.tables("dns.locations", raw.locations) {
+            let name = self.string(&join(&at, "name"), l.name);
+            if name.is_none() {
+                self.problem(join(&at, "name"), "a location needs a name");
+            }
+            let id = self.string(&join(&at, "id"), l.id);
+            let networks = self
+                .parsed_items::<IpNet>(
+                    &join(&at, "networks"),
+                    l.networks,
+                    "a CIDR like \"198.51.100.0/24\"",
+                )
+                .into_iter()
+                .map(|(_, n)| n.trunc())
+                .collect();
+            if let Some(name) = name {
+                dns.locations.push(DnsLocation { name, id, networks });
+            }
+        }
+        dns
+    }
+
+    fn category(&mut self, at: &str, raw: RawCategory) -> Option<CategorySource> {
+        let path = self.string(&join(at, "path"), raw.path);
+        if path.is_none() {
+            self.problem(join(at, "path"), "a category source needs a path");
+        }
+        let format = match self.string(&join(at, "format"), raw.format).as_deref() {
+            Some("csv") => Some(CategoryFormat::Csv),
+            Some("dir") => Some(CategoryFormat::Dir),
+            Some("ut1") => Some(CategoryFormat::Ut1),
+            Some("hosts") => Some(CategoryFormat::Hosts),
+            Some(other) => {
+                self.problem(
+                    join(at, "format"),
+                    format!("expected csv, dir, ut1 or hosts, got {other:?}"),
+                );
+                None
+            }
+            None => {
+                self.problem(join(at, "format"), "expected csv, dir, ut1 or hosts");
+                None
+            }
+        };
+        let category = self
+            .integer(&join(at, "category"), raw.category, 1..=i64::from(u16::MAX))
+            .and_then(|v| u16::try_from(v).ok());
+        if format == Some(CategoryFormat::Hosts) && category.is_none() {
+            self.problem(
+                join(at, "category"),
+                "a hosts source needs the category id of its domains",
+            );
+        }
+        Some(CategorySource {
+            path: PathBuf::from(path?),
+            format: format?,
+            category,
+        })
+    }
+
+    fn egress(&mut self, raw: RawEgress) -> EgressConfig {
+        let mut egress = EgressConfig {
+            default_ipv4: self.parsed::<Ipv4Addr>(
+                "egress.default_ipv4",
+                raw.default_ipv4,
+                "an IPv4 address",
+            ),
+            ..EgressConfig::default()
+        };
+        if let Some(v) = self.string("egress.default", raw.default) {
+            match v.as_str() {
+                "default" => egress.default = DefaultEgress::Default,
+                "dedicated" => egress.default = DefaultEgress::Dedicated,
+                _ => self.problem(
+                    "egress.default",
+                    format!("expected \"default\" or \"dedicated\", got {v:?}"),
+                ),
+            }
+        }
+        for (at, l) in self.tables("egress.locations", raw.locations) {
+            if let Some(location) = self.egress_location(&at, l) {
+                if egress.locations.iter().any(|o| o.name == location.name) {
+                    self.problem(
+                        join(&at, "name"),
+                        format!("{:?} is used twice", location.name),
+                    );
+                } else {
+                    egress.locations.push(location);
+                }
+            }
+        }
+        if egress.default == DefaultEgress::Dedicated
+            && !egress.locations.iter().any(|l| !l.ipv4.is_empty())
+        {
+            self.problem(
+                "egress.default",
+                "\"dedicated\" needs an [[egress.locations]] entry with ipv4 addresses",
+            );
+        }
+        egress
+    }
+
+    fn egress_location(
+        &mut self,
+        at: &str,
+        raw: RawEgressLocation,
+    ) -> Option<EgressLocationConfig> {
+        let Some(name) = self.string(&join(at, "name"), raw.name) else {
+            self.problem(join(at, "name"), "missing");
+            return None;
+        };
+        let ipv4: Vec<Ipv4Addr> = self
+            .parsed_items(&join(at, "ipv4"), raw.ipv4, "an IPv4 address")
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect();
+        let ipv6 = self
+            .parsed::<Ipv6Net>(
+                &join(at, "ipv6"),
+                raw.ipv6,
+                "an IPv6 prefix like \"2001:db8:2:10::/64\"",
+            )
+            .map(|p| p.trunc());
+        if ipv6.is_some_and(|p| p.prefix_len() > 120) {
+            self.problem(join(at, "ipv6"), "prefix too long (at most /120)");
+        }
+        if ipv4.is_empty() && ipv6.is_none() {
+            self.problem(
+                join(at, "ipv4"),
+                "a location needs ipv4 addresses or an ipv6 prefix",
+            );
+        }
+        let health_at = join(at, "health_check");
+        let health_check = match self.section(&health_at, raw.health_check) {
+            Some(h) => self.health_check(&health_at, h),
+            None => None,
+        };
+        Some(EgressLocationConfig {
+            name,
+            ipv4,
+            ipv6,
+            health_check,
+        })
+    }
+
+    fn health_check(&mut self, at: &str, raw: RawHealthCheck) -> Option<HealthCheckConfig> {
+        if raw.target.is_none() {
+            self.problem(join(at, "target"), "missing");
+        }
+        let target = self.parsed::<SocketAddr>(
+            &join(at, "target"),
+            raw.target,
+            "an address like \"203.0.113.10:80\"",
+        );
+        let interval = match self.string(&join(at, "interval"), raw.interval) {
+            Some(v) => match parse_duration(&v) {
+                Some(d) => Some(d),
+                None => {
+                    self.problem(
+                        join(at, "interval"),
+                        format!("expected a duration like \"1s\" or \"500ms\", got {v:?}"),
+                    );
+                    None
+                }
+            },
+            None => Some(std::time::Duration::from_secs(1)),
+        };
+        target
+            .zip(interval)
+            .map(|(target, interval)| HealthCheckConfig { target, interval })
+    }
+
+    fn limits(&mut self, raw: RawLimits, limits: &mut LimitsConfig) {
+        let tcp = self.count("tcp_flows_per_device", raw.tcp_flows_per_device, 1_000_000);
+        if let Some(v) = tcp {
+            limits.tcp_flows_per_device = v;
+        }
+        let udp = self.count("udp_flows_per_device", raw.udp_flows_per_device, 1_000_000);
+        if let Some(v) = udp {
+            limits.udp_flows_per_device = v;
+        }
+        let dns = self.count(
+            "dns_queries_per_device",
+            raw.dns_queries_per_device,
+            100_000,
+        );
+        if let Some(v) = dns {
+            limits.dns_queries_per_device = v;
+        }
+        let mb = self.count(
+            "flow_memory_per_device_mb",
+            raw.flow_memory_per_device_mb,
+            1_048_576,
+        );
+        if let Some(v) = mb {
+            // Saturates instead of wrapping where usize is 32 bits.
+            limits.flow_memory_per_device = v.saturating_mul(1024 * 1024);
+        }
+    }
+
+    /// A `[limits]` count from 1 to `max`.
+    fn count(&mut self, key: &str, leaf: Option<Leaf<i64>>, max: i64) -> Option<usize> {
+        self.integer(&join("limits", key), leaf, 1..=max)
+            .and_then(|v| usize::try_from(v).ok())
+    }
+
+    fn vnet(&mut self, at: &str, raw: RawVnet) -> Option<VnetConfig> {
+        let name = self.string(&join(at, "name"), raw.name);
+        if name.is_none() {
+            self.problem(join(at, "name"), "missing");
+        }
+        let id = match self.string(&join(at, "id"), raw.id) {
+            Some(id) if uuid_ok(&id) => Some(id.to_ascii_lowercase()),
+            Some(id) => {
+                self.problem(
+                    join(at, "id"),
+                    format!(
+                        "expected a UUID like \"f70ff985-a4ef-4643-bbbc-4a0ed4fc8415\", got {id:?}"
+                    ),
+                );
+                None
+            }
+            None => {
+                self.problem(join(at, "id"), "missing (a UUID)");
+                None
+            }
+        };
+        let mut routes = Vec::new();
+        for (r_at, r) in self.tables(&join(at, "routes"), raw.routes) {
+            let cidr = self.parsed::<IpNet>(
+                &join(&r_at, "cidr"),
+                r.cidr,
+                "a CIDR like \"198.18.0.0/16\"",
+            );
+            let via = self.string(&join(&r_at, "via"), r.via);
+            if via.is_none() {
+                self.problem(
+                    join(&r_at, "via"),
+                    "missing (the interface towards the site)",
+                );
+            }
+            if let (Some(cidr), Some(via)) = (cidr, via) {
+                match route_via(cidr, &via) {
+                    Some(via) => routes.push((cidr.trunc(), via)),
+                    None => self.problem(
+                        join(&r_at, "via"),
+                        format!(
+                            "expected an interface name or a next hop of the range's family, got {via:?}"
+                        ),
+                    ),
+                }
+            }
+        }
+        Some(VnetConfig {
+            name: name?,
+            id: id?,
+            routes,
+        })
     }
 }
 
-/// A UUID in its usual text form, lower-cased.
+/// A UUID in its usual text form.
 fn uuid_ok(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
         && groups
             .iter()
             .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-fn vnet_config(v: &mut Keys<'_>) -> Option<VnetConfig> {
-    let name = v.string("name");
-    if name.is_none() {
-        v.problem("name", "missing".to_string());
-    }
-    let id = match v.string("id") {
-        Some(id) if uuid_ok(&id) => Some(id.to_ascii_lowercase()),
-        Some(id) => {
-            v.problem(
-                "id",
-                format!(
-                    "expected a UUID like \"f70ff985-a4ef-4643-bbbc-4a0ed4fc8415\", got {id:?}"
-                ),
-            );
-            None
-        }
-        None => {
-            v.problem("id", "missing (a UUID)".to_string());
-            None
-        }
-    };
-    let mut routes = Vec::new();
-    for (i, mut r) in v
-        .table_array("routes")
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
-        let cidr = r.parsed::<ipnet::IpNet>("cidr", "a CIDR like \"198.18.0.0/16\"");
-        let via = r.string("via");
-        if via.is_none() {
-            r.problem(
-                "via",
-                "missing (the interface towards the site)".to_string(),
-            );
-        }
-        if let (Some(cidr), Some(via)) = (cidr, via) {
-            match route_via(cidr, &via) {
-                Some(via) => routes.push((cidr.trunc(), via)),
-                None => r.problem(
-                    "via",
-                    format!(
-                        "expected an interface name or a next hop of the range's family, got {via:?}"
-                    ),
-                ),
-            }
-        }
-        let _ = i;
-        v.absorb(r);
-    }
-    Some(VnetConfig {
-        name: name?,
-        id: id?,
-        routes,
-    })
-}
-
-fn egress_location(l: &mut Keys<'_>) -> Option<EgressLocationConfig> {
-    let Some(name) = l.string("name") else {
-        l.problem("name", "missing".to_string());
-        return None;
-    };
-    let mut ipv4 = Vec::new();
-    for (i, v) in l
-        .string_array("ipv4")
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
-        match v.parse::<Ipv4Addr>() {
-            Ok(a) => ipv4.push(a),
-            Err(_) => l.problem(
-                &format!("ipv4[{i}]"),
-                format!("expected an IPv4 address, got {v:?}"),
-            ),
-        }
-    }
-    let ipv6 = l
-        .parsed::<Ipv6Net>("ipv6", "an IPv6 prefix like \"2001:db8:2:10::/64\"")
-        .map(|p| p.trunc());
-    if ipv6.is_some_and(|p| p.prefix_len() > 120) {
-        l.problem("ipv6", "prefix too long (at most /120)".to_string());
-    }
-    if ipv4.is_empty() && ipv6.is_none() {
-        l.problem(
-            "ipv4",
-            "a location needs ipv4 addresses or an ipv6 prefix".to_string(),
-        );
-    }
-    let health_check = match l.section("health_check") {
-        Some(mut h) => {
-            let target = h.parsed::<SocketAddr>("target", "an address like \"203.0.113.10:80\"");
-            let interval = match h.string("interval") {
-                Some(v) => match parse_duration(&v) {
-                    Some(d) => Some(d),
-                    None => {
-                        h.problem(
-                            "interval",
-                            format!("expected a duration like \"1s\" or \"500ms\", got {v:?}"),
-                        );
-                        None
-                    }
-                },
-                None => Some(std::time::Duration::from_secs(1)),
-            };
-            if target.is_none() && !h.table.contains_key("target") {
-                h.problem("target", "missing".to_string());
-            }
-            l.absorb(h);
-            target
-                .zip(interval)
-                .map(|(target, interval)| HealthCheckConfig { target, interval })
-        }
-        None => None,
-    };
-    Some(EgressLocationConfig {
-        name,
-        ipv4,
-        ipv6,
-        health_check,
-    })
 }
 
 /// The message for a pool written with host bits set (`100.96.0.1/12`): the gateway's own
@@ -748,15 +1325,6 @@ fn udp_clash(wg: SocketAddr, dns: SocketAddr) -> bool {
         || (d.is_unspecified() && d.is_ipv4() == w.is_ipv4())
 }
 
-/// Why TOML text was rejected (without the file name; see [`ConfigError`]).
-#[derive(Debug, PartialEq, Eq)]
-pub enum ParseError {
-    /// Not TOML.
-    Syntax(String),
-    /// Bad keys or values, each message starting with the key path.
-    Invalid(Vec<String>),
-}
-
 fn host_port_ok(v: &str) -> bool {
     match v.rsplit_once(':') {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
@@ -770,183 +1338,44 @@ fn interface_name_ok(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_=+.-".contains(&b))
 }
 
-/// Walks one TOML table, remembering which keys were read so the rest can be reported unknown.
-struct Keys<'a> {
-    table: &'a Table,
-    prefix: String,
-    seen: Vec<&'a str>,
-    problems: Vec<String>,
-}
-
-impl<'a> Keys<'a> {
-    fn new(table: &'a Table, prefix: &str) -> Self {
-        Keys {
-            table,
-            prefix: prefix.to_string(),
-            seen: Vec::new(),
-            problems: Vec::new(),
-        }
-    }
-
-    fn path(&self, key: &str) -> String {
-        if self.prefix.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.prefix)
-        }
-    }
-
-    fn problem(&mut self, key: &str, message: String) {
-        let path = self.path(key);
-        self.problems.push(format!("{path}: {message}"));
-    }
-
-    fn get(&mut self, key: &'a str) -> Option<&'a Value> {
-        let v = self.table.get(key)?;
-        self.seen.push(key);
-        Some(v)
-    }
-
-    fn string(&mut self, key: &'a str) -> Option<String> {
-        match self.get(key)? {
-            Value::String(s) => Some(s.clone()),
-            other => {
-                self.problem(key, format!("expected a string, got {}", other.type_str()));
-                None
-            }
-        }
-    }
-
-    fn parsed<T: std::str::FromStr>(&mut self, key: &'a str, expected: &str) -> Option<T> {
-        let s = self.string(key)?;
-        match s.parse() {
-            Ok(v) => Some(v),
-            Err(_) => {
-                self.problem(key, format!("expected {expected}, got {s:?}"));
-                None
-            }
-        }
-    }
-
-    fn integer(&mut self, key: &'a str, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
-        match self.get(key)? {
-            Value::Integer(i) if range.contains(i) => Some(*i),
-            other => {
-                let got = match other {
-                    Value::Integer(i) => i.to_string(),
-                    v => v.type_str().to_string(),
-                };
-                self.problem(
-                    key,
-                    format!(
-                        "expected an integer from {} to {}, got {got}",
-                        range.start(),
-                        range.end()
-                    ),
-                );
-                None
-            }
-        }
-    }
-
-    fn string_array(&mut self, key: &'a str) -> Option<Vec<String>> {
-        let Value::Array(items) = self.get(key)? else {
-            self.problem(key, "expected an array of strings".to_string());
-            return None;
-        };
-        let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            match item {
-                Value::String(s) => out.push(s.clone()),
-                other => {
-                    let path = format!("{key}[{i}]");
-                    self.problem(
-                        &path,
-                        format!("expected a string, got {}", other.type_str()),
-                    );
-                    return None;
-                }
-            }
-        }
-        Some(out)
-    }
-
-    fn section(&mut self, key: &'a str) -> Option<Keys<'a>> {
-        match self.get(key)? {
-            Value::Table(t) => Some(Keys::new(t, &self.path(key))),
-            other => {
-                self.problem(key, format!("expected a table, got {}", other.type_str()));
-                None
-            }
-        }
-    }
-
-    /// An array of tables (`[[key]]`), one `Keys` per entry.
-    fn table_array(&mut self, key: &'a str) -> Option<Vec<Keys<'a>>> {
-        let path = self.path(key);
-        let Value::Array(items) = self.get(key)? else {
-            self.problem(key, "expected an array of tables".to_string());
-            return None;
-        };
-        let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            match item {
-                Value::Table(t) => out.push(Keys::new(t, &format!("{path}[{i}]"))),
-                other => {
-                    let p = format!("{key}[{i}]");
-                    self.problem(&p, format!("expected a table, got {}", other.type_str()));
-                }
-            }
-        }
-        Some(out)
-    }
-
-    fn absorb(&mut self, child: Keys<'_>) {
-        self.problems.extend(child.finish());
-    }
-
-    fn finish(mut self) -> Vec<String> {
-        let unknown: Vec<&String> = self
-            .table
-            .keys()
-            .filter(|k| !self.seen.contains(&k.as_str()))
-            .collect();
-        for key in unknown {
-            let path = self.path(key);
-            self.problems.push(format!("{path}: unknown key"));
-        }
-        self.problems
-    }
-}
-
-/// The `via` of a virtual network's route: a next hop of the range's family, or an interface
-/// name (Linux's rules: 1 to 15 bytes, no `/`, whitespace or `:`).
-pub fn route_via(cidr: IpNet, via: &str) -> Option<String> {
-    let via = via.trim();
-    match via.parse::<IpAddr>() {
-        Ok(hop) if hop.is_ipv4() == cidr.addr().is_ipv4() && !hop.is_unspecified() => {
-            Some(hop.to_string())
-        }
-        Ok(_) => None,
-        Err(_)
-            if (1..=15).contains(&via.len())
-                && via
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':') =>
-        {
-            Some(via.to_string())
-        }
-        Err(_) => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The problems `text` is rejected with, as printed.
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.iter().map(ToString::to_string).collect()
+            }
+            other => panic!("expected invalid keys, got {other:?}"),
+        }
+    }
+
+    /// The key paths `text` is rejected for.
+    fn bad_keys(text: &str) -> Vec<String> {
+        match Config::parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.into_iter().map(|p| p.key).collect()
+            }
+            other => panic!("expected invalid keys, got {other:?}"),
+        }
+    }
+
+    fn assert_all(joined: &str, needles: &[&str]) {
+        for needle in needles {
+            assert!(
+                joined.contains(needle),
+                "{needle:?} missing from:\n{joined}"
+            );
+        }
+    }
 
     #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(Config::parse("").unwrap(), Config::default());
+        assert_eq!(parse_str("").unwrap(), Config::default());
         let d = Config::default();
         assert_eq!(d.tunnel.gateway_ipv4(), Ipv4Addr::new(100, 96, 0, 1));
         assert_eq!(d.tunnel.gateway_ipv6().to_string(), "fd77:6761:7465::1");
@@ -969,6 +1398,20 @@ mod tests {
             [dns]
             upstreams = ["203.0.113.53:53", "tls://dns.example@203.0.113.53"]
             upstream_ca = "private-ca.pem"
+            intercept = true
+            listen = ["198.51.100.1:53"]
+            block_page = "192.0.2.80"
+            [[dns.categories]]
+            path = "categories.csv"
+            format = "csv"
+            [[dns.categories]]
+            path = "ads.hosts"
+            format = "hosts"
+            category = 117
+            [[dns.locations]]
+            name = "office"
+            id = "loc-1"
+            networks = ["198.51.100.7/24"]
             [egress]
             default_ipv4 = "192.0.2.1"
             [policy]
@@ -981,12 +1424,48 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/waygate"));
         assert_eq!(cfg.wireguard.listen, "198.51.100.1:51820".parse().unwrap());
+        assert_eq!(
+            cfg.wireguard.public_endpoint.as_deref(),
+            Some("gw.example.com:51820")
+        );
+        assert_eq!(cfg.wireguard.interface_name, "wg-test0");
         assert_eq!(cfg.tunnel.mtu, 1380);
         assert_eq!(cfg.tunnel.gateway_ipv4(), Ipv4Addr::new(100, 100, 0, 1));
         assert_eq!(cfg.egress.default_ipv4, Some(Ipv4Addr::new(192, 0, 2, 1)));
         assert_eq!(cfg.dns.upstreams.len(), 2);
         assert_eq!(cfg.dns.upstream_ca, Some(PathBuf::from("private-ca.pem")));
+        assert!(cfg.dns.intercept);
+        assert_eq!(cfg.dns.listen, vec!["198.51.100.1:53".parse().unwrap()]);
+        assert_eq!(cfg.dns.block_page, Some("192.0.2.80".parse().unwrap()));
+        assert_eq!(
+            cfg.dns.categories,
+            vec![
+                CategorySource {
+                    path: "categories.csv".into(),
+                    format: CategoryFormat::Csv,
+                    category: None
+                },
+                CategorySource {
+                    path: "ads.hosts".into(),
+                    format: CategoryFormat::Hosts,
+                    category: Some(117)
+                },
+            ]
+        );
+        assert_eq!(
+            cfg.dns.locations,
+            vec![DnsLocation {
+                name: "office".into(),
+                id: Some("loc-1".into()),
+                networks: vec!["198.51.100.0/24".parse().unwrap()],
+            }]
+        );
         assert_eq!(cfg.policy.rules, Some(PathBuf::from("rules.json")));
+        assert_eq!(cfg.policy.lists, Some(PathBuf::from("lists.json")));
+        assert_eq!(
+            cfg.geoip.database,
+            Some(PathBuf::from("GeoLite2-Country.mmdb"))
+        );
     }
 
     #[test]
@@ -1014,13 +1493,9 @@ mod tests {
         assert_eq!(cfg.limits.udp_flows_per_device, 40);
         assert_eq!(cfg.limits.dns_queries_per_device, 30);
         assert_eq!(cfg.limits.flow_memory_per_device, 8 * 1024 * 1024);
-        let err = Config::parse(
+        let problems = problems(
             "[network]\nallow_private = [\"10.0.0.0/33\"]\n[limits]\ntcp_flows_per_device = 0\n",
-        )
-        .unwrap_err();
-        let ParseError::Invalid(problems) = err else {
-            panic!("expected invalid keys");
-        };
+        );
         assert!(
             problems[0].starts_with("network.allow_private[0]"),
             "{problems:?}"
@@ -1033,7 +1508,7 @@ mod tests {
 
     #[test]
     fn every_bad_key_is_named_in_one_pass() {
-        let err = Config::parse(
+        let problems = problems(
             r#"
             colour = "blue"
             [tunnel]
@@ -1044,41 +1519,237 @@ mod tests {
             [wireguard]
             listne = "0.0.0.0:1"
             "#,
-        )
-        .unwrap_err();
-        let ParseError::Invalid(problems) = err else {
-            panic!("expected Invalid, got {err:?}");
-        };
+        );
         let joined = problems.join("\n");
-        for needle in [
-            "colour: unknown key",
-            "tunnel.mtu: expected an integer from 576 to 9000, got 70000",
-            "tunnel.ipv4_pool: expected an IPv4 CIDR",
-            "egress.default_ipv4: expected an IPv4 address",
-            "wireguard.listne: unknown key",
-        ] {
-            assert!(
-                joined.contains(needle),
-                "{needle:?} missing from:\n{joined}"
-            );
-        }
+        assert_all(
+            &joined,
+            &[
+                "colour: unknown key",
+                "tunnel.mtu: expected an integer from 576 to 9000, got 70000",
+                "tunnel.ipv4_pool: expected an IPv4 CIDR",
+                "egress.default_ipv4: expected an IPv4 address",
+                "wireguard.listne: unknown key",
+            ],
+        );
         assert_eq!(problems.len(), 5, "{joined}");
     }
 
     #[test]
+    fn wrong_types_in_one_table_are_all_reported() {
+        // A derived Deserialize would stop at the first of these.
+        let problems = problems(
+            r#"
+            data_dir = 7
+            [tunnel]
+            ipv4_pool = 5
+            ipv6_pool = true
+            mtu = "big"
+            extra = 1
+            [wireguard]
+            listen = ["0.0.0.0:1"]
+            public_endpoint = { host = "x" }
+            interface_name = 1979-05-27T07:32:00Z
+            [dns]
+            upstreams = ["a", 5, "b", false, 1979-05-27]
+            intercept = "yes"
+            listen = "198.51.100.1:53"
+            [limits]
+            tcp_flows_per_device = 1.5
+            "#,
+        );
+        let joined = problems.join("\n");
+        assert_all(
+            &joined,
+            &[
+                "data_dir: expected a string, got integer",
+                "tunnel.ipv4_pool: expected a string, got integer",
+                "tunnel.ipv6_pool: expected a string, got boolean",
+                "tunnel.mtu: expected an integer from 576 to 9000, got string",
+                "tunnel.extra: unknown key",
+                "wireguard.listen: expected a string, got array",
+                "wireguard.public_endpoint: expected a string, got table",
+                "wireguard.interface_name: expected a string, got datetime",
+                "dns.upstreams[1]: expected a string, got integer",
+                "dns.upstreams[3]: expected a string, got boolean",
+                "dns.upstreams[4]: expected a string, got datetime",
+                "dns.intercept: expected true or false, got string",
+                "dns.listen: expected an array of strings",
+                "limits.tcp_flows_per_device: expected an integer from 1 to 1000000, got float",
+            ],
+        );
+        assert_eq!(problems.len(), 14, "{joined}");
+    }
+
+    #[test]
+    fn tables_of_the_wrong_type_name_their_key() {
+        let problems = problems(
+            "tunnel = 5\nwireguard = \"x\"\nvnets = 3\ngeoip = 1979-05-27\n[dns]\nlocations = [1, { name = \"a\" }]\n\
+             categories = { path = \"x\" }\n",
+        );
+        let joined = problems.join("\n");
+        assert_all(
+            &joined,
+            &[
+                "tunnel: expected a table, got integer",
+                "wireguard: expected a table, got string",
+                "vnets: expected an array of tables",
+                "dns.locations[0]: expected a table, got integer",
+                "dns.categories: expected an array of tables",
+                "geoip: expected a table, got datetime",
+            ],
+        );
+        assert_eq!(problems.len(), 6, "{joined}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_at_every_depth() {
+        let keys = bad_keys(
+            r#"
+            colour = "blue"
+            [wireguard]
+            listne = "0.0.0.0:1"
+            [tunnel]
+            "a.b" = 1
+            [dns]
+            [[dns.locations]]
+            name = "office"
+            colour = "red"
+            [[dns.categories]]
+            path = "c.csv"
+            format = "csv"
+            weight = 2
+            [egress]
+            [[egress.locations]]
+            name = "a"
+            ipv4 = ["192.0.2.10"]
+            [[egress.locations]]
+            name = "b"
+            ipv4 = ["192.0.2.11"]
+            health_check = { target = "203.0.113.10:80", colour = 1 }
+            [policy]
+            rule = "r.json"
+            [geoip]
+            db = "x"
+            [network]
+            allow = []
+            [limits]
+            tcp_flows = 1
+            [[vnets]]
+            name = "site-a"
+            id = "f70ff985-a4ef-4643-bbbc-4a0ed4fc8415"
+            routes = [{ cidr = "198.18.0.0/16", via = "sa", metric = 1 }]
+            mtu = 1
+            "#,
+        );
+        let mut keys = keys;
+        keys.sort();
+        let mut want = vec![
+            "colour",
+            "wireguard.listne",
+            "tunnel.\"a.b\"",
+            "dns.locations[0].colour",
+            "dns.categories[0].weight",
+            "egress.locations[1].health_check.colour",
+            "policy.rule",
+            "geoip.db",
+            "network.allow",
+            "limits.tcp_flows",
+            "vnets[0].routes[0].metric",
+            "vnets[0].mtu",
+        ];
+        want.sort();
+        assert_eq!(keys, want);
+        // Each of them is reported as unknown, not as anything else.
+        let text = "[egress]\n[[egress.locations]]\nname = \"a\"\nipv4 = [\"192.0.2.1\"]\n\
+                    health_check = { target = \"203.0.113.10:80\", colour = 1 }\n";
+        assert_eq!(
+            problems(text),
+            vec!["egress.locations[0].health_check.colour: unknown key"]
+        );
+    }
+
+    #[test]
+    fn the_known_keys_come_from_the_raw_structs() {
+        assert_eq!(
+            field_names::<RawTunnel>(),
+            &["ipv4_pool", "ipv6_pool", "mtu"]
+        );
+        assert_eq!(field_names::<RawConfig>().len(), 10);
+        assert!(field_names::<RawHealthCheck>().contains(&"interval"));
+    }
+
+    /// Each bounded key at and just past its bounds: `(toml, accepted)`.
+    #[test]
+    fn every_range_is_checked_at_its_bounds() {
+        let v4 = "[tunnel]\nipv4_pool";
+        let v6 = "[tunnel]\nipv6_pool";
+        let loc = "[[egress.locations]]\nname = \"a\"\nipv6";
+        let cat = "[[dns.categories]]\npath = \"h\"\nformat = \"hosts\"\ncategory";
+        let cases: &[(&str, &str, bool)] = &[
+            ("[tunnel]\nmtu", "575", false),
+            ("[tunnel]\nmtu", "576", true),
+            ("[tunnel]\nmtu", "9000", true),
+            ("[tunnel]\nmtu", "9001", false),
+            ("[tunnel]\nmtu", "-1", false),
+            ("[tunnel]\nmtu", "9223372036854775807", false),
+            (v4, "\"10.0.0.0/30\"", true),
+            (v4, "\"10.0.0.0/31\"", false),
+            (v6, "\"fd00::/126\"", true),
+            (v6, "\"fd00::/127\"", false),
+            (loc, "\"2001:db8::/120\"", true),
+            (loc, "\"2001:db8::/121\"", false),
+            (cat, "0", false),
+            (cat, "1", true),
+            (cat, "65535", true),
+            (cat, "65536", false),
+            ("[limits]\ntcp_flows_per_device", "0", false),
+            ("[limits]\ntcp_flows_per_device", "1000000", true),
+            ("[limits]\ntcp_flows_per_device", "1000001", false),
+            ("[limits]\nudp_flows_per_device", "1", true),
+            ("[limits]\nudp_flows_per_device", "1000001", false),
+            ("[limits]\ndns_queries_per_device", "100000", true),
+            ("[limits]\ndns_queries_per_device", "100001", false),
+            ("[limits]\nflow_memory_per_device_mb", "1048576", true),
+            ("[limits]\nflow_memory_per_device_mb", "1048577", false),
+            ("[wireguard]\ninterface_name", "\"abcdefghijklmno\"", true),
+            ("[wireguard]\ninterface_name", "\"abcdefghijklmnop\"", false),
+            ("[wireguard]\ninterface_name", "\"\"", false),
+            ("[wireguard]\ninterface_name", "\"wg/0\"", false),
+            ("[wireguard]\npublic_endpoint", "\"gw.example:1\"", true),
+            ("[wireguard]\npublic_endpoint", "\"gw.example:0\"", false),
+            ("[wireguard]\npublic_endpoint", "\"gw.example\"", false),
+            ("[wireguard]\npublic_endpoint", "\":51820\"", false),
+        ];
+        for (key, value, ok) in cases {
+            let text = format!("{key} = {value}\n");
+            match Config::parse(&text) {
+                Ok(_) => assert!(ok, "accepted:\n{text}"),
+                Err(e) => {
+                    assert!(!ok, "refused:\n{text}\n{e}");
+                    // A hosts source refused for its category is also one without a category.
+                    let name = key.rsplit('\n').next().unwrap_or(key);
+                    assert!(
+                        !e.problems().is_empty()
+                            && e.problems().iter().all(|p| p.key.ends_with(name)),
+                        "{e}"
+                    );
+                }
+            }
+        }
+        let cfg = Config::parse("[limits]\nflow_memory_per_device_mb = 1048576\n").unwrap();
+        assert_eq!(cfg.limits.flow_memory_per_device, 1 << 40);
+    }
+
+    #[test]
     fn pools_with_host_bits_are_refused_by_key() {
-        let err = Config::parse(
+        let joined = problems(
             r#"
             [tunnel]
             ipv4_pool = "100.96.0.1/12"
             ipv6_pool = "fd77:6761:7465::1/64"
             "#,
         )
-        .unwrap_err();
-        let ParseError::Invalid(problems) = err else {
-            panic!("expected Invalid, got {err:?}");
-        };
-        let joined = problems.join("\n");
+        .join("\n");
         assert!(
             joined.contains("tunnel.ipv4_pool: 100.96.0.1/12 has host bits set")
                 && joined.contains("\"100.96.0.0/12\""),
@@ -1095,18 +1766,14 @@ mod tests {
 
     #[test]
     fn dns_listen_clashing_with_wireguard_listen_names_both_keys() {
-        let err = Config::parse(
+        let problems = problems(
             r#"
             [wireguard]
             listen = "0.0.0.0:5353"
             [dns]
             listen = ["198.51.100.1:53", "198.51.100.1:5353"]
             "#,
-        )
-        .unwrap_err();
-        let ParseError::Invalid(problems) = err else {
-            panic!("expected Invalid, got {err:?}");
-        };
+        );
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
             problems[0].starts_with(
@@ -1139,11 +1806,15 @@ mod tests {
             [[egress.locations]]
             name = "secondary"
             ipv4 = ["192.0.2.11", "192.0.2.12"]
+            [[egress.locations]]
+            name = "tertiary"
+            ipv4 = ["192.0.2.13"]
+            health_check = { target = "203.0.113.10:80" }
             "#,
         )
         .unwrap();
         assert_eq!(cfg.egress.default, DefaultEgress::Dedicated);
-        assert_eq!(cfg.egress.locations.len(), 2);
+        assert_eq!(cfg.egress.locations.len(), 3);
         let p = &cfg.egress.locations[0];
         assert_eq!(p.ipv6, Some("2001:db8:2:10::/64".parse().unwrap()));
         assert_eq!(
@@ -1155,11 +1826,16 @@ mod tests {
         );
         assert_eq!(cfg.egress.locations[1].ipv4.len(), 2);
         assert_eq!(cfg.egress.locations[1].health_check, None);
+        assert_eq!(
+            cfg.egress.locations[2].health_check.map(|h| h.interval),
+            Some(std::time::Duration::from_secs(1)),
+            "the interval defaults to a second"
+        );
     }
 
     #[test]
     fn bad_egress_locations_name_the_entry() {
-        let err = Config::parse(
+        let joined = problems(
             r#"
             [egress]
             default = "dedicated"
@@ -1172,26 +1848,63 @@ mod tests {
             ipv6 = "2001:db8::/64"
             [[egress.locations]]
             ipv4 = ["192.0.2.1"]
+            [[egress.locations]]
+            name = "d"
+            ipv6 = "2001:db8:1::/64"
+            health_check = { interval = "1s" }
             "#,
         )
-        .unwrap_err();
-        let ParseError::Invalid(problems) = err else {
-            panic!()
-        };
-        let joined = problems.join("\n");
-        for needle in [
-            "egress.locations[0].ipv4[0]: expected an IPv4 address",
-            "egress.locations[0].health_check.interval: expected a duration",
-            "egress.locations[0].health_check.colour: unknown key",
-            "egress.locations[1].name: \"a\" is used twice",
-            "egress.locations[2].name: missing",
-            "egress.default: \"dedicated\" needs",
-        ] {
-            assert!(
-                joined.contains(needle),
-                "{needle:?} missing from:\n{joined}"
-            );
-        }
+        .join("\n");
+        assert_all(
+            &joined,
+            &[
+                "egress.locations[0].ipv4[0]: expected an IPv4 address",
+                "egress.locations[0].health_check.interval: expected a duration",
+                "egress.locations[0].health_check.colour: unknown key",
+                "egress.locations[1].name: \"a\" is used twice",
+                "egress.locations[2].name: missing",
+                "egress.locations[3].health_check.target: missing",
+                "egress.default: \"dedicated\" needs",
+            ],
+        );
+        assert_eq!(
+            problems("[egress]\ndefault = \"nearest\"\n"),
+            vec!["egress.default: expected \"default\" or \"dedicated\", got \"nearest\""]
+        );
+    }
+
+    #[test]
+    fn bad_dns_tables_name_the_entry() {
+        let joined = problems(
+            r#"
+            [dns]
+            block_page = "nope"
+            listen = ["198.51.100.1"]
+            [[dns.categories]]
+            format = "xml"
+            [[dns.categories]]
+            path = "h"
+            format = "hosts"
+            [[dns.categories]]
+            path = "c"
+            [[dns.locations]]
+            networks = ["198.51.100.0/24", "x"]
+            "#,
+        )
+        .join("\n");
+        assert_all(
+            &joined,
+            &[
+                "dns.block_page: expected an IP address, got \"nope\"",
+                "dns.listen[0]: expected an address like \"198.51.100.1:53\"",
+                "dns.categories[0].path: a category source needs a path",
+                "dns.categories[0].format: expected csv, dir, ut1 or hosts, got \"xml\"",
+                "dns.categories[1].category: a hosts source needs the category id",
+                "dns.categories[2].format: expected csv, dir, ut1 or hosts",
+                "dns.locations[0].name: a location needs a name",
+                "dns.locations[0].networks[1]: expected a CIDR",
+            ],
+        );
     }
 
     #[test]
@@ -1201,36 +1914,69 @@ mod tests {
             [[vnets]]
             name = "site-a"
             id = "F70FF985-A4EF-4643-BBBC-4A0ED4FC8415"
-            routes = [{ cidr = "198.18.0.0/16", via = "sa" }]
+            routes = [{ cidr = "198.18.0.0/16", via = "sa" }, { cidr = "198.19.7.1/16", via = " 198.19.1.2 " }]
             "#,
         )
         .unwrap();
         assert_eq!(cfg.vnets.len(), 1);
         assert_eq!(cfg.vnets[0].id, "f70ff985-a4ef-4643-bbbc-4a0ed4fc8415");
         assert_eq!(cfg.vnets[0].routes[0].1, "sa");
-        let err = Config::parse(
+        assert_eq!(
+            cfg.vnets[0].routes[1],
+            ("198.19.0.0/16".parse().unwrap(), "198.19.1.2".to_string())
+        );
+        let joined = problems(
             r#"
             [[vnets]]
             name = "x"
             id = "nope"
-            routes = [{ cidr = "198.18.0.0/16", via = "2001:db8::1" }, { cidr = "bad" , via = "a"}]
+            routes = [{ cidr = "198.18.0.0/16", via = "2001:db8::1" }, { cidr = "bad" , via = "a"}, { cidr = "198.18.0.0/16" }]
+            [[vnets]]
+            [[vnets]]
+            name = "y"
+            id = "f70ff985-a4ef-4643-bbbc-4a0ed4fc8415"
+            [[vnets]]
+            name = "y"
+            id = "f70ff985-a4ef-4643-bbbc-4a0ed4fc8416"
             "#,
         )
-        .unwrap_err();
-        let ParseError::Invalid(problems) = err else {
-            panic!()
-        };
-        let joined = problems.join("\n");
-        for needle in [
-            "vnets[0].id: expected a UUID",
-            "vnets[0].routes[0].via: expected an interface name or a next hop",
-            "vnets[0].routes[1].cidr: expected a CIDR",
+        .join("\n");
+        assert_all(
+            &joined,
+            &[
+                "vnets[0].id: expected a UUID",
+                "vnets[0].routes[0].via: expected an interface name or a next hop",
+                "vnets[0].routes[1].cidr: expected a CIDR",
+                "vnets[0].routes[2].via: missing (the interface towards the site)",
+                "vnets[1].name: missing",
+                "vnets[1].id: missing (a UUID)",
+                "vnets[3].name: \"y\" or its id is declared twice",
+            ],
+        );
+    }
+
+    #[test]
+    fn route_vias_are_interfaces_or_next_hops_of_the_family() {
+        let v4: IpNet = "198.18.0.0/16".parse().unwrap();
+        let v6: IpNet = "2001:db8::/64".parse().unwrap();
+        assert_eq!(route_via(v4, "site-a").as_deref(), Some("site-a"));
+        assert_eq!(route_via(v4, " 198.19.1.2").as_deref(), Some("198.19.1.2"));
+        assert_eq!(
+            route_via(v6, "2001:db8:0:0::1").as_deref(),
+            Some("2001:db8::1")
+        );
+        for bad in [
+            "",
+            "2001:db8::1",
+            "0.0.0.0",
+            "a/b",
+            "a:b",
+            "sixteen-chars-xx",
+            "a b",
         ] {
-            assert!(
-                joined.contains(needle),
-                "{needle:?} missing from:\n{joined}"
-            );
+            assert_eq!(route_via(v4, bad), None, "{bad:?}");
         }
+        assert_eq!(route_via(v6, "198.19.1.2"), None);
     }
 
     #[test]
@@ -1247,27 +1993,182 @@ mod tests {
             parse_duration("2m"),
             Some(std::time::Duration::from_secs(120))
         );
-        for bad in ["", "s", "0s", "1h", "1.5s", "-1s"] {
+        for bad in [
+            "",
+            "s",
+            "0s",
+            "1h",
+            "1.5s",
+            "-1s",
+            "99999999999999999999s",
+            "1",
+        ] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
+        assert_eq!(parse_duration("307445734561825861m"), None, "overflow");
     }
 
     #[test]
     fn syntax_errors_are_reported() {
-        assert!(matches!(
-            Config::parse("[tunnel\nmtu = 1"),
-            Err(ParseError::Syntax(_))
-        ));
+        let err = Config::parse("[tunnel\nmtu = 1").unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Syntax { path: None, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().starts_with("invalid TOML: "), "{err}");
+        assert!(err.problems().is_empty());
     }
 
     #[test]
-    fn wrong_types_name_the_key() {
-        let err =
-            Config::parse("[dns]\nupstreams = [\"a\", 5]\n[geoip]\ndatabase = 3").unwrap_err();
-        let ParseError::Invalid(problems) = err else {
-            panic!()
-        };
-        assert!(problems.iter().any(|p| p.starts_with("dns.upstreams[1]")));
-        assert!(problems.iter().any(|p| p.starts_with("geoip.database")));
+    fn errors_print_one_problem_per_line_after_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("waygate.toml");
+        std::fs::write(&file, "[tunnel]\nmtu = 1\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: tunnel.mtu: expected an integer from 576 to 9000, got 1",
+                file.display()
+            )
+        );
+        std::fs::write(&file, "colour = 1\n[tunnel]\nmtu = 1\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: 2 problems:\ncolour: unknown key\n\
+                 tunnel.mtu: expected an integer from 576 to 9000, got 1",
+                file.display()
+            )
+        );
+        assert_eq!(
+            Config::parse("colour = 1\n[tunnel]\nmtu = 1\n")
+                .unwrap_err()
+                .to_string(),
+            "colour: unknown key\ntunnel.mtu: expected an integer from 576 to 9000, got 1"
+        );
+        std::fs::write(&file, "[tunnel").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: invalid TOML: ", file.display())),
+            "{err}"
+        );
+        let missing = dir.path().join("missing.toml");
+        let err = Config::load(Some(&missing)).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        assert_eq!(Config::load(None).unwrap(), Config::default());
+    }
+
+    /// Lines drawn from the config's own vocabulary, so most cases get past the TOML parser
+    /// and into validation.
+    fn config_like_text() -> impl Strategy<Value = String> {
+        let header = prop::sample::select(vec![
+            "",
+            "[wireguard]",
+            "[tunnel]",
+            "[dns]",
+            "[[dns.locations]]",
+            "[[dns.categories]]",
+            "[egress]",
+            "[[egress.locations]]",
+            "[policy]",
+            "[geoip]",
+            "[network]",
+            "[limits]",
+            "[[vnets]]",
+        ]);
+        let key = prop::sample::select(vec![
+            "data_dir",
+            "listen",
+            "public_endpoint",
+            "interface_name",
+            "ipv4_pool",
+            "ipv6_pool",
+            "mtu",
+            "upstreams",
+            "upstream_ca",
+            "intercept",
+            "locations",
+            "block_page",
+            "categories",
+            "name",
+            "id",
+            "networks",
+            "path",
+            "format",
+            "category",
+            "default_ipv4",
+            "default",
+            "ipv4",
+            "ipv6",
+            "health_check",
+            "rules",
+            "database",
+            "allow_private",
+            "tcp_flows_per_device",
+            "flow_memory_per_device_mb",
+            "routes",
+            "wireguard",
+            "vnets",
+            "colour",
+        ]);
+        let value = prop_oneof![
+            any::<i64>().prop_map(|i| i.to_string()),
+            "[a-z0-9:./ -]{0,24}".prop_map(|s| format!("{s:?}")),
+            prop::sample::select(vec![
+                "true",
+                "1.5",
+                "[]",
+                "{}",
+                "1979-05-27T07:32:00Z",
+                "\"dedicated\"",
+                "\"hosts\"",
+                "\"198.51.100.1:53\"",
+                "\"100.96.0.0/12\"",
+                "\"fd77::/64\"",
+                "\"f70ff985-a4ef-4643-bbbc-4a0ed4fc8415\"",
+                "[\"10.0.0.0/8\", 3, \"x\"]",
+                "[{ cidr = \"198.18.0.0/16\", via = \"x\" }, 1, { via = 2 }]",
+                "{ target = \"203.0.113.10:80\", interval = \"0s\", x = 1 }",
+                "[[], {}]",
+            ])
+            .prop_map(str::to_string),
+        ];
+        prop::collection::vec((header, key, value), 0..16).prop_map(|lines| {
+            lines
+                .into_iter()
+                .map(|(h, k, v)| format!("{h}\n{k} = {v}\n"))
+                .collect()
+        })
+    }
+
+    fn check_never_panics(text: &str) {
+        match parse_str(text) {
+            Ok(_) | Err(ConfigError::Syntax { .. }) => {}
+            Err(ConfigError::Invalid { problems, .. }) => {
+                assert!(!problems.is_empty());
+                for p in &problems {
+                    assert!(!p.key.is_empty(), "{p}");
+                    // The raw tree never fails on its own; serde's wording would mean it did.
+                    assert!(!p.message.contains("unknown field"), "{p}");
+                    assert!(!p.message.contains("invalid type"), "{p}");
+                }
+            }
+            Err(e @ ConfigError::Read { .. }) => panic!("{e}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            check_never_panics(&text);
+        }
+
+        #[test]
+        fn config_like_text_never_panics(text in config_like_text()) {
+            check_never_panics(&text);
+        }
     }
 }

@@ -7,6 +7,7 @@ use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 use super::{check_label, new_uuid, Device, Registry, RegistryError};
+use waygate_config::route_via;
 
 /// A private route of a virtual network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -23,15 +24,8 @@ impl VnetRoute {
         let bad = || RegistryError::InvalidRoute(text.to_string());
         let (cidr, via) = text.split_once('=').ok_or_else(bad)?;
         let cidr: IpNet = cidr.trim().parse().map_err(|_| bad())?;
-        let via = via.trim();
-        let via = match via.parse::<std::net::IpAddr>() {
-            Ok(hop) if hop.is_ipv4() == cidr.addr().is_ipv4() && !hop.is_unspecified() => {
-                hop.to_string()
-            }
-            Ok(_) => return Err(bad()),
-            Err(_) if interface_name_ok(via) => via.to_string(),
-            Err(_) => return Err(bad()),
-        };
+        // The config accepts the same routes, so the rule lives there, below the registry.
+        let via = route_via(cidr, via).ok_or_else(bad)?;
         Ok(VnetRoute {
             cidr: cidr.trunc(),
             via,
@@ -42,15 +36,6 @@ impl VnetRoute {
     pub fn next_hop(&self) -> Option<std::net::IpAddr> {
         self.via.parse().ok()
     }
-}
-
-/// Linux interface names: 1 to 15 bytes, no `/`, whitespace or `:`; an address is not one.
-fn interface_name_ok(name: &str) -> bool {
-    (1..=15).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
-        && name.parse::<std::net::IpAddr>().is_err()
 }
 
 /// A virtual network.
