@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::core::{CoreSettings, GatewayCore};
 use crate::datadir;
 use crate::egress::EgressSettings;
-use crate::flow::{Command, DeviceInfo, FlowLimits, Via};
+use crate::flow::{Command, DeviceInfo, FlowLimits, LocalServices, Via};
 use crate::protect::Protected;
 use crate::registry::{Device, Registry, Seen, Vnet};
 use crate::transmit::TransmitQueue;
@@ -35,6 +35,7 @@ use nexthop::{NextHopRoute, NextHops};
 pub mod drops;
 pub mod health;
 pub mod host;
+pub mod local;
 pub mod nexthop;
 pub mod reload;
 pub mod resolver;
@@ -128,18 +129,16 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     let wall = UNIX_EPOCH + unix_now();
     let ca = crate::tls::load_ca(&config.data_dir, wall)?;
     let dns_tls = crate::tls::gateway_dns_tls(&ca, &config, wall)?;
+    let settings = core_settings(&config, descriptors)?;
     let dns = resolver::spawn(
         &config,
         host::dns_queries_for_descriptors(descriptors),
         dns_tls,
+        &settings.local,
         answer_tx,
         learned_tx,
     )
     .context("dns")?;
-    let mut settings = core_settings(&config, descriptors)?;
-    settings.dns_upstream = Some(dns.tcp_listener);
-    settings.dns_over_tls = Some(dns.tls_listener);
-    settings.dns_over_https = Some(dns.https_listener);
     let now = Instant::now();
     let mut core = GatewayCore::new(key_bytes, settings.clone(), now);
     let mut host_addresses = (
@@ -210,7 +209,8 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     health::spawn_probes(&config.egress.locations, probe_tx);
 
     let (event_tx, mut event_rx) = mpsc::unbounded_channel();
-    let mut upstreams = Upstreams::new(event_tx);
+    let local: Arc<dyn local::LocalHost> = dns.local.clone();
+    let mut upstreams = Upstreams::new(event_tx, Some(local));
     let mut bufs = vec![vec![0u8; RECV_BUFFER]; BATCH_SIZE];
     let mut metas = vec![RecvMeta::default(); BATCH_SIZE];
     let mut next_seen = now + LAST_SEEN_EVERY;
@@ -228,7 +228,7 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
         listen = %config.wireguard.listen,
         public_key = %waygate_keys::PublicKey::from_bytes(core.public_key()),
         gateway = %settings.gateway_v4,
-        dns_upstream = ?settings.dns_upstream,
+        local_services = settings.local.routes().len(),
         egress = ?settings.egress.default_ipv4,
         "waygate serving"
     );
@@ -243,7 +243,6 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
                 Some(snapshot) => {
                     let resume = resumable(&snapshot.devices, unix_now().as_secs() as i64);
                     let peers = peers_of(snapshot.devices);
-                    dns.set_devices(peers.iter().map(|(_, d)| d));
                     core.sync_peers(peers, Instant::now());
                     // Devices already heard from since the start are skipped.
                     for (key, at) in resume {
@@ -428,11 +427,9 @@ fn core_settings(config: &Config, descriptors: u64) -> anyhow::Result<CoreSettin
         gateway_v4: config.tunnel.gateway_ipv4(),
         gateway_v6: config.tunnel.gateway_ipv6(),
         mtu: config.tunnel.mtu,
-        // The resolver's loopback listener, known once it runs.
+        // The resolver answers DNS on every transport; no port of the gateway forwards it.
+        local: LocalServices::resolver(),
         dns_upstream: None,
-        dns_over_tls: None,
-        dns_over_https: None,
-        dns_resolver: true,
         dns_intercept: config.dns.intercept,
         egress: EgressSettings {
             default_ipv4: config.egress.default_ipv4,

@@ -1,13 +1,12 @@
 //! The gateway's resolver on a thread of its own (so DNS uses the second core and never stalls the
 //! data plane): devices' UDP queries arrive as [`Query`] from the data plane and their answers go
-//! back as [`Answer`]; DNS over TCP, TLS and HTTPS from devices arrives on loopback listeners after
-//! a PROXY line naming the device; `dns.listen` serves networks without the client, attributed to
-//! `[[dns.locations]]`.
+//! back as [`Answer`]; DNS over TCP, TLS and HTTPS from devices arrives as flows handed over in
+//! memory with the device's identity ([`super::local`]), served on this thread; `dns.listen` serves
+//! networks without the client, attributed to `[[dns.locations]]`.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -23,7 +22,9 @@ use crate::dns::{
     ClientCtx, DnsServer, Handled, Resolver, ResolverConfig, ServerConfig, StreamKind,
     StreamListener, TlsConfigs, Transport, Upstream, UpstreamClient,
 };
-use crate::flow::DeviceInfo;
+use crate::flow::{DeviceInfo, LocalServices};
+
+use super::local::LocalServer;
 use crate::geoip::GeoIp;
 use crate::policy::Loaded;
 use crate::wg::PeerId;
@@ -72,19 +73,12 @@ pub struct Learned {
     pub ttl: u32,
 }
 
-/// Devices by tunnel address, for queries that arrive by address only (DNS over TCP).
-pub type Clients = Arc<RwLock<HashMap<IpAddr, ClientCtx>>>;
-
 /// The running resolver.
 pub struct ResolverHandle {
     queries: mpsc::UnboundedSender<Query>,
-    /// The loopback listener DNS over TCP from devices is carried to.
-    pub tcp_listener: SocketAddr,
-    /// The loopback listener DNS over TLS from devices is carried to.
-    pub tls_listener: SocketAddr,
-    /// The loopback listener DNS over HTTPS from devices is carried to.
-    pub https_listener: SocketAddr,
-    clients: Clients,
+    /// The gateway's services for devices' TCP flows (DNS over TCP, TLS, HTTPS), on the
+    /// resolver's thread.
+    pub local: Arc<LocalServer<DnsRules>>,
     state: Arc<Mutex<RulesState>>,
     resolver: Arc<Mutex<Resolver<DnsRules>>>,
 }
@@ -153,16 +147,9 @@ fn host_resolvers(path: &Path) -> Vec<Upstream> {
         .collect()
 }
 
-/// The client for a query to a `dns.listen` address from `from`.
-fn listener_client(from: SocketAddr, clients: &Clients, locations: &[DnsLocation]) -> ClientCtx {
-    let known = clients
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(&from.ip())
-        .cloned();
-    if let Some(client) = known {
-        return client;
-    }
+/// The client for a query to a `dns.listen` address from `from`: devices never reach these
+/// (their flows to host addresses are refused), so it is a location's host or just an address.
+fn listener_client(from: SocketAddr, locations: &[DnsLocation]) -> ClientCtx {
     let mut client = ClientCtx::from_ip(from.ip());
     client.location = locations
         .iter()
@@ -172,11 +159,13 @@ fn listener_client(from: SocketAddr, clients: &Clients, locations: &[DnsLocation
 }
 
 /// Starts the resolver thread; answers to in-tunnel queries go to `answers`, and what it answered
-/// each device to `learned`. DNS over TLS and HTTPS serve the certificate in `tls`.
+/// each device to `learned`. The services of `local` serve devices' flows; DNS over TLS and
+/// HTTPS serve the certificate in `tls`.
 pub fn spawn(
     config: &Config,
     max_pending: usize,
     tls: TlsConfigs,
+    local: &LocalServices,
     answers: mpsc::UnboundedSender<Answer>,
     learned: mpsc::UnboundedSender<Learned>,
 ) -> anyhow::Result<ResolverHandle> {
@@ -213,14 +202,7 @@ pub fn spawn(
             ttl,
         });
     }));
-    let clients: Clients = Arc::default();
     let (queries_tx, mut queries_rx) = mpsc::unbounded_channel::<Query>();
-    let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-    let proxied = |kind| StreamListener {
-        addr: loopback,
-        kind,
-        proxied: true,
-    };
     let server_config = ServerConfig {
         udp: config.dns.listen.clone(),
         streams: config
@@ -230,23 +212,18 @@ pub fn spawn(
             .map(|&addr| StreamListener {
                 addr,
                 kind: StreamKind::Tcp,
-                proxied: false,
             })
-            .chain([
-                proxied(StreamKind::Tcp),
-                proxied(StreamKind::Tls),
-                proxied(StreamKind::Https),
-            ])
             .collect(),
-        tls: Some(tls),
+        // dns.listen is plain DNS; DoT and DoH are for devices, through `local`.
+        tls: None,
         udp_workers: 1,
     };
     let identify = {
-        let clients = clients.clone();
         let locations = config.dns.locations.clone();
-        Arc::new(move |from: SocketAddr| listener_client(from, &clients, &locations))
+        Arc::new(move |from: SocketAddr| listener_client(from, &locations))
     };
     let server = DnsServer::new(resolver.clone(), upstream.clone(), identify);
+    let streams = server.streams();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let upstream = Arc::new(upstream);
     let shared = resolver.clone();
@@ -274,11 +251,7 @@ pub fn spawn(
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok((
-                    running.stream_addr(StreamKind::Tcp, true),
-                    running.stream_addr(StreamKind::Tls, true),
-                    running.stream_addr(StreamKind::Https, true),
-                )));
+                let _ = ready_tx.send(Ok(tokio::runtime::Handle::current()));
                 let mut out = Vec::new();
                 // Sums up malformed queries whose lines were held back, also after a flood ends.
                 let mut log_tick = tokio::time::interval(LOG_POLL);
@@ -333,13 +306,10 @@ pub fn spawn(
                 drop(running);
             });
         })?;
-    let (tcp, dot, doh) = ready_rx.recv().context("the dns thread stopped")??;
+    let runtime = ready_rx.recv().context("the dns thread stopped")??;
     Ok(ResolverHandle {
         queries: queries_tx,
-        tcp_listener: tcp.context("no loopback listener for DNS over TCP")?,
-        tls_listener: dot.context("no loopback listener for DNS over TLS")?,
-        https_listener: doh.context("no loopback listener for DNS over HTTPS")?,
-        clients,
+        local: Arc::new(LocalServer::new(runtime, streams, &tls, local)),
         state,
         resolver,
     })
@@ -386,18 +356,6 @@ impl ResolverHandle {
         };
         lock(&self.resolver).set_policy(rules);
     }
-
-    /// Replaces the devices known by tunnel address.
-    pub fn set_devices<'a>(&self, devices: impl IntoIterator<Item = &'a DeviceInfo>) {
-        let mut map = HashMap::new();
-        for d in devices {
-            let d = Arc::new(d.clone());
-            for ip in [IpAddr::V4(d.ipv4), IpAddr::V6(d.ipv6)] {
-                map.insert(ip, device_client(&d, ip, None));
-            }
-        }
-        *self.clients.write().unwrap_or_else(PoisonError::into_inner) = map;
-    }
 }
 
 #[cfg(test)]
@@ -425,16 +383,15 @@ mod tests {
 
     #[test]
     fn listener_queries_belong_to_a_device_a_location_or_an_address() {
-        let clients: Clients = Arc::default();
         let office = DnsLocation {
             name: "office".into(),
             id: None,
             networks: vec!["198.51.100.0/24".parse().unwrap()],
         };
         let from: SocketAddr = "198.51.100.7:5353".parse().unwrap();
-        let c = listener_client(from, &clients, std::slice::from_ref(&office));
+        let c = listener_client(from, std::slice::from_ref(&office));
         assert_eq!(c.location.as_deref(), Some("office"));
-        let c = listener_client("203.0.113.7:53".parse().unwrap(), &clients, &[office]);
+        let c = listener_client("203.0.113.7:53".parse().unwrap(), &[office]);
         assert_eq!((c.location, c.device), (None, None));
     }
 }

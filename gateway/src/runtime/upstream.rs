@@ -1,5 +1,6 @@
-//! Upstream connections: one small task per flow, carrying bytes between a kernel socket and the
-//! core's event channel. The core decides; these tasks only move bytes and report.
+//! Upstream connections: one small task per flow, carrying bytes between a kernel socket (or, for
+//! the gateway's own services, an in-memory pipe) and the core's event channel. The core decides;
+//! these tasks only move bytes and report.
 
 use std::collections::HashMap;
 use std::io;
@@ -9,10 +10,11 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
+use super::local::LocalHost;
 use crate::flow::{Command, FlowId, Upstream, UpstreamEvent, Via};
 
 /// How long a TCP connect may take before the device gets a RST.
@@ -21,6 +23,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_CHUNK: usize = crate::flow::tcp::UPSTREAM_READ;
 /// Datagrams queued per UDP flow before new ones are dropped.
 const UDP_QUEUE: usize = 256;
+/// Bytes buffered each way in the pipe between a flow and a local service: one upstream read,
+/// so the service sees the same back-pressure a socket would give.
+const LOCAL_PIPE: usize = READ_CHUNK;
 
 enum TcpOp {
     Send(Bytes),
@@ -43,14 +48,19 @@ enum Handle {
 pub struct Upstreams {
     handles: HashMap<FlowId, Handle>,
     events: mpsc::UnboundedSender<UpstreamEvent>,
+    local: Option<Arc<dyn LocalHost>>,
 }
 
 impl Upstreams {
-    /// Upstreams reporting into `events`.
-    pub fn new(events: mpsc::UnboundedSender<UpstreamEvent>) -> Self {
+    /// Upstreams reporting into `events`; flows to the gateway's own services go to `local`.
+    pub fn new(
+        events: mpsc::UnboundedSender<UpstreamEvent>,
+        local: Option<Arc<dyn LocalHost>>,
+    ) -> Self {
         Upstreams {
             handles: HashMap::new(),
             events,
+            local,
         }
     }
 
@@ -67,6 +77,44 @@ impl Upstreams {
                 let credit = Arc::new(Semaphore::new(0));
                 let events = self.events.clone();
                 let task = tokio::spawn(tcp_flow(flow, upstream, ops_rx, credit.clone(), events));
+                self.handles.insert(
+                    flow,
+                    Handle::Tcp {
+                        ops: ops_tx,
+                        credit,
+                        task: task.abort_handle(),
+                    },
+                );
+            }
+            Command::LocalConnect {
+                flow,
+                endpoint,
+                ctx,
+            } => {
+                let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+                let credit = Arc::new(Semaphore::new(0));
+                let events = self.events.clone();
+                let Some(host) = &self.local else {
+                    tracing::debug!(flow, ?endpoint, "no local services: flow refused");
+                    let _ = events.send(UpstreamEvent::TcpConnectFailed { flow });
+                    return;
+                };
+                // The service's end of the pipe goes to it with the flow's context; ours is
+                // pumped exactly like a socket.
+                let (ours, theirs) = tokio::io::duplex(LOCAL_PIPE);
+                let local = ctx.dst;
+                host.serve(endpoint, *ctx, theirs);
+                let pumped = credit.clone();
+                let task = tokio::spawn(async move {
+                    if events
+                        .send(UpstreamEvent::TcpConnected { flow, local })
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let (reader, writer) = tokio::io::split(ours);
+                    pump(flow, reader, writer, ops_rx, pumped, events).await;
+                });
                 self.handles.insert(
                     flow,
                     Handle::Tcp {
@@ -211,11 +259,11 @@ async fn connect(upstream: Upstream) -> io::Result<TcpStream> {
 async fn tcp_flow(
     flow: FlowId,
     upstream: Upstream,
-    mut ops: mpsc::UnboundedReceiver<TcpOp>,
+    ops: mpsc::UnboundedReceiver<TcpOp>,
     credit: Arc<Semaphore>,
     events: mpsc::UnboundedSender<UpstreamEvent>,
 ) {
-    let mut stream = match connect(upstream).await {
+    let stream = match connect(upstream).await {
         Ok(s) => s,
         Err(err) => {
             tracing::debug!(flow, %upstream.dst, %err, "upstream connect failed");
@@ -223,13 +271,6 @@ async fn tcp_flow(
             return;
         }
     };
-    if let Some(client) = upstream.announce {
-        let line = crate::dns::server::proxy_line(client, upstream.dst);
-        if stream.write_all(line.as_bytes()).await.is_err() {
-            let _ = events.send(UpstreamEvent::TcpConnectFailed { flow });
-            return;
-        }
-    }
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::new(upstream.dst.ip(), 0));
@@ -239,7 +280,23 @@ async fn tcp_flow(
     {
         return;
     }
-    let (mut reader, mut writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
+    pump(flow, reader, writer, ops, credit, events).await;
+}
+
+/// Moves a connected flow's bytes: upstream -> core as far as the device's credit allows, core
+/// -> upstream as the core sends them. Ends when the upstream's side ends.
+async fn pump<R, W>(
+    flow: FlowId,
+    mut reader: R,
+    mut writer: W,
+    mut ops: mpsc::UnboundedReceiver<TcpOp>,
+    credit: Arc<Semaphore>,
+    events: mpsc::UnboundedSender<UpstreamEvent>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let down_events = events.clone();
     let download = async move {
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
