@@ -24,6 +24,7 @@ use crate::dns::{
 };
 use crate::flow::{DeviceInfo, LocalServices};
 
+use super::drops::{RuntimeDrop, RuntimeDrops};
 use super::local::LocalServer;
 use crate::geoip::GeoIp;
 use crate::policy::Loaded;
@@ -31,6 +32,9 @@ use crate::wg::PeerId;
 
 /// How often the resolver thread lets the core report log lines it held back.
 const LOG_POLL: Duration = Duration::from_secs(1);
+/// Devices' queries waiting for the resolver thread, and answers and learned names waiting for
+/// the data plane: a flood fills these, not memory (what does not fit is dropped and counted).
+pub const DNS_QUEUE: usize = 4096;
 
 /// A device's query over UDP, from the data plane.
 #[derive(Debug)]
@@ -75,7 +79,8 @@ pub struct Learned {
 
 /// The running resolver.
 pub struct ResolverHandle {
-    queries: mpsc::UnboundedSender<Query>,
+    queries: mpsc::Sender<Query>,
+    drops: Arc<RuntimeDrops>,
     /// The gateway's services for devices' TCP flows (DNS over TCP, TLS, HTTPS), on the
     /// resolver's thread.
     pub local: Arc<LocalServer<DnsRules>>,
@@ -158,17 +163,26 @@ fn listener_client(from: SocketAddr, locations: &[DnsLocation]) -> ClientCtx {
     client
 }
 
-/// Starts the resolver thread; answers to in-tunnel queries go to `answers`, and what it answered
-/// each device to `learned`. The services of `local` serve devices' flows; DNS over TLS and
-/// HTTPS serve the certificate in `tls`.
+/// The data plane's ends of the resolver's queues (each holds [`DNS_QUEUE`]).
+pub struct ResolverOutputs {
+    /// Answers to in-tunnel UDP queries.
+    pub answers: mpsc::Receiver<Answer>,
+    /// What the resolver answered each device.
+    pub learned: mpsc::Receiver<Learned>,
+}
+
+/// Starts the resolver thread; answers to in-tunnel queries and what it answered each device come
+/// out of the returned [`ResolverOutputs`], what its queues drop is counted in `drops`. The
+/// services of `local` serve devices' flows; DNS over TLS and HTTPS serve the certificate in `tls`.
 pub fn spawn(
     config: &Config,
     max_pending: usize,
     tls: TlsConfigs,
     local: &LocalServices,
-    answers: mpsc::UnboundedSender<Answer>,
-    learned: mpsc::UnboundedSender<Learned>,
-) -> anyhow::Result<ResolverHandle> {
+    drops: Arc<RuntimeDrops>,
+) -> anyhow::Result<(ResolverHandle, ResolverOutputs)> {
+    let (answers, answers_rx) = mpsc::channel::<Answer>(DNS_QUEUE);
+    let (learned, learned_rx) = mpsc::channel::<Learned>(DNS_QUEUE);
     let mut upstream = UpstreamClient::new(
         upstreams(config)?,
         config.egress.default_ipv4.map(IpAddr::V4),
@@ -194,15 +208,25 @@ pub fn spawn(
         },
         seed,
     )));
+    let learn_drops = drops.clone();
     lock(&resolver).set_learn_sink(Box::new(move |device_id, ip, names, ttl| {
-        let _ = learned.send(Learned {
+        let sent = learned.try_send(Learned {
             device_id: device_id.to_string(),
             ip,
             names: names.clone(),
             ttl,
         });
+        if let Err(mpsc::error::TrySendError::Full(_)) = sent {
+            learn_drops.add(RuntimeDrop::LearnedNameQueueFull);
+        }
     }));
-    let (queries_tx, mut queries_rx) = mpsc::unbounded_channel::<Query>();
+    let (queries_tx, mut queries_rx) = mpsc::channel::<Query>(DNS_QUEUE);
+    let answer_drops = drops.clone();
+    let send_answer = move |answers: &mpsc::Sender<Answer>, answer: Answer| {
+        if let Err(mpsc::error::TrySendError::Full(_)) = answers.try_send(answer) {
+            answer_drops.add(RuntimeDrop::DnsAnswerQueueFull);
+        }
+    };
     let server_config = ServerConfig {
         udp: config.dns.listen.clone(),
         streams: config
@@ -275,28 +299,34 @@ pub fn spawn(
                         &mut out,
                     );
                     match handled {
-                        Handled::Answer => {
-                            let _ = answers.send(Answer {
+                        Handled::Answer => send_answer(
+                            &answers,
+                            Answer {
                                 peer: q.peer,
                                 to: q.from,
                                 from: q.to,
                                 payload: std::mem::take(&mut out),
-                            });
-                        }
+                            },
+                        ),
                         Handled::Upstream(ticket) => {
                             // Its own task, so a slow upstream holds up no other query.
                             let query = std::mem::take(&mut out);
-                            let (shared, upstream, answers) =
-                                (shared.clone(), upstream.clone(), answers.clone());
+                            let (shared, upstream, answers, send_answer) = (
+                                shared.clone(),
+                                upstream.clone(),
+                                answers.clone(),
+                                send_answer.clone(),
+                            );
                             tokio::spawn(async move {
                                 let mut out = Vec::new();
                                 if resolve(&shared, &upstream, ticket, &query, &mut out).await {
-                                    let _ = answers.send(Answer {
+                                    let answer = Answer {
                                         peer: q.peer,
                                         to: q.from,
                                         from: q.to,
                                         payload: out,
-                                    });
+                                    };
+                                    send_answer(&answers, answer);
                                 }
                             });
                         }
@@ -307,12 +337,18 @@ pub fn spawn(
             });
         })?;
     let runtime = ready_rx.recv().context("the dns thread stopped")??;
-    Ok(ResolverHandle {
+    let handle = ResolverHandle {
         queries: queries_tx,
+        drops,
         local: Arc::new(LocalServer::new(runtime, streams, &tls, local)),
         state,
         resolver,
-    })
+    };
+    let outputs = ResolverOutputs {
+        answers: answers_rx,
+        learned: learned_rx,
+    };
+    Ok((handle, outputs))
 }
 
 #[allow(clippy::disallowed_methods)]
@@ -322,9 +358,16 @@ fn now() -> Instant {
 }
 
 impl ResolverHandle {
-    /// Hands a device's query to the resolver.
+    /// Hands a device's query to the resolver; dropped (and counted) when its queue is full.
     pub fn query(&self, query: Query) {
-        let _ = self.queries.send(query);
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.queries.try_send(query) {
+            self.drops.add(RuntimeDrop::DnsQueryQueueFull);
+        }
+    }
+
+    /// The resolver's counters.
+    pub fn stats(&self) -> crate::dns::Stats {
+        lock(&self.resolver).stats()
     }
 
     /// Replaces the rules; queries already sent upstream keep their decisions.

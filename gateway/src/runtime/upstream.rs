@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
+use super::drops::{RuntimeDrop, RuntimeDrops};
 use super::local::LocalHost;
 use crate::flow::{Command, FlowId, Upstream, UpstreamEvent, Via};
 
@@ -26,6 +27,13 @@ const UDP_QUEUE: usize = 256;
 /// Bytes buffered each way in the pipe between a flow and a local service: one upstream read,
 /// so the service sees the same back-pressure a socket would give.
 const LOCAL_PIPE: usize = READ_CHUNK;
+/// Writes queued per TCP flow. The core keeps at most the flow's upload window in flight and
+/// batches a flush's segments into one write, so only a flow whose upstream stalls through a
+/// thousand tiny writes reaches this; it is reset rather than left to grow.
+const TCP_OPS_QUEUE: usize = 1024;
+/// Events from all upstream tasks to the data plane. TCP tasks wait for room (their sockets
+/// then push back); datagrams that find it full are dropped and counted.
+pub const EVENT_QUEUE: usize = 8192;
 
 enum TcpOp {
     Send(Bytes),
@@ -34,7 +42,7 @@ enum TcpOp {
 
 enum Handle {
     Tcp {
-        ops: mpsc::UnboundedSender<TcpOp>,
+        ops: mpsc::Sender<TcpOp>,
         credit: Arc<Semaphore>,
         task: tokio::task::AbortHandle,
     },
@@ -47,20 +55,43 @@ enum Handle {
 /// The runtime's side of every flow: executes [`Command`]s, reports [`UpstreamEvent`]s.
 pub struct Upstreams {
     handles: HashMap<FlowId, Handle>,
-    events: mpsc::UnboundedSender<UpstreamEvent>,
+    events: mpsc::Sender<UpstreamEvent>,
     local: Option<Arc<dyn LocalHost>>,
+    drops: Arc<RuntimeDrops>,
 }
 
 impl Upstreams {
-    /// Upstreams reporting into `events`; flows to the gateway's own services go to `local`.
+    /// Upstreams reporting into `events` (at most [`EVENT_QUEUE`] waiting) and counting what
+    /// their queues drop in `drops`; flows to the gateway's own services go to `local`.
     pub fn new(
-        events: mpsc::UnboundedSender<UpstreamEvent>,
+        events: mpsc::Sender<UpstreamEvent>,
         local: Option<Arc<dyn LocalHost>>,
+        drops: Arc<RuntimeDrops>,
     ) -> Self {
         Upstreams {
             handles: HashMap::new(),
             events,
             local,
+            drops,
+        }
+    }
+
+    /// Reports `event` from outside a flow's task, without blocking the loop.
+    fn report(&self, event: UpstreamEvent) {
+        let events = self.events.clone();
+        tokio::spawn(async move { events.send(event).await });
+    }
+
+    /// Queues `op` for a TCP flow's upstream; a flow whose queue is full is reset.
+    fn tcp_op(&mut self, flow: FlowId, op: TcpOp) {
+        let Some(Handle::Tcp { ops, task, .. }) = self.handles.get(&flow) else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = ops.try_send(op) {
+            self.drops.add(RuntimeDrop::TcpOpsQueueFull);
+            task.abort();
+            self.handles.remove(&flow);
+            self.report(UpstreamEvent::TcpError { flow });
         }
     }
 
@@ -72,7 +103,7 @@ impl Upstreams {
                 tracing::debug!("dns query without a resolver dropped");
             }
             Command::TcpConnect { flow, upstream } => {
-                let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+                let (ops_tx, ops_rx) = mpsc::channel(TCP_OPS_QUEUE);
                 // The core grants the flow's download window right after this command.
                 let credit = Arc::new(Semaphore::new(0));
                 let events = self.events.clone();
@@ -91,12 +122,12 @@ impl Upstreams {
                 endpoint,
                 ctx,
             } => {
-                let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+                let (ops_tx, ops_rx) = mpsc::channel(TCP_OPS_QUEUE);
                 let credit = Arc::new(Semaphore::new(0));
                 let events = self.events.clone();
                 let Some(host) = &self.local else {
                     tracing::debug!(flow, ?endpoint, "no local services: flow refused");
-                    let _ = events.send(UpstreamEvent::TcpConnectFailed { flow });
+                    self.report(UpstreamEvent::TcpConnectFailed { flow });
                     return;
                 };
                 // The service's end of the pipe goes to it with the flow's context; ours is
@@ -108,6 +139,7 @@ impl Upstreams {
                 let task = tokio::spawn(async move {
                     if events
                         .send(UpstreamEvent::TcpConnected { flow, local })
+                        .await
                         .is_err()
                     {
                         return;
@@ -124,16 +156,8 @@ impl Upstreams {
                     },
                 );
             }
-            Command::TcpSend { flow, data } => {
-                if let Some(Handle::Tcp { ops, .. }) = self.handles.get(&flow) {
-                    let _ = ops.send(TcpOp::Send(data));
-                }
-            }
-            Command::TcpShutdownWrite { flow } => {
-                if let Some(Handle::Tcp { ops, .. }) = self.handles.get(&flow) {
-                    let _ = ops.send(TcpOp::ShutdownWrite);
-                }
-            }
+            Command::TcpSend { flow, data } => self.tcp_op(flow, TcpOp::Send(data)),
+            Command::TcpShutdownWrite { flow } => self.tcp_op(flow, TcpOp::ShutdownWrite),
             Command::TcpCredit { flow, bytes } => {
                 if let Some(Handle::Tcp { credit, .. }) = self.handles.get(&flow) {
                     credit.add_permits(bytes);
@@ -149,7 +173,8 @@ impl Upstreams {
             Command::UdpOpen { flow, upstream } => {
                 let (tx, rx) = mpsc::channel(UDP_QUEUE);
                 let events = self.events.clone();
-                let task = tokio::spawn(udp_flow(flow, upstream, rx, events));
+                let drops = self.drops.clone();
+                let task = tokio::spawn(udp_flow(flow, upstream, rx, events, drops));
                 self.handles.insert(
                     flow,
                     Handle::Udp {
@@ -161,7 +186,8 @@ impl Upstreams {
             Command::PingOpen { flow, upstream } => {
                 let (tx, rx) = mpsc::channel(UDP_QUEUE);
                 let events = self.events.clone();
-                let task = tokio::spawn(ping_flow(flow, upstream, rx, events));
+                let drops = self.drops.clone();
+                let task = tokio::spawn(ping_flow(flow, upstream, rx, events, drops));
                 self.handles.insert(
                     flow,
                     Handle::Udp {
@@ -174,7 +200,9 @@ impl Upstreams {
                 if let Some(Handle::Udp { datagrams, .. }) = self.handles.get(&flow) {
                     // A full queue means the upstream socket cannot keep up: drop, as a
                     // router would.
-                    let _ = datagrams.try_send(data);
+                    if let Err(mpsc::error::TrySendError::Full(_)) = datagrams.try_send(data) {
+                        self.drops.add(RuntimeDrop::UdpSendQueueFull);
+                    }
                 }
             }
         }
@@ -259,15 +287,15 @@ async fn connect(upstream: Upstream) -> io::Result<TcpStream> {
 async fn tcp_flow(
     flow: FlowId,
     upstream: Upstream,
-    ops: mpsc::UnboundedReceiver<TcpOp>,
+    ops: mpsc::Receiver<TcpOp>,
     credit: Arc<Semaphore>,
-    events: mpsc::UnboundedSender<UpstreamEvent>,
+    events: mpsc::Sender<UpstreamEvent>,
 ) {
     let stream = match connect(upstream).await {
         Ok(s) => s,
         Err(err) => {
             tracing::debug!(flow, %upstream.dst, %err, "upstream connect failed");
-            let _ = events.send(UpstreamEvent::TcpConnectFailed { flow });
+            let _ = events.send(UpstreamEvent::TcpConnectFailed { flow }).await;
             return;
         }
     };
@@ -276,6 +304,7 @@ async fn tcp_flow(
         .unwrap_or_else(|_| SocketAddr::new(upstream.dst.ip(), 0));
     if events
         .send(UpstreamEvent::TcpConnected { flow, local })
+        .await
         .is_err()
     {
         return;
@@ -290,9 +319,9 @@ async fn pump<R, W>(
     flow: FlowId,
     mut reader: R,
     mut writer: W,
-    mut ops: mpsc::UnboundedReceiver<TcpOp>,
+    mut ops: mpsc::Receiver<TcpOp>,
     credit: Arc<Semaphore>,
-    events: mpsc::UnboundedSender<UpstreamEvent>,
+    events: mpsc::Sender<UpstreamEvent>,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -310,7 +339,7 @@ async fn pump<R, W>(
             let read = reader.read_buf(&mut buf).await;
             match read {
                 Ok(0) => {
-                    let _ = down_events.send(UpstreamEvent::TcpEof { flow });
+                    let _ = down_events.send(UpstreamEvent::TcpEof { flow }).await;
                     return;
                 }
                 Ok(n) => {
@@ -323,13 +352,14 @@ async fn pump<R, W>(
                     let data = buf.split().freeze();
                     if down_events
                         .send(UpstreamEvent::TcpData { flow, data })
+                        .await
                         .is_err()
                     {
                         return;
                     }
                 }
                 Err(_) => {
-                    let _ = down_events.send(UpstreamEvent::TcpError { flow });
+                    let _ = down_events.send(UpstreamEvent::TcpError { flow }).await;
                     return;
                 }
             }
@@ -341,10 +371,12 @@ async fn pump<R, W>(
                 TcpOp::Send(data) => {
                     let n = data.len();
                     if writer.write_all(&data).await.is_err() {
-                        let _ = events.send(UpstreamEvent::TcpError { flow });
+                        let _ = events.send(UpstreamEvent::TcpError { flow }).await;
                         return;
                     }
-                    let _ = events.send(UpstreamEvent::TcpWritten { flow, bytes: n });
+                    let _ = events
+                        .send(UpstreamEvent::TcpWritten { flow, bytes: n })
+                        .await;
                 }
                 TcpOp::ShutdownWrite => {
                     let _ = writer.shutdown().await;
@@ -357,6 +389,24 @@ async fn pump<R, W>(
     // The task ends when the download side ends; the core closes the flow (aborting the
     // upload side) once the device side is done too.
     tokio::join!(download, upload);
+}
+
+/// Hands a datagram from an upstream to the data plane, dropping (and counting) it when the
+/// queue is full, as a router would; false once the data plane is gone.
+fn report_datagram(
+    events: &mpsc::Sender<UpstreamEvent>,
+    drops: &RuntimeDrops,
+    flow: FlowId,
+    data: Bytes,
+) -> bool {
+    match events.try_send(UpstreamEvent::UdpData { flow, data }) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            drops.add(RuntimeDrop::UdpEventQueueFull);
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
 }
 
 fn udp_socket(upstream: Upstream) -> io::Result<UdpSocket> {
@@ -375,7 +425,8 @@ async fn udp_flow(
     flow: FlowId,
     upstream: Upstream,
     mut datagrams: mpsc::Receiver<Bytes>,
-    events: mpsc::UnboundedSender<UpstreamEvent>,
+    events: mpsc::Sender<UpstreamEvent>,
+    drops: Arc<RuntimeDrops>,
 ) {
     let socket = match udp_socket(upstream) {
         Ok(s) => s,
@@ -397,7 +448,7 @@ async fn udp_flow(
             got = socket.recv(&mut buf) => {
                 if let Ok(n) = got {
                     let data = Bytes::copy_from_slice(&buf[..n]);
-                    if events.send(UpstreamEvent::UdpData { flow, data }).is_err() {
+                    if !report_datagram(&events, &drops, flow, data) {
                         return;
                     }
                 }
@@ -488,7 +539,8 @@ async fn ping_flow(
     flow: FlowId,
     upstream: Upstream,
     mut requests: mpsc::Receiver<Bytes>,
-    events: mpsc::UnboundedSender<UpstreamEvent>,
+    events: mpsc::Sender<UpstreamEvent>,
+    drops: Arc<RuntimeDrops>,
 ) {
     let (socket, kind) = match ping_socket(flow, upstream) {
         Ok(s) => s,
@@ -521,7 +573,7 @@ async fn ping_flow(
                 let Ok(n) = got else { continue };
                 if let Some(reply) = ping_reply(&buf[..n], kind, v4) {
                     let data = Bytes::copy_from_slice(reply);
-                    if events.send(UpstreamEvent::UdpData { flow, data }).is_err() {
+                    if !report_datagram(&events, &drops, flow, data) {
                         return;
                     }
                 }
