@@ -222,7 +222,7 @@ impl<P: DnsPolicy + 'static> LocalHost for LocalServer<P> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::sync::Mutex;
     use std::time::{Duration, SystemTime};
@@ -258,7 +258,8 @@ mod tests {
 
     type Policy = fn(&QueryInfo<'_>) -> PolicyVerdict;
 
-    fn ctx(name: &str, dst_port: u16) -> FlowCtx {
+    /// A TCP flow of device `name` to the gateway's `dst_port`.
+    pub(crate) fn ctx(name: &str, dst_port: u16) -> FlowCtx {
         #[allow(clippy::disallowed_methods)] // a timestamp nobody reads
         let opened = std::time::Instant::now();
         FlowCtx {

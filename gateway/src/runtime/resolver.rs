@@ -425,7 +425,7 @@ mod tests {
     }
 
     #[test]
-    fn listener_queries_belong_to_a_device_a_location_or_an_address() {
+    fn listener_queries_belong_to_a_location_or_an_address() {
         let office = DnsLocation {
             name: "office".into(),
             id: None,

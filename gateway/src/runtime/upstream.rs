@@ -585,6 +585,88 @@ async fn ping_flow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::{FlowCtx, LocalEndpoint, LocalService};
+
+    /// Echoes what it reads, naming the device first.
+    struct Echo;
+
+    impl LocalHost for Echo {
+        fn serve(&self, _: LocalEndpoint, ctx: FlowCtx, stream: tokio::io::DuplexStream) {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(stream);
+                let _ = w.write_all(ctx.device.name.as_bytes()).await;
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    }
+
+    async fn next(events: &mut mpsc::Receiver<UpstreamEvent>) -> UpstreamEvent {
+        tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("an event in time")
+            .expect("open channel")
+    }
+
+    #[tokio::test]
+    async fn a_local_service_is_pumped_like_a_socket_within_the_devices_credit() {
+        let (tx, mut events) = mpsc::channel(16);
+        let drops = Arc::new(RuntimeDrops::default());
+        let mut upstreams = Upstreams::new(tx, Some(Arc::new(Echo)), drops);
+        let ctx = super::super::local::tests::ctx("laptop", 53);
+        let endpoint = LocalEndpoint::Service(LocalService::DnsTcp);
+        upstreams.execute(Command::LocalConnect {
+            flow: 3,
+            endpoint,
+            ctx: Box::new(ctx.clone()),
+        });
+        assert_eq!(
+            next(&mut events).await,
+            UpstreamEvent::TcpConnected {
+                flow: 3,
+                local: ctx.dst
+            }
+        );
+        upstreams.execute(Command::TcpSend {
+            flow: 3,
+            data: Bytes::from_static(b" hello"),
+        });
+        assert_eq!(
+            next(&mut events).await,
+            UpstreamEvent::TcpWritten { flow: 3, bytes: 6 }
+        );
+        // Without credit nothing comes back, as with a socket.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(events.try_recv().is_err(), "no data before credit");
+        upstreams.execute(Command::TcpCredit {
+            flow: 3,
+            bytes: READ_CHUNK,
+        });
+        let mut got = Vec::new();
+        while got.len() < b"laptop hello".len() {
+            match next(&mut events).await {
+                UpstreamEvent::TcpData { flow: 3, data } => got.extend_from_slice(&data),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, b"laptop hello");
+        upstreams.execute(Command::TcpClose { flow: 3 });
+        assert!(upstreams.is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_local_services_the_flow_is_refused() {
+        let (tx, mut events) = mpsc::channel(16);
+        let mut upstreams = Upstreams::new(tx, None, Arc::default());
+        upstreams.execute(Command::LocalConnect {
+            flow: 4,
+            endpoint: LocalEndpoint::Service(LocalService::DnsTcp),
+            ctx: Box::new(super::super::local::tests::ctx("laptop", 53)),
+        });
+        assert_eq!(
+            next(&mut events).await,
+            UpstreamEvent::TcpConnectFailed { flow: 4 }
+        );
+    }
 
     #[test]
     fn checksum_of_an_echo_request() {
