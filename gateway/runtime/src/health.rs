@@ -16,10 +16,7 @@ use waygate_stages::egress::{device_address, Probe};
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Starts one probing task per location that has a health check.
-pub fn spawn_probes(
-    locations: &[EgressLocationConfig],
-    results: mpsc::UnboundedSender<(usize, Probe)>,
-) {
+pub fn spawn_probes(locations: &[EgressLocationConfig], results: mpsc::Sender<(usize, Probe)>) {
     for (index, location) in locations.iter().enumerate() {
         let Some(check) = location.health_check else {
             continue;
@@ -46,7 +43,7 @@ async fn probe_location(
     index: usize,
     source: IpAddr,
     check: HealthCheckConfig,
-    results: mpsc::UnboundedSender<(usize, Probe)>,
+    results: mpsc::Sender<(usize, Probe)>,
 ) {
     let mut ticks = tokio::time::interval(check.interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -61,7 +58,7 @@ async fn probe_location(
                 Probe::Down
             }
         };
-        if results.send((index, probe)).is_err() {
+        if results.send((index, probe)).await.is_err() {
             return;
         }
     }

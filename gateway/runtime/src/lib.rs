@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use crate::uapi::{UapiPeer, UapiSnapshot};
 use nexthop::{NextHopRoute, NextHops};
 use waygate_config::Config;
-use waygate_engine::flow::{Command, DeviceInfo, FlowLimits, Via};
+use waygate_engine::flow::{Command, DeviceInfo, FlowLimits, LocalServices, Via};
 use waygate_engine::gateway::{CoreSettings, GatewayCore};
 use waygate_engine::protect::Protected;
 use waygate_engine::vnet::VnetRoute;
@@ -41,9 +41,11 @@ pub mod dns;
 pub mod drops;
 pub mod health;
 pub mod host;
+pub mod local;
 pub mod nexthop;
 pub mod reload;
 pub mod resolver;
+pub mod stats;
 pub mod tls;
 pub mod uapi;
 pub mod upstream;
@@ -107,6 +109,109 @@ fn map_large_allocations() {
 }
 
 async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
+    let key_bytes = prepare_data_dir(&config)?;
+    let drops = Arc::new(drops::RuntimeDrops::default());
+    let wall = UNIX_EPOCH + unix_now();
+    let ca = crate::tls::load_ca(&config.data_dir, wall)?;
+    let dns_tls = crate::tls::gateway_dns_tls(&ca, &config, wall)?;
+    let settings = core_settings(&config, descriptors)?;
+    let (dns, dns_out) = resolver::spawn(
+        &config,
+        host::dns_queries_for_descriptors(descriptors),
+        dns_tls,
+        &settings.local,
+        drops.clone(),
+    )
+    .context("dns")?;
+    let now = Instant::now();
+    let mut core = GatewayCore::new(key_bytes, settings.clone(), now);
+    let host_addresses = (
+        host::interface_addresses().context("cannot list the host's addresses")?,
+        host::local_ipv6_prefixes(),
+    );
+    core.set_host_addresses(&host_addresses.0, &host_addresses.1);
+
+    let socket = bind_wireguard(config.wireguard.listen)
+        .with_context(|| format!("cannot listen on UDP {}", config.wireguard.listen))?;
+    let state = UdpSocketState::new((&socket).into()).context("cannot set up the UDP socket")?;
+    let socket = UdpSocket::from_std(socket)?;
+
+    let (device_tx, device_rx) = mpsc::channel::<RegistrySnapshot>(4);
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Vec<Seen>>();
+    let watcher = {
+        let data_dir = config.data_dir.clone();
+        let tunnel = config.tunnel.clone();
+        std::thread::Builder::new()
+            .name("waygate-registry".into())
+            .spawn(move || watch_registry(&data_dir, &tunnel, device_tx, seen_rx))?
+    };
+    let uapi = start_uapi(&config, key_bytes);
+    let reload_rx = start_reloads(&config, &dns, &mut core)?;
+    let (probe_tx, probe_rx) = mpsc::channel(PROBE_QUEUE);
+    health::spawn_probes(&config.egress.locations, probe_tx);
+    let (event_tx, event_rx) = mpsc::channel(upstream::EVENT_QUEUE);
+    let local: Arc<dyn local::LocalHost> = dns.local.clone();
+    let upstreams = Upstreams::new(event_tx, Some(local), drops.clone());
+    let (stats_tx, _) = tokio::sync::watch::channel(stats::StatsSnapshot::default());
+
+    tracing::info!(
+        listen = %config.wireguard.listen,
+        public_key = %waygate_keys::PublicKey::from_bytes(core.public_key()),
+        gateway = %settings.gateway_v4,
+        local_services = settings.local.routes().len(),
+        egress = ?settings.egress.default_ipv4,
+        "waygate serving"
+    );
+    let mut serving = Serving {
+        core,
+        socket,
+        state,
+        upstreams,
+        dns,
+        drops,
+        bufs: vec![vec![0u8; RECV_BUFFER]; BATCH_SIZE],
+        metas: vec![RecvMeta::default(); BATCH_SIZE],
+        host_addresses,
+        flows_peak: 0,
+        vnets: Vec::new(),
+        vnets_unresolved: false,
+        next_hops: NextHops::default(),
+        uapi_snapshot: uapi.snapshot.clone(),
+        next_housekeeping: now,
+        drop_report: drops::DropReport::new(now),
+        seen_tx,
+        next_seen: now + LAST_SEEN_EVERY,
+        reported: HashMap::new(),
+        stats: stats_tx,
+    };
+    let mut inputs = Inputs {
+        devices: device_rx,
+        events: event_rx,
+        probes: probe_rx,
+        reloads: reload_rx,
+        answers: dns_out.answers,
+        learned: dns_out.learned,
+        terminate: signal(tokio::signal::unix::SignalKind::terminate())?,
+        interrupt: signal(tokio::signal::unix::SignalKind::interrupt())?,
+    };
+    let result = serving.serve(&mut inputs).await;
+    tracing::info!("waygate stopping");
+    // Where every device is now, for the next start to reach them; sent before the registry
+    // channel closes, which tells the watcher to write what it has and end.
+    let _ = serving.seen_tx.send(recently_seen(&serving.core));
+    drop(serving);
+    drop(inputs);
+    let _ = std::fs::remove_file(&uapi.path);
+    let _ = watcher.join();
+    result
+}
+
+/// Bounded queue of egress health probe results (a handful of locations, one probe a second).
+const PROBE_QUEUE: usize = 64;
+
+/// Creates the data dir, checks the registry, loads the server key and registers the config's
+/// virtual networks; returns the key.
+fn prepare_data_dir(config: &Config) -> anyhow::Result<[u8; 32]> {
     datadir::ensure_data_dir(&config.data_dir)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
     // Fail now, not in the watcher thread, if the registry is unusable. Opened before the key
@@ -115,7 +220,6 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
         Registry::open(&config.data_dir, &config.tunnel).context("cannot open the registry")?;
     let key = datadir::load_or_create_server_key(&config.data_dir)
         .with_context(|| format!("server key in {}", config.data_dir.display()))?;
-    let key_bytes = *key.to_bytes();
     for vnet in &config.vnets {
         let routes: Vec<waygate_registry::VnetRoute> = vnet
             .routes
@@ -129,77 +233,51 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
             .upsert_vnet(&vnet.id, &vnet.name, &routes, unix_now().as_secs() as i64)
             .with_context(|| format!("vnets: cannot register {:?}", vnet.name))?;
     }
-    drop(registry);
+    Ok(*key.to_bytes())
+}
 
-    let (answer_tx, mut answer_rx) = mpsc::unbounded_channel::<resolver::Answer>();
-    let (learned_tx, mut learned_rx) = mpsc::unbounded_channel::<resolver::Learned>();
-    let wall = UNIX_EPOCH + unix_now();
-    let ca = crate::tls::load_ca(&config.data_dir, wall)?;
-    let dns_tls = crate::tls::gateway_dns_tls(&ca, &config, wall)?;
-    let dns = resolver::spawn(
-        &config,
-        host::dns_queries_for_descriptors(descriptors),
-        dns_tls,
-        answer_tx,
-        learned_tx,
-    )
-    .context("dns")?;
-    let mut settings = core_settings(&config, descriptors)?;
-    settings.dns_upstream = Some(dns.tcp_listener);
-    settings.dns_over_tls = Some(dns.tls_listener);
-    settings.dns_over_https = Some(dns.https_listener);
-    let now = Instant::now();
-    let mut core = GatewayCore::new(key_bytes, settings.clone(), now);
-    let mut host_addresses = (
-        host::interface_addresses().context("cannot list the host's addresses")?,
-        host::local_ipv6_prefixes(),
-    );
-    core.set_host_addresses(&host_addresses.0, &host_addresses.1);
-    // Flows at their most since memory was last handed back (see `host::return_freed_memory`).
-    let mut flows_peak = 0;
+/// The `wg show` socket: what it serves, and where.
+struct Uapi {
+    snapshot: Arc<Mutex<UapiSnapshot>>,
+    path: std::path::PathBuf,
+}
 
-    let socket = bind_wireguard(config.wireguard.listen)
-        .with_context(|| format!("cannot listen on UDP {}", config.wireguard.listen))?;
-    let state = UdpSocketState::new((&socket).into()).context("cannot set up the UDP socket")?;
-    let socket = UdpSocket::from_std(socket)?;
-
-    let (device_tx, mut device_rx) = mpsc::channel::<RegistrySnapshot>(4);
-    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Vec<Seen>>();
-    let watcher = {
-        let data_dir = config.data_dir.clone();
-        let tunnel = config.tunnel.clone();
-        std::thread::Builder::new()
-            .name("waygate-registry".into())
-            .spawn(move || watch_registry(&data_dir, &tunnel, device_tx, seen_rx))?
-    };
-
+/// Serves the WireGuard UAPI socket from a snapshot the loop refreshes.
+fn start_uapi(config: &Config, key_bytes: [u8; 32]) -> Uapi {
     let snapshot = Arc::new(Mutex::new(UapiSnapshot {
         private_key: key_bytes,
         listen_port: config.wireguard.listen.port(),
         peers: Vec::new(),
     }));
-    let uapi_path = uapi::socket_path(&config.wireguard.interface_name);
-    {
-        let snapshot = snapshot.clone();
-        let path = uapi_path.clone();
-        tokio::spawn(async move {
-            let read = move || {
-                let s = snapshot
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                UapiSnapshot {
-                    private_key: s.private_key,
-                    listen_port: s.listen_port,
-                    peers: s.peers.clone(),
-                }
-            };
-            if let Err(err) = uapi::serve(path.clone(), read).await {
-                tracing::warn!(path = %path.display(), %err, "wg UAPI socket unavailable; `wg show` will not see this gateway");
+    let path = uapi::socket_path(&config.wireguard.interface_name);
+    let shared = snapshot.clone();
+    let at = path.clone();
+    tokio::spawn(async move {
+        let read = move || {
+            let s = shared
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            UapiSnapshot {
+                private_key: s.private_key,
+                listen_port: s.listen_port,
+                peers: s.peers.clone(),
             }
-        });
-    }
+        };
+        if let Err(err) = uapi::serve(at.clone(), read).await {
+            tracing::warn!(path = %at.display(), %err, "wg UAPI socket unavailable; `wg show` will not see this gateway");
+        }
+    });
+    Uapi { snapshot, path }
+}
 
-    let (followed, policy, geoip, categories) = reload::Followed::load(&config)?;
+/// Loads the followed files (rules, categories, GeoIP) into the core and the resolver, and
+/// starts the thread that reports their changes.
+fn start_reloads(
+    config: &Config,
+    dns: &resolver::ResolverHandle,
+    core: &mut GatewayCore,
+) -> anyhow::Result<mpsc::Receiver<reload::Reloaded>> {
+    let (followed, policy, geoip, categories) = reload::Followed::load(config)?;
     dns.set_categories(categories.map(Arc::new));
     if let Some(policy) = policy {
         let policy = Arc::new(policy);
@@ -209,117 +287,137 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     let geoip = geoip.map(Arc::new);
     dns.set_geoip(geoip.clone());
     core.set_geoip(geoip);
-    let (reload_tx, mut reload_rx) = mpsc::channel(2);
+    let (reload_tx, reload_rx) = mpsc::channel(2);
     std::thread::Builder::new()
         .name("waygate-reload".into())
         .spawn(move || followed.run(reload_tx))?;
+    Ok(reload_rx)
+}
 
-    let (probe_tx, mut probe_rx) = mpsc::unbounded_channel();
-    health::spawn_probes(&config.egress.locations, probe_tx);
+/// Everything the loop waits on.
+struct Inputs {
+    devices: mpsc::Receiver<RegistrySnapshot>,
+    events: mpsc::Receiver<waygate_engine::flow::UpstreamEvent>,
+    probes: mpsc::Receiver<(usize, waygate_stages::egress::Probe)>,
+    reloads: mpsc::Receiver<reload::Reloaded>,
+    answers: mpsc::Receiver<resolver::Answer>,
+    learned: mpsc::Receiver<resolver::Learned>,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
 
-    let (event_tx, mut event_rx) = mpsc::unbounded_channel();
-    let mut upstreams = Upstreams::new(event_tx);
-    let mut bufs = vec![vec![0u8; RECV_BUFFER]; BATCH_SIZE];
-    let mut metas = vec![RecvMeta::default(); BATCH_SIZE];
-    let mut next_seen = now + LAST_SEEN_EVERY;
-    let mut reported: HashMap<String, SocketAddr> = HashMap::new();
-    let mut vnets: Vec<Vnet> = Vec::new();
-    let mut vnets_unresolved = false;
-    // Removes the kernel routes it installed when the loop ends, also on error.
-    let mut next_hops = NextHops::default();
-    let mut next_snapshot = now;
-    let mut drop_report = drops::DropReport::new(now);
-    let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
+/// The serving loop's state: the core and what carries out its work.
+struct Serving {
+    core: GatewayCore,
+    socket: UdpSocket,
+    state: UdpSocketState,
+    upstreams: Upstreams,
+    dns: resolver::ResolverHandle,
+    drops: Arc<drops::RuntimeDrops>,
+    bufs: Vec<Vec<u8>>,
+    metas: Vec<RecvMeta>,
+    host_addresses: (Vec<waygate_engine::protect::HostAddress>, Vec<ipnet::IpNet>),
+    /// Flows at their most since memory was last handed back (see `host::return_freed_memory`).
+    flows_peak: usize,
+    vnets: Vec<Vnet>,
+    vnets_unresolved: bool,
+    /// Removes the kernel routes it installed when the loop ends, also on error.
+    next_hops: NextHops,
+    uapi_snapshot: Arc<Mutex<UapiSnapshot>>,
+    next_housekeeping: Instant,
+    drop_report: drops::DropReport,
+    seen_tx: std::sync::mpsc::Sender<Vec<Seen>>,
+    next_seen: Instant,
+    /// Where each device was last reported to the registry.
+    reported: HashMap<String, SocketAddr>,
+    stats: tokio::sync::watch::Sender<stats::StatsSnapshot>,
+}
 
-    tracing::info!(
-        listen = %config.wireguard.listen,
-        public_key = %waygate_keys::PublicKey::from_bytes(core.public_key()),
-        gateway = %settings.gateway_v4,
-        dns_upstream = ?settings.dns_upstream,
-        egress = ?settings.egress.default_ipv4,
-        "waygate serving"
-    );
-
-    loop {
-        let deadline = core.poll_timeout();
-        tokio::select! {
-            biased;
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-            snapshot = device_rx.recv() => match snapshot {
-                Some(snapshot) => {
-                    let resume = resumable(&snapshot.devices, unix_now().as_secs() as i64);
-                    let peers = peers_of(snapshot.devices);
-                    dns.set_devices(peers.iter().map(|(_, d)| d));
-                    core.sync_peers(peers, Instant::now());
-                    // Devices already heard from since the start are skipped.
-                    for (key, at) in resume {
-                        core.resume_peer(&key, at);
-                    }
-                    let (routes, unresolved) = resolve_vnet_routes(&snapshot.vnets, &mut next_hops);
-                    core.sync_vnets(routes);
-                    vnets = snapshot.vnets;
-                    vnets_unresolved = unresolved;
+impl Serving {
+    /// Runs until a signal, or until the registry watcher stops (an error).
+    async fn serve(&mut self, inputs: &mut Inputs) -> anyhow::Result<()> {
+        loop {
+            let deadline = self.core.poll_timeout();
+            tokio::select! {
+                biased;
+                _ = inputs.terminate.recv() => return Ok(()),
+                _ = inputs.interrupt.recv() => return Ok(()),
+                snapshot = inputs.devices.recv() => match snapshot {
+                    Some(snapshot) => self.sync_registry(snapshot),
+                    None => anyhow::bail!("the registry watcher stopped"),
+                },
+                ready = self.socket.readable() => {
+                    ready?;
+                    receive(&self.socket, &self.state, &mut self.core, &mut self.bufs, &mut self.metas);
                 }
-                None => anyhow::bail!("the registry watcher stopped"),
-            },
-            ready = socket.readable() => {
-                ready?;
-                receive(&socket, &state, &mut core, &mut bufs, &mut metas);
-            }
-            event = event_rx.recv() => {
-                if let Some(event) = event {
+                Some(event) = inputs.events.recv() => {
                     let now = Instant::now();
-                    core.handle_upstream(event, now);
-                    for _ in 1..MAX_EVENTS_PER_TURN {
-                        match event_rx.try_recv() {
-                            Ok(event) => core.handle_upstream(event, now),
-                            Err(_) => break,
-                        }
-                    }
+                    self.core.handle_upstream(event, now);
+                    drain(&mut inputs.events, |e| self.core.handle_upstream(e, now));
                 }
+                Some((location, probe)) = inputs.probes.recv() => {
+                    self.core.record_egress_probe(location, probe);
+                }
+                Some(reloaded) = inputs.reloads.recv() => self.reload(reloaded),
+                Some(l) = inputs.learned.recv() => {
+                    let now = Instant::now();
+                    self.core.learn_name(&l.device_id, l.ip, &l.names, l.ttl, now);
+                    drain(&mut inputs.learned, |l| {
+                        self.core.learn_name(&l.device_id, l.ip, &l.names, l.ttl, now)
+                    });
+                }
+                Some(a) = inputs.answers.recv() => {
+                    self.core.handle_dns_answer(a.peer, a.to, a.from, &a.payload);
+                    drain(&mut inputs.answers, |a| {
+                        self.core.handle_dns_answer(a.peer, a.to, a.from, &a.payload)
+                    });
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {}
             }
-            Some((location, probe)) = probe_rx.recv() => core.record_egress_probe(location, probe),
-            Some(reloaded) = reload_rx.recv() => match reloaded {
-                reload::Reloaded::Policy(policy) => {
-                    dns.set_policy(policy.clone());
-                    core.set_policy(policy);
-                }
-                reload::Reloaded::Categories(db) => dns.set_categories(Some(db)),
-                reload::Reloaded::GeoIp(db) => {
-                    dns.set_geoip(Some(db.clone()));
-                    core.set_geoip(Some(db));
-                }
-            },
-            Some(l) = learned_rx.recv() => {
-                let now = Instant::now();
-                core.learn_name(&l.device_id, l.ip, &l.names, l.ttl, now);
-                for _ in 1..MAX_EVENTS_PER_TURN {
-                    match learned_rx.try_recv() {
-                        Ok(l) => core.learn_name(&l.device_id, l.ip, &l.names, l.ttl, now),
-                        Err(_) => break,
-                    }
-                }
-            }
-            Some(answer) = answer_rx.recv() => {
-                core.handle_dns_answer(answer.peer, answer.to, answer.from, &answer.payload);
-                for _ in 1..MAX_EVENTS_PER_TURN {
-                    match answer_rx.try_recv() {
-                        Ok(a) => core.handle_dns_answer(a.peer, a.to, a.from, &a.payload),
-                        Err(_) => break,
-                    }
-                }
-            }
-            _ = tokio::time::sleep_until(deadline.into()) => {}
+            self.finish_turn().await;
         }
+    }
+
+    /// A new device list and virtual networks from the registry.
+    fn sync_registry(&mut self, snapshot: RegistrySnapshot) {
+        let resume = resumable(&snapshot.devices, unix_now().as_secs() as i64);
+        self.core
+            .sync_peers(peers_of(snapshot.devices), Instant::now());
+        // Devices already heard from since the start are skipped.
+        for (key, at) in resume {
+            self.core.resume_peer(&key, at);
+        }
+        let (routes, unresolved) = resolve_vnet_routes(&snapshot.vnets, &mut self.next_hops);
+        self.core.sync_vnets(routes);
+        self.vnets = snapshot.vnets;
+        self.vnets_unresolved = unresolved;
+    }
+
+    /// A followed file changed.
+    fn reload(&mut self, reloaded: reload::Reloaded) {
+        match reloaded {
+            reload::Reloaded::Policy(policy) => {
+                self.dns.set_policy(policy.clone());
+                self.core.set_policy(policy);
+            }
+            reload::Reloaded::Categories(db) => self.dns.set_categories(Some(db)),
+            reload::Reloaded::GeoIp(db) => {
+                self.dns.set_geoip(Some(db.clone()));
+                self.core.set_geoip(Some(db));
+            }
+        }
+    }
+
+    /// After every wake-up: due timers, the batch's flush, the datagrams it produced, the work
+    /// it asked for, and the periodic chores.
+    async fn finish_turn(&mut self) {
         let now = Instant::now();
-        if now >= core.poll_timeout() {
-            core.handle_timeout(now);
+        if now >= self.core.poll_timeout() {
+            self.core.handle_timeout(now);
         }
-        core.flush(now);
-        send(&socket, &state, core.transmit_queue()).await;
-        while let Some(command) = core.poll_command() {
+        self.core.flush(now);
+        send(&self.socket, &self.state, self.core.transmit_queue()).await;
+        while let Some(command) = self.core.poll_command() {
             match command {
                 Command::DnsQuery {
                     peer,
@@ -328,7 +426,7 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
                     client,
                     server,
                     payload,
-                } => dns.query(resolver::Query {
+                } => self.dns.query(resolver::Query {
                     peer,
                     client: resolver::device_client(
                         &device,
@@ -339,73 +437,94 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
                     to: server,
                     payload,
                 }),
-                other => upstreams.execute(other),
+                other => self.upstreams.execute(other),
             }
         }
-        if now >= next_snapshot {
-            next_snapshot = now + SNAPSHOT_EVERY;
-            // Addresses come and go (DHCP, a new interface): flows to them are refused at once.
-            match host::interface_addresses() {
-                Ok(addrs) => {
-                    let now_host = (addrs, host::local_ipv6_prefixes());
-                    if now_host != host_addresses {
-                        tracing::info!(
-                            addresses = now_host.0.len(),
-                            local_prefixes = now_host.1.len(),
-                            "the host's addresses changed"
-                        );
-                        core.set_host_addresses(&now_host.0, &now_host.1);
-                        host_addresses = now_host;
-                    }
-                }
-                Err(err) => tracing::warn!(%err, "cannot list the host's addresses"),
-            }
-            let (tcp, udp) = core.open_flows();
-            let flows = tcp + udp;
-            flows_peak = flows_peak.max(flows);
-            if flows + FLOWS_BEFORE_TRIM <= flows_peak {
-                host::return_freed_memory();
-                flows_peak = flows;
-            }
-            if vnets_unresolved {
-                // An interface named by a route may come up after the gateway.
-                let (routes, unresolved) = resolve_vnet_routes(&vnets, &mut next_hops);
-                core.sync_vnets(routes);
-                vnets_unresolved = unresolved;
-            }
-            if let Ok(mut s) = snapshot.lock() {
-                s.peers = uapi_peers(&core);
-            }
-            if let Some(dropped) =
-                drop_report.poll(now, core.wireguard().drops(), core.flow_drops())
-            {
-                drops::log(&dropped);
-            }
-            // Written every LAST_SEEN_EVERY, and within a second when a device appears at a new
-            // address, so a crash soon after still leaves the next start where to reach it.
-            let seen = recently_seen(&core);
-            let moved = seen
-                .iter()
-                .any(|s| s.endpoint.is_some() && reported.get(&s.device_id) != s.endpoint.as_ref());
-            if moved || now >= next_seen {
-                next_seen = now + LAST_SEEN_EVERY;
-                for s in &seen {
-                    if let Some(at) = s.endpoint {
-                        reported.insert(s.device_id.clone(), at);
-                    }
-                }
-                let _ = seen_tx.send(seen);
-            }
+        if now >= self.next_housekeeping {
+            self.next_housekeeping = now + SNAPSHOT_EVERY;
+            self.housekeeping(now);
         }
     }
-    tracing::info!("waygate stopping");
-    // Where every device is now, for the next start to reach them.
-    let _ = seen_tx.send(recently_seen(&core));
-    drop(upstreams);
-    drop(device_rx);
-    let _ = std::fs::remove_file(&uapi_path);
-    let _ = watcher.join();
-    Ok(())
+
+    /// Once a second: the host's addresses, memory, late interfaces, `wg show`, drops,
+    /// last-seen times and the stats snapshot.
+    fn housekeeping(&mut self, now: Instant) {
+        self.follow_host_addresses();
+        let (tcp, udp) = self.core.open_flows();
+        let flows = tcp + udp;
+        self.flows_peak = self.flows_peak.max(flows);
+        if flows + FLOWS_BEFORE_TRIM <= self.flows_peak {
+            host::return_freed_memory();
+            self.flows_peak = flows;
+        }
+        if self.vnets_unresolved {
+            // An interface named by a route may come up after the gateway.
+            let (routes, unresolved) = resolve_vnet_routes(&self.vnets, &mut self.next_hops);
+            self.core.sync_vnets(routes);
+            self.vnets_unresolved = unresolved;
+        }
+        if let Ok(mut s) = self.uapi_snapshot.lock() {
+            s.peers = uapi_peers(&self.core);
+        }
+        let wg_drops = self.core.wireguard().drops();
+        if let Some(dropped) =
+            self.drop_report
+                .poll(now, wg_drops, self.core.flow_drops(), &self.drops)
+        {
+            drops::log(&dropped);
+        }
+        self.record_last_seen(now);
+        let snapshot =
+            stats::StatsSnapshot::collect(&self.core, self.upstreams.len(), &self.dns, &self.drops);
+        self.stats.send_replace(snapshot);
+    }
+
+    /// Addresses come and go (DHCP, a new interface): flows to them are refused at once.
+    fn follow_host_addresses(&mut self) {
+        match host::interface_addresses() {
+            Ok(addrs) => {
+                let now_host = (addrs, host::local_ipv6_prefixes());
+                if now_host != self.host_addresses {
+                    tracing::info!(
+                        addresses = now_host.0.len(),
+                        local_prefixes = now_host.1.len(),
+                        "the host's addresses changed"
+                    );
+                    self.core.set_host_addresses(&now_host.0, &now_host.1);
+                    self.host_addresses = now_host;
+                }
+            }
+            Err(err) => tracing::warn!(%err, "cannot list the host's addresses"),
+        }
+    }
+
+    /// Written every LAST_SEEN_EVERY, and within a second when a device appears at a new
+    /// address, so a crash soon after still leaves the next start where to reach it.
+    fn record_last_seen(&mut self, now: Instant) {
+        let seen = recently_seen(&self.core);
+        let moved = seen.iter().any(|s| {
+            s.endpoint.is_some() && self.reported.get(&s.device_id) != s.endpoint.as_ref()
+        });
+        if moved || now >= self.next_seen {
+            self.next_seen = now + LAST_SEEN_EVERY;
+            for s in &seen {
+                if let Some(at) = s.endpoint {
+                    self.reported.insert(s.device_id.clone(), at);
+                }
+            }
+            let _ = self.seen_tx.send(seen);
+        }
+    }
+}
+
+/// Hands what else is already queued in `rx` to `handle`, up to a turn's worth.
+fn drain<T>(rx: &mut mpsc::Receiver<T>, mut handle: impl FnMut(T)) {
+    for _ in 1..MAX_EVENTS_PER_TURN {
+        match rx.try_recv() {
+            Ok(item) => handle(item),
+            Err(_) => break,
+        }
+    }
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal::unix::Signal> {
@@ -436,11 +555,9 @@ fn core_settings(config: &Config, descriptors: u64) -> anyhow::Result<CoreSettin
         gateway_v4: config.tunnel.gateway_ipv4(),
         gateway_v6: config.tunnel.gateway_ipv6(),
         mtu: config.tunnel.mtu,
-        // The resolver's loopback listener, known once it runs.
+        // The resolver answers DNS on every transport; no port of the gateway forwards it.
+        local: LocalServices::resolver(),
         dns_upstream: None,
-        dns_over_tls: None,
-        dns_over_https: None,
-        dns_resolver: true,
         dns_intercept: config.dns.intercept,
         egress: EgressSettings {
             default_ipv4: config.egress.default_ipv4,

@@ -1,13 +1,12 @@
 //! The gateway's resolver on a thread of its own (so DNS uses the second core and never stalls the
 //! data plane): devices' UDP queries arrive as [`Query`] from the data plane and their answers go
-//! back as [`Answer`]; DNS over TCP, TLS and HTTPS from devices arrives on loopback listeners after
-//! a PROXY line naming the device; `dns.listen` serves networks without the client, attributed to
-//! `[[dns.locations]]`.
+//! back as [`Answer`]; DNS over TCP, TLS and HTTPS from devices arrives as flows handed over in
+//! memory with the device's identity ([`super::local`]), served on this thread; `dns.listen` serves
+//! networks without the client, attributed to `[[dns.locations]]`.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -23,13 +22,19 @@ use crate::dns::{
     StreamListener, TlsConfigs, Transport, Upstream, UpstreamClient,
 };
 use waygate_config::{Config, DnsLocation};
-use waygate_engine::flow::DeviceInfo;
+use waygate_engine::flow::{DeviceInfo, LocalServices};
 use waygate_geoip::GeoIp;
 use waygate_stages::policy::Loaded;
 use waygate_wg::PeerId;
 
+use super::drops::{RuntimeDrop, RuntimeDrops};
+use super::local::LocalServer;
+
 /// How often the resolver thread lets the core report log lines it held back.
 const LOG_POLL: Duration = Duration::from_secs(1);
+/// Devices' queries waiting for the resolver thread, and answers and learned names waiting for
+/// the data plane: a flood fills these, not memory (what does not fit is dropped and counted).
+pub const DNS_QUEUE: usize = 4096;
 
 /// A device's query over UDP, from the data plane.
 #[derive(Debug)]
@@ -72,19 +77,13 @@ pub struct Learned {
     pub ttl: u32,
 }
 
-/// Devices by tunnel address, for queries that arrive by address only (DNS over TCP).
-pub type Clients = Arc<RwLock<HashMap<IpAddr, ClientCtx>>>;
-
 /// The running resolver.
 pub struct ResolverHandle {
-    queries: mpsc::UnboundedSender<Query>,
-    /// The loopback listener DNS over TCP from devices is carried to.
-    pub tcp_listener: SocketAddr,
-    /// The loopback listener DNS over TLS from devices is carried to.
-    pub tls_listener: SocketAddr,
-    /// The loopback listener DNS over HTTPS from devices is carried to.
-    pub https_listener: SocketAddr,
-    clients: Clients,
+    queries: mpsc::Sender<Query>,
+    drops: Arc<RuntimeDrops>,
+    /// The gateway's services for devices' TCP flows (DNS over TCP, TLS, HTTPS), on the
+    /// resolver's thread.
+    pub local: Arc<LocalServer<DnsRules>>,
     state: Arc<Mutex<RulesState>>,
     resolver: Arc<Mutex<Resolver<DnsRules>>>,
 }
@@ -153,16 +152,9 @@ fn host_resolvers(path: &Path) -> Vec<Upstream> {
         .collect()
 }
 
-/// The client for a query to a `dns.listen` address from `from`.
-fn listener_client(from: SocketAddr, clients: &Clients, locations: &[DnsLocation]) -> ClientCtx {
-    let known = clients
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(&from.ip())
-        .cloned();
-    if let Some(client) = known {
-        return client;
-    }
+/// The client for a query to a `dns.listen` address from `from`: devices never reach these
+/// (their flows to host addresses are refused), so it is a location's host or just an address.
+fn listener_client(from: SocketAddr, locations: &[DnsLocation]) -> ClientCtx {
     let mut client = ClientCtx::from_ip(from.ip());
     client.location = locations
         .iter()
@@ -171,15 +163,26 @@ fn listener_client(from: SocketAddr, clients: &Clients, locations: &[DnsLocation
     client
 }
 
-/// Starts the resolver thread; answers to in-tunnel queries go to `answers`, and what it answered
-/// each device to `learned`. DNS over TLS and HTTPS serve the certificate in `tls`.
+/// The data plane's ends of the resolver's queues (each holds [`DNS_QUEUE`]).
+pub struct ResolverOutputs {
+    /// Answers to in-tunnel UDP queries.
+    pub answers: mpsc::Receiver<Answer>,
+    /// What the resolver answered each device.
+    pub learned: mpsc::Receiver<Learned>,
+}
+
+/// Starts the resolver thread; answers to in-tunnel queries and what it answered each device come
+/// out of the returned [`ResolverOutputs`], what its queues drop is counted in `drops`. The
+/// services of `local` serve devices' flows; DNS over TLS and HTTPS serve the certificate in `tls`.
 pub fn spawn(
     config: &Config,
     max_pending: usize,
     tls: TlsConfigs,
-    answers: mpsc::UnboundedSender<Answer>,
-    learned: mpsc::UnboundedSender<Learned>,
-) -> anyhow::Result<ResolverHandle> {
+    local: &LocalServices,
+    drops: Arc<RuntimeDrops>,
+) -> anyhow::Result<(ResolverHandle, ResolverOutputs)> {
+    let (answers, answers_rx) = mpsc::channel::<Answer>(DNS_QUEUE);
+    let (learned, learned_rx) = mpsc::channel::<Learned>(DNS_QUEUE);
     let mut upstream = UpstreamClient::new(
         upstreams(config)?,
         config.egress.default_ipv4.map(IpAddr::V4),
@@ -205,21 +208,24 @@ pub fn spawn(
         },
         seed,
     )));
+    let learn_drops = drops.clone();
     lock(&resolver).set_learn_sink(Box::new(move |device_id, ip, names, ttl| {
-        let _ = learned.send(Learned {
+        let sent = learned.try_send(Learned {
             device_id: device_id.to_string(),
             ip,
             names: names.clone(),
             ttl,
         });
+        if let Err(mpsc::error::TrySendError::Full(_)) = sent {
+            learn_drops.add(RuntimeDrop::LearnedNameQueueFull);
+        }
     }));
-    let clients: Clients = Arc::default();
-    let (queries_tx, mut queries_rx) = mpsc::unbounded_channel::<Query>();
-    let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-    let proxied = |kind| StreamListener {
-        addr: loopback,
-        kind,
-        proxied: true,
+    let (queries_tx, mut queries_rx) = mpsc::channel::<Query>(DNS_QUEUE);
+    let answer_drops = drops.clone();
+    let send_answer = move |answers: &mpsc::Sender<Answer>, answer: Answer| {
+        if let Err(mpsc::error::TrySendError::Full(_)) = answers.try_send(answer) {
+            answer_drops.add(RuntimeDrop::DnsAnswerQueueFull);
+        }
     };
     let server_config = ServerConfig {
         udp: config.dns.listen.clone(),
@@ -230,23 +236,18 @@ pub fn spawn(
             .map(|&addr| StreamListener {
                 addr,
                 kind: StreamKind::Tcp,
-                proxied: false,
             })
-            .chain([
-                proxied(StreamKind::Tcp),
-                proxied(StreamKind::Tls),
-                proxied(StreamKind::Https),
-            ])
             .collect(),
-        tls: Some(tls),
+        // dns.listen is plain DNS; DoT and DoH are for devices, through `local`.
+        tls: None,
         udp_workers: 1,
     };
     let identify = {
-        let clients = clients.clone();
         let locations = config.dns.locations.clone();
-        Arc::new(move |from: SocketAddr| listener_client(from, &clients, &locations))
+        Arc::new(move |from: SocketAddr| listener_client(from, &locations))
     };
     let server = DnsServer::new(resolver.clone(), upstream.clone(), identify);
+    let streams = server.streams();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let upstream = Arc::new(upstream);
     let shared = resolver.clone();
@@ -274,11 +275,7 @@ pub fn spawn(
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok((
-                    running.stream_addr(StreamKind::Tcp, true),
-                    running.stream_addr(StreamKind::Tls, true),
-                    running.stream_addr(StreamKind::Https, true),
-                )));
+                let _ = ready_tx.send(Ok(tokio::runtime::Handle::current()));
                 let mut out = Vec::new();
                 // Sums up malformed queries whose lines were held back, also after a flood ends.
                 let mut log_tick = tokio::time::interval(LOG_POLL);
@@ -302,28 +299,34 @@ pub fn spawn(
                         &mut out,
                     );
                     match handled {
-                        Handled::Answer => {
-                            let _ = answers.send(Answer {
+                        Handled::Answer => send_answer(
+                            &answers,
+                            Answer {
                                 peer: q.peer,
                                 to: q.from,
                                 from: q.to,
                                 payload: std::mem::take(&mut out),
-                            });
-                        }
+                            },
+                        ),
                         Handled::Upstream(ticket) => {
                             // Its own task, so a slow upstream holds up no other query.
                             let query = std::mem::take(&mut out);
-                            let (shared, upstream, answers) =
-                                (shared.clone(), upstream.clone(), answers.clone());
+                            let (shared, upstream, answers, send_answer) = (
+                                shared.clone(),
+                                upstream.clone(),
+                                answers.clone(),
+                                send_answer.clone(),
+                            );
                             tokio::spawn(async move {
                                 let mut out = Vec::new();
                                 if resolve(&shared, &upstream, ticket, &query, &mut out).await {
-                                    let _ = answers.send(Answer {
+                                    let answer = Answer {
                                         peer: q.peer,
                                         to: q.from,
                                         from: q.to,
                                         payload: out,
-                                    });
+                                    };
+                                    send_answer(&answers, answer);
                                 }
                             });
                         }
@@ -333,16 +336,19 @@ pub fn spawn(
                 drop(running);
             });
         })?;
-    let (tcp, dot, doh) = ready_rx.recv().context("the dns thread stopped")??;
-    Ok(ResolverHandle {
+    let runtime = ready_rx.recv().context("the dns thread stopped")??;
+    let handle = ResolverHandle {
         queries: queries_tx,
-        tcp_listener: tcp.context("no loopback listener for DNS over TCP")?,
-        tls_listener: dot.context("no loopback listener for DNS over TLS")?,
-        https_listener: doh.context("no loopback listener for DNS over HTTPS")?,
-        clients,
+        drops,
+        local: Arc::new(LocalServer::new(runtime, streams, &tls, local)),
         state,
         resolver,
-    })
+    };
+    let outputs = ResolverOutputs {
+        answers: answers_rx,
+        learned: learned_rx,
+    };
+    Ok((handle, outputs))
 }
 
 #[allow(clippy::disallowed_methods)]
@@ -352,9 +358,16 @@ fn now() -> Instant {
 }
 
 impl ResolverHandle {
-    /// Hands a device's query to the resolver.
+    /// Hands a device's query to the resolver; dropped (and counted) when its queue is full.
     pub fn query(&self, query: Query) {
-        let _ = self.queries.send(query);
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.queries.try_send(query) {
+            self.drops.add(RuntimeDrop::DnsQueryQueueFull);
+        }
+    }
+
+    /// The resolver's counters.
+    pub fn stats(&self) -> crate::dns::Stats {
+        lock(&self.resolver).stats()
     }
 
     /// Replaces the rules; queries already sent upstream keep their decisions.
@@ -386,18 +399,6 @@ impl ResolverHandle {
         };
         lock(&self.resolver).set_policy(rules);
     }
-
-    /// Replaces the devices known by tunnel address.
-    pub fn set_devices<'a>(&self, devices: impl IntoIterator<Item = &'a DeviceInfo>) {
-        let mut map = HashMap::new();
-        for d in devices {
-            let d = Arc::new(d.clone());
-            for ip in [IpAddr::V4(d.ipv4), IpAddr::V6(d.ipv6)] {
-                map.insert(ip, device_client(&d, ip, None));
-            }
-        }
-        *self.clients.write().unwrap_or_else(PoisonError::into_inner) = map;
-    }
 }
 
 #[cfg(test)]
@@ -424,17 +425,16 @@ mod tests {
     }
 
     #[test]
-    fn listener_queries_belong_to_a_device_a_location_or_an_address() {
-        let clients: Clients = Arc::default();
+    fn listener_queries_belong_to_a_location_or_an_address() {
         let office = DnsLocation {
             name: "office".into(),
             id: None,
             networks: vec!["198.51.100.0/24".parse().unwrap()],
         };
         let from: SocketAddr = "198.51.100.7:5353".parse().unwrap();
-        let c = listener_client(from, &clients, std::slice::from_ref(&office));
+        let c = listener_client(from, std::slice::from_ref(&office));
         assert_eq!(c.location.as_deref(), Some("office"));
-        let c = listener_client("203.0.113.7:53".parse().unwrap(), &clients, &[office]);
+        let c = listener_client("203.0.113.7:53".parse().unwrap(), &[office]);
         assert_eq!((c.location, c.device), (None, None));
     }
 }

@@ -1,5 +1,6 @@
-//! Upstream connections: one small task per flow, carrying bytes between a kernel socket and the
-//! core's event channel. The core decides; these tasks only move bytes and report.
+//! Upstream connections: one small task per flow, carrying bytes between a kernel socket (or, for
+//! the gateway's own services, an in-memory pipe) and the core's event channel. The core decides;
+//! these tasks only move bytes and report.
 
 use std::collections::HashMap;
 use std::io;
@@ -9,10 +10,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
+use super::drops::{RuntimeDrop, RuntimeDrops};
+use super::local::LocalHost;
 use waygate_engine::flow::{Command, FlowId, Upstream, UpstreamEvent, Via};
 
 /// How long a TCP connect may take before the device gets a RST.
@@ -21,6 +24,16 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_CHUNK: usize = waygate_engine::flow::tcp::UPSTREAM_READ;
 /// Datagrams queued per UDP flow before new ones are dropped.
 const UDP_QUEUE: usize = 256;
+/// Bytes buffered each way in the pipe between a flow and a local service: one upstream read,
+/// so the service sees the same back-pressure a socket would give.
+const LOCAL_PIPE: usize = READ_CHUNK;
+/// Writes queued per TCP flow. The core keeps at most the flow's upload window in flight and
+/// batches a flush's segments into one write, so only a flow whose upstream stalls through a
+/// thousand tiny writes reaches this; it is reset rather than left to grow.
+const TCP_OPS_QUEUE: usize = 1024;
+/// Events from all upstream tasks to the data plane. TCP tasks wait for room (their sockets
+/// then push back); datagrams that find it full are dropped and counted.
+pub const EVENT_QUEUE: usize = 8192;
 
 enum TcpOp {
     Send(Bytes),
@@ -29,7 +42,7 @@ enum TcpOp {
 
 enum Handle {
     Tcp {
-        ops: mpsc::UnboundedSender<TcpOp>,
+        ops: mpsc::Sender<TcpOp>,
         credit: Arc<Semaphore>,
         task: tokio::task::AbortHandle,
     },
@@ -42,15 +55,43 @@ enum Handle {
 /// The runtime's side of every flow: executes [`Command`]s, reports [`UpstreamEvent`]s.
 pub struct Upstreams {
     handles: HashMap<FlowId, Handle>,
-    events: mpsc::UnboundedSender<UpstreamEvent>,
+    events: mpsc::Sender<UpstreamEvent>,
+    local: Option<Arc<dyn LocalHost>>,
+    drops: Arc<RuntimeDrops>,
 }
 
 impl Upstreams {
-    /// Upstreams reporting into `events`.
-    pub fn new(events: mpsc::UnboundedSender<UpstreamEvent>) -> Self {
+    /// Upstreams reporting into `events` (at most [`EVENT_QUEUE`] waiting) and counting what
+    /// their queues drop in `drops`; flows to the gateway's own services go to `local`.
+    pub fn new(
+        events: mpsc::Sender<UpstreamEvent>,
+        local: Option<Arc<dyn LocalHost>>,
+        drops: Arc<RuntimeDrops>,
+    ) -> Self {
         Upstreams {
             handles: HashMap::new(),
             events,
+            local,
+            drops,
+        }
+    }
+
+    /// Reports `event` from outside a flow's task, without blocking the loop.
+    fn report(&self, event: UpstreamEvent) {
+        let events = self.events.clone();
+        tokio::spawn(async move { events.send(event).await });
+    }
+
+    /// Queues `op` for a TCP flow's upstream; a flow whose queue is full is reset.
+    fn tcp_op(&mut self, flow: FlowId, op: TcpOp) {
+        let Some(Handle::Tcp { ops, task, .. }) = self.handles.get(&flow) else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = ops.try_send(op) {
+            self.drops.add(RuntimeDrop::TcpOpsQueueFull);
+            task.abort();
+            self.handles.remove(&flow);
+            self.report(UpstreamEvent::TcpError { flow });
         }
     }
 
@@ -62,7 +103,7 @@ impl Upstreams {
                 tracing::debug!("dns query without a resolver dropped");
             }
             Command::TcpConnect { flow, upstream } => {
-                let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+                let (ops_tx, ops_rx) = mpsc::channel(TCP_OPS_QUEUE);
                 // The core grants the flow's download window right after this command.
                 let credit = Arc::new(Semaphore::new(0));
                 let events = self.events.clone();
@@ -76,16 +117,47 @@ impl Upstreams {
                     },
                 );
             }
-            Command::TcpSend { flow, data } => {
-                if let Some(Handle::Tcp { ops, .. }) = self.handles.get(&flow) {
-                    let _ = ops.send(TcpOp::Send(data));
-                }
+            Command::LocalConnect {
+                flow,
+                endpoint,
+                ctx,
+            } => {
+                let (ops_tx, ops_rx) = mpsc::channel(TCP_OPS_QUEUE);
+                let credit = Arc::new(Semaphore::new(0));
+                let events = self.events.clone();
+                let Some(host) = &self.local else {
+                    tracing::debug!(flow, ?endpoint, "no local services: flow refused");
+                    self.report(UpstreamEvent::TcpConnectFailed { flow });
+                    return;
+                };
+                // The service's end of the pipe goes to it with the flow's context; ours is
+                // pumped exactly like a socket.
+                let (ours, theirs) = tokio::io::duplex(LOCAL_PIPE);
+                let local = ctx.dst;
+                host.serve(endpoint, *ctx, theirs);
+                let pumped = credit.clone();
+                let task = tokio::spawn(async move {
+                    if events
+                        .send(UpstreamEvent::TcpConnected { flow, local })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let (reader, writer) = tokio::io::split(ours);
+                    pump(flow, reader, writer, ops_rx, pumped, events).await;
+                });
+                self.handles.insert(
+                    flow,
+                    Handle::Tcp {
+                        ops: ops_tx,
+                        credit,
+                        task: task.abort_handle(),
+                    },
+                );
             }
-            Command::TcpShutdownWrite { flow } => {
-                if let Some(Handle::Tcp { ops, .. }) = self.handles.get(&flow) {
-                    let _ = ops.send(TcpOp::ShutdownWrite);
-                }
-            }
+            Command::TcpSend { flow, data } => self.tcp_op(flow, TcpOp::Send(data)),
+            Command::TcpShutdownWrite { flow } => self.tcp_op(flow, TcpOp::ShutdownWrite),
             Command::TcpCredit { flow, bytes } => {
                 if let Some(Handle::Tcp { credit, .. }) = self.handles.get(&flow) {
                     credit.add_permits(bytes);
@@ -101,7 +173,8 @@ impl Upstreams {
             Command::UdpOpen { flow, upstream } => {
                 let (tx, rx) = mpsc::channel(UDP_QUEUE);
                 let events = self.events.clone();
-                let task = tokio::spawn(udp_flow(flow, upstream, rx, events));
+                let drops = self.drops.clone();
+                let task = tokio::spawn(udp_flow(flow, upstream, rx, events, drops));
                 self.handles.insert(
                     flow,
                     Handle::Udp {
@@ -113,7 +186,8 @@ impl Upstreams {
             Command::PingOpen { flow, upstream } => {
                 let (tx, rx) = mpsc::channel(UDP_QUEUE);
                 let events = self.events.clone();
-                let task = tokio::spawn(ping_flow(flow, upstream, rx, events));
+                let drops = self.drops.clone();
+                let task = tokio::spawn(ping_flow(flow, upstream, rx, events, drops));
                 self.handles.insert(
                     flow,
                     Handle::Udp {
@@ -126,7 +200,9 @@ impl Upstreams {
                 if let Some(Handle::Udp { datagrams, .. }) = self.handles.get(&flow) {
                     // A full queue means the upstream socket cannot keep up: drop, as a
                     // router would.
-                    let _ = datagrams.try_send(data);
+                    if let Err(mpsc::error::TrySendError::Full(_)) = datagrams.try_send(data) {
+                        self.drops.add(RuntimeDrop::UdpSendQueueFull);
+                    }
                 }
             }
         }
@@ -211,35 +287,45 @@ async fn connect(upstream: Upstream) -> io::Result<TcpStream> {
 async fn tcp_flow(
     flow: FlowId,
     upstream: Upstream,
-    mut ops: mpsc::UnboundedReceiver<TcpOp>,
+    ops: mpsc::Receiver<TcpOp>,
     credit: Arc<Semaphore>,
-    events: mpsc::UnboundedSender<UpstreamEvent>,
+    events: mpsc::Sender<UpstreamEvent>,
 ) {
-    let mut stream = match connect(upstream).await {
+    let stream = match connect(upstream).await {
         Ok(s) => s,
         Err(err) => {
             tracing::debug!(flow, %upstream.dst, %err, "upstream connect failed");
-            let _ = events.send(UpstreamEvent::TcpConnectFailed { flow });
+            let _ = events.send(UpstreamEvent::TcpConnectFailed { flow }).await;
             return;
         }
     };
-    if let Some(client) = upstream.announce {
-        let line = crate::dns::server::proxy_line(client, upstream.dst);
-        if stream.write_all(line.as_bytes()).await.is_err() {
-            let _ = events.send(UpstreamEvent::TcpConnectFailed { flow });
-            return;
-        }
-    }
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::new(upstream.dst.ip(), 0));
     if events
         .send(UpstreamEvent::TcpConnected { flow, local })
+        .await
         .is_err()
     {
         return;
     }
-    let (mut reader, mut writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
+    pump(flow, reader, writer, ops, credit, events).await;
+}
+
+/// Moves a connected flow's bytes: upstream -> core as far as the device's credit allows, core
+/// -> upstream as the core sends them. Ends when the upstream's side ends.
+async fn pump<R, W>(
+    flow: FlowId,
+    mut reader: R,
+    mut writer: W,
+    mut ops: mpsc::Receiver<TcpOp>,
+    credit: Arc<Semaphore>,
+    events: mpsc::Sender<UpstreamEvent>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let down_events = events.clone();
     let download = async move {
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -253,7 +339,7 @@ async fn tcp_flow(
             let read = reader.read_buf(&mut buf).await;
             match read {
                 Ok(0) => {
-                    let _ = down_events.send(UpstreamEvent::TcpEof { flow });
+                    let _ = down_events.send(UpstreamEvent::TcpEof { flow }).await;
                     return;
                 }
                 Ok(n) => {
@@ -266,13 +352,14 @@ async fn tcp_flow(
                     let data = buf.split().freeze();
                     if down_events
                         .send(UpstreamEvent::TcpData { flow, data })
+                        .await
                         .is_err()
                     {
                         return;
                     }
                 }
                 Err(_) => {
-                    let _ = down_events.send(UpstreamEvent::TcpError { flow });
+                    let _ = down_events.send(UpstreamEvent::TcpError { flow }).await;
                     return;
                 }
             }
@@ -284,10 +371,12 @@ async fn tcp_flow(
                 TcpOp::Send(data) => {
                     let n = data.len();
                     if writer.write_all(&data).await.is_err() {
-                        let _ = events.send(UpstreamEvent::TcpError { flow });
+                        let _ = events.send(UpstreamEvent::TcpError { flow }).await;
                         return;
                     }
-                    let _ = events.send(UpstreamEvent::TcpWritten { flow, bytes: n });
+                    let _ = events
+                        .send(UpstreamEvent::TcpWritten { flow, bytes: n })
+                        .await;
                 }
                 TcpOp::ShutdownWrite => {
                     let _ = writer.shutdown().await;
@@ -300,6 +389,24 @@ async fn tcp_flow(
     // The task ends when the download side ends; the core closes the flow (aborting the
     // upload side) once the device side is done too.
     tokio::join!(download, upload);
+}
+
+/// Hands a datagram from an upstream to the data plane, dropping (and counting) it when the
+/// queue is full, as a router would; false once the data plane is gone.
+fn report_datagram(
+    events: &mpsc::Sender<UpstreamEvent>,
+    drops: &RuntimeDrops,
+    flow: FlowId,
+    data: Bytes,
+) -> bool {
+    match events.try_send(UpstreamEvent::UdpData { flow, data }) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            drops.add(RuntimeDrop::UdpEventQueueFull);
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
 }
 
 fn udp_socket(upstream: Upstream) -> io::Result<UdpSocket> {
@@ -318,7 +425,8 @@ async fn udp_flow(
     flow: FlowId,
     upstream: Upstream,
     mut datagrams: mpsc::Receiver<Bytes>,
-    events: mpsc::UnboundedSender<UpstreamEvent>,
+    events: mpsc::Sender<UpstreamEvent>,
+    drops: Arc<RuntimeDrops>,
 ) {
     let socket = match udp_socket(upstream) {
         Ok(s) => s,
@@ -340,7 +448,7 @@ async fn udp_flow(
             got = socket.recv(&mut buf) => {
                 if let Ok(n) = got {
                     let data = Bytes::copy_from_slice(&buf[..n]);
-                    if events.send(UpstreamEvent::UdpData { flow, data }).is_err() {
+                    if !report_datagram(&events, &drops, flow, data) {
                         return;
                     }
                 }
@@ -431,7 +539,8 @@ async fn ping_flow(
     flow: FlowId,
     upstream: Upstream,
     mut requests: mpsc::Receiver<Bytes>,
-    events: mpsc::UnboundedSender<UpstreamEvent>,
+    events: mpsc::Sender<UpstreamEvent>,
+    drops: Arc<RuntimeDrops>,
 ) {
     let (socket, kind) = match ping_socket(flow, upstream) {
         Ok(s) => s,
@@ -464,7 +573,7 @@ async fn ping_flow(
                 let Ok(n) = got else { continue };
                 if let Some(reply) = ping_reply(&buf[..n], kind, v4) {
                     let data = Bytes::copy_from_slice(reply);
-                    if events.send(UpstreamEvent::UdpData { flow, data }).is_err() {
+                    if !report_datagram(&events, &drops, flow, data) {
                         return;
                     }
                 }
@@ -476,6 +585,88 @@ async fn ping_flow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use waygate_engine::flow::{FlowCtx, LocalEndpoint, LocalService};
+
+    /// Echoes what it reads, naming the device first.
+    struct Echo;
+
+    impl LocalHost for Echo {
+        fn serve(&self, _: LocalEndpoint, ctx: FlowCtx, stream: tokio::io::DuplexStream) {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(stream);
+                let _ = w.write_all(ctx.device.name.as_bytes()).await;
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    }
+
+    async fn next(events: &mut mpsc::Receiver<UpstreamEvent>) -> UpstreamEvent {
+        tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("an event in time")
+            .expect("open channel")
+    }
+
+    #[tokio::test]
+    async fn a_local_service_is_pumped_like_a_socket_within_the_devices_credit() {
+        let (tx, mut events) = mpsc::channel(16);
+        let drops = Arc::new(RuntimeDrops::default());
+        let mut upstreams = Upstreams::new(tx, Some(Arc::new(Echo)), drops);
+        let ctx = super::super::local::tests::ctx("laptop", 53);
+        let endpoint = LocalEndpoint::Service(LocalService::DnsTcp);
+        upstreams.execute(Command::LocalConnect {
+            flow: 3,
+            endpoint,
+            ctx: Box::new(ctx.clone()),
+        });
+        assert_eq!(
+            next(&mut events).await,
+            UpstreamEvent::TcpConnected {
+                flow: 3,
+                local: ctx.dst
+            }
+        );
+        upstreams.execute(Command::TcpSend {
+            flow: 3,
+            data: Bytes::from_static(b" hello"),
+        });
+        assert_eq!(
+            next(&mut events).await,
+            UpstreamEvent::TcpWritten { flow: 3, bytes: 6 }
+        );
+        // Without credit nothing comes back, as with a socket.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(events.try_recv().is_err(), "no data before credit");
+        upstreams.execute(Command::TcpCredit {
+            flow: 3,
+            bytes: READ_CHUNK,
+        });
+        let mut got = Vec::new();
+        while got.len() < b"laptop hello".len() {
+            match next(&mut events).await {
+                UpstreamEvent::TcpData { flow: 3, data } => got.extend_from_slice(&data),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, b"laptop hello");
+        upstreams.execute(Command::TcpClose { flow: 3 });
+        assert!(upstreams.is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_local_services_the_flow_is_refused() {
+        let (tx, mut events) = mpsc::channel(16);
+        let mut upstreams = Upstreams::new(tx, None, Arc::default());
+        upstreams.execute(Command::LocalConnect {
+            flow: 4,
+            endpoint: LocalEndpoint::Service(LocalService::DnsTcp),
+            ctx: Box::new(super::super::local::tests::ctx("laptop", 53)),
+        });
+        assert_eq!(
+            next(&mut events).await,
+            UpstreamEvent::TcpConnectFailed { flow: 4 }
+        );
+    }
 
     #[test]
     fn checksum_of_an_echo_request() {

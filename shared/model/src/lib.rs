@@ -78,7 +78,7 @@ pub struct DeviceInfo {
 }
 
 /// Everything known about a flow when it opens; stages decide on this.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowCtx {
     /// Flow id.
     pub id: FlowId,

@@ -8,10 +8,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 pub mod device;
+pub mod local;
 pub mod packet;
 pub mod tcp;
 pub mod udp;
 
+pub use local::{LocalEndpoint, LocalService, LocalServices};
 pub use waygate_model::{DeviceInfo, FlowCtx, FlowId, FlowRules, PeerId, Protocol};
 pub use waygate_wire::sniff;
 
@@ -24,9 +26,9 @@ pub struct Upstream {
     pub bind: Option<IpAddr>,
     /// How the connection must leave: a virtual network's private route.
     pub via: Option<Via>,
-    /// Send a PROXY protocol v1 line naming this client before the device's bytes (for the
-    /// gateway's own resolver, which identifies the device by its tunnel address).
-    pub announce: Option<SocketAddr>,
+    /// One of the gateway's own services instead of a connection: `dst` is then the gateway
+    /// address the device dialled, and the runtime hands the flow over in memory.
+    pub local: Option<LocalEndpoint>,
 }
 
 /// How a flow on a virtual network's private route leaves the gateway.
@@ -47,6 +49,17 @@ pub enum Command {
         flow: FlowId,
         /// Where to.
         upstream: Upstream,
+    },
+    /// Hand the flow to one of the gateway's own services, in process, with its context (the
+    /// device's identity); from then on it is a TCP upstream like any other: answer with
+    /// `TcpConnected` (or `TcpConnectFailed`), and it takes the same commands.
+    LocalConnect {
+        /// Flow.
+        flow: FlowId,
+        /// Which service.
+        endpoint: LocalEndpoint,
+        /// The flow's context.
+        ctx: Box<FlowCtx>,
     },
     /// Write bytes from the device to the upstream; answer with `TcpWritten` once written.
     TcpSend {

@@ -429,6 +429,8 @@ impl TcpFlows {
         out: &mut VecDeque<Command>,
     ) {
         let id = ctx.id;
+        // A local service is handed the flow's context (who the device is) with the connect.
+        let local_ctx = upstream.local.map(|_| ctx.clone());
         // The caller checked `has_memory_for_flow`; the floor is the fallback regardless.
         let buffers = self
             .buffers_for_new(ctx.peer)
@@ -478,7 +480,7 @@ impl TcpFlows {
         if let Opening::AcceptAndHold { .. } = opening {
             self.accepted(id, None, now, sink, out);
         } else {
-            connect(id, upstream, buffers.window, out);
+            connect(id, upstream, local_ctx, buffers.window, out);
         }
     }
 
@@ -684,7 +686,8 @@ impl TcpFlows {
                 flow.hold = Hold::Reconnecting;
                 flow.upstream = upstream;
                 out.push_back(Command::TcpClose { flow: id });
-                connect(id, upstream, flow.buffers.window, out);
+                let local_ctx = upstream.local.map(|_| flow.ctx.clone());
+                connect(id, upstream, local_ctx, flow.buffers.window, out);
                 return;
             }
         }
@@ -1065,10 +1068,23 @@ fn service_flow<S: PacketSink>(
     }
 }
 
-/// Asks the runtime to connect a flow's upstream and lets it read `window` bytes ahead of the
-/// device.
-fn connect(flow: FlowId, upstream: Upstream, window: usize, out: &mut VecDeque<Command>) {
-    out.push_back(Command::TcpConnect { flow, upstream });
+/// Asks the runtime to connect a flow's upstream (or hand it to a local service, with `ctx`) and
+/// lets it read `window` bytes ahead of the device.
+fn connect(
+    flow: FlowId,
+    upstream: Upstream,
+    ctx: Option<FlowCtx>,
+    window: usize,
+    out: &mut VecDeque<Command>,
+) {
+    match (upstream.local, ctx) {
+        (Some(endpoint), Some(ctx)) => out.push_back(Command::LocalConnect {
+            flow,
+            endpoint,
+            ctx: Box::new(ctx),
+        }),
+        _ => out.push_back(Command::TcpConnect { flow, upstream }),
+    }
     out.push_back(Command::TcpCredit {
         flow,
         bytes: window,
@@ -1145,5 +1161,68 @@ mod tests {
             t0 + Duration::from_secs(62),
         );
         assert_eq!(e.map(|e| e.rtt), Some(Duration::from_millis(30)));
+    }
+
+    #[allow(clippy::disallowed_methods)] // a timestamp nobody reads
+    #[test]
+    fn a_local_upstream_is_handed_over_with_the_flow_context() {
+        use crate::flow::{DeviceInfo, LocalEndpoint, LocalService, Protocol};
+        let ctx = FlowCtx {
+            id: 9,
+            peer: 1,
+            device: std::sync::Arc::new(DeviceInfo {
+                id: "dev-1".into(),
+                name: "laptop".into(),
+                email: "ada@example.com".into(),
+                user_name: None,
+                groups: vec![],
+                extras: Default::default(),
+                vnet_id: None,
+                ipv4: std::net::Ipv4Addr::new(100, 96, 0, 2),
+                ipv6: "fd77:6761:7465::2".parse().unwrap(),
+            }),
+            device_public: None,
+            protocol: Protocol::Tcp,
+            src: "100.96.0.2:40000".parse().unwrap(),
+            dst: "100.96.0.1:853".parse().unwrap(),
+            opened: Instant::now(),
+            rules: Default::default(),
+        };
+        let endpoint = LocalEndpoint::Service(LocalService::DnsOverTls);
+        let local = Upstream {
+            dst: ctx.dst,
+            bind: None,
+            via: None,
+            local: Some(endpoint),
+        };
+        let mut out = VecDeque::new();
+        connect(9, local, Some(ctx.clone()), 4096, &mut out);
+        assert_eq!(
+            Vec::from(out),
+            vec![
+                Command::LocalConnect {
+                    flow: 9,
+                    endpoint,
+                    ctx: Box::new(ctx.clone()),
+                },
+                Command::TcpCredit {
+                    flow: 9,
+                    bytes: 4096
+                },
+            ]
+        );
+        let mut out = VecDeque::new();
+        let remote = Upstream {
+            local: None,
+            ..local
+        };
+        connect(9, remote, None, 4096, &mut out);
+        assert_eq!(
+            out.front(),
+            Some(&Command::TcpConnect {
+                flow: 9,
+                upstream: remote
+            })
+        );
     }
 }

@@ -23,7 +23,7 @@ use crate::flow::tcp::{Opening, Release, TcpFlows, TcpSettings};
 use crate::flow::udp::UdpNat;
 use crate::flow::{
     Command, DeviceInfo, FlowCtx, FlowDrop, FlowDropCounters, FlowId, FlowLimits, FlowRules,
-    PacketSink, Protocol, Upstream, UpstreamEvent,
+    LocalEndpoint, LocalService, LocalServices, PacketSink, Protocol, Upstream, UpstreamEvent,
 };
 use crate::protect::{HostAddress, Protected};
 use crate::vnet::{VnetRoute, VnetRoutes};
@@ -51,15 +51,12 @@ pub struct CoreSettings {
     pub gateway_v6: Ipv6Addr,
     /// Tunnel MTU.
     pub mtu: u16,
-    /// Where DNS over TCP to the gateway's tunnel addresses goes: the resolver's listener
-    /// (announced with a PROXY line naming the device) when `dns_resolver`, else an upstream.
+    /// The gateway's own services at its tunnel addresses, by (protocol, port): their flows are
+    /// handed to the runtime in process ([`Command::LocalConnect`], [`Command::DnsQuery`]).
+    pub local: LocalServices,
+    /// Where DNS (port 53) to the gateway goes when no local service answers it: forwarded like
+    /// any flow, through the stages.
     pub dns_upstream: Option<SocketAddr>,
-    /// Where DNS over TLS (TCP 853 to the gateway) goes, announced with a PROXY line.
-    pub dns_over_tls: Option<SocketAddr>,
-    /// Where DNS over HTTPS (TCP 443 to the gateway) goes, announced with a PROXY line.
-    pub dns_over_https: Option<SocketAddr>,
-    /// DNS over UDP to the gateway goes to the runtime's resolver ([`Command::DnsQuery`]).
-    pub dns_resolver: bool,
     /// DNS a device sends to any address on port 53 is answered as if sent to the gateway.
     pub dns_intercept: bool,
     /// Egress addresses.
@@ -525,7 +522,8 @@ impl Router {
         }
     }
 
-    /// Packets to the gateway's own tunnel addresses: ping, and DNS (plain, over TLS, over HTTPS).
+    /// Packets to the gateway's own tunnel addresses: ping, and whatever the port table
+    /// ([`CoreSettings::local`]) names; other ports are closed.
     fn for_gateway(
         &mut self,
         peer: PeerId,
@@ -534,26 +532,19 @@ impl Router {
         now: Instant,
         sink: &mut WgSink<'_>,
     ) {
-        let encrypted_dns = match parsed.dst.port() {
-            853 => self.settings.dns_over_tls,
-            443 => self.settings.dns_over_https,
-            _ => None,
+        let port = parsed.dst.port();
+        let local = match parsed.protocol {
+            Protocol::Icmp => None,
+            protocol => self.settings.local.lookup(protocol, port),
         };
-        if let (Protocol::Tcp, Some(listener)) = (parsed.protocol, encrypted_dns) {
-            return self.carry_to_resolver(peer, packet, parsed, listener, now, sink);
-        }
-        match (
-            parsed.protocol,
-            parsed.dst.port(),
-            self.settings.dns_upstream,
-        ) {
+        match (parsed.protocol, local, self.settings.dns_upstream) {
             (Protocol::Icmp, _, _) if parsed.icmp_echo_request => {
                 if let Some(n) = build_echo_reply(&mut self.reply, packet) {
                     sink.send(peer, &self.reply[..n]);
                 }
             }
             (Protocol::Icmp, _, _) => self.drops.add(FlowDrop::UnsupportedIcmp),
-            (Protocol::Udp, 53, _) if self.settings.dns_resolver => {
+            (Protocol::Udp, Some(LocalEndpoint::Service(LocalService::DnsUdp)), _) => {
                 let Some(device) = sink.wg.peer_data(peer).cloned() else {
                     return;
                 };
@@ -566,34 +557,35 @@ impl Router {
                     payload: bytes::Bytes::copy_from_slice(parsed.payload),
                 });
             }
-            (Protocol::Tcp, 53, Some(listener)) if self.settings.dns_resolver => {
-                // Carried to the resolver's listener with a PROXY line naming the device; the
-                // resolver's rules decide it, not the flow stages.
-                self.carry_to_resolver(peer, packet, parsed, listener, now, sink)
+            (Protocol::Tcp, Some(endpoint), _) => {
+                // The service's own rules decide (the resolver's), not the flow stages.
+                self.carry_to_local(peer, packet, parsed, endpoint, now, sink)
             }
-            (Protocol::Tcp, 53, Some(upstream)) => {
+            (Protocol::Tcp, None, Some(upstream)) if port == 53 => {
                 self.tcp_segment(peer, packet, parsed, Target::Dialled(upstream), now, sink)
             }
-            (Protocol::Udp, 53, Some(upstream)) => self.datagram(peer, parsed, upstream, now, sink),
+            (Protocol::Udp, None, Some(upstream)) if port == 53 => {
+                self.datagram(peer, parsed, upstream, now, sink)
+            }
             _ => self.refuse(peer, parsed, FlowDrop::GatewayPortClosed, sink),
         }
     }
 
-    /// Carries a TCP flow to one of the resolver's loopback listeners, announcing the device.
-    fn carry_to_resolver(
+    /// Hands a TCP flow to one of the gateway's own services: its upstream is in process.
+    fn carry_to_local(
         &mut self,
         peer: PeerId,
         packet: &[u8],
         parsed: &Parsed<'_>,
-        listener: SocketAddr,
+        endpoint: LocalEndpoint,
         now: Instant,
         sink: &mut WgSink<'_>,
     ) {
         let to = Upstream {
-            dst: listener,
+            dst: parsed.dst,
             bind: None,
             via: None,
-            announce: Some(parsed.src),
+            local: Some(endpoint),
         };
         self.tcp_segment(peer, packet, parsed, Target::Decided(to), now, sink)
     }
@@ -690,7 +682,7 @@ impl Router {
                 dst: to,
                 bind: None,
                 via: Some(route.path),
-                announce: None,
+                local: None,
             });
         }
         if self.vnets.covers(to.ip()) {
@@ -700,7 +692,7 @@ impl Router {
             dst: to,
             bind: self.egress.select(ctx, to.ip(), choice),
             via: None,
-            announce: None,
+            local: None,
         })
     }
 

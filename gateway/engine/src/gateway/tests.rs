@@ -121,10 +121,8 @@ impl Sim {
             gateway_v4: GW_V4,
             gateway_v6: "fd77:6761:7465::1".parse().unwrap(),
             mtu: 1420,
+            local: LocalServices::none(),
             dns_upstream: Some(DNS),
-            dns_over_tls: None,
-            dns_over_https: None,
-            dns_resolver: false,
             dns_intercept: false,
             egress: EgressSettings {
                 default_ipv4: Some(EGRESS),
@@ -328,7 +326,7 @@ fn tcp_flow_waits_for_its_upstream_then_carries_bytes_both_ways() {
             dst: ORIGIN,
             bind: Some(IpAddr::V4(EGRESS)),
             via: None,
-            announce: None,
+            local: None,
         }
     );
     // The SYN-ACK waits for the upstream connect, so the device's connect reflects the origin's.

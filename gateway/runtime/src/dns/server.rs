@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::os::fd::AsRawFd;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
@@ -36,7 +40,7 @@ pub const DOH_IDLE: Duration = Duration::from_secs(30);
 pub struct ServerConfig {
     /// UDP listen addresses (port 0 picks one; see [`RunningServer::udp_addrs`]).
     pub udp: Vec<SocketAddr>,
-    /// TCP listeners: plain, TLS or HTTPS, direct or behind a PROXY line.
+    /// TCP listeners: plain, TLS or HTTPS.
     pub streams: Vec<StreamListener>,
     /// Certificates for the TLS and HTTPS listeners.
     pub tls: Option<TlsConfigs>,
@@ -71,9 +75,6 @@ pub struct StreamListener {
     pub addr: SocketAddr,
     /// What it speaks.
     pub kind: StreamKind,
-    /// Connections start with a PROXY protocol v1 line naming the client: the gateway's data
-    /// plane carrying a device's connection. Bind such listeners to loopback.
-    pub proxied: bool,
 }
 
 /// Maps a query's source address to the client the policy sees (device lookup, locations).
@@ -100,11 +101,8 @@ pub struct RunningServer {
 
 impl RunningServer {
     /// The bound address of the first stream listener of this kind.
-    pub fn stream_addr(&self, kind: StreamKind, proxied: bool) -> Option<SocketAddr> {
-        self.streams
-            .iter()
-            .find(|l| l.kind == kind && l.proxied == proxied)
-            .map(|l| l.addr)
+    pub fn stream_addr(&self, kind: StreamKind) -> Option<SocketAddr> {
+        self.streams.iter().find(|l| l.kind == kind).map(|l| l.addr)
     }
 }
 
@@ -142,6 +140,15 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
         &self.resolver
     }
 
+    /// DNS over streams through the same resolver and upstream, for streams that come from
+    /// elsewhere than these listeners (a device's flow handed over by the data plane).
+    pub fn streams(&self) -> DnsStreams<P> {
+        DnsStreams {
+            resolver: self.resolver.clone(),
+            upstream: self.upstream.clone(),
+        }
+    }
+
     /// Binds every address and starts serving on the current tokio runtime.
     pub async fn start(&self, config: &ServerConfig) -> io::Result<RunningServer> {
         let mut running = RunningServer {
@@ -162,12 +169,7 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
                 running.tasks.push(tokio::spawn(worker.run()));
             }
         }
-        for &StreamListener {
-            addr,
-            kind,
-            proxied,
-        } in &config.streams
-        {
+        for &StreamListener { addr, kind } in &config.streams {
             let tls = match (kind, &config.tls) {
                 (StreamKind::Tcp, _) => None,
                 (StreamKind::Tls, Some(t)) => Some(t.dot.clone()),
@@ -183,10 +185,8 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
             running.streams.push(StreamListener {
                 addr: listener.local_addr()?,
                 kind,
-                proxied,
             });
-            let resolver = self.resolver.clone();
-            let upstream = self.upstream.clone();
+            let streams = self.streams();
             let identify = self.identify.clone();
             let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
             running.tasks.push(tokio::spawn(async move {
@@ -200,11 +200,9 @@ impl<P: DnsPolicy + 'static> DnsServer<P> {
                         }
                     };
                     let conn = TcpConn {
-                        resolver: resolver.clone(),
-                        upstream: upstream.clone(),
-                        identify: identify.clone(),
+                        streams: streams.clone(),
+                        client: identify(from),
                         from,
-                        proxied,
                         kind,
                         acceptor: acceptor.clone(),
                     };
@@ -347,100 +345,32 @@ async fn answer_query<P: DnsPolicy>(
     }
 }
 
-struct TcpConn<P> {
+/// Serves DNS carried over one byte stream: a listener's connection, or a device's flow the data
+/// plane hands over in memory (then the device's identity comes with it, see
+/// `runtime::local`).
+pub struct DnsStreams<P> {
     resolver: SharedResolver<P>,
     upstream: Arc<UpstreamClient>,
-    identify: Identify,
-    from: SocketAddr,
-    proxied: bool,
-    kind: StreamKind,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
 }
 
-/// Longest PROXY protocol v1 line (the specification's bound).
-const PROXY_LINE_MAX: usize = 107;
-
-/// Reads a PROXY protocol v1 line (`PROXY TCP4 SRC DST SPORT DPORT\r\n`) and returns SRC:SPORT.
-async fn read_proxy_line(stream: &mut TcpStream) -> Option<SocketAddr> {
-    let mut line = Vec::with_capacity(PROXY_LINE_MAX);
-    while !line.ends_with(b"\r\n") {
-        if line.len() >= PROXY_LINE_MAX {
-            return None;
-        }
-        line.push(stream.read_u8().await.ok()?);
-    }
-    parse_proxy_line(&line)
-}
-
-/// The client address of a PROXY protocol v1 line.
-pub fn parse_proxy_line(line: &[u8]) -> Option<SocketAddr> {
-    let text = std::str::from_utf8(line).ok()?.strip_suffix("\r\n")?;
-    let mut parts = text.split(' ');
-    let (
-        Some("PROXY"),
-        Some("TCP4" | "TCP6"),
-        Some(src),
-        Some(_dst),
-        Some(sport),
-        Some(_dport),
-        None,
-    ) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    )
-    else {
-        return None;
-    };
-    Some(SocketAddr::new(src.parse().ok()?, sport.parse().ok()?))
-}
-
-/// The PROXY protocol v1 line announcing `client` talking to `server`.
-pub fn proxy_line(client: SocketAddr, server: SocketAddr) -> String {
-    let family = if client.is_ipv4() { "TCP4" } else { "TCP6" };
-    format!(
-        "PROXY {family} {} {} {} {}\r\n",
-        client.ip(),
-        server.ip(),
-        client.port(),
-        server.port()
-    )
-}
-
-impl<P: DnsPolicy + 'static> TcpConn<P> {
-    async fn run(self, mut stream: TcpStream) {
-        let from = if self.proxied {
-            match tokio::time::timeout(TCP_IDLE, read_proxy_line(&mut stream)).await {
-                Ok(Some(client)) => client,
-                _ => return,
-            }
-        } else {
-            self.from
-        };
-        let client = (self.identify)(from);
-        let Some(acceptor) = self.acceptor.clone() else {
-            return self.serve_messages(&client, stream).await;
-        };
-        let tls = match tokio::time::timeout(TCP_IDLE, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::debug!(target: "waygate::dns", client = %from, error = %e, "dns tls handshake failed");
-                return;
-            }
-            Err(_) => return,
-        };
-        match self.kind {
-            StreamKind::Https => self.serve_https(client, tls).await,
-            StreamKind::Tcp | StreamKind::Tls => self.serve_messages(&client, tls).await,
+impl<P> Clone for DnsStreams<P> {
+    fn clone(&self) -> Self {
+        DnsStreams {
+            resolver: self.resolver.clone(),
+            upstream: self.upstream.clone(),
         }
     }
+}
 
-    /// Length-prefixed DNS messages (RFC 1035 4.2.2 framing, also DoT's), until idle or closed.
-    async fn serve_messages<S>(&self, client: &ClientCtx, mut stream: S)
+impl<P: DnsPolicy + 'static> DnsStreams<P> {
+    /// Streams answered through `resolver`, asking `upstream`.
+    pub fn new(resolver: SharedResolver<P>, upstream: Arc<UpstreamClient>) -> Self {
+        DnsStreams { resolver, upstream }
+    }
+
+    /// Length-prefixed DNS messages (RFC 1035 4.2.2 framing, also DoT's) from `client`, until
+    /// idle or closed.
+    pub async fn serve_messages<S>(&self, client: &ClientCtx, mut stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -472,51 +402,96 @@ impl<P: DnsPolicy + 'static> TcpConn<P> {
         }
     }
 
-    /// HTTP/1.1 or HTTP/2 requests carrying DNS messages (RFC 8484).
-    async fn serve_https<S>(self, client: ClientCtx, stream: S)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let client = Arc::new(client);
-        let (resolver, upstream) = (self.resolver, self.upstream);
-        let service = hyper::service::service_fn(move |request| {
-            let (resolver, upstream, client) = (resolver.clone(), upstream.clone(), client.clone());
-            async move {
-                let response = match doh::read_query(request).await {
-                    Err(rejection) => doh::rejection_response(&rejection),
-                    Ok(query) => {
-                        let mut out = Vec::new();
-                        if answer_query(&resolver, &upstream, &client, &query, &mut out).await {
-                            doh::answer_response(out)
-                        } else {
-                            doh::rejection_response(&doh::Rejection {
-                                status: hyper::StatusCode::BAD_REQUEST,
-                                reason: "not a DNS query",
-                            })
-                        }
-                    }
-                };
-                Ok::<_, std::convert::Infallible>(response)
+    /// The response to one DNS over HTTPS request (RFC 8484) from `client`.
+    pub async fn doh(
+        &self,
+        client: &ClientCtx,
+        request: Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
+        match doh::read_query(request).await {
+            Err(rejection) => doh::rejection_response(&rejection),
+            Ok(query) => {
+                let mut out = Vec::new();
+                if answer_query(&self.resolver, &self.upstream, client, &query, &mut out).await {
+                    doh::answer_response(out)
+                } else {
+                    doh::rejection_response(&doh::Rejection {
+                        status: hyper::StatusCode::BAD_REQUEST,
+                        reason: "not a DNS query",
+                    })
+                }
             }
-        });
-        let mut builder =
-            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-        // A device must not hold connections open by going quiet: HTTP/1 connections close
-        // when a request's headers take too long, HTTP/2 ones when pings go unanswered.
-        builder
-            .http1()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(DOH_IDLE);
-        builder
-            .http2()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(DOH_IDLE)
-            .keep_alive_timeout(TCP_IDLE);
-        if let Err(e) = builder
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-            .await
-        {
-            tracing::debug!(target: "waygate::dns", error = %e, "dns over https connection ended");
+        }
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 requests on `stream` with `service`, until the client is done or
+/// goes quiet for longer than DoH clients may.
+pub async fn serve_http<S, F, Fut>(stream: S, service: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let response = service(request);
+        async move { Ok::<_, std::convert::Infallible>(response.await) }
+    });
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // A device must not hold connections open by going quiet: HTTP/1 connections close
+    // when a request's headers take too long, HTTP/2 ones when pings go unanswered.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(DOH_IDLE);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(DOH_IDLE)
+        .keep_alive_timeout(TCP_IDLE);
+    if let Err(e) = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(target: "waygate::dns", error = %e, "https connection ended");
+    }
+}
+
+/// One connection to a listener.
+struct TcpConn<P> {
+    streams: DnsStreams<P>,
+    client: ClientCtx,
+    from: SocketAddr,
+    kind: StreamKind,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl<P: DnsPolicy + 'static> TcpConn<P> {
+    async fn run(self, stream: TcpStream) {
+        let Some(acceptor) = self.acceptor.clone() else {
+            return self.streams.serve_messages(&self.client, stream).await;
+        };
+        let tls = match tokio::time::timeout(TCP_IDLE, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(target: "waygate::dns", client = %self.from, error = %e, "dns tls handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        match self.kind {
+            StreamKind::Https => {
+                let (streams, client) = (self.streams, Arc::new(self.client));
+                serve_http(tls, move |request| {
+                    let (streams, client) = (streams.clone(), client.clone());
+                    async move { streams.doh(&client, request).await }
+                })
+                .await
+            }
+            StreamKind::Tcp | StreamKind::Tls => {
+                self.streams.serve_messages(&self.client, tls).await
+            }
         }
     }
 }

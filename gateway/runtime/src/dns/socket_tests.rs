@@ -66,11 +66,7 @@ async fn serve() -> Served {
     let identify: server::Identify = Arc::new(|from: SocketAddr| ClientCtx::from_ip(from.ip()));
     let server = DnsServer::new(resolver, nowhere, identify);
     let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let listen = |kind| StreamListener {
-        addr: any,
-        kind,
-        proxied: false,
-    };
+    let listen = |kind| StreamListener { addr: any, kind };
     let config = ServerConfig {
         udp: vec![any],
         streams: vec![
@@ -84,9 +80,9 @@ async fn serve() -> Served {
     let running = server.start(&config).await.unwrap();
     Served {
         udp: running.udp_addrs[0],
-        tcp: running.stream_addr(StreamKind::Tcp, false).unwrap(),
-        dot: running.stream_addr(StreamKind::Tls, false).unwrap(),
-        doh: running.stream_addr(StreamKind::Https, false).unwrap(),
+        tcp: running.stream_addr(StreamKind::Tcp).unwrap(),
+        dot: running.stream_addr(StreamKind::Tls).unwrap(),
+        doh: running.stream_addr(StreamKind::Https).unwrap(),
         _running: running,
         roots,
     }
