@@ -256,7 +256,7 @@ pub(crate) mod tests {
         }
     }
 
-    type Policy = fn(&QueryInfo<'_>) -> PolicyVerdict;
+    type TestPolicy = fn(&QueryInfo<'_>) -> PolicyVerdict;
 
     /// A TCP flow of device `name` to the gateway's `dst_port`.
     pub(crate) fn ctx(name: &str, dst_port: u16) -> FlowCtx {
@@ -313,7 +313,7 @@ pub(crate) mod tests {
     }
 
     struct Services {
-        server: LocalServer<Policy>,
+        server: LocalServer<TestPolicy>,
         tls: Arc<rustls::ClientConfig>,
     }
 
@@ -334,7 +334,7 @@ pub(crate) mod tests {
         .with_root_certificates(roots)
         .with_no_client_auth();
         let resolver = Arc::new(Mutex::new(Resolver::new(
-            policy as Policy,
+            policy as TestPolicy,
             ResolverConfig::default(),
             3,
         )));

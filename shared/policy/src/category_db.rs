@@ -120,9 +120,9 @@ pub enum CategoryError {
 
 /// A non-fatal finding while loading (an unknown UT1 category, an odd line).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Warning(pub String);
+pub struct CategoryWarning(pub String);
 
-impl fmt::Display for Warning {
+impl fmt::Display for CategoryWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
@@ -152,7 +152,9 @@ impl CategoryDb {
     }
 
     /// Loads every source; the first unreadable file or bad line is an error naming it.
-    pub fn load(sources: &[CategorySource]) -> Result<(CategoryDb, Vec<Warning>), CategoryError> {
+    pub fn load(
+        sources: &[CategorySource],
+    ) -> Result<(CategoryDb, Vec<CategoryWarning>), CategoryError> {
         let mut db = CategoryDb::new();
         let mut warnings = Vec::new();
         for source in sources {
@@ -217,7 +219,7 @@ impl CategoryDb {
     fn load_source(
         &mut self,
         source: &CategorySource,
-        warnings: &mut Vec<Warning>,
+        warnings: &mut Vec<CategoryWarning>,
     ) -> Result<(), CategoryError> {
         let path = &source.path;
         match source.format {
@@ -249,7 +251,7 @@ impl CategoryDb {
                     let file = entry.file_name().to_string_lossy().to_string();
                     let stem = file.strip_suffix(".txt").unwrap_or(&file);
                     let Ok(id) = stem.parse::<u16>() else {
-                        warnings.push(Warning(format!(
+                        warnings.push(CategoryWarning(format!(
                             "{}: not named by a category id, skipped",
                             entry.path().display()
                         )));
@@ -267,7 +269,7 @@ impl CategoryDb {
                     }
                     match UT1_CATEGORIES.iter().find(|(n, _)| *n == name) {
                         Some((_, id)) => self.load_domains(&domains, *id, warnings)?,
-                        None => warnings.push(Warning(format!(
+                        None => warnings.push(CategoryWarning(format!(
                             "{}: UT1 category {name:?} has no Cloudflare counterpart, skipped",
                             entry.path().display()
                         ))),
@@ -289,7 +291,7 @@ impl CategoryDb {
         &mut self,
         path: &Path,
         id: u16,
-        warnings: &mut Vec<Warning>,
+        warnings: &mut Vec<CategoryWarning>,
     ) -> Result<(), CategoryError> {
         let text = read(path)?;
         let mut odd = 0usize;
@@ -316,7 +318,7 @@ impl CategoryDb {
             self.insert(domain, id);
         }
         if odd > 0 {
-            warnings.push(Warning(format!(
+            warnings.push(CategoryWarning(format!(
                 "{}: {odd} lines without a usable domain skipped",
                 path.display()
             )));

@@ -20,7 +20,7 @@ use super::fields::{FieldId, FieldType};
 use super::input::{Input, Scalar, Value};
 use super::interp::{
     category_ids, contains_literal, each_field, int_literal, ip_literal, map_entry, parse_net,
-    set_item_int_ranges, set_item_ip_range, set_item_str, str_literal, wildcard_match,
+    set_item_int_ranges, set_item_ip_range, set_item_str, str_literal, wildcard_match, Bound,
 };
 use super::lists::{List, ListType, Lists};
 use super::strset::StringSet;
@@ -287,8 +287,6 @@ enum Node {
         body: Box<Node>,
     },
 }
-
-type Bound<'a> = Option<(FieldId, Scalar<'a>)>;
 
 impl Node {
     fn eval<'a>(&self, input: &'a Input, bound: Bound<'a>) -> bool {

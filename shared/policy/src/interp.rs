@@ -30,7 +30,8 @@ struct Interp<'a> {
     lists: &'a Lists,
 }
 
-type Bound<'a> = Option<(FieldId, Scalar<'a>)>;
+/// The field and value an index already matched, so evaluation need not compare them again.
+pub(crate) type Bound<'a> = Option<(FieldId, Scalar<'a>)>;
 
 /// The array field that `[*]` inside `any(...)`/`all(...)` iterates: the first one found outside
 /// nested folds.

@@ -17,6 +17,9 @@ pub use local::{LocalEndpoint, LocalService, LocalServices};
 pub use waygate_model::{DeviceInfo, FlowCtx, FlowId, FlowRules, PeerId, Protocol};
 pub use waygate_wire::sniff;
 
+/// What names a flow of a device: its peer, the source and the destination it addressed.
+pub type FlowKey = (PeerId, SocketAddr, SocketAddr);
+
 /// Where and how a flow leaves the gateway, as decided by the stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Upstream {

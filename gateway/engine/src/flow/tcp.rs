@@ -36,7 +36,7 @@ use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
 use super::device::FlowDevice;
 use super::packet::{build_rst, TcpFlags};
 use super::sniff::{sniff, Detected, Sniff, MAX_SNIFF};
-use super::{Command, FlowCtx, FlowId, PacketSink, Upstream, UpstreamEvent};
+use super::{Command, FlowCtx, FlowId, FlowKey, PacketSink, Upstream, UpstreamEvent};
 use waygate_wg::PeerId;
 
 /// Tuning of terminated connections.
@@ -232,9 +232,6 @@ impl RttEstimate {
     }
 }
 
-/// What uniquely names a TCP flow from a device.
-type Key = (PeerId, SocketAddr, SocketAddr);
-
 enum Phase {
     /// Waiting for the upstream connection; the device's SYN is kept to replay or refuse.
     Connecting { syn: Vec<u8>, flags: TcpFlags },
@@ -308,7 +305,7 @@ pub struct TcpFlows {
     // Flow ids and peer ids are ours (Fx); the key holds ports and addresses the device
     // chose, so it takes a randomly seeded hasher that a device cannot aim collisions at.
     flows: FxHashMap<FlowId, TcpFlow>,
-    by_key: HashMap<Key, FlowId, RandomState>,
+    by_key: HashMap<FlowKey, FlowId, RandomState>,
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     dirty: Vec<FlowId>,
     scratch: Vec<u8>,

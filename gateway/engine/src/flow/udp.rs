@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::packet::{build_ping_reply, build_udp};
-use super::{Command, FlowCtx, FlowId, PacketSink, Protocol, Upstream};
+use super::{Command, FlowCtx, FlowId, FlowKey, PacketSink, Protocol, Upstream};
 use waygate_wg::PeerId;
 
 /// Idle time after which a UDP flow is forgotten.
@@ -25,8 +25,6 @@ pub const UDP_IDLE: Duration = Duration::from_secs(120);
 pub const DNS_IDLE: Duration = Duration::from_secs(30);
 /// How often expiry is checked.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
-type Key = (PeerId, SocketAddr, SocketAddr);
 
 struct UdpFlow {
     ctx: FlowCtx,
@@ -42,7 +40,7 @@ struct UdpFlow {
 pub struct UdpNat {
     // As in the TCP table: our ids take Fx, the device-chosen key a seeded hasher.
     flows: FxHashMap<FlowId, UdpFlow>,
-    by_key: HashMap<Key, FlowId, RandomState>,
+    by_key: HashMap<FlowKey, FlowId, RandomState>,
     /// Open flows per device.
     per_peer: FxHashMap<PeerId, usize>,
     next_sweep: Option<Instant>,

@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::doh::DNS_MESSAGE;
-use super::upstream::exchange;
+use super::framing::exchange;
 use waygate_dns::resolver::MAX_MESSAGE;
 
 /// Where a DNS over HTTPS upstream lives, parsed from its URL.

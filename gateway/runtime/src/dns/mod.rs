@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod doh;
 pub mod encrypted;
+pub mod framing;
 pub mod server;
 pub mod upstream;
 

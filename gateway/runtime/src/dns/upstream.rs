@@ -9,10 +9,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 use super::encrypted::{self, trust_roots, EncryptedPool, HttpsTarget};
+use super::framing::exchange;
 use waygate_dns::resolver::MAX_MESSAGE;
 
 /// Default time one upstream gets to answer before the next is tried.
@@ -283,30 +283,6 @@ impl UpstreamClient {
             Some(ip) => SocketAddr::new(ip, 0),
             None if addr.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], 0)),
             None => SocketAddr::from(([0u16; 8], 0)),
-        }
-    }
-}
-
-/// Sends one length-prefixed query (RFC 1035 4.2.2 framing: TCP and DNS over TLS) and reads
-/// the answer with the same id.
-pub(super) async fn exchange<S>(stream: &mut S, query: &[u8]) -> std::io::Result<Vec<u8>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let len = u16::try_from(query.len())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "query too long"))?;
-    let mut framed = Vec::with_capacity(query.len() + 2);
-    framed.extend_from_slice(&len.to_be_bytes());
-    framed.extend_from_slice(query);
-    stream.write_all(&framed).await?;
-    stream.flush().await?;
-    loop {
-        let n = usize::from(stream.read_u16().await?);
-        let mut answer = vec![0u8; n];
-        stream.read_exact(&mut answer).await?;
-        // An answer to an earlier query that timed out on this connection: skip it.
-        if answer.len() >= 2 && query.len() >= 2 && answer[..2] == query[..2] {
-            return Ok(answer);
         }
     }
 }
