@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 LAYERS=(
   "waygate-model waygate-wire waygate-keys waygate-policy"
-  "waygate-wg waygate-config"
+  "waygate-wg waygate-config waygate-udp"
   "waygate-geoip waygate-registry"
   "waygate-control"
   "waygate-stages"
@@ -20,8 +20,8 @@ LAYERS=(
   "waygate waygate-client"
   "waygate-e2e"
 )
-# Crates allowed to use tokio: the I/O library, the binaries and the end-to-end tests.
-TOKIO_OK="waygate-runtime waygate waygate-client waygate-e2e"
+# Crates allowed to use tokio: the I/O libraries, the binaries and the end-to-end tests.
+TOKIO_OK="waygate-udp waygate-runtime waygate waygate-client waygate-e2e"
 CLIENT_FORBIDDEN="rusqlite smoltcp hyper"
 
 failures=0

@@ -11,7 +11,6 @@
 #![allow(clippy::disallowed_methods)] // the shell reads the clock for the core
 
 use std::collections::HashMap;
-use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::Path;
@@ -19,11 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
-use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+use waygate_udp::BatchSocket;
 
 use crate::uapi::{UapiPeer, UapiSnapshot};
 use nexthop::{NextHopRoute, NextHops};
@@ -68,8 +64,6 @@ const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 /// Datagrams sent to one peer in one GSO call. Longer runs arrive as one burst that overflows a
 /// stock device's socket buffer (measured: 64 -> 36 Mbit/s downloads, 4 -> 0.57 Gbit/s).
 const MAX_GSO_RUN: usize = 4;
-/// Room for one GRO-coalesced receive.
-const RECV_BUFFER: usize = 64 * 1024;
 /// Events handled before the loop looks at the socket again.
 const MAX_EVENTS_PER_TURN: usize = 512;
 /// Receive batches before the loop looks at events again.
@@ -131,10 +125,8 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     );
     core.set_host_addresses(&host_addresses.0, &host_addresses.1);
 
-    let socket = bind_wireguard(config.wireguard.listen)
+    let socket = BatchSocket::bind(config.wireguard.listen, SOCKET_BUFFER)
         .with_context(|| format!("cannot listen on UDP {}", config.wireguard.listen))?;
-    let state = UdpSocketState::new((&socket).into()).context("cannot set up the UDP socket")?;
-    let socket = UdpSocket::from_std(socket)?;
 
     let (device_tx, device_rx) = mpsc::channel::<RegistrySnapshot>(4);
     let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Vec<Seen>>();
@@ -165,12 +157,9 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     let mut serving = Serving {
         core,
         socket,
-        state,
         upstreams,
         dns,
         drops,
-        bufs: vec![vec![0u8; RECV_BUFFER]; BATCH_SIZE],
-        metas: vec![RecvMeta::default(); BATCH_SIZE],
         host_addresses,
         flows_peak: 0,
         vnets: Vec::new(),
@@ -309,13 +298,10 @@ struct Inputs {
 /// The serving loop's state: the core and what carries out its work.
 struct Serving {
     core: GatewayCore,
-    socket: UdpSocket,
-    state: UdpSocketState,
+    socket: BatchSocket,
     upstreams: Upstreams,
     dns: resolver::ResolverHandle,
     drops: Arc<drops::RuntimeDrops>,
-    bufs: Vec<Vec<u8>>,
-    metas: Vec<RecvMeta>,
     host_addresses: (Vec<waygate_engine::protect::HostAddress>, Vec<ipnet::IpNet>),
     /// Flows at their most since memory was last handed back (see `host::return_freed_memory`).
     flows_peak: usize,
@@ -348,7 +334,7 @@ impl Serving {
                 },
                 ready = self.socket.readable() => {
                     ready?;
-                    receive(&self.socket, &self.state, &mut self.core, &mut self.bufs, &mut self.metas);
+                    receive(&mut self.socket, &mut self.core);
                 }
                 Some(event) = inputs.events.recv() => {
                     let now = Instant::now();
@@ -416,7 +402,7 @@ impl Serving {
             self.core.handle_timeout(now);
         }
         self.core.flush(now);
-        send(&self.socket, &self.state, self.core.transmit_queue()).await;
+        send(&self.socket, self.core.transmit_queue()).await;
         while let Some(command) = self.core.poll_command() {
             match command {
                 Command::DnsQuery {
@@ -576,112 +562,34 @@ fn core_settings(config: &Config, descriptors: u64) -> anyhow::Result<CoreSettin
     })
 }
 
-fn bind_wireguard(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let socket = Socket::new(domain, Type::DGRAM, Some(SockProtocol::UDP))?;
-    if addr.is_ipv6() {
-        // [::]:port serves IPv4 devices too.
-        socket.set_only_v6(false)?;
-    }
-    socket.set_nonblocking(true)?;
-    // As root, force buffers past net.core.{r,w}mem_max; otherwise take what the limits allow.
-    if force_buffer(&socket, libc::SO_RCVBUFFORCE, SOCKET_BUFFER).is_err() {
-        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    }
-    if force_buffer(&socket, libc::SO_SNDBUFFORCE, SOCKET_BUFFER).is_err() {
-        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    }
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
-}
-
-/// `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`, which socket2 does not wrap (they need CAP_NET_ADMIN).
-fn force_buffer(socket: &Socket, option: libc::c_int, bytes: usize) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: the fd is open for the lifetime of `socket`; the option value is a c_int whose
-    // size is passed along.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Drains the socket in batches; GRO-coalesced buffers are split at their stride.
-fn receive(
-    socket: &UdpSocket,
-    state: &UdpSocketState,
-    core: &mut GatewayCore,
-    bufs: &mut [Vec<u8>],
-    metas: &mut [RecvMeta],
-) {
+/// Drains the socket in batches, at most [`MAX_RECV_BATCHES_PER_TURN`] before the loop looks
+/// at events again.
+fn receive(socket: &mut BatchSocket, core: &mut GatewayCore) {
     for _ in 0..MAX_RECV_BATCHES_PER_TURN {
-        let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-        let got = socket.try_io(Interest::READABLE, || {
-            state.recv(socket.into(), &mut slices, metas)
-        });
-        let count = match got {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+        let now = Instant::now();
+        match socket.receive_batch(|from, datagram| core.handle_datagram(from, datagram, now)) {
+            Ok(true) => {}
+            Ok(false) => return,
             Err(err) => {
                 tracing::debug!(%err, "WireGuard socket receive error");
                 return;
-            }
-        };
-        let now = Instant::now();
-        for (meta, buf) in metas.iter().zip(slices.iter()).take(count) {
-            let data = &buf[..meta.len.min(buf.len())];
-            let stride = meta.stride.max(1);
-            for datagram in data.chunks(stride) {
-                core.handle_datagram(meta.addr, datagram, now);
             }
         }
     }
 }
 
-/// Sends everything queued, in GSO runs, waiting for the socket when the kernel pushes back.
-async fn send(socket: &UdpSocket, state: &UdpSocketState, queue: &mut TransmitQueue) {
+/// Sends everything queued, in GSO runs of at most [`MAX_GSO_RUN`] datagrams.
+async fn send(socket: &BatchSocket, queue: &mut TransmitQueue) {
     if queue.is_empty() {
         return;
     }
-    let cap = state.max_gso_segments().min(MAX_GSO_RUN);
+    let cap = socket.max_gso_segments().min(MAX_GSO_RUN);
     for run in queue.gso_runs(cap) {
-        let transmit = Transmit {
-            destination: run.dst,
-            ecn: None,
-            contents: run.contents,
-            segment_size: (run.contents.len() > run.segment_size).then_some(run.segment_size),
-            src_ip: None,
-        };
-        loop {
-            match socket.try_io(Interest::WRITABLE, || {
-                state.try_send(socket.into(), &transmit)
-            }) {
-                Ok(()) => break,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if socket.writable().await.is_err() {
-                        break;
-                    }
-                }
-                Err(err) => {
-                    tracing::debug!(%err, dst = %run.dst, "WireGuard socket send error");
-                    break;
-                }
-            }
+        if let Err(err) = socket
+            .send_run(run.dst, run.contents, run.segment_size)
+            .await
+        {
+            tracing::debug!(%err, dst = %run.dst, "WireGuard socket send error");
         }
     }
     queue.clear();

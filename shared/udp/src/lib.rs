@@ -1,0 +1,180 @@
+//! Batched UDP I/O on tokio: one socket, many datagrams per system call (recvmmsg with GRO on
+//! receive, GSO runs on send, through quinn-udp), kernel buffers forced large when allowed.
+//!
+//! Inputs: datagrams from the network, and runs of equal-size datagrams to send. Outputs:
+//! each received datagram with its source, handed to a callback. The gateway's serving loop
+//! polls it for the WireGuard socket; the device client will for its own.
+#![deny(missing_docs)]
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// Room for one GRO-coalesced receive.
+const RECV_BUFFER: usize = 64 * 1024;
+
+/// A UDP socket read and written in batches.
+#[derive(Debug)]
+pub struct BatchSocket {
+    socket: UdpSocket,
+    state: UdpSocketState,
+    bufs: Vec<Vec<u8>>,
+    metas: Vec<RecvMeta>,
+}
+
+impl BatchSocket {
+    /// Binds `addr` (`[::]` takes IPv4 too) with `kernel_buffer` bytes of receive and send
+    /// buffer: forced past `net.core.{r,w}mem_max` with CAP_NET_ADMIN, else what the limits
+    /// allow. Must be called inside a tokio runtime.
+    pub fn bind(addr: SocketAddr, kernel_buffer: usize) -> io::Result<BatchSocket> {
+        let domain = if addr.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_nonblocking(true)?;
+        if force_buffer(&socket, libc::SO_RCVBUFFORCE, kernel_buffer).is_err() {
+            let _ = socket.set_recv_buffer_size(kernel_buffer);
+        }
+        if force_buffer(&socket, libc::SO_SNDBUFFORCE, kernel_buffer).is_err() {
+            let _ = socket.set_send_buffer_size(kernel_buffer);
+        }
+        socket.bind(&addr.into())?;
+        let socket: std::net::UdpSocket = socket.into();
+        let state = UdpSocketState::new((&socket).into())?;
+        Ok(BatchSocket {
+            socket: UdpSocket::from_std(socket)?,
+            state,
+            bufs: vec![vec![0u8; RECV_BUFFER]; BATCH_SIZE],
+            metas: vec![RecvMeta::default(); BATCH_SIZE],
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Waits until a receive may find datagrams.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.socket.readable().await
+    }
+
+    /// Datagrams the kernel takes in one GSO send.
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// Receives one batch and hands each datagram to `on` (GRO-coalesced buffers split at
+    /// their stride). `Ok(false)` when nothing was waiting.
+    pub fn receive_batch(&mut self, mut on: impl FnMut(SocketAddr, &[u8])) -> io::Result<bool> {
+        let mut slices: Vec<IoSliceMut<'_>> =
+            self.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let (socket, state, metas) = (&self.socket, &self.state, &mut self.metas);
+        let got = socket.try_io(Interest::READABLE, || {
+            state.recv(socket.into(), &mut slices, metas)
+        });
+        let count = match got {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        for (meta, buf) in metas.iter().zip(slices.iter()).take(count) {
+            let data = &buf[..meta.len.min(buf.len())];
+            for datagram in data.chunks(meta.stride.max(1)) {
+                on(meta.addr, datagram);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Sends `contents`, `segment_size`-byte datagrams back to back (the last may be shorter),
+    /// to `dst` in one call, waiting while the kernel pushes back.
+    pub async fn send_run(
+        &self,
+        dst: SocketAddr,
+        contents: &[u8],
+        segment_size: usize,
+    ) -> io::Result<()> {
+        let transmit = Transmit {
+            destination: dst,
+            ecn: None,
+            contents,
+            segment_size: (contents.len() > segment_size).then_some(segment_size),
+            src_ip: None,
+        };
+        loop {
+            match self.socket.try_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.socket).into(), &transmit)
+            }) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.socket.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`, which socket2 does not wrap (they need CAP_NET_ADMIN).
+fn force_buffer(socket: &Socket, option: libc::c_int, bytes: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the fd is open for the lifetime of `socket`; the option value is a c_int whose
+    // size is passed along.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_run_of_datagrams_arrives_as_separate_datagrams() {
+        let mut rx = BatchSocket::bind("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let tx = BatchSocket::bind("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let dst = rx.local_addr().unwrap();
+        // Three 100-byte datagrams and a short one, in one run.
+        let mut contents = Vec::new();
+        for i in 0..3u8 {
+            contents.extend_from_slice(&[i; 100]);
+        }
+        contents.extend_from_slice(&[9; 40]);
+        tx.send_run(dst, &contents, 100).await.unwrap();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let from = tx.local_addr().unwrap();
+        while got.len() < 4 {
+            rx.readable().await.unwrap();
+            rx.receive_batch(|src, d| {
+                assert_eq!(src, from);
+                got.push(d.to_vec());
+            })
+            .unwrap();
+        }
+        let sizes: Vec<usize> = got.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [100, 100, 100, 40]);
+        assert_eq!(got[1], [1u8; 100]);
+        // Nothing more: the next receive says so instead of blocking.
+        assert!(!rx.receive_batch(|_, _| panic!("no datagram")).unwrap());
+    }
+}
