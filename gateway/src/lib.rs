@@ -18,6 +18,8 @@ pub mod policy;
 pub mod protect;
 pub mod registry;
 pub mod runtime;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod tls;
 pub mod transmit;
 pub mod uapi;
