@@ -12,7 +12,7 @@ use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{IpAddress, IpEndpoint};
 
 use super::*;
-use crate::testkit::sim::{connect_flow, sent_upstream, Sim};
+use crate::testkit::sim::{connect_flow, credited, sent_upstream, Conditions, Sim, SimConfig};
 use crate::testkit::{
     device, fill_ipv4_checksum, ipv4_udp, key, public, DEV_V4, DNS, EGRESS, GW_V4, ORIGIN, OTHER_V4,
 };
@@ -617,4 +617,41 @@ fn a_flow_its_first_packet_blocks_is_held_unconnected_until_its_first_bytes() {
         local: SocketAddr::new(IpAddr::V4(EGRESS), 50002),
     });
     assert_eq!(sent_upstream(&sim.take_commands()), hello);
+}
+
+#[test]
+fn what_the_server_says_before_the_devices_ack_waits_for_it() {
+    // 20 ms each way: the upstream connects, the gateway answers the SYN, and the server's
+    // banner arrives before the device's ACK does.
+    let wire = Conditions {
+        latency: Duration::from_millis(20),
+        ..Conditions::PERFECT
+    };
+    let mut sim = Sim::with(SimConfig {
+        up: wire,
+        down: wire,
+        ..SimConfig::default()
+    });
+    let h = sim.tcp_connect(ORIGIN);
+    let mut cmds = Vec::new();
+    assert!(sim.advance_until(Duration::from_secs(1), Duration::from_millis(5), |s| {
+        cmds.extend(s.take_commands());
+        cmds.iter().any(|c| matches!(c, Command::TcpConnect { .. }))
+    }));
+    let (flow, _) = connect_flow(&cmds);
+    sim.upstream(UpstreamEvent::TcpConnected {
+        flow,
+        local: SocketAddr::new(IpAddr::V4(EGRESS), 50000),
+    });
+    let banner = b"SSH-2.0-OpenSSH_9.6\r\n";
+    sim.upstream(UpstreamEvent::TcpData {
+        flow,
+        data: Bytes::from_static(banner),
+    });
+    sim.advance(Duration::from_millis(200));
+    assert_eq!(sim.tcp(h).state(), tcp::State::Established);
+    let mut got = [0u8; 64];
+    let n = sim.tcp(h).recv_slice(&mut got).unwrap();
+    assert_eq!(&got[..n], banner);
+    assert_eq!(credited(&sim.take_commands(), flow), banner.len());
 }

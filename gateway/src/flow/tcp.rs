@@ -966,10 +966,13 @@ fn service_flow<S: PacketSink>(
         }
     }
 
-    // Upstream -> device, as far as the send buffer and the device's cap take it.
+    // Upstream -> device, as far as the send buffer and the device's cap take it. Until the
+    // device acknowledges the SYN-ACK (one round trip after the upstream connected) the socket
+    // takes nothing: what a server says first waits in `download`.
     let mut credit = 0;
     let room = room.saturating_sub(socket.send_queue());
-    while let Some(front) = flow.download.front_mut() {
+    let handshaking = matches!(socket.state(), State::Listen | State::SynReceived);
+    while let Some(front) = flow.download.front_mut().filter(|_| !handshaking) {
         let allowed = front.len().min(room - credit);
         if allowed == 0 {
             break;
