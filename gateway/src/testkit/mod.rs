@@ -295,3 +295,46 @@ pub fn dns_query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
         .add_query(Query::query(Name::from_ascii(name).expect("a name"), qtype));
     m.to_vec().expect("a query")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use boringtun::noise::{Tunn, TunnResult};
+
+    use super::*;
+
+    /// boringtun's `mock-instant` feature is for the sim crate only (`gateway/sim`, a workspace of
+    /// its own). Here, and so in the `waygate` binary built by the same `cargo test --workspace`
+    /// for the end-to-end tests (one boringtun per invocation), its sessions age in real time.
+    #[test]
+    fn boringtun_reads_the_real_clock_in_this_workspace() {
+        let tunn = |mine: u8, theirs: u8, index| {
+            Tunn::new(
+                StaticSecret::from(key(mine)),
+                PublicKey::from(public(key(theirs))),
+                None,
+                None,
+                index,
+                None,
+            )
+        };
+        let (mut a, mut b) = (tunn(1, 2, 1), tunn(2, 1, 2));
+        let mut buf = vec![0u8; 2048];
+        let mut back = vec![0u8; 2048];
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
+            panic!("no initiation")
+        };
+        let TunnResult::WriteToNetwork(response) = b.decapsulate(None, init, &mut back) else {
+            panic!("no response")
+        };
+        let _ = a.decapsulate(None, response, &mut buf);
+        let before = a.time_since_last_handshake().expect("a session");
+        std::thread::sleep(Duration::from_millis(20));
+        let after = a.time_since_last_handshake().expect("a session");
+        assert!(
+            after >= before + Duration::from_millis(20),
+            "boringtun's clock did not move: built with mock-instant? {before:?} -> {after:?}"
+        );
+    }
+}
