@@ -634,10 +634,12 @@ fn what_the_server_says_before_the_devices_ack_waits_for_it() {
     });
     let h = sim.tcp_connect(ORIGIN);
     let mut cmds = Vec::new();
-    assert!(sim.advance_until(Duration::from_secs(1), Duration::from_millis(5), |s| {
-        cmds.extend(s.take_commands());
-        cmds.iter().any(|c| matches!(c, Command::TcpConnect { .. }))
-    }));
+    assert!(
+        sim.advance_until(Duration::from_secs(1), Duration::from_millis(5), |s| {
+            cmds.extend(s.take_commands());
+            cmds.iter().any(|c| matches!(c, Command::TcpConnect { .. }))
+        })
+    );
     let (flow, _) = connect_flow(&cmds);
     sim.upstream(UpstreamEvent::TcpConnected {
         flow,

@@ -322,7 +322,8 @@ mod tests {
         let (mut a, mut b) = (tunn(1, 2, 1), tunn(2, 1, 2));
         let mut buf = vec![0u8; 2048];
         let mut back = vec![0u8; 2048];
-        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false)
+        else {
             panic!("no initiation")
         };
         let TunnResult::WriteToNetwork(response) = b.decapsulate(None, init, &mut back) else {
