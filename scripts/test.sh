@@ -14,7 +14,28 @@ echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== boringtun's mock clock stays out of the main workspace"
+# The sim crate (gateway/sim) enables boringtun's mock-instant; were any member of this workspace
+# to, cargo would unify it into the waygate binary that the end-to-end tests run.
+if grep -q '^name = "mock_instant"$' Cargo.lock; then
+  echo "mock_instant is in Cargo.lock: the waygate binary could get boringtun's mocked clock" >&2
+  exit 1
+fi
+tree=$(cargo tree --workspace --all-features -e all -i mock_instant 2>&1 || true)
+if ! grep -q "did not match any packages" <<<"$tree"; then
+  echo "mock_instant reaches the main workspace:" >&2
+  echo "$tree" >&2
+  exit 1
+fi
 echo "== cargo build"
 cargo build --workspace --bins
 echo "== cargo test"
 cargo test --workspace -- --test-threads="${WAYGATE_TEST_THREADS:-1}"
+echo "== cargo test (gateway/sim: lossy links, boringtun's clock mocked)"
+# Its own workspace (see gateway/sim/Cargo.toml), run from its directory to share target/.
+(
+  cd gateway/sim
+  cargo fmt -- --check
+  cargo clippy --all-targets -- -D warnings
+  cargo test -- --test-threads="${WAYGATE_TEST_THREADS:-1}"
+)

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{RData, Record, RecordType};
 use waygate_dns::rules::DnsRules;
+use waygate_dns::testkit;
 use waygate_dns::{ClientCtx, Handled, Resolver, ResolverConfig, Transport};
 use waygate_policy::ruleset::{Lists, RuleSet};
 use waygate_stages::policy::Loaded;
@@ -30,16 +31,7 @@ fn blocked(i: usize) -> String {
 }
 
 fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut m = Message::new();
-    m.set_id(id)
-        .set_message_type(MessageType::Query)
-        .set_op_code(OpCode::Query)
-        .set_recursion_desired(true)
-        .add_query(Query::query(
-            Name::from_ascii(name).expect("name"),
-            RecordType::A,
-        ));
-    m.to_vec().expect("query")
+    testkit::dns_query(id, name, RecordType::A)
 }
 
 fn answer(up_query: &[u8]) -> Vec<u8> {

@@ -15,6 +15,8 @@ pub mod memory;
 pub mod policy;
 pub mod resolver;
 pub mod rules;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod wire;
 
 #[cfg(test)]

@@ -302,17 +302,14 @@ mod tests {
 
     fn alice() -> ClientCtx {
         let mut c = ClientCtx::from_ip("100.96.0.2".parse().unwrap());
-        c.device = Some(Arc::new(waygate_model::DeviceInfo {
-            id: "d-alice".into(),
-            name: "alice-laptop".into(),
-            email: "alice@example.com".into(),
-            user_name: None,
-            groups: vec!["eng".into()],
-            extras: Default::default(),
-            vnet_id: None,
-            ipv4: "100.96.0.2".parse().unwrap(),
-            ipv6: "fd77:6761:7465::2".parse().unwrap(),
-        }));
+        c.device = Some(
+            crate::testkit::device()
+                .id("d-alice")
+                .name("alice-laptop")
+                .email("alice@example.com")
+                .groups(&["eng"])
+                .arc(),
+        );
         c
     }
 

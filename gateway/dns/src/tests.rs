@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::svcb::{IpHint, SvcParamKey, SvcParamValue, SVCB};
 use hickory_proto::rr::rdata::{A, AAAA, HTTPS, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -15,15 +15,7 @@ fn client() -> ClientCtx {
     ClientCtx::from_ip(IpAddr::V4(Ipv4Addr::new(100, 96, 0, 2)))
 }
 
-fn query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
-    let mut m = Message::new();
-    m.set_id(id)
-        .set_message_type(MessageType::Query)
-        .set_op_code(OpCode::Query)
-        .set_recursion_desired(true)
-        .add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
-    m.to_vec().unwrap()
-}
+use crate::testkit::{self, dns_query as query};
 
 /// The upstream's answer to the query the core wrote.
 fn upstream_answer(
@@ -471,17 +463,7 @@ fn a_device_answers_are_reported_with_aged_ttls_and_an_address_client_is_not() {
             .push((device.to_string(), ip, names.host.to_string(), ttl));
     }));
     let mut device = client();
-    device.device = Some(Arc::new(waygate_model::DeviceInfo {
-        id: "d-ada".into(),
-        name: "ada-laptop".into(),
-        email: "ada@example.com".into(),
-        user_name: None,
-        groups: Vec::new(),
-        extras: Default::default(),
-        vnet_id: None,
-        ipv4: Ipv4Addr::new(100, 96, 0, 2),
-        ipv6: "fd77:6761:7465::2".parse().unwrap(),
-    }));
+    device.device = Some(testkit::device().id("d-ada").name("ada-laptop").arc());
     let t0 = test_epoch();
     let mut out = Vec::new();
     let h = r.handle_query(
@@ -603,21 +585,16 @@ fn logged(f: impl FnOnce()) -> String {
 #[test]
 fn malformed_query_lines_name_the_device_and_are_rate_limited() {
     use super::resolver::{MALFORMED_LOG_BURST, MALFORMED_LOG_EVERY};
-    use std::sync::Arc;
     let mut r = resolver(allow);
     let mut device = client();
     device.public_ip = Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)));
-    device.device = Some(Arc::new(waygate_model::DeviceInfo {
-        id: "d-mallory".into(),
-        name: "mallory-laptop".into(),
-        email: "mallory@example.com".into(),
-        user_name: None,
-        groups: Vec::new(),
-        extras: Default::default(),
-        vnet_id: None,
-        ipv4: Ipv4Addr::new(100, 96, 0, 2),
-        ipv6: "fd77:6761:7465::2".parse().unwrap(),
-    }));
+    device.device = Some(
+        testkit::device()
+            .id("d-mallory")
+            .name("mallory-laptop")
+            .email("mallory@example.com")
+            .arc(),
+    );
     let garbage = [0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0];
     let t0 = test_epoch();
     let mut out = Vec::new();

@@ -12,6 +12,8 @@
 pub mod flow;
 pub mod gateway;
 pub mod protect;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod vnet;
 
 pub use gateway::{CoreSettings, GatewayCore};

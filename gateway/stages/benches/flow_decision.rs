@@ -6,13 +6,11 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::hint::black_box;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::time::Instant;
+use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use waygate_geoip::{build_from_csv, GeoIp};
-use waygate_model::{DeviceInfo, FlowCtx, Protocol};
+use waygate_model::testkit;
 use waygate_policy::fields::Stage;
 use waygate_policy::input::Input;
 use waygate_policy::ruleset::{Lists, Policy, RuleSet};
@@ -90,27 +88,15 @@ fn bench(c: &mut Criterion) {
     let set = RuleSet::from_json(&rules()).expect("rules");
     let policy = Policy::compile(&set, &Lists::new(Vec::new())).expect("compile");
     let geo = geo();
-    let ctx = FlowCtx {
-        id: 1,
-        peer: 1,
-        device: Arc::new(DeviceInfo {
-            id: "d1".into(),
-            name: "laptop".into(),
-            email: "ada@example.com".into(),
-            user_name: Some("Ada".into()),
-            groups: vec!["eng".into(), "ops".into()],
-            extras: Default::default(),
-            vnet_id: None,
-            ipv4: Ipv4Addr::new(100, 96, 0, 2),
-            ipv6: "fd77:6761:7465::2".parse().expect("v6"),
-        }),
-        device_public: Some("198.51.100.11:40000".parse().expect("addr")),
-        protocol: Protocol::Tcp,
-        src: "100.96.0.2:40000".parse().expect("addr"),
-        dst: "203.0.113.10:443".parse().expect("addr"),
-        opened: Instant::now(),
-        rules: Default::default(),
-    };
+    let ada = testkit::device()
+        .id("d1")
+        .user_name("Ada")
+        .groups(&["eng", "ops"]);
+    let ctx = testkit::flow()
+        .device(ada)
+        .device_public("198.51.100.11:40000")
+        .dst("203.0.113.10:443")
+        .build();
     let target: SocketAddr = ctx.dst;
     let mut input = Input::new();
     // The measured flow ends at the catch-all: check it once.

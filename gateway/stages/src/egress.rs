@@ -278,37 +278,15 @@ pub fn device_address(prefix: Ipv6Net, device_id: &str) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
-    use std::sync::Arc;
-    use std::time::Instant;
 
     use super::*;
     use waygate_config::HealthCheckConfig;
-    use waygate_model::{DeviceInfo, Protocol};
+    use waygate_model::testkit;
 
     fn ctx(device_id: &str) -> FlowCtx {
-        #[allow(clippy::disallowed_methods)] // any instant will do: the stage ignores it
-        let opened = Instant::now();
-        FlowCtx {
-            id: 1,
-            peer: 1,
-            device: Arc::new(DeviceInfo {
-                id: device_id.into(),
-                name: "laptop".into(),
-                email: "ada@example.com".into(),
-                user_name: None,
-                groups: vec![],
-                extras: Default::default(),
-                vnet_id: None,
-                ipv4: Ipv4Addr::new(100, 96, 0, 2),
-                ipv6: "fd77:6761:7465::2".parse().unwrap(),
-            }),
-            device_public: None,
-            protocol: Protocol::Tcp,
-            src: "100.96.0.2:40000".parse().unwrap(),
-            dst: "203.0.113.10:80".parse().unwrap(),
-            opened,
-            rules: Default::default(),
-        }
+        testkit::flow()
+            .device(testkit::device().id(device_id))
+            .build()
     }
 
     fn location(name: &str, ipv4: &[&str], ipv6: Option<&str>) -> EgressLocationConfig {

@@ -197,11 +197,9 @@ pub fn l4_verdict(rule: Option<&CompiledRule>, target: SocketAddr) -> L4Verdict 
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-    use std::sync::Arc;
-    use std::time::Instant;
 
     use super::*;
-    use waygate_model::{DeviceInfo, Protocol};
+    use waygate_model::testkit;
     use waygate_policy::fields::{Phase, Stage};
     use waygate_policy::ruleset::Decided;
 
@@ -225,29 +223,16 @@ mod tests {
     }
 
     fn ctx() -> FlowCtx {
-        #[allow(clippy::disallowed_methods)] // any instant: the stages ignore it
-        let opened = Instant::now();
-        FlowCtx {
-            id: 1,
-            peer: 1,
-            device: Arc::new(DeviceInfo {
-                id: "d1".into(),
-                name: "laptop".into(),
-                email: "ada@example.com".into(),
-                user_name: Some("Ada".into()),
-                groups: vec!["eng".into(), "ops".into()],
-                extras: Default::default(),
-                vnet_id: Some("f70ff985-a4ef-4643-bbbc-4a0ed4fc8415".into()),
-                ipv4: Ipv4Addr::new(100, 96, 0, 2),
-                ipv6: "fd77:6761:7465::2".parse().unwrap(),
-            }),
-            device_public: Some("198.51.100.11:40000".parse().unwrap()),
-            protocol: Protocol::Tcp,
-            src: "100.96.0.2:40000".parse().unwrap(),
-            dst: "203.0.113.10:443".parse().unwrap(),
-            opened,
-            rules: Default::default(),
-        }
+        let ada = testkit::device()
+            .id("d1")
+            .user_name("Ada")
+            .groups(&["eng", "ops"])
+            .vnet("f70ff985-a4ef-4643-bbbc-4a0ed4fc8415");
+        testkit::flow()
+            .device(ada)
+            .device_public("198.51.100.11:40000")
+            .dst("203.0.113.10:443")
+            .build()
     }
 
     fn compile(json: &str) -> Policy {

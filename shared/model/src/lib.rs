@@ -11,6 +11,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
+
 /// A peer's handle: the 24-bit index boringtun puts in the high bits of its receiver indices.
 pub type PeerId = u32;
 

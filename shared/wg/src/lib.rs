@@ -22,6 +22,8 @@
 #![deny(missing_docs)]
 
 pub mod handshake_limit;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod transmit;
 
 use rustc_hash::FxHashMap;
@@ -585,26 +587,13 @@ impl<T> Endpoint<T> {
 }
 
 #[cfg(test)]
-#[allow(clippy::disallowed_methods)] // The fake clock starts from one real instant.
 mod tests {
     use super::*;
+    use crate::testkit::{key, public, DEV_V4, DEV_V6};
     use crate::transmit::MAX_DATAGRAM;
 
-    const DEV_V4: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 2);
     const BURST_FOR_TESTS: u64 = crate::handshake_limit::BURST;
     const RATE_FOR_TESTS: u64 = crate::handshake_limit::RATE_PER_SEC;
-    const DEV_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0x6761, 0x7465, 0, 0, 0, 0, 2);
-
-    fn key(seed: u8) -> [u8; 32] {
-        let mut k = [seed; 32];
-        k[0] &= 248;
-        k[31] = (k[31] & 127) | 64;
-        k
-    }
-
-    fn public(private: [u8; 32]) -> [u8; 32] {
-        *PublicKey::from(&StaticSecret::from(private)).as_bytes()
-    }
 
     struct Pair {
         gw: Endpoint<&'static str>,
@@ -640,19 +629,12 @@ mod tests {
             dev_addr: "198.51.100.11:40000".parse().unwrap(),
             tx: TransmitQueue::new(),
             scratch: vec![0; MAX_DATAGRAM],
-            now: Instant::now(),
+            now: crate::testkit::epoch(),
         }
     }
 
     fn ipv4_udp(src: Ipv4Addr) -> Vec<u8> {
-        let mut p = vec![0u8; 28];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&28u16.to_be_bytes());
-        p[8] = 64;
-        p[9] = 17;
-        p[12..16].copy_from_slice(&src.octets());
-        p[16..20].copy_from_slice(&[203, 0, 113, 30]);
-        p
+        crate::testkit::ipv4_udp(src, Ipv4Addr::new(203, 0, 113, 30), 7, b"")
     }
 
     /// Device sends `packet`; handshake messages are delivered until the data arrives.
@@ -746,7 +728,7 @@ mod tests {
         let mut scratch = vec![0u8; MAX_DATAGRAM];
         let mut tx = TransmitQueue::new();
         let from: SocketAddr = "198.51.100.11:1".parse().unwrap();
-        let now = Instant::now();
+        let now = crate::testkit::epoch();
         let mut cases: Vec<Vec<u8>> = vec![
             vec![],
             vec![1],

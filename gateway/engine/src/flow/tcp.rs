@@ -921,7 +921,13 @@ impl TcpFlows {
             .map(|t| self.epoch + Duration::from_micros(t.total_micros().max(0) as u64));
         let next = next.map(|t| t.max(now));
         flow.next_poll = next;
-        if let Some(at) = next {
+        // The flow wakes for smoltcp or for the end of its sniffing wait, whichever is first:
+        // a popped entry re-arms only for what is still pending.
+        let sniff_until = match flow.hold {
+            Hold::Sniffing { until } => until,
+            _ => None,
+        };
+        if let Some(at) = [next, sniff_until].into_iter().flatten().min() {
             arm(&mut self.timers, flow, id, at);
         }
     }

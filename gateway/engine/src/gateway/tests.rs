@@ -1,319 +1,22 @@
-//! The core in a simulated network: a device made of boringtun and a smoltcp stack, a fake clock,
-//! and the test playing the runtime (it reads the commands and answers with upstream events).
-
-#![allow(clippy::disallowed_methods)] // The fake clock starts from one real instant.
+//! The core in a simulated network ([`crate::testkit::sim`]): a device made of boringtun and a
+//! smoltcp stack, a fake clock, and the test playing the runtime (it reads the commands and
+//! answers with upstream events). Lossy wires and boringtun's own timers in simulated time are
+//! tested by the sim crate (`gateway/sim`), which mocks boringtun's clock.
 
 use std::time::Duration;
 
-use boringtun::noise::{Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
 use bytes::Bytes;
 use proptest::prelude::*;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::iface::SocketHandle;
 use smoltcp::socket::{tcp, udp};
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use smoltcp::wire::{IpAddress, IpEndpoint};
 
 use super::*;
+use crate::testkit::sim::{connect_flow, credited, sent_upstream, Conditions, Sim, SimConfig};
+use crate::testkit::{
+    device, fill_ipv4_checksum, ipv4_udp, key, public, DEV_V4, DNS, EGRESS, GW_V4, ORIGIN, OTHER_V4,
+};
 use waygate_wg::DropReason;
-
-const GW_V4: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 1);
-const DEV_V4: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 2);
-const OTHER_V4: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 3);
-const ORIGIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)), 80);
-const EGRESS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const DNS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 53)), 53);
-
-fn key(seed: u8) -> [u8; 32] {
-    let mut k = [seed; 32];
-    k[0] &= 248;
-    k[31] = (k[31] & 127) | 64;
-    k
-}
-
-fn public(private: [u8; 32]) -> [u8; 32] {
-    *PublicKey::from(&StaticSecret::from(private)).as_bytes()
-}
-
-fn device_info() -> DeviceInfo {
-    DeviceInfo {
-        id: "dev-1".into(),
-        name: "laptop".into(),
-        email: "ada@example.com".into(),
-        user_name: None,
-        groups: vec![],
-        extras: Default::default(),
-        vnet_id: None,
-        ipv4: DEV_V4,
-        ipv6: "fd77:6761:7465::2".parse().unwrap(),
-    }
-}
-
-/// The device's IP link: what its stack sends, and what the tunnel delivered to it.
-#[derive(Default)]
-struct Link {
-    to_device: VecDeque<Vec<u8>>,
-    from_device: Vec<Vec<u8>>,
-}
-
-struct LinkRx(Vec<u8>);
-struct LinkTx<'a>(&'a mut Vec<Vec<u8>>);
-
-impl phy::RxToken for LinkRx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl phy::TxToken for LinkTx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0; len];
-        let r = f(&mut buf);
-        self.0.push(buf);
-        r
-    }
-}
-
-impl phy::Device for Link {
-    type RxToken<'a> = LinkRx;
-    type TxToken<'a> = LinkTx<'a>;
-
-    fn receive(&mut self, _now: smoltcp::time::Instant) -> Option<(LinkRx, LinkTx<'_>)> {
-        let packet = self.to_device.pop_front()?;
-        Some((LinkRx(packet), LinkTx(&mut self.from_device)))
-    }
-
-    fn transmit(&mut self, _now: smoltcp::time::Instant) -> Option<LinkTx<'_>> {
-        Some(LinkTx(&mut self.from_device))
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        caps.max_transmission_unit = 1420;
-        caps
-    }
-}
-
-/// A gateway and one device, wired together, with a fake clock.
-struct Sim {
-    core: GatewayCore,
-    t0: Instant,
-    now: Instant,
-    tunn: Tunn,
-    endpoint: SocketAddr,
-    link: Link,
-    iface: Interface,
-    sockets: SocketSet<'static>,
-    commands: Vec<Command>,
-    /// Packets the device's stack received, as they arrived.
-    delivered: Vec<Vec<u8>>,
-}
-
-impl Sim {
-    fn new() -> Sim {
-        let t0 = Instant::now();
-        let gw_key = key(1);
-        let dev_key = key(2);
-        let settings = CoreSettings {
-            pool_v4: "100.96.0.0/16".parse().unwrap(),
-            pool_v6: "fd77:6761:7465::/64".parse().unwrap(),
-            gateway_v4: GW_V4,
-            gateway_v6: "fd77:6761:7465::1".parse().unwrap(),
-            mtu: 1420,
-            local: LocalServices::none(),
-            dns_upstream: Some(DNS),
-            dns_intercept: false,
-            egress: EgressSettings {
-                default_ipv4: Some(EGRESS),
-                ..EgressSettings::default()
-            },
-            protected: Protected::default(),
-            limits: FlowLimits::default(),
-            random_seed: 7,
-        };
-        let mut core = GatewayCore::new(gw_key, settings, t0);
-        core.sync_peers(vec![(public(dev_key), device_info())], t0);
-        let tunn = Tunn::new(
-            StaticSecret::from(dev_key),
-            PublicKey::from(public(gw_key)),
-            None,
-            None,
-            1,
-            None,
-        );
-        let mut link = Link::default();
-        let mut iface = Interface::new(
-            Config::new(HardwareAddress::Ip),
-            &mut link,
-            smoltcp::time::Instant::from_millis(0),
-        );
-        iface.update_ip_addrs(|addrs| {
-            addrs
-                .push(IpCidr::new(IpAddress::Ipv4(DEV_V4), 16))
-                .unwrap();
-        });
-        iface.routes_mut().add_default_ipv4_route(GW_V4).unwrap();
-        Sim {
-            core,
-            t0,
-            now: t0,
-            tunn,
-            endpoint: "198.51.100.11:40000".parse().unwrap(),
-            link,
-            iface,
-            sockets: SocketSet::new(vec![]),
-            commands: Vec::new(),
-            delivered: Vec::new(),
-        }
-    }
-
-    fn smol_now(&self) -> smoltcp::time::Instant {
-        smoltcp::time::Instant::from_micros((self.now - self.t0).as_micros() as i64)
-    }
-
-    fn advance(&mut self, by: Duration) {
-        self.now += by;
-        if self.now >= self.core.poll_timeout() {
-            self.core.handle_timeout(self.now);
-        }
-        self.run();
-    }
-
-    /// Sends one raw IP packet through the tunnel as if the device's kernel had written it.
-    fn send_raw(&mut self, packet: &[u8]) {
-        self.link.from_device.push(packet.to_vec());
-        self.run();
-    }
-
-    /// Moves packets both ways until nothing moves.
-    fn run(&mut self) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        for _ in 0..100 {
-            let now = self.smol_now();
-            self.iface.poll(now, &mut self.link, &mut self.sockets);
-            let outgoing = std::mem::take(&mut self.link.from_device);
-            let mut to_gateway: Vec<Vec<u8>> = Vec::new();
-            for packet in &outgoing {
-                match self.tunn.encapsulate(packet, &mut buf) {
-                    TunnResult::WriteToNetwork(d) => to_gateway.push(d.to_vec()),
-                    TunnResult::Done => {}
-                    other => panic!("device encapsulate: {other:?}"),
-                }
-            }
-            if let TunnResult::WriteToNetwork(d) = self.tunn.update_timers(&mut buf) {
-                to_gateway.push(d.to_vec());
-            }
-            for d in &to_gateway {
-                self.core.handle_datagram(self.endpoint, d, self.now);
-            }
-            self.core.flush(self.now);
-            let from_gateway: Vec<Vec<u8>> = {
-                let tx = self.core.transmit_queue();
-                let out = tx
-                    .datagrams()
-                    .iter()
-                    .map(|d| {
-                        assert_eq!(d.dst, self.endpoint);
-                        tx.bytes()[d.range.clone()].to_vec()
-                    })
-                    .collect();
-                tx.clear();
-                out
-            };
-            let mut answered = false;
-            for d in &from_gateway {
-                let mut res = self.tunn.decapsulate(None, d, &mut buf);
-                loop {
-                    match res {
-                        TunnResult::WriteToNetwork(reply) => {
-                            self.core.handle_datagram(self.endpoint, reply, self.now);
-                            answered = true;
-                            res = self.tunn.decapsulate(None, &[], &mut buf);
-                        }
-                        TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
-                            self.delivered.push(p.to_vec());
-                            self.link.to_device.push_back(p.to_vec());
-                            break;
-                        }
-                        TunnResult::Done => break,
-                        TunnResult::Err(e) => panic!("device decapsulate: {e:?}"),
-                    }
-                }
-            }
-            while let Some(c) = self.core.poll_command() {
-                self.commands.push(c);
-            }
-            if outgoing.is_empty()
-                && to_gateway.is_empty()
-                && from_gateway.is_empty()
-                && !answered
-                && self.link.to_device.is_empty()
-            {
-                return;
-            }
-        }
-        panic!("the simulated network never settled");
-    }
-
-    fn upstream(&mut self, event: UpstreamEvent) {
-        self.core.handle_upstream(event, self.now);
-        self.run();
-    }
-
-    fn tcp_connect(&mut self, to: SocketAddr) -> SocketHandle {
-        let socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; 65536]),
-            tcp::SocketBuffer::new(vec![0; 65536]),
-        );
-        let handle = self.sockets.add(socket);
-        let IpAddr::V4(ip) = to.ip() else {
-            panic!("v4 only")
-        };
-        let cx = self.iface.context();
-        self.sockets
-            .get_mut::<tcp::Socket>(handle)
-            .connect(cx, IpEndpoint::new(IpAddress::Ipv4(ip), to.port()), 49152)
-            .unwrap();
-        self.run();
-        handle
-    }
-
-    fn tcp(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
-        self.sockets.get_mut::<tcp::Socket>(handle)
-    }
-
-    fn take_commands(&mut self) -> Vec<Command> {
-        std::mem::take(&mut self.commands)
-    }
-
-    fn drops(&self) -> u64 {
-        let flow: u64 = FlowDrop::ALL
-            .iter()
-            .map(|r| self.core.flow_drops().get(*r))
-            .sum();
-        flow + self.core.wireguard().drops().total()
-    }
-}
-
-fn connect_flow(cmds: &[Command]) -> (FlowId, Upstream) {
-    cmds.iter()
-        .find_map(|c| match c {
-            Command::TcpConnect { flow, upstream } => Some((*flow, *upstream)),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("no TcpConnect in {cmds:?}"))
-}
-
-fn sent_upstream(cmds: &[Command]) -> Vec<u8> {
-    cmds.iter()
-        .filter_map(|c| match c {
-            Command::TcpSend { data, .. } => Some(data.to_vec()),
-            _ => None,
-        })
-        .flatten()
-        .collect()
-}
 
 #[test]
 fn tcp_flow_waits_for_its_upstream_then_carries_bytes_both_ways() {
@@ -413,8 +116,7 @@ fn private_routes_serve_their_network_and_refuse_everyone_else() {
 
     // In its own network, the same range goes through that network's interface, unbound.
     let mut sim = Sim::new();
-    let mut info = device_info();
-    info.vnet_id = Some("mine".into());
+    let info = device().vnet("mine").build();
     sim.core.sync_peers(vec![(public(key(2)), info)], sim.now);
     sim.core.sync_vnets(HashMap::from([
         ("mine".to_string(), vec![route("site-a", 7)]),
@@ -770,39 +472,6 @@ proptest! {
     }
 }
 
-/// An IPv4/UDP packet with valid checksums.
-fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16, payload: &[u8]) -> Vec<u8> {
-    let total = 28 + payload.len();
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    p[20..22].copy_from_slice(&5000u16.to_be_bytes());
-    p[22..24].copy_from_slice(&dst_port.to_be_bytes());
-    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p[28..].copy_from_slice(payload);
-    fill_ipv4_checksum(&mut p);
-    p
-}
-
-fn fill_ipv4_checksum(p: &mut [u8]) {
-    let ihl = usize::from(p[0] & 0x0f) * 4;
-    if p.len() < ihl.max(20) {
-        return;
-    }
-    p[10..12].copy_from_slice(&[0, 0]);
-    let sum = p[..ihl]
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum::<u32>();
-    let folded = (sum & 0xffff) + (sum >> 16);
-    let folded = (folded & 0xffff) + (folded >> 16);
-    p[10..12].copy_from_slice(&(!(folded as u16)).to_be_bytes());
-}
-
 fn sniffing_rules() -> Arc<policy::Loaded> {
     let set = waygate_policy::ruleset::RuleSet::from_json(
         r#"[{"id": "no-blocked", "action": "block", "filters": ["l4"], "precedence": 1,
@@ -950,4 +619,43 @@ fn a_flow_its_first_packet_blocks_is_held_unconnected_until_its_first_bytes() {
         local: SocketAddr::new(IpAddr::V4(EGRESS), 50002),
     });
     assert_eq!(sent_upstream(&sim.take_commands()), hello);
+}
+
+#[test]
+fn what_the_server_says_before_the_devices_ack_waits_for_it() {
+    // 20 ms each way: the upstream connects, the gateway answers the SYN, and the server's
+    // banner arrives before the device's ACK does.
+    let wire = Conditions {
+        latency: Duration::from_millis(20),
+        ..Conditions::PERFECT
+    };
+    let mut sim = Sim::with(SimConfig {
+        up: wire,
+        down: wire,
+        ..SimConfig::default()
+    });
+    let h = sim.tcp_connect(ORIGIN);
+    let mut cmds = Vec::new();
+    assert!(
+        sim.advance_until(Duration::from_secs(1), Duration::from_millis(5), |s| {
+            cmds.extend(s.take_commands());
+            cmds.iter().any(|c| matches!(c, Command::TcpConnect { .. }))
+        })
+    );
+    let (flow, _) = connect_flow(&cmds);
+    sim.upstream(UpstreamEvent::TcpConnected {
+        flow,
+        local: SocketAddr::new(IpAddr::V4(EGRESS), 50000),
+    });
+    let banner = b"SSH-2.0-OpenSSH_9.6\r\n";
+    sim.upstream(UpstreamEvent::TcpData {
+        flow,
+        data: Bytes::from_static(banner),
+    });
+    sim.advance(Duration::from_millis(200));
+    assert_eq!(sim.tcp(h).state(), tcp::State::Established);
+    let mut got = [0u8; 64];
+    let n = sim.tcp(h).recv_slice(&mut got).unwrap();
+    assert_eq!(&got[..n], banner);
+    assert_eq!(credited(&sim.take_commands(), flow), banner.len());
 }
