@@ -72,9 +72,13 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 echo "fuzz.sh: building ${TARGETS[*]} (sanitizer $SANITIZER, $CARGO_BUILD_JOBS build jobs)" >&2
-for t in "${TARGETS[@]}"; do
-    cargo "${TOOLCHAIN[@]}" fuzz build "${BUILD_FLAGS[@]}" "$t"
-done
+if [[ ${#TARGETS[@]} -eq ${#ALL_TARGETS[@]} ]]; then
+    cargo "${TOOLCHAIN[@]}" fuzz build "${BUILD_FLAGS[@]}"
+else
+    for t in "${TARGETS[@]}"; do
+        cargo "${TOOLCHAIN[@]}" fuzz build "${BUILD_FLAGS[@]}" "$t"
+    done
+fi
 
 LOGS=$(mktemp -d)
 trap 'rm -rf "$LOGS"' EXIT
