@@ -18,10 +18,10 @@ LAYERS=(
   "waygate-engine"
   "waygate-runtime"
   "waygate waygate-client"
-  "waygate-e2e"
+  "waygate-e2e waygate-fuzz"
 )
 # Crates allowed to use tokio: the I/O libraries, the binaries and the end-to-end tests.
-TOKIO_OK="waygate-udp waygate-runtime waygate waygate-client waygate-e2e"
+TOKIO_OK="waygate-udp waygate-runtime waygate waygate-client waygate-e2e waygate-fuzz"
 CLIENT_FORBIDDEN="rusqlite smoltcp hyper"
 
 failures=0

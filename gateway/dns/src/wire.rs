@@ -222,8 +222,10 @@ impl WireAnswer {
         let authority = u16_at(response, 8)?;
         let start = skip_name(response, HEADER_LEN)? + 4;
         let mut at = start;
-        let mut ttls = Vec::with_capacity(usize::from(answers + authority));
-        for _ in 0..(answers + authority) {
+        // Summed as usize: two u16 counts of a malformed message may overflow u16.
+        let records = usize::from(answers) + usize::from(authority);
+        let mut ttls = Vec::with_capacity(records);
+        for _ in 0..records {
             at = skip_name(response, at)?;
             let ttl_at = at + 4;
             let rdlen = usize::from(u16_at(response, at + 8)?);
@@ -363,6 +365,17 @@ mod tests {
         assert_eq!(m.queries()[0].name().to_ascii(), "Blocked.Example.");
         assert_eq!(m.answers()[0].data(), &RData::A("0.0.0.0".parse().unwrap()));
         assert_eq!(m.extensions().as_ref().unwrap().max_payload(), 1232);
+    }
+
+    #[test]
+    fn counts_summing_past_u16_are_refused_not_overflowed() {
+        // Found by the dns fuzz target: 0xffff answers and 1 authority record, nothing after.
+        let mut response = vec![0u8; HEADER_LEN];
+        response[2] = 0x80;
+        response[5] = 1;
+        response[6..10].copy_from_slice(&[0xff, 0xff, 0, 1]);
+        response.extend_from_slice(&[0, 0, 1, 0, 1]);
+        assert!(WireAnswer::capture(&response, crate::test_epoch()).is_none());
     }
 
     #[test]
