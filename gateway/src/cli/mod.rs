@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 pub mod device;
 pub mod geoip;
 pub mod group;
+pub mod health;
 pub mod logging;
 pub mod rules;
 pub mod serve;
@@ -19,7 +20,7 @@ pub mod vnet;
 #[command(name = "waygate", version, about, propagate_version = true)]
 pub struct Cli {
     /// Gateway config file (TOML); without it the embedded defaults are used.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", env = "WAYGATE_CONFIG")]
     pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
@@ -49,6 +50,8 @@ pub enum Command {
     /// The gateway's certificate authority, for devices to trust.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Check that a gateway is serving on this config (exit 0) or not (exit 1).
+    Health,
 }
 
 /// `waygate ca ...`
@@ -268,6 +271,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Geoip(cmd) => geoip::run(cli.config.as_deref(), cmd),
         Command::Vnet(cmd) => vnet::run(cli.config.as_deref(), cmd),
         Command::Group(cmd) => group::run(cli.config.as_deref(), cmd),
+        Command::Health => health::run(cli.config.as_deref()),
         Command::Ca(CaCommand::Show) => {
             let config = waygate_config::Config::load(cli.config.as_deref())?;
             waygate_registry::datadir::ensure_data_dir(&config.data_dir)?;
