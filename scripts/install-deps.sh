@@ -18,6 +18,10 @@ declare -A wanted=(
   [ss]=iproute2
   [pgrep]=procps
   [sysctl]=procps
+  [dockerd]=docker.io
+  [docker-compose]=docker-compose
+  [debootstrap]=debootstrap
+  [nsenter]=util-linux
 )
 
 missing=()

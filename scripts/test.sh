@@ -39,3 +39,11 @@ echo "== cargo test (gateway/sim: lossy links, boringtun's clock mocked)"
   cargo clippy --all-targets -- -D warnings
   cargo test -- --test-threads="${WAYGATE_TEST_THREADS:-1}"
 )
+echo "== Docker: the image and the compose lab (scripts/docker-test.sh)"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "skipped: needs root"
+elif [ "${WAYGATE_SKIP_DOCKER:-0}" = 1 ]; then
+  echo "skipped: WAYGATE_SKIP_DOCKER=1"
+else
+  scripts/docker-test.sh
+fi
