@@ -19,10 +19,14 @@ mod alloc;
 pub mod datadir;
 mod identity;
 mod migrations;
+mod policy_store;
+mod tokens;
 pub mod validate;
 mod vnets;
 
 pub use identity::{parse_attribute, Group};
+pub use policy_store::{NewListItem, StoredList, StoredListItem, StoredRule};
+pub use tokens::{StoredToken, TokenScope};
 pub use vnets::{Vnet, VnetRoute};
 pub use waygate_model::IdentityExtras;
 
@@ -36,7 +40,7 @@ use std::time::Duration;
 
 use rand::RngCore;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use waygate_keys::PublicKey;
 
 use waygate_config::TunnelConfig;
@@ -294,6 +298,21 @@ pub enum RegistryError {
     /// An attribute is not `name=value`.
     #[error("invalid attribute {0:?}: expected NAME=VALUE, e.g. department=engineering")]
     InvalidAttribute(String),
+    /// No rule has this id.
+    #[error("no rule with id {0:?}")]
+    RuleNotFound(String),
+    /// No list has this id or name.
+    #[error("no list with id or name {0:?}")]
+    ListNotFound(String),
+    /// Another list has this name.
+    #[error("list name {0:?} is already taken")]
+    ListNameTaken(String),
+    /// A rule or list with this id exists already.
+    #[error("id {0:?} is already taken")]
+    IdTaken(String),
+    /// No admin token has this id or prefix.
+    #[error("no admin token with id or prefix {0:?}")]
+    TokenNotFound(String),
     /// The device was revoked before.
     #[error("device {name} ({id}) was already revoked at {revoked_at}")]
     AlreadyRevoked {
@@ -326,7 +345,7 @@ pub struct NewDevice {
 }
 
 /// An enrolled device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Device {
     /// Random UUID (v4).
     pub id: String,
@@ -838,6 +857,11 @@ fn default_name(tx: &Transaction<'_>, email: &str) -> Result<String, RegistryErr
         id,
         revoked: false,
     })
+}
+
+/// A new random id for a record (a version 4 UUID).
+pub fn new_id() -> String {
+    new_uuid(&mut rand::rngs::OsRng)
 }
 
 /// A random (version 4) UUID in its usual text form.
