@@ -494,16 +494,26 @@ impl Registry {
         refuse_lost(data_dir, &path)?;
         // SQLite would create the file with the umask's mode; emails and group memberships are
         // nobody else's business. Its -wal and -shm files inherit the database's mode.
-        OpenOptions::new()
+        // Only a missing file is opened here: closing any descriptor of the database drops
+        // every POSIX lock this process holds on it, including those of the connections other
+        // threads already have open (the gateway keeps several). Another process closing its
+        // connection would then think it was the last one, checkpoint and delete the -wal file
+        // under them, and their later commits would go to the deleted file and be lost.
+        match OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(false)
+            .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|source| RegistryError::Create {
-                path: path.clone(),
-                source,
-            })?;
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(RegistryError::Create {
+                    path: path.clone(),
+                    source,
+                })
+            }
+        }
         let conn = open_connection(&path).map_err(|e| on_open_error(&path, e))?;
         Ok(Registry {
             conn,
