@@ -20,6 +20,16 @@ declare -A wanted=(
   [sysctl]=procps
 )
 
+# schemathesis (PyPI) walks the admin API's OpenAPI document in tests/tests/admin.rs.
+if ! command -v schemathesis >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: missing schemathesis (run as root to install it with pip)" >&2
+  else
+    echo "install-deps: installing schemathesis (pip)"
+    python3 -m pip install -q --root-user-action=ignore 'schemathesis==4.*'
+  fi
+fi
+
 missing=()
 for cmd in "${!wanted[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")

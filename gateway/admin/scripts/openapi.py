@@ -13,6 +13,15 @@ NS = {"type": "string", "nullable": True}
 I = {"type": "integer"}
 B = {"type": "boolean"}
 T = {"type": "string", "format": "date-time"}
+# A name or id as the registry takes it: 1 to 128 characters, no control characters, no spaces
+# around it.
+LABEL = {"type": "string", "minLength": 1, "maxLength": 128,
+         "pattern": "^[^\\x00-\\x20\\x7f-\\xa0]([^\\x00-\\x1f\\x7f-\\x9f]*[^\\x00-\\x20\\x7f-\\xa0])?$"}
+NLABEL = {**LABEL, "nullable": True}
+EMAIL = {"type": "string", "pattern": "^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)+$",
+         "maxLength": 254}
+KEY = {"type": "string", "nullable": True, "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$",
+       "description": "The device's own key; without it the config carries a new private key."}
 
 def envelope(result):
     return {"type": "object", "required": ["success", "errors", "messages", "result"],
@@ -50,8 +59,8 @@ schemas = {
     "RuleInput": {"type": "object", "required": ["action", "filters", "name"],
                   "description": "A rule as in a rules file. enabled defaults to true, precedence to one above the highest.",
                   "properties": {
-        "name": S, "description": NS, "action": {"type": "string", "description": "dns: allow, block, override, safesearch, ytrestricted; l4: allow, block, l4_override; http: allow, block, off, redirect, ...; egress: egress"},
-        "enabled": B, "filters": arr({"type": "string", "enum": ["dns", "http", "l4", "egress"]}),
+        "name": LABEL, "description": NS, "action": {"type": "string", "description": "dns: allow, block, override, safesearch, ytrestricted; l4: allow, block, l4_override; http: allow, block, off, redirect, ...; egress: egress"},
+        "enabled": B, "filters": {**arr({"type": "string", "enum": ["dns", "http", "l4", "egress"]}), "minItems": 1, "maxItems": 1},
         "precedence": I, "traffic": S, "identity": S, "device_posture": S,
         "rule_settings": ref("RuleSettings")}, "additionalProperties": True},
     "Rule": {"allOf": [ref("RuleInput"), {"type": "object", "required": ["id"], "properties": {
@@ -64,9 +73,9 @@ schemas = {
         "id": S, "name": S, "description": NS, "type": ref("ListType"), "count": I,
         "created_at": T, "updated_at": T, "items": arr(ref("ListItem"))}},
     "ListInput": {"type": "object", "required": ["name", "type"], "properties": {
-        "name": S, "type": ref("ListType"), "description": NS, "items": arr(ref("ListItemInput"))}},
-    "ListReplace": {"type": "object", "properties": {
-        "name": S, "description": NS, "items": arr(ref("ListItemInput"))}},
+        "name": LABEL, "type": ref("ListType"), "description": NS, "items": arr(ref("ListItemInput"))}},
+    "ListReplace": {"type": "object", "description": "A name or type absent or null keeps the list's; items replace all items.", "properties": {
+        "name": NLABEL, "type": {"allOf": [ref("ListType")], "nullable": True}, "description": NS, "items": arr(ref("ListItemInput"))}},
     "ListPatch": {"type": "object", "properties": {
         "append": arr(ref("ListItemInput")), "remove": arr(S)}},
     "Device": {"type": "object", "required": ["id", "name", "public_key", "ipv4", "ipv6", "email"], "properties": {
@@ -76,24 +85,25 @@ schemas = {
         "group_ids": arr(S), "group_emails": arr(S), "attributes": arr(S),
         "posture_passed": arr(S), "posture_failed": arr(S)}},
     "EnrollRequest": {"type": "object", "required": ["email"], "additionalProperties": False, "properties": {
-        "email": S, "name": NS, "user_name": NS, "groups": arr(S),
-        "attributes": arr({"type": "string", "description": "NAME=VALUE"}), "vnet": NS,
-        "public_key": {"type": "string", "nullable": True, "description": "The device's own key; without it the config carries a new private key."}}},
+        "email": EMAIL, "name": {"type": "string", "nullable": True, "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+        "user_name": NLABEL, "groups": arr(LABEL),
+        "attributes": arr({"type": "string", "pattern": "^[A-Za-z0-9._-]+=[A-Za-z0-9._-]+$", "description": "NAME=VALUE"}),
+        "vnet": NLABEL, "public_key": KEY}},
     "Enrolled": {"type": "object", "required": ["device", "wg_quick", "endpoint"], "properties": {
         "device": ref("Device"), "wg_quick": S, "endpoint": S, "endpoint_derived": B}},
     "SetVnet": {"type": "object", "additionalProperties": False, "properties": {"vnet": NS}},
-    "Posture": {"type": "object", "additionalProperties": False, "properties": {"passed": arr(S), "failed": arr(S)}},
+    "Posture": {"type": "object", "additionalProperties": False, "properties": {"passed": arr(LABEL), "failed": arr(LABEL)}},
     "User": {"type": "object", "required": ["email"], "properties": {
         "email": S, "name": NS, "groups": arr(S), "devices": I}},
     "Group": {"type": "object", "required": ["id", "name"], "properties": {
         "id": S, "name": S, "email": NS, "created_at": I}},
     "NewGroup": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
-        "name": S, "email": NS, "id": NS}},
+        "name": LABEL, "email": {**EMAIL, "nullable": True}, "id": NLABEL}},
     "Vnet": {"type": "object", "required": ["id", "name", "routes"], "properties": {
         "id": S, "name": S, "created_at": I,
         "routes": arr({"type": "object", "properties": {"cidr": S, "via": S}})}},
     "NewVnet": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
-        "name": S, "routes": arr({"type": "string", "description": "CIDR=INTERFACE or CIDR=NEXT_HOP"})}},
+        "name": LABEL, "routes": arr({"type": "string", "description": "CIDR=INTERFACE or CIDR=NEXT_HOP"})}},
     "Status": {"type": "object", "required": ["version", "uptime_seconds", "peers", "flows", "rules_loaded"], "properties": {
         "version": S, "uptime_seconds": I, "peers": I,
         "flows": {"type": "object", "properties": {"tcp": I, "udp": I, "total": I}},

@@ -69,6 +69,8 @@ pub struct Answer {
     pub status: u16,
     /// The body.
     pub body: Json,
+    /// The methods the path takes, for the `Allow` header of a 405.
+    pub allow: Option<&'static str>,
 }
 
 /// The `errors[]` entry of a failure, with the field, line and column of invalid input.
@@ -104,7 +106,11 @@ pub fn success(status: u16, result: Json) -> Answer {
     if let Some(info) = result_info {
         body["result_info"] = info;
     }
-    Answer { status, body }
+    Answer {
+        status,
+        body,
+        allow: None,
+    }
 }
 
 /// `{"success": false, ...}` with one error.
@@ -117,6 +123,7 @@ pub fn failure(status: u16, code: u32, message: impl Into<String>) -> Answer {
             "messages": [],
             "result": null,
         }),
+        allow: None,
     }
 }
 
@@ -139,7 +146,23 @@ pub fn control_failure(err: &ControlError) -> Answer {
             "messages": [],
             "result": null,
         }),
+        allow: None,
     }
+}
+
+/// The methods a path takes (`None`: no such path), as the `Allow` header lists them.
+fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
+    Some(match segs {
+        ["status"] | ["users"] | ["openapi.json"] | ["gateway", "lists", _, "items"] => "GET",
+        ["gateway", "rules"] | ["gateway", "lists"] | ["devices"] => "GET, POST",
+        ["groups"] | ["virtual_networks"] => "GET, POST",
+        ["gateway", "rules", _] => "GET, PUT, DELETE",
+        ["gateway", "lists", _] => "GET, PUT, PATCH, DELETE",
+        ["devices", _] => "GET, DELETE",
+        ["devices", _, "vnet" | "posture"] => "PUT",
+        ["groups", _] | ["virtual_networks", _] => "DELETE",
+        _ => return None,
+    })
 }
 
 /// The API's state: the config, one registry connection, the gateway's status.
@@ -156,19 +179,7 @@ fn to_json<T: Serialize>(value: &T) -> Result<Json, ControlError> {
 }
 
 fn body_of<T: for<'de> serde::Deserialize<'de>>(body: &[u8]) -> Result<T, ControlError> {
-    serde_json::from_slice(body).map_err(|e| {
-        let text = e.to_string();
-        let message = text
-            .rfind(" at line ")
-            .map_or(text.as_str(), |i| &text[..i])
-            .to_string();
-        ControlError::Invalid {
-            field: "body".into(),
-            message: format!("invalid JSON: {message}"),
-            line: u32::try_from(e.line()).ok().filter(|l| *l > 0),
-            column: u32::try_from(e.column()).ok().filter(|c| *c > 0),
-        }
-    })
+    waygate_control::parse_body(body)
 }
 
 /// Decodes `%XX` escapes of a path segment (public keys hold `/`, `+` and `=`).
@@ -215,6 +226,7 @@ impl Api {
             return Answer {
                 status: 200,
                 body: serde_json::from_str(OPENAPI).unwrap_or(Json::Null),
+                allow: None,
             };
         }
         let Some(segments) = path
@@ -268,37 +280,20 @@ impl Api {
             Some(Ok((status, result))) => success(status, result),
             Some(Err(e)) => control_failure(&e),
             None => {
-                if self.route_exists(&segs) {
-                    failure(
-                        405,
-                        codes::METHOD_NOT_ALLOWED,
-                        format!("{method} is not allowed on {path}"),
-                    )
+                if let Some(allow) = allowed_methods(&segs) {
+                    Answer {
+                        allow: Some(allow),
+                        ..failure(
+                            405,
+                            codes::METHOD_NOT_ALLOWED,
+                            format!("{method} is not allowed on {path} (allowed: {allow})"),
+                        )
+                    }
                 } else {
                     failure(404, codes::NOT_FOUND, format!("no such path: {path}"))
                 }
             }
         }
-    }
-
-    fn route_exists(&self, segs: &[&str]) -> bool {
-        matches!(
-            segs,
-            ["status"]
-                | ["gateway", "rules"]
-                | ["gateway", "rules", _]
-                | ["gateway", "lists"]
-                | ["gateway", "lists", _]
-                | ["gateway", "lists", _, "items"]
-                | ["devices"]
-                | ["devices", _]
-                | ["devices", _, "vnet" | "posture"]
-                | ["users"]
-                | ["groups"]
-                | ["groups", _]
-                | ["virtual_networks"]
-                | ["virtual_networks", _]
-        )
     }
 
     /// The operation at `segs`; `None` when no route matches.

@@ -84,9 +84,13 @@ pub fn bind_tls(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
 fn respond(answer: Answer) -> Response<Full<Bytes>> {
     let mut text = serde_json::to_vec(&answer.body).unwrap_or_default();
     text.push(b'\n');
-    Response::builder()
+    let mut builder = Response::builder()
         .status(answer.status)
-        .header("content-type", "application/json")
+        .header("content-type", "application/json");
+    if let Some(allow) = answer.allow {
+        builder = builder.header("allow", allow);
+    }
+    builder
         .body(Full::new(Bytes::from(text)))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }

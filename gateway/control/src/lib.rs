@@ -133,6 +133,12 @@ fn position(line: Option<u32>, column: Option<u32>) -> String {
     }
 }
 
+/// A request body as `T`: a JSON object, with what is wrong named by field (`body`, with the
+/// line and column of a JSON syntax error).
+pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ControlError> {
+    lists::parse(body)
+}
+
 /// The kind of a failure, for callers that answer with a status (the admin API).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {

@@ -221,8 +221,16 @@ struct PatchBody {
     remove: Vec<String>,
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ControlError> {
-    serde_json::from_slice(body).map_err(|e| json_error("body", &e))
+/// The body as `T`, which must come from a JSON object (serde would also fill a struct from an
+/// array, by position).
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ControlError> {
+    match serde_json::from_slice::<Json>(body) {
+        Ok(v @ Json::Object(_)) => {
+            serde_json::from_value(v).map_err(|e| ControlError::invalid("body", e.to_string()))
+        }
+        Ok(_) => Err(ControlError::invalid("body", "expected a JSON object")),
+        Err(e) => Err(json_error("body", &e)),
+    }
 }
 
 /// Checks items for a list of `kind`: non-empty values, addresses or CIDRs in IP lists.

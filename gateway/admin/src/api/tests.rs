@@ -263,6 +263,9 @@ fn devices_groups_vnets_and_status() {
         call(&api, "POST", "/devices", r#"{"colour": 1}"#).status,
         400
     );
+    // A struct is never filled from an array by position.
+    assert_eq!(call(&api, "POST", "/groups", r#"["eng2"]"#).status, 400);
+    assert_eq!(call(&api, "PUT", "/gateway/lists/x", "[]").status, 404);
     let status = call(&api, "GET", "/status", "");
     assert_envelope(&status);
     assert_eq!(status.body["result"]["peers"], 2);
@@ -275,6 +278,7 @@ fn devices_groups_vnets_and_status() {
     let method = call(&api, "PATCH", "/devices", "");
     assert_envelope(&method);
     assert_eq!(method.status, 405);
+    assert_eq!(method.allow, Some("GET, POST"));
 }
 
 /// The OpenAPI document parses, and each of its operations is routed (none answers 404 for a
