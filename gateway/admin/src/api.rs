@@ -243,10 +243,12 @@ impl Api {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Caller::Bearer(header) = caller {
+            // The scheme is case-insensitive (RFC 9110); the token is not.
             let secret = header
                 .as_deref()
-                .and_then(|h| h.strip_prefix("Bearer "))
-                .map(str::trim)
+                .and_then(|h| h.trim().split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim())
                 .filter(|s| !s.is_empty());
             let Some(secret) = secret else {
                 return failure(
@@ -311,28 +313,26 @@ impl Api {
             registry,
             now,
         };
+        // Cloudflare answers creations with 200 too.
         let ok = |v: Result<Json, ControlError>| Some(v.map(|j| (200, j)));
-        let created = |v: Result<Json, ControlError>| Some(v.map(|j| (200, j)));
         match (method, segs) {
             ("GET", ["status"]) => ok(Ok(self.status(registry))),
             ("GET", ["gateway", "rules"]) => ok(rules::list(cfg, registry).map(Json::Array)),
-            ("POST", ["gateway", "rules"]) => created(rules::create(cfg, registry, body, now)),
+            ("POST", ["gateway", "rules"]) => ok(rules::create(cfg, registry, body, now)),
             ("GET", ["gateway", "rules", id]) => ok(rules::get(cfg, registry, id)),
             ("PUT", ["gateway", "rules", id]) => ok(rules::update(cfg, registry, id, body, now)),
             ("DELETE", ["gateway", "rules", id]) => ok(rules::delete(cfg, registry, id)),
             ("GET", ["gateway", "lists"]) => ok(lists::list(cfg, registry).map(Json::Array)),
-            ("POST", ["gateway", "lists"]) => created(lists::create(cfg, registry, body, now)),
+            ("POST", ["gateway", "lists"]) => ok(lists::create(cfg, registry, body, now)),
             ("GET", ["gateway", "lists", id]) => ok(lists::get(cfg, registry, id)),
             ("PUT", ["gateway", "lists", id]) => ok(lists::replace(cfg, registry, id, body, now)),
             ("PATCH", ["gateway", "lists", id]) => ok(lists::patch(cfg, registry, id, body, now)),
             ("DELETE", ["gateway", "lists", id]) => ok(lists::delete(cfg, registry, id)),
             ("GET", ["gateway", "lists", id, "items"]) => ok(lists::items(cfg, registry, id)),
             ("GET", ["devices"]) => ok(ops.devices().and_then(|d| to_json(&d))),
-            ("POST", ["devices"]) => created(
-                body_of::<EnrollRequest>(body)
-                    .and_then(|r| ops.enroll(r))
-                    .and_then(|e| to_json(&e)),
-            ),
+            ("POST", ["devices"]) => ok(body_of::<EnrollRequest>(body)
+                .and_then(|r| ops.enroll(r))
+                .and_then(|e| to_json(&e))),
             ("GET", ["devices", id]) => ok(ops.device(id).and_then(|d| to_json(&d))),
             ("DELETE", ["devices", id]) => ok(ops.revoke(id).and_then(|d| to_json(&d))),
             ("PUT", ["devices", id, "vnet"]) => ok(body_of::<SetVnet>(body)
@@ -343,18 +343,14 @@ impl Api {
                 .and_then(|d| to_json(&d))),
             ("GET", ["users"]) => ok(ops.users().and_then(|u| to_json(&u))),
             ("GET", ["groups"]) => ok(ops.groups().and_then(|g| to_json(&g))),
-            ("POST", ["groups"]) => created(
-                body_of::<NewGroup>(body)
-                    .and_then(|g| ops.create_group(g))
-                    .and_then(|g| to_json(&g)),
-            ),
+            ("POST", ["groups"]) => ok(body_of::<NewGroup>(body)
+                .and_then(|g| ops.create_group(g))
+                .and_then(|g| to_json(&g))),
             ("DELETE", ["groups", id]) => ok(ops.delete_group(id).and_then(|g| to_json(&g))),
             ("GET", ["virtual_networks"]) => ok(ops.vnets().and_then(|v| to_json(&v))),
-            ("POST", ["virtual_networks"]) => created(
-                body_of::<NewVnet>(body)
-                    .and_then(|v| ops.create_vnet(v))
-                    .and_then(|v| to_json(&v)),
-            ),
+            ("POST", ["virtual_networks"]) => ok(body_of::<NewVnet>(body)
+                .and_then(|v| ops.create_vnet(v))
+                .and_then(|v| to_json(&v))),
             ("DELETE", ["virtual_networks", id]) => {
                 ok(ops.delete_vnet(id).and_then(|v| to_json(&v)))
             }

@@ -18,6 +18,9 @@ use tokio::net::{TcpListener, UnixListener};
 
 use crate::api::{codes, failure, Answer, Api, Caller};
 
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Largest request body accepted (a rule, a list of some thousand items).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 
@@ -142,7 +145,11 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| serve_request(api.clone(), tls, req));
+    // A client that never finishes its headers (a slow or stuck one on the TLS listener) is
+    // dropped instead of holding its connection for good.
     if let Err(err) = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service)
         .await
     {

@@ -1,7 +1,9 @@
 //! The device registry: an embedded SQLite database at `<data_dir>/registry.db`.
 //!
-//! Inputs: enrollments and revocations from the `waygate device` CLI, last-seen times from the
-//! running server. Outputs: the device set the server's WireGuard endpoint accepts.
+//! Inputs: enrollments and revocations from the `waygate device` CLI and the admin API,
+//! last-seen times from the running server, the rules, lists and admin tokens the API manages.
+//! Outputs: the device set the server's WireGuard endpoint accepts, and the rules it runs when
+//! no rules file is configured (polled through [`Registry::policy_counter`]).
 //!
 //! The CLI and the server open the same file at the same time, each with its own [`Registry`]
 //! (one connection): the database runs in WAL mode (readers never block the writer) with a busy

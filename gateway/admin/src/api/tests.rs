@@ -184,6 +184,10 @@ fn tokens_are_scoped_on_the_tls_side() {
         api.handle("GET", "/devices", &bearer(&read), b"").status,
         200
     );
+    let lower = Caller::Bearer(Some(format!("bearer {read}")));
+    assert_eq!(api.handle("GET", "/devices", &lower, b"").status, 200);
+    let basic = Caller::Bearer(Some(format!("Basic {read}")));
+    assert_eq!(api.handle("GET", "/devices", &basic, b"").status, 401);
     let denied = api.handle("POST", "/gateway/rules", &bearer(&read), RULE.as_bytes());
     assert_envelope(&denied);
     assert_eq!(denied.status, 403);
