@@ -44,7 +44,8 @@ impl Client {
     /// A client of the gateway running on `data_dir`, when its socket exists and answers.
     pub fn if_running(data_dir: &Path) -> Option<Client> {
         let socket = crate::socket_path(data_dir);
-        UnixStream::connect(&socket).ok()?;
+        let (address, _dir) = crate::addressable(&socket).ok()?;
+        UnixStream::connect(&address).ok()?;
         Some(Client { socket })
     }
 
@@ -64,8 +65,9 @@ impl Client {
             Some(b) => serde_json::to_vec(b).map_err(|e| transport("request body", e))?,
             None => Vec::new(),
         };
-        let mut stream = UnixStream::connect(&self.socket)
-            .map_err(|e| transport(&format!("cannot connect to {}", self.socket.display()), e))?;
+        let cannot = |e| transport(&format!("cannot connect to {}", self.socket.display()), e);
+        let (address, _dir) = crate::addressable(&self.socket).map_err(cannot)?;
+        let mut stream = UnixStream::connect(&address).map_err(cannot)?;
         stream
             .set_read_timeout(Some(TIMEOUT))
             .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
@@ -206,6 +208,36 @@ impl Admin for Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_in_a_long_data_dir_is_served_and_reached() {
+        let tmp = tempfile::tempdir().unwrap();
+        let long = tmp.path().join("d".repeat(100));
+        std::fs::create_dir(&long).unwrap();
+        let socket = crate::socket_path(&long);
+        assert!(socket.as_os_str().len() > 107);
+        let listener = crate::server::bind_socket(&socket).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::{BufRead as _, BufReader};
+            // The first connection is `if_running`'s probe, which sends nothing.
+            drop(listener.accept().unwrap());
+            let (mut s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            let body = r#"{"success": true, "errors": [], "messages": [], "result": 7}"#;
+            write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            line
+        });
+        let client = Client::if_running(&long).expect("the socket answers");
+        assert_eq!(client.request("GET", "/status", None).unwrap(), 7);
+        assert!(server.join().unwrap().starts_with("GET /status HTTP/1.1"));
+    }
 
     #[test]
     fn answers_and_segments_parse() {

@@ -32,6 +32,27 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join(SOCKET_FILE)
 }
 
+/// Longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A path to `socket` short enough for a Unix socket address: itself, or for a data dir with a
+/// long path, `/proc/self/fd/N/admin.sock` through the returned descriptor of its directory
+/// (keep it open while the path is used).
+pub fn addressable(socket: &Path) -> std::io::Result<(PathBuf, Option<std::fs::File>)> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::io::AsRawFd as _;
+    if socket.as_os_str().as_bytes().len() <= MAX_SOCKET_PATH {
+        return Ok((socket.to_path_buf(), None));
+    }
+    let (dir, name) = match (socket.parent(), socket.file_name()) {
+        (Some(d), Some(n)) => (d, n),
+        _ => return Ok((socket.to_path_buf(), None)),
+    };
+    let dir = std::fs::File::open(dir)?;
+    let short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+    Ok((short, Some(dir)))
+}
+
 /// Why the admin API did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -47,7 +47,11 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
 
 /// Binds `path` (mode 0600), replacing a socket a stopped gateway left behind.
 pub fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, ServeError> {
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    let (address, _dir) = crate::addressable(path).map_err(io(format!(
+        "cannot open the directory of {}",
+        path.display()
+    )))?;
+    if std::os::unix::net::UnixStream::connect(&address).is_ok() {
         return Err(ServeError::InUse(path.to_path_buf()));
     }
     match std::fs::remove_file(path) {
@@ -55,7 +59,7 @@ pub fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, Serv
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(format!("cannot remove the stale {}", path.display()))(e)),
     }
-    let listener = std::os::unix::net::UnixListener::bind(path)
+    let listener = std::os::unix::net::UnixListener::bind(&address)
         .map_err(io(format!("cannot bind {}", path.display())))?;
     // The data dir is 0700 already; the socket's own mode keeps it private if the dir is not.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
