@@ -330,6 +330,7 @@ pub fn create(
         Some(_) => return Err(ControlError::invalid("id", "expected 1 to 128 characters")),
         None => waygate_registry::new_id(),
     };
+    // Read-only keys of a list read back and sent again: accepted, and ignored.
     let _ = (b.count, b.created_at, b.updated_at);
     let stored = registry.insert_list(
         &StoredList {
