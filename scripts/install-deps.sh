@@ -24,6 +24,18 @@ declare -A wanted=(
   [nsenter]=util-linux
 )
 
+# schemathesis (PyPI) walks the admin API's OpenAPI document in tests/tests/admin.rs.
+if ! command -v schemathesis >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: missing schemathesis (run as root to install it with pip)" >&2
+  else
+    echo "install-deps: installing schemathesis (pip)"
+    python3 -m pip install -q --root-user-action=ignore 'schemathesis==4.*'
+    # Under pyenv the new command appears only once its shims are rebuilt.
+    if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+  fi
+fi
+
 missing=()
 for cmd in "${!wanted[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")

@@ -65,6 +65,20 @@ pub struct Config {
     pub network: NetworkConfig,
     /// What one device may hold (`[limits]`).
     pub limits: LimitsConfig,
+    /// The admin API's TLS listener (`[admin]`); its Unix socket is always on.
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the admin API on TCP with TLS and bearer tokens. The Unix socket
+/// `<data_dir>/admin.sock` serves the same API whatever this says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AdminConfig {
+    /// Where the TLS listener listens; `None`: only the Unix socket.
+    pub listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) for the listener; `None`: one issued by the data dir's CA.
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM); given together with `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[network]`
@@ -280,6 +294,7 @@ impl Default for Config {
             vnets: Vec::new(),
             network: NetworkConfig::default(),
             limits: LimitsConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -599,6 +614,15 @@ struct RawConfig {
     network: Option<Section<RawNetwork>>,
     limits: Option<Section<RawLimits>>,
     vnets: Option<Tables<RawVnet>>,
+    admin: Option<Section<RawAdmin>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Leaf<String>>,
+    tls_cert: Option<Leaf<String>>,
+    tls_key: Option<Leaf<String>>,
 }
 
 #[derive(Deserialize)]
@@ -918,6 +942,9 @@ impl Checker {
         if let Some(l) = self.section("limits", raw.limits) {
             self.limits(l, &mut cfg.limits);
         }
+        if let Some(a) = self.section("admin", raw.admin) {
+            cfg.admin = self.admin(a);
+        }
         for (at, v) in self.tables("vnets", raw.vnets) {
             if let Some(vnet) = self.vnet(&at, v) {
                 if cfg
@@ -935,6 +962,33 @@ impl Checker {
             }
         }
         cfg
+    }
+
+    fn admin(&mut self, raw: RawAdmin) -> AdminConfig {
+        let listen = self.parsed::<SocketAddr>(
+            "admin.listen",
+            raw.listen,
+            "an address like \"127.0.0.1:8443\"",
+        );
+        let tls_cert = self
+            .string("admin.tls_cert", raw.tls_cert)
+            .map(PathBuf::from);
+        let tls_key = self.string("admin.tls_key", raw.tls_key).map(PathBuf::from);
+        match (&tls_cert, &tls_key) {
+            (Some(_), None) => {
+                self.problem("admin.tls_key", "missing: admin.tls_cert needs its key")
+            }
+            (None, Some(_)) => self.problem(
+                "admin.tls_cert",
+                "missing: admin.tls_key needs its certificate",
+            ),
+            _ => {}
+        }
+        AdminConfig {
+            listen,
+            tls_cert,
+            tls_key,
+        }
     }
 
     fn wireguard(&mut self, raw: RawWireguard, wg: &mut WireguardConfig) {
@@ -1669,12 +1723,31 @@ mod tests {
     }
 
     #[test]
+    fn admin_listener_keys() {
+        let cfg = Config::parse(
+            "[admin]\nlisten = \"127.0.0.1:8443\"\ntls_cert = \"a.pem\"\ntls_key = \"k.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.admin.listen, Some("127.0.0.1:8443".parse().unwrap()));
+        assert_eq!(cfg.admin.tls_key, Some(PathBuf::from("k.pem")));
+        assert_eq!(Config::default().admin, AdminConfig::default());
+        assert_eq!(
+            problems("[admin]\nlisten = \"nowhere\"\ntls_cert = \"a.pem\"\ntoken = 1\n"),
+            vec![
+                "admin.token: unknown key",
+                "admin.listen: expected an address like \"127.0.0.1:8443\", got \"nowhere\"",
+                "admin.tls_key: missing: admin.tls_cert needs its key",
+            ]
+        );
+    }
+
+    #[test]
     fn the_known_keys_come_from_the_raw_structs() {
         assert_eq!(
             field_names::<RawTunnel>(),
             &["ipv4_pool", "ipv6_pool", "mtu"]
         );
-        assert_eq!(field_names::<RawConfig>().len(), 10);
+        assert_eq!(field_names::<RawConfig>().len(), 11);
         assert!(field_names::<RawHealthCheck>().contains(&"interval"));
     }
 

@@ -1,15 +1,25 @@
 //! The gateway's business logic that the command line and the admin API share: enrolling a
-//! device and writing its wg-quick config, finding the endpoint devices dial.
+//! device and writing its wg-quick config, finding the endpoint devices dial, the operations on
+//! devices, groups and virtual networks ([`ops`]), the rules and lists the API manages
+//! ([`rules`], [`lists`]) and the API's bearer tokens ([`tokens`]).
 //!
-//! Inputs: requests (the CLI's flags, later the admin API's bodies), the config and the
-//! registry. Outputs: typed results and errors; printing and HTTP are the callers' business.
-//! Called per request; nothing here keeps state between calls.
+//! Inputs: requests (the CLI's flags, the admin API's bodies), the config and the registry.
+//! Outputs: typed results and errors ([`ControlError::kind`] says which HTTP status fits);
+//! printing and HTTP are the callers' business. Called per request; nothing here keeps state
+//! between calls.
 #![deny(missing_docs)]
+
+pub mod lists;
+pub mod ops;
+pub mod rules;
+pub mod time;
+pub mod tokens;
 
 use std::fmt::Write as _;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
+use serde::{Deserialize, Serialize};
 use waygate_config::{Config, TunnelConfig, WireguardConfig};
 use waygate_keys::{PrivateKey, PublicKey};
 use waygate_registry::{datadir, Device, NewDevice, Registry, RegistryError};
@@ -26,7 +36,8 @@ const PROBE_V6: SocketAddr = SocketAddr::new(
 const PERSISTENT_KEEPALIVE: u16 = 25;
 
 /// What enrolling a device asks for (the CLI's flags, the admin API's body).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EnrollRequest {
     /// Device name (`None`: derived from the email).
     pub name: Option<String>,
@@ -45,7 +56,7 @@ pub struct EnrollRequest {
 }
 
 /// A device just enrolled, with what it needs to connect.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Enrolled {
     /// The registry's record.
     pub device: Device,
@@ -74,6 +85,126 @@ pub enum ControlError {
         "cannot work out the gateway's address for device configs{0}: set wireguard.public_endpoint = \"host:port\" in the config"
     )]
     NoEndpoint(String),
+    /// A request's value is invalid: the field at fault and, inside an expression, where.
+    #[error("{field}: {}{message}", position(*line, *column))]
+    Invalid {
+        /// The field (`traffic`, `items[2].value`, `body`).
+        field: String,
+        /// What is wrong.
+        message: String,
+        /// 1-based line inside the expression (or JSON body), when known.
+        line: Option<u32>,
+        /// 1-based column inside the expression (or JSON body), when known.
+        column: Option<u32>,
+    },
+    /// Rules or lists come from a file named in the config, so the API may not change them.
+    #[error("{what} are managed by the file {} ({key} in the config); edit that file instead, or remove {key} to manage {what} through the API", path.display())]
+    FileManaged {
+        /// `rules` or `lists`.
+        what: &'static str,
+        /// The config key naming the file.
+        key: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// The change would leave the stored rules unable to compile (e.g. a list a rule uses).
+    #[error("{0}")]
+    Conflict(String),
+    /// Stored or configured rules or lists cannot be read (a damaged row, an unreadable file).
+    #[error("{0}")]
+    Source(String),
+    /// An admin API answered with an error (the CLI talking to a running gateway).
+    #[error("{message}")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// What it said.
+        message: String,
+    },
+    /// An admin API could not be reached or answered nonsense.
+    #[error("admin API: {0}")]
+    Transport(String),
+}
+
+fn position(line: Option<u32>, column: Option<u32>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!("line {l}, column {c}: "),
+        _ => String::new(),
+    }
+}
+
+/// A request body as `T`: a JSON object, with what is wrong named by field (`body`, with the
+/// line and column of a JSON syntax error).
+pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ControlError> {
+    lists::parse(body)
+}
+
+/// The kind of a failure, for callers that answer with a status (the admin API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is wrong (HTTP 400).
+    Invalid,
+    /// What it names does not exist (HTTP 404).
+    NotFound,
+    /// It clashes with what exists or with who owns it (HTTP 409).
+    Conflict,
+    /// The gateway failed (HTTP 500).
+    Internal,
+}
+
+impl ControlError {
+    /// Which kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        use RegistryError as R;
+        match self {
+            ControlError::Invalid { .. } | ControlError::PublicKey(_) => ErrorKind::Invalid,
+            ControlError::FileManaged { .. } | ControlError::Conflict(_) => ErrorKind::Conflict,
+            ControlError::Api { status, .. } => match status {
+                400 => ErrorKind::Invalid,
+                404 => ErrorKind::NotFound,
+                409 => ErrorKind::Conflict,
+                _ => ErrorKind::Internal,
+            },
+            ControlError::Registry(e) => match e {
+                R::InvalidEmail(_)
+                | R::InvalidName(_)
+                | R::InvalidLabel { .. }
+                | R::InvalidRoute(_)
+                | R::InvalidAttribute(_) => ErrorKind::Invalid,
+                R::NotFound(_)
+                | R::VnetNotFound(_)
+                | R::GroupNotFound(_)
+                | R::RuleNotFound(_)
+                | R::ListNotFound(_)
+                | R::TokenNotFound(_) => ErrorKind::NotFound,
+                R::NameTaken { .. }
+                | R::PublicKeyTaken { .. }
+                | R::VnetNameTaken(_)
+                | R::VnetInUse { .. }
+                | R::GroupTaken(_)
+                | R::ListNameTaken(_)
+                | R::IdTaken(_)
+                | R::AlreadyRevoked { .. }
+                | R::Ambiguous { .. }
+                | R::PoolExhausted { .. } => ErrorKind::Conflict,
+                _ => ErrorKind::Internal,
+            },
+            ControlError::DataDir(_)
+            | ControlError::NoEndpoint(_)
+            | ControlError::Source(_)
+            | ControlError::Transport(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// An invalid field without a position.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ControlError {
+        ControlError::Invalid {
+            field: field.into(),
+            message: message.into(),
+            line: None,
+            column: None,
+        }
+    }
 }
 
 /// Enrolls a device: checks the request, stores the device, and writes its wg-quick config.

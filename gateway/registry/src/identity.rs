@@ -9,13 +9,13 @@
 use std::collections::HashMap;
 
 use rusqlite::{params, OptionalExtension, Transaction};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{check_label, new_uuid, validate, Device, Registry, RegistryError};
 use waygate_model::IdentityExtras;
 
 /// A group of users.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
     /// Id (a UUID unless given).
     pub id: String,

@@ -1,7 +1,9 @@
 //! The device registry: an embedded SQLite database at `<data_dir>/registry.db`.
 //!
-//! Inputs: enrollments and revocations from the `waygate device` CLI, last-seen times from the
-//! running server. Outputs: the device set the server's WireGuard endpoint accepts.
+//! Inputs: enrollments and revocations from the `waygate device` CLI and the admin API,
+//! last-seen times from the running server, the rules, lists and admin tokens the API manages.
+//! Outputs: the device set the server's WireGuard endpoint accepts, and the rules it runs when
+//! no rules file is configured (polled through [`Registry::policy_counter`]).
 //!
 //! The CLI and the server open the same file at the same time, each with its own [`Registry`]
 //! (one connection): the database runs in WAL mode (readers never block the writer) with a busy
@@ -19,10 +21,14 @@ mod alloc;
 pub mod datadir;
 mod identity;
 mod migrations;
+mod policy_store;
+mod tokens;
 pub mod validate;
 mod vnets;
 
 pub use identity::{parse_attribute, Group};
+pub use policy_store::{NewListItem, StoredList, StoredListItem, StoredRule};
+pub use tokens::{StoredToken, TokenScope};
 pub use vnets::{Vnet, VnetRoute};
 pub use waygate_model::IdentityExtras;
 
@@ -36,7 +42,7 @@ use std::time::Duration;
 
 use rand::RngCore;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use waygate_keys::PublicKey;
 
 use waygate_config::TunnelConfig;
@@ -294,6 +300,21 @@ pub enum RegistryError {
     /// An attribute is not `name=value`.
     #[error("invalid attribute {0:?}: expected NAME=VALUE, e.g. department=engineering")]
     InvalidAttribute(String),
+    /// No rule has this id.
+    #[error("no rule with id {0:?}")]
+    RuleNotFound(String),
+    /// No list has this id or name.
+    #[error("no list with id or name {0:?}")]
+    ListNotFound(String),
+    /// Another list has this name.
+    #[error("list name {0:?} is already taken")]
+    ListNameTaken(String),
+    /// A rule or list with this id exists already.
+    #[error("id {0:?} is already taken")]
+    IdTaken(String),
+    /// No admin token has this id or prefix.
+    #[error("no admin token with id or prefix {0:?}")]
+    TokenNotFound(String),
     /// The device was revoked before.
     #[error("device {name} ({id}) was already revoked at {revoked_at}")]
     AlreadyRevoked {
@@ -326,7 +347,7 @@ pub struct NewDevice {
 }
 
 /// An enrolled device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Device {
     /// Random UUID (v4).
     pub id: String,
@@ -475,16 +496,26 @@ impl Registry {
         refuse_lost(data_dir, &path)?;
         // SQLite would create the file with the umask's mode; emails and group memberships are
         // nobody else's business. Its -wal and -shm files inherit the database's mode.
-        OpenOptions::new()
+        // Only a missing file is opened here: closing any descriptor of the database drops
+        // every POSIX lock this process holds on it, including those of the connections other
+        // threads already have open (the gateway keeps several). Another process closing its
+        // connection would then think it was the last one, checkpoint and delete the -wal file
+        // under them, and their later commits would go to the deleted file and be lost.
+        match OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(false)
+            .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|source| RegistryError::Create {
-                path: path.clone(),
-                source,
-            })?;
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(RegistryError::Create {
+                    path: path.clone(),
+                    source,
+                })
+            }
+        }
         let conn = open_connection(&path).map_err(|e| on_open_error(&path, e))?;
         Ok(Registry {
             conn,
@@ -838,6 +869,11 @@ fn default_name(tx: &Transaction<'_>, email: &str) -> Result<String, RegistryErr
         id,
         revoked: false,
     })
+}
+
+/// A new random id for a record (a version 4 UUID).
+pub fn new_id() -> String {
+    new_uuid(&mut rand::rngs::OsRng)
 }
 
 /// A random (version 4) UUID in its usual text form.

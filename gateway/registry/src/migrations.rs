@@ -128,6 +128,68 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE devices ADD COLUMN last_endpoint TEXT;
     "#,
+    // v5: rules and lists the admin API manages (when the config names no rules file), and the
+    // API's bearer tokens (only their SHA-256 is kept). Rule and list changes bump a counter of
+    // their own, so a running gateway recompiles its rules without reloading its devices, and
+    // device changes do not recompile rules.
+    r#"
+    ALTER TABLE generation ADD COLUMN policy INTEGER NOT NULL DEFAULT 0;
+
+    CREATE TABLE rules (
+        id          TEXT PRIMARY KEY NOT NULL,
+        body        TEXT NOT NULL,
+        precedence  INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        version     INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE lists (
+        id          TEXT PRIMARY KEY NOT NULL,
+        name        TEXT NOT NULL UNIQUE,
+        type        TEXT NOT NULL,
+        description TEXT,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE list_items (
+        list_id     TEXT NOT NULL REFERENCES lists(id) ON DELETE CASCADE,
+        value       TEXT NOT NULL,
+        description TEXT,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (list_id, value)
+    ) STRICT;
+
+    CREATE TABLE admin_tokens (
+        id          TEXT PRIMARY KEY NOT NULL,
+        name        TEXT NOT NULL,
+        prefix      TEXT NOT NULL,
+        hash        TEXT NOT NULL UNIQUE,
+        scope       TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        revoked_at  INTEGER
+    ) STRICT;
+
+    CREATE TRIGGER rules_insert AFTER INSERT ON rules
+    BEGIN UPDATE generation SET policy = policy + 1 WHERE id = 1; END;
+    CREATE TRIGGER rules_delete AFTER DELETE ON rules
+    BEGIN UPDATE generation SET policy = policy + 1 WHERE id = 1; END;
+    CREATE TRIGGER rules_update AFTER UPDATE ON rules
+    BEGIN UPDATE generation SET policy = policy + 1 WHERE id = 1; END;
+    CREATE TRIGGER lists_insert AFTER INSERT ON lists
+    BEGIN UPDATE generation SET policy = policy + 1 WHERE id = 1; END;
+    CREATE TRIGGER lists_delete AFTER DELETE ON lists
+    BEGIN UPDATE generation SET policy = policy + 1 WHERE id = 1; END;
+    CREATE TRIGGER lists_update AFTER UPDATE ON lists
+    BEGIN UPDATE generation SET policy = policy + 1 WHERE id = 1; END;
+    CREATE TRIGGER list_items_insert AFTER INSERT ON list_items
+    BEGIN UPDATE generation SET policy = policy + 1 WHERE id = 1; END;
+    CREATE TRIGGER list_items_delete AFTER DELETE ON list_items
+    BEGIN UPDATE generation SET policy = policy + 1 WHERE id = 1; END;
+    CREATE TRIGGER list_items_update AFTER UPDATE ON list_items
+    BEGIN UPDATE generation SET policy = policy + 1 WHERE id = 1; END;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -4,13 +4,13 @@
 
 use ipnet::IpNet;
 use rusqlite::{params, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{check_label, new_uuid, Device, Registry, RegistryError};
 use waygate_config::route_via;
 
 /// A private route of a virtual network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VnetRoute {
     /// Destinations it covers.
     pub cidr: IpNet,
@@ -39,7 +39,7 @@ impl VnetRoute {
 }
 
 /// A virtual network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vnet {
     /// Random UUID (v4).
     pub id: String,

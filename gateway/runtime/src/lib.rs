@@ -138,13 +138,15 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
             .spawn(move || watch_registry(&data_dir, &tunnel, device_tx, seen_rx))?
     };
     let uapi = start_uapi(&config, key_bytes);
-    let reload_rx = start_reloads(&config, &dns, &mut core)?;
+    let (reload_rx, rules_loaded) = start_reloads(&config, &dns, &mut core)?;
     let (probe_tx, probe_rx) = mpsc::channel(PROBE_QUEUE);
     health::spawn_probes(&config.egress.locations, probe_tx);
     let (event_tx, event_rx) = mpsc::channel(upstream::EVENT_QUEUE);
     let local: Arc<dyn local::LocalHost> = dns.local.clone();
     let upstreams = Upstreams::new(event_tx, Some(local), drops.clone());
-    let (stats_tx, _) = tokio::sync::watch::channel(stats::StatsSnapshot::default());
+    let (stats_tx, stats_rx) = tokio::sync::watch::channel(stats::StatsSnapshot::default());
+    // Dropped at the end of this function, which removes the socket.
+    let _admin = start_admin(&config, &ca, wall, stats_rx, rules_loaded)?;
 
     tracing::info!(
         listen = %config.wireguard.listen,
@@ -259,14 +261,46 @@ fn start_uapi(config: &Config, key_bytes: [u8; 32]) -> Uapi {
     Uapi { snapshot, path }
 }
 
+/// Starts the admin API: its socket always, its TLS listener when `admin.listen` is set. It
+/// reads the stats snapshot and the count of rules running for `GET /status`.
+fn start_admin(
+    config: &Config,
+    ca: &waygate_keys::CertificateAuthority,
+    wall: SystemTime,
+    stats: tokio::sync::watch::Receiver<stats::StatsSnapshot>,
+    rules_loaded: Arc<std::sync::atomic::AtomicUsize>,
+) -> anyhow::Result<waygate_admin::AdminHandle> {
+    let tls = match config.admin.listen {
+        Some(_) => Some(crate::tls::admin_tls(ca, config, wall)?),
+        None => None,
+    };
+    let status: waygate_admin::StatusSource = Arc::new(move || {
+        let s = stats.borrow();
+        waygate_admin::GatewayStatus {
+            peers: s.peers,
+            tcp_flows: s.tcp_flows,
+            udp_flows: s.udp_flows,
+            rules_loaded: rules_loaded.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    });
+    let admin = waygate_admin::start(config, tls, status)?;
+    tracing::info!(socket = %admin.socket().display(), tls = ?admin.tls_addr, "admin API serving");
+    Ok(admin)
+}
+
 /// Loads the followed files (rules, categories, GeoIP) into the core and the resolver, and
-/// starts the thread that reports their changes.
+/// starts the thread that reports their changes; returns its channel and the count of rules
+/// running.
 fn start_reloads(
     config: &Config,
     dns: &resolver::ResolverHandle,
     core: &mut GatewayCore,
-) -> anyhow::Result<mpsc::Receiver<reload::Reloaded>> {
+) -> anyhow::Result<(
+    mpsc::Receiver<reload::Reloaded>,
+    Arc<std::sync::atomic::AtomicUsize>,
+)> {
     let (followed, policy, geoip, categories) = reload::Followed::load(config)?;
+    let rules_loaded = followed.rules_loaded();
     dns.set_categories(categories.map(Arc::new));
     if let Some(policy) = policy {
         let policy = Arc::new(policy);
@@ -280,7 +314,7 @@ fn start_reloads(
     std::thread::Builder::new()
         .name("waygate-reload".into())
         .spawn(move || followed.run(reload_tx))?;
-    Ok(reload_rx)
+    Ok((reload_rx, rules_loaded))
 }
 
 /// Everything the loop waits on.

@@ -1,10 +1,13 @@
 //! Files the gateway follows while it runs: the rule set, its lists, the GeoIP database and the
-//! domain categories.
-//! A thread notices changes by modification time and size, loads and compiles the new version
-//! off the serving loop, and hands it over whole; a version that fails to load is reported and
-//! the running one stays.
+//! domain categories; and, when the config names no rules file, the rules and lists the admin
+//! API keeps in the registry.
+//! A thread notices changes by modification time and size (files, every second) or by the
+//! registry's policy counter (every 200 ms, so an API write runs within a second), loads and
+//! compiles the new version off the serving loop, and hands it over whole; a version that fails
+//! to load is reported and the running one stays.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,10 +18,40 @@ use waygate_policy::category_db::{CategoryDb, CategorySource};
 
 use waygate_config::Config;
 use waygate_geoip::GeoIp;
+use waygate_policy::fields::Stage;
+use waygate_registry::Registry;
 use waygate_stages::policy;
 
-/// How often the files are looked at.
-const POLL: Duration = Duration::from_secs(1);
+/// How often the registry's policy counter is looked at.
+const POLL: Duration = Duration::from_millis(200);
+/// Registry polls per look at the files (once a second).
+const POLLS_PER_FILE_CHECK: u32 = 5;
+
+/// Enabled rules in a compiled policy, over every stage.
+pub fn rules_in(loaded: &policy::Loaded) -> usize {
+    Stage::ALL
+        .iter()
+        .map(|s| loaded.policy.stage(*s).rules().len())
+        .sum()
+}
+
+/// The rules and lists the admin API keeps in the registry, and the counter seen last.
+struct RegistryRules {
+    config: Config,
+    registry: Registry,
+    counter: u64,
+}
+
+impl RegistryRules {
+    fn compile(&self) -> anyhow::Result<policy::Loaded> {
+        let (set, lists) = waygate_control::rules::registry_policy(&self.config, &self.registry)
+            .context("registry rules")?;
+        policy::Loaded::compile(&set, &lists).map_err(|errors| {
+            let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("registry rules: {}", all.join("; "))
+        })
+    }
+}
 
 /// A newly loaded version of a followed file.
 pub enum Reloaded {
@@ -82,6 +115,10 @@ pub struct Followed {
     stamps: [Stamp; 3],
     categories: Vec<CategorySource>,
     category_stamps: Vec<Stamp>,
+    /// Set when the config names no rules file: the rules come from the registry.
+    registry: Option<RegistryRules>,
+    /// Enabled rules of the policy last handed over, for `GET /status`.
+    rules_loaded: Arc<AtomicUsize>,
 }
 
 impl Followed {
@@ -103,6 +140,8 @@ impl Followed {
             stamps: [None, None, None],
             categories: config.dns.categories.clone(),
             category_stamps: Vec::new(),
+            registry: None,
+            rules_loaded: Arc::new(AtomicUsize::new(0)),
         };
         followed.stamps = followed.current();
         followed.category_stamps = followed.current_categories();
@@ -113,13 +152,67 @@ impl Followed {
         };
         let policy = match &followed.rules {
             Some(rules) => Some(policy::load(rules, followed.lists.as_deref())?),
-            None => None,
+            None => {
+                let registry = Registry::open(&config.data_dir, &config.tunnel)
+                    .context("the registry's rules")?;
+                let mut source = RegistryRules {
+                    config: config.clone(),
+                    counter: registry.policy_counter()?,
+                    registry,
+                };
+                let loaded = source.compile()?;
+                tracing::info!(
+                    rules = rules_in(&loaded),
+                    "rules loaded from the registry (managed by the admin API)"
+                );
+                source.counter = source.registry.policy_counter()?;
+                followed.registry = Some(source);
+                Some(loaded)
+            }
         };
+        if let Some(p) = &policy {
+            followed.rules_loaded.store(rules_in(p), Ordering::Relaxed);
+        }
         let geoip = match &followed.geoip {
             Some(path) => Some(GeoIp::open(path).context("geoip.database")?),
             None => None,
         };
         Ok((followed, policy, geoip, categories))
+    }
+
+    /// The count of enabled rules running, kept current by [`Followed::run`].
+    pub fn rules_loaded(&self) -> Arc<AtomicUsize> {
+        self.rules_loaded.clone()
+    }
+
+    /// Recompiles the registry's rules when its policy counter moved; false when `out` closed.
+    fn follow_registry(&mut self, out: &mpsc::Sender<Reloaded>) -> bool {
+        let Some(source) = &mut self.registry else {
+            return true;
+        };
+        let counter = match source.registry.policy_counter() {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::warn!(%err, "cannot read the registry's policy counter");
+                return true;
+            }
+        };
+        if counter == source.counter {
+            return true;
+        }
+        source.counter = counter;
+        match source.compile() {
+            Ok(p) => {
+                let n = rules_in(&p);
+                tracing::info!(rules = n, "registry rules reloaded");
+                self.rules_loaded.store(n, Ordering::Relaxed);
+                out.blocking_send(Reloaded::Policy(Arc::new(p))).is_ok()
+            }
+            Err(err) => {
+                tracing::warn!("registry rules not reloaded, the previous ones stay: {err:#}");
+                true
+            }
+        }
     }
 
     fn current(&self) -> [Stamp; 3] {
@@ -137,11 +230,17 @@ impl Followed {
     pub fn run(mut self, out: mpsc::Sender<Reloaded>) {
         // The first pass returns what the initial load left behind.
         let mut trim = true;
+        let mut polls = 0u32;
         loop {
             std::thread::sleep(POLL);
-            if out.is_closed() {
+            if out.is_closed() || !self.follow_registry(&out) {
                 return;
             }
+            polls += 1;
+            if polls < POLLS_PER_FILE_CHECK {
+                continue;
+            }
+            polls = 0;
             if std::mem::take(&mut trim) {
                 // By now the replaced rules are dropped.
                 release_free_memory();
@@ -152,6 +251,7 @@ impl Followed {
                 match policy::load(rules, self.lists.as_deref()) {
                     Ok(p) => {
                         tracing::info!(rules = %rules.display(), "rule set reloaded");
+                        self.rules_loaded.store(rules_in(&p), Ordering::Relaxed);
                         trim = true;
                         if out.blocking_send(Reloaded::Policy(Arc::new(p))).is_err() {
                             return;

@@ -77,6 +77,65 @@ pub fn dns_tls(cert: &IssuedCert) -> anyhow::Result<TlsConfigs> {
     })
 }
 
+/// TLS settings for the admin API's listener (`admin.listen`): the certificate and key files of
+/// `admin.tls_cert`/`admin.tls_key` when set, else a certificate from `ca` (valid from `now`) for
+/// the listen address, the loopback addresses, `localhost` and the gateway's names.
+pub fn admin_tls(
+    ca: &CertificateAuthority,
+    config: &Config,
+    now: SystemTime,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject as _;
+    let (chain, key) = match (&config.admin.tls_cert, &config.admin.tls_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("admin.tls_cert: {}", cert.display()))?;
+            if chain.is_empty() {
+                anyhow::bail!("admin.tls_cert: {} holds no certificate", cert.display());
+            }
+            let key = PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("admin.tls_key: {}", key.display()))?;
+            (chain, key)
+        }
+        _ => {
+            let (mut names, mut ips) = gateway_names(config);
+            names.push("localhost".into());
+            let loopback: [IpAddr; 2] = [
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::Ipv6Addr::LOCALHOST.into(),
+            ];
+            let listen = config.admin.listen.map(|a| a.ip());
+            for ip in loopback.into_iter().chain(listen) {
+                if !ip.is_unspecified() && !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
+            let cert = ca
+                .issue(&names, &ips, now)
+                .context("cannot issue the admin API's certificate")?;
+            let chain = cert
+                .chain_der
+                .iter()
+                .map(|c| CertificateDer::from(c.clone()))
+                .collect();
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.to_vec()));
+            (chain, key)
+        }
+    };
+    let mut settings = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("tls protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .context("the admin API's certificate")?;
+    // The server speaks HTTP/1.1 only.
+    settings.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(settings))
+}
+
 /// Issues the gateway's certificate (valid from `now`) from `ca` and builds the encrypted DNS
 /// listeners' settings.
 pub fn gateway_dns_tls(
@@ -108,6 +167,20 @@ mod tests {
         let (names, ips) = gateway_names(&config);
         assert!(names.is_empty());
         assert!(ips.contains(&"2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_admin_listener_gets_a_certificate_from_the_ca() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
+        let ca = CertificateAuthority::generate(CA_NAME, now).unwrap();
+        let mut config = Config::default();
+        config.admin.listen = Some("127.0.0.1:8443".parse().unwrap());
+        let settings = admin_tls(&ca, &config, now).unwrap();
+        assert_eq!(settings.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        config.admin.tls_cert = Some("/nonexistent/cert.pem".into());
+        config.admin.tls_key = Some("/nonexistent/key.pem".into());
+        let err = format!("{:#}", admin_tls(&ca, &config, now).unwrap_err());
+        assert!(err.contains("admin.tls_cert"), "{err}");
     }
 
     #[test]

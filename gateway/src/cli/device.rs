@@ -1,9 +1,10 @@
 //! `waygate device enroll|list|show|revoke`: the operator's side of the registry.
 //!
 //! Every subcommand loads the same config as `waygate serve` to find the data directory and the
-//! tunnel pools, so it acts on that gateway's registry; a running server picks the change up
-//! within a second by polling the registry. Results go to stdout (the wg-quick config, the
-//! table, the JSON), everything meant for the operator's eyes only goes to stderr.
+//! tunnel pools, so it acts on that gateway's registry: through the gateway's admin API when it
+//! runs, else directly (see [`super::admin::with_admin`]); a running server picks the change up
+//! within a second. Results go to stdout (the wg-quick config or its QR code, the table, the
+//! JSON), everything meant for the operator's eyes only goes to stderr.
 
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
@@ -12,52 +13,17 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
+use super::admin::with_admin;
 use super::{now, DeviceCommand, EnrollArgs};
 use waygate_config::Config;
+use waygate_control::ops::{Admin, Posture, SetVnet};
 use waygate_control::EnrollRequest;
-use waygate_registry::{Device, Registry};
+use waygate_registry::Device;
 
 /// Runs `waygate device`.
 pub fn run(config: Option<&Path>, cmd: DeviceCommand) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let registry = Registry::open(&cfg.data_dir, &cfg.tunnel)?;
-    let out = match cmd {
-        DeviceCommand::Enroll(args) => enroll(&cfg, &registry, args)?,
-        DeviceCommand::List { json } => list(&registry, json, now())?,
-        DeviceCommand::Show { device } => show(&registry.find(&device)?),
-        DeviceCommand::SetVnet { device, vnet } => {
-            let target = (vnet != "default").then_some(vnet.as_str());
-            let d = registry.set_device_vnet(&device, target)?;
-            eprintln!(
-                "device {} is now in virtual network {}; new flows use it within a second",
-                d.name,
-                d.vnet_id.as_deref().unwrap_or("default")
-            );
-            String::new()
-        }
-        DeviceCommand::Posture {
-            device,
-            passed,
-            failed,
-        } => {
-            let d = registry.set_posture(&device, &passed, &failed, now())?;
-            eprintln!(
-                "device {}: {} check(s) passed, {} failed; rules see them within a second",
-                d.name,
-                d.extras.posture_passed.len(),
-                d.extras.posture_failed.len()
-            );
-            String::new()
-        }
-        DeviceCommand::Revoke { device } => {
-            let d = registry.revoke(&device, now())?;
-            eprintln!(
-                "revoked device {} ({}) of {}; a running gateway drops it within a second",
-                d.name, d.id, d.email
-            );
-            String::new()
-        }
-    };
+    let out = with_admin(&cfg, |ops| run_with(ops, cmd))?;
     let mut stdout = io::stdout().lock();
     match stdout
         .write_all(out.as_bytes())
@@ -70,21 +36,57 @@ pub fn run(config: Option<&Path>, cmd: DeviceCommand) -> anyhow::Result<ExitCode
     }
 }
 
-fn enroll(cfg: &Config, registry: &Registry, args: EnrollArgs) -> anyhow::Result<String> {
-    let enrolled = waygate_control::enroll(
-        cfg,
-        registry,
-        EnrollRequest {
-            name: args.name,
-            email: args.email,
-            user_name: args.user_name,
-            groups: args.groups,
-            attributes: args.attributes,
-            vnet: args.vnet,
-            public_key: args.public_key,
-        },
-        now(),
-    )?;
+/// One subcommand on `ops`; returns what goes to stdout.
+fn run_with(ops: &dyn Admin, cmd: DeviceCommand) -> anyhow::Result<String> {
+    Ok(match cmd {
+        DeviceCommand::Enroll(args) => enroll(ops, args)?,
+        DeviceCommand::List { json } => list(&ops.devices()?, json, now())?,
+        DeviceCommand::Show { device } => show(&ops.device(&device)?),
+        DeviceCommand::SetVnet { device, vnet } => {
+            let target = (vnet != "default").then_some(vnet);
+            let d = ops.set_vnet(&device, SetVnet { vnet: target })?;
+            eprintln!(
+                "device {} is now in virtual network {}; new flows use it within a second",
+                d.name,
+                d.vnet_id.as_deref().unwrap_or("default")
+            );
+            String::new()
+        }
+        DeviceCommand::Posture {
+            device,
+            passed,
+            failed,
+        } => {
+            let d = ops.set_posture(&device, Posture { passed, failed })?;
+            eprintln!(
+                "device {}: {} check(s) passed, {} failed; rules see them within a second",
+                d.name,
+                d.extras.posture_passed.len(),
+                d.extras.posture_failed.len()
+            );
+            String::new()
+        }
+        DeviceCommand::Revoke { device } => {
+            let d = ops.revoke(&device)?;
+            eprintln!(
+                "revoked device {} ({}) of {}; a running gateway drops it within a second",
+                d.name, d.id, d.email
+            );
+            String::new()
+        }
+    })
+}
+
+fn enroll(ops: &dyn Admin, args: EnrollArgs) -> anyhow::Result<String> {
+    let enrolled = ops.enroll(EnrollRequest {
+        name: args.name,
+        email: args.email,
+        user_name: args.user_name,
+        groups: args.groups,
+        attributes: args.attributes,
+        vnet: args.vnet,
+        public_key: args.public_key,
+    })?;
     let device = &enrolled.device;
     eprintln!(
         "enrolled device {} ({}) for {}, address {}, {}",
@@ -98,11 +100,31 @@ fn enroll(cfg: &Config, registry: &Registry, args: EnrollArgs) -> anyhow::Result
             enrolled.endpoint
         );
     }
+    if args.qr {
+        return qr(&enrolled.wg_quick);
+    }
     Ok(enrolled.wg_quick)
 }
 
-fn list(registry: &Registry, json: bool, now: i64) -> anyhow::Result<String> {
-    let devices = registry.all_devices()?;
+/// The text as a QR code in half blocks (two modules per character cell), light on dark as
+/// terminals show it, with the quiet zone the scanners need.
+fn qr(text: &str) -> anyhow::Result<String> {
+    use qrcode::render::unicode::Dense1x2;
+    // Level L keeps a full config (two keys, addresses, endpoint) at a size a phone reads off a
+    // terminal; the screen is not a damaged print, so higher correction buys nothing.
+    let code = qrcode::QrCode::with_error_correction_level(text.as_bytes(), qrcode::EcLevel::L)
+        .context("the config does not fit in a QR code")?;
+    let mut out = code
+        .render::<Dense1x2>()
+        .dark_color(Dense1x2::Light)
+        .light_color(Dense1x2::Dark)
+        .quiet_zone(true)
+        .build();
+    out.push('\n');
+    Ok(out)
+}
+
+fn list(devices: &[Device], json: bool, now: i64) -> anyhow::Result<String> {
     if json {
         let mut s = serde_json::to_string_pretty(&devices)?;
         s.push('\n');
@@ -259,7 +281,7 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::SeedableRng;
     use waygate_keys::PrivateKey;
-    use waygate_registry::NewDevice;
+    use waygate_registry::{NewDevice, Registry};
 
     fn device() -> Device {
         Device {
@@ -278,6 +300,26 @@ mod tests {
             last_endpoint: None,
             revoked_at: None,
         }
+    }
+
+    #[test]
+    fn the_qr_code_is_square_half_blocks_with_a_quiet_zone() {
+        let text = "[Interface]\nPrivateKey = x\n";
+        let code = qr(text).unwrap();
+        let lines: Vec<&str> = code.lines().collect();
+        let width = lines[0].chars().count();
+        assert!(lines.iter().all(|l| l.chars().count() == width), "{code}");
+        // One module per column, two per line, 4 quiet modules a side.
+        let modules = qrcode::QrCode::with_error_correction_level(text, qrcode::EcLevel::L)
+            .unwrap()
+            .width();
+        assert_eq!(width, modules + 8);
+        assert_eq!(lines.len(), (modules + 8).div_ceil(2));
+        assert!(code
+            .chars()
+            .all(|c| matches!(c, ' ' | '\u{2580}' | '\u{2584}' | '\u{2588}' | '\n')));
+        // The quiet zone is light, printed as full blocks on a dark terminal.
+        assert!(lines[0].chars().all(|c| c == '\u{2588}'), "{}", lines[0]);
     }
 
     #[test]
@@ -333,7 +375,8 @@ mod tests {
         .unwrap();
         reg.revoke("bob-laptop-with-a-long-name", 80).unwrap();
 
-        let table = list(&reg, false, 100).unwrap();
+        let all = reg.all_devices().unwrap();
+        let table = list(&all, false, 100).unwrap();
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3, "{table}");
         let col = |l: &str, word: &str| l.find(word).unwrap();
@@ -343,7 +386,7 @@ mod tests {
         assert!(lines[2].contains("never"), "{table}");
 
         let json: Vec<serde_json::Value> =
-            serde_json::from_str(&list(&reg, true, 100).unwrap()).unwrap();
+            serde_json::from_str(&list(&all, true, 100).unwrap()).unwrap();
         assert_eq!(json.len(), 2);
         assert_eq!(json[0]["name"], "alice");
         assert_eq!(json[0]["groups"][0], "eng");

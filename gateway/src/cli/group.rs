@@ -5,24 +5,33 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use super::now;
+use super::admin::with_admin;
 use super::GroupCommand;
 use waygate_config::Config;
-use waygate_registry::{Group, Registry};
+use waygate_control::ops::{Admin, NewGroup};
+use waygate_registry::Group;
 
-/// Runs `waygate group`.
+/// Runs `waygate group`, through the running gateway's API or on the registry.
 pub fn run(config: Option<&Path>, cmd: GroupCommand) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let registry = Registry::open(&cfg.data_dir, &cfg.tunnel)?;
+    with_admin(&cfg, |ops| run_with(ops, cmd))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_with(ops: &dyn Admin, cmd: GroupCommand) -> anyhow::Result<()> {
     match cmd {
         GroupCommand::Create { name, email, id } => {
-            let group = registry.create_group(&name, email.as_deref(), id.as_deref(), now())?;
+            let group = ops.create_group(NewGroup { name, email, id })?;
             eprintln!("created group {}", group.name);
             println!("{}", group.id);
         }
         GroupCommand::List { json } => {
-            let groups = registry.groups()?;
-            let devices = registry.active_devices()?;
+            let groups = ops.groups()?;
+            let devices: Vec<_> = ops
+                .devices()?
+                .into_iter()
+                .filter(|d| d.is_active())
+                .collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&groups)?);
             } else {
@@ -38,11 +47,11 @@ pub fn run(config: Option<&Path>, cmd: GroupCommand) -> anyhow::Result<ExitCode>
             }
         }
         GroupCommand::Delete { group } => {
-            let gone = registry.delete_group(&group)?;
+            let gone = ops.delete_group(&group)?;
             eprintln!("deleted group {} ({})", gone.name, gone.id);
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn table(groups: &[Group], members: impl Fn(&str) -> usize) -> String {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod admin;
 pub mod device;
 pub mod geoip;
 pub mod group;
@@ -52,6 +53,42 @@ pub enum Command {
     Ca(CaCommand),
     /// Check that a gateway is serving on this config (exit 0) or not (exit 1).
     Health,
+    /// The admin API: bearer tokens for its TLS listener.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `waygate admin ...`
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Bearer tokens for the admin API's TLS listener (`admin.listen`).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `waygate admin token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it (alone, on stdout); it is shown only this once.
+    Create {
+        /// The token may only read (GET); without this flag it may also change things.
+        #[arg(long)]
+        read_only: bool,
+        /// A name to recognise it by in `admin token list`.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens (their prefixes, never the secrets).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token; requests with it are refused at once.
+    Revoke {
+        /// Its id, name or prefix (as `admin token list` shows it).
+        token: String,
+    },
 }
 
 /// `waygate ca ...`
@@ -203,6 +240,10 @@ pub struct EnrollArgs {
     /// The device's own public key; the config then carries no private key.
     #[arg(long)]
     pub public_key: Option<String>,
+    /// Print the wg-quick config as a QR code (for the WireGuard apps on phones to scan)
+    /// instead of as text.
+    #[arg(long)]
+    pub qr: bool,
 }
 
 /// `waygate rules ...`
@@ -272,6 +313,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vnet(cmd) => vnet::run(cli.config.as_deref(), cmd),
         Command::Group(cmd) => group::run(cli.config.as_deref(), cmd),
         Command::Health => health::run(cli.config.as_deref()),
+        Command::Admin(AdminCommand::Token(cmd)) => admin::token(cli.config.as_deref(), cmd),
         Command::Ca(CaCommand::Show) => {
             let config = waygate_config::Config::load(cli.config.as_deref())?;
             waygate_registry::datadir::ensure_data_dir(&config.data_dir)?;

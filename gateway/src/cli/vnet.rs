@@ -4,28 +4,37 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use super::now;
+use super::admin::with_admin;
 use super::VnetCommand;
 use waygate_config::Config;
-use waygate_registry::{Registry, Vnet, VnetRoute};
+use waygate_control::ops::{Admin, NewVnet};
+use waygate_registry::{Vnet, VnetRoute};
 
-/// Runs `waygate vnet`.
+/// Runs `waygate vnet`, through the running gateway's API or on the registry.
 pub fn run(config: Option<&Path>, cmd: VnetCommand) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let registry = Registry::open(&cfg.data_dir, &cfg.tunnel)?;
+    with_admin(&cfg, |ops| run_with(ops, cmd))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_with(ops: &dyn Admin, cmd: VnetCommand) -> anyhow::Result<()> {
     match cmd {
         VnetCommand::Create { name, routes } => {
-            let routes = routes
-                .iter()
-                .map(|r| VnetRoute::parse(r))
-                .collect::<Result<Vec<_>, _>>()?;
-            let vnet = registry.create_vnet(&name, &routes, now())?;
+            // Checked here too, so a bad route is reported the same way on either path.
+            for r in &routes {
+                VnetRoute::parse(r)?;
+            }
+            let vnet = ops.create_vnet(NewVnet { name, routes })?;
             eprintln!("created virtual network {}", vnet.name);
             println!("{}", vnet.id);
         }
         VnetCommand::List { json } => {
-            let vnets = registry.vnets()?;
-            let devices = registry.active_devices()?;
+            let vnets = ops.vnets()?;
+            let devices: Vec<_> = ops
+                .devices()?
+                .into_iter()
+                .filter(|d| d.is_active())
+                .collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&vnets)?);
             } else {
@@ -41,11 +50,11 @@ pub fn run(config: Option<&Path>, cmd: VnetCommand) -> anyhow::Result<ExitCode> 
             }
         }
         VnetCommand::Delete { vnet } => {
-            let gone = registry.delete_vnet(&vnet)?;
+            let gone = ops.delete_vnet(&vnet)?;
             eprintln!("deleted virtual network {} ({})", gone.name, gone.id);
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn table(vnets: &[Vnet], members: impl Fn(&str) -> usize) -> String {

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
@@ -40,7 +40,8 @@ impl Protocol {
 }
 
 /// A device's identity and posture facts beyond email, name and group names.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct IdentityExtras {
     /// Ids of its groups known to the registry.
     pub group_ids: Vec<String>,
