@@ -16,6 +16,7 @@
 
 pub mod dns_floor;
 pub mod dns_origin;
+pub mod link;
 pub mod wg_flood;
 
 use std::fmt::Write as _;
