@@ -21,7 +21,8 @@ pub struct RuleRef {
     pub name: Arc<str>,
 }
 
-/// One record for the activity logs.
+/// One record for the activity logs. The HTTP stage will add `Http` (one per request, written
+/// to `http.jsonl` with `gateway_http`'s names), which the writer already creates.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Activity {
     /// A DNS query and its answer.
