@@ -316,21 +316,74 @@ impl Clock {
 
 /// Appends `activity` as one JSON line (with its newline) to `out`.
 pub fn encode(activity: &Activity, clock: &Clock, out: &mut Vec<u8>) {
-    // Serializing these structs into a Vec cannot fail: every field is a plain value.
-    let _ = match activity {
-        Activity::Dns(a) => encode_dns(a, clock, out),
-        Activity::Network(a) => encode_network(a, clock, out),
-        Activity::Egress(a) => encode_egress(a, clock, out),
-    };
-    out.push(b'\n');
+    Encoder::new(*clock).encode(activity, out);
 }
 
-fn encode_dns(a: &DnsActivity, clock: &Clock, out: &mut Vec<u8>) -> serde_json::Result<()> {
-    let datetime = datetime(clock.wall(a.at));
+/// Encodes lines, spelling out the date and time of day once per second rather than per line
+/// (a flood of DNS queries writes thousands of lines a second).
+#[derive(Debug)]
+pub struct Encoder {
+    clock: Clock,
+    /// The second `stamp` spells out, since the epoch.
+    second: Option<u64>,
+    /// `YYYY-MM-DDTHH:MM:SS.` of that second.
+    stamp: String,
+    /// The last Datetime made.
+    text: String,
+}
+
+impl Encoder {
+    /// An encoder converting the cores' times with `clock`.
+    pub fn new(clock: Clock) -> Encoder {
+        Encoder {
+            clock,
+            second: None,
+            stamp: String::new(),
+            text: String::new(),
+        }
+    }
+
+    /// Appends `activity` as one JSON line (with its newline) to `out`.
+    pub fn encode(&mut self, activity: &Activity, out: &mut Vec<u8>) {
+        let at = match activity {
+            Activity::Dns(a) => a.at,
+            // Logpush's Datetime is when the session was made.
+            Activity::Network(a) => a.opened,
+            Activity::Egress(a) => a.at,
+        };
+        self.datetime(self.clock.wall(at));
+        let datetime = self.text.as_str();
+        // Serializing these structs into a Vec cannot fail: every field is a plain value.
+        let _ = match activity {
+            Activity::Dns(a) => encode_dns(a, datetime, out),
+            Activity::Network(a) => encode_network(a, datetime, out),
+            Activity::Egress(a) => encode_egress(a, datetime, out),
+        };
+        out.push(b'\n');
+    }
+
+    /// Sets `text` to [`datetime`] of `t`.
+    fn datetime(&mut self, t: SystemTime) {
+        let since = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        let secs = since.as_secs();
+        if self.second != Some(secs) {
+            let full = datetime(t);
+            // Everything up to and including the dot before the milliseconds.
+            self.stamp = full[..full.len() - 4].to_string();
+            self.second = Some(secs);
+        }
+        use std::fmt::Write as _;
+        self.text.clear();
+        self.text.push_str(&self.stamp);
+        let _ = write!(self.text, "{:03}Z", since.subsec_millis());
+    }
+}
+
+fn encode_dns(a: &DnsActivity, datetime: &str, out: &mut Vec<u8>) -> serde_json::Result<()> {
     let w = who(a.device.as_deref());
     let (policy_id, policy_name) = policy(a.policy.as_deref());
     let line = DnsLine {
-        datetime: &datetime,
+        datetime,
         device_id: w.id,
         device_name: w.name,
         email: w.email,
@@ -353,13 +406,15 @@ fn encode_dns(a: &DnsActivity, clock: &Clock, out: &mut Vec<u8>) -> serde_json::
     serde_json::to_writer(out, &line)
 }
 
-fn encode_network(a: &NetworkActivity, clock: &Clock, out: &mut Vec<u8>) -> serde_json::Result<()> {
-    // Logpush's Datetime is when the session was made.
-    let datetime = datetime(clock.wall(a.opened));
+fn encode_network(
+    a: &NetworkActivity,
+    datetime: &str,
+    out: &mut Vec<u8>,
+) -> serde_json::Result<()> {
     let w = who(Some(&a.device));
     let (policy_id, policy_name) = policy(a.policy.as_deref());
     let line = NetworkLine {
-        datetime: &datetime,
+        datetime,
         device_id: w.id,
         device_name: w.name,
         email: w.email,
@@ -388,12 +443,11 @@ fn encode_network(a: &NetworkActivity, clock: &Clock, out: &mut Vec<u8>) -> serd
     serde_json::to_writer(out, &line)
 }
 
-fn encode_egress(a: &EgressActivity, clock: &Clock, out: &mut Vec<u8>) -> serde_json::Result<()> {
-    let datetime = datetime(clock.wall(a.at));
+fn encode_egress(a: &EgressActivity, datetime: &str, out: &mut Vec<u8>) -> serde_json::Result<()> {
     let w = who(Some(&a.device));
     let (policy_id, policy_name) = policy(a.policy.as_deref());
     let line = EgressLine {
-        datetime: &datetime,
+        datetime,
         device_id: w.id,
         device_name: w.name,
         email: w.email,
@@ -453,6 +507,11 @@ mod tests {
             datetime(UNIX_EPOCH + Duration::from_secs(951_782_400)),
             "2000-02-29T00:00:00.000Z"
         );
+        let mut enc = Encoder::new(clock());
+        for ms in [0u64, 5, 999, 1000, 61_001] {
+            enc.datetime(t + Duration::from_millis(ms));
+            assert_eq!(enc.text, datetime(t + Duration::from_millis(ms)));
+        }
         assert_eq!(parse_datetime("yesterday"), None);
         assert_eq!(parse_datetime("2026-13-01T00:00:00Z"), None);
     }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use waygate_model::activity::Activity;
 
-use crate::record::{encode, Clock, LogKind};
+use crate::record::{Clock, Encoder, LogKind};
 
 /// Records waiting for the writer thread. A DNS flood of 100,000 queries a second fills it in
 /// 0.08 s if the disk stalls; what does not fit is dropped and counted, never waited for.
@@ -168,6 +168,7 @@ pub fn spawn(settings: LogSettings) -> io::Result<(LogSender, LogWriter)> {
 }
 
 fn run(rx: Receiver<Activity>, mut files: Vec<Rotating>, clock: Clock, stats: &LogStats) {
+    let mut encoder = Encoder::new(clock);
     let mut lines = [0u64; LogKind::ALL.len()];
     let mut busy = false;
     loop {
@@ -192,7 +193,7 @@ fn run(rx: Receiver<Activity>, mut files: Vec<Rotating>, clock: Clock, stats: &L
         let mut next = first;
         while let Some(activity) = next {
             let kind = LogKind::of(&activity);
-            encode(&activity, &clock, &mut files[kind as usize].pending);
+            encoder.encode(&activity, &mut files[kind as usize].pending);
             drop(activity);
             lines[kind as usize] += 1;
             taken += 1;
