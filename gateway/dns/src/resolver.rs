@@ -422,6 +422,11 @@ impl<P: DnsPolicy> Resolver<P> {
             // Not a policy decision, and anyone can send these as fast as garbage.
             if !self.admit_malformed(client, now) {
                 self.stats.local += 1;
+                let (t, r) = (
+                    qtype_index(query.query_type()),
+                    rcode_index(ResponseCode::NotImp),
+                );
+                self.stats.answers[t][r] += 1;
                 emit(&reply, ResponseCode::NotImp, Vec::new(), Vec::new(), out);
                 return Handled::Answer;
             }
