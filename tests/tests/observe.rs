@@ -332,10 +332,28 @@ fn metrics_and_activity_logs_follow_the_traffic() {
         .expect("waygate logs");
     assert!(none.ok() && none.stdout.is_empty(), "{}", none.describe());
 
+    // `waygate logs --follow` from here on, across the rotations below.
+    let followed = lab.dir().join("followed.jsonl");
+    let follower = lab
+        .waygate_command(&[
+            "logs", "--type", "dns", "--follow", "--json", "--since", "1s",
+        ])
+        .stdout(fs::File::create(&followed).expect("followed"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("waygate logs --follow");
+    let follower = Stop(follower);
+    std::thread::sleep(Duration::from_millis(500));
+
     // Rotation: ~200 lines of ~500 bytes into files of 16 KB, of which 2 are kept.
     let names: Vec<String> = (0..200).map(|i| format!("r{i}.a.example")).collect();
-    let got = dig_many(&lab, &alice, &names);
-    assert_eq!(got.len(), names.len(), "every query answered");
+    // In steps of about one file, so the follower (polling every 250 ms) sees each rotated
+    // file before it is rotated past `keep`.
+    for chunk in names.chunks(25) {
+        let got = dig_many(&lab, &alice, chunk);
+        assert_eq!(got.len(), chunk.len(), "every query answered");
+        std::thread::sleep(Duration::from_millis(400));
+    }
     let rotated = wait_until(secs(10), Duration::from_millis(250), || {
         lines(&logs, "dns")
             .last()
@@ -358,9 +376,33 @@ fn metrics_and_activity_logs_follow_the_traffic() {
         let len = fs::metadata(logs.join(f)).expect("size").len();
         assert!(len <= 16_000, "{f} has {len} bytes");
     }
+    // The follower saw every one of those lines, in order, though most were rotated past.
+    let seen = wait_until(secs(5), Duration::from_millis(250), || {
+        let text = fs::read_to_string(&followed).unwrap_or_default();
+        let names: Vec<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["QueryName"].as_str().map(String::from))
+            .filter(|n| n.starts_with('r'))
+            .collect();
+        (names.len() >= 200).then_some(names)
+    })
+    .unwrap_or_else(|| panic!("--follow missed lines: {:?}", fs::read_to_string(&followed)));
+    assert_eq!(seen, names, "--follow printed each line once, in order");
+    drop(follower);
     report(&format!(
         "observe: dns log files after 200 queries: {files:?}"
     ));
+}
+
+/// A process this test started, killed (by its pid) when the test ends, also on failure.
+struct Stop(std::process::Child);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A tmpfs mounted for the test; unmounted on drop (lazily: the gateway may still hold files).

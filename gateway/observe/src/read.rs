@@ -125,26 +125,42 @@ impl Follower {
     }
 
     /// Calls `show` for every whole line appended since the last poll that passes `filter`.
+    /// After a rotation the rest of the old file is read, then the rotated files newer than it
+    /// (when the log rotated more than once since the last poll), then the new current file.
+    /// Lines are lost only when rotated past `logs.keep` before a poll sees them.
     pub fn poll(
         &mut self,
         filter: &Filter,
         show: &mut dyn FnMut(LogKind, &str, &Value),
     ) -> io::Result<()> {
         loop {
-            if let Some((file, _)) = &mut self.file {
-                file.read_to_end(&mut self.partial)?;
-                self.show_lines(filter, show);
-            }
-            // Rotated (or created) since: the old file is read to its end above, now the new.
+            self.drain(filter, show)?;
             let now = std::fs::metadata(&self.path).ok().map(|m| m.ino());
-            let same = match (&self.file, now) {
-                (Some((_, ino)), Some(now)) => *ino == now,
-                (None, None) => true,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-            };
-            if same {
+            let ours = self.file.as_ref().map(|(_, ino)| *ino);
+            if now.is_none() || now == ours {
                 return Ok(());
+            }
+            // The writer renames its file only after its last write to it, so this read gets
+            // the old file's end.
+            self.drain(filter, show)?;
+            if let (Some(ours), Some(dir)) = (ours, self.path.parent()) {
+                let rotated: Vec<PathBuf> = files(dir, self.kind)
+                    .into_iter()
+                    .filter(|p| *p != self.path)
+                    .collect();
+                let inode = |p: &PathBuf| std::fs::metadata(p).ok().map(|m| m.ino());
+                let newer = match rotated.iter().position(|p| inode(p) == Some(ours)) {
+                    Some(i) => &rotated[i + 1..],
+                    // Ours is gone already: every rotated file left is newer.
+                    None => &rotated[..],
+                };
+                for path in newer {
+                    if let Ok(f) = File::open(path) {
+                        for line in BufReader::new(f).lines() {
+                            emit(self.kind, &line?, filter, show);
+                        }
+                    }
+                }
             }
             self.partial.clear();
             self.file = match File::open(&self.path) {
@@ -156,6 +172,19 @@ impl Follower {
                 Err(e) => return Err(e),
             };
         }
+    }
+
+    /// Shows what was appended to the file held open.
+    fn drain(
+        &mut self,
+        filter: &Filter,
+        show: &mut dyn FnMut(LogKind, &str, &Value),
+    ) -> io::Result<()> {
+        if let Some((file, _)) = &mut self.file {
+            file.read_to_end(&mut self.partial)?;
+            self.show_lines(filter, show);
+        }
+        Ok(())
     }
 
     fn show_lines(&mut self, filter: &Filter, show: &mut dyn FnMut(LogKind, &str, &Value)) {
@@ -283,9 +312,10 @@ mod tests {
         let current = dir.path().join("dns.jsonl");
         append(&current, "{\"QueryName\":\"before.example\"}\n");
         let mut follower = Follower::new(dir.path(), LogKind::Dns);
-        let mut seen = Vec::new();
+        let seen = std::cell::RefCell::new(Vec::new());
         let mut show = |_: LogKind, _: &str, v: &Value| {
-            seen.push(v["QueryName"].as_str().unwrap_or("").to_string())
+            seen.borrow_mut()
+                .push(v["QueryName"].as_str().unwrap_or("").to_string())
         };
         let filter = Filter::default();
         follower.poll(&filter, &mut show).unwrap();
@@ -299,6 +329,37 @@ mod tests {
         std::fs::rename(&current, dir.path().join("dns.1.jsonl")).unwrap();
         append(&current, "{\"QueryName\":\"three.example\"}\n");
         follower.poll(&filter, &mut show).unwrap();
-        assert_eq!(seen, ["one.example", "two.example", "three.example"]);
+        assert_eq!(
+            *seen.borrow(),
+            ["one.example", "two.example", "three.example"]
+        );
+        // Two rotations between polls: the file in between is read from the rotated ones.
+        append(&current, "{\"QueryName\":\"four.example\"}\n");
+        std::fs::rename(
+            dir.path().join("dns.1.jsonl"),
+            dir.path().join("dns.2.jsonl"),
+        )
+        .unwrap();
+        std::fs::rename(&current, dir.path().join("dns.1.jsonl")).unwrap();
+        append(&current, "{\"QueryName\":\"five.example\"}\n");
+        std::fs::rename(
+            dir.path().join("dns.1.jsonl"),
+            dir.path().join("dns.2.jsonl"),
+        )
+        .unwrap();
+        std::fs::rename(&current, dir.path().join("dns.1.jsonl")).unwrap();
+        append(&current, "{\"QueryName\":\"six.example\"}\n");
+        follower.poll(&filter, &mut show).unwrap();
+        assert_eq!(
+            *seen.borrow(),
+            [
+                "one.example",
+                "two.example",
+                "three.example",
+                "four.example",
+                "five.example",
+                "six.example"
+            ]
+        );
     }
 }
