@@ -160,7 +160,7 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
                 .map(|l| l.name.clone())
                 .collect(),
         });
-        metrics::serve(listen, registry).await?;
+        metrics::serve(listen, registry)?;
     }
 
     tracing::info!(

@@ -374,29 +374,47 @@ impl Gateway {
     }
 }
 
-/// Serves `/metrics` on `listen` until the runtime ends; fails when it cannot listen.
-pub async fn serve(listen: SocketAddr, registry: Registry) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
+/// Serves `/metrics` on `listen` from a thread of its own (a scrape, or a client hammering the
+/// endpoint, takes no time from the data plane's thread); fails at once when it cannot listen.
+pub fn serve(listen: SocketAddr, registry: Registry) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("metrics.listen: cannot listen on {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("metrics: cannot start the async runtime")?;
     tracing::info!(%listen, "metrics served at /metrics");
     let registry = Arc::new(registry);
-    tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tracing::debug!(%err, "metrics accept failed");
-                    continue;
+    std::thread::Builder::new()
+        .name("waygate-metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(err) => {
+                        tracing::warn!(%err, "metrics: cannot use the listener");
+                        return;
+                    }
+                };
+                loop {
+                    let stream = match listener.accept().await {
+                        Ok((stream, _)) => stream,
+                        Err(err) => {
+                            tracing::debug!(%err, "metrics accept failed");
+                            // Out of descriptors, most likely: let some close.
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let registry = registry.clone();
+                    tokio::spawn(crate::dns::server::serve_http(stream, move |req| {
+                        let registry = registry.clone();
+                        async move { respond(&req, &registry) }
+                    }));
                 }
-            };
-            let registry = registry.clone();
-            tokio::spawn(crate::dns::server::serve_http(stream, move |req| {
-                let registry = registry.clone();
-                async move { respond(&req, &registry) }
-            }));
-        }
-    });
+            });
+        })?;
     Ok(())
 }
 
