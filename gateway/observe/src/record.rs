@@ -9,9 +9,8 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use waygate_model::activity::{Activity, DnsActivity, EgressActivity, NetworkActivity, RuleRef};
-use waygate_model::DeviceInfo;
+use waygate_model::{DeviceInfo, Protocol};
 
 /// Which log a line belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -170,130 +169,6 @@ fn policy(rule: Option<&RuleRef>) -> (&str, &str) {
     rule.map_or(("", ""), |r| (&r.id, &r.name))
 }
 
-/// A `gateway_dns` line.
-#[derive(Serialize)]
-struct DnsLine<'a> {
-    #[serde(rename = "Datetime")]
-    datetime: &'a str,
-    #[serde(rename = "DeviceID")]
-    device_id: &'a str,
-    #[serde(rename = "DeviceName")]
-    device_name: &'a str,
-    #[serde(rename = "Email")]
-    email: &'a str,
-    #[serde(rename = "SrcIP")]
-    src_ip: IpAddr,
-    #[serde(rename = "QueryName")]
-    query_name: &'a str,
-    #[serde(rename = "QueryType")]
-    query_type: u16,
-    #[serde(rename = "QueryTypeName")]
-    query_type_name: &'a str,
-    #[serde(rename = "QueryID")]
-    query_id: u16,
-    #[serde(rename = "RCode")]
-    rcode: u16,
-    #[serde(rename = "ResolvedIPs")]
-    resolved_ips: &'a [IpAddr],
-    #[serde(rename = "ResolverDecision")]
-    resolver_decision: &'a str,
-    #[serde(rename = "PolicyID")]
-    policy_id: &'a str,
-    #[serde(rename = "PolicyName")]
-    policy_name: &'a str,
-    #[serde(rename = "Location")]
-    location: &'a str,
-    #[serde(rename = "Protocol")]
-    protocol: &'a str,
-    #[serde(rename = "VirtualNetworkID")]
-    vnet: &'a str,
-    #[serde(rename = "CacheHit")]
-    cache_hit: bool,
-    #[serde(rename = "UpstreamDurationMs", skip_serializing_if = "Option::is_none")]
-    upstream_ms: Option<f64>,
-}
-
-/// A `gateway_network` line.
-#[derive(Serialize)]
-struct NetworkLine<'a> {
-    #[serde(rename = "Datetime")]
-    datetime: &'a str,
-    #[serde(rename = "DeviceID")]
-    device_id: &'a str,
-    #[serde(rename = "DeviceName")]
-    device_name: &'a str,
-    #[serde(rename = "Email")]
-    email: &'a str,
-    #[serde(rename = "SourceIP")]
-    source_ip: IpAddr,
-    #[serde(rename = "SourcePort")]
-    source_port: u16,
-    #[serde(rename = "DestinationIP")]
-    destination_ip: IpAddr,
-    #[serde(rename = "DestinationPort")]
-    destination_port: u16,
-    #[serde(rename = "Transport")]
-    transport: &'a str,
-    #[serde(rename = "Action")]
-    action: &'a str,
-    #[serde(rename = "PolicyID")]
-    policy_id: &'a str,
-    #[serde(rename = "PolicyName")]
-    policy_name: &'a str,
-    #[serde(rename = "SNI")]
-    sni: &'a str,
-    #[serde(rename = "DetectedProtocol")]
-    detected_protocol: &'a str,
-    #[serde(rename = "OverrideIP")]
-    override_ip: String,
-    #[serde(rename = "OverridePort")]
-    override_port: u16,
-    #[serde(rename = "VirtualNetworkID")]
-    vnet: &'a str,
-    #[serde(rename = "BytesSent")]
-    bytes_sent: u64,
-    #[serde(rename = "BytesReceived")]
-    bytes_received: u64,
-    #[serde(rename = "DurationMs")]
-    duration_ms: u64,
-    #[serde(rename = "CloseReason")]
-    close_reason: &'a str,
-}
-
-/// An egress line: the network names, plus the address chosen.
-#[derive(Serialize)]
-struct EgressLine<'a> {
-    #[serde(rename = "Datetime")]
-    datetime: &'a str,
-    #[serde(rename = "DeviceID")]
-    device_id: &'a str,
-    #[serde(rename = "DeviceName")]
-    device_name: &'a str,
-    #[serde(rename = "Email")]
-    email: &'a str,
-    #[serde(rename = "SourceIP")]
-    source_ip: IpAddr,
-    #[serde(rename = "SourcePort")]
-    source_port: u16,
-    #[serde(rename = "DestinationIP")]
-    destination_ip: IpAddr,
-    #[serde(rename = "DestinationPort")]
-    destination_port: u16,
-    #[serde(rename = "Transport")]
-    transport: &'a str,
-    #[serde(rename = "PolicyID")]
-    policy_id: &'a str,
-    #[serde(rename = "PolicyName")]
-    policy_name: &'a str,
-    /// `""` when the OS picks the source (no default egress address configured).
-    #[serde(rename = "EgressIP")]
-    egress_ip: String,
-    #[serde(rename = "Fqdn")]
-    fqdn: &'a str,
-    #[serde(rename = "VirtualNetworkID")]
-    vnet: &'a str,
-}
-
 /// Converts the cores' monotonic times to wall-clock times: one reading of both clocks, taken
 /// by the writer when it starts.
 #[derive(Debug, Clone, Copy)]
@@ -353,12 +228,11 @@ impl Encoder {
         };
         self.datetime(self.clock.wall(at));
         let datetime = self.text.as_str();
-        // Serializing these structs into a Vec cannot fail: every field is a plain value.
-        let _ = match activity {
+        match activity {
             Activity::Dns(a) => encode_dns(a, datetime, out),
             Activity::Network(a) => encode_network(a, datetime, out),
             Activity::Egress(a) => encode_egress(a, datetime, out),
-        };
+        }
         out.push(b'\n');
     }
 
@@ -379,90 +253,221 @@ impl Encoder {
     }
 }
 
-fn encode_dns(a: &DnsActivity, datetime: &str, out: &mut Vec<u8>) -> serde_json::Result<()> {
-    let w = who(a.device.as_deref());
-    let (policy_id, policy_name) = policy(a.policy.as_deref());
-    let line = DnsLine {
-        datetime,
-        device_id: w.id,
-        device_name: w.name,
-        email: w.email,
-        src_ip: a.src_ip,
-        query_name: &a.query_name,
-        query_type: a.query_type,
-        query_type_name: a.query_type_name,
-        query_id: a.query_id,
-        rcode: a.rcode,
-        resolved_ips: &a.resolved_ips,
-        resolver_decision: a.decision.as_str(),
-        policy_id,
-        policy_name,
-        location: a.location.as_deref().unwrap_or(""),
-        protocol: a.protocol,
-        vnet: w.vnet,
-        cache_hit: a.cache_hit,
-        upstream_ms: a.upstream_latency.map(|d| d.as_secs_f64() * 1000.0),
-    };
-    serde_json::to_writer(out, &line)
+/// Writes one JSON object field by field. Keys are written as they are (they are ours, plain
+/// ASCII); string values are escaped. Written by hand rather than derived: serde_json escapes
+/// every key at run time, and a DNS flood writes hundreds of thousands of lines a second.
+struct Json<'a> {
+    out: &'a mut Vec<u8>,
+    open: bool,
 }
 
-fn encode_network(
-    a: &NetworkActivity,
-    datetime: &str,
-    out: &mut Vec<u8>,
-) -> serde_json::Result<()> {
-    let w = who(Some(&a.device));
-    let (policy_id, policy_name) = policy(a.policy.as_deref());
-    let line = NetworkLine {
-        datetime,
-        device_id: w.id,
-        device_name: w.name,
-        email: w.email,
-        source_ip: a.src.ip(),
-        source_port: a.src.port(),
-        destination_ip: a.dst.ip(),
-        destination_port: a.dst.port(),
-        transport: a.protocol.as_str(),
-        action: a.action.as_str(),
-        policy_id,
-        policy_name,
-        sni: a.sni.as_deref().unwrap_or(""),
-        detected_protocol: a.detected_protocol.unwrap_or(""),
-        override_ip: a
-            .override_dst
-            .map(|d| d.ip().to_string())
-            .unwrap_or_default(),
-        override_port: a.override_dst.map_or(0, |d| d.port()),
-        vnet: w.vnet,
-        bytes_sent: a.bytes_sent,
-        bytes_received: a.bytes_received,
-        duration_ms: u64::try_from(a.at.saturating_duration_since(a.opened).as_millis())
-            .unwrap_or(u64::MAX),
-        close_reason: a.reason,
-    };
-    serde_json::to_writer(out, &line)
+impl<'a> Json<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Json<'a> {
+        Json { out, open: false }
+    }
+
+    fn key(&mut self, key: &str) {
+        self.out.push(if self.open { b',' } else { b'{' });
+        self.open = true;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        escaped(self.out, value);
+    }
+
+    fn uint(&mut self, key: &str, value: u64) {
+        self.key(key);
+        uint(self.out, value);
+    }
+
+    fn bool(&mut self, key: &str, value: bool) {
+        self.key(key);
+        self.out
+            .extend_from_slice(if value { b"true" } else { b"false" });
+    }
+
+    fn ip(&mut self, key: &str, ip: IpAddr) {
+        self.key(key);
+        quoted_ip(self.out, ip);
+    }
+
+    fn ips(&mut self, key: &str, ips: &[IpAddr]) {
+        self.key(key);
+        self.out.push(b'[');
+        for (i, ip) in ips.iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            quoted_ip(self.out, *ip);
+        }
+        self.out.push(b']');
+    }
+
+    /// Milliseconds with microsecond precision (`12.345`).
+    fn millis(&mut self, key: &str, d: Duration) {
+        self.key(key);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        uint(self.out, micros / 1000);
+        self.out.push(b'.');
+        let frac = micros % 1000;
+        self.out.extend_from_slice(&[
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]);
+    }
+
+    fn end(self) {
+        if !self.open {
+            self.out.push(b'{');
+        }
+        self.out.push(b'}');
+    }
 }
 
-fn encode_egress(a: &EgressActivity, datetime: &str, out: &mut Vec<u8>) -> serde_json::Result<()> {
-    let w = who(Some(&a.device));
+fn uint(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+fn quoted_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    use std::io::Write as _;
+    out.push(b'"');
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{ip}");
+    out.push(b'"');
+}
+
+/// `s` as a JSON string: quotes, backslashes and control characters escaped; the rest (UTF-8
+/// included) as it is.
+fn escaped(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+fn identity(j: &mut Json<'_>, datetime: &str, device: Option<&DeviceInfo>) {
+    let w = who(device);
+    j.str("Datetime", datetime);
+    j.str("DeviceID", w.id);
+    j.str("DeviceName", w.name);
+    j.str("Email", w.email);
+}
+
+/// A `gateway_dns` line.
+fn encode_dns(a: &DnsActivity, datetime: &str, out: &mut Vec<u8>) {
+    let mut j = Json::new(out);
+    identity(&mut j, datetime, a.device.as_deref());
     let (policy_id, policy_name) = policy(a.policy.as_deref());
-    let line = EgressLine {
-        datetime,
-        device_id: w.id,
-        device_name: w.name,
-        email: w.email,
-        source_ip: a.src.ip(),
-        source_port: a.src.port(),
-        destination_ip: a.dst.ip(),
-        destination_port: a.dst.port(),
-        transport: a.protocol.as_str(),
-        policy_id,
-        policy_name,
-        egress_ip: a.egress_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-        fqdn: a.name.as_deref().unwrap_or(""),
-        vnet: w.vnet,
-    };
-    serde_json::to_writer(out, &line)
+    j.ip("SrcIP", a.src_ip);
+    j.str("QueryName", &a.query_name);
+    j.uint("QueryType", u64::from(a.query_type));
+    j.str("QueryTypeName", a.query_type_name);
+    j.uint("QueryID", u64::from(a.query_id));
+    j.uint("RCode", u64::from(a.rcode));
+    j.ips("ResolvedIPs", &a.resolved_ips);
+    j.str("ResolverDecision", a.decision.as_str());
+    j.str("PolicyID", policy_id);
+    j.str("PolicyName", policy_name);
+    j.str("Location", a.location.as_deref().unwrap_or(""));
+    j.str("Protocol", a.protocol);
+    j.str("VirtualNetworkID", who(a.device.as_deref()).vnet);
+    j.bool("CacheHit", a.cache_hit);
+    if let Some(d) = a.upstream_latency {
+        j.millis("UpstreamDurationMs", d);
+    }
+    j.end();
+}
+
+/// The fields network and egress lines share.
+fn session(j: &mut Json<'_>, src: std::net::SocketAddr, dst: std::net::SocketAddr, p: Protocol) {
+    j.ip("SourceIP", src.ip());
+    j.uint("SourcePort", u64::from(src.port()));
+    j.ip("DestinationIP", dst.ip());
+    j.uint("DestinationPort", u64::from(dst.port()));
+    j.str("Transport", p.as_str());
+}
+
+/// A `gateway_network` line.
+fn encode_network(a: &NetworkActivity, datetime: &str, out: &mut Vec<u8>) {
+    let mut j = Json::new(out);
+    identity(&mut j, datetime, Some(&a.device));
+    session(&mut j, a.src, a.dst, a.protocol);
+    let (policy_id, policy_name) = policy(a.policy.as_deref());
+    j.str("Action", a.action.as_str());
+    j.str("PolicyID", policy_id);
+    j.str("PolicyName", policy_name);
+    j.str("SNI", a.sni.as_deref().unwrap_or(""));
+    j.str("DetectedProtocol", a.detected_protocol.unwrap_or(""));
+    match a.override_dst {
+        Some(d) => j.ip("OverrideIP", d.ip()),
+        None => j.str("OverrideIP", ""),
+    }
+    j.uint(
+        "OverridePort",
+        u64::from(a.override_dst.map_or(0, |d| d.port())),
+    );
+    j.str("VirtualNetworkID", who(Some(&a.device)).vnet);
+    j.uint("BytesSent", a.bytes_sent);
+    j.uint("BytesReceived", a.bytes_received);
+    let duration = a.at.saturating_duration_since(a.opened).as_millis();
+    j.uint("DurationMs", u64::try_from(duration).unwrap_or(u64::MAX));
+    j.str("CloseReason", a.reason);
+    j.end();
+}
+
+/// An egress line: the network names, plus the address chosen.
+fn encode_egress(a: &EgressActivity, datetime: &str, out: &mut Vec<u8>) {
+    let mut j = Json::new(out);
+    identity(&mut j, datetime, Some(&a.device));
+    session(&mut j, a.src, a.dst, a.protocol);
+    let (policy_id, policy_name) = policy(a.policy.as_deref());
+    j.str("PolicyID", policy_id);
+    j.str("PolicyName", policy_name);
+    // Empty when the OS picks the source (no default egress address configured).
+    match a.egress_ip {
+        Some(ip) => j.ip("EgressIP", ip),
+        None => j.str("EgressIP", ""),
+    }
+    j.str("Fqdn", a.name.as_deref().unwrap_or(""));
+    j.str("VirtualNetworkID", who(Some(&a.device)).vnet);
+    j.end();
 }
 
 #[cfg(test)]
@@ -517,9 +522,41 @@ mod tests {
     }
 
     #[test]
+    fn strings_numbers_and_durations_are_valid_json() {
+        for text in [
+            "plain",
+            "quo\"te",
+            "back\\slash",
+            "new\nline\ttab\r",
+            "\u{1}\u{1f}",
+            "ünï",
+            "",
+        ] {
+            let mut out = Vec::new();
+            escaped(&mut out, text);
+            let back: String = serde_json::from_slice(&out).expect("a JSON string");
+            assert_eq!(back, text);
+        }
+        let mut out = Vec::new();
+        let mut j = Json::new(&mut out);
+        j.uint("Zero", 0);
+        j.uint("Max", u64::MAX);
+        j.millis("Ms", Duration::from_micros(12_045));
+        j.millis("Small", Duration::from_micros(7));
+        j.ips("None", &[]);
+        j.end();
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("an object");
+        assert_eq!(v["Zero"], 0);
+        assert_eq!(v["Max"], u64::MAX);
+        assert_eq!(v["Ms"], 12.045);
+        assert_eq!(v["Small"], 0.007);
+        assert_eq!(v["None"], serde_json::json!([]));
+    }
+
+    #[test]
     fn dns_lines_carry_the_gateway_dns_names() {
         let c = clock();
-        let a = Activity::Dns(Box::new(DnsActivity {
+        let a = Activity::Dns(DnsActivity {
             at: c.instant,
             device: Some(device()),
             location: None,
@@ -538,7 +575,7 @@ mod tests {
             protocol: "udp",
             cache_hit: false,
             upstream_latency: None,
-        }));
+        });
         let v = json(&a, &c);
         for key in [
             "Datetime",

@@ -406,7 +406,7 @@ mod tests {
 
     #[allow(clippy::disallowed_methods)] // records need some instant
     fn dns(name: &str) -> Activity {
-        Activity::Dns(Box::new(DnsActivity {
+        Activity::Dns(DnsActivity {
             at: Instant::now(),
             device: Some(waygate_model::testkit::device().arc()),
             location: None,
@@ -422,7 +422,7 @@ mod tests {
             protocol: "udp",
             cache_hit: false,
             upstream_latency: None,
-        }))
+        })
     }
 
     fn settings(dir: &Path, max_size: u64, keep: usize) -> LogSettings {
