@@ -256,8 +256,9 @@ metrics="$(in_ns curl -s --max-time 5 http://127.0.0.1:9393/metrics || true)"
 written="$(awk '/^waygate_log_lines_written_total\{log="dns"\}/ {print $2}' <<<"$metrics")"
 dropped="$(awk '/^waygate_log_lines_dropped_total\{log="dns"/ {s += $2} END {print s + 0}' <<<"$metrics")"
 awk -v wq="$W_QPS" -v wc="$W_CPU" -v lq="$L_QPS" -v lc="$L_CPU" -v w="${written:-?}" -v d="$dropped" \
+  -v s="$SECONDS_PER_RUN" \
   -v size="$(du -sh "$WORK/logs" | cut -f1)" 'BEGIN {
-  a = wq / wc; b = lq / lc
+  a = wq * s / wc; b = lq * s / lc
   printf "activity logs: %.0f vs %.0f queries per cpu-second without: logging costs %.1f%% (target < 10%%)\n",
     b, a, 100 * (a - b) / a
   printf "activity logs: dns lines written %s, dropped %s (full queue or failed write), %s on disk\n", w, d, size }'

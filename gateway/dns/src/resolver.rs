@@ -233,6 +233,8 @@ struct Answered<'a> {
     client: &'a ClientCtx,
     id: u16,
     name: &'a str,
+    /// `name` already shared, when the caller has it so (saves an allocation per record).
+    shared: Option<&'a Arc<str>>,
     qtype: RecordType,
     rcode: ResponseCode,
     decision: ResolverDecision,
@@ -350,7 +352,7 @@ impl<P: DnsPolicy> Resolver<P> {
             location: a.client.location.clone(),
             src_ip: a.client.src_ip,
             query_id: a.id,
-            query_name: Arc::from(a.name),
+            query_name: a.shared.cloned().unwrap_or_else(|| Arc::from(a.name)),
             query_type: u16::from(a.qtype),
             query_type_name: a.qtype.into(),
             rcode: u16::from(a.rcode),
@@ -566,6 +568,7 @@ impl<P: DnsPolicy> Resolver<P> {
                     client,
                     id: reply.id,
                     name: &name,
+                    shared: Some(&name),
                     qtype,
                     rcode,
                     decision: verdict.resolver_decision(false),
@@ -715,6 +718,7 @@ impl<P: DnsPolicy> Resolver<P> {
             client: &p.client,
             id: p.id,
             name: &name,
+            shared: Some(&name),
             qtype: p.qtype,
             rcode: ResponseCode::ServFail,
             decision: p.verdict.resolver_decision(false),
@@ -879,6 +883,8 @@ impl<P: DnsPolicy> Resolver<P> {
             name,
             qtype,
         });
+        // The asked name, shared, when the cache holds it so (replays of learned answers).
+        let mut host: Option<Arc<str>> = None;
         let (rcode, cache_hit, ips, decision) = match &verdict.decision {
             Decision::Block(mode) => {
                 let (rcode, address) = match *mode {
@@ -941,6 +947,7 @@ impl<P: DnsPolicy> Resolver<P> {
                     learn(&mut self.learn, client, names, ips, age);
                     if self.activity.is_some() {
                         answered_ips = ips.iter().map(|a| a.0).collect();
+                        host = Some(names.host.clone());
                     }
                 }
                 self.stats.cache_hits += 1;
@@ -958,6 +965,7 @@ impl<P: DnsPolicy> Resolver<P> {
             client,
             id: query.id(),
             name,
+            shared: host.as_ref(),
             qtype,
             rcode,
             decision,
@@ -1076,6 +1084,7 @@ impl<P: DnsPolicy> Resolver<P> {
             client,
             id: reply.id,
             name: shown.as_deref().unwrap_or(""),
+            shared: shown.as_ref(),
             qtype: reply.query.query_type(),
             rcode,
             decision: resolver,
