@@ -253,6 +253,13 @@ impl Encoder {
     }
 }
 
+/// `,"NAME":`, the way [`Json`] takes a key.
+macro_rules! k {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":")
+    };
+}
+
 /// Writes one JSON object field by field. Keys are written as they are (they are ours, plain
 /// ASCII); string values are escaped. Written by hand rather than derived: serde_json escapes
 /// every key at run time, and a DNS flood writes hundreds of thousands of lines a second.
@@ -266,44 +273,48 @@ impl<'a> Json<'a> {
         Json { out, open: false }
     }
 
-    fn key(&mut self, key: &str) {
-        self.out.push(if self.open { b',' } else { b'{' });
-        self.open = true;
-        self.out.push(b'"');
-        self.out.extend_from_slice(key.as_bytes());
-        self.out.extend_from_slice(b"\":");
+    /// `key` is `,"Name":` as [`k!`] spells it: one copy per key. The first key of a line
+    /// opens the object instead of the comma.
+    fn key(&mut self, key: &'static str) {
+        if self.open {
+            self.out.extend_from_slice(key.as_bytes());
+        } else {
+            self.open = true;
+            self.out.push(b'{');
+            self.out.extend_from_slice(&key.as_bytes()[1..]);
+        }
     }
 
-    fn str(&mut self, key: &str, value: &str) {
+    fn str(&mut self, key: &'static str, value: &str) {
         self.key(key);
         escaped(self.out, value);
     }
 
     /// A value of ours that needs no escaping (`"A"`, `"udp"`, decision words).
-    fn word(&mut self, key: &str, value: &'static str) {
+    fn word(&mut self, key: &'static str, value: &'static str) {
         self.key(key);
         self.out.push(b'"');
         self.out.extend_from_slice(value.as_bytes());
         self.out.push(b'"');
     }
 
-    fn uint(&mut self, key: &str, value: u64) {
+    fn uint(&mut self, key: &'static str, value: u64) {
         self.key(key);
         uint(self.out, value);
     }
 
-    fn bool(&mut self, key: &str, value: bool) {
+    fn bool(&mut self, key: &'static str, value: bool) {
         self.key(key);
         self.out
             .extend_from_slice(if value { b"true" } else { b"false" });
     }
 
-    fn ip(&mut self, key: &str, ip: IpAddr) {
+    fn ip(&mut self, key: &'static str, ip: IpAddr) {
         self.key(key);
         quoted_ip(self.out, ip);
     }
 
-    fn ips(&mut self, key: &str, ips: &[IpAddr]) {
+    fn ips(&mut self, key: &'static str, ips: &[IpAddr]) {
         self.key(key);
         self.out.push(b'[');
         for (i, ip) in ips.iter().enumerate() {
@@ -316,7 +327,7 @@ impl<'a> Json<'a> {
     }
 
     /// Milliseconds with microsecond precision (`12.345`).
-    fn millis(&mut self, key: &str, d: Duration) {
+    fn millis(&mut self, key: &'static str, d: Duration) {
         self.key(key);
         let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         uint(self.out, micros / 1000);
@@ -352,10 +363,29 @@ fn uint(out: &mut Vec<u8>, mut n: u64) {
 }
 
 fn quoted_ip(out: &mut Vec<u8>, ip: IpAddr) {
-    use std::io::Write as _;
     out.push(b'"');
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "{ip}");
+    match ip {
+        // The common case, without the formatting machinery.
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write as _;
+            // Writing into a Vec cannot fail.
+            let _ = write!(out, "{v6}");
+        }
+    }
     out.push(b'"');
 }
 
@@ -398,10 +428,10 @@ fn escaped(out: &mut Vec<u8>, s: &str) {
 
 fn identity(j: &mut Json<'_>, datetime: &str, device: Option<&DeviceInfo>) {
     let w = who(device);
-    j.str("Datetime", datetime);
-    j.str("DeviceID", w.id);
-    j.str("DeviceName", w.name);
-    j.str("Email", w.email);
+    j.str(k!("Datetime"), datetime);
+    j.str(k!("DeviceID"), w.id);
+    j.str(k!("DeviceName"), w.name);
+    j.str(k!("Email"), w.email);
 }
 
 /// A `gateway_dns` line.
@@ -409,33 +439,33 @@ fn encode_dns(a: &DnsActivity, datetime: &str, out: &mut Vec<u8>) {
     let mut j = Json::new(out);
     identity(&mut j, datetime, a.device.as_deref());
     let (policy_id, policy_name) = policy(a.policy.as_deref());
-    j.ip("SrcIP", a.src_ip);
-    j.str("QueryName", &a.query_name);
-    j.uint("QueryType", u64::from(a.query_type));
-    j.word("QueryTypeName", a.query_type_name);
-    j.uint("QueryID", u64::from(a.query_id));
-    j.uint("RCode", u64::from(a.rcode));
-    j.ips("ResolvedIPs", &a.resolved_ips);
-    j.word("ResolverDecision", a.decision.as_str());
-    j.str("PolicyID", policy_id);
-    j.str("PolicyName", policy_name);
-    j.str("Location", a.location.as_deref().unwrap_or(""));
-    j.word("Protocol", a.protocol);
-    j.str("VirtualNetworkID", who(a.device.as_deref()).vnet);
-    j.bool("CacheHit", a.cache_hit);
+    j.ip(k!("SrcIP"), a.src_ip);
+    j.str(k!("QueryName"), &a.query_name);
+    j.uint(k!("QueryType"), u64::from(a.query_type));
+    j.word(k!("QueryTypeName"), a.query_type_name);
+    j.uint(k!("QueryID"), u64::from(a.query_id));
+    j.uint(k!("RCode"), u64::from(a.rcode));
+    j.ips(k!("ResolvedIPs"), &a.resolved_ips);
+    j.word(k!("ResolverDecision"), a.decision.as_str());
+    j.str(k!("PolicyID"), policy_id);
+    j.str(k!("PolicyName"), policy_name);
+    j.str(k!("Location"), a.location.as_deref().unwrap_or(""));
+    j.word(k!("Protocol"), a.protocol);
+    j.str(k!("VirtualNetworkID"), who(a.device.as_deref()).vnet);
+    j.bool(k!("CacheHit"), a.cache_hit);
     if let Some(d) = a.upstream_latency {
-        j.millis("UpstreamDurationMs", d);
+        j.millis(k!("UpstreamDurationMs"), d);
     }
     j.end();
 }
 
 /// The fields network and egress lines share.
 fn session(j: &mut Json<'_>, src: std::net::SocketAddr, dst: std::net::SocketAddr, p: Protocol) {
-    j.ip("SourceIP", src.ip());
-    j.uint("SourcePort", u64::from(src.port()));
-    j.ip("DestinationIP", dst.ip());
-    j.uint("DestinationPort", u64::from(dst.port()));
-    j.word("Transport", p.as_str());
+    j.ip(k!("SourceIP"), src.ip());
+    j.uint(k!("SourcePort"), u64::from(src.port()));
+    j.ip(k!("DestinationIP"), dst.ip());
+    j.uint(k!("DestinationPort"), u64::from(dst.port()));
+    j.word(k!("Transport"), p.as_str());
 }
 
 /// A `gateway_network` line.
@@ -444,25 +474,28 @@ fn encode_network(a: &NetworkActivity, datetime: &str, out: &mut Vec<u8>) {
     identity(&mut j, datetime, Some(&a.device));
     session(&mut j, a.src, a.dst, a.protocol);
     let (policy_id, policy_name) = policy(a.policy.as_deref());
-    j.word("Action", a.action.as_str());
-    j.str("PolicyID", policy_id);
-    j.str("PolicyName", policy_name);
-    j.str("SNI", a.sni.as_deref().unwrap_or(""));
-    j.word("DetectedProtocol", a.detected_protocol.unwrap_or(""));
+    j.word(k!("Action"), a.action.as_str());
+    j.str(k!("PolicyID"), policy_id);
+    j.str(k!("PolicyName"), policy_name);
+    j.str(k!("SNI"), a.sni.as_deref().unwrap_or(""));
+    j.word(k!("DetectedProtocol"), a.detected_protocol.unwrap_or(""));
     match a.override_dst {
-        Some(d) => j.ip("OverrideIP", d.ip()),
-        None => j.str("OverrideIP", ""),
+        Some(d) => j.ip(k!("OverrideIP"), d.ip()),
+        None => j.str(k!("OverrideIP"), ""),
     }
     j.uint(
-        "OverridePort",
+        k!("OverridePort"),
         u64::from(a.override_dst.map_or(0, |d| d.port())),
     );
-    j.str("VirtualNetworkID", who(Some(&a.device)).vnet);
-    j.uint("BytesSent", a.bytes_sent);
-    j.uint("BytesReceived", a.bytes_received);
+    j.str(k!("VirtualNetworkID"), who(Some(&a.device)).vnet);
+    j.uint(k!("BytesSent"), a.bytes_sent);
+    j.uint(k!("BytesReceived"), a.bytes_received);
     let duration = a.at.saturating_duration_since(a.opened).as_millis();
-    j.uint("DurationMs", u64::try_from(duration).unwrap_or(u64::MAX));
-    j.word("CloseReason", a.reason);
+    j.uint(
+        k!("DurationMs"),
+        u64::try_from(duration).unwrap_or(u64::MAX),
+    );
+    j.word(k!("CloseReason"), a.reason);
     j.end();
 }
 
@@ -472,15 +505,15 @@ fn encode_egress(a: &EgressActivity, datetime: &str, out: &mut Vec<u8>) {
     identity(&mut j, datetime, Some(&a.device));
     session(&mut j, a.src, a.dst, a.protocol);
     let (policy_id, policy_name) = policy(a.policy.as_deref());
-    j.str("PolicyID", policy_id);
-    j.str("PolicyName", policy_name);
+    j.str(k!("PolicyID"), policy_id);
+    j.str(k!("PolicyName"), policy_name);
     // Empty when the OS picks the source (no default egress address configured).
     match a.egress_ip {
-        Some(ip) => j.ip("EgressIP", ip),
-        None => j.str("EgressIP", ""),
+        Some(ip) => j.ip(k!("EgressIP"), ip),
+        None => j.str(k!("EgressIP"), ""),
     }
-    j.str("Fqdn", a.name.as_deref().unwrap_or(""));
-    j.str("VirtualNetworkID", who(Some(&a.device)).vnet);
+    j.str(k!("Fqdn"), a.name.as_deref().unwrap_or(""));
+    j.str(k!("VirtualNetworkID"), who(Some(&a.device)).vnet);
     j.end();
 }
 
@@ -551,13 +584,18 @@ mod tests {
             let back: String = serde_json::from_slice(&out).expect("a JSON string");
             assert_eq!(back, text);
         }
+        for ip in ["0.10.100.255", "203.0.113.7", "2001:db8::1", "::"] {
+            let mut out = Vec::new();
+            quoted_ip(&mut out, ip.parse().unwrap());
+            assert_eq!(out, format!("\"{ip}\"").into_bytes());
+        }
         let mut out = Vec::new();
         let mut j = Json::new(&mut out);
-        j.uint("Zero", 0);
-        j.uint("Max", u64::MAX);
-        j.millis("Ms", Duration::from_micros(12_045));
-        j.millis("Small", Duration::from_micros(7));
-        j.ips("None", &[]);
+        j.uint(k!("Zero"), 0);
+        j.uint(k!("Max"), u64::MAX);
+        j.millis(k!("Ms"), Duration::from_micros(12_045));
+        j.millis(k!("Small"), Duration::from_micros(7));
+        j.ips(k!("None"), &[]);
         j.end();
         let v: serde_json::Value = serde_json::from_slice(&out).expect("an object");
         assert_eq!(v["Zero"], 0);
