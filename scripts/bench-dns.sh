@@ -18,6 +18,10 @@
 # names (resolved once upstream, then from each server's cache). Both servers log no queries
 # (Waygate with WAYGATE_LOG=warn). Printed: QPS, average latency, the server's CPU-seconds,
 # queries per server CPU-second, RSS, and the ratios Waygate / Unbound.
+# Last, Waygate again with activity logs on (`[logs] dir`: one JSON line per query, default
+# rotation), at 127.0.0.1:5303 after the first Waygate stopped: its queries per CPU-second
+# against the run without logs (target: logging costs under 10%), and the lines written and
+# dropped (its /metrics).
 set -Eeuo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -221,3 +225,40 @@ mean = sum(per_second) / len(per_second)
 print("reload: per-second qps " + " ".join(f"{v:.0f}" for v in per_second))
 print(f"reload: per-second qps min {min(per_second):.0f}, mean {mean:.0f}: lowest second at {100 * min(per_second) / mean:.0f}% of the mean (target >= 50%)")
 ' <<<"$out"
+
+# Activity logs on: the same config plus [logs] dir, a Waygate of its own (its own data dir and
+# ports) started once the first one is gone, so only one list is in memory at a time.
+echo
+echo "bench-dns: Waygate with activity logs (logs.dir)"
+kill "$WG_PID" 2>/dev/null || true
+wait "$WG_PID" 2>/dev/null || true
+sed -e "s#^data_dir = .*#data_dir = \"$WORK/data-logs\"#" \
+  -e 's#^listen = "127.0.0.1:51999"#listen = "127.0.0.1:51998"#' \
+  -e "s#^interface_name = .*#interface_name = \"bdnl$$\"#" \
+  -e 's#^listen = \["127.0.0.1:5300"\]#listen = ["127.0.0.1:5303"]#' \
+  "$WORK/waygate.toml" >"$WORK/waygate-logs.toml"
+cat >>"$WORK/waygate-logs.toml" <<EOT
+[logs]
+dir = "$WORK/logs"
+[metrics]
+listen = "127.0.0.1:9393"
+EOT
+WAYGATE_LOG=warn ip netns exec "$NS" "$WAYGATE" --config "$WORK/waygate-logs.toml" serve \
+  >"$WORK/waygate-logs.log" 2>&1 &
+WL_PID=$!
+PIDS+=("$WL_PID")
+wait_refused 5303 "b$((DOMAINS - 1)).block$(((DOMAINS - 1) % 997)).test"
+printf '\n%-8s %10s %10s %8s %8s %12s %8s\n' server qps lat_ms lost cpu_s q_per_cpu_s rss_mb
+measure wg+logs "$WL_PID" 5303
+L_QPS=$QPS L_CPU=$CPU
+sleep 1.5 # the stats snapshot behind /metrics is published once a second
+metrics="$(in_ns curl -s --max-time 5 http://127.0.0.1:9393/metrics || true)"
+written="$(awk '/^waygate_log_lines_written_total\{log="dns"\}/ {print $2}' <<<"$metrics")"
+dropped="$(awk '/^waygate_log_lines_dropped_total\{log="dns"/ {s += $2} END {print s + 0}' <<<"$metrics")"
+awk -v wq="$W_QPS" -v wc="$W_CPU" -v lq="$L_QPS" -v lc="$L_CPU" -v w="${written:-?}" -v d="$dropped" \
+  -v s="$SECONDS_PER_RUN" \
+  -v size="$(du -sh "$WORK/logs" | cut -f1)" 'BEGIN {
+  a = wq * s / wc; b = lq * s / lc
+  printf "activity logs: %.0f vs %.0f queries per cpu-second without: logging costs %.1f%% (target < 10%%)\n",
+    b, a, 100 * (a - b) / a
+  printf "activity logs: dns lines written %s, dropped %s (full queue or failed write), %s on disk\n", w, d, size }'

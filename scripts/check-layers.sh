@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 LAYERS=(
   "waygate-model waygate-wire waygate-keys waygate-policy"
-  "waygate-wg waygate-config waygate-udp"
+  "waygate-wg waygate-config waygate-udp waygate-observe"
   "waygate-geoip waygate-registry"
   "waygate-control"
   "waygate-stages"

@@ -686,12 +686,18 @@ impl Lab {
         lines[from..].join("\n")
     }
 
+    /// `waygate --config <lab config> ARGS...` on the host, for the caller to spawn (a command
+    /// that runs until stopped, such as `logs --follow`).
+    pub fn waygate_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.waygate);
+        cmd.arg("--config").arg(&self.config).args(args);
+        cmd
+    }
+
     /// Runs `waygate --config <lab config> ARGS...` on the host (the CLI only touches the data
     /// dir); 30 s timeout.
     pub fn waygate(&self, args: &[&str]) -> Result<Output> {
-        let mut cmd = Command::new(&self.waygate);
-        cmd.arg("--config").arg(&self.config).args(args);
-        run_with_timeout(cmd, secs(30))
+        run_with_timeout(self.waygate_command(args), secs(30))
     }
 
     /// Enrolls a device named `name`, writes its wg-quick config (0600) and brings it up with

@@ -67,6 +67,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The admin API's TLS listener (`[admin]`); its Unix socket is always on.
     pub admin: AdminConfig,
+    /// The Prometheus endpoint (`[metrics]`).
+    pub metrics: MetricsConfig,
+    /// Activity logs (`[logs]`).
+    pub logs: LogsConfig,
 }
 
 /// `[admin]`: the admin API on TCP with TLS and bearer tokens. The Unix socket
@@ -79,6 +83,61 @@ pub struct AdminConfig {
     pub tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM); given together with `tls_cert`.
     pub tls_key: Option<PathBuf>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetricsConfig {
+    /// Where `/metrics` is served over plain HTTP (`listen`); `None` (the default): nowhere.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[logs]`: activity logs (one JSON object per DNS query, flow and egress decision).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogsConfig {
+    /// Directory of `dns.jsonl`, `network.jsonl`, `http.jsonl` and `egress.jsonl` (`dir`);
+    /// `None` (the default): no activity logs.
+    pub dir: Option<PathBuf>,
+    /// Size in bytes at which a file is rotated (`max_size`, e.g. `"10MB"`).
+    pub max_size: u64,
+    /// Rotated files kept per log (`keep`): `NAME.1.jsonl` (the newest) to `NAME.<keep>.jsonl`.
+    pub keep: usize,
+}
+
+/// Default `logs.max_size`: 10 MB, small enough to open in an editor.
+pub const DEFAULT_LOGS_MAX_SIZE: u64 = 10 * 1000 * 1000;
+/// Default `logs.keep`: with the current file, 60 MB at most per log.
+pub const DEFAULT_LOGS_KEEP: usize = 5;
+/// Smallest `logs.max_size`: one long line must fit.
+pub const MIN_LOGS_MAX_SIZE: u64 = 4096;
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        LogsConfig {
+            dir: None,
+            max_size: DEFAULT_LOGS_MAX_SIZE,
+            keep: DEFAULT_LOGS_KEEP,
+        }
+    }
+}
+
+/// A size such as `"10MB"`, `"512KiB"`, `"1GB"` or `"4096"` (bytes), in bytes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1000,
+        "kib" => 1024,
+        "mb" | "m" => 1000 * 1000,
+        "mib" => 1024 * 1024,
+        "gb" | "g" => 1000 * 1000 * 1000,
+        "gib" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 /// `[network]`
@@ -295,6 +354,8 @@ impl Default for Config {
             network: NetworkConfig::default(),
             limits: LimitsConfig::default(),
             admin: AdminConfig::default(),
+            metrics: MetricsConfig::default(),
+            logs: LogsConfig::default(),
         }
     }
 }
@@ -615,6 +676,8 @@ struct RawConfig {
     limits: Option<Section<RawLimits>>,
     vnets: Option<Tables<RawVnet>>,
     admin: Option<Section<RawAdmin>>,
+    metrics: Option<Section<RawMetrics>>,
+    logs: Option<Section<RawLogs>>,
 }
 
 #[derive(Deserialize)]
@@ -623,6 +686,20 @@ struct RawAdmin {
     listen: Option<Leaf<String>>,
     tls_cert: Option<Leaf<String>>,
     tls_key: Option<Leaf<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Leaf<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogs {
+    dir: Option<Leaf<String>>,
+    max_size: Option<Leaf<String>>,
+    keep: Option<Leaf<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -944,6 +1021,16 @@ impl Checker {
         }
         if let Some(a) = self.section("admin", raw.admin) {
             cfg.admin = self.admin(a);
+        }
+        if let Some(m) = self.section("metrics", raw.metrics) {
+            cfg.metrics.listen = self.parsed::<SocketAddr>(
+                "metrics.listen",
+                m.listen,
+                "an address like \"127.0.0.1:9090\"",
+            );
+        }
+        if let Some(l) = self.section("logs", raw.logs) {
+            self.logs(l, &mut cfg.logs);
         }
         for (at, v) in self.tables("vnets", raw.vnets) {
             if let Some(vnet) = self.vnet(&at, v) {
@@ -1291,6 +1378,24 @@ impl Checker {
         }
     }
 
+    fn logs(&mut self, raw: RawLogs, logs: &mut LogsConfig) {
+        logs.dir = self.string("logs.dir", raw.dir).map(PathBuf::from);
+        if let Some(text) = self.string("logs.max_size", raw.max_size) {
+            match parse_size(&text) {
+                Some(n) if n >= MIN_LOGS_MAX_SIZE => logs.max_size = n,
+                _ => self.problem(
+                    "logs.max_size",
+                    format!(
+                        "expected a size of at least {MIN_LOGS_MAX_SIZE} bytes like \"10MB\" or \"512KiB\", got {text:?}"
+                    ),
+                ),
+            }
+        }
+        if let Some(n) = self.integer("logs.keep", raw.keep, 0..=1000) {
+            logs.keep = usize::try_from(n).unwrap_or(DEFAULT_LOGS_KEEP);
+        }
+    }
+
     /// A `[limits]` count from 1 to `max`.
     fn count(&mut self, key: &str, leaf: Option<Leaf<i64>>, max: i64) -> Option<usize> {
         self.integer(&join("limits", key), leaf, 1..=max)
@@ -1424,6 +1529,43 @@ mod tests {
                 "{needle:?} missing from:\n{joined}"
             );
         }
+    }
+
+    #[test]
+    fn metrics_and_logs_parse_with_sizes_and_report_bad_keys() {
+        let cfg = Config::parse(
+            r#"
+            [metrics]
+            listen = "127.0.0.1:9090"
+            [logs]
+            dir = "/var/log/waygate"
+            max_size = "512KiB"
+            keep = 3
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.metrics.listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(cfg.logs.dir, Some(PathBuf::from("/var/log/waygate")));
+        assert_eq!((cfg.logs.max_size, cfg.logs.keep), (512 * 1024, 3));
+        assert_eq!(Config::default().metrics.listen, None);
+        assert_eq!(Config::default().logs.dir, None);
+        assert_eq!(parse_size("10MB"), Some(10_000_000));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1 GiB"), Some(1 << 30));
+        assert_eq!(parse_size("ten"), None);
+        assert_eq!(parse_size("99999999999999GB"), None);
+        let bad = bad_keys(
+            "[metrics]\nlisten = \"localhost\"\nport = 1\n[logs]\nmax_size = \"1KB\"\nkeep = -1\n",
+        );
+        assert_eq!(
+            bad,
+            [
+                "metrics.port",
+                "metrics.listen",
+                "logs.max_size",
+                "logs.keep"
+            ]
+        );
     }
 
     #[test]
@@ -1747,7 +1889,7 @@ mod tests {
             field_names::<RawTunnel>(),
             &["ipv4_pool", "ipv6_pool", "mtu"]
         );
-        assert_eq!(field_names::<RawConfig>().len(), 11);
+        assert_eq!(field_names::<RawConfig>().len(), 13);
         assert!(field_names::<RawHealthCheck>().contains(&"interval"));
     }
 

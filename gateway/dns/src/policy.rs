@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use waygate_model::activity::{ResolverDecision, RuleRef};
 use waygate_model::DeviceInfo;
 
 use hickory_proto::rr::{Name, Record, RecordType};
@@ -167,6 +168,8 @@ pub struct PolicyVerdict {
     pub decision: Decision,
     /// Id or name of the matching rule, if any.
     pub rule: Option<Arc<str>>,
+    /// The matching rule's id and name apart, for the activity logs.
+    pub policy: Option<Arc<RuleRef>>,
 }
 
 impl From<Decision> for PolicyVerdict {
@@ -174,6 +177,24 @@ impl From<Decision> for PolicyVerdict {
         PolicyVerdict {
             decision,
             rule: None,
+            policy: None,
+        }
+    }
+}
+
+impl PolicyVerdict {
+    /// The decision as Logpush's `ResolverDecision` words it (`by_answer`: a rule on the
+    /// upstream's answer made it).
+    pub fn resolver_decision(&self, by_answer: bool) -> ResolverDecision {
+        match &self.decision {
+            Decision::Resolve if self.rule.is_some() => ResolverDecision::AllowedByQueryName,
+            Decision::Resolve => ResolverDecision::AllowedOnNoPolicyMatch,
+            Decision::Block(_) if by_answer => ResolverDecision::BlockedByResponse,
+            Decision::Block(_) => ResolverDecision::BlockedByQueryName,
+            Decision::OverrideIps(_) | Decision::OverrideHost(_) => {
+                ResolverDecision::OverrideApplied
+            }
+            Decision::SafeSearch(_) => ResolverDecision::OverrideForSafeSearch,
         }
     }
 }

@@ -23,6 +23,7 @@ use super::policy::{
 };
 use super::wire::{push_record, NameText, QueryView, WireAnswer};
 use crate::loglimit::LogLimit;
+use waygate_model::activity::{DnsActivity, ResolverDecision, RuleRef};
 use waygate_model::DeviceInfo;
 
 /// Largest DNS message over TCP.
@@ -113,6 +114,7 @@ struct Pending {
     recursion_desired: bool,
     edns: bool,
     started: Instant,
+    transport: Transport,
 }
 
 /// Counters since start, for metrics.
@@ -136,6 +138,111 @@ pub struct Stats {
     pub local: u64,
     /// Unreadable datagrams dropped.
     pub dropped: u64,
+    /// Upstream queries that failed: no usable response from any upstream (answered SERVFAIL).
+    pub upstream_errors: u64,
+    /// Answers by question type ([`QTYPES`]) and response code ([`RCODES`]).
+    pub answers: [[u64; RCODES.len()]; QTYPES.len()],
+    /// Policy decisions by action ([`DNS_ACTIONS`]).
+    pub decisions: [u64; DNS_ACTIONS.len()],
+    /// How long upstream queries took.
+    pub upstream_latency: LatencyHistogram,
+}
+
+/// Question types counted apart; the last, `other`, takes every other type (the label set of
+/// the metrics stays bounded whatever devices ask).
+pub const QTYPES: [&str; 13] = [
+    "A", "AAAA", "CNAME", "HTTPS", "MX", "NS", "PTR", "SOA", "SRV", "SVCB", "TXT", "ANY", "other",
+];
+/// Response codes counted apart; the last, `other`, takes the rest.
+pub const RCODES: [&str; 7] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other",
+];
+/// Policy actions of the DNS stage, as the metrics label them.
+pub const DNS_ACTIONS: [&str; 4] = ["allow", "block", "override", "safesearch"];
+/// Upper bounds, in seconds, of the upstream latency histogram's buckets (the last bucket,
+/// +Inf, is implied).
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// A latency histogram with fixed buckets: counts per bucket (not cumulative), then +Inf.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// Observations per bucket of [`LATENCY_BUCKETS`], the last one above them all.
+    pub buckets: [u64; LATENCY_BUCKETS.len() + 1],
+    /// Sum of the observations, in microseconds.
+    pub sum_micros: u64,
+}
+
+impl LatencyHistogram {
+    /// Adds one observation.
+    pub fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i] += 1;
+        self.sum_micros = self
+            .sum_micros
+            .saturating_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// Observations in all.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+fn qtype_index(qtype: RecordType) -> usize {
+    let name: &'static str = qtype.into();
+    QTYPES[..QTYPES.len() - 1]
+        .iter()
+        .position(|t| *t == name)
+        .unwrap_or(QTYPES.len() - 1)
+}
+
+fn rcode_index(rcode: ResponseCode) -> usize {
+    match rcode {
+        ResponseCode::NoError => 0,
+        ResponseCode::FormErr => 1,
+        ResponseCode::ServFail => 2,
+        ResponseCode::NXDomain => 3,
+        ResponseCode::NotImp => 4,
+        ResponseCode::Refused => 5,
+        _ => 6,
+    }
+}
+
+fn action_index(decision: ResolverDecision) -> Option<usize> {
+    match decision {
+        ResolverDecision::AllowedOnNoPolicyMatch | ResolverDecision::AllowedByQueryName => Some(0),
+        ResolverDecision::BlockedByQueryName | ResolverDecision::BlockedByResponse => Some(1),
+        ResolverDecision::OverrideApplied => Some(2),
+        ResolverDecision::OverrideForSafeSearch => Some(3),
+        ResolverDecision::Unknown => None,
+    }
+}
+
+/// Told of every answered query with its activity record, while the runtime keeps activity
+/// logs; building the record is skipped when none is set.
+pub type ActivitySink = Box<dyn FnMut(DnsActivity) + Send>;
+
+/// What one answered query was, for its counters and its activity record.
+struct Answered<'a> {
+    client: &'a ClientCtx,
+    id: u16,
+    name: &'a str,
+    /// `name` already shared, when the caller has it so (saves an allocation per record).
+    shared: Option<&'a Arc<str>>,
+    qtype: RecordType,
+    rcode: ResponseCode,
+    decision: ResolverDecision,
+    policy: Option<Arc<RuleRef>>,
+    transport: Transport,
+    cache_hit: bool,
+    upstream_latency: Option<Duration>,
+    now: Instant,
 }
 
 /// Told of every address the resolver answers to a device (by its registry id), with the names
@@ -146,6 +253,7 @@ pub type LearnSink = Box<dyn FnMut(&str, IpAddr, &Names, u32) + Send>;
 pub struct Resolver<P> {
     policy: P,
     learn: Option<LearnSink>,
+    activity: Option<ActivitySink>,
     config: ResolverConfig,
     cache: Cache,
     pending: HashMap<Ticket, Pending>,
@@ -173,6 +281,8 @@ struct Reply<'a> {
     rd: bool,
     edns: bool,
     limit: usize,
+    transport: Transport,
+    now: Instant,
 }
 
 impl<P: DnsPolicy> Resolver<P> {
@@ -181,6 +291,7 @@ impl<P: DnsPolicy> Resolver<P> {
         Resolver {
             policy,
             learn: None,
+            activity: None,
             cache: Cache::new(
                 config.cache_capacity,
                 config.max_ttl,
@@ -218,6 +329,43 @@ impl<P: DnsPolicy> Resolver<P> {
     /// Reports every answered address to `sink` from now on.
     pub fn set_learn_sink(&mut self, sink: LearnSink) {
         self.learn = Some(sink);
+    }
+
+    /// Reports every answered query to `sink` from now on (activity logs).
+    pub fn set_activity_sink(&mut self, sink: ActivitySink) {
+        self.activity = Some(sink);
+    }
+
+    /// Counts an answered query and, while activity logs are kept, reports it; `answers` are
+    /// read for the addresses only then.
+    fn answered(&mut self, a: Answered<'_>, answers: impl FnOnce() -> Vec<IpAddr>) {
+        self.stats.answers[qtype_index(a.qtype)][rcode_index(a.rcode)] += 1;
+        if let Some(i) = action_index(a.decision) {
+            self.stats.decisions[i] += 1;
+        }
+        let Some(sink) = &mut self.activity else {
+            return;
+        };
+        sink(DnsActivity {
+            at: a.now,
+            device: a.client.device.clone(),
+            location: a.client.location.clone(),
+            src_ip: a.client.src_ip,
+            query_id: a.id,
+            query_name: a.shared.cloned().unwrap_or_else(|| Arc::from(a.name)),
+            query_type: u16::from(a.qtype),
+            query_type_name: a.qtype.into(),
+            rcode: u16::from(a.rcode),
+            resolved_ips: answers(),
+            decision: a.decision,
+            policy: a.policy,
+            protocol: match a.transport {
+                Transport::Udp => "udp",
+                Transport::Stream => "tcp",
+            },
+            cache_hit: a.cache_hit,
+            upstream_latency: a.upstream_latency,
+        });
     }
 
     /// Replaces the policy (a rules reload); pending queries keep their decisions.
@@ -269,11 +417,18 @@ impl<P: DnsPolicy> Resolver<P> {
             rd: msg.recursion_desired(),
             edns,
             limit,
+            transport,
+            now,
         };
         if msg.op_code() != OpCode::Query || query.query_class() != DNSClass::IN {
             // Not a policy decision, and anyone can send these as fast as garbage.
             if !self.admit_malformed(client, now) {
                 self.stats.local += 1;
+                let (t, r) = (
+                    qtype_index(query.query_type()),
+                    rcode_index(ResponseCode::NotImp),
+                );
+                self.stats.answers[t][r] += 1;
                 emit(&reply, ResponseCode::NotImp, Vec::new(), Vec::new(), out);
                 return Handled::Answer;
             }
@@ -284,6 +439,7 @@ impl<P: DnsPolicy> Resolver<P> {
                 client,
                 "notimp",
                 None,
+                (ResolverDecision::Unknown, None),
                 out,
             );
         }
@@ -306,7 +462,8 @@ impl<P: DnsPolicy> Resolver<P> {
                 let (rcode, answers) = block_answer(*mode, query, ttl);
                 let label = verdict.decision.label();
                 let rule = verdict.rule.clone();
-                return self.local(&reply, rcode, answers, client, label, rule, out);
+                let decided = (verdict.resolver_decision(false), verdict.policy.clone());
+                return self.local(&reply, rcode, answers, client, label, rule, decided, out);
             }
             Decision::OverrideIps(ips) => {
                 let (rcode, answers) = if rewritable {
@@ -319,11 +476,22 @@ impl<P: DnsPolicy> Resolver<P> {
                     (ResponseCode::Refused, Vec::new())
                 };
                 let rule = verdict.rule.clone();
-                return self.local(&reply, rcode, answers, client, "override_ips", rule, out);
+                let decided = (verdict.resolver_decision(false), verdict.policy.clone());
+                return self.local(
+                    &reply,
+                    rcode,
+                    answers,
+                    client,
+                    "override_ips",
+                    rule,
+                    decided,
+                    out,
+                );
             }
             Decision::OverrideHost(host) if rewritable => (host.to_lowercase(), Some(host.clone())),
             Decision::OverrideHost(_) => {
                 let rule = verdict.rule.clone();
+                let decided = (verdict.resolver_decision(false), verdict.policy.clone());
                 return self.local(
                     &reply,
                     ResponseCode::Refused,
@@ -331,6 +499,7 @@ impl<P: DnsPolicy> Resolver<P> {
                     client,
                     "override_host",
                     rule,
+                    decided,
                     out,
                 );
             }
@@ -380,6 +549,7 @@ impl<P: DnsPolicy> Resolver<P> {
                         if let Decision::Block(mode) = v.decision {
                             let (rcode, blocked) = block_answer(mode, query, ttl);
                             let rule = v.rule.clone();
+                            let decided = (v.resolver_decision(true), v.policy.clone());
                             return self.local(
                                 &reply,
                                 rcode,
@@ -387,12 +557,28 @@ impl<P: DnsPolicy> Resolver<P> {
                                 client,
                                 v.decision.label(),
                                 rule,
+                                decided,
                                 out,
                             );
                         }
                     }
                 }
                 let learned = self.remember(client, &qname, &answers);
+                let answered = Answered {
+                    client,
+                    id: reply.id,
+                    name: &name,
+                    shared: Some(&name),
+                    qtype,
+                    rcode,
+                    decision: verdict.resolver_decision(false),
+                    policy: verdict.policy.clone(),
+                    transport,
+                    cache_hit: true,
+                    upstream_latency: None,
+                    now,
+                };
+                self.answered(answered, || ips_of(&learned));
                 emit(&reply, rcode, answers, authority, out);
                 if self.replayable(qtype, &verdict.decision, target.is_some()) {
                     self.keep_replay(&name, qtype, out, learned, now);
@@ -423,6 +609,7 @@ impl<P: DnsPolicy> Resolver<P> {
                 client,
                 "client limit",
                 None,
+                (ResolverDecision::Unknown, None),
                 out,
             );
         }
@@ -435,6 +622,7 @@ impl<P: DnsPolicy> Resolver<P> {
                 client,
                 "overload",
                 None,
+                (ResolverDecision::Unknown, None),
                 out,
             );
         }
@@ -456,6 +644,7 @@ impl<P: DnsPolicy> Resolver<P> {
                 client,
                 "encode",
                 None,
+                (ResolverDecision::Unknown, None),
                 out,
             );
         }
@@ -474,6 +663,7 @@ impl<P: DnsPolicy> Resolver<P> {
                 recursion_desired: reply.rd,
                 edns,
                 started: now,
+                transport,
             },
         );
         self.stats.upstream += 1;
@@ -508,6 +698,8 @@ impl<P: DnsPolicy> Resolver<P> {
             rd: p.recursion_desired,
             edns: p.edns,
             limit: p.limit,
+            transport: p.transport,
+            now,
         };
         let resolved = p.target.as_ref().map_or(&p.qname, |t| t).to_lowercase();
         let parsed = response
@@ -520,8 +712,26 @@ impl<P: DnsPolicy> Resolver<P> {
                     && m.queries()[0].query_type() == p.qtype
             });
         let latency = now.saturating_duration_since(p.started);
+        self.stats.upstream_latency.observe(latency);
+        let name = display_name(&p.qname);
+        let mut answered = Answered {
+            client: &p.client,
+            id: p.id,
+            name: &name,
+            shared: Some(&name),
+            qtype: p.qtype,
+            rcode: ResponseCode::ServFail,
+            decision: p.verdict.resolver_decision(false),
+            policy: p.verdict.policy.clone(),
+            transport: p.transport,
+            cache_hit: false,
+            upstream_latency: Some(latency),
+            now,
+        };
         let Some(mut m) = parsed else {
             self.stats.servfail += 1;
+            self.stats.upstream_errors += 1;
+            self.answered(answered, Vec::new);
             emit(&reply, ResponseCode::ServFail, Vec::new(), Vec::new(), out);
             let up = Some(upstream);
             log_query(
@@ -551,7 +761,7 @@ impl<P: DnsPolicy> Resolver<P> {
                     now,
                 )
                 .is_some();
-        let name = display_name(&p.qname);
+        answered.rcode = rcode;
         let mut verdict = p.verdict;
         if self.policy.wants_answer() && matches!(verdict.decision, Decision::Resolve) {
             let info = QueryInfo {
@@ -563,6 +773,11 @@ impl<P: DnsPolicy> Resolver<P> {
                 verdict = v;
                 if let Decision::Block(mode) = verdict.decision {
                     let (rcode, blocked) = block_answer(mode, &query, self.config.local_ttl);
+                    answered.rcode = rcode;
+                    answered.decision = verdict.resolver_decision(true);
+                    answered.policy = verdict.policy.clone();
+                    let ips = ips_of_records(&blocked);
+                    self.answered(answered, move || ips);
                     emit(&reply, rcode, blocked, Vec::new(), out);
                     self.stats.local += 1;
                     let up = Some(upstream);
@@ -579,6 +794,7 @@ impl<P: DnsPolicy> Resolver<P> {
         }
         out_answers.extend(answers.into_iter().map(|r| strip_hints(r, p.strip)));
         let learned = self.remember(&p.client, &p.qname, &out_answers);
+        self.answered(answered, || ips_of(&learned));
         emit(&reply, rcode, out_answers, authority, out);
         let replayable = self.replayable(p.qtype, &verdict.decision, p.target.is_some());
         if replayable && cached {
@@ -667,7 +883,9 @@ impl<P: DnsPolicy> Resolver<P> {
             name,
             qtype,
         });
-        let (rcode, cache_hit) = match &verdict.decision {
+        // The asked name, shared, when the cache holds it so (replays of learned answers).
+        let mut host: Option<Arc<str>> = None;
+        let (rcode, cache_hit, ips, decision) = match &verdict.decision {
             Decision::Block(mode) => {
                 let (rcode, address) = match *mode {
                     BlockMode::Refused => (ResponseCode::Refused, None),
@@ -697,7 +915,11 @@ impl<P: DnsPolicy> Resolver<P> {
                 }
                 query.finish(EDNS_UDP, out);
                 self.stats.local += 1;
-                (rcode, false)
+                let ips = match (address, rdata.is_some()) {
+                    (Some(ip), true) if self.activity.is_some() => vec![ip],
+                    _ => Vec::new(),
+                };
+                (rcode, false, ips, verdict.resolver_decision(false))
             }
             Decision::Resolve if self.replayable(qtype, &verdict.decision, false) => {
                 let limit = match transport {
@@ -719,19 +941,41 @@ impl<P: DnsPolicy> Resolver<P> {
                     out.clear();
                     return Fast::Decided(verdict);
                 }
+                let mut answered_ips = Vec::new();
                 if let Some((names, ips)) = &hit.learned {
                     let age = hit.wire.age(now);
                     learn(&mut self.learn, client, names, ips, age);
+                    if self.activity.is_some() {
+                        answered_ips = ips.iter().map(|a| a.0).collect();
+                        host = Some(names.host.clone());
+                    }
                 }
                 self.stats.cache_hits += 1;
                 self.stats.replayed += 1;
                 (
                     ResponseCode::from(0, out.get(3).map_or(0, |b| b & 0x0f)),
                     true,
+                    answered_ips,
+                    verdict.resolver_decision(false),
                 )
             }
             _ => return Fast::Decided(verdict),
         };
+        let answered = Answered {
+            client,
+            id: query.id(),
+            name,
+            shared: host.as_ref(),
+            qtype,
+            rcode,
+            decision,
+            policy: verdict.policy.clone(),
+            transport,
+            cache_hit,
+            upstream_latency: None,
+            now,
+        };
+        self.answered(answered, || ips);
         log_query(
             client,
             name,
@@ -762,6 +1006,7 @@ impl<P: DnsPolicy> Resolver<P> {
             return Handled::Drop;
         }
         self.stats.formerr += 1;
+        self.stats.answers[QTYPES.len() - 1][rcode_index(ResponseCode::FormErr)] += 1;
         let id = u16::from_be_bytes([hi, lo]);
         let msg = Message::error_msg(id, OpCode::Query, ResponseCode::FormErr);
         if emit_message(&msg, out).is_err() {
@@ -824,10 +1069,32 @@ impl<P: DnsPolicy> Resolver<P> {
         client: &ClientCtx,
         decision: &'static str,
         rule: Option<Arc<str>>,
+        (resolver, policy): (ResolverDecision, Option<Arc<RuleRef>>),
         out: &mut Vec<u8>,
     ) -> Handled {
         self.stats.local += 1;
         let qname = reply.query.name().to_lowercase();
+        // The name is spelled out for the activity record only.
+        let shown = self.activity.as_ref().map(|_| display_name(&qname));
+        let ips = match &shown {
+            Some(_) => ips_of_records(&answers),
+            None => Vec::new(),
+        };
+        let answered = Answered {
+            client,
+            id: reply.id,
+            name: shown.as_deref().unwrap_or(""),
+            shared: shown.as_ref(),
+            qtype: reply.query.query_type(),
+            rcode,
+            decision: resolver,
+            policy,
+            transport: reply.transport,
+            cache_hit: false,
+            upstream_latency: None,
+            now: reply.now,
+        };
+        self.answered(answered, || ips);
         emit(reply, rcode, answers, Vec::new(), out);
         tracing::info!(
             target: "waygate::dns",
@@ -847,6 +1114,26 @@ impl<P: DnsPolicy> Resolver<P> {
         );
         Handled::Answer
     }
+}
+
+/// The addresses a device learned from an answer (see [`Resolver::remember`]).
+fn ips_of(learned: &Option<(Names, Vec<Address>)>) -> Vec<IpAddr> {
+    learned
+        .as_ref()
+        .map(|(_, ips)| ips.iter().map(|a| a.0).collect())
+        .unwrap_or_default()
+}
+
+/// The addresses of the A and AAAA records in `records`.
+fn ips_of_records(records: &[Record]) -> Vec<IpAddr> {
+    records
+        .iter()
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The addresses in `answers` with their TTLs, and the names behind them (the CNAME chain from

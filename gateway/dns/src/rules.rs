@@ -20,6 +20,7 @@ use waygate_policy::ruleset::{Action, CompiledRule};
 
 use super::policy::{BlockMode, Decision, DnsPolicy, PolicyVerdict, QueryInfo};
 use waygate_geoip::GeoIp;
+use waygate_model::activity::RuleRef;
 use waygate_stages::policy::Loaded;
 
 /// Yandex's family-search address (Yandex publishes no CNAME target for it).
@@ -31,6 +32,8 @@ pub struct DnsRules {
     loaded: Arc<Loaded>,
     /// Log labels of the DNS rules by rule index, made once per rule set.
     labels: Arc<[Option<Arc<str>>]>,
+    /// Ids and names of the DNS rules by rule index, for the activity logs.
+    refs: Arc<[Option<Arc<RuleRef>>]>,
     geoip: Option<Arc<GeoIp>>,
     categories: Option<Arc<CategoryDb>>,
     block_page: Option<IpAddr>,
@@ -46,12 +49,18 @@ impl DnsRules {
     pub fn new(loaded: Arc<Loaded>, geoip: Option<Arc<GeoIp>>, block_page: Option<IpAddr>) -> Self {
         let rules = loaded.policy.stage(Stage::Dns).rules();
         let mut labels = vec![None; rules.iter().map(|r| r.index + 1).max().unwrap_or(0)];
+        let mut refs = vec![None; labels.len()];
         for r in rules {
             labels[r.index] = Some(Arc::from(rule_label(r)));
+            refs[r.index] = Some(Arc::new(RuleRef {
+                id: Arc::from(r.id.as_str()),
+                name: Arc::from(r.name.as_str()),
+            }));
         }
         DnsRules {
             loaded,
             labels: labels.into(),
+            refs: refs.into(),
             geoip,
             categories: None,
             block_page,
@@ -123,6 +132,7 @@ impl DnsRules {
         PolicyVerdict {
             decision,
             rule: label.or_else(|| Some(Arc::from(rule_label(rule)))),
+            policy: self.refs.get(rule.index).cloned().flatten(),
         }
     }
 

@@ -647,3 +647,147 @@ fn malformed_query_lines_name_the_device_and_are_rate_limited() {
     assert!(text.contains("src_ip=100.96.0.2"), "{text}");
     assert!(text.contains("device=\"\""), "{text}");
 }
+
+#[test]
+fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
+    use std::sync::{Arc, Mutex};
+    use waygate_model::activity::{DnsActivity, ResolverDecision};
+    fn policy(q: &QueryInfo<'_>) -> PolicyVerdict {
+        if q.name == "blocked.example" {
+            PolicyVerdict {
+                decision: Decision::Block(BlockMode::NxDomain),
+                rule: Some(Arc::from("block-list (Block list)")),
+                policy: Some(Arc::new(waygate_model::activity::RuleRef {
+                    id: Arc::from("block-list"),
+                    name: Arc::from("Block list"),
+                })),
+            }
+        } else {
+            Decision::Resolve.into()
+        }
+    }
+    let mut r = resolver(policy);
+    let t0 = test_epoch();
+    let mut out = Vec::new();
+    // Without a sink nothing is built, but the counters move.
+    r.handle_query(
+        &client(),
+        &query(1, "blocked.example.", RecordType::A),
+        Transport::Udp,
+        t0,
+        &mut out,
+    );
+    assert_eq!(r.stats().answers[0][3], 1, "A NXDOMAIN");
+    assert_eq!(r.stats().decisions[1], 1, "block");
+    let seen: Arc<Mutex<Vec<DnsActivity>>> = Arc::default();
+    let into = seen.clone();
+    r.set_activity_sink(Box::new(move |a| into.lock().unwrap().push(a)));
+    // Blocked on the fast path.
+    r.handle_query(
+        &client(),
+        &query(2, "blocked.example.", RecordType::A),
+        Transport::Udp,
+        t0,
+        &mut out,
+    );
+    // Resolved upstream, then replayed from the cache.
+    let Handled::Upstream(ticket) = r.handle_query(
+        &client(),
+        &query(3, "a.example.", RecordType::A),
+        Transport::Udp,
+        t0,
+        &mut out,
+    ) else {
+        panic!("upstream expected")
+    };
+    let resp = upstream_answer(
+        &out,
+        ResponseCode::NoError,
+        vec![a("a.example.", [203, 0, 113, 10], 60)],
+        vec![],
+    );
+    let later = t0 + Duration::from_millis(20);
+    r.handle_upstream(ticket, Some(&resp), "up", later, &mut out);
+    r.handle_query(
+        &client(),
+        &query(4, "a.example.", RecordType::A),
+        Transport::Stream,
+        later,
+        &mut out,
+    );
+    // The upstream fails.
+    let Handled::Upstream(ticket) = r.handle_query(
+        &client(),
+        &query(5, "b.example.", RecordType::AAAA),
+        Transport::Udp,
+        t0,
+        &mut out,
+    ) else {
+        panic!("upstream expected")
+    };
+    r.handle_upstream(ticket, None, "up", later, &mut out);
+    let seen = seen.lock().unwrap();
+    let got: Vec<(u16, &str, &str, u16, ResolverDecision, bool)> = seen
+        .iter()
+        .map(|a| {
+            (
+                a.query_id,
+                &*a.query_name,
+                a.query_type_name,
+                a.rcode,
+                a.decision,
+                a.cache_hit,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                2,
+                "blocked.example",
+                "A",
+                3,
+                ResolverDecision::BlockedByQueryName,
+                false
+            ),
+            (
+                3,
+                "a.example",
+                "A",
+                0,
+                ResolverDecision::AllowedOnNoPolicyMatch,
+                false
+            ),
+            (
+                4,
+                "a.example",
+                "A",
+                0,
+                ResolverDecision::AllowedOnNoPolicyMatch,
+                true
+            ),
+            (
+                5,
+                "b.example",
+                "AAAA",
+                2,
+                ResolverDecision::AllowedOnNoPolicyMatch,
+                false
+            ),
+        ]
+    );
+    assert_eq!(seen[0].policy.as_ref().map(|p| &*p.id), Some("block-list"));
+    assert_eq!(
+        seen[1].resolved_ips,
+        vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10))]
+    );
+    assert_eq!(seen[1].upstream_latency, Some(Duration::from_millis(20)));
+    assert_eq!(seen[2].resolved_ips, seen[1].resolved_ips);
+    assert_eq!((seen[1].protocol, seen[2].protocol), ("udp", "tcp"));
+    let stats = r.stats();
+    assert_eq!(stats.upstream_errors, 1);
+    assert_eq!(stats.answers[1][2], 1, "AAAA SERVFAIL");
+    assert_eq!(stats.upstream_latency.count(), 2);
+    assert_eq!(stats.decisions[0], 3, "allow");
+}

@@ -38,6 +38,7 @@ pub mod drops;
 pub mod health;
 pub mod host;
 pub mod local;
+pub mod metrics;
 pub mod nexthop;
 pub mod reload;
 pub mod resolver;
@@ -138,7 +139,9 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
             .spawn(move || watch_registry(&data_dir, &tunnel, device_tx, seen_rx))?
     };
     let uapi = start_uapi(&config, key_bytes);
-    let (reload_rx, rules_loaded) = start_reloads(&config, &dns, &mut core)?;
+    let reloads = Arc::new(reload::ReloadCounters::default());
+    let (reload_rx, rules_loaded) = start_reloads(&config, &dns, &mut core, reloads.clone())?;
+    let logs = start_logs(&config, &dns, &mut core)?;
     let (probe_tx, probe_rx) = mpsc::channel(PROBE_QUEUE);
     health::spawn_probes(&config.egress.locations, probe_tx);
     let (event_tx, event_rx) = mpsc::channel(upstream::EVENT_QUEUE);
@@ -147,6 +150,20 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     let (stats_tx, stats_rx) = tokio::sync::watch::channel(stats::StatsSnapshot::default());
     // Dropped at the end of this function, which removes the socket.
     let _admin = start_admin(&config, &ca, wall, stats_rx, rules_loaded)?;
+    if let Some(listen) = config.metrics.listen {
+        let registry = metrics::registry(metrics::Sources {
+            stats: stats_tx.subscribe(),
+            reloads,
+            logs: logs.as_ref().map(|l| l.stats().clone()),
+            egress_locations: config
+                .egress
+                .locations
+                .iter()
+                .map(|l| l.name.clone())
+                .collect(),
+        });
+        metrics::serve(listen, registry)?;
+    }
 
     tracing::info!(
         listen = %config.wireguard.listen,
@@ -174,6 +191,8 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
         next_seen: now + LAST_SEEN_EVERY,
         reported: HashMap::new(),
         stats: stats_tx,
+        egress_locations: config.egress.locations.len(),
+        logs,
     };
     let mut inputs = Inputs {
         devices: device_rx,
@@ -288,6 +307,31 @@ fn start_admin(
     Ok(admin)
 }
 
+/// Starts the activity log writer when `logs.dir` is set, and has the resolver and the core
+/// report to it. The writer thread is left to end with the process: it writes every batch as
+/// soon as its queue is empty, so there is nothing to flush at exit.
+fn start_logs(
+    config: &Config,
+    dns: &resolver::ResolverHandle,
+    core: &mut GatewayCore,
+) -> anyhow::Result<Option<waygate_observe::LogSender>> {
+    let Some(dir) = &config.logs.dir else {
+        return Ok(None);
+    };
+    let settings = waygate_observe::LogSettings {
+        dir: dir.clone(),
+        max_size: config.logs.max_size,
+        keep: config.logs.keep,
+        queue: waygate_observe::write::QUEUE,
+    };
+    let (sender, _writer) = waygate_observe::spawn(settings)
+        .with_context(|| format!("logs.dir: cannot write activity logs in {}", dir.display()))?;
+    dns.log_activity(sender.clone());
+    core.record_activity(true);
+    tracing::info!(dir = %dir.display(), max_size = config.logs.max_size, keep = config.logs.keep, "activity logs on");
+    Ok(Some(sender))
+}
+
 /// Loads the followed files (rules, categories, GeoIP) into the core and the resolver, and
 /// starts the thread that reports their changes; returns its channel and the count of rules
 /// running.
@@ -295,6 +339,7 @@ fn start_reloads(
     config: &Config,
     dns: &resolver::ResolverHandle,
     core: &mut GatewayCore,
+    counters: Arc<reload::ReloadCounters>,
 ) -> anyhow::Result<(
     mpsc::Receiver<reload::Reloaded>,
     Arc<std::sync::atomic::AtomicUsize>,
@@ -313,7 +358,7 @@ fn start_reloads(
     let (reload_tx, reload_rx) = mpsc::channel(2);
     std::thread::Builder::new()
         .name("waygate-reload".into())
-        .spawn(move || followed.run(reload_tx))?;
+        .spawn(move || followed.run(reload_tx, &counters))?;
     Ok((reload_rx, rules_loaded))
 }
 
@@ -351,6 +396,10 @@ struct Serving {
     /// Where each device was last reported to the registry.
     reported: HashMap<String, SocketAddr>,
     stats: tokio::sync::watch::Sender<stats::StatsSnapshot>,
+    /// Configured egress locations, for the snapshot's health.
+    egress_locations: usize,
+    /// Where the core's activity records go, while `logs.dir` is set.
+    logs: Option<waygate_observe::LogSender>,
 }
 
 impl Serving {
@@ -437,6 +486,11 @@ impl Serving {
         }
         self.core.flush(now);
         send(&self.socket, self.core.transmit_queue()).await;
+        if let Some(logs) = &self.logs {
+            while let Some(activity) = self.core.poll_activity() {
+                logs.send(activity);
+            }
+        }
         while let Some(command) = self.core.poll_command() {
             match command {
                 Command::DnsQuery {
@@ -494,8 +548,13 @@ impl Serving {
             drops::log(&dropped);
         }
         self.record_last_seen(now);
-        let snapshot =
-            stats::StatsSnapshot::collect(&self.core, self.upstreams.len(), &self.dns, &self.drops);
+        let snapshot = stats::StatsSnapshot::collect(
+            &self.core,
+            self.upstreams.len(),
+            &self.dns,
+            &self.drops,
+            self.egress_locations,
+        );
         self.stats.send_replace(snapshot);
     }
 

@@ -7,7 +7,7 @@
 //! to load is reported and the running one stays.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -61,6 +61,53 @@ pub enum Reloaded {
     GeoIp(Arc<GeoIp>),
     /// The domain categories.
     Categories(Arc<CategoryDb>),
+}
+
+/// A followed file, as the reload metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadFile {
+    /// `policy.rules` with `policy.lists`.
+    Rules,
+    /// `geoip.database`.
+    GeoIp,
+    /// `dns.categories`.
+    Categories,
+}
+
+impl ReloadFile {
+    /// Every followed file.
+    pub const ALL: [ReloadFile; 3] = [ReloadFile::Rules, ReloadFile::GeoIp, ReloadFile::Categories];
+
+    /// The metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReloadFile::Rules => "rules",
+            ReloadFile::GeoIp => "geoip",
+            ReloadFile::Categories => "categories",
+        }
+    }
+}
+
+/// Reloads since the start by file, done and failed (the old version stayed), for metrics.
+#[derive(Debug, Default)]
+pub struct ReloadCounters {
+    counts: [[AtomicU64; 2]; ReloadFile::ALL.len()],
+}
+
+impl ReloadCounters {
+    fn add(&self, file: ReloadFile, ok: bool) {
+        self.counts[file as usize][usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reloads of `file` that took effect.
+    pub fn done(&self, file: ReloadFile) -> u64 {
+        self.counts[file as usize][0].load(Ordering::Relaxed)
+    }
+
+    /// Reloads of `file` that failed.
+    pub fn failed(&self, file: ReloadFile) -> u64 {
+        self.counts[file as usize][1].load(Ordering::Relaxed)
+    }
 }
 
 /// What identifies a version of a file without reading it.
@@ -226,8 +273,8 @@ impl Followed {
             .collect()
     }
 
-    /// Follows the files until `out` closes.
-    pub fn run(mut self, out: mpsc::Sender<Reloaded>) {
+    /// Follows the files until `out` closes, counting reloads in `counters`.
+    pub fn run(mut self, out: mpsc::Sender<Reloaded>, counters: &ReloadCounters) {
         // The first pass returns what the initial load left behind.
         let mut trim = true;
         let mut polls = 0u32;
@@ -250,6 +297,7 @@ impl Followed {
             if let (true, Some(rules)) = (policy_changed, &self.rules) {
                 match policy::load(rules, self.lists.as_deref()) {
                     Ok(p) => {
+                        counters.add(ReloadFile::Rules, true);
                         tracing::info!(rules = %rules.display(), "rule set reloaded");
                         self.rules_loaded.store(rules_in(&p), Ordering::Relaxed);
                         trim = true;
@@ -258,6 +306,7 @@ impl Followed {
                         }
                     }
                     Err(err) => {
+                        counters.add(ReloadFile::Rules, false);
                         tracing::warn!(rules = %rules.display(), "rule set not reloaded, the previous one stays: {err:#}")
                     }
                 }
@@ -267,12 +316,14 @@ impl Followed {
             if let (true, Some(path)) = (now[2] != self.stamps[2], &self.geoip) {
                 match GeoIp::open(path) {
                     Ok(db) => {
+                        counters.add(ReloadFile::GeoIp, true);
                         tracing::info!(database = %path.display(), "GeoIP database reloaded");
                         if out.blocking_send(Reloaded::GeoIp(Arc::new(db))).is_err() {
                             return;
                         }
                     }
                     Err(err) => {
+                        counters.add(ReloadFile::GeoIp, false);
                         tracing::warn!(database = %path.display(), "GeoIP database not reloaded, the previous one stays: {err:#}")
                     }
                 }
@@ -283,6 +334,7 @@ impl Followed {
                 // Built here, off the resolver: queries keep the old set until the swap.
                 match load_categories(&self.categories) {
                     Ok(db) => {
+                        counters.add(ReloadFile::Categories, true);
                         trim = true;
                         if out
                             .blocking_send(Reloaded::Categories(Arc::new(db)))
@@ -292,6 +344,7 @@ impl Followed {
                         }
                     }
                     Err(err) => {
+                        counters.add(ReloadFile::Categories, false);
                         tracing::warn!(
                             "domain categories not reloaded, the previous ones stay: {err:#}"
                         )

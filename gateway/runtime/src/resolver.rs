@@ -365,6 +365,12 @@ impl ResolverHandle {
         }
     }
 
+    /// Reports every answered query to the activity logs from now on.
+    pub fn log_activity(&self, logs: waygate_observe::LogSender) {
+        let sink = move |a| logs.send(waygate_model::activity::Activity::Dns(a));
+        lock(&self.resolver).set_activity_sink(Box::new(sink));
+    }
+
     /// The resolver's counters.
     pub fn stats(&self) -> crate::dns::Stats {
         lock(&self.resolver).stats()

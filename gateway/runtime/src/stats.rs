@@ -2,10 +2,12 @@
 //! core's flows and drops, the WireGuard endpoint's drops, the runtime's queue drops and the
 //! resolver's counters. The serving loop is the only writer; readers (an admin API) subscribe.
 
+use std::time::Duration;
+
 use crate::dns;
 use waygate_engine::flow::FlowDrop;
-use waygate_engine::gateway::GatewayCore;
-use waygate_wg::DropReason;
+use waygate_engine::gateway::{FlowDecisionKind, GatewayCore};
+use waygate_wg::{DropReason, Traffic};
 
 use super::drops::{RuntimeDrop, RuntimeDrops};
 use super::resolver::ResolverHandle;
@@ -15,6 +17,14 @@ use super::resolver::ResolverHandle;
 pub struct StatsSnapshot {
     /// Devices with a WireGuard peer (active in the registry).
     pub peers: usize,
+    /// Of those, the ones with a session: a handshake within the last 3 minutes.
+    pub peers_connected: usize,
+    /// Packets, bytes and handshakes through the tunnels since the start.
+    pub traffic: Traffic,
+    /// Final flow decisions by stage and action.
+    pub flow_decisions: Vec<(FlowDecisionKind, u64)>,
+    /// Whether each configured egress location is up, in config order.
+    pub egress_up: Vec<bool>,
     /// Open TCP flows.
     pub tcp_flows: usize,
     /// Open UDP and ping flows.
@@ -38,11 +48,27 @@ impl StatsSnapshot {
         upstream_tasks: usize,
         resolver: &ResolverHandle,
         runtime: &RuntimeDrops,
+        egress_locations: usize,
     ) -> Self {
         let (tcp_flows, udp_flows) = core.open_flows();
         let wg = core.wireguard();
+        // A session lives at most 3 minutes without a new handshake.
+        let live = Duration::from_secs(180);
         StatsSnapshot {
             peers: wg.peer_keys().count(),
+            peers_connected: wg
+                .stats()
+                .iter()
+                .filter(|p| p.since_handshake.is_some_and(|d| d <= live))
+                .count(),
+            traffic: wg.traffic(),
+            flow_decisions: FlowDecisionKind::ALL
+                .into_iter()
+                .map(|k| (k, core.decisions().get(k)))
+                .collect(),
+            egress_up: (0..egress_locations)
+                .map(|i| core.egress_location_up(i))
+                .collect(),
             tcp_flows,
             udp_flows,
             upstream_tasks,

@@ -12,6 +12,7 @@ pub mod geoip;
 pub mod group;
 pub mod health;
 pub mod logging;
+pub mod logs;
 pub mod rules;
 pub mod serve;
 pub mod vnet;
@@ -56,6 +57,8 @@ pub enum Command {
     /// The admin API: bearer tokens for its TLS listener.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Show the activity logs of `logs.dir` (DNS queries, flows, egress decisions).
+    Logs(LogsArgs),
 }
 
 /// `waygate admin ...`
@@ -89,6 +92,26 @@ pub enum TokenCommand {
         /// Its id, name or prefix (as `admin token list` shows it).
         token: String,
     },
+}
+
+/// Arguments of `waygate logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Which log (default: all of them).
+    #[arg(long = "type", value_parser = ["dns", "network", "http", "egress"])]
+    pub kind: Option<String>,
+    /// Only this device's lines (its id or name).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Keep printing lines as they are written, across rotations.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only lines from this long ago on: `30s`, `10m`, `2h`, `1d`.
+    #[arg(long, value_name = "DURATION")]
+    pub since: Option<String>,
+    /// Print the JSON lines as written instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `waygate ca ...`
@@ -314,6 +337,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Group(cmd) => group::run(cli.config.as_deref(), cmd),
         Command::Health => health::run(cli.config.as_deref()),
         Command::Admin(AdminCommand::Token(cmd)) => admin::token(cli.config.as_deref(), cmd),
+        Command::Logs(args) => logs::run(cli.config.as_deref(), &args),
         Command::Ca(CaCommand::Show) => {
             let config = waygate_config::Config::load(cli.config.as_deref())?;
             waygate_registry::datadir::ensure_data_dir(&config.data_dir)?;

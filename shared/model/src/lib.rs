@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+pub mod activity;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
@@ -115,4 +116,14 @@ pub struct FlowRules {
     pub route: Option<String>,
     /// The name the device resolved, through the gateway's resolver, for the destination.
     pub name: Option<std::sync::Arc<str>>,
+    /// The egress rule's id and name, for the activity logs (set only while they are kept).
+    pub egress_ref: Option<Arc<activity::RuleRef>>,
+    /// The network rule's id and name, for the activity logs (set only while they are kept).
+    pub l4_ref: Option<Arc<activity::RuleRef>>,
+    /// The TLS server name the client's first bytes carried.
+    pub sni: Option<Arc<str>>,
+    /// The protocol the client's first bytes showed.
+    pub detected: Option<&'static str>,
+    /// A network rule refused the flow after its first bytes were read.
+    pub blocked: bool,
 }

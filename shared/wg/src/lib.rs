@@ -56,6 +56,10 @@ const HANDSHAKE_INIT_LEN: usize = 148;
 const INDEX_MASK: u32 = 0x00FF_FFFF;
 /// WireGuard's message type of transport data.
 const DATA_TYPE: u8 = 4;
+/// WireGuard's message type of a handshake initiation.
+const HANDSHAKE_INIT_TYPE: u8 = 1;
+/// WireGuard's message type of a handshake response.
+const HANDSHAKE_RESPONSE_TYPE: u8 = 2;
 
 pub use waygate_model::PeerId;
 
@@ -138,6 +142,22 @@ impl DropCounters {
     }
 }
 
+/// What went through the tunnels since the start, all peers together (peers that were removed
+/// included), for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    /// IP packets decrypted from devices.
+    pub rx_packets: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// IP packets encrypted for devices.
+    pub tx_packets: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+    /// Handshakes completed: initiations answered, and responses to ours accepted.
+    pub handshakes: u64,
+}
+
 /// The result of one datagram.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Received<'b> {
@@ -200,6 +220,7 @@ pub struct Endpoint<T> {
     by_key: FxHashMap<[u8; 32], PeerId>,
     next_index: u32,
     drops: DropCounters,
+    traffic: Traffic,
 }
 
 impl<T> Endpoint<T> {
@@ -219,6 +240,7 @@ impl<T> Endpoint<T> {
             by_key: FxHashMap::default(),
             next_index: 1,
             drops: DropCounters::default(),
+            traffic: Traffic::default(),
         }
     }
 
@@ -338,6 +360,11 @@ impl<T> Endpoint<T> {
             .collect()
     }
 
+    /// Packets, bytes and handshakes since the start.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+
     /// Drop counters.
     pub fn drops(&self) -> &DropCounters {
         &self.drops
@@ -414,15 +441,27 @@ impl<T> Endpoint<T> {
                 // Authenticated: this is where the peer is now (roaming).
                 peer.endpoint = Some(from);
                 match len {
-                    Some(len) => Received::Packet {
-                        peer: id,
-                        packet: &scratch[..len],
-                    },
-                    None => Received::Nothing,
+                    Some(len) => {
+                        self.traffic.rx_packets += 1;
+                        self.traffic.rx_bytes += len as u64;
+                        Received::Packet {
+                            peer: id,
+                            packet: &scratch[..len],
+                        }
+                    }
+                    None => {
+                        if datagram.first() == Some(&HANDSHAKE_RESPONSE_TYPE) {
+                            self.traffic.handshakes += 1;
+                        }
+                        Received::Nothing
+                    }
                 }
             }
             Err(None) => {
                 peer.endpoint = Some(from);
+                if datagram.first() == Some(&HANDSHAKE_INIT_TYPE) {
+                    self.traffic.handshakes += 1;
+                }
                 // A completed handshake may release packets queued while it ran.
                 while let TunnResult::WriteToNetwork(queued) =
                     peer.tunn.decapsulate(None, &[], scratch)
@@ -533,6 +572,8 @@ impl<T> Endpoint<T> {
             return false;
         };
         let tunn = &mut p.tunn;
+        self.traffic.tx_packets += 1;
+        self.traffic.tx_bytes += packet.len() as u64;
         tx.push_with(
             dst,
             (packet.len() + OVERHEAD).max(HANDSHAKE_INIT_LEN),

@@ -37,6 +37,7 @@ use super::device::FlowDevice;
 use super::packet::{build_rst, TcpFlags};
 use super::sniff::{sniff, Detected, Sniff, MAX_SNIFF};
 use super::{Command, FlowCtx, FlowId, FlowKey, PacketSink, Upstream, UpstreamEvent};
+use waygate_model::activity::{Activity, FlowAction, NetworkActivity};
 use waygate_wg::PeerId;
 
 /// Tuning of terminated connections.
@@ -312,6 +313,8 @@ pub struct TcpFlows {
     peers: FxHashMap<PeerId, PeerState>,
     /// Held flows whose first bytes are known, for [`TcpFlows::poll_sniffed`].
     sniffed: VecDeque<(FlowId, Detected)>,
+    /// Closed flows for the activity logs, while [`TcpFlows::record_closed`] is on.
+    closed: Option<Vec<Activity>>,
 }
 
 impl TcpFlows {
@@ -342,6 +345,7 @@ impl TcpFlows {
             scratch,
             peers: FxHashMap::default(),
             sniffed: VecDeque::new(),
+            closed: None,
         }
     }
 
@@ -408,6 +412,19 @@ impl TcpFlows {
     /// Whether no flow is open.
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
+    }
+
+    /// Keeps a record of every flow that closes from now on (`true`), for
+    /// [`TcpFlows::drain_closed`], or stops keeping them.
+    pub fn record_closed(&mut self, on: bool) {
+        self.closed = on.then(Vec::new);
+    }
+
+    /// Hands over the records of the flows closed since the last call.
+    pub fn drain_closed(&mut self, into: &mut VecDeque<Activity>) {
+        if let Some(closed) = &mut self.closed {
+            into.extend(closed.drain(..));
+        }
     }
 
     /// Starts a flow from its SYN: asks the runtime to connect and keeps the SYN until then.
@@ -815,6 +832,16 @@ impl TcpFlows {
         }
         out.push_back(Command::TcpClose { flow: id });
         let ctx = &flow.ctx;
+        if let Some(closed) = &mut self.closed {
+            closed.push(closed_record(
+                ctx,
+                &flow.upstream,
+                flow.bytes_up,
+                flow.bytes_down,
+                why,
+                now,
+            ));
+        }
         tracing::info!(
             target: "waygate::flow",
             flow = id,
@@ -1076,6 +1103,38 @@ fn service_flow<S: PacketSink>(
 
 /// Asks the runtime to connect a flow's upstream (or hand it to a local service, with `ctx`) and
 /// lets it read `window` bytes ahead of the device.
+/// The activity record of a flow that ends: allowed unless a rule reset it after its first bytes.
+pub(crate) fn closed_record(
+    ctx: &FlowCtx,
+    upstream: &Upstream,
+    bytes_sent: u64,
+    bytes_received: u64,
+    why: &'static str,
+    now: Instant,
+) -> Activity {
+    let rewritten = upstream.local.is_none() && upstream.dst != ctx.dst;
+    Activity::Network(Box::new(NetworkActivity {
+        at: now,
+        opened: ctx.opened,
+        device: ctx.device.clone(),
+        protocol: ctx.protocol,
+        src: ctx.src,
+        dst: ctx.dst,
+        override_dst: rewritten.then_some(upstream.dst),
+        action: if ctx.rules.blocked {
+            FlowAction::Block
+        } else {
+            FlowAction::Allow
+        },
+        policy: ctx.rules.l4_ref.clone(),
+        sni: ctx.rules.sni.clone(),
+        detected_protocol: ctx.rules.detected,
+        bytes_sent,
+        bytes_received,
+        reason: why,
+    }))
+}
+
 fn connect(
     flow: FlowId,
     upstream: Upstream,

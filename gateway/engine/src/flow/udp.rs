@@ -17,6 +17,7 @@ use bytes::Bytes;
 
 use super::packet::{build_ping_reply, build_udp};
 use super::{Command, FlowCtx, FlowId, FlowKey, PacketSink, Protocol, Upstream};
+use waygate_model::activity::Activity;
 use waygate_wg::PeerId;
 
 /// Idle time after which a UDP flow is forgotten.
@@ -45,6 +46,8 @@ pub struct UdpNat {
     per_peer: FxHashMap<PeerId, usize>,
     next_sweep: Option<Instant>,
     scratch: Vec<u8>,
+    /// Closed flows for the activity logs, while [`UdpNat::record_closed`] is on.
+    closed: Option<Vec<Activity>>,
 }
 
 impl Default for UdpNat {
@@ -55,6 +58,7 @@ impl Default for UdpNat {
             per_peer: FxHashMap::default(),
             next_sweep: None,
             scratch: vec![0u8; 65_535 + 48],
+            closed: None,
         }
     }
 }
@@ -78,6 +82,19 @@ impl UdpNat {
     /// Whether no flow is open.
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
+    }
+
+    /// Keeps a record of every flow that closes from now on (`true`), for
+    /// [`UdpNat::drain_closed`], or stops keeping them.
+    pub fn record_closed(&mut self, on: bool) {
+        self.closed = on.then(Vec::new);
+    }
+
+    /// Hands over the records of the flows closed since the last call.
+    pub fn drain_closed(&mut self, into: &mut VecDeque<Activity>) {
+        if let Some(closed) = &mut self.closed {
+            into.extend(closed.drain(..));
+        }
     }
 
     /// Opens a flow: the runtime creates its socket.
@@ -204,6 +221,17 @@ impl UdpNat {
         }
         out.push_back(Command::UdpClose { flow: id });
         let ctx = &flow.ctx;
+        if let Some(closed) = &mut self.closed {
+            let record = super::tcp::closed_record(
+                ctx,
+                &flow.upstream,
+                flow.bytes_up,
+                flow.bytes_down,
+                why,
+                now,
+            );
+            closed.push(record);
+        }
         tracing::info!(
             target: "waygate::flow",
             flow = id,

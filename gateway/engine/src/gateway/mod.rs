@@ -30,6 +30,7 @@ use crate::vnet::{VnetRoute, VnetRoutes};
 use waygate_dns::memory::{NameMemory, Names};
 use waygate_dns::ClientKey;
 use waygate_geoip::GeoIp;
+use waygate_model::activity::{Activity, EgressActivity, FlowAction, NetworkActivity, RuleRef};
 use waygate_stages::egress::{Egress, EgressChoice, EgressSettings, Probe};
 use waygate_stages::pipeline::{FlowDecision, Known, Pipeline};
 use waygate_stages::policy;
@@ -115,6 +116,73 @@ struct Router {
     /// When each device was last said to be at a flow limit.
     limit_warned: HashMap<PeerId, Instant>,
     reply: Vec<u8>,
+    /// Final flow decisions by stage and action, for metrics.
+    decisions: DecisionCounters,
+    /// Activity records for the logs, while the runtime keeps them (`None`: nothing is built).
+    activity: Option<VecDeque<Activity>>,
+}
+
+/// What a flow decision did, by stage: the label values of the decision metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowDecisionKind {
+    /// Network stage: allowed to where the device dialled.
+    NetworkAllow,
+    /// Network stage: refused.
+    NetworkBlock,
+    /// Network stage: allowed to another destination (a rule's override).
+    NetworkOverride,
+    /// Egress stage: no rule matched, the default egress.
+    EgressDefault,
+    /// Egress stage: an egress rule chose the source.
+    EgressRule,
+}
+
+impl FlowDecisionKind {
+    /// Every kind, for counters.
+    pub const ALL: [FlowDecisionKind; 5] = [
+        FlowDecisionKind::NetworkAllow,
+        FlowDecisionKind::NetworkBlock,
+        FlowDecisionKind::NetworkOverride,
+        FlowDecisionKind::EgressDefault,
+        FlowDecisionKind::EgressRule,
+    ];
+
+    /// The stage and action, as the metrics label them.
+    pub fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            FlowDecisionKind::NetworkAllow => ("network", "allow"),
+            FlowDecisionKind::NetworkBlock => ("network", "block"),
+            FlowDecisionKind::NetworkOverride => ("network", "override"),
+            FlowDecisionKind::EgressDefault => ("egress", "default"),
+            FlowDecisionKind::EgressRule => ("egress", "egress"),
+        }
+    }
+}
+
+/// Per-kind counts of final flow decisions.
+#[derive(Debug, Default, Clone)]
+pub struct DecisionCounters {
+    counts: [u64; FlowDecisionKind::ALL.len()],
+}
+
+impl DecisionCounters {
+    /// Adds one.
+    pub fn add(&mut self, kind: FlowDecisionKind) {
+        self.counts[kind as usize] += 1;
+    }
+
+    /// Count for `kind`.
+    pub fn get(&self, kind: FlowDecisionKind) -> u64 {
+        self.counts[kind as usize]
+    }
+}
+
+/// A rule as the activity logs name it.
+fn rule_ref(rule: &waygate_policy::ruleset::CompiledRule) -> Arc<RuleRef> {
+    Arc::new(RuleRef {
+        id: Arc::from(rule.id.as_str()),
+        name: Arc::from(rule.name.as_str()),
+    })
 }
 
 /// Encrypts packets for devices straight into the transmit queue.
@@ -171,6 +239,8 @@ impl GatewayCore {
                 drops: FlowDropCounters::default(),
                 limit_warned: HashMap::new(),
                 reply: vec![0u8; MAX_DATAGRAM],
+                decisions: DecisionCounters::default(),
+                activity: None,
             },
             next_wg_tick: now,
         }
@@ -189,6 +259,36 @@ impl GatewayCore {
     /// Dropped device packets by reason.
     pub fn flow_drops(&self) -> &FlowDropCounters {
         &self.router.drops
+    }
+
+    /// Final flow decisions by stage and action.
+    pub fn decisions(&self) -> &DecisionCounters {
+        &self.router.decisions
+    }
+
+    /// Keeps activity records (flows at their close or refusal, egress decisions) for
+    /// [`GatewayCore::poll_activity`] from now on (`true`), or stops building them.
+    pub fn record_activity(&mut self, on: bool) {
+        let router = &mut self.router;
+        router.activity = on.then(VecDeque::new);
+        router.tcp.record_closed(on);
+        router.udp.record_closed(on);
+    }
+
+    /// The next activity record; the runtime drains them after every turn.
+    pub fn poll_activity(&mut self) -> Option<Activity> {
+        let router = &mut self.router;
+        let queue = router.activity.as_mut()?;
+        if queue.is_empty() {
+            router.tcp.drain_closed(queue);
+            router.udp.drain_closed(queue);
+        }
+        queue.pop_front()
+    }
+
+    /// Whether egress location `index` (its position in the config) is up.
+    pub fn egress_location_up(&self, index: usize) -> bool {
+        self.router.egress.is_up(index)
     }
 
     /// Replaces the virtual networks' private routes (vnet id -> routes); new flows use them.
@@ -637,6 +737,10 @@ impl Router {
         );
         ctx.rules.egress = decision.egress_rule.map(|r| r.id.clone());
         ctx.rules.l4 = decision.network_rule.map(|r| r.id.clone());
+        if self.activity.is_some() {
+            ctx.rules.egress_ref = decision.egress_rule.map(rule_ref);
+            ctx.rules.l4_ref = decision.network_rule.map(rule_ref);
+        }
         let (to, opening) = match (decision.wait, &decision.verdict) {
             (None, L4Verdict::Allow { target: to }) => (Some(*to), Opening::Connect),
             (None, L4Verdict::Block) => (None, Opening::Connect),
@@ -650,7 +754,7 @@ impl Router {
             }
         };
         let upstream = match to {
-            Some(to) => self.route(ctx, to, decision.egress.as_ref()),
+            Some(to) => self.route(ctx, to, decision.egress.as_ref(), ctx.opened),
             None => Err(FlowDrop::PolicyBlocked),
         };
         if decision.wait.is_none() || upstream.is_err() {
@@ -658,9 +762,36 @@ impl Router {
                 Ok(u) => Outcome::Upstream(u),
                 Err(reason) => Outcome::Refused(*reason),
             };
+            self.count_decision(target, &decision, &outcome);
+            if let (Err(reason), Some(activity)) = (&upstream, &mut self.activity) {
+                activity.push_back(refused_record(ctx, *reason));
+            }
             log_decision(ctx, None, &decision, outcome);
         }
         upstream.map(|u| (u, opening))
+    }
+
+    /// Counts a final decision of the network and egress stages.
+    fn count_decision(
+        &mut self,
+        dialled: SocketAddr,
+        decision: &FlowDecision<'_>,
+        outcome: &Outcome<'_>,
+    ) {
+        let network = match (&decision.verdict, outcome) {
+            (L4Verdict::Block, _) => FlowDecisionKind::NetworkBlock,
+            (L4Verdict::Allow { target }, _) if *target != dialled => {
+                FlowDecisionKind::NetworkOverride
+            }
+            (L4Verdict::Allow { .. }, _) => FlowDecisionKind::NetworkAllow,
+        };
+        self.decisions.add(network);
+        if matches!(outcome, Outcome::Upstream(_)) {
+            self.decisions.add(match decision.egress_rule {
+                Some(_) => FlowDecisionKind::EgressRule,
+                None => FlowDecisionKind::EgressDefault,
+            });
+        }
     }
 
     /// Where a flow allowed to `to` leaves: a private route of its virtual network, else the
@@ -671,6 +802,7 @@ impl Router {
         ctx: &mut FlowCtx,
         to: SocketAddr,
         choice: Option<&EgressChoice>,
+        now: Instant,
     ) -> Result<Upstream, FlowDrop> {
         let route = self.vnets.route(ctx.device.vnet_id.as_deref(), to.ip());
         if let Some(refused) = self.settings.protected.check(to.ip(), route.is_some()) {
@@ -688,9 +820,22 @@ impl Router {
         if self.vnets.covers(to.ip()) {
             return Err(FlowDrop::OtherVnet);
         }
+        let bind = self.egress.select(ctx, to.ip(), choice);
+        if let Some(activity) = &mut self.activity {
+            activity.push_back(Activity::Egress(Box::new(EgressActivity {
+                at: now,
+                device: ctx.device.clone(),
+                protocol: ctx.protocol,
+                src: ctx.src,
+                dst: to,
+                policy: ctx.rules.egress_ref.clone(),
+                egress_ip: bind,
+                name: ctx.rules.name.clone(),
+            })));
+        }
         Ok(Upstream {
             dst: to,
-            bind: self.egress.select(ctx, to.ip(), choice),
+            bind,
             via: None,
             local: None,
         })
@@ -713,13 +858,20 @@ impl Router {
                 Known::FirstBytes(&detected),
             );
             ctx.rules.l4 = decision.network_rule.map(|r| r.id.clone());
+            if self.activity.is_some() {
+                ctx.rules.l4_ref = decision.network_rule.map(rule_ref);
+                ctx.rules.detected = Some(detected.protocol());
+                if let Detected::Tls { sni: Some(sni) } = &detected {
+                    ctx.rules.sni = Some(Arc::from(sni.as_str()));
+                }
+            }
             let release = match decision.verdict {
                 L4Verdict::Block => Release::Reset,
                 L4Verdict::Allow { target: to } if connected && to == opened.dst => {
                     Release::Forward
                 }
                 L4Verdict::Allow { target: to } => {
-                    match self.route(&mut ctx, to, decision.egress.as_ref()) {
+                    match self.route(&mut ctx, to, decision.egress.as_ref(), now) {
                         Ok(upstream) => Release::Redirect(upstream),
                         Err(_) => Release::Reset,
                     }
@@ -727,16 +879,18 @@ impl Router {
             };
             if release == Release::Reset {
                 self.drops.add(FlowDrop::PolicyBlocked);
+                ctx.rules.blocked = true;
             }
             let outcome = match &release {
                 Release::Forward => Outcome::Upstream(&opened),
                 Release::Redirect(upstream) => Outcome::Upstream(upstream),
                 Release::Reset => Outcome::Refused(FlowDrop::PolicyBlocked),
             };
+            self.count_decision(target, &decision, &outcome);
             log_decision(&ctx, Some(&detected), &decision, outcome);
             if let Some(held) = self.tcp.held(id) {
-                held.ctx.rules.l4 = ctx.rules.l4.clone();
-                held.ctx.rules.route = ctx.rules.route.clone();
+                // The flow's close record tells what was decided here.
+                held.ctx.rules = ctx.rules;
             }
             self.tcp.release(id, release, now, sink, &mut self.commands);
         }
@@ -839,6 +993,29 @@ impl Router {
         };
         self.udp.send(id, parsed.payload, now, &mut self.commands);
     }
+}
+
+/// The activity record of a flow refused at its first packet.
+fn refused_record(ctx: &FlowCtx, reason: FlowDrop) -> Activity {
+    Activity::Network(Box::new(NetworkActivity {
+        at: ctx.opened,
+        opened: ctx.opened,
+        device: ctx.device.clone(),
+        protocol: ctx.protocol,
+        src: ctx.src,
+        dst: ctx.dst,
+        override_dst: None,
+        action: FlowAction::Block,
+        policy: ctx.rules.l4_ref.clone(),
+        sni: None,
+        detected_protocol: None,
+        bytes_sent: 0,
+        bytes_received: 0,
+        reason: match reason {
+            FlowDrop::PolicyBlocked => "blocked",
+            _ => "protected destination",
+        },
+    }))
 }
 
 /// Where a decided flow goes, for its log line.

@@ -659,3 +659,62 @@ fn what_the_server_says_before_the_devices_ack_waits_for_it() {
     assert_eq!(&got[..n], banner);
     assert_eq!(credited(&sim.take_commands(), flow), banner.len());
 }
+
+#[test]
+fn activity_records_name_the_egress_decision_and_the_closed_flow_while_kept() {
+    use waygate_model::activity::{Activity, FlowAction};
+    let mut sim = Sim::new();
+    let handle = sim.sockets.add(udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+    ));
+    let echo = IpEndpoint::new(IpAddress::v4(203, 0, 113, 30), 7);
+    sim.sockets
+        .get_mut::<udp::Socket>(handle)
+        .bind(5000)
+        .unwrap();
+    // Not kept: a flow opens and closes without records.
+    sim.sockets
+        .get_mut::<udp::Socket>(handle)
+        .send_slice(b"one", echo)
+        .unwrap();
+    sim.run();
+    sim.advance(Duration::from_secs(121));
+    sim.take_commands();
+    assert_eq!(sim.core.poll_activity(), None);
+    let allowed = sim.core.decisions().get(FlowDecisionKind::NetworkAllow);
+    let by_default = sim.core.decisions().get(FlowDecisionKind::EgressDefault);
+    assert_eq!((allowed, by_default), (1, 1));
+
+    sim.core.record_activity(true);
+    sim.sockets
+        .get_mut::<udp::Socket>(handle)
+        .send_slice(b"ping", echo)
+        .unwrap();
+    sim.run();
+    let flow = match &sim.take_commands()[..] {
+        [Command::UdpOpen { flow, .. }, Command::UdpSend { .. }] => *flow,
+        other => panic!("{other:?}"),
+    };
+    let Some(Activity::Egress(egress)) = sim.core.poll_activity() else {
+        panic!("an egress record first")
+    };
+    assert_eq!(egress.dst, "203.0.113.30:7".parse().unwrap());
+    assert_eq!(egress.egress_ip, Some(IpAddr::V4(EGRESS)));
+    assert_eq!(egress.policy, None);
+    assert_eq!(sim.core.poll_activity(), None);
+    sim.upstream(UpstreamEvent::UdpData {
+        flow,
+        data: Bytes::from_static(b"pong!"),
+    });
+    sim.advance(Duration::from_secs(121));
+    let Some(Activity::Network(closed)) = sim.core.poll_activity() else {
+        panic!("a network record at the close")
+    };
+    assert_eq!(closed.action, FlowAction::Allow);
+    assert_eq!((closed.bytes_sent, closed.bytes_received), (4, 5));
+    assert_eq!(closed.reason, "idle");
+    assert_eq!(closed.device.id, device().build().id);
+    assert!(closed.at.saturating_duration_since(closed.opened) >= Duration::from_secs(120));
+    assert_eq!(sim.core.decisions().get(FlowDecisionKind::NetworkAllow), 2);
+}

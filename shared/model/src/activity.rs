@@ -1,0 +1,177 @@
+//! Activity records: what the sans-IO cores report for the activity logs, one record per DNS
+//! query, per flow (at its close, or at its refusal) and per egress decision.
+//!
+//! Inputs: filled by the resolver core (`waygate-dns`) and the engine (`waygate-engine`) while
+//! they decide, only when the runtime asked for them. Outputs: drained by the runtime and handed
+//! to the log writer (`waygate-observe`), which adds the wall-clock time and writes them with
+//! Cloudflare Logpush's field names. Plain data; times are the cores' monotonic `now`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{DeviceInfo, Protocol};
+
+/// A rule that decided something, as the logs name it (Logpush `PolicyID`, `PolicyName`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRef {
+    /// The rule's id.
+    pub id: Arc<str>,
+    /// The rule's name (may be empty).
+    pub name: Arc<str>,
+}
+
+/// One record for the activity logs. The HTTP stage will add `Http` (one per request, written
+/// to `http.jsonl` with `gateway_http`'s names), which the writer already creates.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Activity {
+    /// A DNS query and its answer. Not boxed: one arrives per query, and moving it through the
+    /// writer's queue costs less than an allocation and a free on another thread.
+    Dns(DnsActivity),
+    /// A flow, at its close or refusal.
+    Network(Box<NetworkActivity>),
+    /// The source address chosen for a flow leaving to the Internet.
+    Egress(Box<EgressActivity>),
+}
+
+/// How the resolver answered a query, in Logpush's `ResolverDecision` words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolverDecision {
+    /// Resolved; no rule matched.
+    AllowedOnNoPolicyMatch,
+    /// Resolved; an allow rule matched.
+    AllowedByQueryName,
+    /// A block rule matched the question.
+    BlockedByQueryName,
+    /// A block rule matched the upstream's answer (its addresses or CNAMEs).
+    BlockedByResponse,
+    /// An override rule answered (addresses or another host).
+    OverrideApplied,
+    /// A SafeSearch or YouTube restricted rule rewrote the name.
+    OverrideForSafeSearch,
+    /// No policy decision: the query was malformed, unsupported or could not be served.
+    Unknown,
+}
+
+impl ResolverDecision {
+    /// The word written to the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolverDecision::AllowedOnNoPolicyMatch => "allowedOnNoPolicyMatch",
+            ResolverDecision::AllowedByQueryName => "allowedByQueryName",
+            ResolverDecision::BlockedByQueryName => "blockedByQueryName",
+            ResolverDecision::BlockedByResponse => "blockedByResponse",
+            ResolverDecision::OverrideApplied => "overrideApplied",
+            ResolverDecision::OverrideForSafeSearch => "overrideForSafeSearch",
+            ResolverDecision::Unknown => "unknown",
+        }
+    }
+}
+
+/// One DNS query and its answer (Logpush `gateway_dns`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsActivity {
+    /// When it was answered.
+    pub at: Instant,
+    /// The device that asked, when it came through the tunnel.
+    pub device: Option<Arc<DeviceInfo>>,
+    /// The location of a `dns.listen` query.
+    pub location: Option<String>,
+    /// The query's source address.
+    pub src_ip: IpAddr,
+    /// The message id.
+    pub query_id: u16,
+    /// The queried name, lowercased, without the root's dot.
+    pub query_name: Arc<str>,
+    /// The queried type's number.
+    pub query_type: u16,
+    /// The queried type's name (`A`, `AAAA`, ...).
+    pub query_type_name: &'static str,
+    /// The answer's response code's number.
+    pub rcode: u16,
+    /// The addresses answered.
+    pub resolved_ips: Vec<IpAddr>,
+    /// What the policy did.
+    pub decision: ResolverDecision,
+    /// The rule that decided, if any.
+    pub policy: Option<Arc<RuleRef>>,
+    /// `udp`, or `tcp` for streams (DNS over TCP, TLS and HTTPS).
+    pub protocol: &'static str,
+    /// Answered from the cache.
+    pub cache_hit: bool,
+    /// How long the upstream took, when one was asked.
+    pub upstream_latency: Option<Duration>,
+}
+
+/// What became of a flow (Logpush `gateway_network` `Action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowAction {
+    /// Allowed (and proxied).
+    Allow,
+    /// Refused by a network rule.
+    Block,
+}
+
+impl FlowAction {
+    /// The word written to the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowAction::Allow => "allow",
+            FlowAction::Block => "block",
+        }
+    }
+}
+
+/// One flow, at its close or refusal (Logpush `gateway_network`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkActivity {
+    /// When it closed (or was refused).
+    pub at: Instant,
+    /// When its first packet arrived.
+    pub opened: Instant,
+    /// The device and its user.
+    pub device: Arc<DeviceInfo>,
+    /// Transport.
+    pub protocol: Protocol,
+    /// Source inside the tunnel.
+    pub src: SocketAddr,
+    /// Destination the device addressed.
+    pub dst: SocketAddr,
+    /// Where the flow was sent when a rule rewrote its destination (`OverrideIP`, `OverridePort`).
+    pub override_dst: Option<SocketAddr>,
+    /// Allowed or blocked.
+    pub action: FlowAction,
+    /// The network rule that decided, if any.
+    pub policy: Option<Arc<RuleRef>>,
+    /// The TLS server name the client sent, when one was read.
+    pub sni: Option<Arc<str>>,
+    /// The protocol its first bytes showed (`tls`, `http`, ...), when they were read.
+    pub detected_protocol: Option<&'static str>,
+    /// Bytes the device sent.
+    pub bytes_sent: u64,
+    /// Bytes the device received.
+    pub bytes_received: u64,
+    /// Why it ended (`closed`, `idle`, `upstream refused`, `blocked`, ...).
+    pub reason: &'static str,
+}
+
+/// The source address chosen for a flow to the Internet (the egress stage's decision).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EgressActivity {
+    /// When it was decided.
+    pub at: Instant,
+    /// The device and its user.
+    pub device: Arc<DeviceInfo>,
+    /// Transport.
+    pub protocol: Protocol,
+    /// Source inside the tunnel.
+    pub src: SocketAddr,
+    /// Where the flow goes.
+    pub dst: SocketAddr,
+    /// The egress rule that matched (`None`: the default egress).
+    pub policy: Option<Arc<RuleRef>>,
+    /// The source address it leaves from (`None`: the OS picks it).
+    pub egress_ip: Option<IpAddr>,
+    /// The name the device resolved for the destination through the gateway's resolver.
+    pub name: Option<Arc<str>>,
+}
