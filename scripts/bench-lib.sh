@@ -8,6 +8,9 @@
 # waygate_down      the device's tunnel and Waygate gone
 # reference_up      the reference gateway serving the device; sets GW_PID
 # cpu_ticks PID     user + system clock ticks of PID so far (TCK ticks per second)
+#
+# BENCH_ENDPOINT (HOST:PORT), when set, is the Endpoint the device dials for either gateway (a
+# relay in front of it, as scripts/bench-far.sh puts there).
 
 bench_die() { echo "${BENCH_NAME:-bench}: $*" >&2; exit 1; }
 
@@ -22,11 +25,12 @@ bench_init() {
     command -v "$tool" >/dev/null || bench_die "missing $tool (scripts/install-deps.sh installs it)"
   done
   cd "$ROOT"
-  cargo build --release --quiet --bin waygate --bin lab-origin --bin lab-connrate
+  cargo build --release --quiet --bin waygate --bin lab-origin --bin lab-connrate --bin lab-delay
   local target
   target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
   WAYGATE="$target/release/waygate"
   LAB_CONNRATE="$target/release/lab-connrate"
+  LAB_DELAY="$target/release/lab-delay"
   export LAB_ORIGIN="$target/release/lab-origin"
   WORK="$(mktemp -d "/tmp/waygate-$BENCH_NAME.XXXXXX")"
   trap bench_cleanup EXIT
@@ -54,6 +58,9 @@ EOT
   "$WAYGATE" --config "$WORK/gw.toml" device enroll --email bench@example.com --name bench \
     >"$WORK/${P}w.conf" 2>"$WORK/enroll.log" || bench_die "enroll failed: $(cat "$WORK/enroll.log")"
   sed -i '/^DNS/d' "$WORK/${P}w.conf"
+  if [ -n "${BENCH_ENDPOINT:-}" ]; then
+    sed -i "s/^Endpoint = .*/Endpoint = $BENCH_ENDPOINT/" "$WORK/${P}w.conf"
+  fi
   ip netns exec "${P}gw" env WAYGATE_LOG=warn "$WAYGATE" --config "$WORK/gw.toml" serve \
     >"$WORK/waygate.log" 2>&1 &
   GW_PID=$!
@@ -90,7 +97,7 @@ MTU = 1420
 
 [Peer]
 PublicKey = $(echo "$gw_key" | wg pubkey)
-Endpoint = 198.51.100.1:51821
+Endpoint = ${BENCH_ENDPOINT:-198.51.100.1:51821}
 AllowedIPs = 0.0.0.0/0
 PersistentKeepalive = 25
 EOT

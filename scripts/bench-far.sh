@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# TCP goodput to and from far devices: Waygate and the reference gateway behind an emulated path,
+# in one run.
+#
+#   scripts/bench-far.sh            (as root; builds the release binaries first)
+#
+# The device dials a relay (lab-delay, in the gateway's namespace) that stands for the path
+# between a real device and its gateway. Rows:
+#
+#   RTT 10, 40, 100 ms          a clean path
+#   40 ms, 0.5% loss            random loss in each direction
+#   40 ms, 100 Mbit/s, 50 ms    a home or mobile access link: a bottleneck with a 50 ms queue
+#
+# For each row and each gateway, iperf3 runs device <-> origin (203.0.113.20): 1 and 4 streams,
+# upload and download. Goodput is what iperf3's receiver counted; CPU is the gateway process's
+# user + system time per Gbit moved (for the reference, wireguard-go's; kernel forwarding is not
+# counted, which flatters the reference). In the bottleneck row the device pings the gateway's
+# tunnel address during the 4-stream download: the median RTT under load shows the queue a
+# gateway builds in the bottleneck (bufferbloat).
+#
+# Env: BENCH_SECONDS (default 8) per iperf3 run; BENCH_ROWS (default all) a space-separated subset
+# of the row names below; BENCH_PREFIX lab prefix.
+set -Eeuo pipefail
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
+SECONDS_PER_RUN="${BENCH_SECONDS:-8}"
+RELAY=198.51.100.1:51900
+export BENCH_ENDPOINT=$RELAY
+
+# name|lab-delay flags (one-way delay: half the RTT)
+ALL_ROWS=(
+  "rtt10|--delay-ms 5"
+  "rtt40|--delay-ms 20"
+  "rtt100|--delay-ms 50"
+  "rtt40-loss0.5|--delay-ms 20 --loss-up 0.5 --loss-down 0.5"
+  "rtt40-100mbit-q50|--delay-ms 20 --rate-mbit 100 --queue-ms 50"
+)
+ROWS=()
+for row in "${ALL_ROWS[@]}"; do
+  if [ -z "${BENCH_ROWS:-}" ] || [[ " $BENCH_ROWS " == *" ${row%%|*} "* ]]; then ROWS+=("$row"); fi
+done
+[ ${#ROWS[@]} -gt 0 ] || { echo "bench-far: no row matches BENCH_ROWS=$BENCH_ROWS" >&2; exit 2; }
+
+bench_init bench-far
+RELAY_PID=
+
+# relay_start PORT FLAGS...: lab-delay in front of the gateway listening on PORT.
+relay_start() {
+  local port="$1"
+  shift
+  ip netns exec "${P}gw" "$LAB_DELAY" --listen "$RELAY" --to "198.51.100.1:$port" "$@" \
+    2>>"$WORK/relay.log" &
+  RELAY_PID=$!
+  "$LAB" record-pid "$P" "$RELAY_PID" lab-delay
+  sleep 0.2
+}
+
+relay_stop() {
+  [ -n "$RELAY_PID" ] || return 0
+  kill "$RELAY_PID" 2>/dev/null || true
+  wait "$RELAY_PID" 2>/dev/null || true
+  RELAY_PID=
+}
+
+# measure NAME PORT TUNNEL_ADDR: every row through the gateway listening on PORT.
+measure() {
+  local name="$1" port="$2" tunnel="$3" row label flags run args c0 c1 json ping_pid
+  for row in "${ROWS[@]}"; do
+    label="${row%%|*}"
+    flags="${row#*|}"
+    relay_stop
+    printf '%s %s: ' "$name" "$label" >>"$WORK/relay.log"
+    # shellcheck disable=SC2086
+    relay_start "$port" $flags
+    # Let the tunnel find the new relay (the device's next packet teaches it the way back).
+    ip netns exec "${P}d1" ping -c 3 -i 0.3 -W 2 "$tunnel" >/dev/null 2>&1 || true
+    for run in "1 up:" "1 down:-R" "4 up:-P 4" "4 down:-P 4 -R"; do
+      args="${run#*:}"
+      ping_pid=
+      if [[ $label == *mbit* && $run == "4 down:"* ]]; then
+        ip netns exec "${P}d1" ping -i 0.2 -w $((SECONDS_PER_RUN + 1)) "$tunnel" \
+          >"$WORK/ping-$name-$label" 2>&1 &
+        ping_pid=$!
+      fi
+      c0="$(cpu_ticks "$GW_PID")"
+      # -O 1: the first second is not counted (slow start is the same for both gateways).
+      # shellcheck disable=SC2086
+      json="$(ip netns exec "${P}d1" timeout $((SECONDS_PER_RUN + 30)) \
+        iperf3 -c 203.0.113.20 -t "$SECONDS_PER_RUN" -O 1 $args -J 2>/dev/null)" || json=""
+      c1="$(cpu_ticks "$GW_PID")"
+      [ -z "$ping_pid" ] || wait "$ping_pid" 2>/dev/null || true
+      python3 - "$name" "$label" "${run%%:*}" "$c0" "$c1" "$TCK" "$json" \
+        "$WORK/ping-$name-$label" >>"$WORK/results" <<'PY'
+import json, os, re, statistics, sys
+name, label, run, c0, c1, tck, raw, ping_file = sys.argv[1:]
+try:
+    end = json.loads(raw)["end"]["sum_received"]
+    gbit, secs = end["bytes"] * 8 / 1e9, end["seconds"]
+except (ValueError, KeyError):
+    gbit, secs = 0.0, 1.0  # iperf3 failed or timed out: no goodput
+cpu = (float(c1) - float(c0)) / float(tck)
+rtt = ""
+if run == "4 down" and os.path.exists(ping_file):
+    times = [float(t) for t in re.findall(r"time=([0-9.]+)", open(ping_file).read())]
+    rtt = f"{statistics.median(times):.1f}" if times else "lost"
+cpu_per_gbit = cpu / gbit if gbit else float("inf")
+print(f"{name}\t{label}\t{run}\t{gbit / secs:.3f}\t{cpu_per_gbit:.3f}\t{rtt}")
+PY
+    done
+  done
+  relay_stop
+}
+
+# The tunnel comes up through a plain relay; measure() puts each row's relay in its place.
+printf 'waygate setup: ' >>"$WORK/relay.log"
+relay_start 51820 --delay-ms 5
+waygate_up
+echo "bench-far: waygate (pid $GW_PID), ${SECONDS_PER_RUN}s per run, rows: ${ROWS[*]%%|*}" >&2
+measure waygate 51820 100.96.0.1
+waygate_down
+printf 'reference setup: ' >>"$WORK/relay.log"
+relay_start 51821 --delay-ms 5
+reference_up
+echo "bench-far: reference wireguard-go (pid $GW_PID)" >&2
+measure reference 51821 100.111.0.1
+# What the relay dropped on purpose, per gateway and row (a lossy row's loss is the relay's).
+grep -h "lab-delay:" "$WORK/relay.log" | sed 's/^/bench-far: relay /' >&2 || true
+
+python3 - "$WORK/results" <<'PY'
+import sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, label, run, goodput, cpu, rtt = line.rstrip("\n").split("\t")
+    rows.setdefault((label, run), {})[name] = (float(goodput), float(cpu), rtt)
+print(f"{'path':<18} {'streams/dir':<11} {'waygate Gbit/s':>14} {'ref Gbit/s':>10} {'ratio':>6}   "
+      f"{'waygate CPU-s/Gbit':>18} {'ref CPU-s/Gbit':>14} {'ratio':>6}   {'ping under load ms (wg/ref)':>27}")
+ok = True
+for (label, run), r in rows.items():
+    (wg, wc, wr), (rg, rc, rr) = r["waygate"], r["reference"]
+    gr = wg / rg if rg else float("inf")
+    cr = wc / rc if rc not in (0.0, float("inf")) else float("inf")
+    ok &= gr >= 1.0 and cr <= 0.67
+    ping = f"{wr} / {rr}" if wr or rr else ""
+    if wr and rr:
+        try:
+            ok &= float(wr) <= float(rr)
+        except ValueError:
+            ok = False
+    print(f"{label:<18} {run:<11} {wg:>14.3f} {rg:>10.3f} {gr:>6.2f}   "
+          f"{wc:>18.3f} {rc:>14.3f} {cr:>6.2f}   {ping:>27}")
+print("targets: goodput ratio >= 1.00, CPU ratio <= 0.67 in every row, and ping under load no "
+      "worse than the reference:", "met" if ok else "NOT met")
+PY
