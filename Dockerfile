@@ -36,8 +36,11 @@ ARG BIN=build
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
+# --strip-debug: the release profile keeps line tables for profiling (most of the binary's size);
+# symbols stay, so a panic's backtrace still names functions.
 RUN cargo build --release --locked --bin waygate \
-    && install -D -m 0755 target/release/waygate /out/waygate
+    && install -D -m 0755 target/release/waygate /out/waygate \
+    && strip --strip-debug /out/waygate
 
 FROM scratch AS prebuilt
 COPY waygate /out/waygate

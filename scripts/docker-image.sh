@@ -38,6 +38,10 @@ fi
 export DOCKER_BUILDKIT=1
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 log() { echo "docker-image.sh: $*" >&2; }
+"$DOCKER" info >/dev/null 2>&1 || {
+  log "no Docker engine answers ($DOCKER info failed): start dockerd (scripts/docker-test.sh starts one for its run)"
+  exit 1
+}
 
 # The runtime needs the CA roots (DoT/DoH upstreams) and iproute2 (virtual networks' next-hop
 # routes); passwd (useradd) is in minbase.
@@ -95,7 +99,10 @@ base_image waygate-base:bookworm "$BASE_PACKAGES"
 cargo_bins waygate
 ctx=$(mktemp -d /tmp/waygate-image.XXXXXX)
 trap 'rm -rf "$ctx"' EXIT
+# Line tables off (release keeps them for profiling: most of the binary); symbols stay, so a
+# panic's backtrace still names functions.
 install -D -m 0755 "${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE/waygate" "$ctx/waygate"
+strip --strip-debug "$ctx/waygate"
 install -D -m 0755 scripts/docker-entrypoint.sh "$ctx/scripts/docker-entrypoint.sh"
 log "waygate:local ($PROFILE binary)"
 "$DOCKER" build -q --network none --build-arg BASE=waygate-base:bookworm --build-arg BIN=prebuilt \
@@ -106,6 +113,7 @@ if [ "$LAB" = 1 ]; then
   cargo_bins lab-origin
   rm -rf "$ctx"/*
   install -m 0755 "${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE/lab-origin" "$ctx/lab-origin"
+  strip --strip-debug "$ctx/lab-origin"
   log "waygate-lab:local"
   "$DOCKER" build -q --network none -f - -t waygate-lab:local "$ctx" >/dev/null <<'EOF'
 FROM waygate-lab-base:bookworm
