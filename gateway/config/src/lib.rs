@@ -67,6 +67,16 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The admin API's TLS listener (`[admin]`); its Unix socket is always on.
     pub admin: AdminConfig,
+    /// The enrollment listener (`[control]`).
+    pub control: ControlConfig,
+}
+
+/// `[control]`: the HTTPS listener where `waygate-client enroll` trades an enrollment token and
+/// its public key for its tunnel settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ControlConfig {
+    /// Where it listens (`https://ADDR:PORT` for clients); `None`: no enrollment listener.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[admin]`: the admin API on TCP with TLS and bearer tokens. The Unix socket
@@ -295,6 +305,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             limits: LimitsConfig::default(),
             admin: AdminConfig::default(),
+            control: ControlConfig::default(),
         }
     }
 }
@@ -615,6 +626,13 @@ struct RawConfig {
     limits: Option<Section<RawLimits>>,
     vnets: Option<Tables<RawVnet>>,
     admin: Option<Section<RawAdmin>>,
+    control: Option<Section<RawControl>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    listen: Option<Leaf<String>>,
 }
 
 #[derive(Deserialize)]
@@ -944,6 +962,15 @@ impl Checker {
         }
         if let Some(a) = self.section("admin", raw.admin) {
             cfg.admin = self.admin(a);
+        }
+        if let Some(c) = self.section("control", raw.control) {
+            cfg.control = ControlConfig {
+                listen: self.parsed::<SocketAddr>(
+                    "control.listen",
+                    c.listen,
+                    "an address like \"198.51.100.1:8444\"",
+                ),
+            };
         }
         for (at, v) in self.tables("vnets", raw.vnets) {
             if let Some(vnet) = self.vnet(&at, v) {
@@ -1742,12 +1769,29 @@ mod tests {
     }
 
     #[test]
+    fn control_listener_key() {
+        let cfg = Config::parse("[control]\nlisten = \"198.51.100.1:8444\"\n").unwrap();
+        assert_eq!(
+            cfg.control.listen,
+            Some("198.51.100.1:8444".parse().unwrap())
+        );
+        assert_eq!(Config::default().control, ControlConfig::default());
+        assert_eq!(
+            problems("[control]\nlisten = \"here\"\nport = 1\n"),
+            vec![
+                "control.port: unknown key",
+                "control.listen: expected an address like \"198.51.100.1:8444\", got \"here\"",
+            ]
+        );
+    }
+
+    #[test]
     fn the_known_keys_come_from_the_raw_structs() {
         assert_eq!(
             field_names::<RawTunnel>(),
             &["ipv4_pool", "ipv6_pool", "mtu"]
         );
-        assert_eq!(field_names::<RawConfig>().len(), 11);
+        assert_eq!(field_names::<RawConfig>().len(), 12);
         assert!(field_names::<RawHealthCheck>().contains(&"interval"));
     }
 
