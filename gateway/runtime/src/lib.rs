@@ -147,6 +147,11 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     let (stats_tx, stats_rx) = tokio::sync::watch::channel(stats::StatsSnapshot::default());
     // Dropped at the end of this function, which removes the socket.
     let _admin = start_admin(&config, &ca, wall, stats_rx, rules_loaded)?;
+    if let Some(listen) = config.control.listen {
+        let tls = crate::tls::control_tls(&ca, &config, wall)?;
+        let enroll = waygate_admin::enroll::start(&config, listen, tls)?;
+        tracing::info!(addr = ?enroll.addr, "enrollment listener serving");
+    }
 
     tracing::info!(
         listen = %config.wireguard.listen,
