@@ -177,7 +177,14 @@ fn post(
 }
 
 fn tls_error(target: &str, e: std::io::Error) -> anyhow::Error {
-    anyhow::anyhow!("TLS with {target}: {e}")
+    // The pinning verifier's own words, without rustls's "unexpected error: " in front.
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::General(message)) => anyhow::anyhow!("TLS with {target}: {message}"),
+        _ => anyhow::anyhow!("TLS with {target}: {e}"),
+    }
 }
 
 fn bracket(host: &str) -> String {

@@ -12,7 +12,7 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use waygate_e2e::{client_bin, skip, wait_until, Device, Lab, Output, EGRESS_V4};
+use waygate_e2e::{client_bin, report, skip, wait_until, Device, Lab, Output, EGRESS_V4};
 
 /// Where the gateway's enrollment listener listens (its underlay address).
 const CONTROL: &str = "198.51.100.1:8444";
@@ -211,6 +211,7 @@ fn a_client_enrolls_with_a_token_and_its_config_reaches_the_origin() {
     let out = enroll(&lab, "d2", &lab.dir().join("client-2"), &token);
     assert!(!out.ok());
     assert!(out.stderr.contains("used up"), "{}", out.describe());
+    report(out.stderr.trim());
 
     // An expired token.
     let short = create_token(&lab, &["--email", "bob@example.com", "--ttl", "1s"]);
@@ -218,6 +219,7 @@ fn a_client_enrolls_with_a_token_and_its_config_reaches_the_origin() {
     let out = enroll(&lab, "d2", &lab.dir().join("client-3"), &short);
     assert!(!out.ok());
     assert!(out.stderr.contains("expired"), "{}", out.describe());
+    report(out.stderr.trim());
 
     // A revoked token.
     let revoked = create_token(&lab, &["--email", "carol@example.com", "--uses", "3"]);
@@ -226,6 +228,7 @@ fn a_client_enrolls_with_a_token_and_its_config_reaches_the_origin() {
     assert!(out.ok(), "{}", out.describe());
     let out = enroll(&lab, "d2", &lab.dir().join("client-4"), &revoked);
     assert!(out.stderr.contains("revoked"), "{}", out.describe());
+    report(out.stderr.trim());
 
     // A token whose CA hash is not the gateway's CA: the client refuses the gateway and sends
     // nothing, so the token keeps its use.
@@ -241,6 +244,7 @@ fn a_client_enrolls_with_a_token_and_its_config_reaches_the_origin() {
         "{}",
         out.describe()
     );
+    report(out.stderr.trim());
     assert!(!lab.dir().join("client-5/client.toml").exists());
     let list = lab
         .waygate(&["token", "list", "--json"])
@@ -255,7 +259,26 @@ fn a_client_enrolls_with_a_token_and_its_config_reaches_the_origin() {
         !list.stdout.contains(parts[2]),
         "the listing holds no secret"
     );
-    // The same token with the right hash still enrolls.
-    let out = enroll(&lab, "d2", &lab.dir().join("client-6"), &good);
+    // The same token with the right hash still enrolls, read from a file this time.
+    let token_file = lab.dir().join("dave.token");
+    fs::write(&token_file, format!("{good}\n")).expect("token file");
+    let client = client_bin().expect("client");
+    let dir6 = lab.dir().join("client-6");
+    let server = format!("https://{CONTROL}");
+    let out = lab.run_in(
+        "d2",
+        &[
+            client.to_str().expect("utf-8"),
+            "--dir",
+            dir6.to_str().expect("utf-8"),
+            "enroll",
+            "--server",
+            &server,
+            "--token-file",
+            token_file.to_str().expect("utf-8"),
+        ],
+        secs(30),
+    );
     assert!(out.ok(), "{}", out.describe());
+    assert!(dir6.join("private.key").exists());
 }
