@@ -1,4 +1,5 @@
-//! Waygate's secret material: WireGuard keys, key files and the gateway's certificate authority.
+//! Waygate's secret material: WireGuard keys, key files, the gateway's certificate authority and
+//! the text form of enrollment tokens ([`enroll_token`]).
 //!
 //! Keys are x25519 keys in the same base64 text form as `wg genkey` / `wg pubkey` (44 characters,
 //! standard alphabet, one `=` of padding), so configs and key files are interchangeable with
@@ -8,10 +9,12 @@
 #![deny(missing_docs)]
 
 mod ca;
+pub mod enroll_token;
 mod key_file;
 mod wg_key;
 
 pub use ca::{CaError, CertificateAuthority, IssuedCert, CA_CERT_FILE, CA_KEY_FILE};
+pub use enroll_token::EnrollToken;
 pub use key_file::{
     create_private_key, create_secret_file, read_private_key, read_secret_file, write_private_key,
     write_secret_file, KeyFileError,

@@ -6,10 +6,10 @@
 //! Dropping the lab (also while unwinding from a failed assertion) kills every process it started
 //! by pid and deletes its namespaces; on a failure it first prints the gateway's log tail.
 //!
-//! Env: `WAYGATE_SKIP_E2E=1` skips the tests when not root; `WAYGATE_BIN`, `LAB_ORIGIN` name the
-//! binaries (default: `$CARGO_TARGET_DIR` or `<root>/target`, `debug/`); `WAYGATE_E2E_LOG` is the
-//! gateway's `WAYGATE_LOG` (default `info`); `WAYGATE_E2E_KEEP=1` keeps each lab's temp dir
-//! (config, data dir, gateway log, device configs).
+//! Env: `WAYGATE_SKIP_E2E=1` skips the tests when not root; `WAYGATE_BIN`, `WAYGATE_CLIENT_BIN`,
+//! `LAB_ORIGIN` name the binaries (default: `$CARGO_TARGET_DIR` or `<root>/target`, `debug/`);
+//! `WAYGATE_E2E_LOG` is the gateway's `WAYGATE_LOG` (default `info`); `WAYGATE_E2E_KEEP=1` keeps
+//! each lab's temp dir (config, data dir, gateway log, device configs).
 #![deny(missing_docs)]
 // The harness is an I/O shell: it measures wall-clock deadlines itself.
 #![allow(clippy::disallowed_methods)]
@@ -125,6 +125,13 @@ fn workspace_bin(env: &str, name: &str) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// The `waygate-client` binary: `$WAYGATE_CLIENT_BIN`, else `<target>/debug/waygate-client`.
+pub fn client_bin() -> Result<PathBuf> {
+    let bin = workspace_bin("WAYGATE_CLIENT_BIN", "waygate-client")?;
+    warn_if_stale(&bin, &["client/src", "keys/src"]);
+    Ok(bin)
 }
 
 /// Says so (once per process) when a source file under the workspace dirs `crates` is newer

@@ -35,6 +35,10 @@ pub mod codes {
     pub const TOO_LARGE: u32 = 1413;
     /// The gateway failed.
     pub const INTERNAL: u32 = 1500;
+    /// An enrollment token was refused (unknown, expired, used up, revoked, malformed).
+    pub const TOKEN_REFUSED: u32 = 1403;
+    /// Too many failed enrollment attempts from the source address.
+    pub const RATE_LIMITED: u32 = 1429;
 }
 
 /// What the running gateway reports for `GET /status`.

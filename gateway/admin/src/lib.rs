@@ -8,11 +8,13 @@
 //! gateway's status through a callback. Outputs: answers, and registry writes that the gateway
 //! picks up by polling the registry (rules and lists within a second). Started by the runtime
 //! with [`start`], on a thread and runtime of its own; nothing polls it. [`client::Client`] is
-//! the CLI's side of the socket.
+//! the CLI's side of the socket. [`enroll`] serves the enrollment listener (`control.listen`),
+//! started by the runtime with [`enroll::start`].
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod client;
+pub mod enroll;
 pub mod server;
 
 use std::net::SocketAddr;

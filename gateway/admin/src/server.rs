@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::api::{codes, failure, Answer, Api, Caller};
 
 /// How long a client may take to send a request's headers.
-const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Largest request body accepted (a rule, a list of some thousand items).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -88,7 +88,7 @@ pub fn bind_tls(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
     Ok(listener)
 }
 
-fn respond(answer: Answer) -> Response<Full<Bytes>> {
+pub(crate) fn respond(answer: Answer) -> Response<Full<Bytes>> {
     let mut text = serde_json::to_vec(&answer.body).unwrap_or_default();
     text.push(b'\n');
     let mut builder = Response::builder()

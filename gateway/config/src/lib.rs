@@ -71,6 +71,16 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Activity logs (`[logs]`).
     pub logs: LogsConfig,
+    /// The enrollment listener (`[control]`).
+    pub control: ControlConfig,
+}
+
+/// `[control]`: the HTTPS listener where `waygate-client enroll` trades an enrollment token and
+/// its public key for its tunnel settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ControlConfig {
+    /// Where it listens (`https://ADDR:PORT` for clients); `None`: no enrollment listener.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[admin]`: the admin API on TCP with TLS and bearer tokens. The Unix socket
@@ -356,6 +366,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             metrics: MetricsConfig::default(),
             logs: LogsConfig::default(),
+            control: ControlConfig::default(),
         }
     }
 }
@@ -678,6 +689,13 @@ struct RawConfig {
     admin: Option<Section<RawAdmin>>,
     metrics: Option<Section<RawMetrics>>,
     logs: Option<Section<RawLogs>>,
+    control: Option<Section<RawControl>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    listen: Option<Leaf<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1031,6 +1049,15 @@ impl Checker {
         }
         if let Some(l) = self.section("logs", raw.logs) {
             self.logs(l, &mut cfg.logs);
+        }
+        if let Some(c) = self.section("control", raw.control) {
+            cfg.control = ControlConfig {
+                listen: self.parsed::<SocketAddr>(
+                    "control.listen",
+                    c.listen,
+                    "an address like \"198.51.100.1:8444\"",
+                ),
+            };
         }
         for (at, v) in self.tables("vnets", raw.vnets) {
             if let Some(vnet) = self.vnet(&at, v) {
@@ -1884,12 +1911,29 @@ mod tests {
     }
 
     #[test]
+    fn control_listener_key() {
+        let cfg = Config::parse("[control]\nlisten = \"198.51.100.1:8444\"\n").unwrap();
+        assert_eq!(
+            cfg.control.listen,
+            Some("198.51.100.1:8444".parse().unwrap())
+        );
+        assert_eq!(Config::default().control, ControlConfig::default());
+        assert_eq!(
+            problems("[control]\nlisten = \"here\"\nport = 1\n"),
+            vec![
+                "control.port: unknown key",
+                "control.listen: expected an address like \"198.51.100.1:8444\", got \"here\"",
+            ]
+        );
+    }
+
+    #[test]
     fn the_known_keys_come_from_the_raw_structs() {
         assert_eq!(
             field_names::<RawTunnel>(),
             &["ipv4_pool", "ipv6_pool", "mtu"]
         );
-        assert_eq!(field_names::<RawConfig>().len(), 13);
+        assert_eq!(field_names::<RawConfig>().len(), 14);
         assert!(field_names::<RawHealthCheck>().contains(&"interval"));
     }
 

@@ -1,7 +1,8 @@
 //! The gateway's business logic that the command line and the admin API share: enrolling a
 //! device and writing its wg-quick config, finding the endpoint devices dial, the operations on
 //! devices, groups and virtual networks ([`ops`]), the rules and lists the API manages
-//! ([`rules`], [`lists`]) and the API's bearer tokens ([`tokens`]).
+//! ([`rules`], [`lists`]), the API's bearer tokens ([`tokens`]), and enrollment tokens with
+//! what they buy ([`enrollment`]) behind a per-source limit on guessing ([`ratelimit`]).
 //!
 //! Inputs: requests (the CLI's flags, the admin API's bodies), the config and the registry.
 //! Outputs: typed results and errors ([`ControlError::kind`] says which HTTP status fits);
@@ -9,8 +10,10 @@
 //! between calls.
 #![deny(missing_docs)]
 
+pub mod enrollment;
 pub mod lists;
 pub mod ops;
+pub mod ratelimit;
 pub mod rules;
 pub mod time;
 pub mod tokens;
@@ -176,7 +179,8 @@ impl ControlError {
                 | R::GroupNotFound(_)
                 | R::RuleNotFound(_)
                 | R::ListNotFound(_)
-                | R::TokenNotFound(_) => ErrorKind::NotFound,
+                | R::TokenNotFound(_)
+                | R::EnrollTokenNotFound(_) => ErrorKind::NotFound,
                 R::NameTaken { .. }
                 | R::PublicKeyTaken { .. }
                 | R::VnetNameTaken(_)

@@ -1,7 +1,8 @@
 //! The device registry: an embedded SQLite database at `<data_dir>/registry.db`.
 //!
 //! Inputs: enrollments and revocations from the `waygate device` CLI and the admin API,
-//! last-seen times from the running server, the rules, lists and admin tokens the API manages.
+//! last-seen times from the running server, the rules, lists and admin tokens the API manages,
+//! enrollment tokens (`waygate token`) and their uses by the enrollment listener.
 //! Outputs: the device set the server's WireGuard endpoint accepts, and the rules it runs when
 //! no rules file is configured (polled through [`Registry::policy_counter`]).
 //!
@@ -19,6 +20,7 @@
 
 mod alloc;
 pub mod datadir;
+mod enroll_tokens;
 mod identity;
 mod migrations;
 mod policy_store;
@@ -26,6 +28,7 @@ mod tokens;
 pub mod validate;
 mod vnets;
 
+pub use enroll_tokens::StoredEnrollToken;
 pub use identity::{parse_attribute, Group};
 pub use policy_store::{NewListItem, StoredList, StoredListItem, StoredRule};
 pub use tokens::{StoredToken, TokenScope};
@@ -315,6 +318,9 @@ pub enum RegistryError {
     /// No admin token has this id or prefix.
     #[error("no admin token with id or prefix {0:?}")]
     TokenNotFound(String),
+    /// No active enrollment token has this id or prefix.
+    #[error("no active enrollment token with id or prefix {0:?}")]
+    EnrollTokenNotFound(String),
     /// The device was revoked before.
     #[error("device {name} ({id}) was already revoked at {revoked_at}")]
     AlreadyRevoked {

@@ -190,6 +190,25 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER list_items_update AFTER UPDATE ON list_items
     BEGIN UPDATE generation SET policy = policy + 1 WHERE id = 1; END;
     "#,
+    // v6: enrollment tokens (only the SHA-256 of each secret is kept), with the identity the
+    // devices they enroll get, how many they may enroll and until when.
+    r#"
+    CREATE TABLE enroll_tokens (
+        id           TEXT PRIMARY KEY NOT NULL,
+        prefix       TEXT NOT NULL UNIQUE,
+        hash         TEXT NOT NULL UNIQUE,
+        email        TEXT NOT NULL,
+        name         TEXT,
+        groups       TEXT NOT NULL,
+        vnet_id      TEXT,
+        uses         INTEGER NOT NULL,
+        used         INTEGER NOT NULL DEFAULT 0,
+        expires_at   INTEGER NOT NULL,
+        created_at   INTEGER NOT NULL,
+        last_used_at INTEGER,
+        revoked_at   INTEGER
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -164,6 +164,11 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
         });
         metrics::serve(listen, registry)?;
     }
+    if let Some(listen) = config.control.listen {
+        let tls = crate::tls::control_tls(&ca, &config, wall)?;
+        let enroll = waygate_admin::enroll::start(&config, listen, tls)?;
+        tracing::info!(addr = ?enroll.addr, "enrollment listener serving");
+    }
 
     tracing::info!(
         listen = %config.wireguard.listen,

@@ -1,5 +1,6 @@
-//! The certificates the gateway serves inside the tunnel: a leaf for its tunnel addresses (and
-//! public name), signed by the data dir's CA, in the TLS settings of each encrypted listener.
+//! The certificates the gateway serves: a leaf for its tunnel addresses (and public name),
+//! signed by the data dir's CA, in the TLS settings of each encrypted listener (DNS over TLS and
+//! HTTPS inside the tunnel, the admin API, the enrollment listener).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -98,40 +99,65 @@ pub fn admin_tls(
                 .with_context(|| format!("admin.tls_key: {}", key.display()))?;
             (chain, key)
         }
-        _ => {
-            let (mut names, mut ips) = gateway_names(config);
-            names.push("localhost".into());
-            let loopback: [IpAddr; 2] = [
-                std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::Ipv6Addr::LOCALHOST.into(),
-            ];
-            let listen = config.admin.listen.map(|a| a.ip());
-            for ip in loopback.into_iter().chain(listen) {
-                if !ip.is_unspecified() && !ips.contains(&ip) {
-                    ips.push(ip);
-                }
-            }
-            let cert = ca
-                .issue(&names, &ips, now)
-                .context("cannot issue the admin API's certificate")?;
-            let chain = cert
-                .chain_der
-                .iter()
-                .map(|c| CertificateDer::from(c.clone()))
-                .collect();
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.to_vec()));
-            (chain, key)
-        }
+        _ => issue_for_listener(ca, config, config.admin.listen, now)
+            .context("cannot issue the admin API's certificate")?,
     };
+    http1_settings(chain, key).context("the admin API's certificate")
+}
+
+/// TLS settings for the enrollment listener (`control.listen`): always a certificate from `ca`
+/// (valid from `now`), since clients pin that CA by the hash in their token.
+pub fn control_tls(
+    ca: &CertificateAuthority,
+    config: &Config,
+    now: SystemTime,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let (chain, key) = issue_for_listener(ca, config, config.control.listen, now)
+        .context("cannot issue the enrollment listener's certificate")?;
+    http1_settings(chain, key).context("the enrollment listener's certificate")
+}
+
+/// A certificate from `ca` for a listener at `listen`: its address, the loopback addresses,
+/// `localhost` and the gateway's names; the chain ends with the CA's certificate.
+fn issue_for_listener(
+    ca: &CertificateAuthority,
+    config: &Config,
+    listen: Option<std::net::SocketAddr>,
+    now: SystemTime,
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let (mut names, mut ips) = gateway_names(config);
+    names.push("localhost".into());
+    let loopback: [IpAddr; 2] = [
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::Ipv6Addr::LOCALHOST.into(),
+    ];
+    for ip in loopback.into_iter().chain(listen.map(|a| a.ip())) {
+        if !ip.is_unspecified() && !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let cert = ca.issue(&names, &ips, now)?;
+    let chain = cert
+        .chain_der
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.to_vec()));
+    Ok((chain, key))
+}
+
+/// Server settings for an HTTP/1.1-only listener serving `chain`.
+fn http1_settings(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let mut settings = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .context("tls protocol versions")?
     .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .context("the admin API's certificate")?;
-    // The server speaks HTTP/1.1 only.
+    .with_single_cert(chain, key)?;
     settings.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(settings))
 }
@@ -181,6 +207,9 @@ mod tests {
         config.admin.tls_key = Some("/nonexistent/key.pem".into());
         let err = format!("{:#}", admin_tls(&ca, &config, now).unwrap_err());
         assert!(err.contains("admin.tls_cert"), "{err}");
+        config.control.listen = Some("198.51.100.1:8444".parse().unwrap());
+        let settings = control_tls(&ca, &config, now).unwrap();
+        assert_eq!(settings.alpn_protocols, vec![b"http/1.1".to_vec()]);
     }
 
     #[test]

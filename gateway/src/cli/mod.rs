@@ -15,6 +15,7 @@ pub mod logging;
 pub mod logs;
 pub mod rules;
 pub mod serve;
+pub mod token;
 pub mod vnet;
 
 /// `waygate`: a self-hosted Zero Trust gateway for WireGuard devices.
@@ -59,6 +60,49 @@ pub enum Command {
     Admin(AdminCommand),
     /// Show the activity logs of `logs.dir` (DNS queries, flows, egress decisions).
     Logs(LogsArgs),
+    /// Enrollment tokens for `waygate-client enroll`.
+    #[command(subcommand)]
+    Token(EnrollTokenCommand),
+}
+
+/// `waygate token ...`
+#[derive(Debug, Subcommand)]
+pub enum EnrollTokenCommand {
+    /// Create an enrollment token and print it (alone, on stdout); it is shown only this once.
+    Create {
+        /// The email of the user the devices are enrolled for.
+        #[arg(long)]
+        email: String,
+        /// Device name (default: derived from the email).
+        #[arg(long)]
+        name: Option<String>,
+        /// Group the devices get (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Virtual network the devices start in (name or id).
+        #[arg(long)]
+        vnet: Option<String>,
+        /// How long it stays valid: 90s, 30m, 24h, 7d (default 24h).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        /// How many devices it may enroll (default 1; 0: any number until it expires).
+        #[arg(long, value_name = "N")]
+        uses: Option<i64>,
+        /// Print the token and its record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List enrollment tokens (their prefixes, never the secrets).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an enrollment token; enrollments with it are refused at once.
+    Revoke {
+        /// Its id or prefix (as `token list` shows it).
+        token: String,
+    },
 }
 
 /// `waygate admin ...`
@@ -338,6 +382,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Health => health::run(cli.config.as_deref()),
         Command::Admin(AdminCommand::Token(cmd)) => admin::token(cli.config.as_deref(), cmd),
         Command::Logs(args) => logs::run(cli.config.as_deref(), &args),
+        Command::Token(cmd) => token::run(cli.config.as_deref(), cmd),
         Command::Ca(CaCommand::Show) => {
             let config = waygate_config::Config::load(cli.config.as_deref())?;
             waygate_registry::datadir::ensure_data_dir(&config.data_dir)?;
