@@ -43,6 +43,23 @@ done
 
 bench_init bench-far
 RELAY_PID=
+# Each iperf3 run gets a one-off server of its own (-1, a fresh port): a run that stalls and is
+# killed leaves a shared server busy, and every run after it would fail too.
+IPERF_PORT=5300
+
+# iperf_server: starts a one-off iperf3 server on the origin; sets IPERF_PORT and IPERF_PID.
+iperf_server() {
+  IPERF_PORT=$((IPERF_PORT + 1))
+  ip netns exec "${P}in" iperf3 -s -1 -B 203.0.113.20 -p "$IPERF_PORT" >/dev/null 2>&1 &
+  IPERF_PID=$!
+  "$LAB" record-pid "$P" "$IPERF_PID" "iperf3-$IPERF_PORT"
+  local i
+  for i in $(seq 1 50); do
+    ip netns exec "${P}in" ss -Hltn "sport = :$IPERF_PORT" | grep -q . && return 0
+    sleep 0.05
+  done
+  bench_die "iperf3 server on port $IPERF_PORT did not start"
+}
 
 # relay_start PORT FLAGS...: lab-delay in front of the gateway listening on PORT.
 relay_start() {
@@ -82,12 +99,16 @@ measure() {
           >"$WORK/ping-$name-$label" 2>&1 &
         ping_pid=$!
       fi
+      iperf_server
       c0="$(cpu_ticks "$GW_PID")"
       # -O 1: the first second is not counted (slow start is the same for both gateways).
       # shellcheck disable=SC2086
       json="$(ip netns exec "${P}d1" timeout $((SECONDS_PER_RUN + 30)) \
-        iperf3 -c 203.0.113.20 -t "$SECONDS_PER_RUN" -O 1 $args -J 2>/dev/null)" || json=""
+        iperf3 -c 203.0.113.20 -p "$IPERF_PORT" -t "$SECONDS_PER_RUN" -O 1 $args -J 2>/dev/null)" \
+        || json=""
       c1="$(cpu_ticks "$GW_PID")"
+      kill "$IPERF_PID" 2>/dev/null || true
+      wait "$IPERF_PID" 2>/dev/null || true
       [ -z "$ping_pid" ] || wait "$ping_pid" 2>/dev/null || true
       python3 - "$name" "$label" "${run%%:*}" "$c0" "$c1" "$TCK" "$json" \
         "$WORK/ping-$name-$label" >>"$WORK/results" <<'PY'
@@ -97,7 +118,7 @@ try:
     end = json.loads(raw)["end"]["sum_received"]
     gbit, secs = end["bytes"] * 8 / 1e9, end["seconds"]
 except (ValueError, KeyError):
-    gbit, secs = 0.0, 1.0  # iperf3 failed or timed out: no goodput
+    gbit, secs = 0.0, 1.0  # iperf3 failed or stalled past its timeout: no goodput
 cpu = (float(c1) - float(c0)) / float(tck)
 rtt = ""
 if run == "4 down" and os.path.exists(ping_file):
