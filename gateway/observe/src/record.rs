@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use waygate_model::activity::{Activity, DnsActivity, EgressActivity, NetworkActivity, RuleRef};
+use waygate_model::calendar::{civil_from_days, days_from_civil};
 use waygate_model::{DeviceInfo, Protocol};
 
 /// Which log a line belongs to.
@@ -110,34 +111,6 @@ pub fn parse_datetime(text: &str) -> Option<SystemTime> {
     let days = days_from_civil(y as i64, m as u32, d as u32)?;
     let secs = u64::try_from(days).ok()? * 86_400 + hh * 3600 + mm * 60 + ss;
     Some(UNIX_EPOCH + Duration::new(secs, nanos as u32))
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-/// The inverse of [`civil_from_days`]; `None` for an impossible month or day.
-fn days_from_civil(y: i64, m: u32, d: u32) -> Option<i64> {
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
-        return None;
-    }
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    Some(era * 146_097 + doe - 719_468)
 }
 
 /// Identity fields every line carries.

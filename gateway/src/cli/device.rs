@@ -17,6 +17,7 @@ use super::admin::with_admin;
 use super::{now, DeviceCommand, EnrollArgs};
 use waygate_config::Config;
 use waygate_control::ops::{Admin, Posture, SetVnet};
+use waygate_control::time::utc;
 use waygate_control::EnrollRequest;
 use waygate_registry::Device;
 
@@ -232,33 +233,6 @@ fn show(d: &Device) -> String {
         let _ = writeln!(s, "{:<16} {v}", format!("{k}:"));
     }
     s
-}
-
-/// `2026-11-22 15:23:16 UTC` for unix seconds.
-fn utc(unix: i64) -> String {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
-/// Howard Hinnant's days-to-civil: proleptic Gregorian date of a day count since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 /// `42s ago`, `5m ago`, `3h ago`, `2d ago`; the full time for anything older than a week.

@@ -12,6 +12,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 pub mod activity;
+pub mod calendar;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
