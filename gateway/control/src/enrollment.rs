@@ -13,7 +13,6 @@ use std::net::IpAddr;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use waygate_config::Config;
 use waygate_registry::{Registry, StoredEnrollToken};
 
@@ -29,11 +28,6 @@ pub const ENROLL_PATH: &str = "/v1/enroll";
 pub const DEFAULT_TTL_SECS: i64 = 24 * 3600;
 /// Longest lifetime a token may have (a year).
 pub const MAX_TTL_SECS: i64 = 366 * 24 * 3600;
-
-/// Hex SHA-256 of a token's secret, as the registry keeps it.
-fn secret_hash(secret: &str) -> String {
-    hex(&Sha256::digest(secret.as_bytes()))
-}
 
 /// What `waygate token create` asks for.
 #[derive(Debug, Clone, Default)]
@@ -115,7 +109,7 @@ pub fn create(
     let stored = StoredEnrollToken {
         id: waygate_registry::new_id(),
         prefix: token.prefix.clone(),
-        hash: secret_hash(&token.secret),
+        hash: crate::tokens::hash(&token.secret),
         email: request.email,
         name: request.name,
         groups,
@@ -228,7 +222,7 @@ pub fn redeem(
 ) -> Result<EnrollResult, Result<Refusal, ControlError>> {
     let token: EnrollToken = body.token.parse().map_err(|e| Ok(Refusal::Malformed(e)))?;
     let stored = registry
-        .enroll_token_by_hash(&secret_hash(&token.secret))
+        .enroll_token_by_hash(&crate::tokens::hash(&token.secret))
         .map_err(|e| Err(e.into()))?
         .filter(|t| t.prefix == token.prefix)
         .ok_or_else(|| Ok(Refusal::Unknown(token.prefix.clone())))?;
@@ -393,7 +387,7 @@ mod tests {
             !format!("{back:?}").contains(&token.secret),
             "Debug hides the secret"
         );
-        assert_eq!(stored.hash, secret_hash(&token.secret));
+        assert_eq!(stored.hash, crate::tokens::hash(&token.secret));
         assert!(!stored.hash.contains(&token.secret));
         assert_eq!((stored.uses, stored.expires_at), (1, 10 + 86_400));
         assert_eq!(stored.groups, vec!["eng".to_string()]);

@@ -16,27 +16,15 @@ const VISIBLE: usize = TOKEN_PREFIX.len() + 8;
 /// Random bytes in a secret.
 const SECRET_BYTES: usize = 32;
 
-/// Hex SHA-256 of a secret.
+/// Hex SHA-256 of a secret, as the registry keeps admin and enrollment tokens alike.
 pub fn hash(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    waygate_keys::enroll_token::hex(&Sha256::digest(secret.as_bytes()))
 }
 
+/// Unpadded base64url (RFC 4648 section 5): token characters that need no quoting anywhere.
 fn base64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::with_capacity(bytes.len() * 4 / 3 + 2);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
-        }
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Creates a token; returns the secret (shown once, never stored) and its record.
