@@ -857,10 +857,11 @@ pub fn evaluate(
                 Some(ok) => verdict(
                     ok,
                     format!(
-                        "client {} {} {}",
+                        "client {} {} {} {}",
                         have.unwrap_or(""),
                         if ok { "is" } else { "is not" },
-                        format!("{} {}", i.operator, i.version)
+                        i.operator,
+                        i.version
                     ),
                 ),
                 None => verdict(false, "no readable client version in the report"),
