@@ -178,6 +178,7 @@ impl ControlError {
                 | R::VnetNotFound(_)
                 | R::GroupNotFound(_)
                 | R::RuleNotFound(_)
+                | R::PostureRuleNotFound(_)
                 | R::ListNotFound(_)
                 | R::TokenNotFound(_)
                 | R::EnrollTokenNotFound(_) => ErrorKind::NotFound,
