@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{json, Value as Json};
 use waygate_config::Config;
 use waygate_control::ops::{Admin, Local, NewGroup, NewVnet, Posture, SetVnet};
-use waygate_control::{lists, rules, tokens, ControlError, EnrollRequest, ErrorKind};
+use waygate_control::{lists, posture, rules, tokens, ControlError, EnrollRequest, ErrorKind};
 use waygate_registry::{Registry, TokenScope};
 
 /// The OpenAPI document of this API (kept in the repository beside this crate).
@@ -162,6 +162,8 @@ fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
         ["groups"] | ["virtual_networks"] => "GET, POST",
         ["gateway", "rules", _] => "GET, PUT, DELETE",
         ["gateway", "lists", _] => "GET, PUT, PATCH, DELETE",
+        ["devices", "posture"] => "GET, POST",
+        ["devices", "posture", _] => "GET, PUT, DELETE",
         ["devices", _] => "GET, DELETE",
         ["devices", _, "vnet" | "posture"] => "PUT",
         ["groups", _] | ["virtual_networks", _] => "DELETE",
@@ -333,6 +335,16 @@ impl Api {
             ("PATCH", ["gateway", "lists", id]) => ok(lists::patch(cfg, registry, id, body, now)),
             ("DELETE", ["gateway", "lists", id]) => ok(lists::delete(cfg, registry, id)),
             ("GET", ["gateway", "lists", id, "items"]) => ok(lists::items(cfg, registry, id)),
+            // Before `/devices/{device}`: Cloudflare's posture paths win over a device called
+            // "posture" (reach that one by its id).
+            ("GET", ["devices", "posture"]) => ok(posture::list(registry).map(Json::Array)),
+            ("POST", ["devices", "posture"]) => ok(posture::create(cfg, registry, body, now)),
+            ("GET", ["devices", "posture", id]) => ok(posture::get(registry, id)),
+            ("PUT", ["devices", "posture", id]) => {
+                ok(posture::update(cfg, registry, id, body, now))
+            }
+            ("DELETE", ["devices", "posture", id]) => ok(posture::delete(registry, id)),
+            (_, ["devices", "posture", ..]) => None,
             ("GET", ["devices"]) => ok(ops.devices().and_then(|d| to_json(&d))),
             ("POST", ["devices"]) => ok(body_of::<EnrollRequest>(body)
                 .and_then(|r| ops.enroll(r))

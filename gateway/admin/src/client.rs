@@ -203,6 +203,19 @@ impl Admin for Client {
         let path = format!("/virtual_networks/{}", percent_encode(needle));
         self.typed("DELETE", &path, None)
     }
+
+    fn posture_rules(&self) -> Result<Vec<Json>, ControlError> {
+        self.typed("GET", "/devices/posture", None)
+    }
+
+    fn create_posture_rule(&self, rule: Json) -> Result<Json, ControlError> {
+        self.request("POST", "/devices/posture", Some(&rule))
+    }
+
+    fn delete_posture_rule(&self, id: &str) -> Result<Json, ControlError> {
+        let path = format!("/devices/posture/{}", percent_encode(id));
+        self.request("DELETE", &path, None)
+    }
 }
 
 #[cfg(test)]

@@ -489,12 +489,14 @@ pub fn parse_rule(
     if !expiration.is_empty() {
         match parse_duration(&expiration) {
             Some(s) if s >= MIN_INTERVAL_SECS => {}
-            _ => return Err(err(
-                "expiration",
-                format!(
+            _ => {
+                return Err(err(
+                    "expiration",
+                    format!(
                     "{expiration:?} is not a duration of at least 1m (such as 10m, 1h), or empty"
                 ),
-            )),
+                ))
+            }
         }
     }
     let platforms: Vec<PlatformMatch> = match obj.remove("match") {
