@@ -149,6 +149,20 @@ fn posture_reports_decide_network_rules_and_vnet_use_switches_sites() {
         .collect();
     assert_eq!(names, ["blue", "green"]);
     assert!(vnets["current"].is_null());
+    // The same API on the gateway's IPv6 tunnel address, read with curl: the tunnel says who
+    // asks, so the profile is this device's.
+    let out = lab.curl(
+        &alice,
+        "http://[fd77:6761:7465::1]/v1/profile",
+        secs(3),
+        &["-g"],
+    );
+    assert!(out.ok(), "GET /v1/profile over IPv6: {}", out.describe());
+    let profile: serde_json::Value = serde_json::from_str(&out.stdout).expect("profile JSON");
+    assert_eq!(profile["success"], true, "{profile}");
+    assert_eq!(profile["result"]["name"], "alice");
+    assert_eq!(profile["result"]["posture_checks"][0]["id"], CHECK);
+    assert_eq!(profile["result"]["posture_checks"][0]["schedule"], "1m");
 
     // The file is there: a passing report lets the device through on its next flow.
     fs::write(&flag, "agent=on\n").expect("flag file");
