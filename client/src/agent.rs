@@ -139,7 +139,12 @@ mod tests {
             Ok(rules
                 .iter()
                 .map(|r| {
-                    let v = waygate_posture::evaluate(r, facts, &|_| None);
+                    let env = waygate_posture::Env {
+                        now: 0,
+                        serials: &|_| None,
+                        ca: &|_| None,
+                    };
+                    let v = waygate_posture::evaluate(r, facts, &env);
                     let result = CheckResult {
                         name: r.name.clone(),
                         passed: v.passed,

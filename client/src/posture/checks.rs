@@ -6,7 +6,7 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
-use waygate_posture::{DiskFact, FileFact, ProcessFact};
+use waygate_posture::{CertificateFact, DiskFact, FileFact, ProcessFact};
 
 /// Most dm devices followed below a mount point (LVM on LUKS on RAID is three).
 const MAX_DEPTH: usize = 8;
@@ -35,6 +35,26 @@ fn sha256_of(path: &Path) -> Option<String> {
             .map(|b| format!("{b:02x}"))
             .collect(),
     )
+}
+
+/// Largest certificate file read (a bundle of a few certificates and a key is a few KiB).
+const MAX_CERT_FILE: u64 = 1024 * 1024;
+
+/// The `CERTIFICATE` blocks of the PEM file at `path`; its private key, if the file holds
+/// one, is never part of the fact.
+pub fn certificate(root: &Path, path: &str) -> CertificateFact {
+    let text = fs::File::open(under(root, path)).ok().and_then(|f| {
+        let mut text = String::new();
+        f.take(MAX_CERT_FILE).read_to_string(&mut text).ok()?;
+        Some(text)
+    });
+    CertificateFact {
+        path: path.to_string(),
+        pem: text
+            .as_deref()
+            .and_then(waygate_posture::certificate_blocks)
+            .filter(|p| p.len() <= waygate_posture::MAX_PEM),
+    }
 }
 
 /// Whether `path` is a regular file (symlinks followed), with its hash.
@@ -248,6 +268,28 @@ mod tests {
         );
         assert!(got[1].running, "a deleted executable still runs");
         assert!(!got[2].running);
+    }
+
+    #[test]
+    fn certificate_files_give_their_certificates_and_never_a_key() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let bundle = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n\
+                      -----BEGIN PRIVATE KEY-----\nSECRET\n-----END PRIVATE KEY-----\n";
+        write(tmp.path(), "/etc/waygate/device.pem", bundle);
+        let c = certificate(tmp.path(), "/etc/waygate/device.pem");
+        let pem = c.pem.expect("a certificate");
+        assert!(pem.contains("MIIB") && !pem.contains("SECRET") && !pem.contains("PRIVATE"));
+        assert_eq!(certificate(tmp.path(), "/etc/none.pem").pem, None);
+        write(
+            tmp.path(),
+            "/etc/key.pem",
+            "-----BEGIN PRIVATE KEY-----\nSECRET\n-----END PRIVATE KEY-----\n",
+        );
+        assert_eq!(
+            certificate(tmp.path(), "/etc/key.pem").pem,
+            None,
+            "a key alone is no certificate"
+        );
     }
 
     #[test]

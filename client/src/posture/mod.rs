@@ -3,7 +3,8 @@
 //! (`/proc/PID/exe`), the kernel (`/proc/sys/kernel/osrelease`, what `uname -r` prints) and
 //! distribution (`/etc/os-release`), whether mount points lie on dm-crypt devices, and the
 //! system serial number (`/sys/class/dmi/id/product_serial`, what `dmidecode -s
-//! system-serial-number` reads). The client reports facts only; the gateway decides.
+//! system-serial-number` reads), and the certificates (never the keys) of PEM files. The client
+//! reports facts only; the gateway decides.
 
 mod checks;
 
@@ -56,6 +57,11 @@ impl Host {
                 .iter()
                 .map(|m| checks::disk(&self.root, m))
                 .collect(),
+            certificates: wanted
+                .certificates
+                .iter()
+                .map(|p| checks::certificate(&self.root, p))
+                .collect(),
         }
     }
 }
@@ -103,6 +109,13 @@ pub fn run_cmd(dir: &Path, json: bool, report: bool) -> anyhow::Result<ExitCode>
         }
         if let Some(s) = &facts.serial_number {
             println!("serial {s}");
+        }
+        for c in &facts.certificates {
+            let n = c
+                .pem
+                .as_deref()
+                .map_or(0, |p| p.matches("BEGIN CERTIFICATE").count());
+            println!("certificate file {} has {n} certificate(s)", c.path);
         }
     }
     if report {

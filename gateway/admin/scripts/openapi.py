@@ -95,11 +95,11 @@ schemas = {
     "Posture": {"type": "object", "additionalProperties": False, "properties": {"passed": arr(LABEL), "failed": arr(LABEL)}},
     "PostureRuleInput": {"type": "object", "required": ["name", "type", "input"], "additionalProperties": False,
         "description": "A device posture rule in Cloudflare's shape; `id` is kept when given. Types a Linux client "
-                       "checks: file, application, os_version, disk_encryption, serial_number, and Waygate's own client_version.",
+                       "checks: file, application, os_version, disk_encryption, serial_number, client_certificate_v2, and Waygate's own client_version.",
         "properties": {
             "id": LABEL, "name": LABEL, "description": S,
             "type": {"type": "string", "enum": ["file", "application", "os_version", "disk_encryption",
-                                                "serial_number", "client_version"]},
+                                                "serial_number", "client_version", "client_certificate_v2"]},
             "schedule": {"type": "string", "pattern": "^[0-9]+[smhd]$", "description": "How often clients check (default 5m, at least 1m)."},
             "expiration": {"type": "string", "pattern": "^([0-9]+[smhd])?$",
                            "description": "How long a result stays valid; empty: twice the schedule plus 60 s."},
@@ -108,7 +108,8 @@ schemas = {
             "input": {"type": "object", "additionalProperties": True,
                       "description": "file {path, exists, sha256}; application {path, sha256}; os_version {version, operator, "
                                      "os_distro_name, os_distro_revision}; disk_encryption {check_disks, require_all}; "
-                                     "serial_number {id}; client_version {version, operator}."}}},
+                                     "serial_number {id}; client_version {version, operator}; client_certificate_v2 {certificate_id, cn, "
+                                     "extended_key_usage, locations: {paths}}."}}},
     "PostureRule": {"type": "object", "required": ["id", "name", "type", "schedule", "expiration", "match", "input"], "properties": {
         "id": S, "name": S, "description": S, "type": S, "schedule": S, "expiration": S,
         "match": arr({"type": "object", "properties": {"platform": S}}), "input": {"type": "object"}}},

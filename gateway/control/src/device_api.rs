@@ -131,18 +131,25 @@ pub fn profile(
     })
 }
 
-/// The verdicts on `facts` of every rule that applies to their platform.
+/// The verdicts on `facts` of every rule that applies to their platform, at `now`.
 pub fn evaluate(
     config: &Config,
     registry: &Registry,
     rules: &[PostureRule],
     facts: &Facts,
+    now: i64,
 ) -> Vec<(PostureRule, Verdict)> {
     let serials = |id: &str| crate::posture::serial_list(config, registry, id);
+    let ca = |id: &str| crate::posture::posture_ca(config, id);
+    let env = waygate_posture::Env {
+        now,
+        serials: &serials,
+        ca: &ca,
+    };
     rules
         .iter()
         .filter(|r| r.applies_to(&facts.platform))
-        .map(|r| (r.clone(), waygate_posture::evaluate(r, facts, &serials)))
+        .map(|r| (r.clone(), waygate_posture::evaluate(r, facts, &env)))
         .collect()
 }
 
@@ -164,7 +171,7 @@ pub fn report(
         ));
     }
     let rules = crate::posture::rules(registry)?;
-    let verdicts = evaluate(config, registry, &rules, &facts);
+    let verdicts = evaluate(config, registry, &rules, &facts, now);
     let mut stored = Vec::with_capacity(verdicts.len());
     let mut out = BTreeMap::new();
     for (rule, v) in verdicts {
@@ -332,6 +339,44 @@ mod tests {
             matches!(e, ControlError::Invalid { ref field, .. } if field == "platform"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn client_certificates_signed_by_the_gateways_ca_pass() {
+        use sha2::Digest as _;
+        let (_d, cfg, reg, dev) = setup();
+        let now = 1_800_000_000;
+        let wall = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now as u64);
+        let ca = waygate_keys::CertificateAuthority::load_or_create(&cfg.data_dir, "Test CA", wall)
+            .unwrap();
+        let id = waygate_keys::enroll_token::hex(&sha2::Sha256::digest(ca.cert_der()));
+        let rule = |id: &str| {
+            format!(
+                r#"{{"id": "cert", "name": "device cert", "type": "client_certificate_v2",
+                "input": {{"certificate_id": "{id}", "cn": "laptop.example",
+                "locations": {{"paths": ["/etc/waygate/device.pem"]}}}}}}"#
+            )
+        };
+        let e =
+            crate::posture::create(&cfg, &reg, rule(&"0".repeat(64)).as_bytes(), 1).unwrap_err();
+        assert!(
+            matches!(e, ControlError::Invalid { ref field, .. } if field == "input.certificate_id"),
+            "{e}"
+        );
+        crate::posture::create(&cfg, &reg, rule(&id).as_bytes(), 1).unwrap();
+        let leaf = ca.issue(&["laptop.example".into()], &[], wall).unwrap();
+        let facts = serde_json::json!({"platform": "linux", "certificates": [
+            {"path": "/etc/waygate/device.pem", "pem": leaf.cert_pem}]});
+        let out = report(&cfg, &reg, &dev.id, facts.to_string().as_bytes(), now).unwrap();
+        assert!(out["cert"].passed, "{}", out["cert"].reason);
+        // Another CA in posture-cas/ is known too, but did not sign this certificate.
+        let other = waygate_keys::CertificateAuthority::generate("Other", wall).unwrap();
+        std::fs::create_dir_all(cfg.data_dir.join(crate::posture::POSTURE_CAS_DIR)).unwrap();
+        std::fs::write(cfg.data_dir.join("posture-cas/other.pem"), other.cert_pem()).unwrap();
+        let other_id = waygate_keys::enroll_token::hex(&sha2::Sha256::digest(other.cert_der()));
+        crate::posture::update(&cfg, &reg, "cert", rule(&other_id).as_bytes(), 2).unwrap();
+        let out = report(&cfg, &reg, &dev.id, facts.to_string().as_bytes(), now).unwrap();
+        assert!(!out["cert"].passed, "{}", out["cert"].reason);
     }
 
     #[test]

@@ -31,8 +31,45 @@ pub fn serial_list(config: &Config, registry: &Registry, id: &str) -> Option<Vec
         .map(|l| l.items.into_iter().map(|i| i.value).collect())
 }
 
+/// The directory of extra CAs `client_certificate_v2` rules may name (PEM files).
+pub const POSTURE_CAS_DIR: &str = "posture-cas";
+
+/// Every CA a `client_certificate_v2` rule may name, as (hex SHA-256 of the DER, DER): the
+/// gateway's own CA (`<data_dir>/ca.pem`) and the certificates of the PEM files in
+/// `<data_dir>/posture-cas/`. Unreadable files are skipped.
+pub fn posture_cas(config: &Config) -> Vec<(String, Vec<u8>)> {
+    use sha2::Digest as _;
+    let mut files = vec![config.data_dir.join(waygate_keys::CA_CERT_FILE)];
+    if let Ok(entries) = std::fs::read_dir(config.data_dir.join(POSTURE_CAS_DIR)) {
+        let mut more: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        more.sort();
+        files.extend(more);
+    }
+    let mut out = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read(&file) else {
+            continue;
+        };
+        for block in x509_parser::pem::Pem::iter_from_buffer(&text).flatten() {
+            if block.label == "CERTIFICATE" {
+                let id = waygate_keys::enroll_token::hex(&sha2::Sha256::digest(&block.contents));
+                out.push((id, block.contents));
+            }
+        }
+    }
+    out
+}
+
+/// The CA whose certificate's SHA-256 is `id`.
+pub fn posture_ca(config: &Config, id: &str) -> Option<Vec<u8>> {
+    posture_cas(config)
+        .into_iter()
+        .find(|(have, _)| have.eq_ignore_ascii_case(id))
+        .map(|(_, der)| der)
+}
+
 /// Checks what depends on the gateway's state: a `serial_number` rule's list exists and has
-/// type SERIAL.
+/// type SERIAL, a `client_certificate_v2` rule's CA is known.
 fn check_references(
     config: &Config,
     registry: &Registry,
@@ -45,6 +82,19 @@ fn check_references(
                 format!(
                     "no list of type SERIAL with id or name {:?} (create one with POST /gateway/lists)",
                     i.id
+                ),
+            ));
+        }
+    }
+    if let Input::ClientCertificate(i) = &rule.input {
+        if posture_ca(config, &i.certificate_id).is_none() {
+            return Err(ControlError::invalid(
+                "input.certificate_id",
+                format!(
+                    "no CA with SHA-256 {} in {} or {}/ (put the CA's PEM there)",
+                    i.certificate_id,
+                    config.data_dir.join(waygate_keys::CA_CERT_FILE).display(),
+                    config.data_dir.join(POSTURE_CAS_DIR).display()
                 ),
             ));
         }

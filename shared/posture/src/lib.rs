@@ -11,8 +11,10 @@
 //! Outputs: checked [`PostureRule`]s, [`Facts`], [`Verdict`]s and how long a verdict stays valid.
 #![deny(missing_docs)]
 
+mod certificate;
 mod version;
 
+pub use certificate::certificate_blocks;
 pub use version::{compare, parse_version, Operator, Version};
 
 use serde::{Deserialize, Serialize};
@@ -52,17 +54,20 @@ pub enum CheckType {
     SerialNumber,
     /// The version of `waygate-client` (Waygate's own type; Cloudflare has none).
     ClientVersion,
+    /// A certificate in a PEM file, signed by a CA the gateway knows.
+    ClientCertificateV2,
 }
 
 impl CheckType {
     /// Every type, with its name as rules spell it.
-    pub const ALL: [(&'static str, CheckType); 6] = [
+    pub const ALL: [(&'static str, CheckType); 7] = [
         ("file", CheckType::File),
         ("application", CheckType::Application),
         ("os_version", CheckType::OsVersion),
         ("disk_encryption", CheckType::DiskEncryption),
         ("serial_number", CheckType::SerialNumber),
         ("client_version", CheckType::ClientVersion),
+        ("client_certificate_v2", CheckType::ClientCertificateV2),
     ];
 
     /// The name rules use.
@@ -168,6 +173,44 @@ pub struct ClientVersionInput {
     pub operator: String,
 }
 
+/// Where `client_certificate_v2` looks for the certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateLocations {
+    /// PEM files holding the certificate (and maybe its chain; private keys are never read).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// System trust stores (Windows and macOS only; refused here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_stores: Vec<String>,
+}
+
+/// `client_certificate_v2` input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertificateInput {
+    /// The platform the input is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operating_system: Option<String>,
+    /// Hex SHA-256 of the signing CA's certificate (DER): the gateway's CA (`waygate ca show`)
+    /// or one in `<data_dir>/posture-cas/`.
+    pub certificate_id: String,
+    /// The common name the certificate must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cn: Option<String>,
+    /// Extended key usages it must have (`clientAuth`, `emailProtection`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extended_key_usage: Vec<String>,
+    /// Whether the private key must be present (refused: the key never leaves its file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_private_key: Option<bool>,
+    /// Subject alternative names it must have (not supported; refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_alternative_names: Option<Json>,
+    /// Where the certificate is.
+    pub locations: CertificateLocations,
+}
+
 /// A rule's input, by type.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
@@ -184,6 +227,8 @@ pub enum Input {
     SerialNumber(SerialNumberInput),
     /// `client_version`.
     ClientVersion(ClientVersionInput),
+    /// `client_certificate_v2`.
+    ClientCertificate(ClientCertificateInput),
 }
 
 fn yes() -> bool {
@@ -396,6 +441,59 @@ fn parse_input(kind: CheckType, value: Json) -> Result<Input, PostureError> {
             check_operator("input.operator", &i.operator)?;
             Input::ClientVersion(i)
         }
+        CheckType::ClientCertificateV2 => {
+            let mut i: ClientCertificateInput = typed("input", value)?;
+            check_platform("input.operating_system", &i.operating_system)?;
+            i.certificate_id =
+                check_sha256("input.certificate_id", &i.certificate_id).map_err(|_| {
+                    err(
+                        "input.certificate_id",
+                        "expected the hex SHA-256 of the signing CA's certificate in DER \
+                         (waygate ca show | openssl x509 -outform der | sha256sum)",
+                    )
+                })?;
+            if let Some(cn) = &i.cn {
+                if !text_ok(cn) {
+                    return Err(err("input.cn", "expected a common name"));
+                }
+            }
+            for (n, eku) in i.extended_key_usage.iter().enumerate() {
+                if !["clientAuth", "emailProtection"].contains(&eku.as_str()) {
+                    return Err(err(
+                        format!("input.extended_key_usage[{n}]"),
+                        format!("{eku:?} is not clientAuth or emailProtection"),
+                    ));
+                }
+            }
+            if i.check_private_key == Some(true) {
+                return Err(err(
+                    "input.check_private_key",
+                    "the client never reads private keys; leave it out or false",
+                ));
+            }
+            if i.subject_alternative_names.is_some() {
+                return Err(err(
+                    "input.subject_alternative_names",
+                    "not supported; match on cn",
+                ));
+            }
+            if !i.locations.trust_stores.is_empty() {
+                return Err(err(
+                    "input.locations.trust_stores",
+                    "trust stores are a Windows and macOS check; give PEM files in locations.paths",
+                ));
+            }
+            if i.locations.paths.is_empty() {
+                return Err(err(
+                    "input.locations.paths",
+                    "required on Linux: the PEM files to look in",
+                ));
+            }
+            for (n, path) in i.locations.paths.iter().enumerate() {
+                check_path(&format!("input.locations.paths[{n}]"), path)?;
+            }
+            Input::ClientCertificate(i)
+        }
     })
 }
 
@@ -460,6 +558,13 @@ pub fn parse_rule(
         return Err(err("description", format!("longer than {MAX_TEXT} bytes")));
     }
     let type_name = string_field(&obj, "type")?.ok_or_else(|| err("type", "required"))?;
+    if type_name == "client_certificate" {
+        return Err(err(
+            "type",
+            "client_certificate names no file a Linux client could read; use client_certificate_v2 \
+             with input.locations.paths",
+        ));
+    }
     let kind = CheckType::ALL
         .iter()
         .find(|(n, _)| *n == type_name)
@@ -592,6 +697,20 @@ pub struct DiskFact {
     pub encrypted: bool,
 }
 
+/// A PEM file as the client found it: its certificates only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFact {
+    /// The path asked for.
+    pub path: String,
+    /// The file's `CERTIFICATE` blocks (never a key), when it exists and has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pem: Option<String>,
+}
+
+/// Longest `pem` of a certificate fact (a leaf and a few chain certificates fit many times).
+pub const MAX_PEM: usize = 64 * 1024;
+
 /// What a client reports about itself (`POST /v1/posture`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -623,6 +742,9 @@ pub struct Facts {
     /// Mount points asked for.
     #[serde(default)]
     pub disks: Vec<DiskFact>,
+    /// Certificate files asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateFact>,
 }
 
 /// Reads a report, refusing unknown keys, oversized lists and malformed hashes by field.
@@ -632,6 +754,7 @@ pub fn parse_facts(body: &[u8]) -> Result<Facts, PostureError> {
         ("files", facts.files.len()),
         ("processes", facts.processes.len()),
         ("disks", facts.disks.len()),
+        ("certificates", facts.certificates.len()),
     ] {
         if n > MAX_FACTS {
             return Err(err(what, format!("{n} entries; at most {MAX_FACTS}")));
@@ -640,6 +763,14 @@ pub fn parse_facts(body: &[u8]) -> Result<Facts, PostureError> {
     for (n, f) in facts.files.iter_mut().enumerate() {
         if let Some(h) = &f.sha256 {
             f.sha256 = Some(check_sha256(&format!("files[{n}].sha256"), h)?);
+        }
+    }
+    for (n, c) in facts.certificates.iter().enumerate() {
+        if c.pem.as_ref().is_some_and(|p| p.len() > MAX_PEM) {
+            return Err(err(
+                format!("certificates[{n}].pem"),
+                format!("longer than {MAX_PEM} bytes"),
+            ));
         }
     }
     for (n, p) in facts.processes.iter_mut().enumerate() {
@@ -661,6 +792,8 @@ pub struct Wanted {
     pub disks: Vec<String>,
     /// The serial number is needed.
     pub serial: bool,
+    /// Certificate files (for `client_certificate_v2` rules).
+    pub certificates: Vec<String>,
 }
 
 /// What facts the rules need, each path once.
@@ -684,6 +817,11 @@ pub fn wanted<'a>(rules: impl IntoIterator<Item = &'a PostureRule>) -> Wanted {
                 }
             }
             Input::SerialNumber(_) => w.serial = true,
+            Input::ClientCertificate(i) => {
+                for p in &i.locations.paths {
+                    push(&mut w.certificates, p);
+                }
+            }
             Input::OsVersion(_) | Input::ClientVersion(_) => {}
         }
     }
@@ -712,13 +850,19 @@ fn versions_hold(fact: Option<&str>, operator: &str, wanted: &str) -> Option<boo
     Some(compare(&have, Operator::parse(operator)?, &want))
 }
 
-/// Evaluates `rule` on `facts`; `serials` gives the items of a list of type SERIAL by id
-/// (`None`: no such list). A fact the report lacks fails the check.
-pub fn evaluate(
-    rule: &PostureRule,
-    facts: &Facts,
-    serials: &dyn Fn(&str) -> Option<Vec<String>>,
-) -> Verdict {
+/// What evaluation needs from the gateway besides the facts.
+pub struct Env<'a> {
+    /// The time (unix seconds) certificates must be valid at.
+    pub now: i64,
+    /// The items of the list of type SERIAL with this id (`None`: no such list).
+    pub serials: &'a dyn Fn(&str) -> Option<Vec<String>>,
+    /// The CA certificate (DER) whose SHA-256 is this `certificate_id` (`None`: unknown).
+    pub ca: &'a dyn Fn(&str) -> Option<Vec<u8>>,
+}
+
+/// Evaluates `rule` on `facts` in `env`. A fact the report lacks fails the check.
+pub fn evaluate(rule: &PostureRule, facts: &Facts, env: &Env<'_>) -> Verdict {
+    let serials = env.serials;
     if !rule.applies_to(&facts.platform) {
         return verdict(
             false,
@@ -852,6 +996,39 @@ pub fn evaluate(
                 }
                 Some(_) => verdict(false, format!("serial {serial} is not in list {}", i.id)),
             }
+        }
+        Input::ClientCertificate(i) => {
+            let Some(ca) = (env.ca)(&i.certificate_id) else {
+                return verdict(
+                    false,
+                    format!("no CA with certificate_id {}", i.certificate_id),
+                );
+            };
+            let mut why = Vec::new();
+            for path in &i.locations.paths {
+                let pem = facts
+                    .certificates
+                    .iter()
+                    .find(|c| &c.path == path)
+                    .and_then(|c| c.pem.as_deref());
+                let Some(pem) = pem else {
+                    why.push(format!("no certificate at {path}"));
+                    continue;
+                };
+                match certificate::find_signed(pem, &ca, i, env.now) {
+                    Ok(cn) => {
+                        return verdict(
+                            true,
+                            format!(
+                                "certificate CN={cn} at {path} is signed by CA {}",
+                                i.certificate_id
+                            ),
+                        )
+                    }
+                    Err(e) => why.push(format!("{path}: {e}")),
+                }
+            }
+            verdict(false, why.join("; "))
         }
         Input::ClientVersion(i) => {
             let have = facts.client_version.as_deref();

@@ -13,6 +13,25 @@ fn no_lists(_: &str) -> Option<Vec<String>> {
     None
 }
 
+fn no_cas(_: &str) -> Option<Vec<u8>> {
+    None
+}
+
+const NOW: i64 = 1_800_000_000;
+
+/// Evaluation without lists or CAs.
+fn eval(r: &PostureRule, f: &Facts) -> Verdict {
+    evaluate(
+        r,
+        f,
+        &Env {
+            now: NOW,
+            serials: &no_lists,
+            ca: &no_cas,
+        },
+    )
+}
+
 const HASH: &str = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08";
 
 fn linux() -> Facts {
@@ -193,7 +212,7 @@ fn file_matcher() {
         (&absent, with(true, None), false),
     ];
     for (r, facts, want) in cases {
-        let v = evaluate(r, &facts, &no_lists);
+        let v = eval(r, &facts);
         assert_eq!(v.passed, want, "{facts:?}: {}", v.reason);
     }
     // A report from another platform does not pass a linux-only rule.
@@ -203,7 +222,7 @@ fn file_matcher() {
     );
     let mut mac = with(true, None);
     mac.platform = "mac".into();
-    assert!(!evaluate(&linux_only, &mac, &no_lists).passed);
+    assert!(!eval(&linux_only, &mac).passed);
 }
 
 #[test]
@@ -219,10 +238,10 @@ fn application_matcher() {
         }],
         ..linux()
     };
-    assert!(evaluate(&r, &with(true, Some(HASH.to_ascii_lowercase())), &no_lists).passed);
-    assert!(!evaluate(&r, &with(false, None), &no_lists).passed);
-    assert!(!evaluate(&r, &with(true, Some("1".repeat(64))), &no_lists).passed);
-    assert!(!evaluate(&r, &linux(), &no_lists).passed);
+    assert!(eval(&r, &with(true, Some(HASH.to_ascii_lowercase()))).passed);
+    assert!(!eval(&r, &with(false, None)).passed);
+    assert!(!eval(&r, &with(true, Some("1".repeat(64)))).passed);
+    assert!(!eval(&r, &linux()).passed);
 }
 
 #[test]
@@ -237,15 +256,12 @@ fn os_version_matcher() {
         os_distro_revision: Some(rev.into()),
         ..linux()
     };
-    assert!(evaluate(&r, &facts("6.1.0-18-amd64", "Debian", "12"), &no_lists).passed);
-    assert!(evaluate(&r, &facts("6.12.3", "debian", "13"), &no_lists).passed);
-    assert!(!evaluate(&r, &facts("5.10.0", "debian", "12"), &no_lists).passed);
-    assert!(!evaluate(&r, &facts("6.1.0", "ubuntu", "24.04"), &no_lists).passed);
-    assert!(!evaluate(&r, &facts("6.1.0", "debian", "11"), &no_lists).passed);
-    assert!(
-        !evaluate(&r, &linux(), &no_lists).passed,
-        "no kernel reported"
-    );
+    assert!(eval(&r, &facts("6.1.0-18-amd64", "Debian", "12")).passed);
+    assert!(eval(&r, &facts("6.12.3", "debian", "13")).passed);
+    assert!(!eval(&r, &facts("5.10.0", "debian", "12")).passed);
+    assert!(!eval(&r, &facts("6.1.0", "ubuntu", "24.04")).passed);
+    assert!(!eval(&r, &facts("6.1.0", "debian", "11")).passed);
+    assert!(!eval(&r, &linux()).passed, "no kernel reported");
 }
 
 #[test]
@@ -269,14 +285,14 @@ fn disk_encryption_matcher() {
         ..linux()
     };
     assert!(
-        evaluate(&any, &disks(true, false), &no_lists).passed,
+        eval(&any, &disks(true, false)).passed,
         "empty check_disks: /"
     );
-    assert!(!evaluate(&any, &disks(false, true), &no_lists).passed);
-    assert!(evaluate(&all, &disks(true, true), &no_lists).passed);
-    assert!(!evaluate(&all, &disks(true, false), &no_lists).passed);
-    assert!(evaluate(&some, &disks(false, true), &no_lists).passed);
-    assert!(!evaluate(&some, &disks(false, false), &no_lists).passed);
+    assert!(!eval(&any, &disks(false, true)).passed);
+    assert!(eval(&all, &disks(true, true)).passed);
+    assert!(!eval(&all, &disks(true, false)).passed);
+    assert!(eval(&some, &disks(false, true)).passed);
+    assert!(!eval(&some, &disks(false, false)).passed);
     assert_eq!(
         wanted([&all, &any]).disks,
         vec!["/".to_string(), "/home".into()]
@@ -291,13 +307,15 @@ fn serial_number_matcher() {
         serial_number: Some(s.into()),
         ..linux()
     };
-    assert!(evaluate(&r, &with("SN-2"), &lists).passed);
-    assert!(!evaluate(&r, &with("SN-3"), &lists).passed);
-    assert!(!evaluate(&r, &with(""), &lists).passed);
-    assert!(
-        !evaluate(&r, &with("SN-1"), &no_lists).passed,
-        "the list is gone"
-    );
+    let env = Env {
+        now: NOW,
+        serials: &lists,
+        ca: &no_cas,
+    };
+    assert!(evaluate(&r, &with("SN-2"), &env).passed);
+    assert!(!evaluate(&r, &with("SN-3"), &env).passed);
+    assert!(!evaluate(&r, &with(""), &env).passed);
+    assert!(!eval(&r, &with("SN-1")).passed, "the list is gone");
     assert!(wanted([&r]).serial);
 }
 
@@ -310,10 +328,10 @@ fn client_version_matcher() {
         client_version: Some(v.into()),
         ..linux()
     };
-    assert!(evaluate(&r, &with("0.2.0"), &no_lists).passed);
-    assert!(evaluate(&r, &with("1.0.0"), &no_lists).passed);
-    assert!(!evaluate(&r, &with("0.1.9"), &no_lists).passed);
-    assert!(!evaluate(&r, &linux(), &no_lists).passed);
+    assert!(eval(&r, &with("0.2.0")).passed);
+    assert!(eval(&r, &with("1.0.0")).passed);
+    assert!(!eval(&r, &with("0.1.9")).passed);
+    assert!(!eval(&r, &linux()).passed);
 }
 
 #[test]
@@ -353,4 +371,149 @@ fn facts_parse_and_refuse_by_field() {
     );
     assert_eq!(parse_facts(many.as_bytes()).unwrap_err().field, "disks");
     assert!(parse_facts(b"{").is_err());
+}
+
+/// A CA and a client certificate it signed (CN `laptop-1`, clientAuth), valid around [`NOW`].
+struct Pki {
+    ca_der: Vec<u8>,
+    ca_id: String,
+    leaf_pem: String,
+    other_pem: String,
+}
+
+fn pki() -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let at =
+        |unix: i64| (std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix as u64)).into();
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(vec![]).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Corp CA");
+    ca_params.not_before = at(NOW - 86_400);
+    ca_params.not_after = at(NOW + 86_400);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |cn: &str, issuer: &Issuer<'_, KeyPair>| {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(vec![]).expect("params");
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.not_before = at(NOW - 3600);
+        p.not_after = at(NOW + 3600);
+        // The key goes with it, as in a real bundle: the client must leave it out.
+        format!(
+            "{}{}",
+            p.signed_by(&key, issuer).expect("leaf").pem(),
+            key.serialize_pem()
+        )
+    };
+    let other_key = KeyPair::generate().expect("key");
+    let mut other_params = CertificateParams::new(vec![]).expect("params");
+    other_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other = Issuer::new(other_params, other_key);
+    use sha2::Digest as _;
+    let ca_id: String = sha2::Sha256::digest(ca.der())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Pki {
+        ca_id,
+        ca_der: ca.der().to_vec(),
+        leaf_pem: leaf("laptop-1", &issuer),
+        other_pem: leaf("laptop-1", &other),
+    }
+}
+
+#[test]
+fn client_certificates_are_checked_against_the_ca_by_the_gateway() {
+    let pki = pki();
+    let r = rule(
+        json!({"name": "cert", "type": "client_certificate_v2", "input": {
+        "certificate_id": pki.ca_id, "cn": "laptop-1", "extended_key_usage": ["clientAuth"],
+        "locations": {"paths": ["/etc/waygate/device.pem"]}}}),
+    );
+    assert_eq!(wanted([&r]).certificates, ["/etc/waygate/device.pem"]);
+    let ca_der = pki.ca_der.clone();
+    let id = pki.ca_id.clone();
+    let cas = move |want: &str| (want == id).then(|| ca_der.clone());
+    let env = |now| Env {
+        now,
+        serials: &no_lists,
+        ca: &cas,
+    };
+    let with = |pem: &str| Facts {
+        certificates: vec![CertificateFact {
+            path: "/etc/waygate/device.pem".into(),
+            pem: certificate_blocks(pem),
+        }],
+        ..linux()
+    };
+    let sent = certificate_blocks(&pki.leaf_pem).expect("a certificate");
+    assert!(!sent.contains("PRIVATE KEY"), "keys are never sent");
+    let v = evaluate(&r, &with(&pki.leaf_pem), &env(NOW));
+    assert!(v.passed, "{}", v.reason);
+    assert!(
+        !evaluate(&r, &with(&pki.other_pem), &env(NOW)).passed,
+        "another CA"
+    );
+    assert!(
+        !evaluate(&r, &with(&pki.leaf_pem), &env(NOW + 7200)).passed,
+        "expired"
+    );
+    assert!(!evaluate(&r, &linux(), &env(NOW)).passed, "no file");
+    assert!(!eval(&r, &with(&pki.leaf_pem)).passed, "an unknown CA id");
+    let other_cn = rule(
+        json!({"name": "cert", "type": "client_certificate_v2", "input": {
+        "certificate_id": pki.ca_id, "cn": "laptop-2", "locations": {"paths": ["/etc/waygate/device.pem"]}}}),
+    );
+    assert!(!evaluate(&other_cn, &with(&pki.leaf_pem), &env(NOW)).passed);
+    let email = rule(
+        json!({"name": "cert", "type": "client_certificate_v2", "input": {
+        "certificate_id": pki.ca_id, "extended_key_usage": ["emailProtection"],
+        "locations": {"paths": ["/etc/waygate/device.pem"]}}}),
+    );
+    assert!(!evaluate(&email, &with(&pki.leaf_pem), &env(NOW)).passed);
+}
+
+#[test]
+fn client_certificate_inputs_are_checked() {
+    let id = "ab".repeat(32);
+    let cases = [
+        (
+            json!({"name": "c", "type": "client_certificate", "input": {"certificate_id": id}}),
+            "type",
+        ),
+        (
+            json!({"name": "c", "type": "client_certificate_v2", "input": {"certificate_id": "x", "locations": {"paths": ["/a"]}}}),
+            "input.certificate_id",
+        ),
+        (
+            json!({"name": "c", "type": "client_certificate_v2", "input": {"certificate_id": id, "locations": {"paths": []}}}),
+            "input.locations.paths",
+        ),
+        (
+            json!({"name": "c", "type": "client_certificate_v2", "input": {"certificate_id": id, "locations": {"paths": ["a.pem"]}}}),
+            "input.locations.paths[0]",
+        ),
+        (
+            json!({"name": "c", "type": "client_certificate_v2", "input": {"certificate_id": id, "locations": {"paths": ["/a"], "trust_stores": ["system"]}}}),
+            "input.locations.trust_stores",
+        ),
+        (
+            json!({"name": "c", "type": "client_certificate_v2", "input": {"certificate_id": id, "check_private_key": true, "locations": {"paths": ["/a"]}}}),
+            "input.check_private_key",
+        ),
+        (
+            json!({"name": "c", "type": "client_certificate_v2", "input": {"certificate_id": id, "extended_key_usage": ["serverAuth"], "locations": {"paths": ["/a"]}}}),
+            "input.extended_key_usage[0]",
+        ),
+    ];
+    for (body, field) in cases {
+        let e = refused(body.clone());
+        assert_eq!(e.field, field, "{body}: {e}");
+    }
 }

@@ -33,7 +33,9 @@ pub mod product {
     pub use waygate_policy::parser::parse as parse_expr;
     pub use waygate_policy::ruleset::{Lists, Policy, RuleSet};
     pub use waygate_policy::typecheck::check as check_expr;
-    pub use waygate_posture::{evaluate as evaluate_posture, parse_facts, parse_rule, wanted};
+    pub use waygate_posture::{
+        evaluate as evaluate_posture, parse_facts, parse_rule, wanted, Env as PostureEnv,
+    };
     pub use waygate_runtime::dns::doh;
     pub use waygate_wg::transmit::{TransmitQueue, MAX_DATAGRAM};
     pub use waygate_wg::{Endpoint, Received};
@@ -485,7 +487,30 @@ pub fn posture_json(data: &[u8]) {
     let _ = wanted([&rule]);
     if let Some(facts) = facts {
         let serials = |id: &str| (id == "SERIALS").then(|| vec!["SN-1".to_string()]);
-        let v = evaluate_posture(&rule, &facts, &serials);
+        // Any CA id names the certificate in the facts' first PEM, so hostile certificates get
+        // parsed and checked.
+        let ca = |_: &str| {
+            facts
+                .certificates
+                .first()
+                .and_then(|c| c.pem.as_deref())
+                .and_then(x509_der)
+        };
+        let env = PostureEnv {
+            now: 1_800_000_000,
+            serials: &serials,
+            ca: &ca,
+        };
+        let v = evaluate_posture(&rule, &facts, &env);
         assert!(!v.reason.is_empty());
     }
+}
+
+/// The DER of the first certificate block of `pem`, decoded leniently (base64 of the lines).
+fn x509_der(pem: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let body = pem.split("-----BEGIN CERTIFICATE-----").nth(1)?;
+    let body = body.split("-----END CERTIFICATE-----").next()?;
+    let text: String = body.split_whitespace().collect();
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
