@@ -229,9 +229,19 @@ fn posture_reports_decide_network_rules_and_vnet_use_switches_sites() {
     assert!(left.is_some(), "back in the default network: no site");
     report("vnets: vnet use switched 198.18.0.10 between two sites; vnet default left them");
 
-    // The registry has the gateway's verdict with its reason (auditable), never the client's.
+    // The registry has the gateway's verdict with its reason (auditable), never the client's;
+    // the last pass has expired.
     let show = lab
         .waygate(&["device", "show", "alice"])
         .expect("device show");
-    assert!(show.stdout.contains(CHECK), "{}", show.describe());
+    let line = show
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("posture check:"))
+        .unwrap_or_else(|| panic!("no posture check line: {}", show.describe()));
+    assert!(line.contains(&format!("{CHECK} expired")), "{line}");
+    assert!(
+        line.contains(&format!("file {} exists", flag.display())),
+        "{line}"
+    );
 }

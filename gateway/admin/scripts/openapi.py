@@ -113,6 +113,9 @@ schemas = {
     "PostureRule": {"type": "object", "required": ["id", "name", "type", "schedule", "expiration", "match", "input"], "properties": {
         "id": S, "name": S, "description": S, "type": S, "schedule": S, "expiration": S,
         "match": arr({"type": "object", "properties": {"platform": S}}), "input": {"type": "object"}}},
+    "PostureResult": {"type": "object", "required": ["check_id", "passed", "reported_at"], "properties": {
+        "check_id": S, "passed": B, "reported_at": I, "expires_at": {"type": "integer", "nullable": True},
+        "reason": NS}},
     "DeletedPostureRule": {"type": "object", "required": ["id"], "properties": {"id": S}},
     "User": {"type": "object", "required": ["email"], "properties": {
         "email": S, "name": NS, "groups": arr(S), "devices": I}},
@@ -176,6 +179,7 @@ paths = {
         "put": op("Move a device into a virtual network (null: the default one)", R("Device"), R("SetVnet"), tag="devices")},
     "/devices/{device}/posture": {
         "parameters": param("device", "Id, name or public key (percent-encoded)."),
+        "get": op("A device's posture results: verdict, reason, when reported and when a pass expires", arr(R("PostureResult")), errors=(404,), tag="devices"),
         "put": op("Replace a device's posture-check results", R("Device"), R("Posture"), tag="devices")},
     "/users": {"get": op("Users with active devices", arr(R("User")), errors=(), tag="users")},
     "/groups": {

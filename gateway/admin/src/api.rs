@@ -165,7 +165,8 @@ fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
         ["devices", "posture"] => "GET, POST",
         ["devices", "posture", _] => "GET, PUT, DELETE",
         ["devices", _] => "GET, DELETE",
-        ["devices", _, "vnet" | "posture"] => "PUT",
+        ["devices", _, "vnet"] => "PUT",
+        ["devices", _, "posture"] => "GET, PUT",
         ["groups", _] | ["virtual_networks", _] => "DELETE",
         _ => return None,
     })
@@ -354,6 +355,9 @@ impl Api {
             ("PUT", ["devices", id, "vnet"]) => ok(body_of::<SetVnet>(body)
                 .and_then(|v| ops.set_vnet(id, v))
                 .and_then(|d| to_json(&d))),
+            ("GET", ["devices", id, "posture"]) => {
+                ok(ops.posture_results(id).and_then(|r| to_json(&r)))
+            }
             ("PUT", ["devices", id, "posture"]) => ok(body_of::<Posture>(body)
                 .and_then(|p| ops.set_posture(id, p))
                 .and_then(|d| to_json(&d))),

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use waygate_config::Config;
-use waygate_registry::{Device, Group, Registry, Vnet, VnetRoute};
+use waygate_registry::{Device, Group, PostureResult, Registry, Vnet, VnetRoute};
 
 use crate::{ControlError, EnrollRequest, Enrolled};
 
@@ -90,6 +90,8 @@ pub trait Admin {
     fn create_vnet(&self, vnet: NewVnet) -> Result<Vnet, ControlError>;
     /// Deletes a virtual network.
     fn delete_vnet(&self, needle: &str) -> Result<Vnet, ControlError>;
+    /// A device's posture results as stored, with their reasons and expiry.
+    fn posture_results(&self, needle: &str) -> Result<Vec<PostureResult>, ControlError>;
     /// Every device posture rule, in Cloudflare's JSON.
     fn posture_rules(&self) -> Result<Vec<serde_json::Value>, ControlError>;
     /// Creates a device posture rule from its JSON; returns it as stored.
@@ -206,6 +208,11 @@ impl Admin for Local<'_> {
 
     fn delete_vnet(&self, needle: &str) -> Result<Vnet, ControlError> {
         Ok(self.registry.delete_vnet(needle)?)
+    }
+
+    fn posture_results(&self, needle: &str) -> Result<Vec<PostureResult>, ControlError> {
+        let device = self.registry.find(needle)?;
+        Ok(self.registry.posture_results(&device.id)?)
     }
 
     fn posture_rules(&self) -> Result<Vec<serde_json::Value>, ControlError> {

@@ -372,3 +372,33 @@ fn posture_rules_at_cloudflares_paths() {
     // DELETE /devices/posture is not a revocation of a device called "posture".
     assert_eq!(call(&api, "DELETE", "/devices/posture", "").status, 405);
 }
+
+#[test]
+fn a_devices_posture_results_are_read_with_their_reasons() {
+    let (_dir, api) = api();
+    let enrolled = call(
+        &api,
+        "POST",
+        "/devices",
+        r#"{"email": "ada@example.com", "name": "ada"}"#,
+    );
+    assert_eq!(enrolled.status, 200, "{}", enrolled.body);
+    let set = call(
+        &api,
+        "PUT",
+        "/devices/ada/posture",
+        r#"{"passed": ["disk"], "failed": []}"#,
+    );
+    assert_eq!(set.status, 200, "{}", set.body);
+    let got = call(&api, "GET", "/devices/ada/posture", "");
+    assert_envelope(&got);
+    assert_eq!(got.body["result"][0]["check_id"], "disk");
+    assert_eq!(got.body["result"][0]["passed"], true);
+    assert!(
+        got.body["result"][0]["expires_at"].is_null(),
+        "typed in: never expires"
+    );
+    assert_eq!(call(&api, "GET", "/devices/nobody/posture", "").status, 404);
+    let not_allowed = call(&api, "DELETE", "/devices/ada/posture", "");
+    assert_eq!(not_allowed.allow, Some("GET, PUT"));
+}
