@@ -6,6 +6,7 @@
 //! Answers are the admin API's envelope. The logic is [`waygate_control::device_api`]; this is
 //! its HTTP shell, running the registry work off the async threads.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -24,11 +25,18 @@ use crate::local::{HttpFuture, HttpResponse, HttpRoute, LocalFlow};
 /// paths and hashes stays well below it).
 const MAX_BODY: usize = 256 * 1024;
 
+/// Reports a device may send at once, and then one per second: a client reports once per
+/// schedule (at least a minute), so only a broken or hostile one meets the limit, which keeps
+/// it from turning the registry into a write loop.
+const REPORT_BURST: i64 = 5;
+
 /// The device API over one registry connection.
 pub struct DeviceApi {
     config: Config,
     registry: Mutex<Registry>,
     clock: fn() -> i64,
+    /// Per device: report tokens left and when they were last counted (unix seconds).
+    reports: Mutex<HashMap<String, (i64, i64)>>,
 }
 
 impl DeviceApi {
@@ -38,7 +46,30 @@ impl DeviceApi {
             config,
             registry: Mutex::new(registry),
             clock,
+            reports: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Takes a report token of `device_id` at `now`; false when it has none left.
+    fn take_report(&self, device_id: &str, now: i64) -> bool {
+        let mut reports = self
+            .reports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Devices come and go; forget those whose bucket is full again.
+        if reports.len() > 4096 {
+            reports.retain(|_, (_, at)| now.saturating_sub(*at) < REPORT_BURST);
+        }
+        let (tokens, at) = reports
+            .entry(device_id.to_string())
+            .or_insert((REPORT_BURST, now));
+        *tokens = (*tokens + now.saturating_sub(*at).max(0)).min(REPORT_BURST);
+        *at = now;
+        if *tokens == 0 {
+            return false;
+        }
+        *tokens -= 1;
+        true
     }
 
     /// The answer to one request of `device`.
@@ -58,6 +89,16 @@ impl DeviceApi {
             ),
             ("POST", "/v1/posture") => {
                 let now = (self.clock)();
+                if !self.take_report(&device.id, now) {
+                    tracing::info!(target: "waygate::posture", device = %device.name, device_id = %device.id, "posture reports limited");
+                    return failure(
+                        429,
+                        codes::RATE_LIMITED,
+                        format!(
+                            "more than {REPORT_BURST} reports at once; one per second after that"
+                        ),
+                    );
+                }
                 let report = device_api::report(&self.config, &registry, &device.id, body, now);
                 match &report {
                     Ok(results) => {
@@ -227,5 +268,23 @@ mod tests {
         let wrong = api.answer(&device, "GET", "/v1/posture", b"");
         assert_eq!((wrong.status, wrong.allow), (405, Some("POST")));
         assert_eq!(api.answer(&device, "GET", "/admin", b"").status, 404);
+        // One report was made above; four more fit the burst, the next is limited.
+        let facts = br#"{"platform": "linux"}"#;
+        for _ in 0..4 {
+            assert_eq!(
+                api.answer(&device, "POST", "/v1/posture", facts).status,
+                200
+            );
+        }
+        assert_eq!(
+            api.answer(&device, "POST", "/v1/posture", facts).status,
+            429
+        );
+        assert!(api.take_report("another-device", 1_000), "per device");
+        assert!(
+            api.take_report(&device.id, 1_001),
+            "one more a second later"
+        );
+        assert!(!api.take_report(&device.id, 1_001));
     }
 }
