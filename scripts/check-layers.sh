@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LAYERS=(
-  "waygate-model waygate-wire waygate-keys waygate-policy"
+  "waygate-model waygate-wire waygate-keys waygate-policy waygate-posture"
   "waygate-wg waygate-config waygate-udp waygate-observe"
   "waygate-geoip waygate-registry"
   "waygate-control"

@@ -18,6 +18,7 @@
 #   policy_expr   a policy expression: parse, typecheck, print/reparse, compile vs interpreter
 #   rules_json    a Cloudflare rules file, lists file and eval input (`waygate rules check|eval`)
 #   config        the TOML config file
+#   posture_json  a device posture rule and a device's facts (`waygate posture create`, /v1/posture)
 #
 # Layout: tests/fuzz is the library (a workspace member); tests/fuzz/fuzz is the cargo-fuzz
 # package, its own workspace with its own lock file and target directory. Seeds are read from
@@ -37,7 +38,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FUZZ_DIR=tests/fuzz/fuzz
 SEEDS=tests/fuzz/seeds
-ALL_TARGETS=(inner_packet sniff dns wireguard policy_expr rules_json config)
+ALL_TARGETS=(inner_packet sniff dns wireguard policy_expr rules_json config posture_json)
 
 SECONDS_EACH=60
 if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then

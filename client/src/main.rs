@@ -9,8 +9,12 @@
 //! files in `--dir`, lines on stdout/stderr, the exit code. Nothing polls it.
 #![deny(missing_docs)]
 
+#[allow(dead_code)] // `agent::run` is started by the tunnel daemon (client/src/main.rs daemon)
+mod agent;
+mod device_api;
 mod enroll;
 mod pin;
+mod posture;
 mod state;
 
 use std::path::{Path, PathBuf};
@@ -60,6 +64,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Device posture: the facts this device reports to the gateway.
+    #[command(subcommand)]
+    Posture(PostureCommand),
+    /// Virtual networks: list them, or choose one (through the tunnel's device API).
+    #[command(subcommand)]
+    Vnet(VnetCommand),
+}
+
+/// `waygate-client posture ...`
+#[derive(Subcommand)]
+enum PostureCommand {
+    /// Collect the facts the gateway's posture checks ask for and print them.
+    Run {
+        /// Print the facts as the JSON body that would be sent.
+        #[arg(long)]
+        json: bool,
+        /// Also send them, and print the gateway's verdicts.
+        #[arg(long)]
+        report: bool,
+    },
+}
+
+/// `waygate-client vnet ...`
+#[derive(Subcommand)]
+enum VnetCommand {
+    /// List the virtual networks this device may use, marking the current one.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move this device into a virtual network.
+    Use {
+        /// Its name (or id).
+        name: String,
+    },
+    /// Move this device back to the default network.
+    Default,
 }
 
 fn main() -> ExitCode {
@@ -90,6 +132,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             enroll_cmd(&cli.dir, &server, token.trim(), force)
         }
         Command::Status { json } => status(&cli.dir, json),
+        Command::Posture(PostureCommand::Run { json, report }) => {
+            posture::run_cmd(&cli.dir, json, report)
+        }
+        Command::Vnet(VnetCommand::List { json }) => device_api::vnet_list_cmd(&cli.dir, json),
+        Command::Vnet(VnetCommand::Use { name }) => device_api::vnet_use_cmd(&cli.dir, Some(&name)),
+        Command::Vnet(VnetCommand::Default) => device_api::vnet_use_cmd(&cli.dir, None),
     }
 }
 

@@ -93,6 +93,30 @@ schemas = {
         "device": ref("Device"), "wg_quick": S, "endpoint": S, "endpoint_derived": B}},
     "SetVnet": {"type": "object", "additionalProperties": False, "properties": {"vnet": NS}},
     "Posture": {"type": "object", "additionalProperties": False, "properties": {"passed": arr(LABEL), "failed": arr(LABEL)}},
+    "PostureRuleInput": {"type": "object", "required": ["name", "type", "input"], "additionalProperties": False,
+        "description": "A device posture rule in Cloudflare's shape; `id` is kept when given. Types a Linux client "
+                       "checks: file, application, os_version, disk_encryption, serial_number, client_certificate_v2, and Waygate's own client_version.",
+        "properties": {
+            "id": LABEL, "name": LABEL, "description": S,
+            "type": {"type": "string", "enum": ["file", "application", "os_version", "disk_encryption",
+                                                "serial_number", "client_version", "client_certificate_v2"]},
+            "schedule": {"type": "string", "pattern": "^[0-9]+[smhd]$", "description": "How often clients check (default 5m, at least 1m)."},
+            "expiration": {"type": "string", "pattern": "^([0-9]+[smhd])?$",
+                           "description": "How long a result stays valid; empty: twice the schedule plus 60 s."},
+            "match": arr({"type": "object", "required": ["platform"], "additionalProperties": False, "properties": {
+                "platform": {"type": "string", "enum": ["windows", "mac", "linux", "android", "ios", "chromeos"]}}}),
+            "input": {"type": "object", "additionalProperties": True,
+                      "description": "file {path, exists, sha256}; application {path, sha256}; os_version {version, operator, "
+                                     "os_distro_name, os_distro_revision}; disk_encryption {check_disks, require_all}; "
+                                     "serial_number {id}; client_version {version, operator}; client_certificate_v2 {certificate_id, cn, "
+                                     "extended_key_usage, locations: {paths}}."}}},
+    "PostureRule": {"type": "object", "required": ["id", "name", "type", "schedule", "expiration", "match", "input"], "properties": {
+        "id": S, "name": S, "description": S, "type": S, "schedule": S, "expiration": S,
+        "match": arr({"type": "object", "properties": {"platform": S}}), "input": {"type": "object"}}},
+    "PostureResult": {"type": "object", "required": ["check_id", "passed", "reported_at"], "properties": {
+        "check_id": S, "passed": B, "reported_at": I, "expires_at": {"type": "integer", "nullable": True},
+        "reason": NS}},
+    "DeletedPostureRule": {"type": "object", "required": ["id"], "properties": {"id": S}},
     "User": {"type": "object", "required": ["email"], "properties": {
         "email": S, "name": NS, "groups": arr(S), "devices": I}},
     "Group": {"type": "object", "required": ["id", "name"], "properties": {
@@ -138,6 +162,14 @@ paths = {
     "/devices": {
         "get": op("List devices (revoked ones too)", arr(R("Device")), errors=(), tag="devices"),
         "post": op("Enroll a device; the result holds its wg-quick config", R("Enrolled"), R("EnrollRequest"), tag="devices")},
+    "/devices/posture": {
+        "get": op("List device posture rules", arr(R("PostureRule")), errors=(), tag="posture"),
+        "post": op("Create a device posture rule", R("PostureRule"), R("PostureRuleInput"), tag="posture")},
+    "/devices/posture/{rule_id}": {
+        "parameters": param("rule_id", "The posture rule's id."),
+        "get": op("Get a device posture rule", R("PostureRule"), errors=(404,), tag="posture"),
+        "put": op("Replace a device posture rule", R("PostureRule"), R("PostureRuleInput"), tag="posture"),
+        "delete": op("Delete a device posture rule (devices' results for it expire)", R("DeletedPostureRule"), errors=(404,), tag="posture")},
     "/devices/{device}": {
         "parameters": param("device", "Id, name or public key (percent-encoded)."),
         "get": op("Get a device", R("Device"), errors=(404,), tag="devices"),
@@ -147,6 +179,7 @@ paths = {
         "put": op("Move a device into a virtual network (null: the default one)", R("Device"), R("SetVnet"), tag="devices")},
     "/devices/{device}/posture": {
         "parameters": param("device", "Id, name or public key (percent-encoded)."),
+        "get": op("A device's posture results: verdict, reason, when reported and when a pass expires", arr(R("PostureResult")), errors=(404,), tag="devices"),
         "put": op("Replace a device's posture-check results", R("Device"), R("Posture"), tag="devices")},
     "/users": {"get": op("Users with active devices", arr(R("User")), errors=(), tag="users")},
     "/groups": {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{json, Value as Json};
 use waygate_config::Config;
 use waygate_control::ops::{Admin, Local, NewGroup, NewVnet, Posture, SetVnet};
-use waygate_control::{lists, rules, tokens, ControlError, EnrollRequest, ErrorKind};
+use waygate_control::{lists, posture, rules, tokens, ControlError, EnrollRequest, ErrorKind};
 use waygate_registry::{Registry, TokenScope};
 
 /// The OpenAPI document of this API (kept in the repository beside this crate).
@@ -162,8 +162,11 @@ fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
         ["groups"] | ["virtual_networks"] => "GET, POST",
         ["gateway", "rules", _] => "GET, PUT, DELETE",
         ["gateway", "lists", _] => "GET, PUT, PATCH, DELETE",
+        ["devices", "posture"] => "GET, POST",
+        ["devices", "posture", _] => "GET, PUT, DELETE",
         ["devices", _] => "GET, DELETE",
-        ["devices", _, "vnet" | "posture"] => "PUT",
+        ["devices", _, "vnet"] => "PUT",
+        ["devices", _, "posture"] => "GET, PUT",
         ["groups", _] | ["virtual_networks", _] => "DELETE",
         _ => return None,
     })
@@ -333,6 +336,16 @@ impl Api {
             ("PATCH", ["gateway", "lists", id]) => ok(lists::patch(cfg, registry, id, body, now)),
             ("DELETE", ["gateway", "lists", id]) => ok(lists::delete(cfg, registry, id)),
             ("GET", ["gateway", "lists", id, "items"]) => ok(lists::items(cfg, registry, id)),
+            // Before `/devices/{device}`: Cloudflare's posture paths win over a device called
+            // "posture" (reach that one by its id).
+            ("GET", ["devices", "posture"]) => ok(posture::list(registry).map(Json::Array)),
+            ("POST", ["devices", "posture"]) => ok(posture::create(cfg, registry, body, now)),
+            ("GET", ["devices", "posture", id]) => ok(posture::get(registry, id)),
+            ("PUT", ["devices", "posture", id]) => {
+                ok(posture::update(cfg, registry, id, body, now))
+            }
+            ("DELETE", ["devices", "posture", id]) => ok(posture::delete(registry, id)),
+            (_, ["devices", "posture", ..]) => None,
             ("GET", ["devices"]) => ok(ops.devices().and_then(|d| to_json(&d))),
             ("POST", ["devices"]) => ok(body_of::<EnrollRequest>(body)
                 .and_then(|r| ops.enroll(r))
@@ -342,6 +355,9 @@ impl Api {
             ("PUT", ["devices", id, "vnet"]) => ok(body_of::<SetVnet>(body)
                 .and_then(|v| ops.set_vnet(id, v))
                 .and_then(|d| to_json(&d))),
+            ("GET", ["devices", id, "posture"]) => {
+                ok(ops.posture_results(id).and_then(|r| to_json(&r)))
+            }
             ("PUT", ["devices", id, "posture"]) => ok(body_of::<Posture>(body)
                 .and_then(|p| ops.set_posture(id, p))
                 .and_then(|d| to_json(&d))),

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value as Json;
 use waygate_control::ops::{Admin, NewGroup, NewVnet, Posture, SetVnet, User};
 use waygate_control::{ControlError, EnrollRequest, Enrolled};
-use waygate_registry::{Device, Group, Vnet};
+use waygate_registry::{Device, Group, PostureResult, Vnet};
 
 /// How long a request may take before the CLI gives up on the gateway.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -202,6 +202,24 @@ impl Admin for Client {
     fn delete_vnet(&self, needle: &str) -> Result<Vnet, ControlError> {
         let path = format!("/virtual_networks/{}", percent_encode(needle));
         self.typed("DELETE", &path, None)
+    }
+
+    fn posture_results(&self, needle: &str) -> Result<Vec<PostureResult>, ControlError> {
+        let path = format!("/devices/{}/posture", percent_encode(needle));
+        self.typed("GET", &path, None)
+    }
+
+    fn posture_rules(&self) -> Result<Vec<Json>, ControlError> {
+        self.typed("GET", "/devices/posture", None)
+    }
+
+    fn create_posture_rule(&self, rule: Json) -> Result<Json, ControlError> {
+        self.request("POST", "/devices/posture", Some(&rule))
+    }
+
+    fn delete_posture_rule(&self, id: &str) -> Result<Json, ControlError> {
+        let path = format!("/devices/posture/{}", percent_encode(id));
+        self.request("DELETE", &path, None)
     }
 }
 

@@ -1,8 +1,9 @@
 //! The gateway's business logic that the command line and the admin API share: enrolling a
 //! device and writing its wg-quick config, finding the endpoint devices dial, the operations on
 //! devices, groups and virtual networks ([`ops`]), the rules and lists the API manages
-//! ([`rules`], [`lists`]), the API's bearer tokens ([`tokens`]), and enrollment tokens with
-//! what they buy ([`enrollment`]) behind a per-source limit on guessing ([`ratelimit`]).
+//! ([`rules`], [`lists`]), the API's bearer tokens ([`tokens`]), enrollment tokens with
+//! what they buy ([`enrollment`]) behind a per-source limit on guessing ([`ratelimit`]), device
+//! posture rules ([`posture`]) and the device API inside the tunnel ([`device_api`]).
 //!
 //! Inputs: requests (the CLI's flags, the admin API's bodies), the config and the registry.
 //! Outputs: typed results and errors ([`ControlError::kind`] says which HTTP status fits);
@@ -10,9 +11,11 @@
 //! between calls.
 #![deny(missing_docs)]
 
+pub mod device_api;
 pub mod enrollment;
 pub mod lists;
 pub mod ops;
+pub mod posture;
 pub mod ratelimit;
 pub mod rules;
 pub mod time;
@@ -178,6 +181,7 @@ impl ControlError {
                 | R::VnetNotFound(_)
                 | R::GroupNotFound(_)
                 | R::RuleNotFound(_)
+                | R::PostureRuleNotFound(_)
                 | R::ListNotFound(_)
                 | R::TokenNotFound(_)
                 | R::EnrollTokenNotFound(_) => ErrorKind::NotFound,

@@ -147,7 +147,7 @@ fn file_lists(config: &Config) -> Result<Vec<StoredList>, ControlError> {
         .collect())
 }
 
-fn all(config: &Config, registry: &Registry) -> Result<Vec<StoredList>, ControlError> {
+pub(crate) fn all(config: &Config, registry: &Registry) -> Result<Vec<StoredList>, ControlError> {
     if file_owner(config).is_some() {
         return file_lists(config);
     }

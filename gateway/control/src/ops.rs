@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use waygate_config::Config;
-use waygate_registry::{Device, Group, Registry, Vnet, VnetRoute};
+use waygate_registry::{Device, Group, PostureResult, Registry, Vnet, VnetRoute};
 
 use crate::{ControlError, EnrollRequest, Enrolled};
 
@@ -90,6 +90,17 @@ pub trait Admin {
     fn create_vnet(&self, vnet: NewVnet) -> Result<Vnet, ControlError>;
     /// Deletes a virtual network.
     fn delete_vnet(&self, needle: &str) -> Result<Vnet, ControlError>;
+    /// A device's posture results as stored, with their reasons and expiry.
+    fn posture_results(&self, needle: &str) -> Result<Vec<PostureResult>, ControlError>;
+    /// Every device posture rule, in Cloudflare's JSON.
+    fn posture_rules(&self) -> Result<Vec<serde_json::Value>, ControlError>;
+    /// Creates a device posture rule from its JSON; returns it as stored.
+    fn create_posture_rule(
+        &self,
+        rule: serde_json::Value,
+    ) -> Result<serde_json::Value, ControlError>;
+    /// Deletes a device posture rule.
+    fn delete_posture_rule(&self, id: &str) -> Result<serde_json::Value, ControlError>;
 }
 
 /// The operations on a registry opened here, at one moment (`now`, unix seconds).
@@ -197,5 +208,30 @@ impl Admin for Local<'_> {
 
     fn delete_vnet(&self, needle: &str) -> Result<Vnet, ControlError> {
         Ok(self.registry.delete_vnet(needle)?)
+    }
+
+    fn posture_results(&self, needle: &str) -> Result<Vec<PostureResult>, ControlError> {
+        let device = self.registry.find(needle)?;
+        Ok(self.registry.posture_results(&device.id)?)
+    }
+
+    fn posture_rules(&self) -> Result<Vec<serde_json::Value>, ControlError> {
+        crate::posture::list(self.registry)
+    }
+
+    fn create_posture_rule(
+        &self,
+        rule: serde_json::Value,
+    ) -> Result<serde_json::Value, ControlError> {
+        crate::posture::create(
+            self.config,
+            self.registry,
+            rule.to_string().as_bytes(),
+            self.now,
+        )
+    }
+
+    fn delete_posture_rule(&self, id: &str) -> Result<serde_json::Value, ControlError> {
+        crate::posture::delete(self.registry, id)
     }
 }

@@ -204,11 +204,14 @@ impl Registry {
                 .attributes
                 .push(format!("{name}={value}"));
         }
+        // A pass whose expiry has come counts as failed (waygate_posture::effective).
         let mut stmt = self.conn.prepare(
-            "SELECT device_id, check_id, passed FROM device_posture \
+            "SELECT device_id, check_id, passed = 1 AND (expires_at IS NULL OR expires_at > \
+               coalesce(?2, CAST(strftime('%s', 'now') AS INTEGER))) \
+             FROM device_posture \
              WHERE ?1 IS NULL OR device_id = ?1 ORDER BY device_id, check_id",
         )?;
-        let mut rows = stmt.query([only])?;
+        let mut rows = stmt.query(params![only, self.posture_now])?;
         while let Some(r) = rows.next()? {
             let e = out.entry(r.get(0)?).or_default();
             let check: String = r.get(1)?;

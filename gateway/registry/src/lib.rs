@@ -24,6 +24,7 @@ mod enroll_tokens;
 mod identity;
 mod migrations;
 mod policy_store;
+mod posture;
 mod tokens;
 pub mod validate;
 mod vnets;
@@ -31,6 +32,7 @@ mod vnets;
 pub use enroll_tokens::StoredEnrollToken;
 pub use identity::{parse_attribute, Group};
 pub use policy_store::{NewListItem, StoredList, StoredListItem, StoredRule};
+pub use posture::{PostureResult, StoredPostureRule};
 pub use tokens::{StoredToken, TokenScope};
 pub use vnets::{Vnet, VnetRoute};
 pub use waygate_model::IdentityExtras;
@@ -306,6 +308,9 @@ pub enum RegistryError {
     /// No rule has this id.
     #[error("no rule with id {0:?}")]
     RuleNotFound(String),
+    /// No device posture rule has this id.
+    #[error("no posture rule with id {0:?}")]
+    PostureRuleNotFound(String),
     /// No list has this id or name.
     #[error("no list with id or name {0:?}")]
     ListNotFound(String),
@@ -410,6 +415,9 @@ pub struct Registry {
     conn: Connection,
     path: PathBuf,
     tunnel: TunnelConfig,
+    /// The time (unix seconds) that decides which posture passes have expired when devices
+    /// are read; `None`: SQLite's clock, so reading a device never needs a time passed in.
+    posture_now: Option<i64>,
 }
 
 const DEVICE_COLUMNS: &str = "id, name, public_key, ipv4, ipv6, email, user_name, vnet_id, \
@@ -527,7 +535,14 @@ impl Registry {
             conn,
             path,
             tunnel: tunnel.clone(),
+            posture_now: None,
         })
+    }
+
+    /// Fixes the time (unix seconds) that decides which posture passes have expired when
+    /// devices are read (tests); `None`: the system clock.
+    pub fn set_posture_now(&mut self, now: Option<i64>) {
+        self.posture_now = now;
     }
 
     /// The database file.

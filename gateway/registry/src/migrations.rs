@@ -209,6 +209,26 @@ const MIGRATIONS: &[&str] = &[
         revoked_at   INTEGER
     ) STRICT;
     "#,
+    // v7: device posture rules (Cloudflare's JSON, checked, in `body`), and for each posture
+    // result when it stops counting as a pass and why the gateway decided it (results the
+    // gateway evaluates from a device's report expire; results an admin types in do not).
+    r#"
+    CREATE TABLE posture_rules (
+        id          TEXT PRIMARY KEY NOT NULL,
+        body        TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    ) STRICT;
+
+    ALTER TABLE device_posture ADD COLUMN expires_at INTEGER;
+    ALTER TABLE device_posture ADD COLUMN reason TEXT;
+
+    -- A report that only renews a result (a new expiry, the same verdict) must not reload
+    -- every device: only a changed verdict bumps the generation.
+    DROP TRIGGER device_posture_update;
+    CREATE TRIGGER device_posture_update AFTER UPDATE OF passed ON device_posture
+    BEGIN UPDATE generation SET devices = devices + 1 WHERE id = 1; END;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -33,6 +33,7 @@ use waygate_registry::{Device, Registry, Seen, Vnet};
 use waygate_stages::egress::EgressSettings;
 use waygate_wg::transmit::TransmitQueue;
 
+pub mod device_api;
 pub mod dns;
 pub mod drops;
 pub mod health;
@@ -145,6 +146,12 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     let (probe_tx, probe_rx) = mpsc::channel(PROBE_QUEUE);
     health::spawn_probes(&config.egress.locations, probe_tx);
     let (event_tx, event_rx) = mpsc::channel(upstream::EVENT_QUEUE);
+    let device_api = device_api::DeviceApi::new(
+        config.clone(),
+        Registry::open(&config.data_dir, &config.tunnel).context("the device API's registry")?,
+        unix_seconds,
+    );
+    dns.local.set_device_api(Arc::new(Arc::new(device_api)));
     let local: Arc<dyn local::LocalHost> = dns.local.clone();
     let upstreams = Upstreams::new(event_tx, Some(local), drops.clone());
     let (stats_tx, stats_rx) = tokio::sync::watch::channel(stats::StatsSnapshot::default());
@@ -641,7 +648,7 @@ fn core_settings(config: &Config, descriptors: u64) -> anyhow::Result<CoreSettin
         gateway_v6: config.tunnel.gateway_ipv6(),
         mtu: config.tunnel.mtu,
         // The resolver answers DNS on every transport; no port of the gateway forwards it.
-        local: LocalServices::resolver(),
+        local: LocalServices::resolver().with_device_api(),
         dns_upstream: None,
         dns_intercept: config.dns.intercept,
         egress: EgressSettings {
@@ -785,6 +792,11 @@ fn peers_of(devices: Vec<Device>) -> Vec<([u8; 32], DeviceInfo)> {
         .collect()
 }
 
+/// The wall clock in unix seconds.
+fn unix_seconds() -> i64 {
+    i64::try_from(unix_now().as_secs()).unwrap_or(i64::MAX)
+}
+
 fn unix_now() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -879,9 +891,14 @@ fn watch_registry(
         }
     };
     let mut last = None;
+    // When the next posture pass expires: the devices are read again then, so the pass stops
+    // counting on the next flow although nothing in the registry changed.
+    let mut next_expiry: Option<i64> = None;
     loop {
+        let now = unix_seconds();
+        let expired = next_expiry.is_some_and(|at| now >= at);
         match registry.change_counter() {
-            Ok(counter) if Some(counter) != last => {
+            Ok(counter) if Some(counter) != last || expired => {
                 match registry
                     .active_devices()
                     .and_then(|d| Ok((d, registry.vnets()?)))
@@ -895,6 +912,10 @@ fn watch_registry(
                             return;
                         }
                         last = Some(counter);
+                        next_expiry = registry.next_posture_expiry(now).unwrap_or_else(|err| {
+                            tracing::warn!(%err, "cannot read posture expiries");
+                            None
+                        });
                     }
                     Err(err) => tracing::warn!(%err, "cannot read devices"),
                 }

@@ -130,6 +130,7 @@ pub struct LocalServer<P> {
     dot: TlsAcceptor,
     https: TlsAcceptor,
     routers: HashMap<u16, Arc<HttpRouter>>,
+    device_api: std::sync::OnceLock<Arc<dyn HttpRoute>>,
 }
 
 impl<P: DnsPolicy + 'static> LocalServer<P> {
@@ -148,7 +149,10 @@ impl<P: DnsPolicy + 'static> LocalServer<P> {
             let handler: Arc<dyn HttpRoute> = match route.service {
                 LocalService::DnsOverHttps => Arc::new(DohRoute { dns: dns.clone() }),
                 // The table only takes path prefixes for HTTP services.
-                LocalService::DnsUdp | LocalService::DnsTcp | LocalService::DnsOverTls => continue,
+                LocalService::DnsUdp
+                | LocalService::DnsTcp
+                | LocalService::DnsOverTls
+                | LocalService::DeviceApi => continue,
             };
             routers
                 .entry(route.port)
@@ -161,7 +165,14 @@ impl<P: DnsPolicy + 'static> LocalServer<P> {
             dot: TlsAcceptor::from(tls.dot.clone()),
             https: TlsAcceptor::from(tls.doh.clone()),
             routers: routers.into_iter().map(|(p, r)| (p, Arc::new(r))).collect(),
+            device_api: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Serves the device API's port ([`LocalService::DeviceApi`]) with `api`, as plain HTTP;
+    /// until then (and after a second call) its flows are closed or keep the first.
+    pub fn set_device_api(&self, api: Arc<dyn HttpRoute>) {
+        let _ = self.device_api.set(api);
     }
 }
 
@@ -211,6 +222,15 @@ impl<P: DnsPolicy + 'static> LocalHost for LocalServer<P> {
                     if let Some(tls) = accept(acceptor, &flow, stream).await {
                         router.serve(flow, tls).await;
                     }
+                });
+            }
+            LocalEndpoint::Service(LocalService::DeviceApi) => {
+                let Some(api) = self.device_api.get().cloned() else {
+                    tracing::debug!("no device API: flow closed");
+                    return;
+                };
+                self.runtime.spawn(async move {
+                    serve_http(stream, move |request| api.handle(flow.clone(), request)).await
                 });
             }
             // Not stream services: the table does not hand them TCP flows.

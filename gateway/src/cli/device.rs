@@ -42,7 +42,11 @@ fn run_with(ops: &dyn Admin, cmd: DeviceCommand) -> anyhow::Result<String> {
     Ok(match cmd {
         DeviceCommand::Enroll(args) => enroll(ops, args)?,
         DeviceCommand::List { json } => list(&ops.devices()?, json, now())?,
-        DeviceCommand::Show { device } => show(&ops.device(&device)?),
+        DeviceCommand::Show { device } => {
+            let d = ops.device(&device)?;
+            let results = ops.posture_results(&d.id)?;
+            format!("{}{}", show(&d), posture_lines(&results, now()))
+        }
         DeviceCommand::SetVnet { device, vnet } => {
             let target = (vnet != "default").then_some(vnet);
             let d = ops.set_vnet(&device, SetVnet { vnet: target })?;
@@ -235,6 +239,34 @@ fn show(d: &Device) -> String {
     s
 }
 
+/// One line per posture result: the verdict (a pass past its expiry reads `expired`), when it
+/// was reported, until when it counts, and the gateway's reason.
+fn posture_lines(results: &[waygate_registry::PostureResult], now: i64) -> String {
+    let mut s = String::new();
+    for r in results {
+        let verdict = match (r.passed, r.expires_at) {
+            (true, Some(at)) if now >= at => "expired",
+            (true, _) => "passed",
+            (false, _) => "failed",
+        };
+        let until = r
+            .expires_at
+            .map_or_else(|| "never expires".into(), |at| format!("until {}", utc(at)));
+        let _ = writeln!(
+            s,
+            "{:<16} {} {verdict} (reported {}, {until}){}",
+            "posture check:",
+            r.check_id,
+            utc(r.reported_at),
+            r.reason
+                .as_deref()
+                .map(|w| format!(": {w}"))
+                .unwrap_or_default()
+        );
+    }
+    s
+}
+
 /// `42s ago`, `5m ago`, `3h ago`, `2d ago`; the full time for anything older than a week.
 fn ago(now: i64, then: i64) -> String {
     let d = now.saturating_sub(then).max(0);
@@ -304,6 +336,37 @@ mod tests {
         assert_eq!(ago(100, 58), "42s ago");
         assert_eq!(ago(4000, 100), "1h ago");
         assert_eq!(ago(10_000_000, 0), "1970-01-01 00:00:00 UTC");
+    }
+
+    #[test]
+    fn posture_lines_say_expired_passes_and_reasons() {
+        let r = |check: &str, passed, expires_at| waygate_registry::PostureResult {
+            check_id: check.into(),
+            passed,
+            reported_at: 1_795_000_000,
+            expires_at,
+            reason: Some(format!("{check} reason")),
+        };
+        let text = posture_lines(
+            &[
+                r("a", true, Some(1_795_000_180)),
+                r("b", true, Some(1_795_000_100)),
+                r("c", false, Some(1_795_000_180)),
+                r("d", true, None),
+            ],
+            1_795_000_150,
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].contains("a passed") && lines[0].contains(": a reason"),
+            "{text}"
+        );
+        assert!(lines[1].contains("b expired"), "{text}");
+        assert!(lines[2].contains("c failed"), "{text}");
+        assert!(
+            lines[3].contains("d passed") && lines[3].contains("never expires"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod group;
 pub mod health;
 pub mod logging;
 pub mod logs;
+pub mod posture;
 pub mod rules;
 pub mod serve;
 pub mod token;
@@ -47,6 +48,9 @@ pub enum Command {
     /// Create, list and delete user groups.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Device posture rules (Cloudflare's JSON) that devices report on.
+    #[command(subcommand)]
+    Posture(PostureCommand),
     /// Build and query GeoIP databases.
     #[command(subcommand)]
     Geoip(GeoipCommand),
@@ -188,6 +192,28 @@ pub enum VnetCommand {
     Delete {
         /// Name or id.
         vnet: String,
+    },
+}
+
+/// `waygate posture ...`
+#[derive(Debug, Subcommand)]
+pub enum PostureCommand {
+    /// Create a device posture rule from one rule in Cloudflare's JSON; prints its id.
+    Create {
+        /// The rule (`{"name", "type", "schedule", "input", ...}`; `id` is kept when given).
+        #[arg(long, value_name = "RULE.json")]
+        file: std::path::PathBuf,
+    },
+    /// List device posture rules.
+    List {
+        /// Print JSON (the rules as the admin API returns them) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a device posture rule; devices' results for it expire.
+    Delete {
+        /// The rule's id.
+        id: String,
     },
 }
 
@@ -379,6 +405,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Geoip(cmd) => geoip::run(cli.config.as_deref(), cmd),
         Command::Vnet(cmd) => vnet::run(cli.config.as_deref(), cmd),
         Command::Group(cmd) => group::run(cli.config.as_deref(), cmd),
+        Command::Posture(cmd) => posture::run(cli.config.as_deref(), cmd),
         Command::Health => health::run(cli.config.as_deref()),
         Command::Admin(AdminCommand::Token(cmd)) => admin::token(cli.config.as_deref(), cmd),
         Command::Logs(args) => logs::run(cli.config.as_deref(), &args),

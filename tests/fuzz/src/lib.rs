@@ -33,6 +33,9 @@ pub mod product {
     pub use waygate_policy::parser::parse as parse_expr;
     pub use waygate_policy::ruleset::{Lists, Policy, RuleSet};
     pub use waygate_policy::typecheck::check as check_expr;
+    pub use waygate_posture::{
+        evaluate as evaluate_posture, parse_facts, parse_rule, wanted, Env as PostureEnv,
+    };
     pub use waygate_runtime::dns::doh;
     pub use waygate_wg::transmit::{TransmitQueue, MAX_DATAGRAM};
     pub use waygate_wg::{Endpoint, Received};
@@ -50,7 +53,7 @@ use product::*;
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target, by the name of its cargo-fuzz binary and seed directory.
-pub const TARGETS: [Target; 7] = [
+pub const TARGETS: [Target; 8] = [
     ("inner_packet", inner_packet),
     ("sniff", sniff_stream),
     ("dns", dns),
@@ -58,6 +61,7 @@ pub const TARGETS: [Target; 7] = [
     ("policy_expr", policy_expr),
     ("rules_json", rules_json),
     ("config", config),
+    ("posture_json", posture_json),
 ];
 
 /// One clock reading for all targets: the product takes `now` as an argument.
@@ -460,4 +464,53 @@ pub fn config(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = parse_config(text);
     }
+}
+
+/// A device posture rule as `waygate posture create` and `POST /devices/posture` read it, and a
+/// device's facts as `POST /v1/posture` reads them: `rule NUL facts`. A rule that loads must
+/// print and load back the same; facts that load are evaluated against it.
+pub fn posture_json(data: &[u8]) {
+    let mut parts = data.splitn(2, |b| *b == 0);
+    let rule = parts.next().unwrap_or_default();
+    let facts = parts.next().and_then(|f| parse_facts(f).ok());
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(rule) else {
+        return;
+    };
+    let Ok(rule) = parse_rule(value, || "fuzz".to_string()) else {
+        return;
+    };
+    let printed = serde_json::to_value(&rule).expect("a rule prints");
+    let id = rule.id.clone();
+    let reread = parse_rule(printed, || id).expect("a printed rule loads");
+    assert_eq!(reread, rule);
+    let _ = rule.validity_secs();
+    let _ = wanted([&rule]);
+    if let Some(facts) = facts {
+        let serials = |id: &str| (id == "SERIALS").then(|| vec!["SN-1".to_string()]);
+        // Any CA id names the certificate in the facts' first PEM, so hostile certificates get
+        // parsed and checked.
+        let ca = |_: &str| {
+            facts
+                .certificates
+                .first()
+                .and_then(|c| c.pem.as_deref())
+                .and_then(x509_der)
+        };
+        let env = PostureEnv {
+            now: 1_800_000_000,
+            serials: &serials,
+            ca: &ca,
+        };
+        let v = evaluate_posture(&rule, &facts, &env);
+        assert!(!v.reason.is_empty());
+    }
+}
+
+/// The DER of the first certificate block of `pem`, decoded leniently (base64 of the lines).
+fn x509_der(pem: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let body = pem.split("-----BEGIN CERTIFICATE-----").nth(1)?;
+    let body = body.split("-----END CERTIFICATE-----").next()?;
+    let text: String = body.split_whitespace().collect();
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
 }

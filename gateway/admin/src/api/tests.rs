@@ -318,3 +318,87 @@ fn the_openapi_document_matches_the_routes() {
         }
     }
 }
+
+#[test]
+fn posture_rules_at_cloudflares_paths() {
+    let (_dir, api) = api();
+    let body = r#"{"id": "0b6f7f52-8f2f-4f61-9a8e-2f2c7a1d5e40", "name": "agent config",
+        "type": "file", "schedule": "1m", "match": [{"platform": "linux"}],
+        "input": {"path": "/etc/agent.conf", "exists": true}}"#;
+    let made = call(&api, "POST", "/devices/posture", body);
+    assert_envelope(&made);
+    assert_eq!(made.status, 200, "{}", made.body);
+    assert_eq!(
+        made.body["result"]["id"],
+        "0b6f7f52-8f2f-4f61-9a8e-2f2c7a1d5e40"
+    );
+    let list = call(&api, "GET", "/devices/posture", "");
+    assert_eq!(list.body["result"], json!([made.body["result"].clone()]));
+    let path = "/devices/posture/0b6f7f52-8f2f-4f61-9a8e-2f2c7a1d5e40";
+    assert_eq!(
+        call(&api, "GET", path, "").body["result"],
+        made.body["result"]
+    );
+    let bad = call(
+        &api,
+        "PUT",
+        path,
+        r#"{"name": "x", "type": "file", "input": {"path": "x"}}"#,
+    );
+    assert_envelope(&bad);
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.body["errors"][0]["field"], "input.path");
+    let unknown = call(
+        &api,
+        "POST",
+        "/devices/posture",
+        r#"{"name": "x", "type": "warp", "input": {}}"#,
+    );
+    assert_eq!(
+        (unknown.status, unknown.body["errors"][0]["field"].as_str()),
+        (400, Some("type"))
+    );
+    let not_allowed = call(&api, "PATCH", path, "{}");
+    assert_eq!(
+        (not_allowed.status, not_allowed.allow),
+        (405, Some("GET, PUT, DELETE"))
+    );
+    let gone = call(&api, "DELETE", path, "");
+    assert_eq!(
+        gone.body["result"]["id"],
+        "0b6f7f52-8f2f-4f61-9a8e-2f2c7a1d5e40"
+    );
+    assert_eq!(call(&api, "GET", path, "").status, 404);
+    // DELETE /devices/posture is not a revocation of a device called "posture".
+    assert_eq!(call(&api, "DELETE", "/devices/posture", "").status, 405);
+}
+
+#[test]
+fn a_devices_posture_results_are_read_with_their_reasons() {
+    let (_dir, api) = api();
+    let enrolled = call(
+        &api,
+        "POST",
+        "/devices",
+        r#"{"email": "ada@example.com", "name": "ada"}"#,
+    );
+    assert_eq!(enrolled.status, 200, "{}", enrolled.body);
+    let set = call(
+        &api,
+        "PUT",
+        "/devices/ada/posture",
+        r#"{"passed": ["disk"], "failed": []}"#,
+    );
+    assert_eq!(set.status, 200, "{}", set.body);
+    let got = call(&api, "GET", "/devices/ada/posture", "");
+    assert_envelope(&got);
+    assert_eq!(got.body["result"][0]["check_id"], "disk");
+    assert_eq!(got.body["result"][0]["passed"], true);
+    assert!(
+        got.body["result"][0]["expires_at"].is_null(),
+        "typed in: never expires"
+    );
+    assert_eq!(call(&api, "GET", "/devices/nobody/posture", "").status, 404);
+    let not_allowed = call(&api, "DELETE", "/devices/ada/posture", "");
+    assert_eq!(not_allowed.allow, Some("GET, PUT"));
+}

@@ -21,16 +21,23 @@ pub enum LocalService {
     DnsOverTls,
     /// DNS over HTTPS (RFC 8484): an HTTP route of an HTTPS port.
     DnsOverHttps,
+    /// The device API: plain HTTP with JSON on its own port ([`DEVICE_API_PORT`]); the tunnel
+    /// authenticates the device, so it needs no TLS and no token.
+    DeviceApi,
 }
+
+/// The device API's TCP port at the gateway's tunnel addresses.
+pub const DEVICE_API_PORT: u16 = 80;
 
 impl LocalService {
     /// The transport the service speaks.
     pub fn protocol(self) -> Protocol {
         match self {
             LocalService::DnsUdp => Protocol::Udp,
-            LocalService::DnsTcp | LocalService::DnsOverTls | LocalService::DnsOverHttps => {
-                Protocol::Tcp
-            }
+            LocalService::DnsTcp
+            | LocalService::DnsOverTls
+            | LocalService::DnsOverHttps
+            | LocalService::DeviceApi => Protocol::Tcp,
         }
     }
 
@@ -133,6 +140,18 @@ impl LocalServices {
         table
     }
 
+    /// The table plus the device API on TCP [`DEVICE_API_PORT`].
+    pub fn with_device_api(mut self) -> Self {
+        let added = self.add(LocalRoute {
+            protocol: Protocol::Tcp,
+            port: DEVICE_API_PORT,
+            path_prefix: None,
+            service: LocalService::DeviceApi,
+        });
+        debug_assert!(added.is_ok(), "port 80 is free in the resolver's table");
+        self
+    }
+
     /// Adds a route; HTTP routes share their port with other HTTP routes only.
     pub fn add(&mut self, route: LocalRoute) -> Result<(), LocalRouteError> {
         let service = route.service;
@@ -233,6 +252,12 @@ mod tests {
         assert_eq!(t.lookup(Protocol::Tcp, 80), None);
         assert_eq!(t.lookup(Protocol::Udp, 853), None);
         assert_eq!(LocalServices::none().lookup(Protocol::Udp, 53), None);
+        let t = t.with_device_api();
+        assert_eq!(
+            t.lookup(Protocol::Tcp, DEVICE_API_PORT),
+            Some(LocalEndpoint::Service(LocalService::DeviceApi))
+        );
+        assert_eq!(t.lookup(Protocol::Udp, DEVICE_API_PORT), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod packet;
 pub mod tcp;
 pub mod udp;
 
-pub use local::{LocalEndpoint, LocalService, LocalServices};
+pub use local::{LocalEndpoint, LocalService, LocalServices, DEVICE_API_PORT};
 pub use waygate_model::{DeviceInfo, FlowCtx, FlowId, FlowRules, PeerId, Protocol};
 pub use waygate_wire::sniff;
 
