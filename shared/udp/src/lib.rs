@@ -58,6 +58,12 @@ impl BatchSocket {
         })
     }
 
+    /// Marks every datagram this socket sends with `mark` (SO_MARK, needs CAP_NET_ADMIN), so
+    /// policy routing can keep a tunnel's own datagrams out of the tunnel.
+    pub fn set_mark(&self, mark: u32) -> io::Result<()> {
+        socket2::SockRef::from(&self.socket).set_mark(mark)
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
