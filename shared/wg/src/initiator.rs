@@ -126,8 +126,7 @@ impl Initiator {
             TunnResult::WriteToNetwork(reply) => {
                 tx.push(self.endpoint, reply);
                 // A completed handshake releases the packets queued while it ran.
-                while let TunnResult::WriteToNetwork(queued) =
-                    self.tunn.decapsulate(None, &[], out)
+                while let TunnResult::WriteToNetwork(queued) = self.tunn.decapsulate(None, &[], out)
                 {
                     tx.push(self.endpoint, queued);
                 }
@@ -248,7 +247,8 @@ mod tests {
                 .collect();
             gw_tx.clear();
             for d in &to_dev {
-                if let FromGateway::Packet(n) = dev.handle_datagram(gw_addr, d, &mut scratch, dev_tx)
+                if let FromGateway::Packet(n) =
+                    dev.handle_datagram(gw_addr, d, &mut scratch, dev_tx)
                 {
                     at_dev.push(scratch[..n].to_vec());
                 }
@@ -323,7 +323,13 @@ mod tests {
         let (mut dev, _) = pair();
         let mut tx = TransmitQueue::new();
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        for case in [vec![], vec![4u8; 32], vec![1u8; 148], vec![2u8; 92], vec![9u8; 9]] {
+        for case in [
+            vec![],
+            vec![4u8; 32],
+            vec![1u8; 148],
+            vec![2u8; 92],
+            vec![9u8; 9],
+        ] {
             let r = dev.handle_datagram(GW.parse().unwrap(), &case, &mut buf, &mut tx);
             assert!(matches!(r, FromGateway::Dropped(_)), "{case:?} -> {r:?}");
         }
