@@ -179,11 +179,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         s.endpoint = endpoint.to_string();
         s.addresses = config.addresses.clone();
         s.interface = opts.interface.clone();
-        s.vnet = config.vnet.clone();
         s.name = config.name.clone();
         s.device_id = config.device_id.clone();
         s.pid = std::process::id();
     }
+    // Until the agent reports, the virtual network is the one enrollment gave, and no posture
+    // results are known.
+    shared.apply_agent_report(config.vnet.clone(), BTreeMap::new());
     let mut undo = Undo::default();
     let result = runtime.block_on(async {
         let tun = DeviceBuilder::new()
@@ -205,7 +207,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             interface: opts.interface.clone(),
             addresses: addresses.clone(),
             mtu: config.mtu,
-            routing: routing_of(&config),
+            routing: routing_of(&config)?,
             dns: config.dns.clone(),
         };
         let applied = netconf::apply(&plan, &mut undo, &opts.dir);
@@ -248,9 +250,20 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     result
 }
 
-/// Full tunnel for now; the device profile's split-tunnel entries will pick include or exclude.
-fn routing_of(_config: &ClientConfig) -> Routing {
-    Routing::Full
+/// What goes through the tunnel: `include` or `exclude` of client.toml (the device profile's
+/// split-tunnel entries once the agent writes them), else everything. In include mode the DNS
+/// servers are routed too, or the resolver the tunnel sets would be unreachable.
+fn routing_of(config: &ClientConfig) -> anyhow::Result<Routing> {
+    match (config.include.is_empty(), config.exclude.is_empty()) {
+        (true, true) => Ok(Routing::Full),
+        (false, true) => {
+            let mut nets = config.include.clone();
+            nets.extend(config.dns.iter().map(|&ip| ipnet::IpNet::from(ip)));
+            Ok(Routing::Include(nets))
+        }
+        (true, false) => Ok(Routing::Exclude(config.exclude.clone())),
+        (false, false) => anyhow::bail!("client.toml has both include and exclude; keep one"),
+    }
 }
 
 fn resolve(endpoint: &str) -> anyhow::Result<SocketAddr> {
@@ -324,8 +337,7 @@ struct DataPath {
     /// Decrypted packets for the TUN, each after [`VIRTIO_NET_HDR_LEN`] bytes of headroom.
     to_tun: Vec<Vec<u8>>,
     gro: GROTable,
-    /// A connected, marked socket that asks the kernel for the source address to the gateway.
-    probe: Option<std::net::UdpSocket>,
+    /// The source address the kernel picked towards the gateway at the last check.
     last_source: Option<IpAddr>,
     send_errors: u64,
 }
@@ -343,7 +355,6 @@ impl DataPath {
             sizes: vec![0; IDEAL_BATCH_SIZE],
             to_tun: Vec::new(),
             gro: GROTable::default(),
-            probe: None,
             last_source: None,
             send_errors: 0,
         }
@@ -490,19 +501,22 @@ impl DataPath {
     /// Starts a handshake when the source address towards the gateway changed.
     fn check_route(&mut self) {
         let endpoint = self.wg.endpoint();
-        if self.probe.is_none() {
-            let bind = if endpoint.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            };
-            self.probe = std::net::UdpSocket::bind(bind)
-                .ok()
-                .filter(|s| socket2::SockRef::from(s).set_mark(netconf::FWMARK).is_ok());
-        }
-        let Some(probe) = &self.probe else {
+        // A fresh socket each time: a connected UDP socket keeps the source it got first.
+        let bind = if endpoint.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let Ok(probe) = std::net::UdpSocket::bind(bind) else {
             return;
         };
+        // Marked like the tunnel's socket, so the lookup is the one its datagrams get.
+        if socket2::SockRef::from(&probe)
+            .set_mark(netconf::FWMARK)
+            .is_err()
+        {
+            return;
+        }
         // connect() on UDP sends nothing; it makes the kernel pick a route and a source.
         let source = probe
             .connect(endpoint)
@@ -544,4 +558,48 @@ pub fn ask(dir: &Path, request: &str) -> Option<serde_json::Value> {
     let mut line = String::new();
     std::io::BufReader::new(stream).read_line(&mut line).ok()?;
     serde_json::from_str(&line).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_report_is_what_status_shows() {
+        let state = DaemonState::default();
+        state.apply_agent_report(Some("lab".into()), BTreeMap::from([("c1".into(), true)]));
+        let status = serde_json::to_value(state.status()).unwrap();
+        assert_eq!(status["vnet"], "lab");
+        assert_eq!(status["posture"]["c1"], true);
+        assert_eq!(status["connected"], false);
+    }
+
+    #[test]
+    fn include_routes_the_dns_servers_and_both_lists_are_refused() {
+        let mut config: ClientConfig = toml::from_str(
+            r#"
+            server = "https://198.51.100.1:8444"
+            ca_sha256 = "00"
+            device_id = "id"
+            name = "ada"
+            addresses = ["100.96.0.2/32"]
+            gateway_public_key = "k"
+            endpoint = "198.51.100.1:51820"
+            dns = ["100.96.0.1"]
+            mtu = 1420
+            "#,
+        )
+        .unwrap();
+        assert_eq!(routing_of(&config).unwrap(), Routing::Full);
+        config.include = vec!["198.18.0.0/15".parse().unwrap()];
+        assert_eq!(
+            routing_of(&config).unwrap(),
+            Routing::Include(vec![
+                "198.18.0.0/15".parse().unwrap(),
+                "100.96.0.1/32".parse().unwrap()
+            ])
+        );
+        config.exclude = vec!["192.168.0.0/16".parse().unwrap()];
+        assert!(routing_of(&config).is_err());
+    }
 }

@@ -141,6 +141,7 @@ fn init_logs() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -321,6 +322,8 @@ fn enroll_cmd(dir: &Path, server: &str, token: &str, force: bool) -> anyhow::Res
         dns: got.dns,
         mtu: got.mtu,
         vnet: got.vnet,
+        include: Vec::new(),
+        exclude: Vec::new(),
     };
     state::write_config(dir, &config)?;
     eprintln!(

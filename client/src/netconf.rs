@@ -120,15 +120,6 @@ fn owned(argv: &[&str]) -> Vec<String> {
 }
 
 impl Undo {
-    /// Runs `apply` and records `revert` to undo it.
-    fn change(&mut self, apply: &[&str], revert: &[&str]) -> anyhow::Result<()> {
-        run(apply)?;
-        self.steps.push(Step::Command {
-            argv: owned(revert),
-        });
-        Ok(())
-    }
-
     /// Sets a /proc/sys value, recording the old one; nothing is recorded when it already holds it.
     fn sysctl(&mut self, path: &str, value: &str) -> anyhow::Result<()> {
         let old = fs::read_to_string(path)
@@ -207,15 +198,47 @@ pub struct Plan {
     pub dns: Vec<IpAddr>,
 }
 
-/// Configures the interface, routes, rules and DNS, recording each change in `undo` (and
-/// saving it to `dir` after each family, so a crash half-way still leaves a complete record).
-pub fn apply(plan: &Plan, undo: &mut Undo, dir: &Path) -> anyhow::Result<()> {
+/// One command of a [`Plan`] and the command that takes it back (`None`: it goes with the
+/// interface).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// What to run.
+    pub apply: Vec<String>,
+    /// What undoes it.
+    pub revert: Option<Vec<String>>,
+}
+
+impl Change {
+    fn with_interface(apply: &[&str]) -> Change {
+        Change {
+            apply: owned(apply),
+            revert: None,
+        }
+    }
+
+    /// An `ip ... add ...` undone by the same arguments with `del`.
+    fn add_del(apply: &[&str]) -> Change {
+        let revert = apply
+            .iter()
+            .map(|a| if *a == "add" { "del" } else { a })
+            .collect::<Vec<_>>();
+        Change {
+            apply: owned(apply),
+            revert: Some(owned(&revert)),
+        }
+    }
+}
+
+/// The interface, routes and rules of `plan`, in order, as `ip` commands.
+pub fn changes(plan: &Plan) -> Vec<Change> {
     let ifname = plan.interface.as_str();
     let mtu = plan.mtu.to_string();
-    run(&["ip", "link", "set", "dev", ifname, "mtu", &mtu, "up"])?;
+    let mut out = vec![Change::with_interface(&[
+        "ip", "link", "set", "dev", ifname, "mtu", &mtu, "up",
+    ])];
     for addr in &plan.addresses {
         let family = if addr.addr().is_ipv4() { "-4" } else { "-6" };
-        run(&[
+        out.push(Change::with_interface(&[
             "ip",
             family,
             "address",
@@ -223,68 +246,75 @@ pub fn apply(plan: &Plan, undo: &mut Undo, dir: &Path) -> anyhow::Result<()> {
             &addr.to_string(),
             "dev",
             ifname,
-        ])?;
+        ]));
     }
     let mark = FWMARK.to_string();
     let table = TABLE.to_string();
     for family in ["-4", "-6"] {
-        let default = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
         let v4 = family == "-4";
-        let (routes, throws): (Vec<String>, Vec<String>) = match &plan.routing {
-            Routing::Full => (vec![default.into()], vec![]),
-            Routing::Include(nets) => (
-                nets.iter()
-                    .filter(|n| n.addr().is_ipv4() == v4)
-                    .map(ToString::to_string)
-                    .collect(),
-                vec![],
-            ),
-            Routing::Exclude(nets) => (
-                vec![default.into()],
-                nets.iter()
-                    .filter(|n| n.addr().is_ipv4() == v4)
-                    .map(ToString::to_string)
-                    .collect(),
-            ),
+        let default = if v4 { "0.0.0.0/0" } else { "::/0" };
+        let of_family = |nets: &[ipnet::IpNet]| -> Vec<String> {
+            nets.iter()
+                .filter(|n| n.addr().is_ipv4() == v4)
+                .map(ToString::to_string)
+                .collect()
+        };
+        let (routes, throws) = match &plan.routing {
+            Routing::Full => (vec![default.to_string()], vec![]),
+            Routing::Include(nets) => (of_family(nets), vec![]),
+            Routing::Exclude(nets) => (vec![default.to_string()], of_family(nets)),
         };
         if routes.is_empty() {
             continue;
         }
-        // Routes on the interface go when it goes; they are recorded all the same, so a `down`
-        // after a crash (the interface gone with the process) finds them gone and says nothing.
         for net in &routes {
-            run(&[
+            out.push(Change::with_interface(&[
                 "ip", family, "route", "add", net, "dev", ifname, "table", &table,
-            ])?;
+            ]));
         }
         for net in &throws {
-            undo.change(
-                &["ip", family, "route", "add", "throw", net, "table", &table],
-                &["ip", family, "route", "del", "throw", net, "table", &table],
-            )?;
+            out.push(Change::add_del(&[
+                "ip", family, "route", "add", "throw", net, "table", &table,
+            ]));
         }
-        let not_marked = ["not", "fwmark", &mark, "table", &table];
-        undo.change(
-            &[&["ip", family, "rule", "add"][..], &not_marked[..]].concat(),
-            &[&["ip", family, "rule", "del"][..], &not_marked[..]].concat(),
-        )?;
+        out.push(Change::add_del(&[
+            "ip", family, "rule", "add", "not", "fwmark", &mark, "table", &table,
+        ]));
         if routes.iter().any(|r| r == default) {
-            let suppress = ["table", "main", "suppress_prefixlength", "0"];
-            undo.change(
-                &[&["ip", family, "rule", "add"][..], &suppress[..]].concat(),
-                &[&["ip", family, "rule", "del"][..], &suppress[..]].concat(),
-            )?;
+            out.push(Change::add_del(&[
+                "ip",
+                family,
+                "rule",
+                "add",
+                "table",
+                "main",
+                "suppress_prefixlength",
+                "0",
+            ]));
         }
-        undo.save(dir)?;
+    }
+    out
+}
+
+/// Configures the interface, routes, rules and DNS, recording each change in `undo` and saving
+/// it to `dir` after each, so a crash half-way still leaves a complete record.
+pub fn apply(plan: &Plan, undo: &mut Undo, dir: &Path) -> anyhow::Result<()> {
+    for change in changes(plan) {
+        let argv: Vec<&str> = change.apply.iter().map(String::as_str).collect();
+        run(&argv)?;
+        if let Some(revert) = change.revert {
+            undo.steps.push(Step::Command { argv: revert });
+            undo.save(dir)?;
+        }
     }
     if matches!(plan.routing, Routing::Full | Routing::Exclude(_)) {
         // As wg-quick: reverse-path checks must see the mark, or replies to the marked
         // datagrams fail them.
         undo.sysctl("/proc/sys/net/ipv4/conf/all/src_valid_mark", "1")?;
+        undo.save(dir)?;
     }
-    undo.save(dir)?;
     if !plan.dns.is_empty() {
-        let d = set_dns(ifname, &plan.dns)?;
+        let d = set_dns(&plan.interface, &plan.dns)?;
         undo.steps.push(Step::Dns(d));
         undo.save(dir)?;
     }
@@ -438,6 +468,76 @@ mod tests {
         assert_eq!(fs::read_to_string(&sys).unwrap(), "0");
         Undo::forget(tmp.path());
         assert_eq!(Undo::load(tmp.path()).unwrap(), None);
+    }
+
+    fn plan(routing: Routing) -> Plan {
+        Plan {
+            interface: "wg9".into(),
+            addresses: vec![
+                "100.96.0.2/32".parse().unwrap(),
+                "fd77::2/128".parse().unwrap(),
+            ],
+            mtu: 1420,
+            routing,
+            dns: vec![],
+        }
+    }
+
+    fn lines(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| match &c.revert {
+                Some(r) => format!("{} / {}", c.apply.join(" "), r.join(" ")),
+                None => c.apply.join(" "),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn full_tunnel_is_routed_as_wg_quick_routes_it() {
+        let got = lines(&changes(&plan(Routing::Full)));
+        let t = TABLE;
+        let m = FWMARK;
+        assert_eq!(
+            got,
+            [
+                "ip link set dev wg9 mtu 1420 up".to_string(),
+                "ip -4 address add 100.96.0.2/32 dev wg9".into(),
+                "ip -6 address add fd77::2/128 dev wg9".into(),
+                format!("ip -4 route add 0.0.0.0/0 dev wg9 table {t}"),
+                format!("ip -4 rule add not fwmark {m} table {t} / ip -4 rule del not fwmark {m} table {t}"),
+                "ip -4 rule add table main suppress_prefixlength 0 / ip -4 rule del table main suppress_prefixlength 0".into(),
+                format!("ip -6 route add ::/0 dev wg9 table {t}"),
+                format!("ip -6 rule add not fwmark {m} table {t} / ip -6 rule del not fwmark {m} table {t}"),
+                "ip -6 rule add table main suppress_prefixlength 0 / ip -6 rule del table main suppress_prefixlength 0".into(),
+            ]
+        );
+    }
+
+    #[test]
+    fn split_tunnels_route_only_what_they_name() {
+        let t = TABLE;
+        let include = lines(&changes(&plan(Routing::Include(vec!["198.18.0.0/15"
+            .parse()
+            .unwrap()]))));
+        assert!(include.contains(&format!("ip -4 route add 198.18.0.0/15 dev wg9 table {t}")));
+        assert!(
+            !include.iter().any(|l| l.contains("suppress_prefixlength")),
+            "{include:?}"
+        );
+        assert!(
+            !include.iter().any(|l| l.starts_with("ip -6 rule")),
+            "no IPv6 entries: {include:?}"
+        );
+
+        let exclude = lines(&changes(&plan(Routing::Exclude(vec!["192.168.0.0/16"
+            .parse()
+            .unwrap()]))));
+        assert!(exclude.contains(&format!("ip -4 route add 0.0.0.0/0 dev wg9 table {t}")));
+        assert!(exclude.contains(&format!(
+            "ip -4 route add throw 192.168.0.0/16 table {t} / ip -4 route del throw 192.168.0.0/16 table {t}"
+        )));
+        assert!(exclude.iter().any(|l| l.contains("suppress_prefixlength")));
     }
 
     #[test]

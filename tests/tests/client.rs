@@ -2,7 +2,8 @@
 //! `up` in a device namespace with no wg-quick -> curl reaches the origin, by name through the
 //! gateway's resolver, from the egress address; `status --json` says connected; the device's
 //! private key is not in the gateway's data dir; after a gateway restart the same client is back
-//! without enrolling again; `down` leaves `ip rule`, every routing table and resolv.conf exactly
+//! without enrolling again, and when the device's address changes it handshakes from the new
+//! one at once; `down` leaves `ip rule`, every routing table and resolv.conf exactly
 //! as they were. A token with a name for two devices names the second `NAME-2`.
 // Wall-clock deadlines are what these tests measure.
 #![allow(clippy::disallowed_methods)]
@@ -223,6 +224,29 @@ fn the_client_tunnel_reaches_the_origin_survives_a_gateway_restart_and_down_rest
             .is_some_and(|a| a <= restarted.elapsed().as_secs()),
         "the handshake is from after the restart: {st}"
     );
+
+    // Roaming: the device's address changes under the tunnel. The daemon sees the new source
+    // towards the gateway and handshakes from it at once.
+    let handshakes = st["handshakes"].as_u64().expect("handshakes");
+    let sh = |cmd: &str| {
+        let out = lab.run_in("d1", &["sh", "-c", cmd], secs(10));
+        assert!(out.ok(), "{cmd}: {}", out.describe());
+    };
+    sh("sysctl -qw net.ipv4.conf.ul0.promote_secondaries=1 && \
+        ip addr add 198.51.100.21/24 dev ul0 && ip addr del 198.51.100.11/24 dev ul0");
+    let roamed = wait_until(secs(10), Duration::from_millis(200), || {
+        let st = status(&lab, "d1", &dir);
+        (st["handshakes"].as_u64() > Some(handshakes)).then_some(st)
+    });
+    assert!(
+        roamed.is_some(),
+        "no new handshake after the address changed; daemon log: {}",
+        fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+    );
+    let src = http_src(&lab, "d1", "http://203.0.113.10/")
+        .unwrap_or_else(|out| panic!("HTTP origin after roaming: {}", out.describe()));
+    assert_eq!(src, EGRESS_V4);
+    sh("ip addr add 198.51.100.11/24 dev ul0 && ip addr del 198.51.100.21/24 dev ul0");
 
     // Down: everything as it was.
     let out = client(&lab, "d1", &dir, &["down"], secs(20));
