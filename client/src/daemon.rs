@@ -374,14 +374,14 @@ impl DataPath {
             tokio::select! {
                 got = self.tun.recv_multiple(&mut self.tun_read, &mut self.packets, &mut self.sizes, 0) => {
                     match got {
-                        Ok(n) => self.from_tun(n).await,
+                        Ok(n) => self.on_tun(n).await,
                         Err(e) => tracing::debug!(error = %e, "TUN read"),
                     }
                     self.publish(shared);
                 }
                 ready = self.udp.readable() => {
                     ready.map_err(|e| anyhow::anyhow!("UDP socket: {e}"))?;
-                    self.from_udp().await;
+                    self.on_udp().await;
                     self.publish(shared);
                 }
                 _ = tick.tick() => {
@@ -413,7 +413,7 @@ impl DataPath {
 
     /// `n` packets are in `packets`; encrypts them and whatever else the TUN holds, up to
     /// [`TUN_BATCH`], then sends.
-    async fn from_tun(&mut self, mut n: usize) {
+    async fn on_tun(&mut self, mut n: usize) {
         let mut taken = 0;
         loop {
             for i in 0..n {
@@ -438,7 +438,7 @@ impl DataPath {
     }
 
     /// Decrypts what the UDP socket holds (several batches) and writes it to the TUN.
-    async fn from_udp(&mut self) {
+    async fn on_udp(&mut self) {
         let mut count = 0;
         for _ in 0..8 {
             let (wg, tx, to_tun) = (&mut self.wg, &mut self.tx, &mut self.to_tun);
