@@ -161,6 +161,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
+    if let Some(status) = ask(&opts.dir, "status") {
+        anyhow::bail!(
+            "a daemon already runs for {} (pid {}); `waygate-client down` stops it",
+            opts.dir.display(),
+            status["pid"]
+        );
+    }
     // A daemon that died without cleaning up left its undo list: play it first.
     if let Some(mut old) = Undo::load(&opts.dir)? {
         tracing::warn!("undoing the changes of a daemon that did not stop cleanly");

@@ -158,13 +158,30 @@ fn up(dir: &Path, tunnel: &TunnelArgs, wait: Duration) -> anyhow::Result<ExitCod
             dir.display()
         );
     }
-    if let Some(status) = daemon::ask(dir, "status") {
-        if status["connected"] == true {
-            print_status(&status);
-            return Ok(ExitCode::SUCCESS);
+    let log_path = dir.join(daemon::LOG_FILE);
+    let deadline = std::time::Instant::now() + wait;
+    if daemon::ask(dir, "status").is_some() {
+        // Already running: wait for its handshake rather than start a second one.
+        loop {
+            match daemon::ask(dir, "status") {
+                Some(status) if status["connected"] == true => {
+                    print_status(&status);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Some(_) => {}
+                None => anyhow::bail!("the running daemon stopped; see {}", log_path.display()),
+            }
+            if std::time::Instant::now() >= deadline {
+                eprintln!(
+                    "waygate-client: the daemon already runs but has no handshake with the \
+                     gateway; log in {}",
+                    log_path.display()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            std::thread::sleep(POLL);
         }
     }
-    let log_path = dir.join(daemon::LOG_FILE);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -188,7 +205,6 @@ fn up(dir: &Path, tunnel: &TunnelArgs, wait: Duration) -> anyhow::Result<ExitCod
         .process_group(0)
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start the daemon: {e}"))?;
-    let deadline = std::time::Instant::now() + wait;
     loop {
         if let Some(code) = child.try_wait()? {
             anyhow::bail!(

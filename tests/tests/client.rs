@@ -166,6 +166,11 @@ fn the_client_tunnel_reaches_the_origin_survives_a_gateway_restart_and_down_rest
     let during = network_state(&lab, "d1");
     assert!(during.contains("nameserver 100.96.0.1"), "{during}");
     assert!(during.contains("suppress_prefixlength 0"), "{during}");
+    // `up` again while up: the running daemon answers, nothing is started or changed.
+    let out = client(&lab, "d1", &dir, &["up", "--interface", &iface], secs(40));
+    assert!(out.ok(), "second up: {}", out.describe());
+    assert_eq!(network_state(&lab, "d1"), during);
+    assert_eq!(status(&lab, "d1", &dir)["pid"], st["pid"]);
 
     // The origin, by address and by name (resolved by the gateway through the tunnel).
     let src = http_src(&lab, "d1", "http://203.0.113.10/")
