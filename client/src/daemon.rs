@@ -223,6 +223,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             mtu: config.mtu,
             routing: routing_of(&config)?,
             dns: config.dns.clone(),
+            ipv6: netconf::host_has_ipv6(),
         };
         let applied = netconf::apply(&plan, &mut undo, &opts.dir);
         if let Err(e) = applied {

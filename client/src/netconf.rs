@@ -196,6 +196,13 @@ pub struct Plan {
     pub routing: Routing,
     /// Resolvers inside the tunnel (empty: DNS is left alone).
     pub dns: Vec<IpAddr>,
+    /// The host has IPv6 (`false`: IPv6 addresses, routes, rules and resolvers are left out).
+    pub ipv6: bool,
+}
+
+/// Whether the host has IPv6 turned on.
+pub fn host_has_ipv6() -> bool {
+    fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6").is_ok_and(|v| v.trim() == "0")
 }
 
 /// One command of a [`Plan`] and the command that takes it back (`None`: it goes with the
@@ -236,7 +243,11 @@ pub fn changes(plan: &Plan) -> Vec<Change> {
     let mut out = vec![Change::with_interface(&[
         "ip", "link", "set", "dev", ifname, "mtu", &mtu, "up",
     ])];
-    for addr in &plan.addresses {
+    for addr in plan
+        .addresses
+        .iter()
+        .filter(|a| plan.ipv6 || a.addr().is_ipv4())
+    {
         let family = if addr.addr().is_ipv4() { "-4" } else { "-6" };
         out.push(Change::with_interface(&[
             "ip",
@@ -250,7 +261,8 @@ pub fn changes(plan: &Plan) -> Vec<Change> {
     }
     let mark = FWMARK.to_string();
     let table = TABLE.to_string();
-    for family in ["-4", "-6"] {
+    let families: &[&str] = if plan.ipv6 { &["-4", "-6"] } else { &["-4"] };
+    for &family in families {
         let v4 = family == "-4";
         let default = if v4 { "0.0.0.0/0" } else { "::/0" };
         let of_family = |nets: &[ipnet::IpNet]| -> Vec<String> {
@@ -313,8 +325,14 @@ pub fn apply(plan: &Plan, undo: &mut Undo, dir: &Path) -> anyhow::Result<()> {
         undo.sysctl("/proc/sys/net/ipv4/conf/all/src_valid_mark", "1")?;
         undo.save(dir)?;
     }
-    if !plan.dns.is_empty() {
-        let d = set_dns(&plan.interface, &plan.dns)?;
+    let dns: Vec<IpAddr> = plan
+        .dns
+        .iter()
+        .copied()
+        .filter(|ip| plan.ipv6 || ip.is_ipv4())
+        .collect();
+    if !dns.is_empty() {
+        let d = set_dns(&plan.interface, &dns)?;
         undo.steps.push(Step::Dns(d));
         undo.save(dir)?;
     }
@@ -480,6 +498,7 @@ mod tests {
             mtu: 1420,
             routing,
             dns: vec![],
+            ipv6: true,
         }
     }
 
@@ -511,6 +530,18 @@ mod tests {
                 format!("ip -6 rule add not fwmark {m} table {t} / ip -6 rule del not fwmark {m} table {t}"),
                 "ip -6 rule add table main suppress_prefixlength 0 / ip -6 rule del table main suppress_prefixlength 0".into(),
             ]
+        );
+    }
+
+    #[test]
+    fn a_host_without_ipv6_gets_only_ipv4_changes() {
+        let mut p = plan(Routing::Full);
+        p.ipv6 = false;
+        let got = lines(&changes(&p));
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert!(
+            got.iter().all(|l| !l.contains("-6") && !l.contains("fd77")),
+            "{got:?}"
         );
     }
 
