@@ -273,4 +273,48 @@ fn the_client_tunnel_reaches_the_origin_survives_a_gateway_restart_and_down_rest
     let out = client(&lab, "d1", &dir, &["down"], secs(20));
     assert!(out.ok(), "{}", out.describe());
     assert!(out.stderr.contains("not running"), "{}", out.describe());
+
+    // The second device, on a host without resolvconf (not on PATH): /etc/resolv.conf itself
+    // is written, and put back byte for byte.
+    let before = network_state(&lab, "d2");
+    let bin = client_bin().expect("waygate-client binary");
+    let iface2 = format!("{}c2", lab.prefix());
+    let out = lab.run_in(
+        "d2",
+        &[
+            "env",
+            "PATH=/usr/bin:/bin",
+            bin.to_str().expect("utf-8 path"),
+            "--dir",
+            dir2.to_str().expect("utf-8 path"),
+            "up",
+            "--interface",
+            &iface2,
+        ],
+        secs(40),
+    );
+    if let Some(pid) = fs::read_to_string(dir2.join("daemon.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+    {
+        lab.record_pid(pid, "client-d2")
+            .expect("record the daemon's pid");
+    }
+    assert!(
+        out.ok(),
+        "up without resolvconf: {}\ndaemon log: {}",
+        out.describe(),
+        fs::read_to_string(dir2.join("daemon.log")).unwrap_or_default()
+    );
+    let resolv = lab
+        .run_in("d2", &["cat", "/etc/resolv.conf"], secs(10))
+        .stdout;
+    assert!(resolv.contains("written by waygate-client"), "{resolv}");
+    assert!(resolv.contains("nameserver 100.96.0.1"), "{resolv}");
+    let src = http_src(&lab, "d2", "http://web.example/")
+        .unwrap_or_else(|out| panic!("HTTP origin by name from d2: {}", out.describe()));
+    assert_eq!(src, EGRESS_V4);
+    let out = client(&lab, "d2", &dir2, &["down"], secs(20));
+    assert!(out.ok(), "down d2: {}", out.describe());
+    assert_eq!(before, network_state(&lab, "d2"), "down did not restore d2");
 }
