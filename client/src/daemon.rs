@@ -396,6 +396,13 @@ impl DataPath {
                 got = self.tun.recv_multiple(&mut self.tun_read, &mut self.packets, &mut self.sizes, 0) => {
                     match got {
                         Ok(n) => self.on_tun(n).await,
+                        // The device is gone (deleted under us): nothing more can pass.
+                        Err(e) if e.raw_os_error().is_some_and(|c| {
+                            c == libc::ENODEV || c == libc::EBADFD || c == libc::EIO
+                        }) => {
+                            return Err(anyhow::anyhow!("TUN device: {e}"));
+                        }
+                        // A malformed offloaded read: that packet is lost, the next one counts.
                         Err(e) => tracing::debug!(error = %e, "TUN read"),
                     }
                     self.publish(shared);

@@ -4,7 +4,8 @@
 //! private key is not in the gateway's data dir; after a gateway restart the same client is back
 //! without enrolling again, and when the device's address changes it handshakes from the new
 //! one at once; `down` leaves `ip rule`, every routing table and resolv.conf exactly
-//! as they were. A token with a name for two devices names the second `NAME-2`.
+//! as they were (with resolvconf, and with /etc/resolv.conf alone), also when the interface is
+//! deleted under the daemon. A token with a name for two devices names the second `NAME-2`.
 // Wall-clock deadlines are what these tests measure.
 #![allow(clippy::disallowed_methods)]
 
@@ -314,7 +315,23 @@ fn the_client_tunnel_reaches_the_origin_survives_a_gateway_restart_and_down_rest
     let src = http_src(&lab, "d2", "http://web.example/")
         .unwrap_or_else(|out| panic!("HTTP origin by name from d2: {}", out.describe()));
     assert_eq!(src, EGRESS_V4);
+    // The interface deleted under the daemon: it stops and undoes its routes, rules and DNS.
+    let out = lab.run_in("d2", &["ip", "link", "del", &iface2], secs(10));
+    assert!(out.ok(), "{}", out.describe());
+    let stopped = wait_until(secs(10), Duration::from_millis(100), || {
+        (!dir2.join("daemon.pid").exists()).then_some(())
+    });
+    assert!(
+        stopped.is_some(),
+        "the daemon runs on without its interface; log: {}",
+        fs::read_to_string(dir2.join("daemon.log")).unwrap_or_default()
+    );
+    assert_eq!(
+        before,
+        network_state(&lab, "d2"),
+        "the daemon did not undo its changes when its interface went"
+    );
     let out = client(&lab, "d2", &dir2, &["down"], secs(20));
     assert!(out.ok(), "down d2: {}", out.describe());
-    assert_eq!(before, network_state(&lab, "d2"), "down did not restore d2");
+    assert!(out.stderr.contains("not running"), "{}", out.describe());
 }
