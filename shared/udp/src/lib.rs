@@ -156,6 +156,19 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_mark_is_set_where_allowed() {
+        let socket = BatchSocket::bind("127.0.0.1:0".parse().unwrap(), 1 << 16).unwrap();
+        match socket.set_mark(0x5767) {
+            Ok(()) => {
+                let mark = socket2::SockRef::from(&socket.socket).mark().unwrap();
+                assert_eq!(mark, 0x5767);
+            }
+            // Without CAP_NET_ADMIN the kernel refuses, and says so.
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+        }
+    }
+
+    #[tokio::test]
     async fn a_run_of_datagrams_arrives_as_separate_datagrams() {
         let mut rx = BatchSocket::bind("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
         let tx = BatchSocket::bind("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
