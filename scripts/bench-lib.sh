@@ -4,7 +4,9 @@
 #
 # bench_init NAME   checks root and tools, builds the release binaries, brings the lab up and
 #                   arranges its teardown on exit; sets P, WORK, WAYGATE, LAB_ORIGIN, LAB
-# waygate_up        Waygate serving the device; sets GW_PID
+# waygate_up        Waygate serving the device (wg-quick + wireguard-go); sets GW_PID, DEV_PID
+# client_up         the same device through waygate-client instead of wg-quick; sets DEV_PID
+# client_down       waygate-client's tunnel gone
 # waygate_down      the device's tunnel and Waygate gone
 # reference_up      the reference gateway serving the device; sets GW_PID
 # cpu_ticks PID     user + system clock ticks of PID so far (TCK ticks per second)
@@ -25,10 +27,12 @@ bench_init() {
     command -v "$tool" >/dev/null || bench_die "missing $tool (scripts/install-deps.sh installs it)"
   done
   cd "$ROOT"
-  cargo build --release --quiet --bin waygate --bin lab-origin --bin lab-connrate --bin lab-delay
+  cargo build --release --quiet --bin waygate --bin waygate-client --bin lab-origin \
+    --bin lab-connrate --bin lab-delay
   local target
   target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
   WAYGATE="$target/release/waygate"
+  WAYGATE_CLIENT="$target/release/waygate-client"
   LAB_CONNRATE="$target/release/lab-connrate"
   LAB_DELAY="$target/release/lab-delay"
   export LAB_ORIGIN="$target/release/lab-origin"
@@ -65,12 +69,47 @@ EOT
     >"$WORK/waygate.log" 2>&1 &
   GW_PID=$!
   "$LAB" record-pid "$P" "$GW_PID" waygate
-  "$LAB" device-up "$P" d1 "$WORK/${P}w.conf" >/dev/null
+  DEV_PID="$("$LAB" device-up "$P" d1 "$WORK/${P}w.conf")"
   ip netns exec "${P}d1" ping -c 1 -W 5 100.96.0.1 >/dev/null || bench_die "no tunnel to waygate"
+  WG_QUICK_UP=1
+}
+
+# The wg-quick device's key and addresses, as waygate-client's files (client.toml as enrollment
+# writes it, DNS left alone), so the client is the same device to the gateway.
+client_up() {
+  local conf="$WORK/${P}w.conf" dir="$WORK/client" key addrs
+  "$LAB" device-down "$P" d1 "$conf" >/dev/null
+  WG_QUICK_UP=0
+  mkdir -p -m 700 "$dir"
+  key="$(sed -n 's/^PrivateKey = //p' "$conf")"
+  (umask 077 && echo "$key" >"$dir/private.key")
+  addrs="$(sed -n 's/^Address = //p' "$conf" | sed 's/, */", "/g')"
+  cat >"$dir/client.toml" <<EOT
+server = "https://198.51.100.1:8444"
+ca_sha256 = "$(printf '0%.0s' $(seq 64))"
+device_id = "bench"
+name = "bench"
+addresses = ["$addrs"]
+gateway_public_key = "$(sed -n 's/^PublicKey = //p' "$conf")"
+endpoint = "$(sed -n 's/^Endpoint = //p' "$conf")"
+dns = []
+mtu = $(sed -n 's/^MTU = //p' "$conf" | grep . || echo 1420)
+EOT
+  ip netns exec "${P}d1" env WAYGATE_LOG=warn "$WAYGATE_CLIENT" --dir "$dir" up \
+    --interface "${P}c" >/dev/null || bench_die "waygate-client up failed: $(cat "$dir/daemon.log")"
+  DEV_PID="$(cat "$dir/daemon.pid")"
+  "$LAB" record-pid "$P" "$DEV_PID" waygate-client
+  ip netns exec "${P}d1" ping -c 1 -W 5 100.96.0.1 >/dev/null || bench_die "no tunnel from waygate-client"
+}
+
+client_down() {
+  ip netns exec "${P}d1" "$WAYGATE_CLIENT" --dir "$WORK/client" down >/dev/null 2>&1 || true
 }
 
 waygate_down() {
-  "$LAB" device-down "$P" d1 "$WORK/${P}w.conf" >/dev/null
+  if [ "${WG_QUICK_UP:-0}" = 1 ]; then
+    "$LAB" device-down "$P" d1 "$WORK/${P}w.conf" >/dev/null
+  fi
   kill "$GW_PID"
   wait "$GW_PID" 2>/dev/null || true
 }
@@ -111,6 +150,6 @@ table ip benchnat {
 }
 EOT
   GW_PID="$("$LAB" device-up "$P" gw "$WORK/${P}r.conf")"
-  "$LAB" device-up "$P" d1 "$WORK/${P}d.conf" >/dev/null
+  DEV_PID="$("$LAB" device-up "$P" d1 "$WORK/${P}d.conf")"
   ip netns exec "${P}d1" ping -c 1 -W 5 100.111.0.1 >/dev/null || bench_die "no tunnel to the reference"
 }

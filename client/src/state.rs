@@ -40,6 +40,13 @@ pub struct ClientConfig {
     /// The virtual network (absent: the default one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vnet: Option<String>,
+    /// Split tunnel, include mode: only these prefixes (and the DNS servers) go through the
+    /// tunnel. Absent with `exclude`: full tunnel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<ipnet::IpNet>,
+    /// Split tunnel, exclude mode: everything but these prefixes goes through the tunnel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<ipnet::IpNet>,
 }
 
 /// `DIR/client.toml`.
@@ -110,6 +117,8 @@ mod tests {
             dns: vec!["100.96.0.1".parse().unwrap()],
             mtu: 1420,
             vnet: None,
+            include: vec![],
+            exclude: vec![],
         };
         write_config(&dir, &config).unwrap();
         let meta = fs::metadata(config_path(&dir)).unwrap();

@@ -539,6 +539,16 @@ impl Lab {
         &self.lab_origin
     }
 
+    /// Has `scripts/lab.sh down` kill `pid` too (a process the test started indirectly, such as
+    /// the daemon `waygate-client up` leaves running).
+    pub fn record_pid(&self, pid: u32, name: &str) -> Result<()> {
+        self.lab_sh(
+            ["record-pid", &self.prefix, &pid.to_string(), name],
+            secs(10),
+        )
+        .map(drop)
+    }
+
     fn lab_sh<const N: usize>(&self, args: [&str; N], timeout: Duration) -> Result<Output> {
         let out = run_with_timeout(
             lab_cmd(&self.root.join("scripts/lab.sh"), &self.lab_origin, args),

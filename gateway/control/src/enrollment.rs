@@ -259,7 +259,7 @@ pub fn redeem(
         public_key: Some(body.public_key.clone()),
         ..EnrollRequest::default()
     };
-    let enrolled = match crate::enroll(config, registry, request, now) {
+    let enrolled = match enroll_with_free_name(config, registry, request, now) {
         Ok(e) => e,
         Err(e) => {
             let _ = registry.return_enroll_token_use(&stored.id);
@@ -289,6 +289,43 @@ pub fn redeem(
         mtu: config.tunnel.mtu,
         vnet,
     })
+}
+
+/// Names tried after a token's `--name` is taken: `NAME-2` up to `NAME-{this}`.
+const MAX_TOKEN_NAME_SUFFIX: u32 = 1_000;
+
+/// Enrolls with the token's name, or, when a device holds it already (a token for several
+/// devices, or a name reused), with the first free `NAME-2`, `NAME-3`, ... as names derived from
+/// the email are: a second laptop enrolled with the same token must not be refused.
+fn enroll_with_free_name(
+    config: &Config,
+    registry: &Registry,
+    request: EnrollRequest,
+    now: i64,
+) -> Result<crate::Enrolled, ControlError> {
+    let Some(stem) = request.name.clone() else {
+        return crate::enroll(config, registry, request, now);
+    };
+    let mut candidate = stem.clone();
+    let mut n = 1;
+    loop {
+        let attempt = EnrollRequest {
+            name: Some(candidate.clone()),
+            ..request.clone()
+        };
+        match crate::enroll(config, registry, attempt, now) {
+            Err(ControlError::Registry(waygate_registry::RegistryError::NameTaken { .. }))
+                if n < MAX_TOKEN_NAME_SUFFIX =>
+            {
+                n += 1;
+                candidate = format!("{stem}-{n}");
+                if !waygate_registry::validate::name_ok(&candidate) {
+                    return crate::enroll(config, registry, request, now);
+                }
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Whether a stored token may enroll one more device at `now`.
@@ -463,6 +500,24 @@ mod tests {
         .unwrap();
         assert!(matches!(err, Refusal::Spent { uses: 2, .. }), "{err}");
         assert!(err.to_string().contains("used up"), "{err}");
+    }
+
+    #[test]
+    fn a_named_token_for_several_devices_gives_each_a_free_name() {
+        let (_d, config, reg) = setup();
+        let mut spec = new(Some(3), None);
+        spec.name = Some("lab-pc".into());
+        let (token, _) = create(&reg, spec, CA, &mut StdRng::seed_from_u64(5), 10).unwrap();
+        let names: Vec<String> = (0..3)
+            .map(|i| {
+                let body = EnrollBody {
+                    token: token.to_string(),
+                    public_key: key(40 + i),
+                };
+                redeem(&config, &reg, &body, 20).unwrap().name
+            })
+            .collect();
+        assert_eq!(names, ["lab-pc", "lab-pc-2", "lab-pc-3"]);
     }
 
     #[test]

@@ -22,6 +22,7 @@
 #![deny(missing_docs)]
 
 pub mod handshake_limit;
+pub mod initiator;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod transmit;

@@ -37,6 +37,7 @@ pub mod product {
         evaluate as evaluate_posture, parse_facts, parse_rule, wanted, Env as PostureEnv,
     };
     pub use waygate_runtime::dns::doh;
+    pub use waygate_wg::initiator::{FromGateway, Initiator};
     pub use waygate_wg::transmit::{TransmitQueue, MAX_DATAGRAM};
     pub use waygate_wg::{Endpoint, Received};
     pub use waygate_wire::sniff::{sniff, Detected, Sniff, MAX_SNIFF};
@@ -58,6 +59,7 @@ pub const TARGETS: [Target; 8] = [
     ("sniff", sniff_stream),
     ("dns", dns),
     ("wireguard", wireguard),
+    ("wg_initiator", wg_initiator),
     ("policy_expr", policy_expr),
     ("rules_json", rules_json),
     ("config", config),
@@ -513,4 +515,63 @@ fn x509_der(pem: &str) -> Option<Vec<u8>> {
     let body = body.split("-----END CERTIFICATE-----").next()?;
     let text: String = body.split_whitespace().collect();
     base64::engine::general_purpose::STANDARD.decode(text).ok()
+/// The device side ([`Initiator`], as `waygate-client` runs it): length-prefixed datagrams
+/// (2 bytes big-endian, then the bytes) from the gateway's address. With `ctl & 1` the device
+/// first completes a real handshake with a gateway [`Endpoint`], so data messages reach
+/// decryption; a packet that comes out is never longer than its datagram and goes through
+/// [`inner_packet`].
+pub fn wg_initiator(data: &[u8]) {
+    let [ctl, rest @ ..] = data else {
+        return;
+    };
+    let gw_addr = SocketAddr::from(([198, 51, 100, 1], 51820));
+    let dev_addr = SocketAddr::from(([198, 51, 100, 11], 40000));
+    let mut gw: Endpoint<()> = Endpoint::new(GATEWAY_KEY);
+    let device_public =
+        *boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(DEVICE_KEY))
+            .as_bytes();
+    gw.upsert_peer(
+        device_public,
+        DEVICE_V4,
+        DEVICE_V6,
+        (),
+        tracing::Span::none(),
+    );
+    let mut dev = Initiator::new(DEVICE_KEY, gw.public_key(), gw_addr, Some(25), 7);
+    let mut tx = TransmitQueue::new();
+    let mut gw_tx = TransmitQueue::new();
+    let mut out = vec![0u8; MAX_DATAGRAM];
+    let mut scratch = vec![0u8; MAX_DATAGRAM];
+    if ctl & 1 == 1 {
+        dev.force_handshake(&mut tx);
+        for _ in 0..3 {
+            for q in tx.datagrams() {
+                let d = &tx.bytes()[q.range.clone()];
+                let _ = gw.handle_datagram(dev_addr, d, epoch(), &mut scratch, &mut gw_tx);
+            }
+            tx.clear();
+            for q in gw_tx.datagrams() {
+                let d = &gw_tx.bytes()[q.range.clone()];
+                let _ = dev.handle_datagram(gw_addr, d, &mut out, &mut tx);
+            }
+            gw_tx.clear();
+        }
+    }
+    let mut rest = rest;
+    while let [h, l, tail @ ..] = rest {
+        let n = usize::from(u16::from_be_bytes([*h, *l])).min(tail.len());
+        let (datagram, next) = tail.split_at(n);
+        rest = next;
+        tx.clear();
+        if let FromGateway::Packet(len) = dev.handle_datagram(gw_addr, datagram, &mut out, &mut tx)
+        {
+            assert!(
+                len <= datagram.len(),
+                "{len} bytes out of {}",
+                datagram.len()
+            );
+            inner_packet(&out[..len]);
+        }
+    }
+    dev.update_timers(&mut tx);
 }
