@@ -515,6 +515,8 @@ fn x509_der(pem: &str) -> Option<Vec<u8>> {
     let body = body.split("-----END CERTIFICATE-----").next()?;
     let text: String = body.split_whitespace().collect();
     base64::engine::general_purpose::STANDARD.decode(text).ok()
+}
+
 /// The device side ([`Initiator`], as `waygate-client` runs it): length-prefixed datagrams
 /// (2 bytes big-endian, then the bytes) from the gateway's address. With `ctl & 1` the device
 /// first completes a real handshake with a gateway [`Endpoint`], so data messages reach
