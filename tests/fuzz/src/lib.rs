@@ -54,7 +54,7 @@ use product::*;
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target, by the name of its cargo-fuzz binary and seed directory.
-pub const TARGETS: [Target; 8] = [
+pub const TARGETS: [Target; 9] = [
     ("inner_packet", inner_packet),
     ("sniff", sniff_stream),
     ("dns", dns),
