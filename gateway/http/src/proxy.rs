@@ -1,0 +1,509 @@
+//! The HTTP layer of an inspected connection: hyper serves the device (HTTP/1.1, or HTTP/2 when
+//! negotiated) and a client connection of the same flow carries allowed requests to the origin,
+//! bodies streamed both ways. Each request is decided by the HTTP rules; rules that read the
+//! response are decided once its head arrives.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Mutex;
+use waygate_model::FlowCtx;
+use waygate_policy::fields::{FieldId, Phase};
+use waygate_policy::input::Input;
+
+use crate::decide::{self, RuleRef, Verdict};
+use crate::page::{self, PageContext};
+use crate::Shared;
+
+/// What the TLS layer learned about a decrypted connection.
+#[derive(Debug, Clone)]
+pub struct TlsFacts {
+    /// The name the leaf was minted for (SNI, or the destination address).
+    pub sni: String,
+    /// Why the origin's certificate failed verification, if it did.
+    pub cert_error: Option<String>,
+    /// The TLS version spoken with the origin.
+    pub version: Option<String>,
+}
+
+/// One inspected connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// The flow's context.
+    pub ctx: FlowCtx,
+    /// Where the upstream connection goes.
+    pub target: SocketAddr,
+    /// Set when the connection was decrypted.
+    pub tls: Option<TlsFacts>,
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+enum Sender {
+    H1(Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+/// Headers that describe one hop and never cross to another connection.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn answer(status: StatusCode, content_type: &str, body: String) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn redirect(location: &str) -> Response<Body> {
+    let mut r = answer(StatusCode::TEMPORARY_REDIRECT, "text/plain", String::new());
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// Serves the device's requests on `device`, forwarding allowed ones over `upstream`.
+pub async fn serve<D, U>(shared: Arc<Shared>, conn: Arc<Conn>, device: D, upstream: U, h2: bool)
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let sender = if h2 {
+        match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
+            .await
+        {
+            Ok((send, connection)) => {
+                tokio::spawn(connection);
+                Sender::H2(send)
+            }
+            Err(e) => {
+                tracing::debug!(target: "waygate::http", error = %e, "upstream h2 handshake failed");
+                return;
+            }
+        }
+    } else {
+        match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
+            Ok((send, connection)) => {
+                tokio::spawn(connection.with_upgrades());
+                Sender::H1(Mutex::new(send))
+            }
+            Err(e) => {
+                tracing::debug!(target: "waygate::http", error = %e, "upstream handshake failed");
+                return;
+            }
+        }
+    };
+    let sender = Arc::new(sender);
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        let sender = sender.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(&shared, &conn, &sender, request).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(device), service)
+        .await
+    {
+        tracing::debug!(target: "waygate::http", error = %e, "device connection ended");
+    }
+}
+
+/// The request's host, without port, lower-cased: the URI's authority, else `Host`, else the
+/// SNI or the destination address.
+fn request_host(conn: &Conn, request: &Request<Incoming>) -> String {
+    let raw = request
+        .uri()
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            let host = request.headers().get(header::HOST)?.to_str().ok()?;
+            let authority: hyper::http::uri::Authority = host.parse().ok()?;
+            Some(authority.host().to_string())
+        })
+        .or_else(|| conn.tls.as_ref().map(|t| t.sni.clone()))
+        .unwrap_or_else(|| conn.target.ip().to_string());
+    raw.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase()
+}
+
+struct Facts {
+    scheme: &'static str,
+    host: String,
+    method: String,
+    pq: String,
+    url: String,
+}
+
+impl Facts {
+    fn page_context<'a>(&'a self, conn: &'a Conn, time: String) -> PageContext<'a> {
+        PageContext {
+            url: &self.url,
+            device: &conn.ctx.device.name,
+            device_id: &conn.ctx.device.id,
+            email: &conn.ctx.device.email,
+            source_ip: conn.ctx.src.ip().to_string(),
+            time,
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    #[allow(clippy::disallowed_methods)] // the block page shows the wall-clock time
+    let now = SystemTime::now();
+    time::OffsetDateTime::from(now)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The gateway's own answer for a verdict that does not forward, if it is one.
+fn own_answer(
+    shared: &Shared,
+    conn: &Conn,
+    facts: &Facts,
+    verdict: &Verdict,
+) -> Option<Response<Body>> {
+    match verdict {
+        Verdict::Block {
+            rule,
+            reason,
+            target_uri,
+            include_context,
+        } => {
+            let ctx = facts.page_context(conn, now_rfc3339());
+            Some(match target_uri {
+                Some(target) if *include_context => {
+                    redirect(&page::with_context(target, rule, &ctx))
+                }
+                Some(target) => redirect(target),
+                None => answer(
+                    StatusCode::FORBIDDEN,
+                    "text/html; charset=utf-8",
+                    page::block_page(&shared.config.block_page, rule, reason.as_deref(), &ctx),
+                ),
+            })
+        }
+        Verdict::Redirect {
+            rule,
+            target_uri,
+            preserve_path_and_query,
+            include_context,
+        } => {
+            let mut location =
+                page::redirect_location(target_uri, *preserve_path_and_query, &facts.pq);
+            if *include_context {
+                let ctx = facts.page_context(conn, now_rfc3339());
+                location = page::with_context(&location, rule, &ctx);
+            }
+            Some(redirect(&location))
+        }
+        Verdict::Allow { .. } | Verdict::DoNotInspect(_) | Verdict::AwaitResponse => None,
+    }
+}
+
+/// What `untrusted_cert` asks for on a connection whose origin failed verification: `None`
+/// passes through.
+fn untrusted(
+    shared: &Shared,
+    conn: &Conn,
+    facts: &Facts,
+    verdict: &Verdict,
+) -> Option<Response<Body>> {
+    conn.tls.as_ref()?.cert_error.as_ref()?;
+    let action = verdict
+        .rule()
+        .and_then(|r| r.untrusted_cert.clone())
+        .unwrap_or_else(|| "error".into());
+    match action.as_str() {
+        "pass_through" => None,
+        "block" => {
+            let rule = verdict.rule().cloned().unwrap_or(RuleRef {
+                id: String::new(),
+                name: "untrusted certificate".into(),
+                action: "block".into(),
+                untrusted_cert: Some(action.clone()),
+            });
+            let ctx = facts.page_context(conn, now_rfc3339());
+            Some(answer(
+                StatusCode::FORBIDDEN,
+                "text/html; charset=utf-8",
+                page::block_page(
+                    &shared.config.block_page,
+                    &rule,
+                    Some("The site's certificate could not be verified."),
+                    &ctx,
+                ),
+            ))
+        }
+        _ => Some(answer(
+            StatusCode::from_u16(526).unwrap_or(StatusCode::BAD_GATEWAY),
+            "text/html; charset=utf-8",
+            page::untrusted_page(&facts.host),
+        )),
+    }
+}
+
+async fn handle(
+    shared: &Shared,
+    conn: &Conn,
+    sender: &Sender,
+    mut request: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let scheme = if conn.tls.is_some() { "https" } else { "http" };
+    let host = request_host(conn, &request);
+    let pq = request
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string());
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| host.clone());
+    let facts = Facts {
+        scheme,
+        url: format!("{scheme}://{authority}{pq}"),
+        method: request.method().as_str().to_string(),
+        host,
+        pq,
+    };
+    let mut input = Input::new();
+    {
+        let geo = shared.geoip.load();
+        decide::fill_conn(&mut input, &conn.ctx, conn.target, geo.as_deref());
+        let categories = shared.categories.load();
+        decide::fill_host(&mut input, &facts.host, categories.as_deref());
+    }
+    decide::fill_request(
+        &mut input,
+        facts.scheme,
+        &authority,
+        &facts.method,
+        &facts.pq,
+    );
+    if let Some(mime) = content_type(request.headers()) {
+        input.set_str(FieldId::HttpUploadMime, &mime);
+    }
+    let policy = shared.policy.load();
+    let verdict = decide::decide(&policy, &input, Phase::Request);
+    if let Some(response) = untrusted(shared, conn, &facts, &verdict) {
+        shared.counters.untrusted.fetch_add(1, Ordering::Relaxed);
+        log(
+            conn,
+            &facts,
+            &verdict,
+            response.status(),
+            started,
+            "untrusted_cert",
+        );
+        return response;
+    }
+    if let Some(response) = own_answer(shared, conn, &facts, &verdict) {
+        shared.counters.count(&verdict);
+        log(
+            conn,
+            &facts,
+            &verdict,
+            response.status(),
+            started,
+            verdict.decision(),
+        );
+        return response;
+    }
+    if let Verdict::Allow { add_headers, .. } = &verdict {
+        for (name, value) in add_headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                request.headers_mut().append(n, v);
+            }
+        }
+    }
+    let upgrade = request.headers().contains_key(header::UPGRADE);
+    let device_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let response = match forward(sender, request, &facts, &authority).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(target: "waygate::http", error = %e, url = %facts.url, "upstream request failed");
+            let r = answer(
+                StatusCode::BAD_GATEWAY,
+                "text/plain",
+                "bad gateway\n".into(),
+            );
+            log(
+                conn,
+                &facts,
+                &verdict,
+                r.status(),
+                started,
+                "upstream_error",
+            );
+            return r;
+        }
+    };
+    let mut response = response;
+    let verdict = if verdict == Verdict::AwaitResponse {
+        input.set_int(
+            FieldId::HttpResponseStatusCode,
+            i64::from(response.status().as_u16()),
+        );
+        if let Some(mime) = content_type(response.headers()) {
+            input.set_str(FieldId::HttpDownloadMime, &mime);
+        }
+        let verdict = decide::decide(&policy, &input, Phase::Response);
+        if let Some(own) = own_answer(shared, conn, &facts, &verdict) {
+            shared.counters.count(&verdict);
+            log(
+                conn,
+                &facts,
+                &verdict,
+                own.status(),
+                started,
+                verdict.decision(),
+            );
+            return own;
+        }
+        verdict
+    } else {
+        verdict
+    };
+    shared.counters.count(&verdict);
+    let status = response.status();
+    if let (Some(device_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (device_upgrade, status) {
+        let origin_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            if let (Ok(d), Ok(o)) = (device_upgrade.await, origin_upgrade.await) {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(o)).await;
+            }
+        });
+    }
+    // Do Not Inspect matched on a plain HTTP request: passed on, not logged.
+    if !matches!(verdict, Verdict::DoNotInspect(_)) {
+        log(conn, &facts, &verdict, status, started, verdict.decision());
+    }
+    let (mut parts, body) = response.into_parts();
+    if parts.version == hyper::Version::HTTP_2 && status != StatusCode::SWITCHING_PROTOCOLS {
+        for name in HOP_BY_HOP {
+            parts.headers.remove(name);
+        }
+    }
+    parts.version = hyper::Version::HTTP_11;
+    Response::from_parts(parts, body.boxed())
+}
+
+fn content_type(headers: &hyper::HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let mime = value.split(';').next()?.trim().to_ascii_lowercase();
+    (!mime.is_empty()).then_some(mime)
+}
+
+/// Sends `request` over the flow's upstream connection, in the form its protocol needs.
+async fn forward(
+    sender: &Sender,
+    request: Request<Incoming>,
+    facts: &Facts,
+    authority: &str,
+) -> Result<Response<Incoming>, hyper::Error> {
+    let (mut parts, body) = request.into_parts();
+    match sender {
+        Sender::H1(send) => {
+            // Origin form and a Host header, whatever the device spoke.
+            if let Ok(uri) = facts.pq.parse() {
+                parts.uri = uri;
+            }
+            if !parts.headers.contains_key(header::HOST) {
+                if let Ok(v) = HeaderValue::from_str(authority) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            parts.version = hyper::Version::HTTP_11;
+            let mut send = send.lock().await;
+            send.ready().await?;
+            let response = send.send_request(Request::from_parts(parts, body));
+            drop(send);
+            response.await
+        }
+        Sender::H2(send) => {
+            let mut send = send.clone();
+            if let Ok(uri) = format!("{}://{authority}{}", facts.scheme, facts.pq).parse() {
+                parts.uri = uri;
+            }
+            for name in HOP_BY_HOP {
+                parts.headers.remove(name);
+            }
+            parts.headers.remove(header::HOST);
+            parts.version = hyper::Version::HTTP_2;
+            send.ready().await?;
+            send.send_request(Request::from_parts(parts, body)).await
+        }
+    }
+}
+
+/// One line per request: who, what, the decision and the rule.
+fn log(
+    conn: &Conn,
+    facts: &Facts,
+    verdict: &Verdict,
+    status: StatusCode,
+    started: Instant,
+    decision: &str,
+) {
+    let rule = verdict.rule();
+    tracing::info!(
+        target: "waygate::http",
+        device = %conn.ctx.device.name,
+        device_id = %conn.ctx.device.id,
+        user = %conn.ctx.device.email,
+        src = %conn.ctx.src,
+        dst = %conn.target,
+        host = %facts.host,
+        method = %facts.method,
+        url = %facts.url,
+        status = status.as_u16(),
+        decision,
+        rule_id = rule.map_or("", |r| r.id.as_str()),
+        rule_name = rule.map_or("", |r| r.name.as_str()),
+        upstream_tls = conn.tls.as_ref().and_then(|t| t.version.as_deref()).unwrap_or(""),
+        duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "http request"
+    );
+}
