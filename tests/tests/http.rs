@@ -1,0 +1,382 @@
+//! The HTTP stage through wg-quick devices (issue "HTTP stage"): a device trusting the gateway's
+//! CA (`waygate ca show`) fetches from an HTTPS origin whose certificate comes from a lab CA given
+//! as `http.upstream_ca`; rules block, redirect, tag and bypass; an untrusted origin gives 526;
+//! QUIC is dropped while decrypting; and `waygate rules eval --filter http` agrees with the
+//! running stage on the same request.
+// Wall-clock deadlines are what these tests measure.
+#![allow(clippy::disallowed_methods)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use waygate_e2e::{report, skip, Device, Lab, EGRESS_V4, HTTP_ORIGIN, UDP_ORIGIN};
+use waygate_keys::CertificateAuthority;
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+const RULES: &str = r#"[
+  {"id": "11111111-0000-4000-8000-000000000001", "name": "bank is private", "action": "off",
+   "enabled": true, "precedence": 90, "filters": ["http"],
+   "traffic": "any(http.request.domains[*] == \"bank.example\")"},
+  {"id": "11111111-0000-4000-8000-000000000002", "name": "no admin pages", "action": "block",
+   "enabled": true, "precedence": 10, "filters": ["http"],
+   "traffic": "http.request.uri.path matches \"^/admin\"",
+   "rule_settings": {"block_page_enabled": true, "block_reason": "Admin pages are closed here"}},
+  {"id": "11111111-0000-4000-8000-000000000003", "name": "tag requests", "action": "allow",
+   "enabled": true, "precedence": 20, "filters": ["http"],
+   "traffic": "http.request.uri.path == \"/tagged\"",
+   "rule_settings": {"add_headers": {"X-Waygate-Tag": ["lab"]}}},
+  {"id": "11111111-0000-4000-8000-000000000004", "name": "moved", "action": "redirect",
+   "enabled": true, "precedence": 30, "filters": ["http"],
+   "traffic": "http.request.uri.path == \"/old\"",
+   "rule_settings": {"redirect": {"target_uri": "https://new.example/",
+                                  "preserve_path_and_query": true}}}
+]"#;
+
+/// An HTTPS origin (Python's http.server with TLS): answers every GET with JSON of the
+/// client's address, the path and the request headers.
+const ORIGIN_PY: &str = r#"
+import http.server, json, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = json.dumps({"src": self.client_address[0], "path": self.path,
+                           "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+addr, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+srv = http.server.ThreadingHTTPServer((addr, port), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+/// Writes `ca`'s certificate for `names` and its key as PEM files in `dir`, named after `stem`.
+fn origin_cert(
+    ca: &CertificateAuthority,
+    names: &[&str],
+    dir: &Path,
+    stem: &str,
+) -> (PathBuf, PathBuf) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = ca
+        .issue(&names, &[], SystemTime::now())
+        .expect("origin cert");
+    let key = base64::engine::general_purpose::STANDARD.encode(cert.key_der.as_slice());
+    let mut key_pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for line in key.as_bytes().chunks(64) {
+        key_pem.push_str(std::str::from_utf8(line).expect("base64"));
+        key_pem.push('\n');
+    }
+    key_pem.push_str("-----END PRIVATE KEY-----\n");
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}.key"));
+    fs::write(&cert_path, format!("{}{}", cert.cert_pem, ca.cert_pem())).expect("cert");
+    fs::write(&key_path, key_pem).expect("key");
+    (cert_path, key_path)
+}
+
+/// `curl` from the device for `name` resolved to the HTTP origin's address.
+fn fetch(
+    lab: &Lab,
+    device: &Device,
+    url: &str,
+    name_port: &str,
+    extra: &[&str],
+) -> waygate_e2e::Output {
+    let resolve = format!("{name_port}:{HTTP_ORIGIN}");
+    let mut args = vec!["--resolve", resolve.as_str()];
+    args.extend_from_slice(extra);
+    lab.curl(device, url, secs(10), &args)
+}
+
+#[test]
+fn http_stage_inspects_device_traffic() {
+    if skip("http_stage_inspects_device_traffic") {
+        return;
+    }
+    let mut lab = Lab::up();
+    lab.stop_gateway();
+    let dir = lab.dir().to_path_buf();
+    let lab_ca = CertificateAuthority::generate("Lab CA", SystemTime::now()).expect("lab ca");
+    let stranger = CertificateAuthority::generate("Stranger CA", SystemTime::now()).expect("ca");
+    fs::write(dir.join("lab-ca.pem"), lab_ca.cert_pem()).expect("lab ca file");
+    let (cert, key) = origin_cert(&lab_ca, &["shop.example", "bank.example"], &dir, "origin");
+    let (bad_cert, bad_key) = origin_cert(&stranger, &["bad.example"], &dir, "bad");
+    fs::write(dir.join("origin.py"), ORIGIN_PY).expect("origin script");
+    fs::write(dir.join("rules.json"), RULES).expect("rules");
+    let mut config = fs::read_to_string(lab.config()).expect("config");
+    config.push_str(&format!(
+        "[policy]\nrules = \"{}\"\n[http]\nports = [80, 443, 8443]\ntls_decrypt = true\n\
+         upstream_ca = \"{}\"\n[http.block_page]\norg_name = \"Lab Org\"\n",
+        dir.join("rules.json").display(),
+        dir.join("lab-ca.pem").display(),
+    ));
+    fs::write(lab.config(), config).expect("config");
+    lab.start_gateway().expect("the gateway starts with [http]");
+    let script = dir.join("origin.py").display().to_string();
+    for (port, cert, key) in [("443", &cert, &key), ("8443", &bad_cert, &bad_key)] {
+        lab.spawn_in(
+            "in",
+            &[
+                "python3",
+                &script,
+                HTTP_ORIGIN,
+                port,
+                &cert.display().to_string(),
+                &key.display().to_string(),
+            ],
+        )
+        .expect("https origin");
+    }
+    // Extra UDP echo on 443 of the UDP origin: QUIC's port.
+    lab.spawn_in(
+        "in",
+        &[
+            &lab.lab_origin().display().to_string(),
+            "serve",
+            "--udp-echo",
+            &format!("{UDP_ORIGIN}:443"),
+        ],
+    )
+    .expect("udp echo on 443");
+    let device = lab.add_device("d1", "d1").expect("device");
+    let ca = lab.waygate(&["ca", "show"]).expect("ca show");
+    assert!(ca.ok(), "{}", ca.describe());
+    let gw_ca = dir.join("gateway-ca.pem");
+    fs::write(&gw_ca, &ca.stdout).expect("gateway ca file");
+    let gw_ca = gw_ca.display().to_string();
+    let lab_ca_path = dir.join("lab-ca.pem").display().to_string();
+
+    // The origin is up (its own certificate, straight from the Internet namespace).
+    let ready = waygate_e2e::wait_until(secs(10), Duration::from_millis(200), || {
+        lab.run_in(
+            "in",
+            &[
+                "curl",
+                "-sS",
+                "--cacert",
+                &lab_ca_path,
+                "--resolve",
+                &format!("shop.example:443:{HTTP_ORIGIN}"),
+                "https://shop.example/",
+            ],
+            secs(5),
+        )
+        .ok()
+        .then_some(())
+    });
+    assert!(ready.is_some(), "the HTTPS origin did not start");
+
+    // An allowed page arrives from the egress address, with the gateway's certificate: the
+    // device trusts only the gateway's CA.
+    let out = fetch(
+        &lab,
+        &device,
+        "https://shop.example/",
+        "shop.example:443",
+        &["--cacert", &gw_ca],
+    );
+    assert!(out.ok(), "allowed page: {}", out.describe());
+    let page: serde_json::Value = serde_json::from_str(&out.stdout).expect("origin json");
+    assert_eq!(page["src"], EGRESS_V4, "{}", out.stdout);
+    let issuer = fetch(
+        &lab,
+        &device,
+        "https://shop.example/",
+        "shop.example:443",
+        &["--cacert", &gw_ca, "-v", "-o", "/dev/null"],
+    );
+    let issued_by = issuer
+        .stderr
+        .lines()
+        .find(|l| l.contains("issuer:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        issued_by.contains("Waygate Gateway CA"),
+        "the leaf is the gateway's: {}",
+        issuer.stderr
+    );
+    report("http: allowed HTTPS page from the egress address with the gateway's leaf");
+
+    // A block rule answers 403 with its reason, inside the decrypted connection.
+    let out = fetch(
+        &lab,
+        &device,
+        "https://shop.example/admin/users",
+        "shop.example:443",
+        &["--cacert", &gw_ca, "-w", "\n%{http_code}"],
+    );
+    assert!(out.ok(), "{}", out.describe());
+    assert!(out.stdout.ends_with("\n403"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("Admin pages are closed here"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("Lab Org"), "{}", out.stdout);
+    report("http: block rule answers 403 with the block reason");
+
+    // add_headers reach the origin.
+    let out = fetch(
+        &lab,
+        &device,
+        "https://shop.example/tagged",
+        "shop.example:443",
+        &["--cacert", &gw_ca],
+    );
+    let page: serde_json::Value = serde_json::from_str(&out.stdout).expect("origin json");
+    assert_eq!(page["headers"]["x-waygate-tag"], "lab", "{}", out.stdout);
+    report("http: add_headers reach the origin");
+
+    // A redirect rule answers 307 with the target.
+    let out = fetch(
+        &lab,
+        &device,
+        "https://shop.example/old?q=1",
+        "shop.example:443",
+        &[
+            "--cacert",
+            &gw_ca,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+        ],
+    );
+    assert_eq!(
+        out.stdout.trim(),
+        "307 https://new.example/old?q=1",
+        "{}",
+        out.describe()
+    );
+    report("http: redirect rule answers 307 with the target");
+
+    // Do Not Inspect: the origin's own certificate reaches the device.
+    let out = fetch(
+        &lab,
+        &device,
+        "https://bank.example/admin",
+        "bank.example:443",
+        &["--cacert", &lab_ca_path],
+    );
+    assert!(out.ok(), "bank with the lab CA: {}", out.describe());
+    assert!(
+        out.stdout.contains("\"path\": \"/admin\""),
+        "not inspected: {}",
+        out.stdout
+    );
+    let out = fetch(
+        &lab,
+        &device,
+        "https://bank.example/",
+        "bank.example:443",
+        &["--cacert", &gw_ca],
+    );
+    assert!(
+        !out.ok(),
+        "bank must not carry a gateway leaf: {}",
+        out.describe()
+    );
+    report("http: an off rule leaves the origin's own certificate in place");
+
+    // A URL-path rule blocks on plain HTTP.
+    let out = lab.curl(
+        &device,
+        &format!("http://{HTTP_ORIGIN}/admin/x"),
+        secs(10),
+        &["-w", "\n%{http_code}"],
+    );
+    assert!(out.stdout.ends_with("\n403"), "{}", out.describe());
+    let shown = out
+        .stdout
+        .split("id=\"rule\">")
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .unwrap_or_default()
+        .to_string();
+    report("http: a URL-path rule blocks plain HTTP");
+
+    // `rules eval` decides the same request the same way.
+    let flow = serde_json::json!({
+        "http.request.host": HTTP_ORIGIN,
+        "http.request.uri": format!("http://{HTTP_ORIGIN}/admin/x"),
+        "http.request.uri.path": "/admin/x",
+        "http.request.uri.query": "",
+        "http.request.uri.path_and_query": "/admin/x",
+        "http.request.method": "GET",
+        "identity.email": "d1@example.com",
+    });
+    fs::write(dir.join("flow.json"), flow.to_string()).expect("flow");
+    let eval = lab
+        .waygate(&[
+            "rules",
+            "eval",
+            "--rules",
+            &dir.join("rules.json").display().to_string(),
+            "--filter",
+            "http",
+            "--input",
+            &dir.join("flow.json").display().to_string(),
+        ])
+        .expect("rules eval");
+    assert!(eval.ok(), "{}", eval.describe());
+    let decided: serde_json::Value = serde_json::from_str(&eval.stdout).expect("eval json");
+    let expected = format!(
+        "{} ({})",
+        decided["rule_name"].as_str().unwrap_or_default(),
+        decided["rule_id"].as_str().unwrap_or_default()
+    );
+    assert_eq!(shown, expected, "the running stage and rules eval disagree");
+    report("http: rules eval --filter http agrees with the running stage");
+
+    // An origin whose certificate the gateway cannot verify gives 526.
+    let out = fetch(
+        &lab,
+        &device,
+        "https://bad.example:8443/",
+        "bad.example:8443",
+        &["--cacert", &gw_ca, "-o", "/dev/null", "-w", "%{http_code}"],
+    );
+    assert_eq!(out.stdout.trim(), "526", "{}", out.describe());
+    report("http: an untrusted origin certificate gives 526");
+
+    // QUIC (UDP 443) is dropped while decrypting; other UDP passes.
+    let probe = lab.lab_origin().display().to_string();
+    let quic = lab.run_in(
+        &device.ns,
+        &[
+            &probe,
+            "udp-probe",
+            &format!("{UDP_ORIGIN}:443"),
+            "--timeout-ms",
+            "1500",
+        ],
+        secs(5),
+    );
+    assert!(!quic.ok(), "UDP 443 passed: {}", quic.describe());
+    let echo = lab.run_in(
+        &device.ns,
+        &[
+            &probe,
+            "udp-probe",
+            &format!("{UDP_ORIGIN}:7"),
+            "--timeout-ms",
+            "3000",
+        ],
+        secs(6),
+    );
+    assert!(echo.ok(), "UDP 7: {}", echo.describe());
+    report("http: QUIC to 443 is dropped while decryption is on");
+}
