@@ -118,9 +118,11 @@ fn http_stage_inspects_device_traffic() {
     let mut config = fs::read_to_string(lab.config()).expect("config");
     config.push_str(&format!(
         "[policy]\nrules = \"{}\"\n[http]\nports = [80, 443, 8443]\ntls_decrypt = true\n\
-         upstream_ca = \"{}\"\n[http.block_page]\norg_name = \"Lab Org\"\n",
+         upstream_ca = \"{}\"\n[http.block_page]\norg_name = \"Lab Org\"\n\
+         [logs]\ndir = \"{}\"\n",
         dir.join("rules.json").display(),
         dir.join("lab-ca.pem").display(),
+        dir.join("logs").display(),
     ));
     fs::write(lab.config(), config).expect("config");
     lab.start_gateway().expect("the gateway starts with [http]");
@@ -340,6 +342,39 @@ fn http_stage_inspects_device_traffic() {
     );
     assert_eq!(shown, expected, "the running stage and rules eval disagree");
     report("http: rules eval --filter http agrees with the running stage");
+
+    // One gateway_http line per request, with the decision, the rule and the bytes.
+    let lines = waygate_e2e::wait_until(secs(10), Duration::from_millis(200), || {
+        let text = fs::read_to_string(dir.join("logs/http.jsonl")).ok()?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let blocked = lines
+            .iter()
+            .any(|l| l["URL"] == format!("http://{HTTP_ORIGIN}/admin/x") && l["Action"] == "block");
+        blocked.then_some(lines)
+    })
+    .expect("http.jsonl has the blocked request");
+    let block = lines
+        .iter()
+        .find(|l| l["URL"] == format!("http://{HTTP_ORIGIN}/admin/x"))
+        .expect("block line");
+    assert_eq!(block["PolicyID"], decided["rule_id"], "{block}");
+    assert_eq!(block["HTTPStatusCode"], 403, "{block}");
+    assert_eq!(block["DeviceName"], "d1", "{block}");
+    let tagged = lines
+        .iter()
+        .find(|l| l["URL"] == "https://shop.example/tagged")
+        .expect("allowed line");
+    assert_eq!(tagged["Action"], "allow", "{tagged}");
+    assert!(tagged["BytesReceived"].as_u64() > Some(0), "{tagged}");
+    assert_eq!(tagged["UpstreamTLSVersion"], "TLSv1_3", "{tagged}");
+    assert!(
+        !lines.iter().any(|l| l["HTTPHost"] == "bank.example"),
+        "Do Not Inspect connections are not logged"
+    );
+    report("http: one http.jsonl line per request with decision, rule and bytes");
 
     // An origin whose certificate the gateway cannot verify gives 526.
     let out = fetch(

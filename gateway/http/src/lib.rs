@@ -62,6 +62,18 @@ pub struct HttpCounters {
 }
 
 impl HttpCounters {
+    /// Each count with its decision word (`allow`, `block`, `redirect`, `off`, `untrusted_cert`).
+    pub fn by_decision(&self) -> [(&'static str, u64); 5] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("allow", get(&self.allowed)),
+            ("block", get(&self.blocked)),
+            ("redirect", get(&self.redirected)),
+            ("off", get(&self.bypassed)),
+            ("untrusted_cert", get(&self.untrusted)),
+        ]
+    }
+
     fn count(&self, verdict: &Verdict) {
         let counter = match verdict {
             Verdict::Allow { .. } | Verdict::AwaitResponse => &self.allowed,
@@ -82,6 +94,8 @@ pub struct Shared {
     minter: Option<Minter>,
     trust: UpstreamTrust,
     counters: Arc<HttpCounters>,
+    /// Where `gateway_http` lines go (`logs.dir`), set once at start.
+    logs: std::sync::OnceLock<waygate_observe::LogSender>,
 }
 
 /// The HTTP stage's inspector.
@@ -114,6 +128,7 @@ impl Inspector {
                 minter,
                 trust: UpstreamTrust::new(roots)?,
                 counters: Arc::default(),
+                logs: std::sync::OnceLock::new(),
             }),
             runtime,
         })
@@ -132,6 +147,11 @@ impl Inspector {
     /// Replaces the domain categories.
     pub fn set_categories(&self, categories: Option<Arc<CategoryDb>>) {
         self.shared.categories.store(categories);
+    }
+
+    /// Writes one `gateway_http` line per request to `logs` from now on.
+    pub fn log_to(&self, logs: waygate_observe::LogSender) {
+        let _ = self.shared.logs.set(logs);
     }
 
     /// The counters.

@@ -4,19 +4,22 @@
 //! response are decided once its head arrives.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
+use waygate_model::activity::{HttpActivity, RuleRef as LogRule};
 use waygate_model::FlowCtx;
 use waygate_policy::fields::{FieldId, Phase};
 use waygate_policy::input::Input;
@@ -50,8 +53,82 @@ pub struct Conn {
 type Body = BoxBody<Bytes, hyper::Error>;
 
 enum Sender {
-    H1(Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
-    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+    H1(Mutex<hyper::client::conn::http1::SendRequest<Counted>>),
+    H2(hyper::client::conn::http2::SendRequest<Counted>),
+}
+
+/// A request body from the device, counting what passes.
+struct Counted {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body on its way to the device: counts what passes and writes the request's log
+/// record once it ends (or the device goes away).
+struct Logged {
+    inner: Incoming,
+    received: u64,
+    record: Option<Record>,
+}
+
+impl hyper::body::Body for Logged {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.received += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.write(self.received);
+        }
+    }
 }
 
 /// Headers that describe one hop and never cross to another connection.
@@ -162,6 +239,11 @@ struct Facts {
     method: String,
     pq: String,
     url: String,
+    version: &'static str,
+    user_agent: String,
+    started: Instant,
+    /// Request body bytes forwarded so far.
+    sent: Arc<AtomicU64>,
 }
 
 impl Facts {
@@ -303,6 +385,19 @@ async fn handle(
         method: request.method().as_str().to_string(),
         host,
         pq,
+        version: match request.version() {
+            hyper::Version::HTTP_2 => "HTTP/2",
+            hyper::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        user_agent: request
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        started,
+        sent: Arc::default(),
     };
     let mut input = Input::new();
     {
@@ -325,24 +420,17 @@ async fn handle(
     let verdict = decide::decide(&policy, &input, Phase::Request);
     if let Some(response) = untrusted(shared, conn, &facts, &verdict) {
         shared.counters.untrusted.fetch_add(1, Ordering::Relaxed);
-        log(
-            conn,
-            &facts,
-            &verdict,
-            response.status(),
-            started,
-            "untrusted_cert",
-        );
+        log_own(shared, conn, &facts, &verdict, &response, "untrusted_cert");
         return response;
     }
     if let Some(response) = own_answer(shared, conn, &facts, &verdict) {
         shared.counters.count(&verdict);
-        log(
+        log_own(
+            shared,
             conn,
             &facts,
             &verdict,
-            response.status(),
-            started,
+            &response,
             verdict.decision(),
         );
         return response;
@@ -368,14 +456,7 @@ async fn handle(
                 "text/plain",
                 "bad gateway\n".into(),
             );
-            log(
-                conn,
-                &facts,
-                &verdict,
-                r.status(),
-                started,
-                "upstream_error",
-            );
+            log_own(shared, conn, &facts, &verdict, &r, "upstream_error");
             return r;
         }
     };
@@ -391,14 +472,7 @@ async fn handle(
         let verdict = decide::decide(&policy, &input, Phase::Response);
         if let Some(own) = own_answer(shared, conn, &facts, &verdict) {
             shared.counters.count(&verdict);
-            log(
-                conn,
-                &facts,
-                &verdict,
-                own.status(),
-                started,
-                verdict.decision(),
-            );
+            log_own(shared, conn, &facts, &verdict, &own, verdict.decision());
             return own;
         }
         verdict
@@ -417,10 +491,14 @@ async fn handle(
         });
     }
     // Do Not Inspect matched on a plain HTTP request: passed on, not logged.
-    if !matches!(verdict, Verdict::DoNotInspect(_)) {
-        log(conn, &facts, &verdict, status, started, verdict.decision());
-    }
+    let record = (!matches!(verdict, Verdict::DoNotInspect(_)))
+        .then(|| Record::new(shared, conn, &facts, &verdict, status, verdict.decision()));
     let (mut parts, body) = response.into_parts();
+    let body = Logged {
+        inner: body,
+        received: 0,
+        record,
+    };
     if parts.version == hyper::Version::HTTP_2 && status != StatusCode::SWITCHING_PROTOCOLS {
         for name in HOP_BY_HOP {
             parts.headers.remove(name);
@@ -444,6 +522,10 @@ async fn forward(
     authority: &str,
 ) -> Result<Response<Incoming>, hyper::Error> {
     let (mut parts, body) = request.into_parts();
+    let body = Counted {
+        inner: body,
+        count: facts.sent.clone(),
+    };
     match sender {
         Sender::H1(send) => {
             // Origin form and a Host header, whatever the device spoke.
@@ -478,32 +560,104 @@ async fn forward(
     }
 }
 
-/// One line per request: who, what, the decision and the rule.
-fn log(
+/// What the log line of one request says, written once its response has ended.
+struct Record {
+    logs: Option<waygate_observe::LogSender>,
+    activity: HttpActivity,
+    sent: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Record {
+    fn new(
+        shared: &Shared,
+        conn: &Conn,
+        facts: &Facts,
+        verdict: &Verdict,
+        status: StatusCode,
+        action: &'static str,
+    ) -> Record {
+        let rule = verdict.rule().map(|r| {
+            Arc::new(LogRule {
+                id: r.id.as_str().into(),
+                name: r.name.as_str().into(),
+            })
+        });
+        Record {
+            logs: shared.logs.get().cloned(),
+            activity: HttpActivity {
+                at: facts.started,
+                device: conn.ctx.device.clone(),
+                src: conn.ctx.src,
+                dst: conn.target,
+                host: facts.host.clone(),
+                method: facts.method.clone(),
+                url: facts.url.clone(),
+                version: facts.version,
+                status: status.as_u16(),
+                action,
+                policy: rule,
+                user_agent: facts.user_agent.clone(),
+                bytes_sent: 0,
+                bytes_received: 0,
+                duration: std::time::Duration::ZERO,
+                upstream_tls: conn
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.version.clone())
+                    .unwrap_or_default(),
+            },
+            sent: facts.sent.clone(),
+            started: facts.started,
+        }
+    }
+
+    /// One line per request: who, what, the decision and the rule, as a tracing line and, with
+    /// `logs.dir`, a `gateway_http` line.
+    fn write(mut self, received: u64) {
+        let a = &mut self.activity;
+        a.bytes_sent = self.sent.load(Ordering::Relaxed);
+        a.bytes_received = received;
+        a.duration = self.started.elapsed();
+        tracing::info!(
+            target: "waygate::http",
+            device = %a.device.name,
+            device_id = %a.device.id,
+            user = %a.device.email,
+            src = %a.src,
+            dst = %a.dst,
+            host = %a.host,
+            method = %a.method,
+            url = %a.url,
+            status = a.status,
+            decision = a.action,
+            rule_id = a.policy.as_ref().map_or("", |r| &*r.id),
+            rule_name = a.policy.as_ref().map_or("", |r| &*r.name),
+            bytes_up = a.bytes_sent,
+            bytes_down = a.bytes_received,
+            upstream_tls = %a.upstream_tls,
+            duration_ms = u64::try_from(a.duration.as_millis()).unwrap_or(u64::MAX),
+            "http request"
+        );
+        if let Some(logs) = self.logs.take() {
+            logs.send(waygate_model::activity::Activity::Http(Box::new(
+                self.activity,
+            )));
+        }
+    }
+}
+
+/// Logs an answer the gateway wrote itself.
+fn log_own(
+    shared: &Shared,
     conn: &Conn,
     facts: &Facts,
     verdict: &Verdict,
-    status: StatusCode,
-    started: Instant,
-    decision: &str,
+    response: &Response<Body>,
+    action: &'static str,
 ) {
-    let rule = verdict.rule();
-    tracing::info!(
-        target: "waygate::http",
-        device = %conn.ctx.device.name,
-        device_id = %conn.ctx.device.id,
-        user = %conn.ctx.device.email,
-        src = %conn.ctx.src,
-        dst = %conn.target,
-        host = %facts.host,
-        method = %facts.method,
-        url = %facts.url,
-        status = status.as_u16(),
-        decision,
-        rule_id = rule.map_or("", |r| r.id.as_str()),
-        rule_name = rule.map_or("", |r| r.name.as_str()),
-        upstream_tls = conn.tls.as_ref().and_then(|t| t.version.as_deref()).unwrap_or(""),
-        duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        "http request"
-    );
+    let len = hyper::body::Body::size_hint(response.body())
+        .exact()
+        .unwrap_or(0);
+    Record::new(shared, conn, facts, verdict, response.status(), action).write(len);
 }

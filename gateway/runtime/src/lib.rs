@@ -150,6 +150,9 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
         inspector.as_ref(),
     )?;
     let logs = start_logs(&config, &dns, &mut core)?;
+    if let (Some(inspector), Some(logs)) = (&inspector, &logs) {
+        inspector.log_to(logs.clone());
+    }
     let (probe_tx, probe_rx) = mpsc::channel(PROBE_QUEUE);
     health::spawn_probes(&config.egress.locations, probe_tx);
     let (event_tx, event_rx) = mpsc::channel(upstream::EVENT_QUEUE);
@@ -170,6 +173,7 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
                 .iter()
                 .map(|l| l.name.clone())
                 .collect(),
+            http: inspector.as_ref().map(waygate_http::Inspector::counters),
         });
         metrics::serve(listen, registry)?;
     }
