@@ -38,6 +38,8 @@ pub mod product {
     pub use waygate_wg::{Endpoint, Received};
     pub use waygate_wire::sniff::{sniff, Detected, Sniff, MAX_SNIFF};
 
+    pub use waygate_http::tls::{read_client_hello, Hello, MAX_CLIENT_HELLO};
+
     /// Parses a config file's text; the one call to adapt when the config API changes.
     pub fn parse_config(text: &str) -> bool {
         Config::parse(text).is_ok()
@@ -50,7 +52,7 @@ use product::*;
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target, by the name of its cargo-fuzz binary and seed directory.
-pub const TARGETS: [Target; 7] = [
+pub const TARGETS: [Target; 8] = [
     ("inner_packet", inner_packet),
     ("sniff", sniff_stream),
     ("dns", dns),
@@ -58,6 +60,7 @@ pub const TARGETS: [Target; 7] = [
     ("policy_expr", policy_expr),
     ("rules_json", rules_json),
     ("config", config),
+    ("client_hello", client_hello),
 ];
 
 /// One clock reading for all targets: the product takes `now` as an argument.
@@ -460,4 +463,58 @@ pub fn config(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = parse_config(text);
     }
+}
+
+/// Hands out a device's bytes `step` at a time, as separate TCP segments would arrive.
+struct Segments<'a> {
+    data: &'a [u8],
+    at: usize,
+    step: usize,
+}
+
+impl tokio::io::AsyncRead for Segments<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let end = (self.at + self.step)
+            .min(self.data.len())
+            .min(self.at + buf.remaining());
+        buf.put_slice(&self.data[self.at..end]);
+        self.at = end;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// The HTTP stage's ClientHello reader on a device's first bytes, cut into segments of the first
+/// byte's size: it never panics, keeps exactly the bytes it read (a Do Not Inspect replay must
+/// be byte for byte) and stops within its bound.
+pub fn client_hello(data: &[u8]) {
+    let [step, stream @ ..] = data else {
+        return;
+    };
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    let Some(runtime) =
+        RUNTIME.get_or_init(|| tokio::runtime::Builder::new_current_thread().build().ok())
+    else {
+        return;
+    };
+    let mut device = Segments {
+        data: stream,
+        at: 0,
+        step: usize::from(*step).max(1),
+    };
+    let read = runtime.block_on(read_client_hello(&mut device, Vec::new()));
+    let Ok(hello) = read else {
+        return;
+    };
+    let recorded = match hello {
+        Hello::Tls { recorded, .. } | Hello::Other { recorded } => recorded,
+    };
+    assert!(
+        stream.starts_with(&recorded),
+        "the recorded bytes are exactly what was read"
+    );
+    assert!(recorded.len() <= MAX_CLIENT_HELLO + 4096 + usize::from(*step));
 }
