@@ -484,9 +484,15 @@ async fn handle(
     if let (Some(device_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (device_upgrade, status) {
         let origin_upgrade = hyper::upgrade::on(&mut response);
         tokio::spawn(async move {
-            if let (Ok(d), Ok(o)) = (device_upgrade.await, origin_upgrade.await) {
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(o)).await;
+            match (device_upgrade.await, origin_upgrade.await) {
+                (Ok(d), Ok(o)) => {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(o))
+                            .await;
+                }
+                (d, o) => {
+                    tracing::debug!(target: "waygate::http", device = ?d.err(), origin = ?o.err(), "upgrade failed");
+                }
             }
         });
     }

@@ -44,8 +44,25 @@ fn now() -> SystemTime {
 /// An origin answering every request with its version, path and the `x-waygate-tag` header;
 /// `/missing` is a 404.
 async fn origin_service(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    if request.headers().contains_key("upgrade") {
+        // An echo of whatever follows the 101, as a WebSocket echo server would.
+        let upgraded = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            if let Ok(up) = upgraded.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let response = Response::builder()
+            .status(hyper::StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::new()))
+            .expect("101");
+        return Ok(response);
+    }
     let tag = request
         .headers()
         .get("x-waygate-tag")
@@ -62,7 +79,7 @@ async fn origin_service(
 
 async fn serve_origin<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S) {
     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(
+        .serve_connection_with_upgrades(
             TokioIo::new(stream),
             hyper::service::service_fn(origin_service),
         )
@@ -336,4 +353,43 @@ async fn without_decryption_https_is_decided_on_the_sni() {
         .expect("the origin's certificate");
     let (status, _, _) = get(tls, "shop.example", "/admin", false).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_passes_through_after_the_request_is_allowed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lab = lab(false);
+    let origin = plain_origin().await;
+    for (path, upgraded) in [("/chat", true), ("/admin/chat", false)] {
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(lab.open(origin).await))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn.with_upgrades());
+        let request = Request::builder()
+            .uri(path)
+            .header("host", "ws.example")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = send.send_request(request).await.expect("response");
+        if !upgraded {
+            assert_eq!(
+                response.status(),
+                403,
+                "a blocked upgrade gets the block page"
+            );
+            continue;
+        }
+        assert_eq!(response.status(), 101);
+        let up = hyper::upgrade::on(response).await.expect("upgraded");
+        let mut up = TokioIo::new(up);
+        up.write_all(b"hello over the socket").await.expect("write");
+        let mut echoed = [0u8; 21];
+        up.read_exact(&mut echoed).await.expect("echo");
+        assert_eq!(&echoed, b"hello over the socket");
+    }
 }
