@@ -34,6 +34,7 @@ use waygate_policy::input::Input;
 use waygate_stages::policy::Loaded;
 
 pub mod decide;
+pub mod files;
 pub mod page;
 mod proxy;
 pub mod tls;

@@ -25,6 +25,7 @@ use waygate_policy::fields::{FieldId, Phase};
 use waygate_policy::input::Input;
 
 use crate::decide::{self, RuleRef, Verdict};
+use crate::files::{self, Prefixed};
 use crate::page::{self, PageContext};
 use crate::Shared;
 
@@ -59,7 +60,7 @@ enum Sender {
 
 /// A request body from the device, counting what passes.
 struct Counted {
-    inner: Incoming,
+    inner: Prefixed,
     count: Arc<AtomicU64>,
 }
 
@@ -92,7 +93,7 @@ impl hyper::body::Body for Counted {
 /// A response body on its way to the device: counts what passes and writes the request's log
 /// record once it ends (or the device goes away).
 struct Logged {
-    inner: Incoming,
+    inner: Prefixed,
     received: u64,
     record: Option<Record>,
 }
@@ -358,7 +359,7 @@ async fn handle(
     shared: &Shared,
     conn: &Conn,
     sender: &Sender,
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
     let scheme = if conn.tls.is_some() { "https" } else { "http" };
@@ -413,9 +414,43 @@ async fn handle(
         &facts.method,
         &facts.pq,
     );
-    if let Some(mime) = content_type(request.headers()) {
-        input.set_str(FieldId::HttpUploadMime, &mime);
+    let upload_mime = content_type(request.headers());
+    if let Some(mime) = &upload_mime {
+        input.set_str(FieldId::HttpUploadMime, mime);
     }
+    // An upload's type comes from its bytes (for a form, each part's): the first bytes are
+    // held until the rules have decided.
+    let (parts, body) = request.into_parts();
+    let body = if hyper::body::Body::is_end_stream(&body) {
+        Prefixed::whole(body)
+    } else {
+        let (prefix, body) = match Prefixed::read(body).await {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::debug!(target: "waygate::http", error = %e, "device request body failed");
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "bad request\n".into(),
+                );
+            }
+        };
+        let boundary = upload_mime
+            .as_deref()
+            .filter(|m| *m == "multipart/form-data")
+            .and_then(|_| parts.headers.get(header::CONTENT_TYPE))
+            .and_then(|v| v.to_str().ok())
+            .and_then(files::multipart_boundary);
+        let types = match boundary {
+            Some(b) => files::multipart_types(prefix, &b).await,
+            None => files::types_of(&prefix),
+        };
+        if !types.is_empty() {
+            input.set_strs(FieldId::HttpUploadFileTypes, types);
+        }
+        body
+    };
+    let mut request = Request::from_parts(parts, body);
     let policy = shared.policy.load();
     let verdict = decide::decide(&policy, &input, Phase::Request);
     if let Some(response) = untrusted(shared, conn, &facts, &verdict) {
@@ -460,14 +495,32 @@ async fn handle(
             return r;
         }
     };
-    let mut response = response;
-    let verdict = if verdict == Verdict::AwaitResponse {
+    let (head, body) = response.into_parts();
+    let (verdict, body) = if verdict == Verdict::AwaitResponse {
         input.set_int(
             FieldId::HttpResponseStatusCode,
-            i64::from(response.status().as_u16()),
+            i64::from(head.status.as_u16()),
         );
-        if let Some(mime) = content_type(response.headers()) {
+        if let Some(mime) = content_type(&head.headers) {
             input.set_str(FieldId::HttpDownloadMime, &mime);
+        }
+        // A download's type comes from its first bytes, held until the rules decide.
+        let (prefix, body) = match Prefixed::read(body).await {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::debug!(target: "waygate::http", error = %e, url = %facts.url, "upstream response body failed");
+                let r = answer(
+                    StatusCode::BAD_GATEWAY,
+                    "text/plain",
+                    "bad gateway\n".into(),
+                );
+                log_own(shared, conn, &facts, &verdict, &r, "upstream_error");
+                return r;
+            }
+        };
+        let types = files::types_of(&prefix);
+        if !types.is_empty() {
+            input.set_strs(FieldId::HttpDownloadFileTypes, types);
         }
         let verdict = decide::decide(&policy, &input, Phase::Response);
         if let Some(own) = own_answer(shared, conn, &facts, &verdict) {
@@ -475,10 +528,11 @@ async fn handle(
             log_own(shared, conn, &facts, &verdict, &own, verdict.decision());
             return own;
         }
-        verdict
+        (verdict, body)
     } else {
-        verdict
+        (verdict, Prefixed::whole(body))
     };
+    let mut response = Response::from_parts(head, body);
     shared.counters.count(&verdict);
     let status = response.status();
     if let (Some(device_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (device_upgrade, status) {
@@ -523,7 +577,7 @@ fn content_type(headers: &hyper::HeaderMap) -> Option<String> {
 /// Sends `request` over the flow's upstream connection, in the form its protocol needs.
 async fn forward(
     sender: &Sender,
-    request: Request<Incoming>,
+    request: Request<Prefixed>,
     facts: &Facts,
     authority: &str,
 ) -> Result<Response<Incoming>, hyper::Error> {

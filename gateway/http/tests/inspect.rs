@@ -33,8 +33,22 @@ const RULES: &str = r#"[
    "filters": ["http"], "traffic": "http.request.uri.path == \"/old\"",
    "rule_settings": {"redirect": {"target_uri": "https://new.example/", "preserve_path_and_query": true}}},
   {"id": "gone", "name": "no 404", "action": "block", "enabled": true, "precedence": 4,
-   "filters": ["http"], "traffic": "http.response.status_code == 404"}
+   "filters": ["http"], "traffic": "http.response.status_code == 404"},
+  {"id": "noexe", "name": "no executables", "action": "block", "enabled": true, "precedence": 5,
+   "filters": ["http"], "traffic": "any(http.download.file.types[*] == \"exe\")"},
+  {"id": "noexeup", "name": "no executable uploads", "action": "block", "enabled": true,
+   "precedence": 0, "filters": ["http"], "traffic": "any(http.upload.file.types[*] == \"exe\")"}
 ]"#;
+
+/// A PE executable's first bytes: "MZ", then the PE header at the offset at 0x3c.
+fn exe() -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    b[0] = b'M';
+    b[1] = b'Z';
+    b[0x3c] = 0x80;
+    b[0x80..0x84].copy_from_slice(b"PE\0\0");
+    b
+}
 
 fn now() -> SystemTime {
     #[allow(clippy::disallowed_methods)] // certificates must be valid now
@@ -70,6 +84,14 @@ async fn origin_service(
         .unwrap_or("-")
         .to_string();
     let body = format!("{:?} {} tag={tag}", request.version(), request.uri().path());
+    if request.uri().path() == "/file.txt" {
+        let mut response = Response::new(Full::new(Bytes::from(exe())));
+        response.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("text/plain"),
+        );
+        return Ok(response);
+    }
     let mut response = Response::new(Full::new(Bytes::from(body)));
     if request.uri().path() == "/missing" {
         *response.status_mut() = hyper::StatusCode::NOT_FOUND;
@@ -392,4 +414,44 @@ async fn a_websocket_upgrade_passes_through_after_the_request_is_allowed() {
         up.read_exact(&mut echoed).await.expect("echo");
         assert_eq!(&echoed, b"hello over the socket");
     }
+}
+
+/// A multipart upload of `file` named `name` over a fresh flow: the status.
+async fn upload(lab: &Lab, origin: SocketAddr, name: &str, file: &[u8]) -> u16 {
+    let mut body = format!(
+        "--B0undary\r\nContent-Disposition: form-data; name=\"f\"; filename=\"{name}\"\r\n\
+         Content-Type: text/plain\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(file);
+    body.extend_from_slice(b"\r\n--B0undary--\r\n");
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(lab.open(origin).await))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let request = Request::builder()
+        .method("POST")
+        .uri("/upload")
+        .header("host", "files.example")
+        .header("content-type", "multipart/form-data; boundary=B0undary")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let response = send.send_request(request).await.expect("response");
+    response.status().as_u16()
+}
+
+#[tokio::test]
+async fn file_types_come_from_the_bytes_of_downloads_and_uploaded_parts() {
+    let lab = lab(false);
+    let origin = plain_origin().await;
+    // An executable served as file.txt with Content-Type text/plain.
+    let (status, _, body) = get(lab.open(origin).await, "files.example", "/file.txt", false).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("no executables (noexe)"), "{body}");
+    assert_eq!(upload(&lab, origin, "report.txt", &exe()).await, 403);
+    assert_eq!(
+        upload(&lab, origin, "report.txt", b"plain words").await,
+        200
+    );
 }
