@@ -38,6 +38,7 @@ pub mod product {
     pub use waygate_wg::{Endpoint, Received};
     pub use waygate_wire::sniff::{sniff, Detected, Sniff, MAX_SNIFF};
 
+    pub use waygate_http::files::{multipart_boundary, multipart_types, types_of};
     pub use waygate_http::tls::{read_client_hello, Hello, MAX_CLIENT_HELLO};
 
     /// Parses a config file's text; the one call to adapt when the config API changes.
@@ -52,7 +53,7 @@ use product::*;
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target, by the name of its cargo-fuzz binary and seed directory.
-pub const TARGETS: [Target; 8] = [
+pub const TARGETS: [Target; 9] = [
     ("inner_packet", inner_packet),
     ("sniff", sniff_stream),
     ("dns", dns),
@@ -61,6 +62,7 @@ pub const TARGETS: [Target; 8] = [
     ("rules_json", rules_json),
     ("config", config),
     ("client_hello", client_hello),
+    ("file_types", file_types),
 ];
 
 /// One clock reading for all targets: the product takes `now` as an argument.
@@ -485,6 +487,35 @@ impl tokio::io::AsyncRead for Segments<'_> {
         self.at = end;
         std::task::Poll::Ready(Ok(()))
     }
+}
+
+/// The runtime the async targets run on (one per process).
+fn runtime() -> Option<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| tokio::runtime::Builder::new_current_thread().build().ok())
+        .as_ref()
+}
+
+/// The HTTP stage's file typing of a body prefix (a Content-Type line, then the body), whole
+/// bodies and multipart forms: never panics.
+pub fn file_types(data: &[u8]) {
+    let (content_type, body) = match data.iter().position(|b| *b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (&data[..0], data),
+    };
+    let _ = types_of(body);
+    let Ok(content_type) = std::str::from_utf8(content_type) else {
+        return;
+    };
+    let Some(boundary) = multipart_boundary(content_type) else {
+        return;
+    };
+    let Some(runtime) = runtime() else {
+        return;
+    };
+    let body = bytes::Bytes::copy_from_slice(body);
+    let _ = runtime.block_on(multipart_types(body, &boundary));
 }
 
 /// The HTTP stage's ClientHello reader on a device's first bytes, cut into segments of the first
