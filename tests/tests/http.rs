@@ -34,8 +34,24 @@ const RULES: &str = r#"[
    "enabled": true, "precedence": 30, "filters": ["http"],
    "traffic": "http.request.uri.path == \"/old\"",
    "rule_settings": {"redirect": {"target_uri": "https://new.example/",
-                                  "preserve_path_and_query": true}}}
+                                  "preserve_path_and_query": true}}},
+  {"id": "11111111-0000-4000-8000-000000000005", "name": "no executable uploads",
+   "action": "block", "enabled": true, "precedence": 5, "filters": ["http"],
+   "traffic": "any(http.upload.file.types[*] == \"exe\")"},
+  {"id": "11111111-0000-4000-8000-000000000006", "name": "no executable downloads",
+   "action": "block", "enabled": true, "precedence": 40, "filters": ["http"],
+   "traffic": "any(http.download.file.types[*] == \"exe\")"}
 ]"#;
+
+/// A PE executable's first bytes: "MZ", then the PE header at the offset at 0x3c.
+fn exe() -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    b[0] = b'M';
+    b[1] = b'Z';
+    b[0x3c] = 0x80;
+    b[0x80..0x84].copy_from_slice(b"PE\0\0");
+    b
+}
 
 /// An HTTPS origin (Python's http.server with TLS): answers every GET with JSON of the
 /// client's address, the path and the request headers.
@@ -43,7 +59,18 @@ const ORIGIN_PY: &str = r#"
 import http.server, json, ssl, sys
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        got = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.reply(json.dumps({"received": len(got)}).encode())
+    def reply(self, body, kind="application/json"):
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
     def do_GET(self):
+        if self.path == "/file.txt":
+            return self.reply(open(sys.argv[5], "rb").read(), "text/plain")
         body = json.dumps({"src": self.client_address[0], "path": self.path,
                            "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
         self.send_response(200)
@@ -114,6 +141,10 @@ fn http_stage_inspects_device_traffic() {
     let (cert, key) = origin_cert(&lab_ca, &["shop.example", "bank.example"], &dir, "origin");
     let (bad_cert, bad_key) = origin_cert(&stranger, &["bad.example"], &dir, "bad");
     fs::write(dir.join("origin.py"), ORIGIN_PY).expect("origin script");
+    let exe_file = dir.join("file.txt");
+    fs::write(&exe_file, exe()).expect("exe");
+    let text_file = dir.join("notes.txt");
+    fs::write(&text_file, "just notes\n").expect("text");
     fs::write(dir.join("rules.json"), RULES).expect("rules");
     let mut config = fs::read_to_string(lab.config()).expect("config");
     config.push_str(&format!(
@@ -137,6 +168,7 @@ fn http_stage_inspects_device_traffic() {
                 port,
                 &cert.display().to_string(),
                 &key.display().to_string(),
+                &exe_file.display().to_string(),
             ],
         )
         .expect("https origin");
@@ -375,6 +407,43 @@ fn http_stage_inspects_device_traffic() {
         "Do Not Inspect connections are not logged"
     );
     report("http: one http.jsonl line per request with decision, rule and bytes");
+
+    // An .exe served as file.txt (Content-Type text/plain) is blocked by a download rule, and a
+    // multipart upload of one by an upload rule; a text upload passes.
+    let out = fetch(
+        &lab,
+        &device,
+        "https://shop.example/file.txt",
+        "shop.example:443",
+        &["--cacert", &gw_ca, "-w", "\n%{http_code}"],
+    );
+    assert!(out.stdout.ends_with("\n403"), "{}", out.describe());
+    assert!(
+        out.stdout.contains("no executable downloads"),
+        "{}",
+        out.stdout
+    );
+    report("http: an .exe served as file.txt is blocked by a download file-type rule");
+    let upload = |file: &Path| {
+        let form = format!("f=@{}", file.display());
+        fetch(
+            &lab,
+            &device,
+            "https://shop.example/upload",
+            "shop.example:443",
+            &["--cacert", &gw_ca, "-F", &form, "-w", "\n%{http_code}"],
+        )
+    };
+    let out = upload(&exe_file);
+    assert!(out.stdout.ends_with("\n403"), "{}", out.describe());
+    assert!(
+        out.stdout.contains("no executable uploads"),
+        "{}",
+        out.stdout
+    );
+    let out = upload(&text_file);
+    assert!(out.stdout.ends_with("\n200"), "{}", out.describe());
+    report("http: a multipart upload of an .exe is blocked by an upload file-type rule");
 
     // An origin whose certificate the gateway cannot verify gives 526.
     let out = fetch(
