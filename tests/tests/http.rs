@@ -88,6 +88,32 @@ srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
 srv.serve_forever()
 "#;
 
+/// A WebSocket client without framing: TLS to ADDR:PORT for NAME trusting CA, an upgrade request,
+/// then prints the status line and what comes back for what it sends.
+const WS_PY: &str = r#"
+import socket, ssl, sys
+ca, addr, port, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ctx = ssl.create_default_context(cafile=ca)
+t = ctx.wrap_socket(socket.create_connection((addr, port), timeout=5), server_hostname=name)
+t.sendall(("GET /chat HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+           "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % name).encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    c = t.recv(1)
+    if not c:
+        break
+    head += c
+print(head.split(b"\r\n")[0].decode())
+t.sendall(b"echo me")
+got = b""
+while len(got) < 7:
+    c = t.recv(7 - len(got))
+    if not c:
+        break
+    got += c
+print(got.decode())
+"#;
+
 /// Writes `ca`'s certificate for `names` and its key as PEM files in `dir`, named after `stem`.
 fn origin_cert(
     ca: &CertificateAuthority,
@@ -138,7 +164,12 @@ fn http_stage_inspects_device_traffic() {
     let lab_ca = CertificateAuthority::generate("Lab CA", SystemTime::now()).expect("lab ca");
     let stranger = CertificateAuthority::generate("Stranger CA", SystemTime::now()).expect("ca");
     fs::write(dir.join("lab-ca.pem"), lab_ca.cert_pem()).expect("lab ca file");
-    let (cert, key) = origin_cert(&lab_ca, &["shop.example", "bank.example"], &dir, "origin");
+    let (cert, key) = origin_cert(
+        &lab_ca,
+        &["shop.example", "bank.example", "h2.example"],
+        &dir,
+        "origin",
+    );
     let (bad_cert, bad_key) = origin_cert(&stranger, &["bad.example"], &dir, "bad");
     fs::write(dir.join("origin.py"), ORIGIN_PY).expect("origin script");
     let exe_file = dir.join("file.txt");
@@ -148,7 +179,7 @@ fn http_stage_inspects_device_traffic() {
     fs::write(dir.join("rules.json"), RULES).expect("rules");
     let mut config = fs::read_to_string(lab.config()).expect("config");
     config.push_str(&format!(
-        "[policy]\nrules = \"{}\"\n[http]\nports = [80, 443, 8443]\ntls_decrypt = true\n\
+        "[policy]\nrules = \"{}\"\n[http]\nports = [80, 443, 8443, 9443]\ntls_decrypt = true\n\
          upstream_ca = \"{}\"\n[http.block_page]\norg_name = \"Lab Org\"\n\
          [logs]\ndir = \"{}\"\n",
         dir.join("rules.json").display(),
@@ -173,6 +204,18 @@ fn http_stage_inspects_device_traffic() {
         )
         .expect("https origin");
     }
+    // An origin speaking h2 (and HTTP/1.1) on 9443.
+    let lab_https = lab.lab_https().expect("lab-https").display().to_string();
+    lab.spawn_in(
+        "in",
+        &[
+            &lab_https,
+            &format!("{HTTP_ORIGIN}:9443"),
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        ],
+    )
+    .expect("h2 origin");
     // Extra UDP echo on 443 of the UDP origin: QUIC's port.
     lab.spawn_in(
         "in",
@@ -444,6 +487,63 @@ fn http_stage_inspects_device_traffic() {
     let out = upload(&text_file);
     assert!(out.stdout.ends_with("\n200"), "{}", out.describe());
     report("http: a multipart upload of an .exe is blocked by an upload file-type rule");
+
+    // curl --http2 gets h2 end to end: to the gateway, and from the gateway to the origin.
+    let out = fetch(
+        &lab,
+        &device,
+        "https://h2.example:9443/two",
+        "h2.example:9443",
+        &["--cacert", &gw_ca, "--http2", "-w", "\n%{http_version}"],
+    );
+    assert!(out.ok(), "{}", out.describe());
+    let (json, version) = out.stdout.rsplit_once('\n').unwrap_or_default();
+    assert_eq!(version, "2", "the device got h2: {}", out.stdout);
+    let page: serde_json::Value = serde_json::from_str(json).expect("origin json");
+    assert_eq!(page["version"], "HTTP/2.0", "the origin got h2: {json}");
+    assert_eq!(page["src"], EGRESS_V4, "{json}");
+    // Against the HTTP/1.1-only origin the device is not offered h2.
+    let out = fetch(
+        &lab,
+        &device,
+        "https://shop.example/",
+        "shop.example:443",
+        &[
+            "--cacert",
+            &gw_ca,
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version}",
+        ],
+    );
+    assert_eq!(out.stdout.trim(), "1.1", "{}", out.describe());
+    report("http: curl --http2 gets h2 end to end against an h2 origin (1.1 against a 1.1 one)");
+
+    // A WebSocket echo works through inspection (HTTP/1.1 upgrade inside the decrypted TLS).
+    let ws = dir.join("ws.py");
+    fs::write(&ws, WS_PY).expect("ws client");
+    let out = lab.run_in(
+        &device.ns,
+        &[
+            "python3",
+            &ws.display().to_string(),
+            &gw_ca,
+            HTTP_ORIGIN,
+            "9443",
+            "h2.example",
+        ],
+        secs(10),
+    );
+    assert!(out.ok(), "{}", out.describe());
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["HTTP/1.1 101 Switching Protocols", "echo me"],
+        "{}",
+        out.describe()
+    );
+    report("http: a WebSocket echo works through inspection");
 
     // An origin whose certificate the gateway cannot verify gives 526.
     let out = fetch(
