@@ -36,6 +36,8 @@ const RULES: &str = r#"[
    "filters": ["http"], "traffic": "http.response.status_code == 404"},
   {"id": "noexe", "name": "no executables", "action": "block", "enabled": true, "precedence": 5,
    "filters": ["http"], "traffic": "any(http.download.file.types[*] == \"exe\")"},
+  {"id": "casino", "name": "no casinos", "action": "block", "enabled": true, "precedence": 7,
+   "filters": ["http"], "traffic": "http.request.host == \"casino.example\""},
   {"id": "noexeup", "name": "no executable uploads", "action": "block", "enabled": true,
    "precedence": 0, "filters": ["http"], "traffic": "any(http.upload.file.types[*] == \"exe\")"}
 ]"#;
@@ -160,16 +162,19 @@ struct Lab {
 }
 
 fn lab(tls_decrypt: bool) -> Lab {
+    lab_with(HttpConfig {
+        tls_decrypt,
+        ..HttpConfig::default()
+    })
+}
+
+fn lab_with(config: HttpConfig) -> Lab {
     let gateway_ca = Arc::new(CertificateAuthority::generate("Gateway CA", now()).expect("ca"));
     let lab_ca = CertificateAuthority::generate("Lab CA", now()).expect("ca");
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from(lab_ca.cert_der().to_vec()))
         .expect("root");
-    let config = HttpConfig {
-        tls_decrypt,
-        ..HttpConfig::default()
-    };
     let inspector = Inspector::new(
         config,
         gateway_ca.clone(),
@@ -208,6 +213,18 @@ impl Lab {
         name: &str,
         alpn: &[&[u8]],
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
+        let name = ServerName::try_from(name.to_string()).expect("name");
+        self.tls_to(origin, ca, name, alpn).await
+    }
+
+    /// [`Lab::tls`] for any server name (an address sends no SNI).
+    async fn tls_to(
+        &self,
+        origin: SocketAddr,
+        ca: &[u8],
+        name: ServerName<'static>,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from(ca.to_vec())).expect("root");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -219,10 +236,7 @@ impl Lab {
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let device = self.open(origin).await;
         tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(
-                ServerName::try_from(name.to_string()).expect("name"),
-                device,
-            )
+            .connect(name, device)
             .await
     }
 }
@@ -375,6 +389,57 @@ async fn without_decryption_https_is_decided_on_the_sni() {
         .expect("the origin's certificate");
     let (status, _, _) = get(tls, "shop.example", "/admin", false).await;
     assert_eq!(status, 200);
+    // A block on the SNI host closes the connection before any handshake.
+    let casino = tls_origin(&lab.lab_ca, "casino.example", &[b"http/1.1"]).await;
+    assert!(lab
+        .tls(casino, &lab_ca, "casino.example", &[b"http/1.1"])
+        .await
+        .is_err());
+    let blocked = lab
+        .inspector
+        .counters()
+        .blocked
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(blocked, 1);
+}
+
+#[tokio::test]
+async fn a_client_hello_without_sni_follows_no_sni() {
+    use waygate_config::NoSni;
+    let ip = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    // block: closed.
+    let lab = lab_with(HttpConfig {
+        tls_decrypt: true,
+        no_sni: NoSni::Block,
+        ..HttpConfig::default()
+    });
+    let origin = tls_origin(&lab.lab_ca, "shop.example", &[b"http/1.1"]).await;
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    assert!(lab
+        .tls_to(origin, &gw, ip.clone(), &[b"http/1.1"])
+        .await
+        .is_err());
+    // inspect: a gateway leaf for the address; the origin's certificate does not name it.
+    let lab = lab_with(HttpConfig {
+        tls_decrypt: true,
+        no_sni: NoSni::Inspect,
+        ..HttpConfig::default()
+    });
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    let tls = lab
+        .tls_to(origin, &gw, ip.clone(), &[b"http/1.1"])
+        .await
+        .expect("a leaf for the address");
+    let (status, _, _) = get(tls, "127.0.0.1", "/", false).await;
+    assert_eq!(status, 526);
+    // bypass: spliced, so the device meets the origin's own certificate.
+    let lab = lab_with(HttpConfig {
+        tls_decrypt: true,
+        no_sni: NoSni::Bypass,
+        ..HttpConfig::default()
+    });
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    assert!(lab.tls_to(origin, &gw, ip, &[b"http/1.1"]).await.is_err());
 }
 
 #[tokio::test]
