@@ -42,7 +42,8 @@ pub mod tls;
 use decide::Verdict;
 use tls::{Hello, Minter, UpstreamTrust};
 
-/// How long a device may take to send its first bytes or finish a TLS handshake.
+/// How long a device may take, once it started, to send its whole ClientHello and finish the
+/// TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// First read from the device: the start of a ClientHello or a request line.
 const FIRST_READ: usize = 4096;
@@ -202,10 +203,12 @@ impl Shared {
         let mut first = Vec::with_capacity(FIRST_READ);
         // A protocol whose server speaks first (SMTP, SSH on "all" ports) has nothing to
         // inspect: splice as soon as the upstream says something before the device does.
+        // No deadline here: a browser's preconnect may idle for long, and passing a silent flow
+        // through after a while would let any client skip inspection by waiting. The flow's own
+        // idle timeout ends dead ones.
         let read = tokio::select! {
             n = device.read_buf(&mut first) => Some(n?),
             r = upstream.readable() => { r?; None }
-            () = tokio::time::sleep(HANDSHAKE_TIMEOUT) => return Ok(()),
         };
         match read {
             None => {
