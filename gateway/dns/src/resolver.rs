@@ -226,14 +226,14 @@ fn action_index(decision: ResolverDecision) -> Option<usize> {
 
 /// Told of every answered query with its activity record, while the runtime keeps activity
 /// logs; building the record is skipped when none is set.
-pub type ActivitySink = Box<dyn FnMut(DnsActivity) + Send>;
+pub type ActivitySink = Box<dyn FnMut(&DnsActivity<'_>) + Send>;
 
 /// What one answered query was, for its counters and its activity record.
 struct Answered<'a> {
     client: &'a ClientCtx,
     id: u16,
     name: &'a str,
-    /// `name` already shared, when the caller has it so (saves an allocation per record).
+    /// The name the record shows, when it differs from `name` (the host of a cached answer).
     shared: Option<&'a Arc<str>>,
     qtype: RecordType,
     rcode: ResponseCode,
@@ -346,19 +346,20 @@ impl<P: DnsPolicy> Resolver<P> {
         let Some(sink) = &mut self.activity else {
             return;
         };
-        sink(DnsActivity {
+        let resolved_ips = answers();
+        sink(&DnsActivity {
             at: a.now,
-            device: a.client.device.clone(),
-            location: a.client.location.clone(),
+            device: a.client.device.as_deref(),
+            location: a.client.location.as_deref(),
             src_ip: a.client.src_ip,
             query_id: a.id,
-            query_name: a.shared.cloned().unwrap_or_else(|| Arc::from(a.name)),
+            query_name: a.shared.map_or(a.name, |s| &**s),
             query_type: u16::from(a.qtype),
             query_type_name: a.qtype.into(),
             rcode: u16::from(a.rcode),
-            resolved_ips: answers(),
+            resolved_ips: &resolved_ips,
             decision: a.decision,
-            policy: a.policy,
+            policy: a.policy.as_deref(),
             protocol: match a.transport {
                 Transport::Udp => "udp",
                 Transport::Stream => "tcp",

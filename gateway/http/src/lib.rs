@@ -97,7 +97,8 @@ pub struct Shared {
     trust: UpstreamTrust,
     counters: Arc<HttpCounters>,
     /// Where `gateway_http` lines go (`logs.dir`), set once at start.
-    logs: std::sync::OnceLock<waygate_observe::LogSender>,
+    /// One sender (each clone of a sender registers buffers of its own): requests share it.
+    logs: std::sync::OnceLock<Arc<waygate_observe::LogSender>>,
 }
 
 /// The HTTP stage's inspector.
@@ -153,7 +154,7 @@ impl Inspector {
 
     /// Writes one `gateway_http` line per request to `logs` from now on.
     pub fn log_to(&self, logs: waygate_observe::LogSender) {
-        let _ = self.shared.logs.set(logs);
+        let _ = self.shared.logs.set(Arc::new(logs));
     }
 
     /// The counters.

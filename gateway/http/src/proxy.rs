@@ -622,7 +622,7 @@ async fn forward(
 
 /// What the log line of one request says, written once its response has ended.
 struct Record {
-    logs: Option<waygate_observe::LogSender>,
+    logs: Option<Arc<waygate_observe::LogSender>>,
     activity: HttpActivity,
     sent: Arc<AtomicU64>,
     started: Instant,

@@ -1,36 +1,38 @@
-//! The writer: a bounded queue into one thread that encodes the records and appends them to
-//! their files, rotating a file once it would pass `max_size`.
+//! The writer: each reporting thread encodes its records into line buffers of its own, and one
+//! thread takes those buffers and appends them to their files, rotating a file once it would
+//! pass `max_size`.
 //!
-//! The data plane only ever calls [`LogSender::send`], which never blocks: when the queue is
-//! full the record is dropped and counted. The thread writes in batches (everything queued,
-//! then one write per file), so a busy gateway makes a few large writes rather than one per
-//! line. A failed write (a full disk: ENOSPC, or any other error) drops the batch's lines for
-//! that file, counts them and cuts the file back to its last whole line, so a reader never
-//! sees half a line; the next batch tries again.
+//! The data plane only ever calls [`LogSender::send`] or [`LogSender::dns`], which never block:
+//! the record is encoded at once into the sender's buffer for its log (no record crosses a
+//! thread, nothing is allocated per line), and when the buffer already holds its limit of lines
+//! the record is dropped and counted. The thread swaps the buffers out in batches (every
+//! [`BUSY_WAIT`] while lines keep coming, at once after a quiet spell), so a busy gateway makes a
+//! few large writes rather than one per line. A failed write (a full disk: ENOSPC, or any other
+//! error) drops the batch's lines for that file, counts them and cuts the file back to its last
+//! whole line, so a reader never sees half a line; the next batch tries again.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime};
 
-use waygate_model::activity::Activity;
+use waygate_model::activity::{Activity, DnsActivity};
 
 use crate::record::{Clock, Encoder, LogKind};
 
-/// Records waiting for the writer thread. A DNS flood of 100,000 queries a second fills it in
-/// 0.08 s if the disk stalls; what does not fit is dropped and counted, never waited for.
+/// Lines each sender holds per log before the writer takes them. A DNS flood of 100,000
+/// queries a second fills it in 0.08 s if the disk stalls; what does not fit is dropped and
+/// counted, never waited for.
 pub const QUEUE: usize = 8192;
-/// Encoded bytes per file kept before they are written even while more records are queued.
-const BATCH_BYTES: usize = 256 * 1024;
-/// How long the thread waits for a record while quiet before it looks again.
+/// How long the thread waits for a line while quiet before it looks again (a sender wakes it
+/// with its first line, so this only bounds a missed wake-up).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
-/// How long the thread sleeps between batches while records keep coming: at most this late on
-/// disk, and the queue ([`QUEUE`]) holds 800,000 records a second at this pace.
-const BUSY_WAIT: Duration = Duration::from_millis(10);
+/// How long the thread sleeps between batches while lines keep coming: at most this late on
+/// disk, and the buffers ([`QUEUE`]) hold 800,000 lines a second at this pace.
+pub const BUSY_WAIT: Duration = Duration::from_millis(10);
 /// Write errors are logged at most this often per file.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -98,43 +100,133 @@ impl LogStats {
     }
 }
 
-/// The data plane's end of the queue; clone it for each thread that reports.
-#[derive(Debug, Clone)]
-pub struct LogSender {
-    queue: SyncSender<Activity>,
+/// One log's lines encoded by a sender and not yet taken by the writer.
+#[derive(Debug, Default)]
+struct Lines {
+    bytes: Vec<u8>,
+    count: u64,
+}
+
+/// A sender's buffers, one per log, and the encoder filling them.
+#[derive(Debug)]
+struct Buffers {
+    encoder: Encoder,
+    logs: [Lines; LogKind::ALL.len()],
+}
+
+/// What the senders and the writer share.
+#[derive(Debug)]
+struct Shared {
     stats: Arc<LogStats>,
+    /// Every live sender's buffers (a dropped sender's stay until the writer has taken them).
+    buffers: Mutex<Vec<Arc<Mutex<Buffers>>>>,
+    /// Live senders; the writer ends once this is zero and everything is written.
+    senders: AtomicUsize,
+    /// Lines a sender holds per log ([`LogSettings::queue`]).
+    limit: u64,
+    clock: Clock,
+    writer: OnceLock<Thread>,
+}
+
+impl Shared {
+    fn register(&self) -> Arc<Mutex<Buffers>> {
+        let buffers = Arc::new(Mutex::new(Buffers {
+            encoder: Encoder::new(self.clock),
+            logs: Default::default(),
+        }));
+        lock(&self.buffers).push(buffers.clone());
+        self.senders.fetch_add(1, Ordering::AcqRel);
+        buffers
+    }
+
+    fn wake_writer(&self) {
+        if let Some(t) = self.writer.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// A lock that a panicked holder did not poison for the others: the buffers stay usable (at
+/// worst a half-encoded line, which the writer cuts at the last newline).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The data plane's end: each clone has buffers of its own, so give each reporting thread its
+/// own clone (they never wait for one another).
+#[derive(Debug)]
+pub struct LogSender {
+    buffers: Arc<Mutex<Buffers>>,
+    shared: Arc<Shared>,
+}
+
+impl Clone for LogSender {
+    fn clone(&self) -> Self {
+        LogSender {
+            buffers: self.shared.register(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for LogSender {
+    fn drop(&mut self) {
+        self.shared.senders.fetch_sub(1, Ordering::AcqRel);
+        self.shared.wake_writer();
+    }
 }
 
 impl LogSender {
-    /// Queues `activity` for its file, or drops and counts it when the queue is full; never
-    /// blocks.
+    /// Encodes `activity` into this sender's buffer for its file, or drops and counts it when
+    /// the buffer is full; never blocks.
     pub fn send(&self, activity: Activity) {
-        match self.queue.try_send(activity) {
-            Ok(()) => {}
-            Err(TrySendError::Full(a)) => {
-                self.stats
-                    .add_dropped(LogKind::of(&a), DropReason::QueueFull, 1);
+        let kind = LogKind::of(&activity);
+        self.put(kind, |enc, out| enc.encode(&activity, out));
+    }
+
+    /// Encodes the DNS record `activity` into this sender's buffer for `dns.jsonl`, or drops
+    /// and counts it when the buffer is full; never blocks.
+    pub fn dns(&self, activity: &DnsActivity<'_>) {
+        self.put(LogKind::Dns, |enc, out| enc.encode_dns(activity, out));
+    }
+
+    fn put(&self, kind: LogKind, encode: impl FnOnce(&mut Encoder, &mut Vec<u8>)) {
+        let first = {
+            let mut b = lock(&self.buffers);
+            let b = &mut *b;
+            let lines = &mut b.logs[kind as usize];
+            if lines.count >= self.shared.limit {
+                self.shared
+                    .stats
+                    .add_dropped(kind, DropReason::QueueFull, 1);
+                return;
             }
-            // The writer is gone (the gateway is stopping): nothing to count.
-            Err(TrySendError::Disconnected(_)) => {}
+            encode(&mut b.encoder, &mut lines.bytes);
+            lines.count += 1;
+            lines.count == 1
+        };
+        // The writer sleeps while nothing is buffered: the first line wakes it (later ones
+        // find it awake, or due within BUSY_WAIT).
+        if first {
+            self.shared.wake_writer();
         }
     }
 
     /// The counters.
     pub fn stats(&self) -> &Arc<LogStats> {
-        &self.stats
+        &self.shared.stats
     }
 }
 
 /// The writer thread; it ends once every [`LogSender`] is dropped, after writing what was
-/// queued.
+/// buffered.
 #[derive(Debug)]
 pub struct LogWriter {
     thread: JoinHandle<()>,
 }
 
 impl LogWriter {
-    /// Waits for the thread to write what is queued and end (drop every sender first).
+    /// Waits for the thread to write what is buffered and end (drop every sender first).
     pub fn join(self) {
         let _ = self.thread.join();
     }
@@ -153,63 +245,80 @@ pub fn spawn(settings: LogSettings) -> io::Result<(LogSender, LogWriter)> {
             settings.keep,
         )?);
     }
-    let (queue, rx) = mpsc::sync_channel(settings.queue.max(1));
-    let stats = Arc::new(LogStats::default());
-    let shared = stats.clone();
     #[allow(clippy::disallowed_methods)] // a shell: the one reading of the clocks for the lines
     let clock = Clock {
         instant: Instant::now(),
         wall: SystemTime::now(),
     };
+    let shared = Arc::new(Shared {
+        stats: Arc::new(LogStats::default()),
+        buffers: Mutex::new(Vec::new()),
+        senders: AtomicUsize::new(0),
+        limit: settings.queue.max(1) as u64,
+        clock,
+        writer: OnceLock::new(),
+    });
+    let sender = LogSender {
+        buffers: shared.register(),
+        shared: shared.clone(),
+    };
+    let for_thread = shared.clone();
     let thread = std::thread::Builder::new()
         .name("waygate-logs".into())
-        .spawn(move || run(rx, files, clock, &shared))?;
-    Ok((LogSender { queue, stats }, LogWriter { thread }))
+        .spawn(move || run(&for_thread, files))?;
+    let _ = shared.writer.set(thread.thread().clone());
+    Ok((sender, LogWriter { thread }))
 }
 
-fn run(rx: Receiver<Activity>, mut files: Vec<Rotating>, clock: Clock, stats: &LogStats) {
-    let mut encoder = Encoder::new(clock);
-    let mut lines = [0u64; LogKind::ALL.len()];
-    let mut busy = false;
+fn run(shared: &Shared, mut files: Vec<Rotating>) {
     loop {
-        // Busy: sleep, then take everything queued meanwhile, so a flood costs one wake-up and
-        // one write per file every BUSY_WAIT rather than one per record. Quiet: wait for the
-        // next record, so a lone line is written at once.
-        let first = if busy {
+        // Read before taking the buffers: a sender that is gone by now buffered its last line
+        // before it said so, and this round takes it.
+        let closing = shared.senders.load(Ordering::Acquire) == 0;
+        let taken = take_and_write(shared, &mut files);
+        if closing {
+            return;
+        }
+        // Busy: sleep, then take everything buffered meanwhile, so a flood costs one wake-up
+        // and one write per file every BUSY_WAIT rather than one per line. Quiet: sleep until
+        // a sender's first line wakes the thread, so a lone line is written at once.
+        if taken > 1 {
             std::thread::sleep(BUSY_WAIT);
-            match rx.try_recv() {
-                Ok(a) => Some(a),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Disconnected) => return,
-            }
         } else {
-            match rx.recv_timeout(IDLE_WAIT) {
-                Ok(a) => Some(a),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-        };
-        let mut taken = 0usize;
-        let mut next = first;
-        while let Some(activity) = next {
-            let kind = LogKind::of(&activity);
-            encoder.encode(&activity, &mut files[kind as usize].pending);
-            drop(activity);
-            lines[kind as usize] += 1;
-            taken += 1;
-            if files[kind as usize].pending.len() >= BATCH_BYTES {
-                let n = std::mem::take(&mut lines[kind as usize]);
-                files[kind as usize].flush(n, stats);
-            }
-            next = rx.try_recv().ok();
+            std::thread::park_timeout(IDLE_WAIT);
         }
-        for (file, n) in files.iter_mut().zip(lines.iter_mut()) {
-            if *n > 0 {
-                file.flush(std::mem::take(n), stats);
-            }
-        }
-        busy = taken > 1;
     }
+}
+
+/// Swaps every sender's buffers for the files' empty ones and writes them; drops the buffers
+/// of senders that are gone. The lines taken.
+fn take_and_write(shared: &Shared, files: &mut [Rotating]) -> u64 {
+    let all: Vec<Arc<Mutex<Buffers>>> = {
+        let mut list = lock(&shared.buffers);
+        let all = list.clone();
+        // Only the list and `all` hold a gone sender's buffers: taken below for the last time.
+        list.retain(|b| Arc::strong_count(b) > 2);
+        all
+    };
+    let mut taken = 0;
+    for buffers in &all {
+        for (kind, file) in files.iter_mut().enumerate() {
+            let count = {
+                let mut b = lock(buffers);
+                let lines = &mut b.logs[kind];
+                if lines.count == 0 {
+                    continue;
+                }
+                // The file's buffer is empty (written and cleared) and keeps its capacity: the
+                // sender gets it back, so neither side allocates once both have grown.
+                std::mem::swap(&mut lines.bytes, &mut file.pending);
+                std::mem::take(&mut lines.count)
+            };
+            taken += count;
+            file.flush(count, &shared.stats);
+        }
+    }
+    taken
 }
 
 /// One log's current file, its rotated files and the lines waiting for it.
@@ -404,25 +513,27 @@ mod tests {
     use std::sync::Arc;
     use waygate_model::activity::{DnsActivity, ResolverDecision};
 
+    /// Sends a DNS line for `name` through `tx`.
     #[allow(clippy::disallowed_methods)] // records need some instant
-    fn dns(name: &str) -> Activity {
-        Activity::Dns(DnsActivity {
+    fn dns(tx: &LogSender, name: &str) {
+        let device = waygate_model::testkit::device().arc();
+        tx.dns(&DnsActivity {
             at: Instant::now(),
-            device: Some(waygate_model::testkit::device().arc()),
+            device: Some(&device),
             location: None,
             src_ip: "100.96.0.2".parse().unwrap(),
             query_id: 1,
-            query_name: Arc::from(name),
+            query_name: name,
             query_type: 1,
             query_type_name: "A",
             rcode: 0,
-            resolved_ips: vec!["203.0.113.7".parse().unwrap()],
+            resolved_ips: &["203.0.113.7".parse().unwrap()],
             decision: ResolverDecision::AllowedOnNoPolicyMatch,
             policy: None,
             protocol: "udp",
             cache_hit: false,
             upstream_latency: None,
-        })
+        });
     }
 
     fn settings(dir: &Path, max_size: u64, keep: usize) -> LogSettings {
@@ -450,7 +561,7 @@ mod tests {
         std::fs::write(dir.path().join("dns.7.jsonl"), "{}\n").unwrap();
         let (tx, writer) = spawn(settings(dir.path(), 4096, 2)).unwrap();
         for i in 0..400 {
-            tx.send(dns(&format!("host{i}.example")));
+            dns(&tx, &format!("host{i}.example"));
         }
         let stats = tx.stats().clone();
         drop(tx);
@@ -507,7 +618,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (tx, writer) = spawn(settings(dir.path(), 4096, 0)).unwrap();
         for i in 0..200 {
-            tx.send(dns(&format!("host{i}.example")));
+            dns(&tx, &format!("host{i}.example"));
         }
         drop(tx);
         writer.join();
@@ -523,7 +634,7 @@ mod tests {
         std::os::unix::fs::symlink("/dev/full", dir.path().join("dns.jsonl")).unwrap();
         let (tx, writer) = spawn(settings(dir.path(), 1 << 20, 2)).unwrap();
         for i in 0..50 {
-            tx.send(dns(&format!("host{i}.example")));
+            dns(&tx, &format!("host{i}.example"));
         }
         let stats = tx.stats().clone();
         drop(tx);
@@ -534,21 +645,77 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_drops_records_and_counts_them_without_blocking() {
-        // No writer drains this queue.
-        let (queue, _rx) = mpsc::sync_channel(2);
-        let tx = LogSender {
-            queue,
+    #[allow(clippy::disallowed_methods)] // a clock for the encoder
+    fn a_full_buffer_drops_lines_and_counts_them_without_blocking() {
+        // No writer takes these buffers.
+        let shared = Arc::new(Shared {
             stats: Arc::new(LogStats::default()),
+            buffers: Mutex::new(Vec::new()),
+            senders: AtomicUsize::new(0),
+            limit: 2,
+            clock: Clock {
+                instant: Instant::now(),
+                wall: SystemTime::now(),
+            },
+            writer: OnceLock::new(),
+        });
+        let tx = LogSender {
+            buffers: shared.register(),
+            shared,
         };
         for i in 0..5 {
-            tx.send(dns(&format!("host{i}.example")));
+            dns(&tx, &format!("host{i}.example"));
         }
         assert_eq!(tx.stats().dropped(LogKind::Dns, DropReason::QueueFull), 3);
         assert_eq!(
             tx.stats().dropped(LogKind::Network, DropReason::QueueFull),
             0
         );
+        let b = lock(&tx.buffers);
+        assert_eq!(b.logs[LogKind::Dns as usize].count, 2);
+        assert_eq!(
+            b.logs[LogKind::Dns as usize]
+                .bytes
+                .iter()
+                .filter(|c| **c == b'\n')
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn every_clone_writes_and_the_writer_ends_when_the_last_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, writer) = spawn(settings(dir.path(), 1 << 24, 2)).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000 {
+                        dns(&tx, &format!("t{t}-{i}.example"));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let stats = tx.stats().clone();
+        drop(tx);
+        writer.join();
+        assert_eq!(stats.written(LogKind::Dns), 4000);
+        let text = std::fs::read_to_string(dir.path().join("dns.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 4000);
+        for t in 0..4 {
+            let names: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.split("\"QueryName\":\"").nth(1))
+                .filter(|n| n.starts_with(&format!("t{t}-")))
+                .collect();
+            assert_eq!(names.len(), 1000);
+            // One sender's lines stay in the order it sent them.
+            assert!(names[999].starts_with(&format!("t{t}-999.example")));
+        }
     }
 
     #[test]

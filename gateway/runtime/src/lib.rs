@@ -327,8 +327,9 @@ fn start_admin(
 }
 
 /// Starts the activity log writer when `logs.dir` is set, and has the resolver and the core
-/// report to it. The writer thread is left to end with the process: it writes every batch as
-/// soon as its queue is empty, so there is nothing to flush at exit.
+/// report to it (each through a sender of its own). The writer thread is left to end with the
+/// process: it writes what is buffered at least every `write::BUSY_WAIT`, so at most the lines
+/// of that last moment are not on disk at exit.
 fn start_logs(
     config: &Config,
     dns: &resolver::ResolverHandle,

@@ -367,7 +367,7 @@ impl ResolverHandle {
 
     /// Reports every answered query to the activity logs from now on.
     pub fn log_activity(&self, logs: waygate_observe::LogSender) {
-        let sink = move |a| logs.send(waygate_model::activity::Activity::Dns(a));
+        let sink = move |a: &waygate_model::activity::DnsActivity<'_>| logs.dns(a);
         lock(&self.resolver).set_activity_sink(Box::new(sink));
     }
 

@@ -21,12 +21,11 @@ pub struct RuleRef {
     pub name: Arc<str>,
 }
 
-/// One record for the activity logs.
+/// One record for the activity logs, owned, as the engine and the HTTP stage queue them. DNS
+/// queries are not here: the resolver reports each one as a borrowed [`DnsActivity`] that the
+/// log writer encodes at once (a query costs no allocation for its record).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Activity {
-    /// A DNS query and its answer. Not boxed: one arrives per query, and moving it through the
-    /// writer's queue costs less than an allocation and a free on another thread.
-    Dns(DnsActivity),
     /// A flow, at its close or refusal.
     Network(Box<NetworkActivity>),
     /// The source address chosen for a flow leaving to the Internet.
@@ -107,21 +106,23 @@ impl ResolverDecision {
     }
 }
 
-/// One DNS query and its answer (Logpush `gateway_dns`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct DnsActivity {
+/// One DNS query and its answer (Logpush `gateway_dns`), borrowed from the resolver for the
+/// moment it is encoded: at 500,000 queries a second an owned record (the name, the addresses)
+/// cost an allocation and a free on another thread per query, a third of what logging cost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DnsActivity<'a> {
     /// When it was answered.
     pub at: Instant,
     /// The device that asked, when it came through the tunnel.
-    pub device: Option<Arc<DeviceInfo>>,
+    pub device: Option<&'a DeviceInfo>,
     /// The location of a `dns.listen` query.
-    pub location: Option<String>,
+    pub location: Option<&'a str>,
     /// The query's source address.
     pub src_ip: IpAddr,
     /// The message id.
     pub query_id: u16,
     /// The queried name, lowercased, without the root's dot.
-    pub query_name: Arc<str>,
+    pub query_name: &'a str,
     /// The queried type's number.
     pub query_type: u16,
     /// The queried type's name (`A`, `AAAA`, ...).
@@ -129,11 +130,11 @@ pub struct DnsActivity {
     /// The answer's response code's number.
     pub rcode: u16,
     /// The addresses answered.
-    pub resolved_ips: Vec<IpAddr>,
+    pub resolved_ips: &'a [IpAddr],
     /// What the policy did.
     pub decision: ResolverDecision,
     /// The rule that decided, if any.
-    pub policy: Option<Arc<RuleRef>>,
+    pub policy: Option<&'a RuleRef>,
     /// `udp`, or `tcp` for streams (DNS over TCP, TLS and HTTPS).
     pub protocol: &'static str,
     /// Answered from the cache.
