@@ -2177,7 +2177,8 @@ mod tests {
             field_names::<RawTunnel>(),
             &["ipv4_pool", "ipv6_pool", "mtu"]
         );
-        assert_eq!(field_names::<RawConfig>().len(), 14);
+        assert_eq!(field_names::<RawConfig>().len(), 15);
+        assert!(field_names::<RawHttp>().contains(&"tls_decrypt"));
         assert!(field_names::<RawHealthCheck>().contains(&"interval"));
     }
 
