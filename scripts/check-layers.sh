@@ -16,13 +16,13 @@ LAYERS=(
   "waygate-stages"
   "waygate-dns"
   "waygate-engine"
-  "waygate-admin"
+  "waygate-admin waygate-http"
   "waygate-runtime"
   "waygate waygate-client"
   "waygate-e2e waygate-fuzz"
 )
 # Crates allowed to use tokio: the I/O libraries, the binaries and the end-to-end tests.
-TOKIO_OK="waygate-udp waygate-admin waygate-runtime waygate waygate-client waygate-e2e waygate-fuzz"
+TOKIO_OK="waygate-udp waygate-admin waygate-http waygate-runtime waygate waygate-client waygate-e2e waygate-fuzz"
 CLIENT_FORBIDDEN="rusqlite smoltcp hyper"
 
 failures=0

@@ -29,6 +29,9 @@ pub const CA_KEY_FILE: &str = "ca.key";
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
 /// How long an issued server certificate is valid (browsers cap trusted leaves near 398 days).
 const LEAF_VALIDITY: Duration = Duration::from_secs(397 * 86_400);
+/// How long a leaf minted for HTTP inspection is valid: under Chromium's 200-day cap for
+/// locally trusted leaves (mitmproxy uses 197 days too).
+const INSPECTION_LEAF_VALIDITY: Duration = Duration::from_secs(197 * 86_400);
 /// Issued certificates start this early so a device whose clock runs behind accepts them.
 const BACKDATE: Duration = Duration::from_secs(3_600);
 /// Upper bound on what is read from a CA file (a wrong path must not slurp a huge file).
@@ -79,6 +82,33 @@ pub struct IssuedCert {
     pub key_der: Zeroizing<Vec<u8>>,
     /// The leaf certificate in PEM.
     pub cert_pem: String,
+}
+
+/// One key pair shared by every leaf minted for HTTP inspection, so a new host costs one
+/// signature, not a key generation (as mitmproxy and Squid do).
+pub struct LeafKey {
+    key: KeyPair,
+    der: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for LeafKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeafKey").finish_non_exhaustive()
+    }
+}
+
+impl LeafKey {
+    /// A fresh ECDSA P-256 key, held in memory only.
+    pub fn generate() -> Result<Self, CaError> {
+        let key = KeyPair::generate()?;
+        let der = Zeroizing::new(key.serialize_der());
+        Ok(LeafKey { key, der })
+    }
+
+    /// The private key, PKCS#8 DER.
+    pub fn der(&self) -> &[u8] {
+        &self.der
+    }
 }
 
 /// The gateway's certificate authority.
@@ -235,6 +265,35 @@ impl CertificateAuthority {
             key_der: Zeroizing::new(key.serialize_der()),
             cert_pem: cert.pem(),
         })
+    }
+}
+
+impl CertificateAuthority {
+    /// A leaf for one inspected host (`name` or an address) with the shared `key`, valid from
+    /// an hour before `now` for under 200 days; DER chain, leaf first.
+    pub fn mint(
+        &self,
+        name: &str,
+        key: &LeafKey,
+        now: SystemTime,
+    ) -> Result<Vec<Vec<u8>>, CaError> {
+        let mut params = CertificateParams::default();
+        let san = match name.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(name.to_string().try_into()?),
+        };
+        params.subject_alt_names = vec![san];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Waygate");
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + INSPECTION_LEAF_VALIDITY).into();
+        let cert = params.signed_by(&key.key, &self.issuer)?;
+        Ok(vec![cert.der().to_vec(), self.cert_der.clone()])
     }
 }
 

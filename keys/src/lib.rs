@@ -13,7 +13,7 @@ pub mod enroll_token;
 mod key_file;
 mod wg_key;
 
-pub use ca::{CaError, CertificateAuthority, IssuedCert, CA_CERT_FILE, CA_KEY_FILE};
+pub use ca::{CaError, CertificateAuthority, IssuedCert, LeafKey, CA_CERT_FILE, CA_KEY_FILE};
 pub use enroll_token::EnrollToken;
 pub use key_file::{
     create_private_key, create_secret_file, read_private_key, read_secret_file, write_private_key,

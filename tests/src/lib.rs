@@ -534,6 +534,11 @@ impl Lab {
         workspace_bin("LAB_LOAD", "lab-load")
     }
 
+    /// The `lab-https` binary (an HTTPS origin speaking HTTP/1.1 and HTTP/2).
+    pub fn lab_https(&self) -> Result<PathBuf> {
+        workspace_bin("LAB_HTTPS", "lab-https")
+    }
+
     /// The `lab-origin` binary (origins and probes).
     pub fn lab_origin(&self) -> &Path {
         &self.lab_origin

@@ -216,7 +216,7 @@ fn metrics_and_activity_logs_follow_the_traffic() {
         value(&after, "waygate_dns_queries_total", &[])
     ));
 
-    // The logs: the files exist (http.jsonl too, empty until the HTTP stage).
+    // The logs: the files exist.
     for name in ["dns.jsonl", "network.jsonl", "http.jsonl", "egress.jsonl"] {
         assert!(logs.join(name).exists(), "{name} missing");
     }

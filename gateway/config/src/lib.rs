@@ -73,6 +73,88 @@ pub struct Config {
     pub logs: LogsConfig,
     /// The enrollment listener (`[control]`).
     pub control: ControlConfig,
+    /// The HTTP stage (`[http]`).
+    pub http: HttpConfig,
+}
+
+/// `[http]`: the HTTP stage, an inspecting proxy for device TCP flows to web ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Destination ports whose TCP flows are inspected (`ports`, an array, or `"all"`);
+    /// empty: no inspection.
+    pub ports: HttpPorts,
+    /// Whether HTTPS is decrypted with leaves minted by the gateway's CA (`tls_decrypt`); when
+    /// false, HTTPS is decided on the TLS SNI alone.
+    pub tls_decrypt: bool,
+    /// What to do with a TLS ClientHello without SNI while decrypting (`no_sni`).
+    pub no_sni: NoSni,
+    /// Whether devices' UDP to port 443 (QUIC) passes while decrypting (`quic`).
+    pub quic_allowed: bool,
+    /// Extra trust anchors (PEM) for origins' certificates (`upstream_ca`).
+    pub upstream_ca: Option<PathBuf>,
+    /// How the block page looks (`[http.block_page]`).
+    pub block_page: BlockPageStyle,
+}
+
+/// Which destination ports the HTTP stage inspects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpPorts {
+    /// These ports.
+    List(Vec<u16>),
+    /// Every port (Cloudflare's "inspect on all ports").
+    All,
+}
+
+impl HttpPorts {
+    /// Whether flows to `port` are inspected.
+    pub fn contains(&self, port: u16) -> bool {
+        match self {
+            HttpPorts::List(ports) => ports.contains(&port),
+            HttpPorts::All => true,
+        }
+    }
+}
+
+/// What a TLS connection without SNI gets while decrypting (`http.no_sni`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSni {
+    /// Decrypted with a leaf for the destination address (as mitmproxy does).
+    Inspect,
+    /// Spliced byte for byte, undecrypted.
+    Bypass,
+    /// Reset.
+    Block,
+}
+
+/// `[http.block_page]`: the built-in block page's look.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BlockPageStyle {
+    /// Organisation name in the heading (`org_name`).
+    pub org_name: Option<String>,
+    /// Logo image URL (`logo_url`).
+    pub logo_url: Option<String>,
+    /// Message shown above the rule's reason (`message`).
+    pub message: Option<String>,
+    /// Footer text (`footer`).
+    pub footer: Option<String>,
+    /// Background colour, `#rgb` or `#rrggbb` (`background_color`).
+    pub background_color: Option<String>,
+}
+
+/// Default `http.ports`: plain HTTP and HTTPS.
+pub const DEFAULT_HTTP_PORTS: [u16; 2] = [80, 443];
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            ports: HttpPorts::List(DEFAULT_HTTP_PORTS.to_vec()),
+            tls_decrypt: false,
+            no_sni: NoSni::Bypass,
+            quic_allowed: false,
+            upstream_ca: None,
+            block_page: BlockPageStyle::default(),
+        }
+    }
 }
 
 /// `[control]`: the HTTPS listener where `waygate-client enroll` trades an enrollment token and
@@ -367,6 +449,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             logs: LogsConfig::default(),
             control: ControlConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -690,6 +773,28 @@ struct RawConfig {
     metrics: Option<Section<RawMetrics>>,
     logs: Option<Section<RawLogs>>,
     control: Option<Section<RawControl>>,
+    http: Option<Section<RawHttp>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    ports: Option<Leaf<Value>>,
+    tls_decrypt: Option<Leaf<bool>>,
+    no_sni: Option<Leaf<String>>,
+    quic: Option<Leaf<String>>,
+    upstream_ca: Option<Leaf<String>>,
+    block_page: Option<Section<RawBlockPage>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBlockPage {
+    org_name: Option<Leaf<String>>,
+    logo_url: Option<Leaf<String>>,
+    message: Option<Leaf<String>>,
+    footer: Option<Leaf<String>>,
+    background_color: Option<Leaf<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1059,6 +1164,9 @@ impl Checker {
                 ),
             };
         }
+        if let Some(h) = self.section("http", raw.http) {
+            cfg.http = self.http(h);
+        }
         for (at, v) in self.tables("vnets", raw.vnets) {
             if let Some(vnet) = self.vnet(&at, v) {
                 if cfg
@@ -1405,6 +1513,85 @@ impl Checker {
         }
     }
 
+    fn http(&mut self, raw: RawHttp) -> HttpConfig {
+        let mut http = HttpConfig::default();
+        match raw.ports {
+            None => {}
+            Some(Leaf::Ok(Value::String(s))) if s == "all" => http.ports = HttpPorts::All,
+            Some(Leaf::Ok(Value::Array(items))) => {
+                let mut ports = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_integer().and_then(|p| u16::try_from(p).ok()) {
+                        Some(p) if p > 0 => ports.push(p),
+                        _ => self.problem(
+                            format!("http.ports[{i}]"),
+                            format!("expected a port from 1 to 65535, got {item}"),
+                        ),
+                    }
+                }
+                http.ports = HttpPorts::List(ports);
+            }
+            Some(_) => self.problem(
+                "http.ports",
+                "expected an array of ports like [80, 443] or \"all\"",
+            ),
+        }
+        if let Some(b) = self.boolean("http.tls_decrypt", raw.tls_decrypt) {
+            http.tls_decrypt = b;
+        }
+        if let Some(s) = self.string("http.no_sni", raw.no_sni) {
+            match s.as_str() {
+                "inspect" => http.no_sni = NoSni::Inspect,
+                "bypass" => http.no_sni = NoSni::Bypass,
+                "block" => http.no_sni = NoSni::Block,
+                _ => self.problem(
+                    "http.no_sni",
+                    format!("expected \"inspect\", \"bypass\" or \"block\", got {s:?}"),
+                ),
+            }
+        }
+        if let Some(s) = self.string("http.quic", raw.quic) {
+            match s.as_str() {
+                "block" => http.quic_allowed = false,
+                "allow" => http.quic_allowed = true,
+                _ => self.problem(
+                    "http.quic",
+                    format!("expected \"block\" or \"allow\", got {s:?}"),
+                ),
+            }
+        }
+        http.upstream_ca = self
+            .string("http.upstream_ca", raw.upstream_ca)
+            .map(PathBuf::from);
+        if let Some(b) = self.section("http.block_page", raw.block_page) {
+            let page = &mut http.block_page;
+            page.org_name = self.string("http.block_page.org_name", b.org_name);
+            page.logo_url = self.string("http.block_page.logo_url", b.logo_url);
+            if let Some(url) = &page.logo_url {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    self.problem(
+                        "http.block_page.logo_url",
+                        format!("expected an http:// or https:// URL, got {url:?}"),
+                    );
+                }
+            }
+            page.message = self.string("http.block_page.message", b.message);
+            page.footer = self.string("http.block_page.footer", b.footer);
+            page.background_color =
+                self.string("http.block_page.background_color", b.background_color);
+            if let Some(c) = &page.background_color {
+                let hex = c.strip_prefix('#').unwrap_or("");
+                if !matches!(hex.len(), 3 | 6) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    self.problem(
+                        "http.block_page.background_color",
+                        format!("expected a colour like \"#1a73e8\", got {c:?}"),
+                    );
+                }
+            }
+        }
+        http
+    }
+
     fn logs(&mut self, raw: RawLogs, logs: &mut LogsConfig) {
         logs.dir = self.string("logs.dir", raw.dir).map(PathBuf::from);
         if let Some(text) = self.string("logs.max_size", raw.max_size) {
@@ -1556,6 +1743,63 @@ mod tests {
                 "{needle:?} missing from:\n{joined}"
             );
         }
+    }
+
+    #[test]
+    fn http_parses_its_keys_and_names_each_bad_one() {
+        let cfg = Config::parse("").unwrap();
+        assert_eq!(cfg.http, HttpConfig::default());
+        assert!(cfg.http.ports.contains(80) && cfg.http.ports.contains(443));
+        assert!(!cfg.http.ports.contains(8080));
+        let cfg = Config::parse(
+            r##"
+            [http]
+            ports = "all"
+            tls_decrypt = true
+            no_sni = "block"
+            quic = "allow"
+            upstream_ca = "/etc/lab-ca.pem"
+            [http.block_page]
+            org_name = "Example Corp"
+            logo_url = "https://example.com/logo.png"
+            background_color = "#1a73e8"
+            "##,
+        )
+        .unwrap();
+        assert_eq!(cfg.http.ports, HttpPorts::All);
+        assert!(cfg.http.tls_decrypt && cfg.http.quic_allowed);
+        assert_eq!(cfg.http.no_sni, NoSni::Block);
+        assert_eq!(
+            cfg.http.block_page.org_name.as_deref(),
+            Some("Example Corp")
+        );
+        let cfg = Config::parse("[http]\nports = [8080]").unwrap();
+        assert_eq!(cfg.http.ports, HttpPorts::List(vec![8080]));
+        assert_eq!(
+            bad_keys(
+                r##"
+                [http]
+                ports = [80, 70000]
+                tls_decrypt = "yes"
+                no_sni = "maybe"
+                quic = "drop"
+                colour = 1
+                [http.block_page]
+                logo_url = "file:///x"
+                background_color = "blue"
+                "##
+            ),
+            vec![
+                "http.colour",
+                "http.ports[1]",
+                "http.tls_decrypt",
+                "http.no_sni",
+                "http.quic",
+                "http.block_page.logo_url",
+                "http.block_page.background_color",
+            ]
+        );
+        assert_eq!(bad_keys("[http]\nports = \"some\""), vec!["http.ports"]);
     }
 
     #[test]
@@ -1933,7 +2177,8 @@ mod tests {
             field_names::<RawTunnel>(),
             &["ipv4_pool", "ipv6_pool", "mtu"]
         );
-        assert_eq!(field_names::<RawConfig>().len(), 14);
+        assert_eq!(field_names::<RawConfig>().len(), 15);
+        assert!(field_names::<RawHttp>().contains(&"tls_decrypt"));
         assert!(field_names::<RawHealthCheck>().contains(&"interval"));
     }
 

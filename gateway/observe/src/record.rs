@@ -9,7 +9,9 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use waygate_model::activity::{Activity, DnsActivity, EgressActivity, NetworkActivity, RuleRef};
+use waygate_model::activity::{
+    Activity, DnsActivity, EgressActivity, HttpActivity, NetworkActivity, RuleRef,
+};
 use waygate_model::calendar::{civil_from_days, days_from_civil};
 use waygate_model::{DeviceInfo, Protocol};
 
@@ -20,7 +22,7 @@ pub enum LogKind {
     Dns,
     /// `network.jsonl`: one line per flow, at its close or refusal.
     Network,
-    /// `http.jsonl`: one line per HTTP request (written once the HTTP stage exists).
+    /// `http.jsonl`: one line per HTTP request.
     Http,
     /// `egress.jsonl`: one line per egress decision.
     Egress,
@@ -55,6 +57,7 @@ impl LogKind {
         match activity {
             Activity::Network(_) => LogKind::Network,
             Activity::Egress(_) => LogKind::Egress,
+            Activity::Http(_) => LogKind::Http,
         }
     }
 
@@ -201,12 +204,14 @@ impl Encoder {
             // Logpush's Datetime is when the session was made.
             Activity::Network(a) => a.opened,
             Activity::Egress(a) => a.at,
+            Activity::Http(a) => a.at,
         };
         self.datetime(self.clock.wall(at));
         let datetime = self.text.as_str();
         match activity {
             Activity::Network(a) => encode_network(a, datetime, out),
             Activity::Egress(a) => encode_egress(a, datetime, out),
+            Activity::Http(a) => encode_http(a, datetime, out),
         }
         out.push(b'\n');
     }
@@ -517,6 +522,32 @@ fn encode_egress(a: &EgressActivity, datetime: &str, out: &mut Vec<u8>) {
     j.end();
 }
 
+/// A `gateway_http` line.
+fn encode_http(a: &HttpActivity, datetime: &str, out: &mut Vec<u8>) {
+    let mut j = Json::new(out);
+    identity(&mut j, datetime, Some(&a.device));
+    j.ip(k!("SourceIP"), a.src.ip());
+    j.uint(k!("SourcePort"), u64::from(a.src.port()));
+    j.ip(k!("DestinationIP"), a.dst.ip());
+    j.uint(k!("DestinationPort"), u64::from(a.dst.port()));
+    j.str(k!("HTTPHost"), &a.host);
+    j.str(k!("HTTPMethod"), &a.method);
+    j.word(k!("HTTPVersion"), a.version);
+    j.uint(k!("HTTPStatusCode"), u64::from(a.status));
+    j.str(k!("URL"), &a.url);
+    j.str(k!("UserAgent"), &a.user_agent);
+    j.word(k!("Action"), a.action);
+    let (policy_id, policy_name) = policy(a.policy.as_deref());
+    j.str(k!("PolicyID"), policy_id);
+    j.str(k!("PolicyName"), policy_name);
+    j.str(k!("VirtualNetworkID"), who(Some(&a.device)).vnet);
+    j.uint(k!("BytesSent"), a.bytes_sent);
+    j.uint(k!("BytesReceived"), a.bytes_received);
+    j.millis(k!("DurationMs"), a.duration);
+    j.str(k!("UpstreamTLSVersion"), &a.upstream_tls);
+    j.end();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -734,5 +765,38 @@ mod tests {
         assert_eq!(v["Transport"], "udp");
         assert_eq!(v["PolicyID"], "");
         assert_eq!(v["DeviceID"], "d-1");
+        let h = Activity::Http(Box::new(HttpActivity {
+            at: c.instant,
+            device: device(),
+            src: "100.96.0.2:40000".parse().unwrap(),
+            dst: "203.0.113.10:443".parse().unwrap(),
+            host: "shop.example".into(),
+            method: "GET".into(),
+            url: "https://shop.example/a?\"b\"".into(),
+            version: "HTTP/2",
+            status: 403,
+            action: "block",
+            policy: Some(Arc::new(RuleRef {
+                id: "r1".into(),
+                name: "no shops".into(),
+            })),
+            user_agent: "curl/8".into(),
+            bytes_sent: 12,
+            bytes_received: 345,
+            duration: Duration::from_micros(2500),
+            upstream_tls: "TLSv1_3".into(),
+        }));
+        assert_eq!(LogKind::of(&h), LogKind::Http);
+        let v = json(&h, &c);
+        assert_eq!(v["URL"], "https://shop.example/a?\"b\"");
+        assert_eq!(v["HTTPStatusCode"], 403);
+        assert_eq!(v["Action"], "block");
+        assert_eq!(v["PolicyName"], "no shops");
+        assert_eq!(
+            (v["BytesSent"].as_u64(), v["BytesReceived"].as_u64()),
+            (Some(12), Some(345))
+        );
+        assert_eq!(v["DurationMs"], 2.5);
+        assert_eq!(v["DestinationPort"], 443);
     }
 }

@@ -38,6 +38,7 @@ pub mod dns;
 pub mod drops;
 pub mod health;
 pub mod host;
+pub mod http;
 pub mod local;
 pub mod metrics;
 pub mod nexthop;
@@ -141,8 +142,18 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     };
     let uapi = start_uapi(&config, key_bytes);
     let reloads = Arc::new(reload::ReloadCounters::default());
-    let (reload_rx, rules_loaded) = start_reloads(&config, &dns, &mut core, reloads.clone())?;
+    let inspector = http::start(&config, wall)?;
+    let (reload_rx, rules_loaded) = start_reloads(
+        &config,
+        &dns,
+        &mut core,
+        reloads.clone(),
+        inspector.as_ref(),
+    )?;
     let logs = start_logs(&config, &dns, &mut core)?;
+    if let (Some(inspector), Some(logs)) = (&inspector, &logs) {
+        inspector.log_to(logs.clone());
+    }
     let (probe_tx, probe_rx) = mpsc::channel(PROBE_QUEUE);
     health::spawn_probes(&config.egress.locations, probe_tx);
     let (event_tx, event_rx) = mpsc::channel(upstream::EVENT_QUEUE);
@@ -153,7 +164,8 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     );
     dns.local.set_device_api(Arc::new(Arc::new(device_api)));
     let local: Arc<dyn local::LocalHost> = dns.local.clone();
-    let upstreams = Upstreams::new(event_tx, Some(local), drops.clone());
+    let mut upstreams = Upstreams::new(event_tx, Some(local), drops.clone());
+    upstreams.set_inspector(inspector.clone());
     let (stats_tx, stats_rx) = tokio::sync::watch::channel(stats::StatsSnapshot::default());
     // Dropped at the end of this function, which removes the socket.
     let _admin = start_admin(&config, &ca, wall, stats_rx, rules_loaded)?;
@@ -168,6 +180,7 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
                 .iter()
                 .map(|l| l.name.clone())
                 .collect(),
+            http: inspector.as_ref().map(waygate_http::Inspector::counters),
         });
         metrics::serve(listen, registry)?;
     }
@@ -203,6 +216,7 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
         next_seen: now + LAST_SEEN_EVERY,
         reported: HashMap::new(),
         stats: stats_tx,
+        inspector,
         egress_locations: config.egress.locations.len(),
         logs,
     };
@@ -353,19 +367,28 @@ fn start_reloads(
     dns: &resolver::ResolverHandle,
     core: &mut GatewayCore,
     counters: Arc<reload::ReloadCounters>,
+    inspector: Option<&waygate_http::Inspector>,
 ) -> anyhow::Result<(
     mpsc::Receiver<reload::Reloaded>,
     Arc<std::sync::atomic::AtomicUsize>,
 )> {
     let (followed, policy, geoip, categories) = reload::Followed::load(config)?;
     let rules_loaded = followed.rules_loaded();
-    dns.set_categories(categories.map(Arc::new));
+    let categories = categories.map(Arc::new);
+    dns.set_categories(categories.clone());
     if let Some(policy) = policy {
         let policy = Arc::new(policy);
+        if let Some(inspector) = inspector {
+            inspector.set_policy(policy.clone());
+        }
         dns.set_policy(policy.clone());
         core.set_policy(policy);
     }
     let geoip = geoip.map(Arc::new);
+    if let Some(inspector) = inspector {
+        inspector.set_geoip(geoip.clone());
+        inspector.set_categories(categories);
+    }
     dns.set_geoip(geoip.clone());
     core.set_geoip(geoip);
     let (reload_tx, reload_rx) = mpsc::channel(2);
@@ -409,6 +432,8 @@ struct Serving {
     /// Where each device was last reported to the registry.
     reported: HashMap<String, SocketAddr>,
     stats: tokio::sync::watch::Sender<stats::StatsSnapshot>,
+    /// The HTTP stage's inspector, which follows rule, category and GeoIP reloads.
+    inspector: Option<waygate_http::Inspector>,
     /// Configured egress locations, for the snapshot's health.
     egress_locations: usize,
     /// Where the core's activity records go, while `logs.dir` is set.
@@ -479,11 +504,22 @@ impl Serving {
     fn reload(&mut self, reloaded: reload::Reloaded) {
         match reloaded {
             reload::Reloaded::Policy(policy) => {
+                if let Some(inspector) = &self.inspector {
+                    inspector.set_policy(policy.clone());
+                }
                 self.dns.set_policy(policy.clone());
                 self.core.set_policy(policy);
             }
-            reload::Reloaded::Categories(db) => self.dns.set_categories(Some(db)),
+            reload::Reloaded::Categories(db) => {
+                if let Some(inspector) = &self.inspector {
+                    inspector.set_categories(Some(db.clone()));
+                }
+                self.dns.set_categories(Some(db));
+            }
             reload::Reloaded::GeoIp(db) => {
+                if let Some(inspector) = &self.inspector {
+                    inspector.set_geoip(Some(db.clone()));
+                }
                 self.dns.set_geoip(Some(db.clone()));
                 self.core.set_geoip(Some(db));
             }
@@ -665,6 +701,8 @@ fn core_settings(config: &Config, descriptors: u64) -> anyhow::Result<CoreSettin
             total: host::flows_for_descriptors(descriptors),
         },
         random_seed: rand::random(),
+        http_ports: config.http.ports.clone(),
+        drop_quic: config.http.tls_decrypt && !config.http.quic_allowed,
     })
 }
 

@@ -237,6 +237,13 @@ impl<P: DnsPolicy + 'static> LocalHost for LocalServer<P> {
             LocalEndpoint::Service(LocalService::DnsUdp | LocalService::DnsOverHttps) => {
                 tracing::debug!(?endpoint, "not a stream service: flow closed");
             }
+            // The upstreams hand these to the HTTP inspector, never here.
+            LocalEndpoint::Inspect(_) => {
+                tracing::debug!(
+                    ?endpoint,
+                    "an inspected flow reached the local services: closed"
+                );
+            }
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct Sources {
     pub logs: Option<Arc<LogStats>>,
     /// The egress locations' names, in config order.
     pub egress_locations: Vec<String>,
+    /// The HTTP stage's counters, when it inspects.
+    pub http: Option<Arc<waygate_http::HttpCounters>>,
 }
 
 /// Encodes every family from [`Sources`].
@@ -246,6 +248,15 @@ impl Collector for Gateway {
             "file",
             ReloadFile::ALL.map(|f| (f.name(), self.0.reloads.failed(f))),
         )?;
+        if let Some(http) = &self.0.http {
+            counters(
+                &mut e,
+                "http_requests",
+                "HTTP requests (and TLS connections decided on SNI alone) by the HTTP stage's decision.",
+                "decision",
+                http.by_decision(),
+            )?;
+        }
         if let Some(logs) = &self.0.logs {
             counters(
                 &mut e,
@@ -454,11 +465,15 @@ mod tests {
         let (tx, rx) = watch::channel(StatsSnapshot::default());
         tx.send_replace(snapshot);
         let reloads = Arc::new(ReloadCounters::default());
+        let http = Arc::new(waygate_http::HttpCounters::default());
+        http.blocked
+            .fetch_add(6, std::sync::atomic::Ordering::Relaxed);
         let registry = registry(Sources {
             stats: rx,
             reloads,
             logs,
             egress_locations: vec!["frankfurt".into()],
+            http: Some(http),
         });
         let text = render(&registry);
         let lines = text.lines().map(|l| Ok(l.to_string()));
@@ -515,6 +530,14 @@ mod tests {
             assert!(line.starts_with("# TYPE waygate_"), "{line}");
         }
         assert_eq!(value(&scrape, "waygate_peers", &[]), Some(3.0));
+        assert_eq!(
+            value(
+                &scrape,
+                "waygate_http_requests_total",
+                &[("decision", "block")]
+            ),
+            Some(6.0)
+        );
         assert_eq!(
             value(&scrape, "waygate_flows_open", &[("protocol", "tcp")]),
             Some(5.0)

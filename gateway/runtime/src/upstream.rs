@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::drops::{RuntimeDrop, RuntimeDrops};
 use super::local::LocalHost;
-use waygate_engine::flow::{Command, FlowId, Upstream, UpstreamEvent, Via};
+use waygate_engine::flow::{Command, FlowId, LocalEndpoint, Upstream, UpstreamEvent, Via};
 
 /// How long a TCP connect may take before the device gets a RST.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,6 +57,7 @@ pub struct Upstreams {
     handles: HashMap<FlowId, Handle>,
     events: mpsc::Sender<UpstreamEvent>,
     local: Option<Arc<dyn LocalHost>>,
+    inspector: Option<waygate_http::Inspector>,
     drops: Arc<RuntimeDrops>,
 }
 
@@ -72,8 +73,15 @@ impl Upstreams {
             handles: HashMap::new(),
             events,
             local,
+            inspector: None,
             drops,
         }
+    }
+
+    /// Flows the engine sends to the HTTP stage ([`LocalEndpoint::Inspect`]) go to `inspector`;
+    /// without one they are refused.
+    pub fn set_inspector(&mut self, inspector: Option<waygate_http::Inspector>) {
+        self.inspector = inspector;
     }
 
     /// Reports `event` from outside a flow's task, without blocking the loop.
@@ -108,6 +116,61 @@ impl Upstreams {
                 let credit = Arc::new(Semaphore::new(0));
                 let events = self.events.clone();
                 let task = tokio::spawn(tcp_flow(flow, upstream, ops_rx, credit.clone(), events));
+                self.handles.insert(
+                    flow,
+                    Handle::Tcp {
+                        ops: ops_tx,
+                        credit,
+                        task: task.abort_handle(),
+                    },
+                );
+            }
+            Command::LocalConnect {
+                flow,
+                endpoint: LocalEndpoint::Inspect(target),
+                ctx,
+            } => {
+                let (ops_tx, ops_rx) = mpsc::channel(TCP_OPS_QUEUE);
+                let credit = Arc::new(Semaphore::new(0));
+                let events = self.events.clone();
+                let Some(inspector) = self.inspector.clone() else {
+                    tracing::debug!(flow, "no HTTP inspector: flow refused");
+                    self.report(UpstreamEvent::TcpConnectFailed { flow });
+                    return;
+                };
+                let pumped = credit.clone();
+                let task = tokio::spawn(async move {
+                    // The origin first: the device is answered only if it answers.
+                    let stream = match connect_from(
+                        target.dst,
+                        target.bind,
+                        target.via,
+                        CONNECT_TIMEOUT,
+                    )
+                    .await
+                    {
+                        Ok(s) => s,
+                        Err(err) => {
+                            tracing::debug!(flow, dst = %target.dst, %err, "upstream connect failed");
+                            let _ = events.send(UpstreamEvent::TcpConnectFailed { flow }).await;
+                            return;
+                        }
+                    };
+                    let local = stream
+                        .local_addr()
+                        .unwrap_or_else(|_| SocketAddr::new(target.dst.ip(), 0));
+                    let (ours, theirs) = tokio::io::duplex(LOCAL_PIPE);
+                    inspector.inspect(*ctx, target.dst, theirs, stream);
+                    if events
+                        .send(UpstreamEvent::TcpConnected { flow, local })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let (reader, writer) = tokio::io::split(ours);
+                    pump(flow, reader, writer, ops_rx, pumped, events).await;
+                });
                 self.handles.insert(
                     flow,
                     Handle::Tcp {

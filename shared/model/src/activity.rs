@@ -21,17 +21,55 @@ pub struct RuleRef {
     pub name: Arc<str>,
 }
 
-/// One record for the activity logs, owned, as the engine queues them. DNS queries are not
-/// here: the resolver reports each one as a borrowed [`DnsActivity`] that the log writer encodes
-/// at once (a query costs no allocation for its record). The HTTP stage will add `Http` (one per
-/// request, written to `http.jsonl` with `gateway_http`'s names), which the writer already
-/// creates.
+/// One record for the activity logs, owned, as the engine and the HTTP stage queue them. DNS
+/// queries are not here: the resolver reports each one as a borrowed [`DnsActivity`] that the
+/// log writer encodes at once (a query costs no allocation for its record).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Activity {
     /// A flow, at its close or refusal.
     Network(Box<NetworkActivity>),
     /// The source address chosen for a flow leaving to the Internet.
     Egress(Box<EgressActivity>),
+    /// An HTTP request the HTTP stage decided, once its response ended.
+    Http(Box<HttpActivity>),
+}
+
+/// One HTTP request through the HTTP stage (Logpush `gateway_http`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpActivity {
+    /// When the request arrived.
+    pub at: Instant,
+    /// The device and its user.
+    pub device: Arc<DeviceInfo>,
+    /// Source inside the tunnel.
+    pub src: SocketAddr,
+    /// The origin connected to.
+    pub dst: SocketAddr,
+    /// `Host`.
+    pub host: String,
+    /// Method.
+    pub method: String,
+    /// The full URL.
+    pub url: String,
+    /// HTTP version spoken by the device (`HTTP/1.1`, `HTTP/2`).
+    pub version: &'static str,
+    /// Response status sent to the device.
+    pub status: u16,
+    /// Logpush `Action`: `allow`, `block`, `redirect`, or what answered instead
+    /// (`untrusted_cert`, `upstream_error`).
+    pub action: &'static str,
+    /// The HTTP rule that decided.
+    pub policy: Option<Arc<RuleRef>>,
+    /// `User-Agent`.
+    pub user_agent: String,
+    /// Body bytes from the device.
+    pub bytes_sent: u64,
+    /// Body bytes to the device.
+    pub bytes_received: u64,
+    /// From the request to the end of the response.
+    pub duration: Duration,
+    /// The TLS version spoken with the origin (empty for plain HTTP).
+    pub upstream_tls: String,
 }
 
 /// How the resolver answered a query, in Logpush's `ResolverDecision` words.

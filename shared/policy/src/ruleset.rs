@@ -638,7 +638,10 @@ fn typed_action(stage: Stage, action: &str, s: &RuleSettings) -> Result<Option<A
             "block",
             "off",
             "redirect",
+            "on",
             "isolate",
+            "noisolate",
+            "scan",
             "noscan",
             "quarantine",
         ],
@@ -652,7 +655,9 @@ fn typed_action(stage: Stage, action: &str, s: &RuleSettings) -> Result<Option<A
         ));
     }
     Ok(Some(match action {
-        "allow" => Action::Allow,
+        // `on` (Do Inspect) undoes an earlier Do Not Inspect: here, inspecting is what an
+        // allow does.
+        "allow" | "on" => Action::Allow,
         "block" => {
             let page = s.block_page.get();
             Action::Block(BlockAction {
@@ -722,7 +727,8 @@ fn typed_action(stage: Stage, action: &str, s: &RuleSettings) -> Result<Option<A
             Action::L4Override { ip, port }
         }
         "egress" => Action::Egress(typed_egress(s.egress.get())?),
-        // isolate, noscan, quarantine, audit_ssh: accepted, not enforced.
+        // isolate, noisolate, scan, noscan, quarantine, audit_ssh: accepted with a warning; such
+        // a rule never matches (Waygate has no browser isolation or malware scanner).
         _ => return Ok(None),
     }))
 }

@@ -42,6 +42,9 @@ pub mod product {
     pub use waygate_wg::{Endpoint, Received};
     pub use waygate_wire::sniff::{sniff, Detected, Sniff, MAX_SNIFF};
 
+    pub use waygate_http::files::{multipart_boundary, multipart_types, types_of};
+    pub use waygate_http::tls::{read_client_hello, Hello, MAX_CLIENT_HELLO};
+
     /// Parses a config file's text; the one call to adapt when the config API changes.
     pub fn parse_config(text: &str) -> bool {
         Config::parse(text).is_ok()
@@ -54,7 +57,7 @@ use product::*;
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target, by the name of its cargo-fuzz binary and seed directory.
-pub const TARGETS: [Target; 9] = [
+pub const TARGETS: [Target; 11] = [
     ("inner_packet", inner_packet),
     ("sniff", sniff_stream),
     ("dns", dns),
@@ -64,6 +67,8 @@ pub const TARGETS: [Target; 9] = [
     ("rules_json", rules_json),
     ("config", config),
     ("posture_json", posture_json),
+    ("client_hello", client_hello),
+    ("file_types", file_types),
 ];
 
 /// One clock reading for all targets: the product takes `now` as an argument.
@@ -576,4 +581,87 @@ pub fn wg_initiator(data: &[u8]) {
         }
     }
     dev.update_timers(&mut tx);
+}
+
+/// Hands out a device's bytes `step` at a time, as separate TCP segments would arrive.
+struct Segments<'a> {
+    data: &'a [u8],
+    at: usize,
+    step: usize,
+}
+
+impl tokio::io::AsyncRead for Segments<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let end = (self.at + self.step)
+            .min(self.data.len())
+            .min(self.at + buf.remaining());
+        buf.put_slice(&self.data[self.at..end]);
+        self.at = end;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// The runtime the async targets run on (one per process).
+fn runtime() -> Option<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| tokio::runtime::Builder::new_current_thread().build().ok())
+        .as_ref()
+}
+
+/// The HTTP stage's file typing of a body prefix (a Content-Type line, then the body), whole
+/// bodies and multipart forms: never panics.
+pub fn file_types(data: &[u8]) {
+    let (content_type, body) = match data.iter().position(|b| *b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (&data[..0], data),
+    };
+    let _ = types_of(body);
+    let Ok(content_type) = std::str::from_utf8(content_type) else {
+        return;
+    };
+    let Some(boundary) = multipart_boundary(content_type) else {
+        return;
+    };
+    let Some(runtime) = runtime() else {
+        return;
+    };
+    let body = bytes::Bytes::copy_from_slice(body);
+    let _ = runtime.block_on(multipart_types(body, &boundary));
+}
+
+/// The HTTP stage's ClientHello reader on a device's first bytes, cut into segments of the first
+/// byte's size: it never panics, keeps exactly the bytes it read (a Do Not Inspect replay must
+/// be byte for byte) and stops within its bound.
+pub fn client_hello(data: &[u8]) {
+    let [step, stream @ ..] = data else {
+        return;
+    };
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    let Some(runtime) =
+        RUNTIME.get_or_init(|| tokio::runtime::Builder::new_current_thread().build().ok())
+    else {
+        return;
+    };
+    let mut device = Segments {
+        data: stream,
+        at: 0,
+        step: usize::from(*step).max(1),
+    };
+    let read = runtime.block_on(read_client_hello(&mut device, Vec::new()));
+    let Ok(hello) = read else {
+        return;
+    };
+    let recorded = match hello {
+        Hello::Tls { recorded, .. } | Hello::Other { recorded } => recorded,
+    };
+    assert!(
+        stream.starts_with(&recorded),
+        "the recorded bytes are exactly what was read"
+    );
+    assert!(recorded.len() <= MAX_CLIENT_HELLO + 4096 + usize::from(*step));
 }

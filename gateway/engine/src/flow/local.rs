@@ -8,7 +8,9 @@
 //!
 //! [`Command::LocalConnect`]: super::Command::LocalConnect
 
-use super::Protocol;
+use std::net::{IpAddr, SocketAddr};
+
+use super::{Protocol, Via};
 
 /// A service the gateway itself runs for devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,6 +60,20 @@ pub enum LocalEndpoint {
         /// The port, whose routes apply.
         port: u16,
     },
+    /// The HTTP stage's inspector: the runtime connects to the upstream first (the device is
+    /// answered only once it answers), then hands both ends to the inspector.
+    Inspect(InspectTarget),
+}
+
+/// Where an inspected flow's upstream connection goes, as the egress and network stages chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct InspectTarget {
+    /// Address to connect to.
+    pub dst: SocketAddr,
+    /// Source address (the egress address); `None` lets the OS choose.
+    pub bind: Option<IpAddr>,
+    /// A virtual network's private route.
+    pub via: Option<Via>,
 }
 
 /// One entry of the table.

@@ -13,7 +13,7 @@ pub mod packet;
 pub mod tcp;
 pub mod udp;
 
-pub use local::{LocalEndpoint, LocalService, LocalServices, DEVICE_API_PORT};
+pub use local::{InspectTarget, LocalEndpoint, LocalService, LocalServices, DEVICE_API_PORT};
 pub use waygate_model::{DeviceInfo, FlowCtx, FlowId, FlowRules, PeerId, Protocol};
 pub use waygate_wire::sniff;
 
@@ -35,7 +35,7 @@ pub struct Upstream {
 }
 
 /// How a flow on a virtual network's private route leaves the gateway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Via {
     /// Through this interface (index).
     Interface(std::num::NonZeroU32),
@@ -223,11 +223,13 @@ pub enum FlowDrop {
     GatewayFlowLimit,
     /// The device's flows hold as much buffer memory as it may.
     MemoryLimit,
+    /// UDP to port 443 (QUIC) while the HTTP stage decrypts TLS (`http.quic`).
+    Quic,
 }
 
 impl FlowDrop {
     /// Every reason, for counters.
-    pub const ALL: [FlowDrop; 17] = [
+    pub const ALL: [FlowDrop; 18] = [
         FlowDrop::Malformed,
         FlowDrop::Fragment,
         FlowDrop::UnsupportedProtocol,
@@ -245,6 +247,7 @@ impl FlowDrop {
         FlowDrop::PrivateRange,
         FlowDrop::GatewayFlowLimit,
         FlowDrop::MemoryLimit,
+        FlowDrop::Quic,
     ];
 }
 

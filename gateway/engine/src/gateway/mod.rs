@@ -23,7 +23,8 @@ use crate::flow::tcp::{Opening, Release, TcpFlows, TcpSettings};
 use crate::flow::udp::UdpNat;
 use crate::flow::{
     Command, DeviceInfo, FlowCtx, FlowDrop, FlowDropCounters, FlowId, FlowLimits, FlowRules,
-    LocalEndpoint, LocalService, LocalServices, PacketSink, Protocol, Upstream, UpstreamEvent,
+    InspectTarget, LocalEndpoint, LocalService, LocalServices, PacketSink, Protocol, Upstream,
+    UpstreamEvent,
 };
 use crate::protect::{HostAddress, Protected};
 use crate::vnet::{VnetRoute, VnetRoutes};
@@ -69,6 +70,12 @@ pub struct CoreSettings {
     pub limits: FlowLimits,
     /// Seeds the TCP stack's initial sequence numbers (the runtime draws it from the OS).
     pub random_seed: u64,
+    /// Destination ports whose allowed TCP flows go to the HTTP stage's inspector
+    /// ([`LocalEndpoint::Inspect`]).
+    pub http_ports: waygate_config::HttpPorts,
+    /// Devices' UDP to port 443 (QUIC) is dropped (while the HTTP stage decrypts TLS, so
+    /// browsers fall back to TCP).
+    pub drop_quic: bool,
 }
 
 /// The data plane.
@@ -722,6 +729,11 @@ impl Router {
         ctx: &mut FlowCtx,
         target: SocketAddr,
     ) -> Result<(Upstream, Opening), FlowDrop> {
+        if ctx.protocol == Protocol::Udp && self.settings.drop_quic && target.port() == 443 {
+            // QUIC cannot be inspected with a CA devices added themselves; dropped, browsers
+            // retry over TCP, where the HTTP stage sees them.
+            return Err(FlowDrop::Quic);
+        }
         let device = ClientKey::device(&ctx.device.id);
         ctx.rules.name = self
             .names
@@ -810,12 +822,15 @@ impl Router {
         }
         if let Some(route) = route {
             ctx.rules.route = Some(format!("{} via {}", route.cidr, route.via));
-            return Ok(Upstream {
-                dst: to,
-                bind: None,
-                via: Some(route.path),
-                local: None,
-            });
+            return Ok(self.inspect(
+                ctx,
+                Upstream {
+                    dst: to,
+                    bind: None,
+                    via: Some(route.path),
+                    local: None,
+                },
+            ));
         }
         if self.vnets.covers(to.ip()) {
             return Err(FlowDrop::OtherVnet);
@@ -833,12 +848,31 @@ impl Router {
                 name: ctx.rules.name.clone(),
             })));
         }
-        Ok(Upstream {
-            dst: to,
-            bind,
-            via: None,
-            local: None,
-        })
+        Ok(self.inspect(
+            ctx,
+            Upstream {
+                dst: to,
+                bind,
+                via: None,
+                local: None,
+            },
+        ))
+    }
+
+    /// Sends an allowed TCP flow to a web port (`http.ports`, by the port the device dialled)
+    /// to the HTTP stage's inspector, which leaves for `upstream` as the stages chose.
+    fn inspect(&self, ctx: &FlowCtx, upstream: Upstream) -> Upstream {
+        if ctx.protocol != Protocol::Tcp || !self.settings.http_ports.contains(ctx.dst.port()) {
+            return upstream;
+        }
+        Upstream {
+            local: Some(LocalEndpoint::Inspect(InspectTarget {
+                dst: upstream.dst,
+                bind: upstream.bind,
+                via: upstream.via,
+            })),
+            ..upstream
+        }
     }
 
     /// Decides the held TCP flows whose first bytes are known.

@@ -718,3 +718,65 @@ fn activity_records_name_the_egress_decision_and_the_closed_flow_while_kept() {
     assert!(closed.at.saturating_duration_since(closed.opened) >= Duration::from_secs(120));
     assert_eq!(sim.core.decisions().get(FlowDecisionKind::NetworkAllow), 2);
 }
+
+#[test]
+fn web_flows_go_to_the_inspector_leaving_from_the_egress_and_quic_is_dropped() {
+    let mut settings = crate::testkit::core_settings();
+    settings.http_ports = waygate_config::HttpPorts::List(vec![ORIGIN.port()]);
+    settings.drop_quic = true;
+    let mut sim = Sim::with(SimConfig {
+        settings,
+        ..SimConfig::default()
+    });
+    let _h = sim.tcp_connect(ORIGIN);
+    let cmds = sim.take_commands();
+    let inspected = cmds.iter().find_map(|c| match c {
+        Command::LocalConnect { endpoint, ctx, .. } => Some((*endpoint, ctx.dst)),
+        _ => None,
+    });
+    assert_eq!(
+        inspected,
+        Some((
+            LocalEndpoint::Inspect(InspectTarget {
+                dst: ORIGIN,
+                bind: Some(IpAddr::V4(EGRESS)),
+                via: None,
+            }),
+            ORIGIN
+        )),
+        "{cmds:?}"
+    );
+    // Another port is not inspected.
+    let other = SocketAddr::new(ORIGIN.ip(), ORIGIN.port() + 1);
+    let _h = sim.tcp_connect(other);
+    let (_, upstream) = connect_flow(&sim.take_commands());
+    assert_eq!(upstream.local, None);
+
+    // UDP to 443 is dropped while decrypting; other UDP passes.
+    let handle = sim.sockets.add(udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+    ));
+    sim.sockets
+        .get_mut::<udp::Socket>(handle)
+        .bind(5000)
+        .unwrap();
+    let quic = IpEndpoint::new(IpAddress::v4(203, 0, 113, 30), 443);
+    sim.sockets
+        .get_mut::<udp::Socket>(handle)
+        .send_slice(b"quic", quic)
+        .unwrap();
+    sim.run();
+    assert!(sim.take_commands().is_empty());
+    assert_eq!(sim.core.router.drops.get(FlowDrop::Quic), 1);
+    let dns = IpEndpoint::new(IpAddress::v4(203, 0, 113, 30), 4433);
+    sim.sockets
+        .get_mut::<udp::Socket>(handle)
+        .send_slice(b"other", dns)
+        .unwrap();
+    sim.run();
+    assert!(matches!(
+        &sim.take_commands()[..],
+        [Command::UdpOpen { .. }, Command::UdpSend { .. }]
+    ));
+}

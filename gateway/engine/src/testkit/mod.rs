@@ -35,6 +35,8 @@ pub fn core_settings() -> CoreSettings {
         protected: Protected::default(),
         limits: FlowLimits::default(),
         random_seed: 7,
+        http_ports: waygate_config::HttpPorts::List(Vec::new()),
+        drop_quic: false,
     }
 }
 

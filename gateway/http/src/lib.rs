@@ -1,0 +1,394 @@
+//! The HTTP stage: an inspecting proxy for device TCP flows to web ports (`http.ports`).
+//!
+//! The runtime connects to the upstream the egress and network stages chose (so a refused
+//! upstream still refuses the device) and hands both ends here with the flow's context.
+//! The device's first bytes decide what follows:
+//! - TLS: the ClientHello is read whole and kept. Without `http.tls_decrypt`, the HTTP rules
+//!   decide on the SNI host alone (block closes the connection) and the recorded bytes are
+//!   replayed to the origin and spliced. With it, Do Not Inspect (`off`) rules matching the SNI
+//!   splice the same way; otherwise the origin is connected with TLS first (its ALPN decides
+//!   whether the device is offered h2) and the device gets a leaf minted by the gateway's CA.
+//! - HTTP: requests are proxied with hyper, each decided by the HTTP rules ([`decide`]).
+//! - Anything else (or an upstream that speaks first): spliced byte for byte.
+//!
+//! Runs on its own thread's runtime, off the data plane.
+#![deny(missing_docs)]
+#![allow(clippy::disallowed_methods)] // an I/O shell like the runtime: it reads the clock for logs, pages and leaves
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use waygate_config::{HttpConfig, NoSni};
+use waygate_geoip::GeoIp;
+use waygate_keys::CertificateAuthority;
+use waygate_model::FlowCtx;
+use waygate_policy::category_db::CategoryDb;
+use waygate_policy::fields::Stage;
+use waygate_policy::input::Input;
+use waygate_stages::policy::Loaded;
+
+pub mod decide;
+pub mod files;
+pub mod page;
+mod proxy;
+pub mod tls;
+
+use decide::Verdict;
+use tls::{Hello, Minter, UpstreamTrust};
+
+/// How long a device may take, once it started, to send its whole ClientHello and finish the
+/// TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// First read from the device: the start of a ClientHello or a request line.
+const FIRST_READ: usize = 4096;
+
+/// Requests (and TLS connections decided on SNI alone) counted by decision.
+#[derive(Debug, Default)]
+pub struct HttpCounters {
+    /// Allowed (no rule, or an allow rule).
+    pub allowed: AtomicU64,
+    /// Blocked (block page, 307 to a block page, or a connection closed on SNI).
+    pub blocked: AtomicU64,
+    /// Redirected by a redirect rule.
+    pub redirected: AtomicU64,
+    /// Connections left uninspected by a Do Not Inspect rule or `http.no_sni = "bypass"`.
+    pub bypassed: AtomicU64,
+    /// Answered 526: the origin's certificate failed verification.
+    pub untrusted: AtomicU64,
+}
+
+impl HttpCounters {
+    /// Each count with its decision word (`allow`, `block`, `redirect`, `off`, `untrusted_cert`).
+    pub fn by_decision(&self) -> [(&'static str, u64); 5] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("allow", get(&self.allowed)),
+            ("block", get(&self.blocked)),
+            ("redirect", get(&self.redirected)),
+            ("off", get(&self.bypassed)),
+            ("untrusted_cert", get(&self.untrusted)),
+        ]
+    }
+
+    fn count(&self, verdict: &Verdict) {
+        let counter = match verdict {
+            Verdict::Allow { .. } | Verdict::AwaitResponse => &self.allowed,
+            Verdict::Block { .. } => &self.blocked,
+            Verdict::Redirect { .. } => &self.redirected,
+            Verdict::DoNotInspect(_) => &self.bypassed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the inspector reads that changes while running.
+pub struct Shared {
+    config: HttpConfig,
+    policy: ArcSwap<Loaded>,
+    geoip: ArcSwapOption<GeoIp>,
+    categories: ArcSwapOption<CategoryDb>,
+    minter: Option<Minter>,
+    trust: UpstreamTrust,
+    counters: Arc<HttpCounters>,
+    /// Where `gateway_http` lines go (`logs.dir`), set once at start.
+    /// One sender (each clone of a sender registers buffers of its own): requests share it.
+    logs: std::sync::OnceLock<Arc<waygate_observe::LogSender>>,
+}
+
+/// The HTTP stage's inspector.
+#[derive(Clone)]
+pub struct Inspector {
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Inspector {
+    /// An inspector for `config`, minting leaves with `ca` (when decrypting), trusting `roots`
+    /// upstream, running its connections on `runtime`.
+    pub fn new(
+        config: HttpConfig,
+        ca: Arc<CertificateAuthority>,
+        roots: rustls::RootCertStore,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Inspector, String> {
+        let minter = if config.tls_decrypt {
+            Some(Minter::new(ca)?)
+        } else {
+            None
+        };
+        Ok(Inspector {
+            shared: Arc::new(Shared {
+                config,
+                policy: ArcSwap::from_pointee(Loaded::empty()),
+                geoip: ArcSwapOption::empty(),
+                categories: ArcSwapOption::empty(),
+                minter,
+                trust: UpstreamTrust::new(roots)?,
+                counters: Arc::default(),
+                logs: std::sync::OnceLock::new(),
+            }),
+            runtime,
+        })
+    }
+
+    /// Replaces the rules.
+    pub fn set_policy(&self, loaded: Arc<Loaded>) {
+        self.shared.policy.store(loaded);
+    }
+
+    /// Replaces the geolocation database.
+    pub fn set_geoip(&self, geoip: Option<Arc<GeoIp>>) {
+        self.shared.geoip.store(geoip);
+    }
+
+    /// Replaces the domain categories.
+    pub fn set_categories(&self, categories: Option<Arc<CategoryDb>>) {
+        self.shared.categories.store(categories);
+    }
+
+    /// Writes one `gateway_http` line per request to `logs` from now on.
+    pub fn log_to(&self, logs: waygate_observe::LogSender) {
+        let _ = self.shared.logs.set(Arc::new(logs));
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> Arc<HttpCounters> {
+        self.shared.counters.clone()
+    }
+
+    /// Inspects a flow: `device` is the device's side, `upstream` the connection already made
+    /// to `target` from the egress address.
+    pub fn inspect<D>(&self, ctx: FlowCtx, target: SocketAddr, device: D, upstream: TcpStream)
+    where
+        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        self.runtime.spawn(async move {
+            let flow = Arc::new(proxy::Conn {
+                ctx,
+                target,
+                tls: None,
+            });
+            if let Err(e) = shared.run(flow.clone(), device, upstream).await {
+                tracing::debug!(target: "waygate::http", device = %flow.ctx.device.name, dst = %target, error = %e, "inspected flow ended");
+            }
+        });
+    }
+}
+
+/// Copies both ways until both sides are done.
+async fn splice<A, B>(mut a: A, mut b: B)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+}
+
+impl Shared {
+    async fn run<D>(
+        self: Arc<Self>,
+        flow: Arc<proxy::Conn>,
+        mut device: D,
+        mut upstream: TcpStream,
+    ) -> std::io::Result<()>
+    where
+        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut first = Vec::with_capacity(FIRST_READ);
+        // A protocol whose server speaks first (SMTP, SSH on "all" ports) has nothing to
+        // inspect: splice as soon as the upstream says something before the device does.
+        // No deadline here: a browser's preconnect may idle for long, and passing a silent flow
+        // through after a while would let any client skip inspection by waiting. The flow's own
+        // idle timeout ends dead ones.
+        let read = tokio::select! {
+            n = device.read_buf(&mut first) => Some(n?),
+            r = upstream.readable() => { r?; None }
+        };
+        match read {
+            None => {
+                upstream.write_all(&first).await?;
+                splice(device, upstream).await;
+                return Ok(());
+            }
+            Some(0) => return Ok(()),
+            Some(_) => {}
+        }
+        if first.first() == Some(&0x16) {
+            let hello = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                tls::read_client_hello(&mut device, first),
+            )
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            return match hello {
+                Hello::Tls { accepted, recorded } => {
+                    self.tls(flow, device, upstream, accepted, recorded).await
+                }
+                Hello::Other { recorded } => {
+                    upstream.write_all(&recorded).await?;
+                    splice(device, upstream).await;
+                    Ok(())
+                }
+            };
+        }
+        if !looks_like_http(&first) {
+            upstream.write_all(&first).await?;
+            splice(device, upstream).await;
+            return Ok(());
+        }
+        let (reader, writer) = tokio::io::split(device);
+        let device = tokio::io::join(std::io::Cursor::new(first).chain(reader), writer);
+        proxy::serve(self, flow, device, upstream, false).await;
+        Ok(())
+    }
+
+    /// Decides on what a ClientHello shows: host (the SNI), domains, categories, identity and
+    /// connection fields.
+    fn decide_sni(&self, flow: &proxy::Conn, sni: &str) -> Verdict {
+        let mut input = Input::new();
+        let geo = self.geoip.load();
+        decide::fill_conn(&mut input, &flow.ctx, flow.target, geo.as_deref());
+        let categories = self.categories.load();
+        decide::fill_host(&mut input, sni, categories.as_deref());
+        let policy = self.policy.load();
+        decide::verdict_of(policy.policy.stage(Stage::Http).evaluate(&input))
+    }
+
+    async fn tls<D>(
+        self: Arc<Self>,
+        flow: Arc<proxy::Conn>,
+        device: D,
+        mut upstream: TcpStream,
+        accepted: Box<rustls::server::Accepted>,
+        recorded: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sni, device_h2) = tls::hello_facts(&accepted.client_hello());
+        let log = |decision: &str, verdict: Option<&Verdict>| {
+            let rule = verdict.and_then(Verdict::rule);
+            tracing::info!(
+                target: "waygate::http",
+                device = %flow.ctx.device.name,
+                user = %flow.ctx.device.email,
+                dst = %flow.target,
+                sni = sni.as_deref().unwrap_or(""),
+                decision,
+                rule_id = rule.map_or("", |r| r.id.as_str()),
+                rule_name = rule.map_or("", |r| r.name.as_str()),
+                "http tls connection"
+            );
+        };
+        let Some(minter) = self.minter.as_ref() else {
+            // No decryption: the SNI host is all the rules see.
+            let verdict = match &sni {
+                Some(host) => self.decide_sni(&flow, host),
+                None => decide::verdict_of(None),
+            };
+            self.counters.count(&verdict);
+            log(verdict.decision(), Some(&verdict));
+            if let Verdict::Block { .. } = verdict {
+                // Closing before any byte reaches the origin: the device sees the
+                // connection end without a handshake.
+                return Ok(());
+            }
+            upstream.write_all(&recorded).await?;
+            splice(device, upstream).await;
+            return Ok(());
+        };
+        let name = match &sni {
+            Some(host) => {
+                let verdict = self.decide_sni(&flow, host);
+                if let Verdict::DoNotInspect(_) = verdict {
+                    self.counters.count(&verdict);
+                    log("off", Some(&verdict));
+                    upstream.write_all(&recorded).await?;
+                    splice(device, upstream).await;
+                    return Ok(());
+                }
+                host.clone()
+            }
+            None => match self.config.no_sni {
+                NoSni::Bypass => {
+                    self.counters.bypassed.fetch_add(1, Ordering::Relaxed);
+                    log("no_sni_bypass", None);
+                    upstream.write_all(&recorded).await?;
+                    splice(device, upstream).await;
+                    return Ok(());
+                }
+                NoSni::Block => {
+                    self.counters.blocked.fetch_add(1, Ordering::Relaxed);
+                    log("no_sni_block", None);
+                    return Ok(());
+                }
+                NoSni::Inspect => flow.target.ip().to_string(),
+            },
+        };
+        // The origin first: its ALPN decides what the device is offered.
+        let alpn: &[&[u8]] = if device_h2 {
+            &[b"h2", b"http/1.1"]
+        } else {
+            &[b"http/1.1"]
+        };
+        let (client, failed) = self
+            .trust
+            .client_config(alpn)
+            .map_err(std::io::Error::other)?;
+        let server_name = match &sni {
+            Some(host) => ServerName::try_from(host.clone()).map_err(std::io::Error::other)?,
+            None => ServerName::IpAddress(flow.target.ip().into()),
+        };
+        let origin = tokio_rustls::TlsConnector::from(client)
+            .connect(server_name, upstream)
+            .await?;
+        let upstream_h2 = origin.get_ref().1.alpn_protocol() == Some(b"h2");
+        let upstream_version = origin
+            .get_ref()
+            .1
+            .protocol_version()
+            .map(|v| format!("{v:?}"));
+        let cert_error = failed.lock().ok().and_then(|mut f| f.take());
+        #[allow(clippy::disallowed_methods)] // a certificate is minted for the time now
+        let now = SystemTime::now();
+        let leaf = minter.leaf(&name, now).map_err(std::io::Error::other)?;
+        let offer: &[&[u8]] = if upstream_h2 {
+            &[b"h2", b"http/1.1"]
+        } else {
+            &[b"http/1.1"]
+        };
+        let config = tls::device_config(leaf, offer).map_err(std::io::Error::other)?;
+        let start = tokio_rustls::StartHandshake::from_parts(*accepted, device);
+        let device = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let flow = Arc::new(proxy::Conn {
+            ctx: flow.ctx.clone(),
+            target: flow.target,
+            tls: Some(proxy::TlsFacts {
+                sni: name,
+                cert_error,
+                version: upstream_version,
+            }),
+        });
+        proxy::serve(self, flow, device, origin, upstream_h2).await;
+        Ok(())
+    }
+}
+
+/// Whether `first` starts like an HTTP/1 request line or the HTTP/2 preface.
+fn looks_like_http(first: &[u8]) -> bool {
+    matches!(
+        waygate_wire::sniff::sniff(first),
+        waygate_wire::sniff::Sniff::Done(
+            waygate_wire::sniff::Detected::Http { .. } | waygate_wire::sniff::Detected::Http2
+        ) | waygate_wire::sniff::Sniff::NeedMore
+    ) && first.first().is_some_and(u8::is_ascii_uppercase)
+}

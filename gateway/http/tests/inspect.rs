@@ -1,0 +1,522 @@
+//! The inspector between an in-memory device and real origins on loopback: plain HTTP with
+//! rules, TLS decrypted with the gateway's leaves, Do Not Inspect splicing the origin's own
+//! certificate, an untrusted origin, and h2 end to end.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use waygate_config::HttpConfig;
+use waygate_http::Inspector;
+use waygate_keys::CertificateAuthority;
+use waygate_policy::ruleset::{Lists, RuleSet};
+use waygate_stages::policy::Loaded;
+
+const RULES: &str = r#"[
+  {"id": "bank", "name": "bank", "action": "off", "enabled": true, "precedence": 9,
+   "filters": ["http"], "traffic": "http.request.host == \"bank.example\""},
+  {"id": "admin", "name": "no admin", "action": "block", "enabled": true, "precedence": 1,
+   "filters": ["http"], "traffic": "http.request.uri.path matches \"^/admin\"",
+   "rule_settings": {"block_reason": "admin is closed"}},
+  {"id": "tag", "name": "tag", "action": "allow", "enabled": true, "precedence": 2,
+   "filters": ["http"], "traffic": "http.request.uri.path == \"/tagged\"",
+   "rule_settings": {"add_headers": {"X-Waygate-Tag": ["t1"]}}},
+  {"id": "move", "name": "move", "action": "redirect", "enabled": true, "precedence": 3,
+   "filters": ["http"], "traffic": "http.request.uri.path == \"/old\"",
+   "rule_settings": {"redirect": {"target_uri": "https://new.example/", "preserve_path_and_query": true}}},
+  {"id": "gone", "name": "no 404", "action": "block", "enabled": true, "precedence": 4,
+   "filters": ["http"], "traffic": "http.response.status_code == 404"},
+  {"id": "noexe", "name": "no executables", "action": "block", "enabled": true, "precedence": 5,
+   "filters": ["http"], "traffic": "any(http.download.file.types[*] == \"exe\")"},
+  {"id": "casino", "name": "no casinos", "action": "block", "enabled": true, "precedence": 7,
+   "filters": ["http"], "traffic": "http.request.host == \"casino.example\""},
+  {"id": "noexeup", "name": "no executable uploads", "action": "block", "enabled": true,
+   "precedence": 0, "filters": ["http"], "traffic": "any(http.upload.file.types[*] == \"exe\")"}
+]"#;
+
+/// A PE executable's first bytes: "MZ", then the PE header at the offset at 0x3c.
+fn exe() -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    b[0] = b'M';
+    b[1] = b'Z';
+    b[0x3c] = 0x80;
+    b[0x80..0x84].copy_from_slice(b"PE\0\0");
+    b
+}
+
+fn now() -> SystemTime {
+    #[allow(clippy::disallowed_methods)] // certificates must be valid now
+    SystemTime::now()
+}
+
+/// An origin answering every request with its version, path and the `x-waygate-tag` header;
+/// `/missing` is a 404.
+async fn origin_service(
+    mut request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    if request.headers().contains_key("upgrade") {
+        // An echo of whatever follows the 101, as a WebSocket echo server would.
+        let upgraded = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            if let Ok(up) = upgraded.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let response = Response::builder()
+            .status(hyper::StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::new()))
+            .expect("101");
+        return Ok(response);
+    }
+    let tag = request
+        .headers()
+        .get("x-waygate-tag")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let body = format!("{:?} {} tag={tag}", request.version(), request.uri().path());
+    if request.uri().path() == "/file.txt" {
+        let mut response = Response::new(Full::new(Bytes::from(exe())));
+        response.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("text/plain"),
+        );
+        return Ok(response);
+    }
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    if request.uri().path() == "/missing" {
+        *response.status_mut() = hyper::StatusCode::NOT_FOUND;
+    }
+    Ok(response)
+}
+
+async fn serve_origin<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S) {
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(
+            TokioIo::new(stream),
+            hyper::service::service_fn(origin_service),
+        )
+        .await;
+}
+
+/// A plain HTTP origin on loopback.
+async fn plain_origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve_origin(s));
+        }
+    });
+    addr
+}
+
+/// An HTTPS origin whose certificate for `name` comes from `ca`, speaking `alpn`.
+async fn tls_origin(ca: &CertificateAuthority, name: &str, alpn: &[&[u8]]) -> SocketAddr {
+    let cert = ca.issue(&[name.to_string()], &[], now()).expect("cert");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            cert.chain_der
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.to_vec())),
+        )
+        .expect("origin cert");
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(s).await {
+                    serve_origin(tls).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Lab {
+    inspector: Inspector,
+    gateway_ca: Arc<CertificateAuthority>,
+    lab_ca: CertificateAuthority,
+}
+
+fn lab(tls_decrypt: bool) -> Lab {
+    lab_with(HttpConfig {
+        tls_decrypt,
+        ..HttpConfig::default()
+    })
+}
+
+fn lab_with(config: HttpConfig) -> Lab {
+    let gateway_ca = Arc::new(CertificateAuthority::generate("Gateway CA", now()).expect("ca"));
+    let lab_ca = CertificateAuthority::generate("Lab CA", now()).expect("ca");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(lab_ca.cert_der().to_vec()))
+        .expect("root");
+    let inspector = Inspector::new(
+        config,
+        gateway_ca.clone(),
+        roots,
+        tokio::runtime::Handle::current(),
+    )
+    .expect("inspector");
+    let set = RuleSet::from_json(RULES).expect("rules");
+    inspector.set_policy(Arc::new(
+        Loaded::compile(&set, &Lists::new(Vec::new())).expect("compile"),
+    ));
+    Lab {
+        inspector,
+        gateway_ca,
+        lab_ca,
+    }
+}
+
+impl Lab {
+    /// A device flow to `origin` through the inspector: the device's end.
+    async fn open(&self, origin: SocketAddr) -> tokio::io::DuplexStream {
+        let upstream = TcpStream::connect(origin).await.expect("origin");
+        let (device, theirs) = tokio::io::duplex(64 * 1024);
+        let ctx = waygate_model::testkit::flow()
+            .dst(&origin.to_string())
+            .build();
+        self.inspector.inspect(ctx, origin, theirs, upstream);
+        device
+    }
+
+    /// A TLS connection from the device trusting `ca`, for `name`, offering `alpn`.
+    async fn tls(
+        &self,
+        origin: SocketAddr,
+        ca: &[u8],
+        name: &str,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
+        let name = ServerName::try_from(name.to_string()).expect("name");
+        self.tls_to(origin, ca, name, alpn).await
+    }
+
+    /// [`Lab::tls`] for any server name (an address sends no SNI).
+    async fn tls_to(
+        &self,
+        origin: SocketAddr,
+        ca: &[u8],
+        name: ServerName<'static>,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(ca.to_vec())).expect("root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let device = self.open(origin).await;
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, device)
+            .await
+    }
+}
+
+/// One GET over `stream` (HTTP/2 when `h2`): status, headers and body.
+async fn get<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    host: &str,
+    path: &str,
+    h2: bool,
+) -> (u16, hyper::HeaderMap, String) {
+    let request = Request::builder()
+        .uri(if h2 {
+            format!("https://{host}{path}")
+        } else {
+            path.to_string()
+        })
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = if h2 {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut request = request;
+        request.headers_mut().remove("host");
+        send.send_request(request).await.expect("response")
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        send.send_request(request).await.expect("response")
+    };
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn plain_http_requests_are_decided_by_the_rules() {
+    let lab = lab(false);
+    let origin = plain_origin().await;
+    let (status, _, body) = get(lab.open(origin).await, "a.example", "/page", false).await;
+    assert_eq!((status, body.as_str()), (200, "HTTP/1.1 /page tag=-"));
+    let (status, _, body) = get(lab.open(origin).await, "a.example", "/tagged", false).await;
+    assert_eq!((status, body.as_str()), (200, "HTTP/1.1 /tagged tag=t1"));
+    let (status, headers, body) = get(lab.open(origin).await, "a.example", "/admin/x", false).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("admin is closed") && body.contains("no admin (admin)"));
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    let (status, headers, _) = get(lab.open(origin).await, "a.example", "/old?q=1", false).await;
+    assert_eq!(status, 307);
+    assert_eq!(headers["location"], "https://new.example/old?q=1");
+    // A rule on the response status decides when it arrives.
+    let (status, _, body) = get(lab.open(origin).await, "a.example", "/missing", false).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("no 404 (gone)"));
+    let counters = lab.inspector.counters();
+    let blocked = counters.blocked.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(blocked, 2);
+}
+
+#[tokio::test]
+async fn https_is_decrypted_with_gateway_leaves_and_do_not_inspect_keeps_the_origins() {
+    let lab = lab(true);
+    let origin = tls_origin(&lab.lab_ca, "shop.example", &[b"http/1.1"]).await;
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    // The device trusts only the gateway's CA: the leaf it gets is the gateway's.
+    let tls = lab
+        .tls(origin, &gw, "shop.example", &[b"h2", b"http/1.1"])
+        .await
+        .expect("handshake with a gateway leaf");
+    // The origin speaks HTTP/1.1 only, so the device was not offered h2.
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (status, _, body) = get(tls, "shop.example", "/tagged", false).await;
+    assert_eq!((status, body.as_str()), (200, "HTTP/1.1 /tagged tag=t1"));
+    let tls = lab
+        .tls(origin, &gw, "shop.example", &[b"http/1.1"])
+        .await
+        .expect("handshake");
+    let (status, _, body) = get(tls, "shop.example", "/admin", false).await;
+    assert_eq!(
+        status, 403,
+        "the block page is served inside the connection"
+    );
+    assert!(body.contains("admin is closed"));
+
+    // Do Not Inspect: the origin's own certificate reaches the device untouched.
+    let bank = tls_origin(&lab.lab_ca, "bank.example", &[b"http/1.1"]).await;
+    assert!(lab
+        .tls(bank, &gw, "bank.example", &[b"http/1.1"])
+        .await
+        .is_err());
+    let lab_ca = lab.lab_ca.cert_der().to_vec();
+    let tls = lab
+        .tls(bank, &lab_ca, "bank.example", &[b"http/1.1"])
+        .await
+        .expect("the origin's own certificate");
+    let (status, _, body) = get(tls, "bank.example", "/admin", false).await;
+    assert_eq!((status, body.as_str()), (200, "HTTP/1.1 /admin tag=-"));
+}
+
+#[tokio::test]
+async fn h2_end_to_end_when_the_origin_speaks_it() {
+    let lab = lab(true);
+    let origin = tls_origin(&lab.lab_ca, "h2.example", &[b"h2", b"http/1.1"]).await;
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    let tls = lab
+        .tls(origin, &gw, "h2.example", &[b"h2", b"http/1.1"])
+        .await
+        .expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (status, _, body) = get(tls, "h2.example", "/tagged", true).await;
+    assert_eq!((status, body.as_str()), (200, "HTTP/2.0 /tagged tag=t1"));
+}
+
+#[tokio::test]
+async fn an_origin_with_an_untrusted_certificate_gets_526() {
+    let lab = lab(true);
+    let stranger = CertificateAuthority::generate("Unknown CA", now()).expect("ca");
+    let origin = tls_origin(&stranger, "bad.example", &[b"http/1.1"]).await;
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    let tls = lab
+        .tls(origin, &gw, "bad.example", &[b"http/1.1"])
+        .await
+        .expect("handshake");
+    let (status, _, body) = get(tls, "bad.example", "/", false).await;
+    assert_eq!(status, 526);
+    assert!(body.contains("bad.example"));
+}
+
+#[tokio::test]
+async fn without_decryption_https_is_decided_on_the_sni() {
+    let lab = lab(false);
+    let origin = tls_origin(&lab.lab_ca, "shop.example", &[b"http/1.1"]).await;
+    let lab_ca = lab.lab_ca.cert_der().to_vec();
+    // Spliced: the origin's certificate, the origin's answers, even for a path rule.
+    let tls = lab
+        .tls(origin, &lab_ca, "shop.example", &[b"http/1.1"])
+        .await
+        .expect("the origin's certificate");
+    let (status, _, _) = get(tls, "shop.example", "/admin", false).await;
+    assert_eq!(status, 200);
+    // A block on the SNI host closes the connection before any handshake.
+    let casino = tls_origin(&lab.lab_ca, "casino.example", &[b"http/1.1"]).await;
+    assert!(lab
+        .tls(casino, &lab_ca, "casino.example", &[b"http/1.1"])
+        .await
+        .is_err());
+    let blocked = lab
+        .inspector
+        .counters()
+        .blocked
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(blocked, 1);
+}
+
+#[tokio::test]
+async fn a_client_hello_without_sni_follows_no_sni() {
+    use waygate_config::NoSni;
+    let ip = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    // block: closed.
+    let lab = lab_with(HttpConfig {
+        tls_decrypt: true,
+        no_sni: NoSni::Block,
+        ..HttpConfig::default()
+    });
+    let origin = tls_origin(&lab.lab_ca, "shop.example", &[b"http/1.1"]).await;
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    assert!(lab
+        .tls_to(origin, &gw, ip.clone(), &[b"http/1.1"])
+        .await
+        .is_err());
+    // inspect: a gateway leaf for the address; the origin's certificate does not name it.
+    let lab = lab_with(HttpConfig {
+        tls_decrypt: true,
+        no_sni: NoSni::Inspect,
+        ..HttpConfig::default()
+    });
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    let tls = lab
+        .tls_to(origin, &gw, ip.clone(), &[b"http/1.1"])
+        .await
+        .expect("a leaf for the address");
+    let (status, _, _) = get(tls, "127.0.0.1", "/", false).await;
+    assert_eq!(status, 526);
+    // bypass: spliced, so the device meets the origin's own certificate.
+    let lab = lab_with(HttpConfig {
+        tls_decrypt: true,
+        no_sni: NoSni::Bypass,
+        ..HttpConfig::default()
+    });
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    assert!(lab.tls_to(origin, &gw, ip, &[b"http/1.1"]).await.is_err());
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_passes_through_after_the_request_is_allowed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lab = lab(false);
+    let origin = plain_origin().await;
+    for (path, upgraded) in [("/chat", true), ("/admin/chat", false)] {
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(lab.open(origin).await))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn.with_upgrades());
+        let request = Request::builder()
+            .uri(path)
+            .header("host", "ws.example")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = send.send_request(request).await.expect("response");
+        if !upgraded {
+            assert_eq!(
+                response.status(),
+                403,
+                "a blocked upgrade gets the block page"
+            );
+            continue;
+        }
+        assert_eq!(response.status(), 101);
+        let up = hyper::upgrade::on(response).await.expect("upgraded");
+        let mut up = TokioIo::new(up);
+        up.write_all(b"hello over the socket").await.expect("write");
+        let mut echoed = [0u8; 21];
+        up.read_exact(&mut echoed).await.expect("echo");
+        assert_eq!(&echoed, b"hello over the socket");
+    }
+}
+
+/// A multipart upload of `file` named `name` over a fresh flow: the status.
+async fn upload(lab: &Lab, origin: SocketAddr, name: &str, file: &[u8]) -> u16 {
+    let mut body = format!(
+        "--B0undary\r\nContent-Disposition: form-data; name=\"f\"; filename=\"{name}\"\r\n\
+         Content-Type: text/plain\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(file);
+    body.extend_from_slice(b"\r\n--B0undary--\r\n");
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(lab.open(origin).await))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let request = Request::builder()
+        .method("POST")
+        .uri("/upload")
+        .header("host", "files.example")
+        .header("content-type", "multipart/form-data; boundary=B0undary")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let response = send.send_request(request).await.expect("response");
+    response.status().as_u16()
+}
+
+#[tokio::test]
+async fn file_types_come_from_the_bytes_of_downloads_and_uploaded_parts() {
+    let lab = lab(false);
+    let origin = plain_origin().await;
+    // An executable served as file.txt with Content-Type text/plain.
+    let (status, _, body) = get(lab.open(origin).await, "files.example", "/file.txt", false).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("no executables (noexe)"), "{body}");
+    assert_eq!(upload(&lab, origin, "report.txt", &exe()).await, 403);
+    assert_eq!(
+        upload(&lab, origin, "report.txt", b"plain words").await,
+        200
+    );
+}
