@@ -158,6 +158,18 @@ const RTTE_MIN_RTO: u32 = 1000;
 // seconds
 const RTTE_MAX_RTO: u32 = 60_000;
 
+/// How far a paced sender may catch up at once after its poll came late: the burst it may
+/// send in one go. A poll loop driven by millisecond timers is up to about this late.
+const PACING_MAX_BURST: Duration = Duration::from_millis(1);
+
+/// Pacing rate as a percentage of the window per smoothed RTT, in slow start and after
+/// (the ratios Linux uses, `tcp_pacing_ss_ratio` and `tcp_pacing_ca_ratio`).
+const PACING_SS_RATIO: u64 = 200;
+const PACING_CA_RATIO: u64 = 120;
+
+/// SACK blocks kept in the scoreboard.
+const SACK_BLOCKS: usize = 8;
+
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 struct RttEstimator {
@@ -173,11 +185,14 @@ struct RttEstimator {
     timestamp: Option<(Instant, TcpSeqNumber)>,
     max_seq_sent: Option<TcpSeqNumber>,
     rto_count: u8,
+    /// Lower bound of the RTO, in milliseconds.
+    min_rto: u32,
 }
 
 impl Default for RttEstimator {
     fn default() -> Self {
         Self {
+            min_rto: RTTE_MIN_RTO,
             have_measurement: false,
             srtt: 0,   // ignored, will be overwritten on first measurement.
             rttvar: 0, // ignored, will be overwritten on first measurement.
@@ -194,7 +209,6 @@ impl RttEstimator {
         Duration::from_millis(self.rto as _)
     }
 
-    #[cfg(feature = "socket-tcp-cubic")]
     fn smoothed_rtt(&self) -> u32 {
         if self.have_measurement { self.srtt } else { 0 }
     }
@@ -214,7 +228,7 @@ impl RttEstimator {
 
         // RFC 6298 (2.2), (2.3)
         let margin = RTTE_MIN_MARGIN.max(self.rttvar * RTTE_K);
-        self.rto = (self.srtt + margin).clamp(RTTE_MIN_RTO, RTTE_MAX_RTO);
+        self.rto = (self.srtt + margin).clamp(self.min_rto, RTTE_MAX_RTO);
 
         self.rto_count = 0;
 
@@ -523,6 +537,16 @@ pub struct Socket<'a> {
     local_rx_dup_acks: u8,
     /// If a fast retransmit needs to occur
     pending_fast_retransmit: bool,
+    /// Whether data segments are paced (see [`Socket::set_pacing`]).
+    pacing: bool,
+    /// When pacing: the earliest time the next data segment may leave.
+    pacing_next: Option<Instant>,
+    /// The SACK scoreboard: blocks above `local_seq_no` the remote reported holding, sorted
+    /// and disjoint.
+    sacked: [Option<(TcpSeqNumber, TcpSeqNumber)>; SACK_BLOCKS],
+    /// During loss recovery: the highest sequence number sent when it began (recovery ends
+    /// once it is acknowledged) and the next sequence number to consider retransmitting.
+    recovery: Option<(TcpSeqNumber, TcpSeqNumber)>,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -614,6 +638,10 @@ impl<'a> Socket<'a> {
             local_rx_last_seq: None,
             local_rx_dup_acks: 0,
             pending_fast_retransmit: false,
+            pacing: false,
+            pacing_next: None,
+            sacked: [None; SACK_BLOCKS],
+            recovery: None,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
@@ -806,6 +834,32 @@ impl<'a> Socket<'a> {
         self.ack_delay = duration
     }
 
+    /// Set the lower bound of the retransmission timeout.
+    ///
+    /// RFC 6298 (2.4) asks for 1 second, the default. Linux uses 200 ms: over paths of tens of
+    /// milliseconds, a tail loss that no duplicate acknowledgment reports otherwise stalls the
+    /// connection for many round trips.
+    pub fn set_min_rto(&mut self, min_rto: Duration) {
+        self.rtte.min_rto = (min_rto.total_millis() as u32).clamp(1, RTTE_MAX_RTO);
+    }
+
+    /// Enable or disable pacing of data segments.
+    ///
+    /// A paced socket spreads its window over the round trip, at twice the window per
+    /// smoothed RTT in slow start and 1.2 times after, instead of sending it back to back as
+    /// acknowledgments open it. Bursts of a whole window overflow shallow queues on the path
+    /// (a router, the receiver's socket buffer) and lose segments in runs. Until the first RTT
+    /// sample, and while the smoothed RTT is under a millisecond, segments are not paced.
+    /// Retransmissions in loss recovery are paced too.
+    ///
+    /// Pacing is disabled by default.
+    pub fn set_pacing(&mut self, enabled: bool) {
+        self.pacing = enabled;
+        if !enabled {
+            self.pacing_next = None;
+        }
+    }
+
     /// Enable or disable Nagle's Algorithm.
     ///
     /// Also known as "tinygram prevention". By default, it is enabled.
@@ -907,7 +961,14 @@ impl<'a> Socket<'a> {
 
         self.state = State::Closed;
         self.timer = Timer::new();
-        self.rtte = RttEstimator::default();
+        self.rtte = RttEstimator {
+            min_rto: self.rtte.min_rto,
+            ..RttEstimator::default()
+        };
+        self.pacing_next = None;
+        self.sacked = [None; SACK_BLOCKS];
+        self.recovery = None;
+        self.pending_fast_retransmit = false;
         self.assembler = Assembler::new();
         self.tx_buffer.clear();
         self.rx_buffer.clear();
@@ -1403,6 +1464,116 @@ impl<'a> Socket<'a> {
             .inner()
             .window()
             .saturating_sub(self.flight_size())
+    }
+
+    /// Bytes per second data segments are paced at, if they are paced now.
+    fn pacing_rate(&self) -> Option<u64> {
+        let srtt = self.rtte.smoothed_rtt();
+        if !self.pacing || srtt == 0 {
+            return None;
+        }
+        let cc = self.congestion_controller.inner();
+        let window = cc.window().min(self.remote_win_len).max(self.remote_mss) as u64;
+        let ratio = if cc.in_slow_start() {
+            PACING_SS_RATIO
+        } else {
+            PACING_CA_RATIO
+        };
+        // window * ratio / 100 per srtt milliseconds.
+        Some((window.saturating_mul(ratio * 10) / srtt as u64).max(1))
+    }
+
+    /// Takes note of the SACK blocks of an acceptable ACK and drives loss recovery, after
+    /// the cumulative ACK moved (RFC 6675 in outline): while recovering, every ACK lets the
+    /// next hole below the highest SACKed byte be retransmitted, so a burst loss is repaired
+    /// in about one round trip instead of one segment per round trip. Without SACK this is
+    /// NewReno (RFC 6582): a partial ACK retransmits the segment at the cumulative ACK.
+    /// Recovery also starts once three segments' worth of data above the cumulative ACK are
+    /// SACKed, when window updates kept the duplicate ACKs from counting.
+    fn on_ack_recovery(&mut self, sack_ranges: &[Option<(u32, u32)>; 3]) {
+        let una = self.local_seq_no;
+        let sent = self.remote_last_seq;
+        if self.remote_has_sack {
+            for &(left, right) in sack_ranges.iter().flatten() {
+                // The remote's blocks count only within what was sent and not yet
+                // acknowledged (a D-SACK block below the cumulative ACK does not).
+                let left = TcpSeqNumber(left as i32).max(una);
+                let right = TcpSeqNumber(right as i32).min(sent);
+                if left < right {
+                    self.sack_insert(left, right);
+                }
+            }
+        }
+        let mut kept = [None; SACK_BLOCKS];
+        let mut sacked = 0;
+        for (slot, (left, right)) in kept
+            .iter_mut()
+            .zip(self.sacked.iter().flatten().filter(|b| b.1 > una))
+        {
+            let left = left.max(una);
+            sacked += *right - left;
+            *slot = Some((left, *right));
+        }
+        self.sacked = kept;
+        match self.recovery {
+            Some((end, _)) if una >= end => {
+                self.recovery = None;
+                self.sacked = [None; SACK_BLOCKS];
+            }
+            Some(_) => {
+                if self.next_hole().is_some() {
+                    self.pending_fast_retransmit = true;
+                }
+            }
+            None if sacked >= 3 * self.remote_mss && !self.tx_buffer.is_empty() => {
+                self.timer.set_for_fast_retransmit();
+                self.recovery = Some((sent, una));
+                net_debug!("started fast retransmit (SACK)");
+            }
+            None => {}
+        }
+    }
+
+    /// Adds a SACKed block to the scoreboard, merging it with the blocks it touches; keeps
+    /// the lowest blocks when there are more than fit (holes low in the window come first).
+    fn sack_insert(&mut self, mut left: TcpSeqNumber, mut right: TcpSeqNumber) {
+        let mut blocks = [None; SACK_BLOCKS + 1];
+        let mut n = 0;
+        for &(l, r) in self.sacked.iter().flatten() {
+            if r < left || l > right {
+                blocks[n] = Some((l, r));
+                n += 1;
+            } else {
+                left = left.min(l);
+                right = right.max(r);
+            }
+        }
+        blocks[n] = Some((left, right));
+        n += 1;
+        for i in 1..n {
+            let mut j = i;
+            while j > 0 && matches!((blocks[j], blocks[j - 1]), (Some(a), Some(b)) if a.0 < b.0) {
+                blocks.swap(j, j - 1);
+                j -= 1;
+            }
+        }
+        self.sacked.copy_from_slice(&blocks[..SACK_BLOCKS]);
+    }
+
+    /// In loss recovery, the next range to retransmit: its start and most length. Holes
+    /// below SACKed blocks are taken as lost; beyond them, the segment at the cumulative ACK
+    /// (once per partial ACK).
+    fn next_hole(&self) -> Option<(TcpSeqNumber, usize)> {
+        let (end, next) = self.recovery?;
+        let una = self.local_seq_no;
+        let mut seq = next.max(una);
+        for &(left, right) in self.sacked.iter().flatten() {
+            if seq < left {
+                return Some((seq, left - seq));
+            }
+            seq = seq.max(right);
+        }
+        (seq == una && seq < end).then(|| (seq, end - seq))
     }
 
     /// Return the amount of octets queued in the receive buffer. This value can be larger than
@@ -2116,8 +2287,9 @@ impl<'a> Socket<'a> {
                         }
                     );
 
-                    if self.local_rx_dup_acks == 3 {
+                    if self.local_rx_dup_acks == 3 && self.recovery.is_none() {
                         self.timer.set_for_fast_retransmit();
+                        self.recovery = Some((self.remote_last_seq, ack_number));
                         net_debug!("started fast retransmit");
                     }
 
@@ -2163,6 +2335,8 @@ impl<'a> Socket<'a> {
             if self.remote_last_seq < self.local_seq_no {
                 self.remote_last_seq = self.local_seq_no
             }
+
+            self.on_ack_recovery(&repr.sack_ranges);
         }
 
         // update last remote tsval
@@ -2297,6 +2471,14 @@ impl<'a> Socket<'a> {
     }
 
     fn seq_to_transmit(&self, cx: &mut Context) -> bool {
+        if self.pacing_next.is_some_and(|at| at > cx.now()) {
+            return false;
+        }
+        self.seq_to_transmit_unpaced(cx)
+    }
+
+    /// Whether there is a segment to send, pacing aside.
+    fn seq_to_transmit_unpaced(&self, cx: &mut Context) -> bool {
         // Fast retransmits should always send, even if later congestion checks would disallow
         if self.pending_fast_retransmit && !self.tx_buffer.is_empty() {
             return true;
@@ -2486,6 +2668,9 @@ impl<'a> Socket<'a> {
                 // had sent them. This will cause all data in the queue
                 // to be sent again.
                 self.remote_last_seq = self.local_seq_no;
+                self.recovery = None;
+                self.sacked = [None; SACK_BLOCKS];
+                self.pending_fast_retransmit = false;
 
                 // Inform RTTE, so that it can can handle RTO backoff
                 self.rtte.on_rto();
@@ -2632,13 +2817,31 @@ impl<'a> Socket<'a> {
                 let effective_mss = local_mss.min(self.remote_mss).saturating_sub(options_len);
 
                 let offset = if self.pending_fast_retransmit {
-                    let size = effective_mss.min(self.tx_buffer.len());
-                    repr.seq_number = self.local_seq_no;
-                    repr.payload = self.tx_buffer.get_allocated(0, size);
+                    // In recovery, the next hole; otherwise the segment at the cumulative ACK.
+                    let (seq, len) = self
+                        .next_hole()
+                        .unwrap_or((self.local_seq_no, usize::MAX));
+                    let offset = seq - self.local_seq_no;
+                    let size = effective_mss
+                        .min(len)
+                        .min(self.tx_buffer.len().saturating_sub(offset));
+                    repr.seq_number = seq;
+                    repr.payload = self.tx_buffer.get_allocated(offset, size);
 
                     self.pending_fast_retransmit = false;
+                    if let Some((_, next)) = &mut self.recovery
+                        && !repr.payload.is_empty()
+                    {
+                        *next = seq + repr.payload.len();
+                        // Every hole is retransmitted in turn, paced, not one per ACK: a
+                        // receiver that acknowledges sparingly still has a burst loss
+                        // repaired within about a round trip.
+                        self.pending_fast_retransmit = self.next_hole().is_some();
+                    }
+                    // Karn: an ACK of retransmitted data is no RTT sample.
+                    self.rtte.on_retransmit();
 
-                    0
+                    offset
                 } else {
                     // Right edge of window, ie the max sequence number we're allowed to send.
                     let win_right_edge = self.local_seq_no + self.remote_win_len;
@@ -2827,6 +3030,18 @@ impl<'a> Socket<'a> {
         self.remote_last_ack = repr.ack_number;
         self.remote_last_win = repr.window_len;
 
+        if !repr.payload.is_empty()
+            && let Some(rate) = self.pacing_rate()
+        {
+            let now = cx.now();
+            let gap = Duration::from_micros(repr.payload.len() as u64 * 1_000_000 / rate);
+            // A late poll may catch up, by at most one burst.
+            let start = self
+                .pacing_next
+                .map_or(now, |at| at.max(now - PACING_MAX_BURST));
+            self.pacing_next = Some(start + gap);
+        }
+
         if repr.segment_len() > 0 {
             self.rtte
                 .on_send(cx.now(), repr.seq_number + repr.segment_len());
@@ -2892,11 +3107,22 @@ impl<'a> Socket<'a> {
                 (_, _) => PollAt::Ingress,
             };
 
+            // A paced segment waits for its time.
+            let pacing_poll_at = match self.pacing_next {
+                Some(at) if self.seq_to_transmit_unpaced(cx) => PollAt::Time(at),
+                _ => PollAt::Ingress,
+            };
+
             // We wait for the earliest of our timers to fire.
-            *[self.timer.poll_at(), timeout_poll_at, delayed_ack_poll_at]
-                .iter()
-                .min()
-                .unwrap_or(&PollAt::Ingress)
+            *[
+                self.timer.poll_at(),
+                timeout_poll_at,
+                delayed_ack_poll_at,
+                pacing_poll_at,
+            ]
+            .iter()
+            .min()
+            .unwrap_or(&PollAt::Ingress)
         }
     }
 }

@@ -35,6 +35,12 @@ pub(super) trait Controller {
 
     /// Set the maximum segment size.
     fn set_mss(&mut self, mss: usize) {}
+
+    /// Whether the window is still growing exponentially (slow start): a paced sender then
+    /// paces faster, so the rate can double each round trip.
+    fn in_slow_start(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug)]

@@ -77,8 +77,15 @@ impl Controller for Cubic {
         self.cwnd
     }
 
+    fn in_slow_start(&self) -> bool {
+        self.cwnd < self.ssthresh
+    }
+
     fn on_ack(&mut self, now: Instant, len: usize, in_flight: usize, rtt: &RttEstimator) {
-        let segment = len.min(self.mss);
+        // Byte counting (RFC 3465): the window grows by what an ACK acknowledges, not by one
+        // segment per ACK, so a receiver that acknowledges many segments at once (delayed or
+        // coalesced ACKs, common behind GRO) does not hold the window back.
+        let segment = len;
 
         self.absorb_idle(now);
 
@@ -104,7 +111,7 @@ impl Controller for Cubic {
             self.w_est = self.cwnd as f64;
             return;
         } else if self.cwnd < self.ssthresh {
-            // Slow start: increase `cwnd` by 1 MSS per ACK.
+            // Slow start: increase `cwnd` by the bytes acknowledged.
             self.cwnd = self
                 .cwnd
                 .saturating_add(segment)
@@ -169,7 +176,10 @@ impl Controller for Cubic {
 
         // TODO: clamps to 0 on small w_cubic_target (i.e. close to plateau)
         // add additional counter (linux `cwnd_cnt`?) to track "lost" bytes
-        let increment = (w_cubic_target as usize).saturating_sub(self.cwnd) * segment / self.cwnd;
+        let increment = (w_cubic_target as usize)
+            .saturating_sub(self.cwnd)
+            .saturating_mul(segment)
+            / self.cwnd;
         self.cwnd = (self.cwnd + increment).min(self.rwnd).max(self.mss);
     }
 
