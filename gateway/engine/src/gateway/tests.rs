@@ -812,10 +812,11 @@ fn a_far_download_never_bursts_past_the_devices_buffer() {
         "{} bytes left within {BURST_WINDOW:?}; {stats:?}",
         stats.peak_burst
     );
-    // Slow start still overshoots the buffer once (no HyStart): measured 13.3 s for what the
-    // link carries in 0.7 s, as this device (smoltcp) reports one SACK block per ACK and
-    // keeps 32 out-of-order ranges. A bound against stalls, not a goodput target.
-    assert!(took < Duration::from_secs(20), "took {took:?}; {stats:?}");
+    // The link carries 16 MiB in 0.7 s. Slow start still overshoots the buffer once (no
+    // HyStart) and the retransmissions of that burst are partly lost again: measured 2.0 s
+    // (13.3 s before partial ACKs stopped re-arming the timer in recovery, 16 s and more
+    // with go-back-N after a 1 s RTO).
+    assert!(took < Duration::from_secs(4), "took {took:?}; {stats:?}");
 }
 
 #[test]

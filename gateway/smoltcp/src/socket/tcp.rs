@@ -547,6 +547,14 @@ pub struct Socket<'a> {
     /// During loss recovery: the highest sequence number sent when it began (recovery ends
     /// once it is acknowledged) and the next sequence number to consider retransmitting.
     recovery: Option<(TcpSeqNumber, TcpSeqNumber)>,
+    /// When the current pass over the holes began: a retransmission that is still missing a
+    /// round trip later was lost too, and the next pass sends it again.
+    recovery_pass: Instant,
+    /// After a retransmission timeout, the highest sequence number sent before it ("recover",
+    /// RFC 6582): until it is acknowledged, duplicate ACKs and SACKs are echoes of the data
+    /// resent by go-back-N, not news of a loss, and start no recovery (which would cut the
+    /// slow-start threshold to a fraction of the small window).
+    rto_recover: Option<TcpSeqNumber>,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -642,6 +650,8 @@ impl<'a> Socket<'a> {
             pacing_next: None,
             sacked: [None; SACK_BLOCKS],
             recovery: None,
+            recovery_pass: Instant::from_secs(0),
+            rto_recover: None,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
@@ -968,6 +978,7 @@ impl<'a> Socket<'a> {
         self.pacing_next = None;
         self.sacked = [None; SACK_BLOCKS];
         self.recovery = None;
+        self.rto_recover = None;
         self.pending_fast_retransmit = false;
         self.assembler = Assembler::new();
         self.tx_buffer.clear();
@@ -1490,7 +1501,7 @@ impl<'a> Socket<'a> {
     /// NewReno (RFC 6582): a partial ACK retransmits the segment at the cumulative ACK.
     /// Recovery also starts once three segments' worth of data above the cumulative ACK are
     /// SACKed, when window updates kept the duplicate ACKs from counting.
-    fn on_ack_recovery(&mut self, sack_ranges: &[Option<(u32, u32)>; 3]) {
+    fn on_ack_recovery(&mut self, now: Instant, sack_ranges: &[Option<(u32, u32)>; 3]) {
         let una = self.local_seq_no;
         let sent = self.remote_last_seq;
         if self.remote_has_sack {
@@ -1503,6 +1514,9 @@ impl<'a> Socket<'a> {
                     self.sack_insert(left, right);
                 }
             }
+        }
+        if self.rto_recover.is_some_and(|recover| una >= recover) {
+            self.rto_recover = None;
         }
         let mut kept = [None; SACK_BLOCKS];
         let mut sacked = 0;
@@ -1520,14 +1534,25 @@ impl<'a> Socket<'a> {
                 self.recovery = None;
                 self.sacked = [None; SACK_BLOCKS];
             }
-            Some(_) => {
+            Some((end, _)) => {
+                // A pass over every hole is done and a round trip (plus a quarter, for
+                // jitter) has gone by: what is still missing was lost again. Another pass.
+                let srtt = Duration::from_millis(self.rtte.smoothed_rtt().max(1) as u64);
+                if self.next_hole().is_none() && now >= self.recovery_pass + srtt + srtt / 4 {
+                    self.recovery = Some((end, una));
+                    self.recovery_pass = now;
+                }
                 if self.next_hole().is_some() {
                     self.pending_fast_retransmit = true;
                 }
             }
-            None if sacked >= 3 * self.remote_mss && !self.tx_buffer.is_empty() => {
+            None if sacked >= 3 * self.remote_mss
+                && !self.tx_buffer.is_empty()
+                && self.rto_recover.is_none() =>
+            {
                 self.timer.set_for_fast_retransmit();
                 self.recovery = Some((sent, una));
+                self.recovery_pass = now;
                 net_debug!("started fast retransmit (SACK)");
             }
             None => {}
@@ -2287,9 +2312,13 @@ impl<'a> Socket<'a> {
                         }
                     );
 
-                    if self.local_rx_dup_acks == 3 && self.recovery.is_none() {
+                    if self.local_rx_dup_acks == 3
+                        && self.recovery.is_none()
+                        && self.rto_recover.is_none()
+                    {
                         self.timer.set_for_fast_retransmit();
                         self.recovery = Some((self.remote_last_seq, ack_number));
+                        self.recovery_pass = cx.now();
                         net_debug!("started fast retransmit");
                     }
 
@@ -2336,7 +2365,7 @@ impl<'a> Socket<'a> {
                 self.remote_last_seq = self.local_seq_no
             }
 
-            self.on_ack_recovery(&repr.sack_ranges);
+            self.on_ack_recovery(cx.now(), &repr.sack_ranges);
         }
 
         // update last remote tsval
@@ -2350,7 +2379,10 @@ impl<'a> Socket<'a> {
                 if ack_all {
                     // RFC 6298: (5.2) ACK of all outstanding data turn off the retransmit timer.
                     self.timer.set_for_idle(cx.now(), self.keep_alive);
-                } else if ack_len > 0 {
+                } else if ack_len > 0 && self.recovery.is_none() {
+                    // In recovery partial ACKs leave the timer running ("Impatient", RFC
+                    // 6582): were retransmissions lost again, recovery would otherwise crawl
+                    // a hole per round trip; the timeout ends it instead.
                     // (5.3) ACK of new data in ESTABLISHED state restart the retransmit timer.
                     let rto = self.rtte.retransmission_timeout();
                     self.timer.set_for_retransmit(cx.now(), rto);
@@ -2667,6 +2699,7 @@ impl<'a> Socket<'a> {
                 // Rewind "last sequence number sent", as if we never
                 // had sent them. This will cause all data in the queue
                 // to be sent again.
+                self.rto_recover = Some(self.remote_last_seq);
                 self.remote_last_seq = self.local_seq_no;
                 self.recovery = None;
                 self.sacked = [None; SACK_BLOCKS];
@@ -7247,6 +7280,82 @@ mod test {
             ack_number: Some(LOCAL_SEQ + 1 + (3 * 5)),
             ..SEND_TEMPL
         });
+    }
+
+    #[test]
+    fn test_sack_recovery_retransmits_every_hole_at_once() {
+        let mut s = socket_established();
+        s.remote_mss = 3;
+        s.remote_has_sack = true;
+        send!(s, time 0, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1),
+            ..SEND_TEMPL
+        });
+        s.send_slice(b"aaaBBBcccDDDeeeFFF").unwrap();
+        let chunks: [&[u8]; 6] = [b"aaa", b"BBB", b"ccc", b"DDD", b"eee", b"FFF"];
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            recv!(s, time 1000, Ok(TcpRepr {
+                seq_number: LOCAL_SEQ + 1 + 3 * i,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload: chunk,
+                ..RECV_TEMPL
+            }));
+        }
+        // "aaa" and "ccc" are lost: one ACK SACKing the rest (12 octets, over 3 MSS) starts
+        // recovery without waiting for two more duplicates.
+        let at = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
+        send!(s, time 1050, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1),
+            sack_ranges: [Some((at(3), at(6))), Some((at(9), at(18))), None],
+            ..SEND_TEMPL
+        });
+        // Both holes go out, not one per round trip, and nothing SACKed is sent again.
+        recv!(s, time 1060, [TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"aaa"[..],
+            ..RECV_TEMPL
+        }, TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 6,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"ccc"[..],
+            ..RECV_TEMPL
+        }]);
+        send!(s, time 1100, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 18),
+            ..SEND_TEMPL
+        });
+        assert_eq!(s.recovery, None);
+        assert!(s.tx_buffer.is_empty());
+    }
+
+    #[test]
+    fn test_pacing_spreads_segments_over_the_rtt() {
+        let mut s = socket_established();
+        s.set_pacing(true);
+        s.remote_mss = 10;
+        // An RTT of 100 ms and a window of 100 octets: paced at 1.2 octets a millisecond.
+        s.rtte.sample(100);
+        s.remote_win_len = 100;
+        s.congestion_controller = congestion::AnyController::None(congestion::no_control::NoControl);
+        s.send_slice(b"0123456789abcdefghij").unwrap();
+        recv!(s, time 1000, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"0123456789"[..],
+            ..RECV_TEMPL
+        }));
+        // 10 octets at 1.2 times 100 octets per 100 ms: the next may leave 8 ms later.
+        recv_nothing!(s, time 1005);
+        recv!(s, time 1009, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 10,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"abcdefghij"[..],
+            ..RECV_TEMPL
+        }));
     }
 
     #[test]

@@ -111,10 +111,12 @@ impl Controller for Cubic {
             self.w_est = self.cwnd as f64;
             return;
         } else if self.cwnd < self.ssthresh {
-            // Slow start: increase `cwnd` by the bytes acknowledged.
+            // Slow start: increase `cwnd` by the bytes acknowledged, up to ssthresh (an ACK
+            // that jumps over data resent after a timeout must not make it a burst).
             self.cwnd = self
                 .cwnd
                 .saturating_add(segment)
+                .min(self.ssthresh.max(self.cwnd + self.mss))
                 .min(self.rwnd)
                 .max(self.mss);
             return;
@@ -490,15 +492,22 @@ mod test {
         assert_eq!(cubic.recovery_start, None);
         assert_eq!(cubic.w_max, w_max_before_rto);
 
-        // slow start grows by at most the MSS per ack
+        // slow start grows by the bytes acknowledged (RFC 3465), also past one MSS per ack...
+        let ssthresh = cubic.ssthresh;
+        cubic.ssthresh = usize::MAX;
         let initial_cwnd = cubic.window();
         for i in 0..10 {
             let initial_cwnd = cubic.window();
             let now = Instant::from_millis(i);
             ack(&mut cubic, MSS * 2, now);
-            assert_eq!(cubic.window(), initial_cwnd + MSS);
+            assert_eq!(cubic.window(), initial_cwnd + MSS * 2);
         }
-        assert_eq!(cubic.window(), initial_cwnd + MSS * 10);
+        assert_eq!(cubic.window(), initial_cwnd + MSS * 20);
+        // ...but not past ssthresh at once (an ACK over data resent after a timeout)
+        cubic.ssthresh = cubic.window() + MSS * 3;
+        ack(&mut cubic, MSS * 50, Instant::from_millis(10));
+        assert_eq!(cubic.window(), cubic.ssthresh);
+        cubic.ssthresh = ssthresh.max(cubic.window() * 2);
 
         // slow start uses the number of ACKed bytes if they're less than the MSS
         let initial_cwnd = cubic.window();
