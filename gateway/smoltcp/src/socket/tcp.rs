@@ -159,8 +159,9 @@ const RTTE_MIN_RTO: u32 = 1000;
 const RTTE_MAX_RTO: u32 = 60_000;
 
 /// How far a paced sender may catch up at once after its poll came late: the burst it may
-/// send in one go. A poll loop driven by millisecond timers is up to about this late.
-const PACING_MAX_BURST: Duration = Duration::from_millis(1);
+/// send in one go. A poll loop driven by millisecond timers wakes up to a tick late, and a
+/// busy host schedules it later still.
+const PACING_MAX_BURST: Duration = Duration::from_millis(2);
 
 /// Pacing rate as a percentage of the window per smoothed RTT, in slow start and after
 /// (the ratios Linux uses, `tcp_pacing_ss_ratio` and `tcp_pacing_ca_ratio`).
