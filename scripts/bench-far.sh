@@ -18,8 +18,13 @@
 # tunnel address during the 4-stream download: the median RTT under load shows the queue a
 # gateway builds in the bottleneck (bufferbloat).
 #
+# Then, for Waygate only, MANY downloads at once from the one device at 40 ms (two iperf3 clients,
+# -P up to 100 each): the gateway's peak resident memory while they run (issue 15: under 150 MB
+# for 200), and their summed goodput.
+#
 # Env: BENCH_SECONDS (default 8) per iperf3 run; BENCH_ROWS (default all) a space-separated subset
-# of the row names below; BENCH_PREFIX lab prefix.
+# of the row names below; BENCH_MANY (default 200, 0: skip) concurrent downloads of the memory
+# row; BENCH_PREFIX lab prefix.
 set -Eeuo pipefail
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
@@ -132,12 +137,54 @@ PY
   relay_stop
 }
 
+# many_downloads PORT: BENCH_MANY concurrent downloads at 40 ms through the gateway on PORT; prints
+# the gateway's peak RSS (VmRSS sampled every 0.2 s) and the summed goodput.
+many_downloads() {
+  local port="$1" many="${BENCH_MANY:-200}" left clients=() pids=() n i peak=0 rss json total=0
+  [ "$many" -gt 0 ] || return 0
+  relay_stop
+  printf 'waygate %s downloads: ' "$many" >>"$WORK/relay.log"
+  relay_start "$port" --delay-ms 20
+  ip netns exec "${P}d1" ping -c 3 -i 0.3 -W 2 100.96.0.1 >/dev/null 2>&1 || true
+  left="$many"
+  while [ "$left" -gt 0 ]; do
+    n=$((left < 100 ? left : 100))
+    left=$((left - n))
+    iperf_server
+    ip netns exec "${P}d1" timeout $((SECONDS_PER_RUN + 30)) iperf3 -c 203.0.113.20 \
+      -p "$IPERF_PORT" -t "$SECONDS_PER_RUN" -P "$n" -R -J >"$WORK/many-$IPERF_PORT.json" 2>/dev/null &
+    clients+=("$WORK/many-$IPERF_PORT.json")
+    pids+=($! "$IPERF_PID")
+  done
+  for i in $(seq 1 $(((SECONDS_PER_RUN + 2) * 5))); do
+    rss="$(awk '/^VmRSS/ {print $2}' "/proc/$GW_PID/status")"
+    [ "$rss" -gt "$peak" ] && peak="$rss"
+    sleep 0.2
+  done
+  for i in "${pids[@]}"; do wait "$i" 2>/dev/null || true; done
+  total="$(python3 - "${clients[@]}" <<'PY'
+import json, sys
+gbit = 0.0
+for path in sys.argv[1:]:
+    try:
+        end = json.load(open(path))["end"]["sum_received"]
+        gbit += end["bytes"] * 8 / 1e9 / end["seconds"]
+    except (ValueError, KeyError, OSError):
+        pass
+print(f"{gbit:.3f}")
+PY
+)"
+  echo "bench-far: waygate, $many downloads at rtt40: peak RSS $((peak / 1024)) MB, goodput $total Gbit/s" >&2
+  relay_stop
+}
+
 # The tunnel comes up through a plain relay; measure() puts each row's relay in its place.
 printf 'waygate setup: ' >>"$WORK/relay.log"
 relay_start 51820 --delay-ms 5
 waygate_up
 echo "bench-far: waygate (pid $GW_PID), ${SECONDS_PER_RUN}s per run, rows: ${ROWS[*]%%|*}" >&2
 measure waygate 51820 100.96.0.1
+many_downloads 51820
 waygate_down
 printf 'reference setup: ' >>"$WORK/relay.log"
 relay_start 51821 --delay-ms 5

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use waygate_e2e::{client_bin, report, skip, wait_until, Lab, Output, EGRESS_V4};
 
+/// The posture check the client's agent reports on.
+const POSTURE_CHECK: &str = "4a1f5e0c-7d55-4c2e-9b0f-0d3c8e6a9f21";
+
 /// Where the gateway's enrollment listener listens (its underlay address).
 const CONTROL: &str = "198.51.100.1:8444";
 
@@ -131,6 +134,27 @@ fn the_client_tunnel_reaches_the_origin_survives_a_gateway_restart_and_down_rest
     names.sort_unstable();
     assert_eq!(names, ["lab-pc", "lab-pc-2"]);
 
+    // A posture check the daemon's agent reports on once the tunnel is up (the file exists;
+    // the namespace shares this file system).
+    let flag = lab.dir().join("client-posture.flag");
+    fs::write(&flag, "present\n").expect("flag file");
+    let rule = serde_json::json!({
+        "id": POSTURE_CHECK, "name": "client flag", "type": "file", "schedule": "1m",
+        "match": [{"platform": "linux"}],
+        "input": {"path": flag.to_str().expect("utf-8 path"), "exists": true},
+    });
+    let rule_file = lab.dir().join("client-posture-rule.json");
+    fs::write(&rule_file, rule.to_string()).expect("rule file");
+    let out = lab
+        .waygate(&[
+            "posture",
+            "create",
+            "--file",
+            rule_file.to_str().expect("utf-8"),
+        ])
+        .expect("posture create");
+    assert!(out.ok(), "posture create: {}", out.describe());
+
     // Up, in a namespace where nothing but the client configures the network.
     let before = network_state(&lab, "d1");
     let iface = format!("{}c1", lab.prefix());
@@ -163,6 +187,26 @@ fn the_client_tunnel_reaches_the_origin_survives_a_gateway_restart_and_down_rest
     assert!(
         st["handshake_age_secs"].as_u64().is_some_and(|a| a < 30),
         "{st}"
+    );
+    // The daemon's agent reads the profile through the tunnel, reports the facts, and status
+    // shows the gateway's verdict; the gateway recorded it for the device.
+    let passed = wait_until(secs(20), Duration::from_millis(250), || {
+        let st = status(&lab, "d1", &dir);
+        (st["posture"][POSTURE_CHECK] == true).then_some(st)
+    });
+    assert!(
+        passed.is_some(),
+        "the agent's posture report never reached status: {}\ndaemon log: {}",
+        status(&lab, "d1", &dir),
+        fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+    );
+    let shown = lab
+        .waygate(&["device", "show", "lab-pc"])
+        .expect("device show");
+    assert!(
+        shown.stdout.contains(POSTURE_CHECK),
+        "device show: {}",
+        shown.describe()
     );
     let during = network_state(&lab, "d1");
     assert!(during.contains("nameserver 100.96.0.1"), "{during}");

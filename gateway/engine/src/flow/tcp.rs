@@ -71,6 +71,12 @@ pub struct TcpSettings {
     /// could come to hold. With the default 256 MiB, a device gets about 110 flows at full
     /// size and then about 1,000 at the floor, as many as its flow cap of 1,024.
     pub memory_per_device: usize,
+    /// Buffer memory the flows of all devices together may hold, counted as for
+    /// `memory_per_device`: past half of it new flows get the floor, so a few devices with
+    /// large windows cannot take every other device's share.
+    pub memory_total: usize,
+    /// Lower bound of smoltcp's retransmission timeout (RFC 6298 says 1 s; Linux uses 200 ms).
+    pub min_rto: Duration,
     /// Seeds smoltcp's generator of initial sequence numbers and ephemeral ports: a fixed seed
     /// makes them predictable to anyone who has seen one flow (the runtime draws it from the
     /// OS; tests fix it).
@@ -85,11 +91,12 @@ impl TcpSettings {
             rx_buffer_min: 512 * 1024,
             // Bytes in flight towards a device are bounded by the send buffer. A stock
             // wireguard-go device drains a ~200 KiB UDP socket buffer; overflowing it loses
-            // packets in bursts, and smoltcp recovers from burst loss only by go-back-N after a
-            // 1 s minimum RTO. Measured in the lab (scripts/bench-throughput.sh, RTT < 1 ms):
-            // 512 KiB collapsed downloads to 1-60 Mbit/s, 256 KiB to 0.16 Gbit/s, 96 KiB gave
-            // 0.53-0.65 Gbit/s. Far devices need more (96 KiB per 40 ms is 19 Mbit/s), so the
-            // buffer follows the device's measured round-trip time (see `buffers_for`).
+            // packets in bursts. Measured in the lab (scripts/bench-throughput.sh, RTT < 1 ms,
+            // before pacing and SACK recovery): 512 KiB collapsed downloads to 1-60 Mbit/s,
+            // 256 KiB to 0.16 Gbit/s, 96 KiB gave 0.53-0.65 Gbit/s. Under a millisecond of RTT
+            // smoltcp does not pace, so this bound stays for near devices. Far devices need
+            // more (96 KiB per 40 ms is 19 Mbit/s): the buffer follows the device's measured
+            // round-trip time (see `buffers_for`) and the socket paces what it sends.
             tx_buffer_min: 96 * 1024,
             buffer_max: 4 * 1024 * 1024,
             flow_rate: 1_000_000_000 / 8,
@@ -99,6 +106,12 @@ impl TcpSettings {
             download_window: 512 * 1024,
             floor_buffers: 32 * 1024,
             memory_per_device: 256 * 1024 * 1024,
+            // Four devices' worth at their full per-device budget. Buffers cost what they
+            // hold (pages a flow never wrote stay unbacked), so this bounds the worst case.
+            memory_total: 1024 * 1024 * 1024,
+            // smoltcp's default of 1 s turned every tail loss towards a 40 ms device into
+            // 25 idle round trips (scripts/bench-far.sh, issue 15); Linux's 200 ms.
+            min_rto: Duration::from_millis(200),
             random_seed: 0,
         }
     }
@@ -311,6 +324,8 @@ pub struct TcpFlows {
     dirty: Vec<FlowId>,
     scratch: Vec<u8>,
     peers: FxHashMap<PeerId, PeerState>,
+    /// Buffer memory all flows may come to hold (see `TcpSettings::memory_total`).
+    memory: usize,
     /// Held flows whose first bytes are known, for [`TcpFlows::poll_sniffed`].
     sniffed: VecDeque<(FlowId, Detected)>,
     /// Closed flows for the activity logs, while [`TcpFlows::record_closed`] is on.
@@ -344,6 +359,7 @@ impl TcpFlows {
             dirty: Vec::new(),
             scratch,
             peers: FxHashMap::default(),
+            memory: 0,
             sniffed: VecDeque::new(),
             closed: None,
         }
@@ -375,9 +391,9 @@ impl TcpFlows {
     }
 
     /// The buffers a new flow of `peer` gets: sized for the device's round-trip time while its
-    /// flows hold less than half its memory cap, then the floor, so a device with many flows
-    /// keeps opening them (slowly) up to its flow cap; `None` when even the floor would pass
-    /// the cap.
+    /// flows hold less than half its memory cap and all flows less than half the gateway's,
+    /// then the floor, so a device with many flows keeps opening them (slowly) up to its flow
+    /// cap; `None` when even the floor would pass either cap.
     fn buffers_for_new(&self, peer: PeerId) -> Option<FlowBuffers> {
         let s = &self.settings;
         let state = self.peers.get(&peer);
@@ -388,11 +404,15 @@ impl TcpFlows {
             tx,
             window: s.download_window,
         };
-        if held + full.total() <= s.memory_per_device / 2 {
+        if held + full.total() <= s.memory_per_device / 2
+            && self.memory + full.total() <= s.memory_total / 2
+        {
             return Some(full);
         }
         let floor = self.floor_buffers();
-        (held + floor.total() <= s.memory_per_device).then_some(floor)
+        (held + floor.total() <= s.memory_per_device
+            && self.memory + floor.total() <= s.memory_total)
+            .then_some(floor)
     }
 
     /// What a flow of a device short of buffer memory gets.
@@ -452,6 +472,7 @@ impl TcpFlows {
         let peer = self.peers.entry(ctx.peer).or_default();
         peer.flows += 1;
         peer.memory += buffers.total();
+        self.memory += buffers.total();
         self.by_key.insert((ctx.peer, ctx.src, ctx.dst), id);
         self.flows.insert(
             id,
@@ -774,6 +795,10 @@ impl TcpFlows {
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(Some(s.ack_delay.into()));
         socket.set_congestion_control(CongestionControl::Cubic);
+        // Far devices: spread each window over the round trip instead of bursting it into the
+        // device's UDP socket buffer (issue 15); smoltcp does not pace under 1 ms of RTT.
+        socket.set_pacing(true);
+        socket.set_min_rto(s.min_rto.into());
         let endpoint = IpListenEndpoint {
             addr: Some(flow.ctx.dst.ip().into()),
             port: flow.ctx.dst.port(),
@@ -830,6 +855,7 @@ impl TcpFlows {
             peer.flows = peer.flows.saturating_sub(1);
             peer.memory = peer.memory.saturating_sub(flow.buffers.total());
         }
+        self.memory = self.memory.saturating_sub(flow.buffers.total());
         out.push_back(Command::TcpClose { flow: id });
         let ctx = &flow.ctx;
         if let Some(closed) = &mut self.closed {

@@ -104,6 +104,26 @@ pub struct WireStats {
     pub keepalives: u64,
     /// Datagrams delivered after one sent later than them.
     pub reordered: u64,
+    /// Datagrams dropped because the bottleneck's queue was full (see
+    /// [`Wire::set_bottleneck`]).
+    pub overflowed: u64,
+    /// The most bytes put on the wire within any [`BURST_WINDOW`]: how much arrives at the
+    /// far end at once.
+    pub peak_burst: usize,
+}
+
+/// The span [`WireStats::peak_burst`] is measured over: about what a receiver's socket takes
+/// in before its reader is scheduled again.
+pub const BURST_WINDOW: Duration = Duration::from_millis(1);
+
+/// A queue drained at a fixed rate in front of a wire (a narrow link, or a receiver that
+/// drains its socket buffer at the speed it decrypts).
+#[derive(Debug, Clone, Copy)]
+struct Bottleneck {
+    bytes_per_sec: u64,
+    queue: usize,
+    /// When what is queued has left.
+    busy_until: Option<Instant>,
 }
 
 /// Datagrams one way, delayed, reordered and lost as its [`Conditions`] say.
@@ -117,6 +137,10 @@ pub struct Wire {
     last_delivered: Option<u64>,
     lose_next: usize,
     stats: WireStats,
+    bottleneck: Option<Bottleneck>,
+    /// (sent at, bytes) within the last [`BURST_WINDOW`], and their sum.
+    recent: VecDeque<(Instant, usize)>,
+    recent_bytes: usize,
 }
 
 /// Size of an empty WireGuard transport message (a keepalive).
@@ -133,7 +157,20 @@ impl Wire {
             last_delivered: None,
             lose_next: 0,
             stats: WireStats::default(),
+            bottleneck: None,
+            recent: VecDeque::new(),
+            recent_bytes: 0,
         }
+    }
+
+    /// Puts a queue of `queue` bytes drained at `bits_per_sec` in front of the wire: a
+    /// datagram that does not fit is dropped and counted in [`WireStats::overflowed`].
+    pub fn set_bottleneck(&mut self, bits_per_sec: u64, queue: usize) {
+        self.bottleneck = Some(Bottleneck {
+            bytes_per_sec: (bits_per_sec / 8).max(1),
+            queue,
+            busy_until: None,
+        });
     }
 
     /// Changes the conditions for datagrams sent from now on.
@@ -161,6 +198,16 @@ impl Wire {
         if kind == 4 && datagram.len() == KEEPALIVE_LEN {
             self.stats.keepalives += 1;
         }
+        self.recent.push_back((now, datagram.len()));
+        self.recent_bytes += datagram.len();
+        while let Some(&(at, n)) = self.recent.front() {
+            if now.saturating_duration_since(at) < BURST_WINDOW {
+                break;
+            }
+            self.recent.pop_front();
+            self.recent_bytes -= n;
+        }
+        self.stats.peak_burst = self.stats.peak_burst.max(self.recent_bytes);
         // Drawn for every datagram, so a forced loss leaves the rest of the run unchanged.
         let lost = self.rng.chance(self.conditions.loss);
         let delay = self.conditions.latency + self.rng.up_to(self.conditions.jitter);
@@ -169,8 +216,20 @@ impl Wire {
             self.stats.lost[kind] += 1;
             return;
         }
+        let mut leaves = now;
+        if let Some(b) = &mut self.bottleneck {
+            let start = b.busy_until.map_or(now, |t| t.max(now));
+            let backlog = (start - now).as_micros() as u64 * b.bytes_per_sec / 1_000_000;
+            if backlog as usize + datagram.len() > b.queue {
+                self.stats.overflowed += 1;
+                return;
+            }
+            leaves =
+                start + Duration::from_micros(datagram.len() as u64 * 1_000_000 / b.bytes_per_sec);
+            b.busy_until = Some(leaves);
+        }
         self.in_flight
-            .push(Reverse((now + delay, self.next_seq, datagram.to_vec())));
+            .push(Reverse((leaves + delay, self.next_seq, datagram.to_vec())));
         self.next_seq += 1;
     }
 
@@ -544,8 +603,13 @@ impl Sim {
 
     /// Opens a TCP connection from the device to `to` (IPv4), each from its own local port.
     pub fn tcp_connect(&mut self, to: SocketAddr) -> SocketHandle {
+        self.tcp_connect_with(to, 65536)
+    }
+
+    /// [`Sim::tcp_connect`] with a receive buffer of `rx` bytes (the window the device offers).
+    pub fn tcp_connect_with(&mut self, to: SocketAddr, rx: usize) -> SocketHandle {
         let socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; 65536]),
+            tcp::SocketBuffer::new(vec![0; rx]),
             tcp::SocketBuffer::new(vec![0; 65536]),
         );
         let handle = self.sockets.add(socket);
