@@ -379,3 +379,126 @@ fn the_client_tunnel_reaches_the_origin_survives_a_gateway_restart_and_down_rest
     assert!(out.ok(), "down d2: {}", out.describe());
     assert!(out.stderr.contains("not running"), "{}", out.describe());
 }
+
+/// Posture through the real client's daemon: its agent reports on the rule's schedule, and a
+/// network rule that needs the check blocks the device within one schedule after the file
+/// goes, and lets it through again within one schedule after the file is back.
+#[test]
+fn the_client_daemon_reports_posture_on_its_schedule() {
+    if skip("the_client_daemon_reports_posture_on_its_schedule") {
+        return;
+    }
+    let mut lab = Lab::up();
+    lab.stop_gateway();
+    let dir = lab.dir().join("client-posture");
+    let flag = lab.dir().join("posture-loop.flag");
+    let rules = lab.dir().join("rules.json");
+    fs::write(
+        &rules,
+        serde_json::json!({"result": [{
+            "id": "7c0d0a52-0000-4000-8000-00000000c11e", "name": "flag required",
+            "action": "block", "filters": ["l4"], "precedence": 1, "enabled": true,
+            "traffic": "net.dst.ip == 203.0.113.10", "identity": "",
+            "device_posture": format!(
+                "not(any(device_posture.checks.passed[*] in {{\"{POSTURE_CHECK}\"}}))"
+            ),
+        }]})
+        .to_string(),
+    )
+    .expect("rules");
+    let mut config = fs::read_to_string(lab.config()).expect("config");
+    config.push_str(&format!(
+        "[control]\nlisten = \"{CONTROL}\"\n[policy]\nrules = \"{}\"\n",
+        rules.display()
+    ));
+    fs::write(lab.config(), config).expect("config");
+    lab.start_gateway()
+        .expect("gateway with [control] and rules");
+    let rule = serde_json::json!({
+        "id": POSTURE_CHECK, "name": "flag file", "type": "file", "schedule": "1m",
+        "match": [{"platform": "linux"}],
+        "input": {"path": flag.to_str().expect("utf-8 path"), "exists": true},
+    });
+    let rule_file = lab.dir().join("posture-rule.json");
+    fs::write(&rule_file, rule.to_string()).expect("rule file");
+    let out = lab
+        .waygate(&[
+            "posture",
+            "create",
+            "--file",
+            rule_file.to_str().expect("utf-8"),
+        ])
+        .expect("posture create");
+    assert!(out.ok(), "posture create: {}", out.describe());
+    fs::write(&flag, "present\n").expect("flag");
+    let out = lab
+        .waygate(&["token", "create", "--email", "ada@example.com"])
+        .expect("token create");
+    assert!(out.ok(), "{}", out.describe());
+    let token = out.stdout.trim().to_string();
+    let server = format!("https://{CONTROL}");
+    let out = wait_until(secs(10), Duration::from_millis(200), || {
+        let out = client(
+            &lab,
+            "d1",
+            &dir,
+            &["enroll", "--server", &server, "--token", &token],
+            secs(30),
+        );
+        (!out.stderr.contains("cannot connect")).then_some(out)
+    })
+    .expect("the enrollment listener accepts connections");
+    assert!(out.ok(), "enroll: {}", out.describe());
+    let iface = format!("{}c9", lab.prefix());
+    let out = client(&lab, "d1", &dir, &["up", "--interface", &iface], secs(40));
+    if let Some(pid) = fs::read_to_string(dir.join("daemon.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+    {
+        lab.record_pid(pid, "client-posture")
+            .expect("record the daemon's pid");
+    }
+    assert!(out.ok(), "up: {}", out.describe());
+    let origin = "http://203.0.113.10/";
+    let reaches = |lab: &Lab| http_src(lab, "d1", origin).is_ok();
+    // The agent's first round runs at once: the pass lets the device through.
+    assert!(
+        wait_until(secs(20), Duration::from_millis(250), || reaches(&lab)
+            .then_some(()))
+        .is_some(),
+        "the first posture report should let the device through: {}\n{}",
+        status(&lab, "d1", &dir),
+        fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+    );
+    // One schedule is a minute; a round may be up to that late, plus a few seconds of slack.
+    let within = secs(60 + 15);
+    fs::remove_file(&flag).expect("remove the flag");
+    let gone = Instant::now();
+    assert!(
+        wait_until(within, Duration::from_millis(500), || (!reaches(&lab))
+            .then_some(()))
+        .is_some(),
+        "the device should be blocked within one schedule of the file going: {}",
+        status(&lab, "d1", &dir)
+    );
+    report(&format!(
+        "posture: blocked {:?} after the file went",
+        gone.elapsed()
+    ));
+    assert_eq!(status(&lab, "d1", &dir)["posture"][POSTURE_CHECK], false);
+    fs::write(&flag, "back\n").expect("flag back");
+    let back = Instant::now();
+    assert!(
+        wait_until(within, Duration::from_millis(500), || reaches(&lab)
+            .then_some(()))
+        .is_some(),
+        "the device should be let through within one schedule of the file returning: {}",
+        status(&lab, "d1", &dir)
+    );
+    report(&format!(
+        "posture: through again {:?} after the file returned",
+        back.elapsed()
+    ));
+    let out = client(&lab, "d1", &dir, &["down"], secs(30));
+    assert!(out.ok(), "down: {}", out.describe());
+}
