@@ -61,6 +61,26 @@ fn network_state(lab: &Lab, ns: &str) -> String {
     all
 }
 
+/// Creates the posture check [`POSTURE_CHECK`]: the file `flag` exists, every minute.
+fn create_file_check(lab: &Lab, flag: &Path) {
+    let rule = serde_json::json!({
+        "id": POSTURE_CHECK, "name": "flag file", "type": "file", "schedule": "1m",
+        "match": [{"platform": "linux"}],
+        "input": {"path": flag.to_str().expect("utf-8 path"), "exists": true},
+    });
+    let rule_file = lab.dir().join("posture-rule.json");
+    fs::write(&rule_file, rule.to_string()).expect("rule file");
+    let out = lab
+        .waygate(&[
+            "posture",
+            "create",
+            "--file",
+            rule_file.to_str().expect("utf-8"),
+        ])
+        .expect("posture create");
+    assert!(out.ok(), "posture create: {}", out.describe());
+}
+
 /// The source address the HTTP origin saw for `GET url` from namespace `ns`.
 fn http_src(lab: &Lab, ns: &str, url: &str) -> Result<String, Output> {
     let out = lab.run_in(ns, &["curl", "-sS", "--max-time", "5", url], secs(10));
@@ -138,22 +158,7 @@ fn the_client_tunnel_reaches_the_origin_survives_a_gateway_restart_and_down_rest
     // the namespace shares this file system).
     let flag = lab.dir().join("client-posture.flag");
     fs::write(&flag, "present\n").expect("flag file");
-    let rule = serde_json::json!({
-        "id": POSTURE_CHECK, "name": "client flag", "type": "file", "schedule": "1m",
-        "match": [{"platform": "linux"}],
-        "input": {"path": flag.to_str().expect("utf-8 path"), "exists": true},
-    });
-    let rule_file = lab.dir().join("client-posture-rule.json");
-    fs::write(&rule_file, rule.to_string()).expect("rule file");
-    let out = lab
-        .waygate(&[
-            "posture",
-            "create",
-            "--file",
-            rule_file.to_str().expect("utf-8"),
-        ])
-        .expect("posture create");
-    assert!(out.ok(), "posture create: {}", out.describe());
+    create_file_check(&lab, &flag);
 
     // Up, in a namespace where nothing but the client configures the network.
     let before = network_state(&lab, "d1");
@@ -414,22 +419,7 @@ fn the_client_daemon_reports_posture_on_its_schedule() {
     fs::write(lab.config(), config).expect("config");
     lab.start_gateway()
         .expect("gateway with [control] and rules");
-    let rule = serde_json::json!({
-        "id": POSTURE_CHECK, "name": "flag file", "type": "file", "schedule": "1m",
-        "match": [{"platform": "linux"}],
-        "input": {"path": flag.to_str().expect("utf-8 path"), "exists": true},
-    });
-    let rule_file = lab.dir().join("posture-rule.json");
-    fs::write(&rule_file, rule.to_string()).expect("rule file");
-    let out = lab
-        .waygate(&[
-            "posture",
-            "create",
-            "--file",
-            rule_file.to_str().expect("utf-8"),
-        ])
-        .expect("posture create");
-    assert!(out.ok(), "posture create: {}", out.describe());
+    create_file_check(&lab, &flag);
     fs::write(&flag, "present\n").expect("flag");
     let out = lab
         .waygate(&["token", "create", "--email", "ada@example.com"])
