@@ -10,7 +10,8 @@
 #
 # Then the device side, in the same run and through the same Waygate gateway: the bundled
 # waygate-client in place of wg-quick + wireguard-go (same key and addresses), with the device
-# daemon's CPU per Gbit.
+# daemon's CPU per Gbit. Then Waygate again with activity logs and metrics on (logs.dir,
+# metrics.listen): their cost per Gbit against the run without.
 #
 # Env: BENCH_SECONDS (default 6) per iperf3 run; BENCH_PREFIX lab prefix (default bn<pid>).
 set -Eeuo pipefail
@@ -54,6 +55,12 @@ echo "bench-throughput: waygate-client as the device (pid $DEV_PID)" >&2
 measure client
 client_down
 waygate_down
+# The same gateway with activity logs and metrics on (a network line per flow at its close, an
+# egress line per flow, /metrics scraped by nobody): their cost on the data plane.
+waygate_up -logs "$(printf '[logs]\ndir = "%s"\n[metrics]\nlisten = "127.0.0.1:9391"\n' "$WORK/logs")"
+echo "bench-throughput: waygate with logs.dir and metrics.listen (pid $GW_PID)" >&2
+measure waygate+logs
+waygate_down
 reference_up
 echo "bench-throughput: reference wireguard-go (pid $GW_PID)" >&2
 measure reference
@@ -85,4 +92,12 @@ for row, r in dev.items():
     ok &= gr >= 1.0 and cr <= 0.67
     print(f"{row:<12} {cg:>13.3f} {gg:>12.3f} {gr:>6.2f}   {cc:>17.3f} {gc:>16.3f} {cr:>6.2f}")
 print("targets: goodput ratio >= 1.00 and CPU ratio <= 0.67 in every row:", "met" if ok else "NOT met")
+print()
+print("activity logs and metrics on vs off, both Waygate with wg-quick + wireguard-go")
+print(f"{'streams/dir':<12} {'logs Gbit/s':>11} {'off Gbit/s':>10} {'ratio':>6}   "
+      f"{'logs CPU-s/Gbit':>15} {'off CPU-s/Gbit':>14} {'cost':>7}")
+for row, r in rows.items():
+    (lg, lc), (wg, wc) = r["waygate+logs"], r["waygate"]
+    print(f"{row:<12} {lg:>11.3f} {wg:>10.3f} {lg / wg:>6.2f}   {lc:>15.3f} {wc:>14.3f} "
+          f"{100 * (lc - wc) / wc:>6.1f}%")
 PY
