@@ -3,14 +3,21 @@
 //! `Resolver::handle_query` with the real rule engine. What this measures is the userspace part
 //! of a query's cost; bench-dns.sh measures it together with the kernel's.
 //!
+//! The second group does the same with activity logs on: every query's `dns.jsonl` line is
+//! encoded as the runtime's sink does (into a buffer the log writer would take), so the
+//! difference between the groups is what logging costs the resolving thread.
+//!
 //! Run: `cargo bench -p waygate-dns --bench dns_query -- --warm-up-time 1 --measurement-time 3`.
+//! Instructions per query, unaffected by a busy machine: run the bench binary under
+//! `valgrind --tool=callgrind --toggle-collect='*Resolver*handle_query*'` with
+//! `--profile-time 2 'logs off'` (or `'logs on'`) and divide Ir by the calls.
 // A benchmark is a shell: it reads the clock.
 #![allow(clippy::disallowed_methods)]
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hickory_proto::op::{Message, MessageType, ResponseCode};
@@ -19,6 +26,8 @@ use hickory_proto::rr::{RData, Record, RecordType};
 use waygate_dns::rules::DnsRules;
 use waygate_dns::testkit;
 use waygate_dns::{ClientCtx, Handled, Resolver, ResolverConfig, Transport};
+use waygate_model::activity::DnsActivity;
+use waygate_observe::record::{Clock, Encoder};
 use waygate_policy::ruleset::{Lists, RuleSet};
 use waygate_stages::policy::Loaded;
 
@@ -49,8 +58,17 @@ fn answer(up_query: &[u8]) -> Vec<u8> {
     m.to_vec().expect("answer")
 }
 
+/// The list's size: `BENCH_DOMAINS` (a smaller list loads faster under callgrind; a query's
+/// instructions hardly depend on it), else [`DOMAINS`].
+fn domains() -> usize {
+    std::env::var("BENCH_DOMAINS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DOMAINS)
+}
+
 fn resolver() -> Resolver<DnsRules> {
-    let names: Vec<String> = (0..DOMAINS).map(blocked).collect();
+    let names: Vec<String> = (0..domains()).map(blocked).collect();
     let lists =
         serde_json::json!([{"id": "bench", "name": "Bench", "type": "DOMAIN", "items": names}]);
     let rules = serde_json::json!([{"id": "block", "name": "Block list", "action": "block",
@@ -87,11 +105,12 @@ fn bench(c: &mut Criterion) {
         seed ^= seed << 17;
         seed
     };
+    let domains = domains();
     let mix: Vec<Vec<u8>> = (0..MIX)
         .map(|i| {
             let id = i as u16;
             if next() % 2 == 0 {
-                query(id, &blocked(next() as usize % DOMAINS))
+                query(id, &blocked(next() as usize % domains))
             } else {
                 query(id, &format!("ok{}.allowed.test", next() as usize % ALLOWED))
             }
@@ -113,13 +132,38 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("dns query");
     group.throughput(Throughput::Elements(MIX as u64));
-    group.bench_function("1M-domain block list, half blocked, half cached", |b| {
-        b.iter(|| {
-            for q in &mix {
-                black_box(r.handle_query(&client, black_box(q), Transport::Udp, now, &mut out));
-            }
-        })
+    group.bench_function(
+        "1M-domain block list, half blocked, half cached, logs off",
+        |b| {
+            b.iter(|| {
+                for q in &mix {
+                    black_box(r.handle_query(&client, black_box(q), Transport::Udp, now, &mut out));
+                }
+            })
+        },
+    );
+    let mut encoder = Encoder::new(Clock {
+        instant: now,
+        wall: SystemTime::now(),
     });
+    let mut lines = Vec::with_capacity(1 << 22);
+    r.set_activity_sink(Box::new(move |a: &DnsActivity<'_>| {
+        // The writer takes the buffer about every 10 ms; clearing stands in for that.
+        if lines.len() > (1 << 22) - 4096 {
+            lines.clear();
+        }
+        encoder.encode_dns(a, &mut lines);
+    }));
+    group.bench_function(
+        "1M-domain block list, half blocked, half cached, logs on",
+        |b| {
+            b.iter(|| {
+                for q in &mix {
+                    black_box(r.handle_query(&client, black_box(q), Transport::Udp, now, &mut out));
+                }
+            })
+        },
+    );
     group.finish();
 }
 

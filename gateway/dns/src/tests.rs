@@ -694,6 +694,7 @@ fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
     }
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let into = seen.clone();
+    let into_seen = seen.clone();
     r.set_activity_sink(Box::new(move |a: &DnsActivity<'_>| {
         into.lock().unwrap().push(Seen {
             query_id: a.query_id,
@@ -816,4 +817,30 @@ fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
     assert_eq!(stats.answers[1][2], 1, "AAAA SERVFAIL");
     assert_eq!(stats.upstream_latency.count(), 2);
     assert_eq!(stats.decisions[0], 3, "allow");
+    // The replay's addresses do not leak into the next record (their list is reused).
+    assert!(seen[3].resolved_ips.is_empty());
+    drop(seen);
+    // DNS over TLS and over HTTPS say so in the record (Logpush `Protocol`).
+    for (id, transport) in [(6, Transport::Tls), (7, Transport::Https)] {
+        r.handle_query(
+            &client(),
+            &query(id, "a.example.", RecordType::A),
+            transport,
+            later,
+            &mut out,
+        );
+    }
+    r.handle_query(
+        &client(),
+        &query(8, "blocked.example.", RecordType::A),
+        Transport::Https,
+        later,
+        &mut out,
+    );
+    let seen = into_seen.lock().unwrap();
+    let tail: Vec<(u16, &str, usize)> = seen[4..]
+        .iter()
+        .map(|a| (a.query_id, a.protocol, a.resolved_ips.len()))
+        .collect();
+    assert_eq!(tail, [(6, "tls", 1), (7, "https", 1), (8, "https", 0)]);
 }

@@ -24,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use super::resolver::device_client;
 use crate::dns::server::{serve_http, DnsStreams, TCP_IDLE};
 use crate::dns::{ClientCtx, DnsPolicy, TlsConfigs};
+use waygate_dns::resolver::Transport;
 use waygate_engine::flow::{FlowCtx, LocalEndpoint, LocalService, LocalServices};
 
 /// An HTTP response of a local service.
@@ -201,14 +202,16 @@ impl<P: DnsPolicy + 'static> LocalHost for LocalServer<P> {
         let dns = self.dns.clone();
         match endpoint {
             LocalEndpoint::Service(LocalService::DnsTcp) => {
-                self.runtime
-                    .spawn(async move { dns.serve_messages(&flow.client, stream).await });
+                self.runtime.spawn(async move {
+                    dns.serve_messages(&flow.client, Transport::Stream, stream)
+                        .await
+                });
             }
             LocalEndpoint::Service(LocalService::DnsOverTls) => {
                 let acceptor = self.dot.clone();
                 self.runtime.spawn(async move {
                     if let Some(tls) = accept(acceptor, &flow, stream).await {
-                        dns.serve_messages(&flow.client, tls).await;
+                        dns.serve_messages(&flow.client, Transport::Tls, tls).await;
                     }
                 });
             }

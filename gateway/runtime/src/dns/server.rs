@@ -331,10 +331,10 @@ async fn answer_query<P: DnsPolicy>(
     resolver: &SharedResolver<P>,
     upstream: &UpstreamClient,
     client: &ClientCtx,
-    query: &[u8],
+    (query, transport): (&[u8], Transport),
     out: &mut Vec<u8>,
 ) -> bool {
-    let handled = lock(resolver).handle_query(client, query, Transport::Stream, now(), out);
+    let handled = lock(resolver).handle_query(client, query, transport, now(), out);
     match handled {
         Handled::Answer => true,
         Handled::Upstream(ticket) => {
@@ -369,8 +369,8 @@ impl<P: DnsPolicy + 'static> DnsStreams<P> {
     }
 
     /// Length-prefixed DNS messages (RFC 1035 4.2.2 framing, also DoT's) from `client`, until
-    /// idle or closed.
-    pub async fn serve_messages<S>(&self, client: &ClientCtx, mut stream: S)
+    /// idle or closed; `transport` says which (`Stream` for TCP, `Tls` for DoT).
+    pub async fn serve_messages<S>(&self, client: &ClientCtx, transport: Transport, mut stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -387,7 +387,8 @@ impl<P: DnsPolicy + 'static> DnsStreams<P> {
                 Ok(Ok(n)) => n,
                 _ => return,
             };
-            if !answer_query(&self.resolver, &self.upstream, client, &buf[..n], &mut out).await {
+            let query = (&buf[..n], transport);
+            if !answer_query(&self.resolver, &self.upstream, client, query, &mut out).await {
                 continue;
             }
             let Ok(len) = u16::try_from(out.len()) else {
@@ -410,9 +411,10 @@ impl<P: DnsPolicy + 'static> DnsStreams<P> {
     ) -> Response<Full<Bytes>> {
         match doh::read_query(request).await {
             Err(rejection) => doh::rejection_response(&rejection),
-            Ok(query) => {
+            Ok(body) => {
                 let mut out = Vec::new();
-                if answer_query(&self.resolver, &self.upstream, client, &query, &mut out).await {
+                let query = (body.as_slice(), Transport::Https);
+                if answer_query(&self.resolver, &self.upstream, client, query, &mut out).await {
                     doh::answer_response(out)
                 } else {
                     doh::rejection_response(&doh::Rejection {
@@ -470,7 +472,10 @@ struct TcpConn<P> {
 impl<P: DnsPolicy + 'static> TcpConn<P> {
     async fn run(self, stream: TcpStream) {
         let Some(acceptor) = self.acceptor.clone() else {
-            return self.streams.serve_messages(&self.client, stream).await;
+            return self
+                .streams
+                .serve_messages(&self.client, Transport::Stream, stream)
+                .await;
         };
         let tls = match tokio::time::timeout(TCP_IDLE, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => tls,
@@ -489,8 +494,15 @@ impl<P: DnsPolicy + 'static> TcpConn<P> {
                 })
                 .await
             }
-            StreamKind::Tcp | StreamKind::Tls => {
-                self.streams.serve_messages(&self.client, tls).await
+            StreamKind::Tcp => {
+                self.streams
+                    .serve_messages(&self.client, Transport::Stream, tls)
+                    .await
+            }
+            StreamKind::Tls => {
+                self.streams
+                    .serve_messages(&self.client, Transport::Tls, tls)
+                    .await
             }
         }
     }
