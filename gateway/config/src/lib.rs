@@ -1130,6 +1130,14 @@ impl Checker {
         out
     }
 
+    /// Source networks (CIDRs, host bits dropped) of a location or proxy endpoint.
+    fn networks(&mut self, path: &str, leaf: Option<Strings>) -> Vec<IpNet> {
+        self.parsed_items::<IpNet>(path, leaf, "a CIDR like \"198.51.100.0/24\"")
+            .into_iter()
+            .map(|(_, n)| n.trunc())
+            .collect()
+    }
+
     fn config(&mut self, raw: RawConfig) -> Config {
         let mut cfg = Config::default();
         if let Some(v) = self.string("data_dir", raw.data_dir) {
@@ -1345,15 +1353,7 @@ impl Checker {
                 self.problem(join(&at, "name"), "a location needs a name");
             }
             let id = self.string(&join(&at, "id"), l.id);
-            let networks = self
-                .parsed_items::<IpNet>(
-                    &join(&at, "networks"),
-                    l.networks,
-                    "a CIDR like \"198.51.100.0/24\"",
-                )
-                .into_iter()
-                .map(|(_, n)| n.trunc())
-                .collect();
+            let networks = self.networks(&join(&at, "networks"), l.networks);
             if let Some(name) = name {
                 dns.locations.push(DnsLocation { name, id, networks });
             }
@@ -1629,15 +1629,7 @@ impl Checker {
             if name.is_none() {
                 self.problem(join(&at, "name"), "a proxy endpoint needs a name");
             }
-            let networks: Vec<IpNet> = self
-                .parsed_items::<IpNet>(
-                    &join(&at, "networks"),
-                    e.networks,
-                    "a CIDR like \"198.51.100.0/24\"",
-                )
-                .into_iter()
-                .map(|(_, n)| n.trunc())
-                .collect();
+            let networks = self.networks(&join(&at, "networks"), e.networks);
             if networks.is_empty() {
                 self.problem(
                     join(&at, "networks"),
