@@ -22,6 +22,8 @@ declare -A wanted=(
   [docker-compose]=docker-compose
   [debootstrap]=debootstrap
   [nsenter]=util-linux
+  [chromium]=chromium
+  [certutil]=libnss3-tools
 )
 
 # schemathesis (PyPI) walks the admin API's OpenAPI document in tests/tests/admin.rs.

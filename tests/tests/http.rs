@@ -14,6 +14,10 @@ use base64::Engine as _;
 use waygate_e2e::{report, skip, Device, Lab, EGRESS_V4, HTTP_ORIGIN, UDP_ORIGIN};
 use waygate_keys::CertificateAuthority;
 
+/// The explicit proxy's listener, on the gateway's underlay address: the lab's `d1` namespace
+/// (198.51.100.11) is the office endpoint's network, `d2` (198.51.100.12) is outside it.
+const PROXY: &str = "198.51.100.1:3128";
+
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
@@ -40,7 +44,17 @@ const RULES: &str = r#"[
    "traffic": "any(http.upload.file.types[*] == \"exe\")"},
   {"id": "11111111-0000-4000-8000-000000000006", "name": "no executable downloads",
    "action": "block", "enabled": true, "precedence": 40, "filters": ["http"],
-   "traffic": "any(http.download.file.types[*] == \"exe\")"}
+   "traffic": "any(http.download.file.types[*] == \"exe\")"},
+  {"id": "11111111-0000-4000-8000-000000000007", "name": "private pages off the proxy",
+   "action": "block", "enabled": true, "precedence": 7, "filters": ["http"],
+   "traffic": "proxy.endpoint == \"office\" and http.request.uri.path == \"/private\"",
+   "rule_settings": {"block_reason": "Private pages stay off the office proxy"}},
+  {"id": "11111111-0000-4000-8000-000000000008", "name": "blocked domain", "action": "block",
+   "enabled": true, "precedence": 35, "filters": ["http"],
+   "traffic": "any(http.request.domains[*] == \"blocked.example\")"},
+  {"id": "11111111-0000-4000-8000-000000000009", "name": "no deletes", "action": "block",
+   "enabled": true, "precedence": 36, "filters": ["http"],
+   "traffic": "http.request.method == \"DELETE\""}
 ]"#;
 
 /// A PE executable's first bytes: "MZ", then the PE header at the offset at 0x3c.
@@ -180,7 +194,9 @@ fn http_stage_inspects_device_traffic() {
     let mut config = fs::read_to_string(lab.config()).expect("config");
     config.push_str(&format!(
         "[policy]\nrules = \"{}\"\n[http]\nports = [80, 443, 8443, 9443]\ntls_decrypt = true\n\
-         upstream_ca = \"{}\"\n[http.block_page]\norg_name = \"Lab Org\"\n\
+         upstream_ca = \"{}\"\nproxy_listen = [\"{PROXY}\"]\n\
+         [[http.proxy_endpoints]]\nname = \"office\"\nnetworks = [\"198.51.100.11/32\"]\n\
+         [http.block_page]\norg_name = \"Lab Org\"\n\
          [logs]\ndir = \"{}\"\n",
         dir.join("rules.json").display(),
         dir.join("lab-ca.pem").display(),
@@ -385,37 +401,110 @@ fn http_stage_inspects_device_traffic() {
         .to_string();
     report("http: a URL-path rule blocks plain HTTP");
 
-    // `rules eval` decides the same request the same way.
-    let flow = serde_json::json!({
-        "http.request.host": HTTP_ORIGIN,
-        "http.request.uri": format!("http://{HTTP_ORIGIN}/admin/x"),
-        "http.request.uri.path": "/admin/x",
-        "http.request.uri.query": "",
-        "http.request.uri.path_and_query": "/admin/x",
-        "http.request.method": "GET",
-        "identity.email": "d1@example.com",
-    });
-    fs::write(dir.join("flow.json"), flow.to_string()).expect("flow");
-    let eval = lab
-        .waygate(&[
-            "rules",
-            "eval",
-            "--rules",
-            &dir.join("rules.json").display().to_string(),
-            "--filter",
-            "http",
-            "--input",
-            &dir.join("flow.json").display().to_string(),
-        ])
-        .expect("rules eval");
-    assert!(eval.ok(), "{}", eval.describe());
-    let decided: serde_json::Value = serde_json::from_str(&eval.stdout).expect("eval json");
+    // `rules eval` decides the same requests the same way: a small table of paths, domains
+    // and methods, each sent for real and given to `rules eval` as the same fields.
+    let eval = |method: &str, host: &str, pq: &str| -> serde_json::Value {
+        let (path, query) = pq.split_once('?').unwrap_or((pq, ""));
+        let flow = serde_json::json!({
+            "http.request.host": host,
+            "http.request.uri": format!("http://{host}{pq}"),
+            "http.request.uri.path": path,
+            "http.request.uri.query": query,
+            "http.request.uri.path_and_query": pq,
+            "http.request.method": method,
+            "identity.email": "d1@example.com",
+        });
+        let file = dir.join("flow.json");
+        fs::write(&file, flow.to_string()).expect("flow");
+        let out = lab
+            .waygate(&[
+                "rules",
+                "eval",
+                "--rules",
+                &dir.join("rules.json").display().to_string(),
+                "--filter",
+                "http",
+                "--input",
+                &file.display().to_string(),
+            ])
+            .expect("rules eval");
+        assert!(out.ok(), "{}", out.describe());
+        serde_json::from_str(&out.stdout).expect("eval json")
+    };
+    let decided = eval("GET", HTTP_ORIGIN, "/admin/x");
     let expected = format!(
         "{} ({})",
         decided["rule_name"].as_str().unwrap_or_default(),
         decided["rule_id"].as_str().unwrap_or_default()
     );
     assert_eq!(shown, expected, "the running stage and rules eval disagree");
+    // (method, host, path and query, the rule id both must name; "" for none)
+    let cases = [
+        (
+            "GET",
+            "blocked.example",
+            "/",
+            "11111111-0000-4000-8000-000000000008",
+        ),
+        (
+            "GET",
+            "www.blocked.example",
+            "/a?b=1",
+            "11111111-0000-4000-8000-000000000008",
+        ),
+        (
+            "DELETE",
+            "shop.example",
+            "/thing",
+            "11111111-0000-4000-8000-000000000009",
+        ),
+        (
+            "GET",
+            "shop.example",
+            "/admin",
+            "11111111-0000-4000-8000-000000000002",
+        ),
+        ("GET", "shop.example", "/thing?x=1", ""),
+        ("POST", "shop.example", "/private", ""),
+    ];
+    for (method, host, pq, want) in cases {
+        let out = fetch(
+            &lab,
+            &device,
+            &format!("http://{host}{pq}"),
+            &format!("{host}:80"),
+            &["-X", method, "-w", "\n%{http_code}"],
+        );
+        let running = if out.stdout.ends_with("\n403") {
+            out.stdout
+                .split("id=\"rule\">")
+                .nth(1)
+                .and_then(|s| s.split('<').next())
+                .unwrap_or("?")
+                .to_string()
+        } else {
+            String::new()
+        };
+        let decided = eval(method, host, pq);
+        let offline = match decided["action"].as_str() {
+            Some("block") => format!(
+                "{} ({})",
+                decided["rule_name"].as_str().unwrap_or_default(),
+                decided["rule_id"].as_str().unwrap_or_default()
+            ),
+            _ => String::new(),
+        };
+        assert_eq!(
+            running,
+            offline,
+            "{method} http://{host}{pq}: the running stage and rules eval disagree ({})",
+            out.describe()
+        );
+        assert!(
+            running.contains(want),
+            "{method} http://{host}{pq}: expected rule {want:?}, got {running:?}"
+        );
+    }
     report("http: rules eval --filter http agrees with the running stage");
 
     // One gateway_http line per request, with the decision, the rule and the bytes.
@@ -583,4 +672,200 @@ fn http_stage_inspects_device_traffic() {
     );
     assert!(echo.ok(), "UDP 7: {}", echo.describe());
     report("http: QUIC to 443 is dropped while decryption is on");
+
+    // The explicit proxy: from the office network (d1's underlay address, no tunnel involved).
+    let proxy_url = format!("http://{PROXY}");
+    let via_proxy = |ns: &str, url: &str, extra: &[&str]| {
+        let mut args = vec!["curl", "-sS", "--max-time", "10", "-x", proxy_url.as_str()];
+        args.extend_from_slice(extra);
+        args.push(url);
+        lab.run_in(ns, &args, secs(15))
+    };
+    let out = lab.run_in(
+        "d1",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-D",
+            "-",
+            &format!("{proxy_url}/proxy.pac"),
+        ],
+        secs(15),
+    );
+    assert!(out.ok(), "{}", out.describe());
+    assert!(
+        out.stdout
+            .to_ascii_lowercase()
+            .contains("content-type: application/x-ns-proxy-autoconfig"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("return \"PROXY {PROXY}; DIRECT\";")),
+        "{}",
+        out.stdout
+    );
+    report("http: the proxy listener serves /proxy.pac");
+    // CONNECT, decrypted with the gateway's leaf, leaving from the egress address.
+    let out = via_proxy(
+        "d1",
+        "https://shop.example/via-proxy",
+        &["--cacert", &gw_ca],
+    );
+    assert!(out.ok(), "CONNECT through the proxy: {}", out.describe());
+    let page: serde_json::Value = serde_json::from_str(&out.stdout).expect("origin json");
+    assert_eq!(page["path"], "/via-proxy", "{}", out.stdout);
+    assert_eq!(page["src"], EGRESS_V4, "{}", out.stdout);
+    // A rule on proxy.endpoint blocks with its page, inside the CONNECT tunnel.
+    let out = via_proxy(
+        "d1",
+        "https://shop.example/private",
+        &["--cacert", &gw_ca, "-w", "\n%{http_code}"],
+    );
+    assert!(out.stdout.ends_with("\n403"), "{}", out.describe());
+    assert!(
+        out.stdout
+            .contains("Private pages stay off the office proxy"),
+        "{}",
+        out.stdout
+    );
+    report("http: CONNECT through the proxy is inspected; a proxy.endpoint rule blocks");
+    // Plain absolute-URI requests: allowed, and decided by the same rules. (By address: the
+    // lab's name resolves to IPv6 too, which the gateway would reach first.)
+    let out = via_proxy("d1", &format!("http://{HTTP_ORIGIN}/"), &[]);
+    assert!(out.ok(), "{}", out.describe());
+    assert!(
+        out.stdout.contains(&format!("\"src\":\"{EGRESS_V4}\"")),
+        "{}",
+        out.stdout
+    );
+    let out = via_proxy(
+        "d1",
+        &format!("http://{HTTP_ORIGIN}/private"),
+        &["-w", "\n%{http_code}"],
+    );
+    assert!(out.stdout.ends_with("\n403"), "{}", out.describe());
+    report("http: plain proxy requests pass and are decided");
+    // A source outside every endpoint's networks gets 403, for plain requests and CONNECT.
+    let out = via_proxy(
+        "d2",
+        "http://shop.example/",
+        &["-o", "/dev/null", "-w", "%{http_code}"],
+    );
+    assert_eq!(out.stdout.trim(), "403", "{}", out.describe());
+    let out = via_proxy("d2", "https://shop.example/", &["--cacert", &gw_ca]);
+    assert!(
+        !out.ok() && out.stderr.contains("403"),
+        "CONNECT from outside: {}",
+        out.describe()
+    );
+    report("http: sources outside every proxy endpoint get 403");
+
+    chromium_loads_pages(&lab, &device, &dir, &ca.stdout);
+}
+
+/// Headless Chromium (Debian's package) inside the device's namespace, trusting the gateway's
+/// CA through its NSS database, loads an allowed page and a blocked one through inspection.
+fn chromium_loads_pages(lab: &Lab, device: &Device, dir: &Path, ca_pem: &str) {
+    let root = running_as_root();
+    if !Path::new("/usr/bin/chromium").exists() {
+        assert!(
+            !root,
+            "chromium is missing: scripts/install-deps.sh installs it (Debian package chromium)"
+        );
+        eprintln!("SKIP http chromium check: /usr/bin/chromium is missing and this is not root");
+        return;
+    }
+    let home = dir.join("chromium-home");
+    let nssdb = home.join(".pki/nssdb");
+    fs::create_dir_all(&nssdb).expect("nss dir");
+    let ca = dir.join("chromium-ca.pem");
+    fs::write(&ca, ca_pem).expect("ca");
+    let db = format!("sql:{}", nssdb.display());
+    for args in [
+        vec!["certutil", "-d", &db, "-N", "--empty-password"],
+        vec![
+            "certutil",
+            "-d",
+            &db,
+            "-A",
+            "-t",
+            "C,,",
+            "-n",
+            "waygate",
+            "-i",
+            ca.to_str().expect("utf-8 path"),
+        ],
+    ] {
+        let out = waygate_e2e::run_with_timeout(
+            {
+                let mut c = std::process::Command::new(args[0]);
+                c.args(&args[1..]);
+                c
+            },
+            secs(20),
+        )
+        .expect("certutil");
+        assert!(out.ok(), "{args:?}: {}", out.describe());
+    }
+    let home_env = format!("HOME={}", home.display());
+    let profile = format!("--user-data-dir={}", home.join("profile").display());
+    let resolve = format!("--host-resolver-rules=MAP shop.example {HTTP_ORIGIN}");
+    let dump = |url: &str| {
+        lab.run_in(
+            &device.ns,
+            &[
+                "env",
+                &home_env,
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                &profile,
+                &resolve,
+                "--dump-dom",
+                url,
+            ],
+            secs(60),
+        )
+    };
+    let started = std::time::Instant::now();
+    let out = dump("https://shop.example/from-chromium");
+    assert!(
+        out.stdout.contains("/from-chromium") && out.stdout.contains(EGRESS_V4),
+        "chromium did not get the page: {}",
+        out.describe()
+    );
+    let out = dump("https://shop.example/admin/chromium");
+    assert!(
+        out.stdout.contains("Admin pages are closed here") && out.stdout.contains("Lab Org"),
+        "chromium did not get the block page: {}",
+        out.describe()
+    );
+    report(&format!(
+        "http: headless Chromium trusting the CA in its NSS db loads an allowed page and a block \
+         page through inspection ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    ));
+}
+
+/// Whether this process runs as root (the lab needs it; then Chromium must be installed).
+fn running_as_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
 }

@@ -94,6 +94,21 @@ pub struct HttpConfig {
     pub upstream_ca: Option<PathBuf>,
     /// How the block page looks (`[http.block_page]`).
     pub block_page: BlockPageStyle,
+    /// Explicit proxy listeners (`proxy_listen`): HTTP CONNECT, absolute-URI requests and
+    /// `/proxy.pac`; empty (the default): none.
+    pub proxy_listen: Vec<SocketAddr>,
+    /// Source networks allowed to use the proxy listeners (`[[http.proxy_endpoints]]`); any
+    /// other source gets 403.
+    pub proxy_endpoints: Vec<ProxyEndpoint>,
+}
+
+/// `[[http.proxy_endpoints]]`: a network allowed to use `http.proxy_listen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyEndpoint {
+    /// Name (`proxy.endpoint` in rules).
+    pub name: String,
+    /// Source networks of its requests.
+    pub networks: Vec<IpNet>,
 }
 
 /// Which destination ports the HTTP stage inspects.
@@ -153,6 +168,8 @@ impl Default for HttpConfig {
             quic_allowed: false,
             upstream_ca: None,
             block_page: BlockPageStyle::default(),
+            proxy_listen: Vec::new(),
+            proxy_endpoints: Vec::new(),
         }
     }
 }
@@ -785,6 +802,15 @@ struct RawHttp {
     quic: Option<Leaf<String>>,
     upstream_ca: Option<Leaf<String>>,
     block_page: Option<Section<RawBlockPage>>,
+    proxy_listen: Option<Strings>,
+    proxy_endpoints: Option<Tables<RawProxyEndpoint>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxyEndpoint {
+    name: Option<Leaf<String>>,
+    networks: Option<Strings>,
 }
 
 #[derive(Deserialize)]
@@ -1104,6 +1130,14 @@ impl Checker {
         out
     }
 
+    /// Source networks (CIDRs, host bits dropped) of a location or proxy endpoint.
+    fn networks(&mut self, path: &str, leaf: Option<Strings>) -> Vec<IpNet> {
+        self.parsed_items::<IpNet>(path, leaf, "a CIDR like \"198.51.100.0/24\"")
+            .into_iter()
+            .map(|(_, n)| n.trunc())
+            .collect()
+    }
+
     fn config(&mut self, raw: RawConfig) -> Config {
         let mut cfg = Config::default();
         if let Some(v) = self.string("data_dir", raw.data_dir) {
@@ -1319,15 +1353,7 @@ impl Checker {
                 self.problem(join(&at, "name"), "a location needs a name");
             }
             let id = self.string(&join(&at, "id"), l.id);
-            let networks = self
-                .parsed_items::<IpNet>(
-                    &join(&at, "networks"),
-                    l.networks,
-                    "a CIDR like \"198.51.100.0/24\"",
-                )
-                .into_iter()
-                .map(|(_, n)| n.trunc())
-                .collect();
+            let networks = self.networks(&join(&at, "networks"), l.networks);
             if let Some(name) = name {
                 dns.locations.push(DnsLocation { name, id, networks });
             }
@@ -1589,6 +1615,38 @@ impl Checker {
                 }
             }
         }
+        http.proxy_listen = self
+            .parsed_items::<SocketAddr>(
+                "http.proxy_listen",
+                raw.proxy_listen,
+                "an address like \"198.51.100.1:8080\"",
+            )
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect();
+        for (at, e) in self.tables("http.proxy_endpoints", raw.proxy_endpoints) {
+            let name = self.string(&join(&at, "name"), e.name);
+            if name.is_none() {
+                self.problem(join(&at, "name"), "a proxy endpoint needs a name");
+            }
+            let networks = self.networks(&join(&at, "networks"), e.networks);
+            if networks.is_empty() {
+                self.problem(
+                    join(&at, "networks"),
+                    "a proxy endpoint needs at least one network, like [\"198.51.100.0/24\"]",
+                );
+            }
+            if let Some(name) = name {
+                http.proxy_endpoints.push(ProxyEndpoint { name, networks });
+            }
+        }
+        if !http.proxy_listen.is_empty() && http.proxy_endpoints.is_empty() {
+            self.problem(
+                "http.proxy_listen",
+                "no [[http.proxy_endpoints]]: every source would be refused; declare the networks \
+                 allowed to use the proxy",
+            );
+        }
         http
     }
 
@@ -1800,6 +1858,52 @@ mod tests {
             ]
         );
         assert_eq!(bad_keys("[http]\nports = \"some\""), vec!["http.ports"]);
+    }
+
+    #[test]
+    fn http_proxy_endpoints_parse_and_bad_ones_are_named() {
+        let cfg = Config::parse(
+            r#"
+            [http]
+            proxy_listen = ["198.51.100.1:8080", "[2001:db8::1]:8080"]
+            [[http.proxy_endpoints]]
+            name = "office"
+            networks = ["203.0.113.7/24", "2001:db8:1::/48"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.http.proxy_listen.len(), 2);
+        assert_eq!(
+            cfg.http.proxy_endpoints,
+            vec![ProxyEndpoint {
+                name: "office".into(),
+                // Host bits are dropped, as for dns.locations.
+                networks: vec![
+                    "203.0.113.0/24".parse().unwrap(),
+                    "2001:db8:1::/48".parse().unwrap()
+                ],
+            }]
+        );
+        assert_eq!(
+            bad_keys(
+                r#"
+                [http]
+                proxy_listen = ["198.51.100.1"]
+                [[http.proxy_endpoints]]
+                networks = ["203.0.113.0/33"]
+                "#
+            ),
+            vec![
+                "http.proxy_listen[0]",
+                "http.proxy_endpoints[0].name",
+                "http.proxy_endpoints[0].networks[0]",
+                "http.proxy_endpoints[0].networks",
+            ]
+        );
+        assert_eq!(
+            bad_keys("[http]\nproxy_listen = [\"198.51.100.1:8080\"]"),
+            vec!["http.proxy_listen"]
+        );
     }
 
     #[test]

@@ -174,10 +174,21 @@ pub fn decide(loaded: &Loaded, input: &Input, known: Phase) -> Verdict {
 }
 
 /// Sets the connection fields: source and destination, virtual network, geolocation, and the
-/// user's identity and posture.
-pub fn fill_conn(input: &mut Input, ctx: &FlowCtx, upstream: SocketAddr, geo: Option<&GeoIp>) {
+/// user's identity and posture. A request to the explicit proxy (`proxy`: its endpoint's name)
+/// has no device: `proxy.endpoint` is set, identity and posture stay empty, and the source is
+/// the client's own address.
+pub fn fill_conn(
+    input: &mut Input,
+    ctx: &FlowCtx,
+    upstream: SocketAddr,
+    geo: Option<&GeoIp>,
+    proxy: Option<&str>,
+) {
     input.clear();
-    let public = ctx.device_public.map(|a| a.ip());
+    let public = match proxy {
+        Some(_) => Some(ctx.src.ip()),
+        None => ctx.device_public.map(|a| a.ip()),
+    };
     input.set_ip(FieldId::HttpConnSrcIp, public.unwrap_or(ctx.src.ip()));
     input.set_ip(FieldId::HttpConnDstIp, upstream.ip());
     if let Some(vnet) = &ctx.device.vnet_id {
@@ -201,7 +212,10 @@ pub fn fill_conn(input: &mut Input, ctx: &FlowCtx, upstream: SocketAddr, geo: Op
             input.set_str(FieldId::HttpDstIpGeoContinent, c.as_str());
         }
     }
-    fill_identity(input, &ctx.device);
+    match proxy {
+        Some(endpoint) => input.set_str(FieldId::ProxyEndpoint, endpoint),
+        None => fill_identity(input, &ctx.device),
+    }
 }
 
 /// Sets the host, its domains (filled by the input from the host) and its categories.
@@ -222,6 +236,60 @@ pub fn fill_request(input: &mut Input, scheme: &str, host: &str, method: &str, p
     input.set_str(FieldId::HttpRequestUriQuery, query);
     input.set_str(FieldId::HttpRequestUriPathAndQuery, pq);
     input.set_str(FieldId::HttpRequestUri, &format!("{scheme}://{host}{pq}"));
+}
+
+/// A mebibyte: file sizes in rules are whole MiB (`http.upload.file.size >= 10`).
+const MIB: u64 = 1024 * 1024;
+
+/// Sets what an upload shows: `http.body_phase = "upload"`, the file types detected in its
+/// first bytes (also in the deprecated upper-case singular form) and, when the request says
+/// its length, the size in whole MiB.
+pub fn fill_upload(input: &mut Input, types: &[&str], length: Option<u64>) {
+    fill_body(
+        input,
+        "upload",
+        [
+            FieldId::HttpUploadFileTypes,
+            FieldId::HttpUploadFileType,
+            FieldId::HttpUploadFileSize,
+        ],
+        types,
+        length,
+    );
+}
+
+/// Sets what a download shows, as [`fill_upload`] does for uploads; the body phase becomes
+/// `"download"`.
+pub fn fill_download(input: &mut Input, types: &[&str], length: Option<u64>) {
+    fill_body(
+        input,
+        "download",
+        [
+            FieldId::HttpDownloadFileTypes,
+            FieldId::HttpDownloadFileType,
+            FieldId::HttpDownloadFileSize,
+        ],
+        types,
+        length,
+    );
+}
+
+fn fill_body(
+    input: &mut Input,
+    phase: &str,
+    [types_field, type_field, size_field]: [FieldId; 3],
+    types: &[&str],
+    length: Option<u64>,
+) {
+    input.set_str(FieldId::HttpBodyPhase, phase);
+    if !types.is_empty() {
+        input.set_strs(types_field, types.iter().copied());
+        let upper: Vec<String> = types.iter().map(|t| t.to_ascii_uppercase()).collect();
+        input.set_strs(type_field, upper.iter().map(String::as_str));
+    }
+    if let Some(len) = length {
+        input.set_int(size_field, i64::try_from(len / MIB).unwrap_or(i64::MAX));
+    }
 }
 
 #[cfg(test)]
@@ -265,6 +333,34 @@ mod tests {
             None => Phase::Request,
         };
         decide(&rules, &input, known)
+    }
+
+    #[test]
+    fn body_fields_fill_the_singular_type_the_phase_and_the_size() {
+        let rules = loaded(
+            r#"[
+          {"id": "big", "name": "big uploads", "action": "block", "enabled": true,
+           "precedence": 1, "filters": ["http"],
+           "traffic": "http.body_phase == \"upload\" and http.upload.file.size >= 10"},
+          {"id": "old", "name": "old exe rule", "action": "block", "enabled": true,
+           "precedence": 2, "filters": ["http"],
+           "traffic": "http.body_phase == \"download\" and http.download.file.type in {\"EXE\" \"ZIP\"}"}
+        ]"#,
+        );
+        let decided = |input: &Input, known| decide(&rules, input, known).decision();
+        // A 9.5 MiB upload is 9: the download rule waits for the response, which is an exe.
+        let mut input = Input::new();
+        fill_upload(&mut input, &["pdf"], Some(9 * MIB + MIB / 2));
+        assert_eq!(decided(&input, Phase::Request), "pending");
+        fill_download(&mut input, &["exe"], None);
+        assert_eq!(decided(&input, Phase::Response), "block");
+        // A 10 MiB upload is blocked with the request.
+        let mut input = Input::new();
+        fill_upload(&mut input, &[], Some(10 * MIB));
+        assert_eq!(decided(&input, Phase::Request), "block");
+        // In the download phase the upload condition no longer holds.
+        fill_download(&mut input, &["pdf"], Some(1));
+        assert_eq!(decided(&input, Phase::Response), "allow");
     }
 
     #[test]

@@ -34,9 +34,11 @@ use waygate_policy::input::Input;
 use waygate_stages::policy::Loaded;
 
 pub mod decide;
+pub mod endpoint;
 pub mod files;
 pub mod page;
 mod proxy;
+pub mod reset;
 pub mod tls;
 
 use decide::Verdict;
@@ -163,9 +165,16 @@ impl Inspector {
     }
 
     /// Inspects a flow: `device` is the device's side, `upstream` the connection already made
-    /// to `target` from the egress address.
-    pub fn inspect<D>(&self, ctx: FlowCtx, target: SocketAddr, device: D, upstream: TcpStream)
-    where
+    /// to `target` from the egress address; `reset` is raised before `device` is dropped when
+    /// the device is to get a reset rather than a close.
+    pub fn inspect<D>(
+        &self,
+        ctx: FlowCtx,
+        target: SocketAddr,
+        device: D,
+        upstream: TcpStream,
+        reset: reset::ResetFlag,
+    ) where
         D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let shared = self.shared.clone();
@@ -174,6 +183,9 @@ impl Inspector {
                 ctx,
                 target,
                 tls: None,
+                proxy: None,
+                one_request: false,
+                reset: Some(reset),
             });
             if let Err(e) = shared.run(flow.clone(), device, upstream).await {
                 tracing::debug!(target: "waygate::http", device = %flow.ctx.device.name, dst = %target, error = %e, "inspected flow ended");
@@ -254,7 +266,13 @@ impl Shared {
     fn decide_sni(&self, flow: &proxy::Conn, sni: &str) -> Verdict {
         let mut input = Input::new();
         let geo = self.geoip.load();
-        decide::fill_conn(&mut input, &flow.ctx, flow.target, geo.as_deref());
+        decide::fill_conn(
+            &mut input,
+            &flow.ctx,
+            flow.target,
+            geo.as_deref(),
+            flow.proxy.as_deref(),
+        );
         let categories = self.categories.load();
         decide::fill_host(&mut input, sni, categories.as_deref());
         let policy = self.policy.load();
@@ -296,8 +314,11 @@ impl Shared {
             self.counters.count(&verdict);
             log(verdict.decision(), Some(&verdict));
             if let Verdict::Block { .. } = verdict {
-                // Closing before any byte reaches the origin: the device sees the
-                // connection end without a handshake.
+                // Reset before any byte reaches the origin, as Cloudflare does without
+                // decryption: the device sees an RST, not a handshake or a FIN.
+                if let Some(reset) = &flow.reset {
+                    reset.raise();
+                }
                 return Ok(());
             }
             upstream.write_all(&recorded).await?;
@@ -377,6 +398,9 @@ impl Shared {
                 cert_error,
                 version: upstream_version,
             }),
+            proxy: flow.proxy.clone(),
+            one_request: false,
+            reset: None,
         });
         proxy::serve(self, flow, device, origin, upstream_h2).await;
         Ok(())

@@ -49,6 +49,13 @@ pub struct Conn {
     pub target: SocketAddr,
     /// Set when the connection was decrypted.
     pub tls: Option<TlsFacts>,
+    /// The proxy endpoint's name, for a connection to `http.proxy_listen`.
+    pub proxy: Option<Arc<str>>,
+    /// An absolute-URI proxy request: answered once, then closed (the next request on the
+    /// connection could name another origin).
+    pub one_request: bool,
+    /// Raised to end the device's side with a reset.
+    pub reset: Option<crate::reset::ResetFlag>,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -204,7 +211,21 @@ where
         let shared = shared.clone();
         let conn = conn.clone();
         let sender = sender.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(&shared, &conn, &sender, request).await) }
+        async move {
+            let mut request = request;
+            if conn.proxy.is_some() {
+                // Meant for the proxy, never for the origin.
+                request.headers_mut().remove("proxy-connection");
+                request.headers_mut().remove(header::PROXY_AUTHORIZATION);
+            }
+            let mut response = handle(&shared, &conn, &sender, request).await;
+            if conn.one_request {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder
@@ -403,7 +424,13 @@ async fn handle(
     let mut input = Input::new();
     {
         let geo = shared.geoip.load();
-        decide::fill_conn(&mut input, &conn.ctx, conn.target, geo.as_deref());
+        decide::fill_conn(
+            &mut input,
+            &conn.ctx,
+            conn.target,
+            geo.as_deref(),
+            conn.proxy.as_deref(),
+        );
         let categories = shared.categories.load();
         decide::fill_host(&mut input, &facts.host, categories.as_deref());
     }
@@ -445,9 +472,7 @@ async fn handle(
             Some(b) => files::multipart_types(prefix, &b).await,
             None => files::types_of(&prefix),
         };
-        if !types.is_empty() {
-            input.set_strs(FieldId::HttpUploadFileTypes, types);
-        }
+        decide::fill_upload(&mut input, &types, content_length(&parts.headers));
         body
     };
     let mut request = Request::from_parts(parts, body);
@@ -519,9 +544,7 @@ async fn handle(
             }
         };
         let types = files::types_of(&prefix);
-        if !types.is_empty() {
-            input.set_strs(FieldId::HttpDownloadFileTypes, types);
-        }
+        decide::fill_download(&mut input, &types, content_length(&head.headers));
         let verdict = decide::decide(&policy, &input, Phase::Response);
         if let Some(own) = own_answer(shared, conn, &facts, &verdict) {
             shared.counters.count(&verdict);
@@ -566,6 +589,16 @@ async fn handle(
     }
     parts.version = hyper::Version::HTTP_11;
     Response::from_parts(parts, body.boxed())
+}
+
+/// The body's length from `Content-Length` (a multipart upload's whole body), when given.
+fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn content_type(headers: &hyper::HeaderMap) -> Option<String> {

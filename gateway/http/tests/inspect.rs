@@ -15,6 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use waygate_config::HttpConfig;
+use waygate_http::reset::ResetFlag;
 use waygate_http::Inspector;
 use waygate_keys::CertificateAuthority;
 use waygate_policy::ruleset::{Lists, RuleSet};
@@ -39,7 +40,10 @@ const RULES: &str = r#"[
   {"id": "casino", "name": "no casinos", "action": "block", "enabled": true, "precedence": 7,
    "filters": ["http"], "traffic": "http.request.host == \"casino.example\""},
   {"id": "noexeup", "name": "no executable uploads", "action": "block", "enabled": true,
-   "precedence": 0, "filters": ["http"], "traffic": "any(http.upload.file.types[*] == \"exe\")"}
+   "precedence": 0, "filters": ["http"], "traffic": "any(http.upload.file.types[*] == \"exe\")"},
+  {"id": "office", "name": "office private", "action": "block", "enabled": true, "precedence": 8,
+   "filters": ["http"],
+   "traffic": "proxy.endpoint == \"office\" and http.request.uri.path == \"/private\""}
 ]"#;
 
 /// A PE executable's first bytes: "MZ", then the PE header at the offset at 0x3c.
@@ -159,6 +163,8 @@ struct Lab {
     inspector: Inspector,
     gateway_ca: Arc<CertificateAuthority>,
     lab_ca: CertificateAuthority,
+    /// The reset flag of the last flow opened.
+    reset: std::sync::Mutex<Option<ResetFlag>>,
 }
 
 fn lab(tls_decrypt: bool) -> Lab {
@@ -190,6 +196,7 @@ fn lab_with(config: HttpConfig) -> Lab {
         inspector,
         gateway_ca,
         lab_ca,
+        reset: std::sync::Mutex::default(),
     }
 }
 
@@ -201,8 +208,20 @@ impl Lab {
         let ctx = waygate_model::testkit::flow()
             .dst(&origin.to_string())
             .build();
-        self.inspector.inspect(ctx, origin, theirs, upstream);
+        let reset = ResetFlag::default();
+        self.inspector
+            .inspect(ctx, origin, theirs, upstream, reset.clone());
+        *self.reset.lock().expect("lock") = Some(reset);
         device
+    }
+
+    /// Whether the last flow's device side was asked to end with a reset.
+    fn was_reset(&self) -> bool {
+        self.reset
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .is_some_and(ResetFlag::raised)
     }
 
     /// A TLS connection from the device trusting `ca`, for `name`, offering `alpn`.
@@ -389,12 +408,14 @@ async fn without_decryption_https_is_decided_on_the_sni() {
         .expect("the origin's certificate");
     let (status, _, _) = get(tls, "shop.example", "/admin", false).await;
     assert_eq!(status, 200);
-    // A block on the SNI host closes the connection before any handshake.
+    assert!(!lab.was_reset());
+    // A block on the SNI host resets the connection before any handshake.
     let casino = tls_origin(&lab.lab_ca, "casino.example", &[b"http/1.1"]).await;
     assert!(lab
         .tls(casino, &lab_ca, "casino.example", &[b"http/1.1"])
         .await
         .is_err());
+    assert!(lab.was_reset(), "an SNI block resets, not closes");
     let blocked = lab
         .inspector
         .counters()
@@ -519,4 +540,117 @@ async fn file_types_come_from_the_bytes_of_downloads_and_uploaded_parts() {
         upload(&lab, origin, "report.txt", b"plain words").await,
         200
     );
+}
+
+/// An explicit proxy on loopback for sources in `networks` (endpoint "office").
+async fn proxy(tls_decrypt: bool, networks: &str) -> (Lab, SocketAddr) {
+    let lab = lab_with(HttpConfig {
+        tls_decrypt,
+        proxy_endpoints: vec![waygate_config::ProxyEndpoint {
+            name: "office".into(),
+            networks: vec![networks.parse().expect("cidr")],
+        }],
+        ..HttpConfig::default()
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    let connect: waygate_http::endpoint::Connector =
+        Arc::new(|dst| Box::pin(TcpStream::connect(dst)));
+    lab.inspector.serve_proxy(listener, connect);
+    (lab, addr)
+}
+
+/// Sends `request` to the proxy and reads until it closes.
+async fn raw(proxy: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(proxy).await.expect("proxy");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test]
+async fn the_explicit_proxy_serves_its_networks_pac_connect_and_plain_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (lab, addr) = proxy(true, "127.0.0.0/8").await;
+    let pac = raw(addr, "GET /proxy.pac HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(pac.starts_with("HTTP/1.1 200 OK\r\n"), "{pac}");
+    assert!(pac.contains("Content-Type: application/x-ns-proxy-autoconfig\r\n"));
+    assert!(
+        pac.contains(&format!("return \"PROXY {addr}; DIRECT\";")),
+        "{pac}"
+    );
+
+    // Absolute-URI requests: decided (proxy.endpoint included), forwarded, then closed.
+    let origin = plain_origin().await;
+    let page = raw(
+        addr,
+        &format!("GET http://{origin}/page HTTP/1.1\r\nHost: {origin}\r\nProxy-Connection: keep-alive\r\n\r\n"),
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.ends_with("HTTP/1.1 /page tag=-"), "{page}");
+    assert!(
+        page.to_ascii_lowercase().contains("connection: close"),
+        "{page}"
+    );
+    let private = raw(
+        addr,
+        &format!("GET http://{origin}/private HTTP/1.1\r\nHost: {origin}\r\n\r\n"),
+    )
+    .await;
+    assert!(private.starts_with("HTTP/1.1 403"), "{private}");
+    assert!(private.contains("office private (office)"), "{private}");
+
+    // CONNECT: the tunnel is decrypted with a gateway leaf for the SNI name.
+    let shop = tls_origin(&lab.lab_ca, "shop.example", &[b"http/1.1"]).await;
+    let mut s = TcpStream::connect(addr).await.expect("proxy");
+    s.write_all(format!("CONNECT {shop} HTTP/1.1\r\nHost: {shop}\r\n\r\n").as_bytes())
+        .await
+        .expect("connect");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.expect("read"), 1, "{head:?}");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(lab.gateway_ca.cert_der().to_vec()))
+        .expect("root");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("shop.example").expect("name"), s)
+        .await
+        .expect("a gateway leaf inside the tunnel");
+    let (status, _, body) = get(tls, "shop.example", "/private", false).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("office private (office)"), "{body}");
+
+    // A plain request to the proxy itself is not proxied.
+    let other = raw(addr, "GET /elsewhere HTTP/1.1\r\n\r\n").await;
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+}
+
+#[tokio::test]
+async fn sources_outside_every_proxy_endpoint_get_403() {
+    let (_lab, addr) = proxy(false, "192.0.2.0/24").await;
+    let origin = plain_origin().await;
+    for request in [
+        format!("GET http://{origin}/page HTTP/1.1\r\nHost: {origin}\r\n\r\n"),
+        format!("CONNECT {origin} HTTP/1.1\r\n\r\n"),
+        "GET /proxy.pac HTTP/1.1\r\n\r\n".to_string(),
+    ] {
+        let answer = raw(addr, &request).await;
+        assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+        assert!(answer.contains("127.0.0.1 is in no proxy endpoint's networks"));
+    }
 }

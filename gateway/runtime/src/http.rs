@@ -1,6 +1,7 @@
 //! Starts the HTTP stage's inspector ([`waygate_http`]) on a thread of its own, so TLS
 //! handshakes, leaf minting and HTTP parsing stay off the data plane's thread.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -8,10 +9,19 @@ use anyhow::Context as _;
 use waygate_config::{Config, HttpPorts};
 use waygate_http::Inspector;
 
-/// The inspector for `config`, or `None` when `http.ports` is empty.
+/// The inspector for `config`, or `None` when `http.ports` is empty and there is no
+/// `http.proxy_listen`.
 pub fn start(config: &Config, now: SystemTime) -> anyhow::Result<Option<Inspector>> {
-    if config.http.ports == HttpPorts::List(Vec::new()) {
+    if config.http.ports == HttpPorts::List(Vec::new()) && config.http.proxy_listen.is_empty() {
         return Ok(None);
+    }
+    // Bound first: an address in use stops the start with its name before anything runs.
+    let mut listeners = Vec::with_capacity(config.http.proxy_listen.len());
+    for addr in &config.http.proxy_listen {
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .with_context(|| format!("cannot listen on http.proxy_listen {addr}"))?;
+        listeners.push(listener);
     }
     let ca = Arc::new(crate::tls::load_ca(&config.data_dir, now)?);
     let roots = crate::dns::encrypted::trust_roots(config.http.upstream_ca.as_deref())
@@ -41,6 +51,24 @@ pub fn start(config: &Config, now: SystemTime) -> anyhow::Result<Option<Inspecto
         .context("the HTTP inspector's runtime did not start")?;
     let inspector = Inspector::new(config.http.clone(), ca, roots, handle)
         .map_err(|e| anyhow::anyhow!("http: {e}"))?;
+    // Proxy requests leave from the egress stage's default address.
+    let bind4 = config.egress.default_ipv4;
+    let connect: waygate_http::endpoint::Connector = Arc::new(move |dst: SocketAddr| {
+        let bind = match dst {
+            SocketAddr::V4(_) => bind4.map(IpAddr::V4),
+            SocketAddr::V6(_) => None,
+        };
+        Box::pin(crate::upstream::connect_from(
+            dst,
+            bind,
+            None,
+            crate::upstream::CONNECT_TIMEOUT,
+        ))
+    });
+    for listener in listeners {
+        tracing::info!(listen = ?listener.local_addr().ok(), "explicit proxy on");
+        inspector.serve_proxy(listener, connect.clone());
+    }
     tracing::info!(
         ports = ?config.http.ports,
         tls_decrypt = config.http.tls_decrypt,

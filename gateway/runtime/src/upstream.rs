@@ -160,7 +160,8 @@ impl Upstreams {
                         .local_addr()
                         .unwrap_or_else(|_| SocketAddr::new(target.dst.ip(), 0));
                     let (ours, theirs) = tokio::io::duplex(LOCAL_PIPE);
-                    inspector.inspect(*ctx, target.dst, theirs, stream);
+                    let reset = waygate_http::reset::ResetFlag::default();
+                    inspector.inspect(*ctx, target.dst, theirs, stream, reset.clone());
                     if events
                         .send(UpstreamEvent::TcpConnected { flow, local })
                         .await
@@ -169,6 +170,8 @@ impl Upstreams {
                         return;
                     }
                     let (reader, writer) = tokio::io::split(ours);
+                    // A read error is what resets the device's connection.
+                    let reader = waygate_http::reset::ResetOnEof::new(reader, reset);
                     pump(flow, reader, writer, ops_rx, pumped, events).await;
                 });
                 self.handles.insert(

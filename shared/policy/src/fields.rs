@@ -195,6 +195,7 @@ impl FieldId {
             NetDetectedProtocol | NetSniHost | NetSniDomains => Phase::FirstBytes,
             HttpResponseStatusCode
             | HttpDownloadFileTypes
+            | HttpDownloadFileType
             | HttpDownloadMime
             | HttpDownloadFileSize => Phase::Response,
             HttpRequestHost
@@ -207,6 +208,10 @@ impl FieldId {
             | HttpRequestUriSecurityCategory
             | HttpRequestMethod
             | HttpUploadFileTypes
+            | HttpUploadFileType
+            // "upload" from the request on, "download" once the response arrives: a condition
+            // on it is decidable with the request (rules on download fields wait for those).
+            | HttpBodyPhase
             | HttpUploadMime
             | HttpUploadFileSize => Phase::Request,
             _ if self.info().post_resolution() => Phase::Response,
@@ -259,6 +264,9 @@ fields! {
     HttpDownloadFileTypes = "http.download.file.types": BytesArray, HTTP, NONE;
     HttpUploadMime = "http.upload.mime": Bytes, HTTP, NONE;
     HttpDownloadMime = "http.download.mime": Bytes, HTTP, NONE;
+    HttpUploadFileType = "http.upload.file.type": BytesArray, HTTP, ARRAY_EQ;
+    HttpDownloadFileType = "http.download.file.type": BytesArray, HTTP, ARRAY_EQ;
+    HttpBodyPhase = "http.body_phase": Bytes, HTTP, NONE;
     HttpConnSrcIp = "http.conn.src_ip": Ip, HTTP, NONE;
     HttpConnDstIp = "http.conn.dst_ip": Ip, HTTP, NONE;
     HttpConnVnetId = "http.conn.vnet_id": Bytes, HTTP, NONE;
@@ -302,8 +310,8 @@ fields! {
     AccessPrivateApp = "access.private_app": Bool, L4, UNFILLED;
     DnsSrcInternalIp = "dns.src_internal_ip": Ip, DNS, UNFILLED;
     HttpConnInternalSrcIp = "http.conn.internal_src_ip": Ip, HTTP, UNFILLED;
-    HttpUploadFileSize = "http.upload.file.size": Int, HTTP, UNFILLED;
-    HttpDownloadFileSize = "http.download.file.size": Int, HTTP, UNFILLED;
+    HttpUploadFileSize = "http.upload.file.size": Int, HTTP, NONE;
+    HttpDownloadFileSize = "http.download.file.size": Int, HTTP, NONE;
     IdentityOidcClaims = "identity.oidc_claims": BytesArrayMap, ALL, ARRAY_EQ | UNFILLED;
     DnsDohSubdomain = "dns.doh_subdomain": Bytes, DNS, UNFILLED;
 }
@@ -458,6 +466,23 @@ mod tests {
         assert!(FieldId::DnsResolvedIps.info().post_resolution());
         assert!(!FieldId::DnsFqdn.info().post_resolution());
         assert!(FieldId::DlpProfiles.info().unfilled());
+        // The deprecated singular file type, the body phase and file sizes are filled by the
+        // HTTP stage; the singular form compares with `==`/`in` like Cloudflare's older rules.
+        for f in [
+            FieldId::HttpUploadFileType,
+            FieldId::HttpDownloadFileType,
+            FieldId::HttpBodyPhase,
+            FieldId::HttpUploadFileSize,
+            FieldId::HttpDownloadFileSize,
+        ] {
+            assert!(!f.info().unfilled(), "{}", f.name());
+            assert!(f.info().in_stage(Stage::Http), "{}", f.name());
+        }
+        assert!(FieldId::HttpDownloadFileType.info().lenient_array_eq());
+        assert_eq!(FieldId::HttpUploadFileType.phase(), Phase::Request);
+        assert_eq!(FieldId::HttpBodyPhase.phase(), Phase::Request);
+        assert_eq!(FieldId::HttpDownloadFileType.phase(), Phase::Response);
+        assert_eq!(FieldId::HttpDownloadFileSize.phase(), Phase::Response);
         assert_eq!(
             FieldId::HttpRequestHost.counterpart(Stage::Dns),
             Some(FieldId::DnsFqdn)

@@ -352,7 +352,6 @@ fn unfilled_fields_warn() {
         (L4, "not access.private_app"),
         (Dns, "dns.src_internal_ip in {10.0.0.0/8}"),
         (Http, "http.conn.internal_src_ip == 10.1.2.3"),
-        (Http, "http.upload.file.size > 10"),
     ] {
         let (_, w) = accept(stage, src);
         assert!(
@@ -489,6 +488,16 @@ fn cloudflare_published_examples() {
         (Http, r#"identity.email in {"user@example1.com"}"#),
         (L4, "net.dst.ip in {203.0.113.17} and net.dst.port == 80"),
         (Dns, r#"any(dns.domains[*] == "cluster-admin.microagi")"#),
+        // File sizes (MiB) and the deprecated singular file type, filled by the HTTP stage.
+        (Http, "http.upload.file.size > 10"),
+        (Http, "http.download.file.size >= 100"),
+        (Http, "http.upload.file.size < 50"),
+        (Http, "http.download.file.size <= 200"),
+        (Http, r#"http.download.file.type in {"PDF" "ZIP"}"#),
+        (
+            Http,
+            r#"http.body_phase == "upload" and any(http.upload.file.types[*] == "pdf")"#,
+        ),
     ];
     accept_all(published);
     // Published examples on features Waygate lacks load with a warning.
@@ -500,10 +509,6 @@ fn cloudflare_published_examples() {
             Http,
             r#"any(identity.oidc_claims[*] == "\"department=engineering\"")"#,
         ),
-        (Http, "http.upload.file.size > 10"),
-        (Http, "http.download.file.size >= 100"),
-        (Http, "http.upload.file.size < 50"),
-        (Http, "http.download.file.size <= 200"),
         (Dns, "any(app.ids[*] in {606})"),
         (L4, "any(app.type.ids[*] in {25})"),
         (L4, "any(app.ids[*] in {606})"),

@@ -42,6 +42,7 @@ pub mod product {
     pub use waygate_wg::{Endpoint, Received};
     pub use waygate_wire::sniff::{sniff, Detected, Sniff, MAX_SNIFF};
 
+    pub use waygate_http::endpoint::{parse_head, Head, MAX_HEAD};
     pub use waygate_http::files::{multipart_boundary, multipart_types, types_of};
     pub use waygate_http::tls::{read_client_hello, Hello, MAX_CLIENT_HELLO};
 
@@ -57,7 +58,7 @@ use product::*;
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target, by the name of its cargo-fuzz binary and seed directory.
-pub const TARGETS: [Target; 11] = [
+pub const TARGETS: [Target; 12] = [
     ("inner_packet", inner_packet),
     ("sniff", sniff_stream),
     ("dns", dns),
@@ -69,6 +70,7 @@ pub const TARGETS: [Target; 11] = [
     ("posture_json", posture_json),
     ("client_hello", client_hello),
     ("file_types", file_types),
+    ("proxy_head", proxy_head),
 ];
 
 /// One clock reading for all targets: the product takes `now` as an argument.
@@ -664,4 +666,32 @@ pub fn client_hello(data: &[u8]) {
         "the recorded bytes are exactly what was read"
     );
     assert!(recorded.len() <= MAX_CLIENT_HELLO + 4096 + usize::from(*step));
+}
+
+/// A request head sent to the explicit proxy (`endpoint::parse_head`), read the way the proxy
+/// reads it: growing one chunk at a time. A head is complete at one length and every longer
+/// one, its length lies inside what was read, and a CONNECT or absolute-URI target has a host.
+pub fn proxy_head(data: &[u8]) {
+    let data = &data[..data.len().min(MAX_HEAD + 64)];
+    let mut complete = None;
+    for end in (0..=data.len()).step_by(7).chain([data.len()]) {
+        match parse_head(&data[..end]) {
+            Ok(Some((head, len))) => {
+                assert!(len <= end, "head length {len} past the {end} bytes read");
+                if let Head::Connect { host, .. } | Head::Absolute { host, .. } = &head {
+                    assert!(!host.is_empty(), "{head:?}");
+                }
+                if let Some((first, first_len)) = &complete {
+                    assert_eq!(
+                        (first, *first_len),
+                        (&head, len),
+                        "more bytes changed the head"
+                    );
+                }
+                complete = Some((head, len));
+            }
+            Ok(None) => assert!(complete.is_none(), "a complete head became incomplete"),
+            Err(_) => return,
+        }
+    }
 }
