@@ -354,21 +354,13 @@ impl Shared {
             },
         };
         // The origin first: its ALPN decides what the device is offered.
-        let alpn: &[&[u8]] = if device_h2 {
-            &[b"h2", b"http/1.1"]
-        } else {
-            &[b"http/1.1"]
-        };
-        let (client, failed) = self
-            .trust
-            .client_config(alpn)
-            .map_err(std::io::Error::other)?;
+        let client = self.trust.client_config(device_h2);
         let server_name = match &sni {
             Some(host) => ServerName::try_from(host.clone()).map_err(std::io::Error::other)?,
             None => ServerName::IpAddress(flow.target.ip().into()),
         };
         let origin = tokio_rustls::TlsConnector::from(client)
-            .connect(server_name, upstream)
+            .connect(server_name.clone(), upstream)
             .await?;
         let upstream_h2 = origin.get_ref().1.alpn_protocol() == Some(b"h2");
         let upstream_version = origin
@@ -376,16 +368,14 @@ impl Shared {
             .1
             .protocol_version()
             .map(|v| format!("{v:?}"));
-        let cert_error = failed.lock().ok().and_then(|mut f| f.take());
+        let cert_error = self
+            .trust
+            .verify(&server_name, origin.get_ref().1.peer_certificates());
         #[allow(clippy::disallowed_methods)] // a certificate is minted for the time now
         let now = SystemTime::now();
-        let leaf = minter.leaf(&name, now).map_err(std::io::Error::other)?;
-        let offer: &[&[u8]] = if upstream_h2 {
-            &[b"h2", b"http/1.1"]
-        } else {
-            &[b"http/1.1"]
-        };
-        let config = tls::device_config(leaf, offer).map_err(std::io::Error::other)?;
+        let config = minter
+            .device_config(&name, upstream_h2, now)
+            .map_err(std::io::Error::other)?;
         let start = tokio_rustls::StartHandshake::from_parts(*accepted, device);
         let device = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config))
             .await

@@ -5,7 +5,7 @@
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use lru::LruCache;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -87,13 +87,28 @@ pub fn hello_facts(hello: &ClientHello<'_>) -> (Option<String>, bool) {
     (sni, h2)
 }
 
-/// Mints and caches leaves for inspected names.
+/// A minted leaf and the device-side settings serving it, built once per name.
+struct Minted {
+    leaf: Arc<CertifiedKey>,
+    /// Offering HTTP/1.1 only.
+    h1: Arc<rustls::ServerConfig>,
+    /// Offering h2 first (the origin speaks it).
+    h2: Arc<rustls::ServerConfig>,
+}
+
+/// Mints and caches leaves for inspected names, with their device-side settings.
 pub struct Minter {
     ca: Arc<CertificateAuthority>,
     key: LeafKey,
     signer: Arc<dyn SigningKey>,
-    cache: Mutex<LruCache<String, Arc<CertifiedKey>>>,
+    /// One session cache for every name's settings, so a device's reconnection resumes its
+    /// session (rustls checks the name on resumption) and memory stays bounded by one cache.
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
+    cache: Mutex<LruCache<String, Arc<Minted>>>,
 }
+
+/// Device sessions kept for resumption, across all names.
+const DEVICE_SESSIONS: usize = 4096;
 
 impl std::fmt::Debug for Minter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,14 +127,14 @@ impl Minter {
             ca,
             key,
             signer,
+            sessions: rustls::server::ServerSessionMemoryCache::new(DEVICE_SESSIONS),
             cache: Mutex::new(LruCache::new(
                 NonZeroUsize::new(LEAF_CACHE).unwrap_or(NonZeroUsize::MIN),
             )),
         })
     }
 
-    /// The leaf for `name` (a DNS name or an address), from the cache or minted now.
-    pub fn leaf(&self, name: &str, now: SystemTime) -> Result<Arc<CertifiedKey>, String> {
+    fn minted(&self, name: &str, now: SystemTime) -> Result<Arc<Minted>, String> {
         if let Ok(mut cache) = self.cache.lock() {
             if let Some(hit) = cache.get(name) {
                 return Ok(hit.clone());
@@ -133,10 +148,38 @@ impl Minter {
             chain.into_iter().map(CertificateDer::from).collect(),
             self.signer.clone(),
         ));
+        let config = |alpn: &[&[u8]]| device_config(leaf.clone(), alpn, self.sessions.clone());
+        let minted = Arc::new(Minted {
+            h1: config(&[b"http/1.1"])?,
+            h2: config(&[b"h2", b"http/1.1"])?,
+            leaf,
+        });
         if let Ok(mut cache) = self.cache.lock() {
-            cache.put(name.to_string(), leaf.clone());
+            cache.put(name.to_string(), minted.clone());
         }
-        Ok(leaf)
+        Ok(minted)
+    }
+
+    /// The leaf for `name` (a DNS name or an address), from the cache or minted now.
+    pub fn leaf(&self, name: &str, now: SystemTime) -> Result<Arc<CertifiedKey>, String> {
+        Ok(self.minted(name, now)?.leaf.clone())
+    }
+
+    /// Server settings toward the device serving the leaf for `name`, offering h2 first when
+    /// `h2`. Built with the leaf and reused: building them per connection cost more than the
+    /// cached leaf saved.
+    pub fn device_config(
+        &self,
+        name: &str,
+        h2: bool,
+        now: SystemTime,
+    ) -> Result<Arc<rustls::ServerConfig>, String> {
+        let minted = self.minted(name, now)?;
+        Ok(if h2 {
+            minted.h2.clone()
+        } else {
+            minted.h1.clone()
+        })
     }
 
     /// Names cached.
@@ -155,10 +198,11 @@ impl ResolvesServerCert for OneLeaf {
     }
 }
 
-/// Server settings toward the device: `leaf`, offering `alpn`.
-pub fn device_config(
+/// Server settings toward the device: `leaf`, offering `alpn`, resuming from `sessions`.
+fn device_config(
     leaf: Arc<CertifiedKey>,
     alpn: &[&[u8]],
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -167,37 +211,28 @@ pub fn device_config(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(OneLeaf(leaf)));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.session_storage = sessions;
     Ok(Arc::new(config))
 }
 
-/// Verifies an origin's certificate against the roots, recording a failure in `failed` instead of
-/// refusing: the request's rule decides (`untrusted_cert`). Signatures are always checked.
+/// Checks the origin's handshake signatures but leaves the certificate chain to
+/// [`UpstreamTrust::verify`], after the handshake: the rules decide what a bad certificate does
+/// (`untrusted_cert`), and one shared client config (with session resumption) cannot carry a
+/// per-connection result.
 #[derive(Debug)]
-struct Recording {
+struct SignaturesOnly {
     inner: Arc<WebPkiServerVerifier>,
-    failed: Arc<Mutex<Option<String>>>,
 }
 
-impl ServerCertVerifier for Recording {
+impl ServerCertVerifier for SignaturesOnly {
     fn verify_server_cert(
         &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Err(e) = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
-            if let Ok(mut slot) = self.failed.lock() {
-                *slot = Some(e.to_string());
-            }
-        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -224,10 +259,25 @@ impl ServerCertVerifier for Recording {
     }
 }
 
+/// Verified chains remembered, per name and chain.
+const VERIFIED_CACHE: usize = 1024;
+/// How long a verification result is reused: a certificate that expires or a trust change is
+/// seen within this.
+const VERIFIED_FOR: Duration = Duration::from_secs(600);
+
+type ChainKey = (String, Vec<CertificateDer<'static>>);
+/// When a chain was verified, and why it failed (`None`: trusted).
+type Verified = (Instant, Option<String>);
+
 /// The upstream side's trust: the host's roots plus `http.upstream_ca`.
 #[derive(Debug, Clone)]
 pub struct UpstreamTrust {
     verifier: Arc<WebPkiServerVerifier>,
+    /// Offering HTTP/1.1 only.
+    h1: Arc<rustls::ClientConfig>,
+    /// Offering h2 and HTTP/1.1.
+    h2: Arc<rustls::ClientConfig>,
+    verified: Arc<Mutex<LruCache<ChainKey, Verified>>>,
 }
 
 impl UpstreamTrust {
@@ -237,29 +287,74 @@ impl UpstreamTrust {
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .map_err(|e| e.to_string())?;
-        Ok(UpstreamTrust { verifier })
+        let config = |alpn: &[&[u8]]| -> Result<Arc<rustls::ClientConfig>, String> {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(SignaturesOnly {
+                    inner: verifier.clone(),
+                }))
+                .with_no_client_auth();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            Ok(Arc::new(config))
+        };
+        Ok(UpstreamTrust {
+            h1: config(&[b"http/1.1"])?,
+            h2: config(&[b"h2", b"http/1.1"])?,
+            verifier,
+            verified: Arc::new(Mutex::new(LruCache::new(
+                NonZeroUsize::new(VERIFIED_CACHE).unwrap_or(NonZeroUsize::MIN),
+            ))),
+        })
     }
 
-    /// Client settings for one connection offering `alpn`, and where a certificate failure is
-    /// recorded.
-    #[allow(clippy::type_complexity)]
-    pub fn client_config(
+    /// Client settings offering h2 and HTTP/1.1 when `h2`, else HTTP/1.1; shared by every
+    /// connection, so sessions with an origin resume.
+    pub fn client_config(&self, h2: bool) -> Arc<rustls::ClientConfig> {
+        if h2 {
+            self.h2.clone()
+        } else {
+            self.h1.clone()
+        }
+    }
+
+    /// Why the chain an origin presented for `name` is not trusted, `None` when it is; a
+    /// resumed session's chain is the one its first handshake presented. Results are reused
+    /// for [`VERIFIED_FOR`].
+    pub fn verify(
         &self,
-        alpn: &[&[u8]],
-    ) -> Result<(Arc<rustls::ClientConfig>, Arc<Mutex<Option<String>>>), String> {
-        let failed = Arc::new(Mutex::new(None));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Recording {
-                inner: self.verifier.clone(),
-                failed: failed.clone(),
-            }))
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok((Arc::new(config), failed))
+        name: &ServerName<'_>,
+        chain: Option<&[CertificateDer<'_>]>,
+    ) -> Option<String> {
+        let Some((end_entity, intermediates)) = chain.and_then(|c| c.split_first()) else {
+            return Some("the origin presented no certificate".into());
+        };
+        let key: ChainKey = (
+            name.to_str().into_owned(),
+            chain
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect(),
+        );
+        if let Ok(mut cache) = self.verified.lock() {
+            if let Some((at, result)) = cache.get(&key) {
+                if at.elapsed() < VERIFIED_FOR {
+                    return result.clone();
+                }
+            }
+        }
+        let result = self
+            .verifier
+            .verify_server_cert(end_entity, intermediates, name, &[], UnixTime::now())
+            .err()
+            .map(|e| e.to_string());
+        if let Ok(mut cache) = self.verified.lock() {
+            cache.put(key, (Instant::now(), result.clone()));
+        }
+        result
     }
 }
 
@@ -336,6 +431,44 @@ mod tests {
                 .expect("read"),
             Hello::Other { .. }
         ));
+    }
+
+    #[test]
+    fn an_origin_chain_is_verified_against_the_roots_and_the_result_reused() {
+        #[allow(clippy::disallowed_methods)] // certificate validity needs a real time
+        let now = SystemTime::now();
+        let ca = CertificateAuthority::generate("Origin CA", now).expect("ca");
+        let issued = ca
+            .issue(&["origin.example".to_string()], &[], now)
+            .expect("issue");
+        let chain: Vec<CertificateDer<'static>> = issued
+            .chain_der
+            .iter()
+            .map(|d| CertificateDer::from(d.clone()))
+            .collect();
+        let name = ServerName::try_from("origin.example").expect("name");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca.cert_der().to_vec()))
+            .expect("root");
+        let trusting = UpstreamTrust::new(roots).expect("trust");
+        assert_eq!(trusting.verify(&name, Some(&chain)), None);
+        assert_eq!(trusting.verify(&name, Some(&chain)), None, "cached");
+        let other = ServerName::try_from("other.example").expect("name");
+        assert!(
+            trusting.verify(&other, Some(&chain)).is_some(),
+            "another name is another question"
+        );
+        assert!(trusting.verify(&name, None).is_some(), "no certificate");
+
+        let other_ca = CertificateAuthority::generate("Other CA", now).expect("ca");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(other_ca.cert_der().to_vec()))
+            .expect("root");
+        let distrusting = UpstreamTrust::new(roots).expect("trust");
+        assert!(distrusting.verify(&name, Some(&chain)).is_some());
+        assert!(distrusting.verify(&name, Some(&chain)).is_some(), "cached");
     }
 
     #[test]
