@@ -45,7 +45,7 @@ EOT
   "$LAB" record-pid "$P" "$GW_PID" waygate
   local i
   for i in $(seq 1 100); do
-    ip netns exec "${P}gw" ip link show "${P}gw" >/dev/null 2>&1 && return 0
+    ip netns exec "${P}gw" ss -Hlun 'sport = :51820' | grep -q . && return 0
     kill -0 "$GW_PID" 2>/dev/null || bench_die "waygate ($tag) exited: $(tail -5 "$WORK/waygate-$tag.log")"
     sleep 0.2
   done
