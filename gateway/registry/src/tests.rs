@@ -104,6 +104,36 @@ fn enroll_allocates_lowest_addresses_and_default_names() {
 }
 
 #[test]
+fn enroll_many_stores_all_as_enroll_would_or_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = open(tmp.path());
+    let a = reg.enroll(new("alice@example.com", 1), 100).unwrap();
+    let mut grouped = new("bob@example.com", 3);
+    grouped.groups = vec!["eng".into()];
+    let many = reg
+        .enroll_many(vec![new("alice@example.com", 2), grouped], 101)
+        .unwrap();
+    assert_eq!(many[0].name, "alice-2");
+    assert_eq!(many[1].name, "bob");
+    assert_eq!(many[0].ipv4, Ipv4Addr::new(100, 96, 0, 3));
+    assert_eq!(many[1].ipv4, Ipv4Addr::new(100, 96, 0, 4));
+    assert_eq!(many[1].ipv6.to_string(), "fd77:6761:7465::4");
+    let mut all = vec![a];
+    all.extend(many);
+    assert_eq!(reg.all_devices().unwrap(), all);
+    // A taken key in the batch: nothing of it is stored.
+    let refused = reg.enroll_many(
+        vec![new("carol@example.com", 4), new("dave@example.com", 1)],
+        102,
+    );
+    assert!(
+        matches!(refused, Err(RegistryError::PublicKeyTaken { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(reg.all_devices().unwrap(), all);
+}
+
+#[test]
 fn explicit_fields_are_stored_and_groups_deduplicated() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = open(tmp.path());

@@ -262,7 +262,7 @@ mod tests {
 
     fn pair() -> (Initiator, Endpoint<()>) {
         let mut gw = Endpoint::new(key(1));
-        gw.upsert_peer(public(key(2)), DEV_V4, DEV_V6, (), tracing::Span::none());
+        gw.upsert_peer(public(key(2)), DEV_V4, DEV_V6, ());
         let dev = Initiator::new(key(2), public(key(1)), GW.parse().unwrap(), Some(25), 7);
         (dev, gw)
     }

@@ -22,6 +22,7 @@
 #![deny(missing_docs)]
 
 pub mod handshake_limit;
+pub mod initiation;
 pub mod initiator;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
@@ -33,12 +34,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::handshake_limit::SourceLimiter;
+use crate::initiation::Timestamp;
 use crate::transmit::TransmitQueue;
 
 /// How often the runtime should call [`Endpoint::update_timers`].
@@ -57,8 +58,6 @@ const HANDSHAKE_INIT_LEN: usize = 148;
 const INDEX_MASK: u32 = 0x00FF_FFFF;
 /// WireGuard's message type of transport data.
 const DATA_TYPE: u8 = 4;
-/// WireGuard's message type of a handshake initiation.
-const HANDSHAKE_INIT_TYPE: u8 = 1;
 /// WireGuard's message type of a handshake response.
 const HANDSHAKE_RESPONSE_TYPE: u8 = 2;
 
@@ -190,16 +189,41 @@ pub struct PeerStats {
     pub tx_bytes: u64,
 }
 
+/// An enrolled peer. Small on purpose (about a hundred bytes): every enrolled device has one,
+/// connected or not; the session state lives in [`Session`] only while the peer is active.
 struct Peer<T> {
-    tunn: Tunn,
     public_key: [u8; 32],
     ipv4: Ipv4Addr,
     ipv6: Ipv6Addr,
     endpoint: Option<SocketAddr>,
     data: T,
+    /// The timestamp of the last initiation accepted from this peer: a new `Tunn` knows none,
+    /// so this is what refuses an older initiation replayed after the session was dropped.
+    last_initiation: Timestamp,
+    /// Payload bytes of the sessions dropped so far, so the counters stay monotonic.
+    rx_bytes: u64,
+    tx_bytes: u64,
+}
+
+/// A peer's WireGuard state while it is active: created at its first authenticated
+/// initiation (or when the gateway reaches out), dropped after [`SESSION_IDLE_DROP`].
+struct Session {
+    /// Measured: a `Tunn` with its span is about 14 KB (10,000 idle enrolled devices held
+    /// 150 MB RSS when every peer had one).
+    tunn: Tunn,
+    /// `DH(our static, the peer's static)`, for reading its initiations' timestamps.
+    static_shared: [u8; 32],
+    /// The last authenticated datagram from the peer, or the session's creation (`None`:
+    /// created before the caller gave any time; the next timer tick sets it).
+    last_heard: Option<Instant>,
     /// Entered around boringtun calls that may log, so its lines name the device.
     span: tracing::Span,
 }
+
+/// How long a session lives without an authenticated datagram from its peer: three times
+/// boringtun's REJECT_AFTER_TIME (180 s), after which no key of it can be used anyway and
+/// boringtun has cleared its sessions itself.
+pub const SESSION_IDLE_DROP: Duration = Duration::from_secs(540);
 
 /// The WireGuard endpoint. `T` is what the caller attaches to each peer (the device).
 pub struct Endpoint<T> {
@@ -218,10 +242,20 @@ pub struct Endpoint<T> {
     // Fx: the keys are indices this endpoint handed out and keys the admin enrolled, never
     // chosen by a remote party, and every datagram costs a lookup.
     peers: FxHashMap<PeerId, Peer<T>>,
+    /// Boxed: most peers have none, and the map's spare capacity stays small.
+    sessions: FxHashMap<PeerId, Box<Session>>,
     by_key: FxHashMap<[u8; 32], PeerId>,
+    /// Makes a peer's span when its session is created.
+    span_for: fn(&T) -> tracing::Span,
     next_index: u32,
+    /// The latest `now` the caller gave, for sessions the caller's packets create.
+    clock: Option<Instant>,
     drops: DropCounters,
     traffic: Traffic,
+}
+
+fn no_span<T>(_: &T) -> tracing::Span {
+    tracing::Span::none()
 }
 
 impl<T> Endpoint<T> {
@@ -238,11 +272,21 @@ impl<T> Endpoint<T> {
             private,
             public,
             peers: FxHashMap::default(),
+            sessions: FxHashMap::default(),
             by_key: FxHashMap::default(),
+            span_for: no_span::<T>,
             next_index: 1,
+            clock: None,
             drops: DropCounters::default(),
             traffic: Traffic::default(),
         }
+    }
+
+    /// Sets how a peer's span is made (it wraps boringtun's calls for the peer, so their log
+    /// lines name it); made when the peer's session is.
+    pub fn with_spans(mut self, span_for: fn(&T) -> tracing::Span) -> Self {
+        self.span_for = span_for;
+        self
     }
 
     /// The server's public key.
@@ -251,52 +295,86 @@ impl<T> Endpoint<T> {
     }
 
     /// Adds a peer, or updates the addresses and data of an existing one without touching its
-    /// session. Returns its id. `span` wraps boringtun's calls for this peer (its log lines).
+    /// session. Returns its id. An added peer costs its entry only until its first handshake.
     pub fn upsert_peer(
         &mut self,
         public_key: [u8; 32],
         ipv4: Ipv4Addr,
         ipv6: Ipv6Addr,
         data: T,
-        span: tracing::Span,
     ) -> PeerId {
         if let Some(&id) = self.by_key.get(&public_key) {
             if let Some(peer) = self.peers.get_mut(&id) {
                 peer.ipv4 = ipv4;
                 peer.ipv6 = ipv6;
                 peer.data = data;
-                peer.span = span;
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.span = (self.span_for)(&peer.data);
+                }
                 return id;
             }
         }
         let id = self.allocate_index();
-        let tunn = Tunn::new(
-            self.private.clone(),
-            PublicKey::from(public_key),
-            None,
-            None,
-            id,
-            Some(self.mac1_only.clone()),
-        );
         self.peers.insert(
             id,
             Peer {
-                tunn,
                 public_key,
                 ipv4,
                 ipv6,
                 endpoint: None,
                 data,
-                span,
+                last_initiation: [0; 12],
+                rx_bytes: 0,
+                tx_bytes: 0,
             },
         );
         self.by_key.insert(public_key, id);
         id
     }
 
+    /// Peers with a live session (a `Tunn`).
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Creates the session of `id` if it has none. False: no such peer.
+    fn ensure_session(
+        &mut self,
+        id: PeerId,
+        now: Option<Instant>,
+        static_shared: Option<[u8; 32]>,
+    ) -> bool {
+        let Some(peer) = self.peers.get(&id) else {
+            return false;
+        };
+        self.sessions.entry(id).or_insert_with(|| {
+            let span = (self.span_for)(&peer.data);
+            let tunn = {
+                let _in_span = span.enter();
+                Tunn::new(
+                    self.private.clone(),
+                    PublicKey::from(peer.public_key),
+                    None,
+                    None,
+                    id,
+                    Some(self.mac1_only.clone()),
+                )
+            };
+            Box::new(Session {
+                tunn,
+                static_shared: static_shared
+                    .unwrap_or_else(|| initiation::static_shared(&self.private, &peer.public_key)),
+                last_heard: now,
+                span,
+            })
+        });
+        true
+    }
+
     /// Removes a peer; its sessions end at once. Returns its data.
     pub fn remove_peer(&mut self, public_key: &[u8; 32]) -> Option<(PeerId, T)> {
         let id = self.by_key.remove(public_key)?;
+        self.sessions.remove(&id);
         self.peers.remove(&id).map(|p| (id, p.data))
     }
 
@@ -321,22 +399,29 @@ impl<T> Endpoint<T> {
     /// peer's endpoint until an authenticated datagram says otherwise, so boringtun's handshake
     /// retries go there too. False when the peer is unknown or has been heard from already.
     pub fn resume(&mut self, peer: PeerId, at: SocketAddr, tx: &mut TransmitQueue) -> bool {
-        let Some(p) = self.peers.get_mut(&peer) else {
-            return false;
-        };
-        if p.endpoint.is_some() {
+        if self.peers.get(&peer).is_none_or(|p| p.endpoint.is_some()) {
             return false;
         }
+        let now = self.clock;
+        if !self.ensure_session(peer, now, None) {
+            return false;
+        }
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return false;
+        };
         let mut buf = [0u8; HANDSHAKE_INIT_LEN];
-        let _in_span = p.span.enter();
-        match p.tunn.format_handshake_initiation(&mut buf, false) {
+        let _in_span = s.span.enter();
+        let sent = match s.tunn.format_handshake_initiation(&mut buf, false) {
             TunnResult::WriteToNetwork(init) => {
                 tx.push(at, init);
-                p.endpoint = Some(at);
                 true
             }
             _ => false,
+        };
+        if let (true, Some(p)) = (sent, self.peers.get_mut(&peer)) {
+            p.endpoint = Some(at);
         }
+        sent
     }
 
     /// Ids and keys of every peer.
@@ -347,15 +432,21 @@ impl<T> Endpoint<T> {
     /// Statistics of every peer.
     pub fn stats(&self) -> Vec<PeerStats> {
         self.peers
-            .values()
-            .map(|p| {
-                let (since_handshake, tx, rx, _, _) = p.tunn.stats();
+            .iter()
+            .map(|(id, p)| {
+                let (since_handshake, tx, rx) = match self.sessions.get(id) {
+                    Some(s) => {
+                        let (since, tx, rx, _, _) = s.tunn.stats();
+                        (since, tx as u64, rx as u64)
+                    }
+                    None => (None, 0, 0),
+                };
                 PeerStats {
                     public_key: p.public_key,
                     endpoint: p.endpoint,
                     since_handshake,
-                    rx_bytes: rx as u64,
-                    tx_bytes: tx as u64,
+                    rx_bytes: p.rx_bytes + rx,
+                    tx_bytes: p.tx_bytes + tx,
                 }
             })
             .collect()
@@ -402,19 +493,25 @@ impl<T> Endpoint<T> {
         tx: &mut TransmitQueue,
     ) -> Received<'b> {
         assert!(scratch.len() >= datagram.len().max(HANDSHAKE_INIT_LEN));
-        let id = match self.route(from, datagram, now, tx) {
-            Ok(Some(id)) => id,
+        self.clock = Some(now);
+        let (id, initiation) = match self.route(from, datagram, now, tx) {
+            Ok(Some(routed)) => routed,
             Ok(None) => return Received::Nothing,
             Err(reason) => return self.drop(reason),
         };
-        let Some(peer) = self.peers.get_mut(&id) else {
+        if let Some((_, shared)) = initiation {
+            // An authenticated, fresh initiation: the peer is active from now on.
+            self.ensure_session(id, Some(now), Some(shared));
+        }
+        let (Some(peer), Some(session)) = (self.peers.get_mut(&id), self.sessions.get_mut(&id))
+        else {
             return self.drop(DropReason::UnknownIndex);
         };
         // Data messages are most of the traffic and boringtun logs nothing worth naming for them.
-        let in_span = (datagram.first() != Some(&DATA_TYPE)).then(|| peer.span.enter());
+        let in_span = (datagram.first() != Some(&DATA_TYPE)).then(|| session.span.enter());
         // The decrypted packet always starts at scratch[0]; remember only its length so the
         // borrow of `scratch` ends here and other arms can reuse it.
-        let outcome = match peer.tunn.decapsulate(Some(from.ip()), datagram, scratch) {
+        let outcome = match session.tunn.decapsulate(Some(from.ip()), datagram, scratch) {
             TunnResult::Done => Ok(None),
             TunnResult::WriteToNetwork(reply) => {
                 tx.push(from, reply);
@@ -441,6 +538,7 @@ impl<T> Endpoint<T> {
             Ok(len) => {
                 // Authenticated: this is where the peer is now (roaming).
                 peer.endpoint = Some(from);
+                session.last_heard = Some(now);
                 match len {
                     Some(len) => {
                         self.traffic.rx_packets += 1;
@@ -460,12 +558,14 @@ impl<T> Endpoint<T> {
             }
             Err(None) => {
                 peer.endpoint = Some(from);
-                if datagram.first() == Some(&HANDSHAKE_INIT_TYPE) {
+                session.last_heard = Some(now);
+                if let Some((timestamp, _)) = initiation {
+                    peer.last_initiation = timestamp;
                     self.traffic.handshakes += 1;
                 }
                 // A completed handshake may release packets queued while it ran.
                 while let TunnResult::WriteToNetwork(queued) =
-                    peer.tunn.decapsulate(None, &[], scratch)
+                    session.tunn.decapsulate(None, &[], scratch)
                 {
                     tx.push(from, queued);
                 }
@@ -478,35 +578,49 @@ impl<T> Endpoint<T> {
         }
     }
 
-    /// Finds the peer a datagram is for. `Ok(None)`: fully handled here (cookie reply sent).
+    /// Finds the peer a datagram is for, and for an initiation its timestamp and the peer's
+    /// static shared secret. `Ok(None)`: fully handled here (cookie reply sent).
+    #[allow(clippy::type_complexity)]
     fn route(
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
         now: Instant,
         tx: &mut TransmitQueue,
-    ) -> Result<Option<PeerId>, DropReason> {
+    ) -> Result<Option<(PeerId, Option<(Timestamp, [u8; 32])>)>, DropReason> {
         let packet = Tunn::parse_incoming_packet(datagram).map_err(|_| DropReason::Malformed)?;
         match packet {
-            Packet::HandshakeInit(ref init) => {
-                // Admission first: the anonymous parse below costs a Diffie-Hellman.
+            Packet::HandshakeInit(_) => {
+                // Admission first: opening the initiation costs a Diffie-Hellman.
                 if !self.admit_handshake(from, datagram, now, tx)? {
                     return Ok(None);
                 }
-                let half = parse_handshake_anon(&self.private, &self.public, init)
-                    .map_err(|_| DropReason::BadHandshake)?;
-                self.by_key
-                    .get(&half.peer_static_public)
-                    .copied()
-                    .map(Some)
-                    .ok_or(DropReason::UnknownPeer)
+                let opened = initiation::open_initiation(&self.private, &self.public, datagram)
+                    .ok_or(DropReason::BadHandshake)?;
+                let id = *self
+                    .by_key
+                    .get(&opened.peer_static)
+                    .ok_or(DropReason::UnknownPeer)?;
+                let peer = self.peers.get(&id).ok_or(DropReason::UnknownPeer)?;
+                let shared = match self.sessions.get(&id) {
+                    Some(s) => s.static_shared,
+                    None => initiation::static_shared(&self.private, &peer.public_key),
+                };
+                let timestamp = opened.timestamp(&shared).ok_or(DropReason::BadHandshake)?;
+                // The `Tunn` checks this too, but only against what it saw itself.
+                if timestamp <= peer.last_initiation {
+                    return Err(DropReason::BadHandshake);
+                }
+                Ok(Some((id, Some((timestamp, shared)))))
             }
             Packet::HandshakeResponse(r) => {
                 let id = self.by_index(r.receiver_idx)?;
-                Ok(self.admit_handshake(from, datagram, now, tx)?.then_some(id))
+                Ok(self
+                    .admit_handshake(from, datagram, now, tx)?
+                    .then_some((id, None)))
             }
-            Packet::PacketCookieReply(c) => self.by_index(c.receiver_idx).map(Some),
-            Packet::PacketData(d) => self.by_index(d.receiver_idx).map(Some),
+            Packet::PacketCookieReply(c) => Ok(Some((self.by_index(c.receiver_idx)?, None))),
+            Packet::PacketData(d) => Ok(Some((self.by_index(d.receiver_idx)?, None))),
         }
     }
 
@@ -549,9 +663,10 @@ impl<T> Endpoint<T> {
         Ok(true)
     }
 
+    /// The peer holding a receiver index: only a peer with a session has handed one out.
     fn by_index(&self, receiver_idx: u32) -> Result<PeerId, DropReason> {
         let id = receiver_idx >> 8;
-        if self.peers.contains_key(&id) {
+        if self.sessions.contains_key(&id) {
             Ok(id)
         } else {
             Err(DropReason::UnknownIndex)
@@ -565,14 +680,19 @@ impl<T> Endpoint<T> {
 
     /// Encrypts an IP packet for `peer` and queues it. Returns false when the peer is unknown or
     /// has no endpoint yet (it has never completed a handshake with us).
+    /// A peer whose session was dropped gets a new one, which starts with a handshake.
     pub fn encapsulate(&mut self, peer: PeerId, packet: &[u8], tx: &mut TransmitQueue) -> bool {
-        let Some(p) = self.peers.get_mut(&peer) else {
+        let Some(dst) = self.peers.get(&peer).and_then(|p| p.endpoint) else {
             return false;
         };
-        let Some(dst) = p.endpoint else {
+        let now = self.clock;
+        if !self.ensure_session(peer, now, None) {
+            return false;
+        }
+        let Some(session) = self.sessions.get_mut(&peer) else {
             return false;
         };
-        let tunn = &mut p.tunn;
+        let tunn = &mut session.tunn;
         self.traffic.tx_packets += 1;
         self.traffic.tx_bytes += packet.len() as u64;
         tx.push_with(
@@ -589,6 +709,7 @@ impl<T> Endpoint<T> {
     /// Runs every peer's timers (keepalives, rekeys, expiry), the handshake load window and the
     /// per-source limiter's pruning and report.
     pub fn update_timers(&mut self, now: Instant, tx: &mut TransmitQueue) {
+        self.clock = Some(now);
         let window_over = self
             .window_start
             .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
@@ -608,14 +729,26 @@ impl<T> Endpoint<T> {
             );
         }
         let mut buf = [0u8; HANDSHAKE_INIT_LEN];
-        for peer in self.peers.values_mut() {
-            let _in_span = peer.span.enter();
-            if let TunnResult::WriteToNetwork(out) = peer.tunn.update_timers(&mut buf) {
+        let peers = &mut self.peers;
+        self.sessions.retain(|id, session| {
+            let Some(peer) = peers.get_mut(id) else {
+                return false;
+            };
+            let heard = *session.last_heard.get_or_insert(now);
+            if now.saturating_duration_since(heard) >= SESSION_IDLE_DROP {
+                let (_, tx_bytes, rx_bytes, _, _) = session.tunn.stats();
+                peer.tx_bytes += tx_bytes as u64;
+                peer.rx_bytes += rx_bytes as u64;
+                return false;
+            }
+            let _in_span = session.span.enter();
+            if let TunnResult::WriteToNetwork(out) = session.tunn.update_timers(&mut buf) {
                 if let Some(dst) = peer.endpoint {
                     tx.push(dst, out);
                 }
             }
-        }
+            true
+        });
     }
 
     /// The tunnel address a peer must use as source, by IP version of `addr`.
@@ -650,13 +783,7 @@ mod tests {
         let gw_key = key(1);
         let dev_key = key(2);
         let mut gw = Endpoint::new(gw_key);
-        gw.upsert_peer(
-            public(dev_key),
-            DEV_V4,
-            DEV_V6,
-            "laptop",
-            tracing::Span::none(),
-        );
+        gw.upsert_peer(public(dev_key), DEV_V4, DEV_V6, "laptop");
         let dev = Tunn::new(
             StaticSecret::from(dev_key),
             PublicKey::from(public(gw_key)),
@@ -746,6 +873,133 @@ mod tests {
         assert_eq!(p.gw.drops().total(), 0);
     }
 
+    /// The device's next initiation, as bytes.
+    fn initiation(p: &mut Pair) -> Vec<u8> {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        match p.dev.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_enrolled_peer_has_no_session_until_its_first_handshake() {
+        let mut p = pair();
+        assert_eq!(p.gw.sessions(), 0);
+        // Data for a peer that never connected: nothing to encrypt with, nowhere to send.
+        assert!(!p.gw.encapsulate(1, &ipv4_udp(DEV_V4), &mut p.tx));
+        assert_eq!(p.gw.sessions(), 0);
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(results.iter().any(|r| matches!(r, Received::Packet { .. })));
+        assert_eq!(p.gw.sessions(), 1);
+        assert_eq!(p.gw.traffic().handshakes, 1);
+    }
+
+    #[test]
+    fn an_unanswered_initiation_from_an_unknown_key_creates_no_session() {
+        let mut p = pair();
+        p.gw.remove_peer(&public(key(2)));
+        let init = initiation(&mut p);
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &init, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Dropped(DropReason::UnknownPeer));
+        assert_eq!(p.gw.sessions(), 0);
+    }
+
+    #[test]
+    fn an_idle_session_is_dropped_and_the_next_handshake_makes_a_new_one() {
+        let mut p = pair();
+        device_sends(&mut p, &ipv4_udp(DEV_V4));
+        let rx = p.gw.stats()[0].rx_bytes;
+        assert!(rx > 0);
+        let mut tx = TransmitQueue::new();
+        p.gw.update_timers(p.now + SESSION_IDLE_DROP - Duration::from_secs(1), &mut tx);
+        assert_eq!(p.gw.sessions(), 1);
+        p.now += SESSION_IDLE_DROP;
+        p.gw.update_timers(p.now, &mut tx);
+        assert_eq!(p.gw.sessions(), 0);
+        // Counters and the endpoint outlive the session.
+        assert_eq!(p.gw.stats()[0].rx_bytes, rx);
+        assert_eq!(p.gw.peer_endpoint(1), Some(p.dev_addr));
+
+        // The device's old session is gone with it.
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let TunnResult::WriteToNetwork(d) = p.dev.encapsulate(&ipv4_udp(DEV_V4), &mut buf) else {
+            panic!()
+        };
+        let d = d.to_vec();
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &d, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Dropped(DropReason::UnknownIndex));
+
+        // A new handshake brings it back.
+        let init = initiation(&mut p);
+        p.tx.clear();
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &init, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Nothing);
+        assert_eq!(p.gw.sessions(), 1);
+        let response = p.tx.bytes()[p.tx.datagrams()[0].range.clone()].to_vec();
+        assert!(matches!(
+            p.dev.decapsulate(None, &response, &mut buf),
+            TunnResult::WriteToNetwork(_) | TunnResult::Done
+        ));
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(
+            results.iter().any(|r| matches!(r, Received::Packet { .. })),
+            "{results:?}"
+        );
+        assert_eq!(p.gw.stats()[0].rx_bytes, 2 * rx);
+    }
+
+    #[test]
+    fn an_initiation_replayed_after_its_session_was_dropped_is_refused() {
+        let mut p = pair();
+        let recorded = initiation(&mut p);
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &recorded, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Nothing);
+        assert_eq!(p.gw.traffic().handshakes, 1);
+        // While the session lives...
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &recorded, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Dropped(DropReason::BadHandshake));
+        // ...and after it was dropped, when a new `Tunn` would have no timestamp to compare.
+        p.now += SESSION_IDLE_DROP;
+        p.gw.update_timers(p.now, &mut TransmitQueue::new());
+        assert_eq!(p.gw.sessions(), 0);
+        p.tx.clear();
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &recorded, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Dropped(DropReason::BadHandshake));
+        assert_eq!(p.gw.sessions(), 0, "a replay creates no session");
+        assert!(p.tx.is_empty(), "and gets no response");
+        // The device's next initiation is newer and accepted.
+        std::thread::sleep(Duration::from_millis(2));
+        let fresh = initiation(&mut p);
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &fresh, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Nothing);
+        assert_eq!(p.gw.traffic().handshakes, 2);
+    }
+
+    #[test]
+    fn data_for_a_dropped_session_starts_a_handshake_to_the_peer() {
+        let mut p = pair();
+        device_sends(&mut p, &ipv4_udp(DEV_V4));
+        p.now += SESSION_IDLE_DROP;
+        p.gw.update_timers(p.now, &mut TransmitQueue::new());
+        assert_eq!(p.gw.sessions(), 0);
+        p.tx.clear();
+        assert!(p
+            .gw
+            .encapsulate(1, &ipv4_udp(Ipv4Addr::new(203, 0, 113, 30)), &mut p.tx));
+        assert_eq!(p.gw.sessions(), 1);
+        let d = &p.tx.datagrams()[0];
+        assert_eq!(d.dst, p.dev_addr);
+        assert_eq!(p.tx.bytes()[d.range.start], 1, "a handshake initiation");
+    }
+
     #[test]
     fn spoofed_inner_source_is_dropped() {
         let mut p = pair();
@@ -766,7 +1020,7 @@ mod tests {
     #[test]
     fn garbage_never_panics_and_is_counted() {
         let mut gw: Endpoint<()> = Endpoint::new(key(1));
-        gw.upsert_peer(public(key(2)), DEV_V4, DEV_V6, (), tracing::Span::none());
+        gw.upsert_peer(public(key(2)), DEV_V4, DEV_V6, ());
         let mut scratch = vec![0u8; MAX_DATAGRAM];
         let mut tx = TransmitQueue::new();
         let from: SocketAddr = "198.51.100.11:1".parse().unwrap();

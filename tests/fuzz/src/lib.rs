@@ -302,13 +302,7 @@ pub fn wireguard(data: &[u8]) {
     let now = epoch();
     let mut gw: Endpoint<()> = Endpoint::new(GATEWAY_KEY);
     let device_public = *PublicKey::from(&StaticSecret::from(DEVICE_KEY)).as_bytes();
-    gw.upsert_peer(
-        device_public,
-        DEVICE_V4,
-        DEVICE_V6,
-        (),
-        tracing::Span::none(),
-    );
+    gw.upsert_peer(device_public, DEVICE_V4, DEVICE_V6, ());
     let from = if ctl & 2 == 0 {
         SocketAddr::from(([198, 51, 100, 11], 40000))
     } else {
@@ -539,13 +533,7 @@ pub fn wg_initiator(data: &[u8]) {
     let device_public =
         *boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(DEVICE_KEY))
             .as_bytes();
-    gw.upsert_peer(
-        device_public,
-        DEVICE_V4,
-        DEVICE_V6,
-        (),
-        tracing::Span::none(),
-    );
+    gw.upsert_peer(device_public, DEVICE_V4, DEVICE_V6, ());
     let mut dev = Initiator::new(DEVICE_KEY, gw.public_key(), gw_addr, Some(25), 7);
     let mut tx = TransmitQueue::new();
     let mut gw_tx = TransmitQueue::new();

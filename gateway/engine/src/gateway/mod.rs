@@ -227,7 +227,7 @@ impl GatewayCore {
             now,
         );
         GatewayCore {
-            wg: Endpoint::new(private_key),
+            wg: Endpoint::new(private_key).with_spans(peer_span),
             tx: TransmitQueue::new(),
             scratch: vec![0u8; MAX_DATAGRAM],
             router: Router {
@@ -359,11 +359,8 @@ impl GatewayCore {
                 .is_some_and(|d| **d == info);
             if !unchanged {
                 tracing::info!(device = %info.name, id = %info.id, ipv4 = %info.ipv4, "device active");
-                // Error level: enabled whenever boringtun's warnings and errors are, so they
-                // always name the device.
-                let span = tracing::error_span!("peer", device = %info.name, id = %info.id);
                 self.wg
-                    .upsert_peer(key, info.ipv4, info.ipv6, Arc::new(info), span);
+                    .upsert_peer(key, info.ipv4, info.ipv6, Arc::new(info));
             }
         }
     }
@@ -1103,3 +1100,9 @@ fn log_decision(
 }
 #[cfg(test)]
 mod tests;
+
+/// A device's span around boringtun's calls for its session. Error level: enabled whenever
+/// boringtun's warnings and errors are, so they always name the device.
+fn peer_span(device: &Arc<DeviceInfo>) -> tracing::Span {
+    tracing::error_span!("peer", device = %device.name, id = %device.id)
+}
