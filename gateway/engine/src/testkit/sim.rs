@@ -373,6 +373,10 @@ pub struct Sim {
     next_device_tick: Instant,
     next_port: u16,
     on_advance: Option<Box<dyn FnMut(Duration)>>,
+    /// Every `.0` the gateway is not scheduled for `.1` (see [`Sim::set_gateway_stalls`]).
+    stalls: Option<(Duration, Duration)>,
+    /// Upstream events the gateway has not taken yet (it was descheduled).
+    upstream_backlog: Vec<UpstreamEvent>,
 }
 
 impl Sim {
@@ -429,7 +433,26 @@ impl Sim {
             next_device_tick: t0,
             next_port: FIRST_LOCAL_PORT,
             on_advance: None,
+            stalls: None,
+            upstream_backlog: Vec::new(),
         }
+    }
+
+    /// Every `every` from now on, the gateway gets no CPU for `length`, as on a busy host:
+    /// datagrams wait in its socket and its timers are late, then it takes the backlog in one
+    /// batch.
+    pub fn set_gateway_stalls(&mut self, every: Duration, length: Duration) {
+        self.stalls = Some((every, length.min(every)));
+    }
+
+    /// While the gateway is descheduled: when it runs again.
+    fn stalled_until(&self) -> Option<Instant> {
+        let (every, length) = self.stalls?;
+        let every_us = every.as_micros().max(1);
+        let since = self.elapsed().as_micros();
+        let into = since % every_us;
+        (since >= every_us && into < length.as_micros())
+            .then(|| self.now + Duration::from_micros((length.as_micros() - into) as u64))
     }
 
     /// Calls `f` with every step the fake clock takes (to move boringtun's mocked clock along).
@@ -454,7 +477,7 @@ impl Sim {
             // Work due at `now` was done by the last `run`: the next step is later.
             let next = self.next_event().max(self.now + Duration::from_micros(1));
             self.set_now(next.min(end));
-            if self.now >= self.core.poll_timeout() {
+            if self.stalled_until().is_none() && self.now >= self.core.poll_timeout() {
                 self.core.handle_timeout(self.now);
             }
             self.run();
@@ -498,10 +521,16 @@ impl Sim {
         let stack = self.iface.poll_at(smol, &self.sockets).map(|at| {
             self.t0 + Duration::from_micros((at - smoltcp::time::Instant::ZERO).total_micros())
         });
+        // A descheduled gateway wakes for nothing before its stall ends.
+        let stalled = self.stalled_until();
+        let gateway = match stalled {
+            Some(_) => [stalled, None],
+            None => [Some(self.core.poll_timeout()), self.up.next_arrival()],
+        };
         [
-            Some(self.core.poll_timeout()),
+            gateway[0],
+            gateway[1],
             Some(self.next_device_tick),
-            self.up.next_arrival(),
             self.down.next_arrival(),
             stack,
         ]
@@ -544,12 +573,19 @@ impl Sim {
                 moved = true;
             }
 
-            // The wire up -> the gateway.
-            while let Some(d) = self.up.recv(self.now) {
+            // The wire up -> the gateway, unless it is descheduled.
+            let running = self.stalled_until().is_none();
+            while let Some(d) = running.then(|| self.up.recv(self.now)).flatten() {
                 self.core.handle_datagram(self.endpoint, &d, self.now);
                 moved = true;
             }
-            self.core.flush(self.now);
+            if running {
+                for event in std::mem::take(&mut self.upstream_backlog) {
+                    self.core.handle_upstream(event, self.now);
+                    moved = true;
+                }
+                self.core.flush(self.now);
+            }
 
             // The gateway -> the wire down.
             {
@@ -597,7 +633,8 @@ impl Sim {
 
     /// Hands the core an event from the upstream side and lets the network settle.
     pub fn upstream(&mut self, event: UpstreamEvent) {
-        self.core.handle_upstream(event, self.now);
+        // A descheduled gateway finds the event queued when it runs again.
+        self.upstream_backlog.push(event);
         self.run();
     }
 

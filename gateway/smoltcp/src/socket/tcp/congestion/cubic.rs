@@ -101,8 +101,15 @@ impl Controller for Cubic {
             return;
         }
 
-        // New data was ACKed: a timer-based loss episode, if any, is over.
-        self.in_rto_recovery = false;
+        // A timer-based loss episode is over once slow start is back at the threshold it
+        // set: a timeout before then (the resent data lost again, or the ACKs of a host that
+        // was not scheduled arriving late) would otherwise cut the threshold again, to a
+        // fraction of the one-segment window (Linux cuts once per episode too). Measured at
+        // 40 ms: two timeouts in a row left the threshold at 2 segments and the download at
+        // 0.5 Mbit/s, growing a segment per round trip (scripts/bench-far.sh, issue 15).
+        if self.cwnd >= self.ssthresh {
+            self.in_rto_recovery = false;
+        }
 
         // First new-data-ack exits fast recovery and deflates `cwnd`
         if self.in_fast_recovery {
@@ -465,10 +472,19 @@ mod test {
         cubic.on_rto(Instant::from_millis(1), MSS);
         assert_eq!(cubic.ssthresh, ssthresh);
 
-        // Once new data is ACKed, the next RTO is a fresh loss detection
-        // and reduces ssthresh again.
+        // An ACK of new data alone does not end the episode: it may be the late
+        // ACK of data sent before the timeout.
         ack(&mut cubic, MSS, Instant::from_millis(2));
         cubic.on_rto(Instant::from_millis(3), MSS * 4);
+        assert_eq!(cubic.ssthresh, ssthresh);
+
+        // Once slow start is back at the threshold, the next RTO is a fresh loss
+        // detection and reduces ssthresh again.
+        while cubic.window() < ssthresh {
+            ack(&mut cubic, MSS * 4, Instant::from_millis(4));
+        }
+        ack(&mut cubic, MSS, Instant::from_millis(5));
+        cubic.on_rto(Instant::from_millis(6), MSS * 4);
         assert_eq!(cubic.ssthresh, (4.0 * MSS as f64 * BETA_CUBIC) as usize);
     }
 
