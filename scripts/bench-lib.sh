@@ -49,20 +49,26 @@ bench_cleanup() {
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# waygate_up [TAG EXTRA]: Waygate in the gateway namespace with a device enrolled and up with
-# wg-quick; TAG names a data dir of its own, EXTRA is TOML appended to the config.
-waygate_up() {
-  local tag="${1:-}" extra="${2:-}"
-  cat >"$WORK/gw.toml" <<EOT
-data_dir = "$WORK/data$tag"
+# gateway_toml FILE DATA_DIR [EXTRA]: the lab gateway's config (WireGuard on 198.51.100.1, egress
+# from 192.0.2.1) with its data dir, EXTRA TOML appended.
+gateway_toml() {
+  cat >"$1" <<EOT
+data_dir = "$2"
 [wireguard]
 listen = "198.51.100.1:51820"
 public_endpoint = "198.51.100.1:51820"
 interface_name = "${P}gw"
 [egress]
 default_ipv4 = "192.0.2.1"
-$extra
+${3:-}
 EOT
+}
+
+# waygate_up [TAG EXTRA]: Waygate in the gateway namespace with a device enrolled and up with
+# wg-quick; TAG names a data dir of its own, EXTRA is TOML appended to the config.
+waygate_up() {
+  local tag="${1:-}" extra="${2:-}"
+  gateway_toml "$WORK/gw.toml" "$WORK/data$tag" "$extra"
   "$WAYGATE" --config "$WORK/gw.toml" device enroll --email bench@example.com --name bench \
     >"$WORK/${P}w.conf" 2>"$WORK/enroll.log" || bench_die "enroll failed: $(cat "$WORK/enroll.log")"
   sed -i '/^DNS/d' "$WORK/${P}w.conf"

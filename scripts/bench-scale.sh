@@ -30,15 +30,7 @@ hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 # gateway_up TAG: Waygate serving data dir $WORK/data-TAG in the gateway namespace; sets GW_PID.
 gateway_up() {
   local tag="$1"
-  cat >"$WORK/gw-$tag.toml" <<EOT
-data_dir = "$WORK/data-$tag"
-[wireguard]
-listen = "198.51.100.1:51820"
-public_endpoint = "198.51.100.1:51820"
-interface_name = "${P}gw"
-[egress]
-default_ipv4 = "192.0.2.1"
-EOT
+  gateway_toml "$WORK/gw-$tag.toml" "$WORK/data-$tag"
   ip netns exec "${P}gw" env WAYGATE_LOG=warn "$WAYGATE" --config "$WORK/gw-$tag.toml" serve \
     >"$WORK/waygate-$tag.log" 2>&1 &
   GW_PID=$!
