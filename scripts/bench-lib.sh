@@ -50,7 +50,8 @@ bench_cleanup() {
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # gateway_toml FILE DATA_DIR [EXTRA]: the lab gateway's config (WireGuard on 198.51.100.1, egress
-# from 192.0.2.1) with its data dir, EXTRA TOML appended.
+# from 192.0.2.1) with its data dir, EXTRA TOML appended; BENCH_WG_EXTRA (e.g. "threads = 2")
+# goes into its [wireguard] table.
 gateway_toml() {
   cat >"$1" <<EOT
 data_dir = "$2"
@@ -58,6 +59,7 @@ data_dir = "$2"
 listen = "198.51.100.1:51820"
 public_endpoint = "198.51.100.1:51820"
 interface_name = "${P}gw"
+${BENCH_WG_EXTRA:-}
 [egress]
 default_ipv4 = "192.0.2.1"
 ${3:-}

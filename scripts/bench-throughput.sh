@@ -13,7 +13,13 @@
 # daemon's CPU per Gbit. Then Waygate again with activity logs and metrics on (logs.dir,
 # metrics.listen): their cost per Gbit against the run without.
 #
-# Env: BENCH_SECONDS (default 6) per iperf3 run; BENCH_PREFIX lab prefix (default bn<pid>).
+# Then several devices at once: four wg-quick devices (d1-d4), one iperf3 stream each, upload and
+# download, through Waygate with wireguard.threads = 1 and with one shard per core, in the same
+# run; each row says how many shards the gateway ran (its threads named waygate-shard, plus the
+# main thread's).
+#
+# Env: BENCH_SECONDS (default 6) per iperf3 run; BENCH_PREFIX lab prefix (default bn<pid>);
+# BENCH_ONLY=multi runs only the multi-device rows.
 set -Eeuo pipefail
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
@@ -47,6 +53,54 @@ PY
   done
 }
 
+# multi THREADS: MULTI_DEVICES wg-quick devices through Waygate with wireguard.threads = THREADS,
+# one iperf3 stream each to a server of its own, all at once; goodput summed over the devices.
+MULTI_DEVICES=4
+multi() {
+  local threads="$1" i row args c0 c1 shards pids
+  BENCH_WG_EXTRA="threads = $threads" waygate_up "-t$threads"
+  for i in $(seq 2 "$MULTI_DEVICES"); do
+    "$WAYGATE" --config "$WORK/gw.toml" device enroll --email "bench$i@example.com" \
+      --name "bench$i" >"$WORK/${P}w$i.conf" 2>"$WORK/enroll.log" \
+      || bench_die "enroll failed: $(cat "$WORK/enroll.log")"
+    sed -i '/^DNS/d' "$WORK/${P}w$i.conf"
+    "$LAB" device-up "$P" "d$i" "$WORK/${P}w$i.conf" >/dev/null
+    ip netns exec "${P}d$i" ping -c 1 -W 5 100.96.0.1 >/dev/null || bench_die "no tunnel from d$i"
+  done
+  shards=$((1 + $(cat /proc/"$GW_PID"/task/*/comm | grep -c '^waygate-shard' || true)))
+  echo "bench-throughput: waygate wireguard.threads = $threads ($shards shards, pid $GW_PID), $MULTI_DEVICES devices" >&2
+  for row in "up:" "down:-R"; do
+    args="${row#*:}"
+    c0="$(cpu_ticks "$GW_PID")"
+    pids=()
+    for i in $(seq 1 "$MULTI_DEVICES"); do
+      # shellcheck disable=SC2086
+      ip netns exec "${P}d$i" timeout $((SECONDS_PER_RUN + 20)) iperf3 -c 203.0.113.20 \
+        -p $((5200 + i)) -t "$SECONDS_PER_RUN" -O 1 $args -J >"$WORK/multi$i.json" &
+      pids+=($!)
+    done
+    for i in "${pids[@]}"; do wait "$i" || bench_die "iperf3 ($MULTI_DEVICES devices, $row) failed"; done
+    c1="$(cpu_ticks "$GW_PID")"
+    python3 - "$threads" "$shards" "${row%%:*}" "$c0" "$c1" "$TCK" "$WORK"/multi[0-9]*.json \
+      >>"$WORK/multi" <<'PY'
+import json, sys
+threads, shards, row, c0, c1, tck, *files = sys.argv[1:]
+ends = [json.load(open(f))["end"]["sum_received"] for f in files]
+gbit = sum(e["bytes"] for e in ends) * 8 / 1e9
+seconds = max(e["seconds"] for e in ends)
+cpu = (float(c1) - float(c0)) / float(tck)
+print(f"{threads}\t{shards}\t{row}\t{gbit / seconds:.3f}\t{cpu / gbit if gbit else float('inf'):.3f}")
+PY
+  done
+  for i in $(seq 2 "$MULTI_DEVICES"); do
+    "$LAB" device-down "$P" "d$i" "$WORK/${P}w$i.conf" >/dev/null
+  done
+  waygate_down
+}
+
+if [ "${BENCH_ONLY:-}" = multi ]; then
+  : >"$WORK/results"
+else
 waygate_up
 echo "bench-throughput: waygate (pid $GW_PID), ${SECONDS_PER_RUN}s per run" >&2
 measure waygate
@@ -64,14 +118,42 @@ waygate_down
 reference_up
 echo "bench-throughput: reference wireguard-go (pid $GW_PID)" >&2
 measure reference
+fi
 
-python3 - "$WORK/results" <<'PY'
+for i in $(seq 3 "$MULTI_DEVICES"); do "$LAB" add-device "$P" "$i"; done
+for i in $(seq 2 "$MULTI_DEVICES"); do
+  ip netns exec "${P}in" iperf3 -s -B 203.0.113.20 -p $((5200 + i)) >/dev/null 2>&1 &
+  "$LAB" record-pid "$P" $! iperf3-$i
+done
+sleep 0.5
+multi 1
+multi "$(nproc)"
+
+python3 - "$WORK/results" "$WORK/multi" "$MULTI_DEVICES" <<'PY'
 import sys
+multi = {}
+for line in open(sys.argv[2]):
+    threads, shards, row, goodput, cpu = line.split("\t")
+    multi.setdefault(row, []).append((int(threads), int(shards), float(goodput), float(cpu)))
+print(f"{sys.argv[3]} devices at once, one stream each: Waygate single-threaded vs sharded, same run")
+print(f"{'dir':<5} {'threads':>7} {'shards':>6} {'Gbit/s':>7} {'CPU-s/Gbit':>10} {'vs 1 thread':>11}")
+ok = True
+for row, runs in multi.items():
+    base = runs[0][2]
+    for threads, shards, goodput, cpu in runs:
+        ratio = goodput / base if base else 0.0
+        ok &= ratio >= 0.95
+        print(f"{row:<5} {threads:>7} {shards:>6} {goodput:>7.3f} {cpu:>10.3f} {ratio:>11.2f}")
+print("target: sharded goodput no worse than one thread (ratio >= 0.95, run-to-run noise):",
+      "met" if ok else "NOT met")
+print()
 rows, dev = {}, {}
 for line in open(sys.argv[1]):
     name, row, goodput, cpu, dcpu = line.split("\t")
     rows.setdefault(row, {})[name] = (float(goodput), float(cpu))
     dev.setdefault(row, {})[name] = (float(goodput), float(dcpu))
+if not rows:
+    sys.exit(0)
 print(f"{'streams/dir':<12} {'waygate Gbit/s':>14} {'ref Gbit/s':>11} {'ratio':>6}   "
       f"{'waygate CPU-s/Gbit':>18} {'ref CPU-s/Gbit':>14} {'ratio':>6}")
 ok = True

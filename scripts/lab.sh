@@ -6,6 +6,8 @@
 #   scripts/lab.sh device-up PREFIX DEV CONF    wg-quick up CONF (wireguard-go) in namespace <P>DEV
 #   scripts/lab.sh device-down PREFIX DEV CONF  wg-quick down CONF in namespace <P>DEV
 #   scripts/lab.sh record-pid PREFIX PID NAME   have `down` kill PID too (a process you started)
+#   scripts/lab.sh add-device PREFIX N     one more device namespace <P>dN (N 3-9) on the underlay:
+#                                          ul0 198.51.100.(10+N)/24, like d1 and d2
 #   scripts/lab.sh status PREFIX           list the namespaces and pids the lab recorded
 #
 # PREFIX (default: wl<pid>, at most 10 characters, [a-z0-9]) names everything the run creates:
@@ -312,6 +314,19 @@ cmd_record_pid() { # PREFIX PID NAME: have `down` kill a process started outside
   echo "$2 $(proc_start "$2") $3" >>"$sd/pids"
 }
 
+cmd_add_device() { # PREFIX N: device namespace <P>dN, ul0 198.51.100.(10+N)/24 on the bridge.
+  local p="$1" n="$2" sd
+  check_prefix "$p"
+  [[ "$n" =~ ^[3-9]$ ]] || die "bad device number '$n' (want 3-9)"
+  sd="$(state_dir "$p")"
+  [ -d "$sd" ] || die "no lab with prefix $p"
+  ! grep -qx "${p}d$n" "$sd/netns" || die "device namespace ${p}d$n exists"
+  add_ns "$p" "${p}d$n"
+  veth "${p}d$n" ul0 "${p}ul" "d$n"
+  ns "${p}ul" ip link set "d$n" master br0
+  ns "${p}d$n" ip addr add "198.51.100.$((10 + n))/24" dev ul0
+}
+
 cmd_status() {
   local p="$1" sd
   sd="$(state_dir "$p")"
@@ -329,6 +344,7 @@ case "$action" in
   device-up) [ $# -eq 4 ] || die "usage: $0 device-up PREFIX DEV CONF"; cmd_device_up "$2" "$3" "$4" ;;
   device-down) [ $# -eq 4 ] || die "usage: $0 device-down PREFIX DEV CONF"; cmd_device_down "$2" "$3" "$4" ;;
   record-pid) [ $# -eq 4 ] || die "usage: $0 record-pid PREFIX PID NAME"; cmd_record_pid "$2" "$3" "$4" ;;
+  add-device) [ $# -eq 3 ] || die "usage: $0 add-device PREFIX N"; cmd_add_device "$2" "$3" ;;
   status) cmd_status "${2:-}" ;;
-  *) die "usage: $0 up [PREFIX] | down PREFIX | device-up PREFIX DEV CONF | device-down PREFIX DEV CONF | status PREFIX" ;;
+  *) die "usage: $0 up [PREFIX] | down PREFIX | device-up PREFIX DEV CONF | device-down PREFIX DEV CONF | add-device PREFIX N | status PREFIX" ;;
 esac

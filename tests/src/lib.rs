@@ -839,6 +839,13 @@ impl Lab {
         Ok(())
     }
 
+    /// `scripts/lab.sh device-down`: the device's wg-quick tunnel gone (it stays enrolled).
+    pub fn device_down(&self, device: &Device) -> Result<()> {
+        let conf = device.conf.to_string_lossy();
+        self.lab_sh(["device-down", &self.prefix, &device.ns, &conf], secs(30))?;
+        Ok(())
+    }
+
     /// Whether `device` gets an answer from the gateway's tunnel address within `timeout`.
     pub fn wait_tunnel(&self, device: &Device, timeout: Duration) -> bool {
         wait_until(timeout, Duration::from_millis(50), || {

@@ -313,6 +313,26 @@ pub struct WireguardConfig {
     pub public_endpoint: Option<String>,
     /// UAPI socket name.
     pub interface_name: String,
+    /// Data-plane shards, each a thread with its own peers, engine and socket; `None` (`0` in
+    /// the file): one per core. 1 runs the data plane on one thread.
+    pub threads: Option<usize>,
+}
+
+/// Default `wireguard.threads`: one shard, the data plane as it ran before shards, until the
+/// multi-device rows of scripts/bench-throughput.sh show shards gaining on the usual hosts.
+pub const DEFAULT_WIREGUARD_THREADS: Option<usize> = Some(1);
+
+/// Most `wireguard.threads` (the kernel steers datagrams among at most this many sockets of
+/// one port in our program; `waygate_wg::shard::MAX_SHARDS`).
+pub const MAX_WIREGUARD_THREADS: i64 = 64;
+
+impl WireguardConfig {
+    /// Shards to run: `threads`, or the host's cores (`cores`, when known) up to the maximum.
+    pub fn shards(&self, cores: Option<usize>) -> usize {
+        self.threads
+            .unwrap_or_else(|| cores.unwrap_or(1))
+            .clamp(1, MAX_WIREGUARD_THREADS as usize)
+    }
 }
 
 /// `[tunnel]`
@@ -449,6 +469,7 @@ impl Default for Config {
                 listen: DEFAULT_LISTEN,
                 public_endpoint: None,
                 interface_name: DEFAULT_INTERFACE_NAME.to_string(),
+                threads: DEFAULT_WIREGUARD_THREADS,
             },
             tunnel: TunnelConfig {
                 ipv4_pool: DEFAULT_IPV4_POOL.parse().expect("valid default pool"),
@@ -857,6 +878,7 @@ struct RawWireguard {
     listen: Option<Leaf<String>>,
     public_endpoint: Option<Leaf<String>>,
     interface_name: Option<Leaf<String>>,
+    threads: Option<Leaf<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -1274,6 +1296,10 @@ impl Checker {
                     format!("expected 1 to 15 of [A-Za-z0-9_=+.-], got {v:?}"),
                 );
             }
+        }
+        if let Some(n) = self.integer("wireguard.threads", raw.threads, 0..=MAX_WIREGUARD_THREADS) {
+            // 0: one per core.
+            wg.threads = usize::try_from(n).ok().filter(|&n| n > 0);
         }
     }
 
@@ -1951,6 +1977,16 @@ mod tests {
         assert_eq!(d.tunnel.gateway_ipv4(), Ipv4Addr::new(100, 96, 0, 1));
         assert_eq!(d.tunnel.gateway_ipv6().to_string(), "fd77:6761:7465::1");
         assert_eq!(d.wireguard.listen.port(), 51820);
+        assert_eq!(d.wireguard.threads, DEFAULT_WIREGUARD_THREADS);
+        assert_eq!(d.wireguard.shards(Some(8)), 1);
+        // 0: one shard per core, one when the cores are unknown.
+        let cores = Config::parse("[wireguard]\nthreads = 0\n")
+            .unwrap()
+            .wireguard;
+        assert_eq!(cores.threads, None);
+        assert_eq!(cores.shards(Some(8)), 8);
+        assert_eq!(cores.shards(None), 1);
+        assert_eq!(cores.shards(Some(500)), 64);
     }
 
     #[test]
@@ -1962,6 +1998,7 @@ mod tests {
             listen = "198.51.100.1:51820"
             public_endpoint = "gw.example.com:51820"
             interface_name = "wg-test0"
+            threads = 3
             [tunnel]
             ipv4_pool = "100.100.0.0/16"
             ipv6_pool = "fd77:6761:7465::/64"
@@ -2000,6 +2037,8 @@ mod tests {
             Some("gw.example.com:51820")
         );
         assert_eq!(cfg.wireguard.interface_name, "wg-test0");
+        assert_eq!(cfg.wireguard.threads, Some(3));
+        assert_eq!(cfg.wireguard.shards(Some(8)), 3);
         assert_eq!(cfg.tunnel.mtu, 1380);
         assert_eq!(cfg.tunnel.gateway_ipv4(), Ipv4Addr::new(100, 100, 0, 1));
         assert_eq!(cfg.egress.default_ipv4, Some(Ipv4Addr::new(192, 0, 2, 1)));
@@ -2323,6 +2362,12 @@ mod tests {
             ("[wireguard]\ninterface_name", "\"abcdefghijklmnop\"", false),
             ("[wireguard]\ninterface_name", "\"\"", false),
             ("[wireguard]\ninterface_name", "\"wg/0\"", false),
+            ("[wireguard]\nthreads", "1", true),
+            ("[wireguard]\nthreads", "64", true),
+            ("[wireguard]\nthreads", "0", true),
+            ("[wireguard]\nthreads", "-1", false),
+            ("[wireguard]\nthreads", "65", false),
+            ("[wireguard]\nthreads", "\"2\"", false),
             ("[wireguard]\npublic_endpoint", "\"gw.example:1\"", true),
             ("[wireguard]\npublic_endpoint", "\"gw.example:0\"", false),
             ("[wireguard]\npublic_endpoint", "\"gw.example\"", false),

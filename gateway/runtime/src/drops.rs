@@ -31,17 +31,21 @@ pub enum RuntimeDrop {
     UdpSendQueueFull,
     /// A TCP flow's writes piled up past its queue to the upstream: the flow was reset.
     TcpOpsQueueFull,
+    /// A datagram for another shard's peer found that shard's queue full (the device's
+    /// handshake is retried).
+    HandoffQueueFull,
 }
 
 impl RuntimeDrop {
     /// Every reason, for counters.
-    pub const ALL: [RuntimeDrop; 6] = [
+    pub const ALL: [RuntimeDrop; 7] = [
         RuntimeDrop::DnsQueryQueueFull,
         RuntimeDrop::DnsAnswerQueueFull,
         RuntimeDrop::LearnedNameQueueFull,
         RuntimeDrop::UdpEventQueueFull,
         RuntimeDrop::UdpSendQueueFull,
         RuntimeDrop::TcpOpsQueueFull,
+        RuntimeDrop::HandoffQueueFull,
     ];
 }
 

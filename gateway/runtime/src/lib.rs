@@ -1,8 +1,11 @@
 //! The I/O shell around [`GatewayCore`]: the only place that touches sockets, files and the clock.
 //!
-//! One task owns the core and the WireGuard socket (batched receive with GRO, batched send with
-//! GSO). Upstream connections run as small tasks ([`upstream`]) reporting through one channel.
-//! A thread watches the registry and hands the device list to the loop when it changes.
+//! The data plane is `wireguard.threads` shards ([`shard`]), each a thread with its own tokio
+//! runtime where one task owns the shard's core and its WireGuard socket (batched receive with
+//! GRO, batched send with GSO; the shards' sockets share the port and the kernel steers each
+//! peer's datagrams to its shard). Upstream connections run as small tasks ([`upstream`]) on
+//! their shard, reporting through its channel. A thread watches the registry and hands the
+//! device list to every shard when it changes.
 //!
 //! Inputs: the validated config, the registry, the host's sockets, files and clock. Outputs: the
 //! engine's datagrams on the wire, upstream connections, logs. Driven by tokio; it polls the
@@ -18,8 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use waygate_udp::BatchSocket;
+use waygate_wg::shard::Shard;
+use waygate_wg::Handoff;
 
 use crate::uapi::{UapiPeer, UapiSnapshot};
 use nexthop::{NextHopRoute, NextHops};
@@ -44,6 +49,7 @@ pub mod metrics;
 pub mod nexthop;
 pub mod reload;
 pub mod resolver;
+pub mod shard;
 pub mod stats;
 pub mod tls;
 pub mod uapi;
@@ -76,10 +82,11 @@ const MAX_RECV_BATCHES_PER_TURN: usize = 16;
 pub fn serve(config: Config) -> anyhow::Result<()> {
     map_large_allocations();
     let descriptors = host::raise_descriptor_limit();
-    // One thread: the core, the WireGuard socket and every upstream task. Handing packets and
-    // bytes between worker threads cost a wake-up each (measured with 2 workers: 40,000 context
-    // switches per second uploading at 0.64 Gbit/s, 1.25 CPU-s/Gbit; one thread: 0.80 CPU-s/Gbit
-    // at 0.72 Gbit/s). More cores are for shards of peers, each with its own thread.
+    // One thread per shard: its core, its WireGuard socket and its upstream tasks. Handing
+    // packets and bytes between worker threads cost a wake-up each (measured with 2 workers:
+    // 40,000 context switches per second uploading at 0.64 Gbit/s, 1.25 CPU-s/Gbit; one thread:
+    // 0.80 CPU-s/Gbit at 0.72 Gbit/s), so a shard never hands its flows' work to another thread.
+    // This runtime runs the first shard and the shared services; the others start their own.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -105,58 +112,59 @@ fn map_large_allocations() {
     }
 }
 
+/// Datagrams handed to another shard and waiting there (initiations: one per handshake).
+const HANDOFF_QUEUE: usize = 1024;
+
 async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     let key_bytes = prepare_data_dir(&config)?;
+    let cores = std::thread::available_parallelism().ok().map(usize::from);
+    let count = u32::try_from(config.wireguard.shards(cores)).unwrap_or(1);
+    let seed = if count > 1 { rand::random() } else { 0 };
+    let shard_at = |index| Shard { index, count, seed };
+    let device_shards = shard::DeviceShards::new(shard_at(0));
     let drops = Arc::new(drops::RuntimeDrops::default());
     let wall = UNIX_EPOCH + unix_now();
     let ca = crate::tls::load_ca(&config.data_dir, wall)?;
     let dns_tls = crate::tls::gateway_dns_tls(&ca, &config, wall)?;
-    let settings = core_settings(&config, descriptors)?;
+    let settings = core_settings(&config, descriptors, count)?;
     let (dns, dns_out) = resolver::spawn(
         &config,
         host::dns_queries_for_descriptors(descriptors),
         dns_tls,
         &settings.local,
         drops.clone(),
+        device_shards.clone(),
     )
     .context("dns")?;
-    let now = Instant::now();
-    let mut core = GatewayCore::new(key_bytes, settings.clone(), now);
     let host_addresses = (
         host::interface_addresses().context("cannot list the host's addresses")?,
         host::local_ipv6_prefixes(),
     );
-    core.set_host_addresses(&host_addresses.0, &host_addresses.1);
+    let sockets = shard::bind_sockets(config.wireguard.listen, count, SOCKET_BUFFER)?;
 
-    let socket = BatchSocket::bind(config.wireguard.listen, SOCKET_BUFFER)
-        .with_context(|| format!("cannot listen on UDP {}", config.wireguard.listen))?;
-
-    let (device_tx, device_rx) = mpsc::channel::<RegistrySnapshot>(4);
+    let (device_tx, device_rx) = watch::channel(Arc::new(RegistrySnapshot::default()));
+    // Every shard's receiver exists before the first snapshot is sent, so none misses it.
+    let devices: Vec<_> = (0..count).map(|_| device_rx.clone()).collect();
+    drop(device_rx);
     let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Vec<Seen>>();
     let watcher = {
         let data_dir = config.data_dir.clone();
         let tunnel = config.tunnel.clone();
         std::thread::Builder::new()
             .name("waygate-registry".into())
-            .spawn(move || watch_registry(&data_dir, &tunnel, device_tx, seen_rx))?
+            .spawn(move || watch_registry(&data_dir, &tunnel, device_tx, seen_rx, device_shards))?
     };
-    let uapi = start_uapi(&config, key_bytes);
+    let uapi = start_uapi(&config, key_bytes, count as usize);
     let reloads = Arc::new(reload::ReloadCounters::default());
     let inspector = http::start(&config, wall)?;
-    let (reload_rx, rules_loaded) = start_reloads(
-        &config,
-        &dns,
-        &mut core,
-        reloads.clone(),
-        inspector.as_ref(),
-    )?;
-    let logs = start_logs(&config, &dns, &mut core)?;
+    let (reload_rx, rules_loaded, loaded) =
+        start_reloads(&config, &dns, reloads.clone(), inspector.as_ref())?;
+    let logs = start_logs(&config, &dns)?;
     if let (Some(inspector), Some(logs)) = (&inspector, &logs) {
         inspector.log_to(logs.clone());
     }
     let (probe_tx, probe_rx) = mpsc::channel(PROBE_QUEUE);
     health::spawn_probes(&config.egress.locations, probe_tx);
-    let (event_tx, event_rx) = mpsc::channel(upstream::EVENT_QUEUE);
     let device_api = device_api::DeviceApi::new(
         config.clone(),
         Registry::open(&config.data_dir, &config.tunnel).context("the device API's registry")?,
@@ -164,14 +172,12 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     );
     dns.local.set_device_api(Arc::new(Arc::new(device_api)));
     let local: Arc<dyn local::LocalHost> = dns.local.clone();
-    let mut upstreams = Upstreams::new(event_tx, Some(local), drops.clone());
-    upstreams.set_inspector(inspector.clone());
-    let (stats_tx, stats_rx) = tokio::sync::watch::channel(stats::StatsSnapshot::default());
+    let stats = Arc::new(shard::StatsBoard::new(count as usize));
     // Dropped at the end of this function, which removes the socket.
-    let _admin = start_admin(&config, &ca, wall, stats_rx, rules_loaded)?;
+    let _admin = start_admin(&config, &ca, wall, stats.subscribe(), rules_loaded)?;
     if let Some(listen) = config.metrics.listen {
         let registry = metrics::registry(metrics::Sources {
-            stats: stats_tx.subscribe(),
+            stats: stats.subscribe(),
             reloads,
             logs: logs.as_ref().map(|l| l.stats().clone()),
             egress_locations: config
@@ -190,57 +196,214 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
         tracing::info!(addr = ?enroll.addr, "enrollment listener serving");
     }
 
+    let (handoffs_out, handoffs_in): (Vec<_>, Vec<_>) =
+        (0..count).map(|_| mpsc::channel(HANDOFF_QUEUE)).unzip();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (vnets_tx, vnets_rx) = watch::channel(Arc::new(HashMap::new()));
+    let mut vnets_tx = Some(vnets_tx);
+    let inputs = devices
+        .into_iter()
+        .zip(spread(probe_rx, count))
+        .zip(spread(reload_rx, count))
+        .zip(dns_out.answers.into_iter().zip(dns_out.learned))
+        .zip(handoffs_in);
+    let mut parts = Vec::new();
+    for (index, ((((devices, probes), reloads), (answers, learned)), handoffs)) in
+        (0..count).zip(inputs)
+    {
+        let (event_tx, events) = mpsc::channel(upstream::EVENT_QUEUE);
+        let mut upstreams = Upstreams::new(event_tx, Some(local.clone()), drops.clone());
+        upstreams.set_inspector(inspector.clone());
+        parts.push(ShardParts {
+            shard: shard_at(index),
+            key: key_bytes,
+            // Each shard's TCP stack draws its own sequence numbers.
+            settings: CoreSettings {
+                random_seed: rand::random(),
+                ..settings.clone()
+            },
+            host_addresses: host_addresses.clone(),
+            loaded: loaded.clone(),
+            logs: logs.clone(),
+            dns: dns.clone(),
+            inspector: inspector.clone(),
+            upstreams,
+            drops: drops.clone(),
+            uapi_peers: uapi.peers.clone(),
+            stats: stats.clone(),
+            seen_tx: seen_tx.clone(),
+            handoffs_out: handoffs_out.clone(),
+            egress_locations: config.egress.locations.len(),
+            vnets_out: vnets_tx.take(),
+            inputs: Inputs {
+                devices,
+                events,
+                probes,
+                reloads,
+                answers,
+                learned,
+                handoffs,
+                vnet_routes: (index > 0).then(|| vnets_rx.clone()),
+                stop: Stop::Shutdown(shutdown_rx.clone()),
+            },
+        });
+    }
+    drop((seen_tx, handoffs_out, vnets_rx, shutdown_rx));
+
+    let mut sockets = sockets.into_iter();
+    let mut parts = parts.into_iter();
+    let (Some(lead), Some(lead_socket)) = (parts.next(), sockets.next()) else {
+        anyhow::bail!("no data-plane shard to run");
+    };
+    let mut threads = Vec::new();
+    for (part, socket) in parts.zip(sockets) {
+        threads.push(spawn_shard(part, socket)?);
+    }
+    let (mut serving, mut inputs) = lead.start(lead_socket, Instant::now())?;
     tracing::info!(
         listen = %config.wireguard.listen,
-        public_key = %waygate_keys::PublicKey::from_bytes(core.public_key()),
+        public_key = %waygate_keys::PublicKey::from_bytes(serving.core.public_key()),
         gateway = %settings.gateway_v4,
         local_services = settings.local.routes().len(),
         egress = ?settings.egress.default_ipv4,
+        threads = count,
         "waygate serving"
     );
-    let mut serving = Serving {
-        core,
-        socket,
-        upstreams,
-        dns,
-        drops,
-        host_addresses,
-        flows_peak: 0,
-        vnets: Vec::new(),
-        vnets_unresolved: false,
-        next_hops: NextHops::default(),
-        uapi_snapshot: uapi.snapshot.clone(),
-        next_housekeeping: now,
-        drop_report: drops::DropReport::new(now),
-        seen_tx,
-        next_seen: now + LAST_SEEN_EVERY,
-        reported: HashMap::new(),
-        stats: stats_tx,
-        inspector,
-        egress_locations: config.egress.locations.len(),
-        logs,
-    };
-    let mut inputs = Inputs {
-        devices: device_rx,
-        events: event_rx,
-        probes: probe_rx,
-        reloads: reload_rx,
-        answers: dns_out.answers,
-        learned: dns_out.learned,
+    inputs.stop = Stop::Signals {
         terminate: signal(tokio::signal::unix::SignalKind::terminate())?,
         interrupt: signal(tokio::signal::unix::SignalKind::interrupt())?,
     };
     let result = serving.serve(&mut inputs).await;
     tracing::info!("waygate stopping");
-    // Where every device is now, for the next start to reach them; sent before the registry
-    // channel closes, which tells the watcher to write what it has and end.
-    let _ = serving.seen_tx.send(recently_seen(&serving.core));
+    let _ = shutdown_tx.send(true);
+    serving.stop();
     drop(serving);
     drop(inputs);
+    for thread in threads {
+        let _ = thread.join();
+    }
     let _ = std::fs::remove_file(&uapi.path);
     let _ = watcher.join();
     result
 }
+
+/// One receiver per shard for what `rx` carries: `rx` itself for one shard, else copies made by
+/// [`shard::fan_out`].
+fn spread<T: Clone + Send + 'static>(rx: mpsc::Receiver<T>, count: u32) -> Vec<mpsc::Receiver<T>> {
+    if count <= 1 {
+        return vec![rx];
+    }
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..count).map(|_| mpsc::channel(PROBE_QUEUE)).unzip();
+    shard::fan_out(rx, txs);
+    rxs
+}
+
+/// Runs a shard other than the first on a thread of its own, with its own runtime; returns once
+/// it serves (or why it could not start).
+fn spawn_shard(
+    parts: ShardParts,
+    socket: std::net::UdpSocket,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let index = parts.shard.index;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let thread = std::thread::Builder::new()
+        .name(format!("waygate-shard{index}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(err) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("shard {index} runtime: {err}")));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let (mut serving, mut inputs) = match parts.start(socket, Instant::now()) {
+                    Ok(started) => started,
+                    Err(err) => {
+                        let _ = ready_tx.send(Err(err));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                if let Err(err) = serving.serve(&mut inputs).await {
+                    tracing::error!(shard = index, "{err:#}");
+                }
+                serving.stop();
+            });
+        })?;
+    ready_rx
+        .recv()
+        .with_context(|| format!("shard {index} stopped while starting"))??;
+    Ok(thread)
+}
+
+/// What one shard is made of, before it runs on its thread.
+struct ShardParts {
+    shard: Shard,
+    key: [u8; 32],
+    settings: CoreSettings,
+    host_addresses: (Vec<waygate_engine::protect::HostAddress>, Vec<ipnet::IpNet>),
+    loaded: Loaded,
+    logs: Option<waygate_observe::LogSender>,
+    dns: resolver::ResolverHandle,
+    inspector: Option<waygate_http::Inspector>,
+    upstreams: Upstreams,
+    drops: Arc<drops::RuntimeDrops>,
+    uapi_peers: Arc<Mutex<Vec<Vec<UapiPeer>>>>,
+    stats: Arc<shard::StatsBoard>,
+    seen_tx: std::sync::mpsc::Sender<Vec<Seen>>,
+    handoffs_out: Vec<mpsc::Sender<Handoff>>,
+    egress_locations: usize,
+    /// The first shard's: where it publishes virtual-network routes for the others.
+    vnets_out: Option<watch::Sender<Arc<VnetRouteMap>>>,
+    inputs: Inputs,
+}
+
+impl ShardParts {
+    /// The shard's core and loop; inside the runtime that will run it.
+    fn start(self, socket: std::net::UdpSocket, now: Instant) -> anyhow::Result<(Serving, Inputs)> {
+        let socket = BatchSocket::from_std(socket).context("the WireGuard socket")?;
+        let mut core = GatewayCore::new(self.key, self.settings, now).with_shard(self.shard);
+        core.set_host_addresses(&self.host_addresses.0, &self.host_addresses.1);
+        if let Some(policy) = self.loaded.policy {
+            core.set_policy(policy);
+        }
+        core.set_geoip(self.loaded.geoip);
+        core.record_activity(self.logs.is_some());
+        let leads = self.vnets_out.is_some();
+        let serving = Serving {
+            core,
+            socket,
+            upstreams: self.upstreams,
+            dns: self.dns,
+            drops: self.drops,
+            host_addresses: self.host_addresses,
+            flows_peak: 0,
+            vnets: Vec::new(),
+            vnets_unresolved: false,
+            next_hops: leads.then(NextHops::default),
+            vnets_out: self.vnets_out,
+            uapi_peers: self.uapi_peers,
+            next_housekeeping: now,
+            drop_report: drops::DropReport::new(now),
+            seen_tx: self.seen_tx,
+            next_seen: now + LAST_SEEN_EVERY,
+            reported: HashMap::new(),
+            stats: self.stats,
+            inspector: self.inspector,
+            egress_locations: self.egress_locations,
+            logs: self.logs,
+            handoffs_out: self.handoffs_out,
+        };
+        Ok((serving, self.inputs))
+    }
+}
+
+/// Each virtual network's routes, resolved (vnet id -> routes).
+type VnetRouteMap = HashMap<String, Vec<VnetRoute>>;
 
 /// Bounded queue of egress health probe results (a handful of locations, one probe a second).
 const PROBE_QUEUE: usize = 64;
@@ -274,36 +437,34 @@ fn prepare_data_dir(config: &Config) -> anyhow::Result<[u8; 32]> {
 
 /// The `wg show` socket: what it serves, and where.
 struct Uapi {
-    snapshot: Arc<Mutex<UapiSnapshot>>,
+    /// Each shard's peers, refreshed by its loop.
+    peers: Arc<Mutex<Vec<Vec<UapiPeer>>>>,
     path: std::path::PathBuf,
 }
 
-/// Serves the WireGuard UAPI socket from a snapshot the loop refreshes.
-fn start_uapi(config: &Config, key_bytes: [u8; 32]) -> Uapi {
-    let snapshot = Arc::new(Mutex::new(UapiSnapshot {
-        private_key: key_bytes,
-        listen_port: config.wireguard.listen.port(),
-        peers: Vec::new(),
-    }));
+/// Serves the WireGuard UAPI socket from the peers the `shards` loops refresh.
+fn start_uapi(config: &Config, key_bytes: [u8; 32], shards: usize) -> Uapi {
+    let peers = Arc::new(Mutex::new(vec![Vec::new(); shards]));
+    let listen_port = config.wireguard.listen.port();
     let path = uapi::socket_path(&config.wireguard.interface_name);
-    let shared = snapshot.clone();
+    let shared = peers.clone();
     let at = path.clone();
     tokio::spawn(async move {
         let read = move || {
-            let s = shared
+            let peers = shared
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             UapiSnapshot {
-                private_key: s.private_key,
-                listen_port: s.listen_port,
-                peers: s.peers.clone(),
+                private_key: key_bytes,
+                listen_port,
+                peers: peers.concat(),
             }
         };
         if let Err(err) = uapi::serve(at.clone(), read).await {
             tracing::warn!(path = %at.display(), %err, "wg UAPI socket unavailable; `wg show` will not see this gateway");
         }
     });
-    Uapi { snapshot, path }
+    Uapi { peers, path }
 }
 
 /// Starts the admin API: its socket always, its TLS listener when `admin.listen` is set. It
@@ -333,14 +494,13 @@ fn start_admin(
     Ok(admin)
 }
 
-/// Starts the activity log writer when `logs.dir` is set, and has the resolver and the core
-/// report to it (each through a sender of its own). The writer thread is left to end with the
-/// process: it writes what is buffered at least every `write::BUSY_WAIT`, so at most the lines
-/// of that last moment are not on disk at exit.
+/// Starts the activity log writer when `logs.dir` is set, and has the resolver report to it;
+/// each shard's core reports through a sender of its own. The writer thread is left to end with
+/// the process: it writes what is buffered at least every `write::BUSY_WAIT`, so at most the
+/// lines of that last moment are not on disk at exit.
 fn start_logs(
     config: &Config,
     dns: &resolver::ResolverHandle,
-    core: &mut GatewayCore,
 ) -> anyhow::Result<Option<waygate_observe::LogSender>> {
     let Some(dir) = &config.logs.dir else {
         return Ok(None);
@@ -354,35 +514,40 @@ fn start_logs(
     let (sender, _writer) = waygate_observe::spawn(settings)
         .with_context(|| format!("logs.dir: cannot write activity logs in {}", dir.display()))?;
     dns.log_activity(sender.clone());
-    core.record_activity(true);
     tracing::info!(dir = %dir.display(), max_size = config.logs.max_size, keep = config.logs.keep, "activity logs on");
     Ok(Some(sender))
 }
 
-/// Loads the followed files (rules, categories, GeoIP) into the core and the resolver, and
-/// starts the thread that reports their changes; returns its channel and the count of rules
-/// running.
+/// The rules and GeoIP database loaded at the start, for every shard's core.
+#[derive(Clone)]
+struct Loaded {
+    policy: Option<Arc<waygate_stages::policy::Loaded>>,
+    geoip: Option<Arc<waygate_geoip::GeoIp>>,
+}
+
+/// Loads the followed files (rules, categories, GeoIP) into the resolver and the inspector, and
+/// starts the thread that reports their changes; returns its channel, the count of rules
+/// running and what the cores start with.
 fn start_reloads(
     config: &Config,
     dns: &resolver::ResolverHandle,
-    core: &mut GatewayCore,
     counters: Arc<reload::ReloadCounters>,
     inspector: Option<&waygate_http::Inspector>,
 ) -> anyhow::Result<(
     mpsc::Receiver<reload::Reloaded>,
     Arc<std::sync::atomic::AtomicUsize>,
+    Loaded,
 )> {
     let (followed, policy, geoip, categories) = reload::Followed::load(config)?;
     let rules_loaded = followed.rules_loaded();
     let categories = categories.map(Arc::new);
     dns.set_categories(categories.clone());
-    if let Some(policy) = policy {
-        let policy = Arc::new(policy);
+    let policy = policy.map(Arc::new);
+    if let Some(policy) = &policy {
         if let Some(inspector) = inspector {
             inspector.set_policy(policy.clone());
         }
         dns.set_policy(policy.clone());
-        core.set_policy(policy);
     }
     let geoip = geoip.map(Arc::new);
     if let Some(inspector) = inspector {
@@ -390,24 +555,67 @@ fn start_reloads(
         inspector.set_categories(categories);
     }
     dns.set_geoip(geoip.clone());
-    core.set_geoip(geoip);
     let (reload_tx, reload_rx) = mpsc::channel(2);
     std::thread::Builder::new()
         .name("waygate-reload".into())
         .spawn(move || followed.run(reload_tx, &counters))?;
-    Ok((reload_rx, rules_loaded))
+    Ok((reload_rx, rules_loaded, Loaded { policy, geoip }))
 }
 
 /// Everything the loop waits on.
 struct Inputs {
-    devices: mpsc::Receiver<RegistrySnapshot>,
+    devices: watch::Receiver<Arc<RegistrySnapshot>>,
     events: mpsc::Receiver<waygate_engine::flow::UpstreamEvent>,
     probes: mpsc::Receiver<(usize, waygate_stages::egress::Probe)>,
     reloads: mpsc::Receiver<reload::Reloaded>,
     answers: mpsc::Receiver<resolver::Answer>,
     learned: mpsc::Receiver<resolver::Learned>,
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
+    /// Datagrams other shards received for this shard's peers.
+    handoffs: mpsc::Receiver<Handoff>,
+    /// Virtual-network routes as the first shard resolved them (the others' only).
+    vnet_routes: Option<watch::Receiver<Arc<VnetRouteMap>>>,
+    stop: Stop,
+}
+
+/// What ends a loop.
+enum Stop {
+    /// SIGTERM or SIGINT (the first shard, on the main thread).
+    Signals {
+        terminate: tokio::signal::unix::Signal,
+        interrupt: tokio::signal::unix::Signal,
+    },
+    /// The first shard's word (the others).
+    Shutdown(watch::Receiver<bool>),
+}
+
+impl Stop {
+    async fn wait(&mut self) {
+        match self {
+            Stop::Signals {
+                terminate,
+                interrupt,
+            } => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            }
+            Stop::Shutdown(rx) => {
+                // Changed, or the sender is gone: either way, stop.
+                let _ = rx.changed().await;
+            }
+        }
+    }
+}
+
+/// The next routes the first shard published; never, for the first shard itself.
+async fn next_vnet_routes(rx: &mut Option<watch::Receiver<Arc<VnetRouteMap>>>) -> VnetRouteMap {
+    if let Some(rx) = rx {
+        if rx.changed().await.is_ok() {
+            return (**rx.borrow_and_update()).clone();
+        }
+    }
+    std::future::pending().await
 }
 
 /// The serving loop's state: the core and what carries out its work.
@@ -422,22 +630,28 @@ struct Serving {
     flows_peak: usize,
     vnets: Vec<Vnet>,
     vnets_unresolved: bool,
-    /// Removes the kernel routes it installed when the loop ends, also on error.
-    next_hops: NextHops,
-    uapi_snapshot: Arc<Mutex<UapiSnapshot>>,
+    /// The first shard's, which resolves the virtual networks' routes for all: removes the
+    /// kernel routes it installed when the loop ends, also on error.
+    next_hops: Option<NextHops>,
+    /// The first shard's: where the other shards get the resolved routes.
+    vnets_out: Option<watch::Sender<Arc<VnetRouteMap>>>,
+    /// This shard's slot is its peers for `wg show`.
+    uapi_peers: Arc<Mutex<Vec<Vec<UapiPeer>>>>,
     next_housekeeping: Instant,
     drop_report: drops::DropReport,
     seen_tx: std::sync::mpsc::Sender<Vec<Seen>>,
     next_seen: Instant,
     /// Where each device was last reported to the registry.
     reported: HashMap<String, SocketAddr>,
-    stats: tokio::sync::watch::Sender<stats::StatsSnapshot>,
+    stats: Arc<shard::StatsBoard>,
     /// The HTTP stage's inspector, which follows rule, category and GeoIP reloads.
     inspector: Option<waygate_http::Inspector>,
     /// Configured egress locations, for the snapshot's health.
     egress_locations: usize,
     /// Where the core's activity records go, while `logs.dir` is set.
     logs: Option<waygate_observe::LogSender>,
+    /// Every shard's queue of handed-over datagrams, by shard.
+    handoffs_out: Vec<mpsc::Sender<Handoff>>,
 }
 
 impl Serving {
@@ -447,11 +661,13 @@ impl Serving {
             let deadline = self.core.poll_timeout();
             tokio::select! {
                 biased;
-                _ = inputs.terminate.recv() => return Ok(()),
-                _ = inputs.interrupt.recv() => return Ok(()),
-                snapshot = inputs.devices.recv() => match snapshot {
-                    Some(snapshot) => self.sync_registry(snapshot),
-                    None => anyhow::bail!("the registry watcher stopped"),
+                _ = inputs.stop.wait() => return Ok(()),
+                changed = inputs.devices.changed() => match changed {
+                    Ok(()) => {
+                        let snapshot = inputs.devices.borrow_and_update().clone();
+                        self.sync_registry(&snapshot);
+                    }
+                    Err(_) => anyhow::bail!("the registry watcher stopped"),
                 },
                 ready = self.socket.readable() => {
                     ready?;
@@ -462,6 +678,12 @@ impl Serving {
                     self.core.handle_upstream(event, now);
                     drain(&mut inputs.events, |e| self.core.handle_upstream(e, now));
                 }
+                Some(handoff) = inputs.handoffs.recv() => {
+                    let now = Instant::now();
+                    self.core.handle_handoff(&handoff, now);
+                    drain(&mut inputs.handoffs, |h| self.core.handle_handoff(&h, now));
+                }
+                routes = next_vnet_routes(&mut inputs.vnet_routes) => self.core.sync_vnets(routes),
                 Some((location, probe)) = inputs.probes.recv() => {
                     self.core.record_egress_probe(location, probe);
                 }
@@ -485,23 +707,58 @@ impl Serving {
         }
     }
 
-    /// A new device list and virtual networks from the registry.
-    fn sync_registry(&mut self, snapshot: RegistrySnapshot) {
+    /// A new device list and virtual networks from the registry: this shard's devices become
+    /// its peers; the first shard resolves the networks' routes for all.
+    fn sync_registry(&mut self, snapshot: &RegistrySnapshot) {
         let resume = resumable(&snapshot.devices, unix_now().as_secs() as i64);
-        self.core
-            .sync_peers(peers_of(snapshot.devices), Instant::now());
-        // Devices already heard from since the start are skipped.
+        let shard = self.core.shard();
+        let mine = snapshot
+            .devices
+            .iter()
+            .filter(|d| shard.owns_key(d.public_key.as_bytes()));
+        self.core.sync_peers(peers_of(mine), Instant::now());
+        // Devices already heard from since the start, and other shards' devices, are skipped.
         for (key, at) in resume {
             self.core.resume_peer(&key, at);
         }
-        let (routes, unresolved) = resolve_vnet_routes(&snapshot.vnets, &mut self.next_hops);
-        self.core.sync_vnets(routes);
-        self.vnets = snapshot.vnets;
-        self.vnets_unresolved = unresolved;
+        if let Some(next_hops) = &mut self.next_hops {
+            let (routes, unresolved) = resolve_vnet_routes(&snapshot.vnets, next_hops);
+            self.vnets = snapshot.vnets.clone();
+            self.vnets_unresolved = unresolved;
+            self.publish_vnet_routes(routes);
+        }
     }
 
-    /// A followed file changed.
+    /// The first shard's newly resolved routes, for its core and the other shards'.
+    fn publish_vnet_routes(&mut self, routes: VnetRouteMap) {
+        if let Some(out) = &self.vnets_out {
+            out.send_replace(Arc::new(routes.clone()));
+        }
+        self.core.sync_vnets(routes);
+    }
+
+    /// Stops: where every device of this shard is now, for the next start to reach them; sent
+    /// before the registry channel closes, which tells the watcher to write what it has and end.
+    fn stop(&mut self) {
+        let _ = self.seen_tx.send(recently_seen(&self.core));
+    }
+
+    /// Whether this is the first shard, which also keeps the shared services' state.
+    fn leads(&self) -> bool {
+        self.next_hops.is_some()
+    }
+
+    /// A followed file changed: every shard's core takes it; the first also hands it to the
+    /// resolver and the inspector.
     fn reload(&mut self, reloaded: reload::Reloaded) {
+        if !self.leads() {
+            match reloaded {
+                reload::Reloaded::Policy(policy) => self.core.set_policy(policy),
+                reload::Reloaded::GeoIp(db) => self.core.set_geoip(Some(db)),
+                reload::Reloaded::Categories(_) => {}
+            }
+            return;
+        }
         match reloaded {
             reload::Reloaded::Policy(policy) => {
                 if let Some(inspector) = &self.inspector {
@@ -535,6 +792,12 @@ impl Serving {
         }
         self.core.flush(now);
         send(&self.socket, self.core.transmit_queue()).await;
+        while let Some(handoff) = self.core.poll_handoff() {
+            let to = self.handoffs_out.get(handoff.shard as usize);
+            if to.is_none_or(|to| to.try_send(handoff).is_err()) {
+                self.drops.add(drops::RuntimeDrop::HandoffQueueFull);
+            }
+        }
         if let Some(logs) = &self.logs {
             while let Some(activity) = self.core.poll_activity() {
                 logs.send(activity);
@@ -580,19 +843,29 @@ impl Serving {
             host::return_freed_memory();
             self.flows_peak = flows;
         }
-        if self.vnets_unresolved {
+        if let (true, Some(next_hops)) = (self.vnets_unresolved, &mut self.next_hops) {
             // An interface named by a route may come up after the gateway.
-            let (routes, unresolved) = resolve_vnet_routes(&self.vnets, &mut self.next_hops);
-            self.core.sync_vnets(routes);
+            let (routes, unresolved) = resolve_vnet_routes(&self.vnets, next_hops);
             self.vnets_unresolved = unresolved;
+            self.publish_vnet_routes(routes);
         }
-        if let Ok(mut s) = self.uapi_snapshot.lock() {
-            s.peers = uapi_peers(&self.core);
+        let index = self.core.shard().index as usize;
+        if let Ok(mut peers) = self.uapi_peers.lock() {
+            if let Some(slot) = peers.get_mut(index) {
+                *slot = uapi_peers(&self.core);
+            }
         }
         let wg_drops = self.core.wireguard().drops();
+        // The runtime's queues are shared: the first shard reports their drops.
+        let no_drops = drops::RuntimeDrops::default();
+        let runtime_drops = if self.leads() {
+            &*self.drops
+        } else {
+            &no_drops
+        };
         if let Some(dropped) =
             self.drop_report
-                .poll(now, wg_drops, self.core.flow_drops(), &self.drops)
+                .poll(now, wg_drops, self.core.flow_drops(), runtime_drops)
         {
             drops::log(&dropped);
         }
@@ -604,7 +877,7 @@ impl Serving {
             &self.drops,
             self.egress_locations,
         );
-        self.stats.send_replace(snapshot);
+        self.stats.publish(index, snapshot);
     }
 
     /// Addresses come and go (DHCP, a new interface): flows to them are refused at once.
@@ -659,8 +932,8 @@ fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal
     tokio::signal::unix::signal(kind).context("cannot install signal handler")
 }
 
-/// What the core needs, derived from the config.
-fn core_settings(config: &Config, descriptors: u64) -> anyhow::Result<CoreSettings> {
+/// What each of `shards` cores needs, derived from the config.
+fn core_settings(config: &Config, descriptors: u64, shards: u32) -> anyhow::Result<CoreSettings> {
     // The host owns its egress addresses and whole IPv6 egress prefixes even where no
     // interface lists them (a prefix routed `local` to lo answers on every address).
     let egress = &config.egress;
@@ -698,7 +971,8 @@ fn core_settings(config: &Config, descriptors: u64) -> anyhow::Result<CoreSettin
             tcp_per_device: config.limits.tcp_flows_per_device,
             udp_per_device: config.limits.udp_flows_per_device,
             memory_per_device: config.limits.flow_memory_per_device,
-            total: host::flows_for_descriptors(descriptors),
+            // The descriptors are the process's: each shard gets its share.
+            total: (host::flows_for_descriptors(descriptors) / shards.max(1) as usize).max(1),
         },
         random_seed: rand::random(),
         http_ports: config.http.ports.clone(),
@@ -739,7 +1013,8 @@ async fn send(socket: &BatchSocket, queue: &mut TransmitQueue) {
     queue.clear();
 }
 
-/// What the registry watcher hands to the serving loop on every change.
+/// What the registry watcher hands to the serving loops on every change.
+#[derive(Default)]
 struct RegistrySnapshot {
     devices: Vec<Device>,
     vnets: Vec<Vnet>,
@@ -807,21 +1082,20 @@ fn interface_index(name: &str) -> Option<NonZeroU32> {
     NonZeroU32::new(index)
 }
 
-fn peers_of(devices: Vec<Device>) -> Vec<([u8; 32], DeviceInfo)> {
+fn peers_of<'a>(devices: impl Iterator<Item = &'a Device>) -> Vec<([u8; 32], DeviceInfo)> {
     devices
-        .into_iter()
-        .filter(Device::is_active)
+        .filter(|d| d.is_active())
         .map(|d| {
             (
                 *d.public_key.as_bytes(),
                 DeviceInfo {
-                    id: d.id,
-                    name: d.name,
-                    email: d.email,
-                    user_name: d.user_name,
-                    groups: d.groups,
-                    extras: Arc::new(d.extras),
-                    vnet_id: d.vnet_id,
+                    id: d.id.clone(),
+                    name: d.name.clone(),
+                    email: d.email.clone(),
+                    user_name: d.user_name.clone(),
+                    groups: d.groups.clone(),
+                    extras: Arc::new(d.extras.clone()),
+                    vnet_id: d.vnet_id.clone(),
                     ipv4: d.ipv4,
                     ipv6: d.ipv6,
                 },
@@ -918,8 +1192,9 @@ fn record_seen(registry: &Registry, seen: &std::sync::mpsc::Receiver<Vec<Seen>>)
 fn watch_registry(
     data_dir: &Path,
     tunnel: &waygate_config::TunnelConfig,
-    devices: mpsc::Sender<RegistrySnapshot>,
+    devices: watch::Sender<Arc<RegistrySnapshot>>,
     seen: std::sync::mpsc::Receiver<Vec<Seen>>,
+    shards: shard::DeviceShards,
 ) {
     let registry = match Registry::open(data_dir, tunnel) {
         Ok(r) => r,
@@ -942,11 +1217,15 @@ fn watch_registry(
                     .and_then(|d| Ok((d, registry.vnets()?)))
                 {
                     Ok((list, vnets)) => {
+                        shards.update(
+                            list.iter()
+                                .map(|d| (d.id.as_str(), d.public_key.as_bytes())),
+                        );
                         let snapshot = RegistrySnapshot {
                             devices: list,
                             vnets,
                         };
-                        if devices.blocking_send(snapshot).is_err() {
+                        if devices.send(Arc::new(snapshot)).is_err() {
                             return;
                         }
                         last = Some(counter);

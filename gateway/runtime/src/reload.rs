@@ -54,6 +54,7 @@ impl RegistryRules {
 }
 
 /// A newly loaded version of a followed file.
+#[derive(Clone)]
 pub enum Reloaded {
     /// The rule set (with its lists).
     Policy(Arc<policy::Loaded>),

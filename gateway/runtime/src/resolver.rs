@@ -78,6 +78,7 @@ pub struct Learned {
 }
 
 /// The running resolver.
+#[derive(Clone)]
 pub struct ResolverHandle {
     queries: mpsc::Sender<Query>,
     drops: Arc<RuntimeDrops>,
@@ -163,26 +164,35 @@ fn listener_client(from: SocketAddr, locations: &[DnsLocation]) -> ClientCtx {
     client
 }
 
-/// The data plane's ends of the resolver's queues (each holds [`DNS_QUEUE`]).
+/// The data plane's ends of the resolver's queues (each holds [`DNS_QUEUE`]), one of each per
+/// shard: answers go to the shard of the asking peer, learned names to the shard of the device.
 pub struct ResolverOutputs {
     /// Answers to in-tunnel UDP queries.
-    pub answers: mpsc::Receiver<Answer>,
+    pub answers: Vec<mpsc::Receiver<Answer>>,
     /// What the resolver answered each device.
-    pub learned: mpsc::Receiver<Learned>,
+    pub learned: Vec<mpsc::Receiver<Learned>>,
 }
 
 /// Starts the resolver thread; answers to in-tunnel queries and what it answered each device come
 /// out of the returned [`ResolverOutputs`], what its queues drop is counted in `drops`. The
 /// services of `local` serve devices' flows; DNS over TLS and HTTPS serve the certificate in `tls`.
+/// `shards` says which shard each peer and device is on.
 pub fn spawn(
     config: &Config,
     max_pending: usize,
     tls: TlsConfigs,
     local: &LocalServices,
     drops: Arc<RuntimeDrops>,
+    shards: crate::shard::DeviceShards,
 ) -> anyhow::Result<(ResolverHandle, ResolverOutputs)> {
-    let (answers, answers_rx) = mpsc::channel::<Answer>(DNS_QUEUE);
-    let (learned, learned_rx) = mpsc::channel::<Learned>(DNS_QUEUE);
+    let (answers, answers_rx): (Vec<_>, Vec<_>) = (0..shards.count())
+        .map(|_| mpsc::channel::<Answer>(DNS_QUEUE))
+        .unzip();
+    let answers: Arc<[mpsc::Sender<Answer>]> = answers.into();
+    let (learned, learned_rx): (Vec<_>, Vec<_>) = (0..shards.count())
+        .map(|_| mpsc::channel::<Learned>(DNS_QUEUE))
+        .unzip();
+    let shards_for_answers = shards.clone();
     let mut upstream = UpstreamClient::new(
         upstreams(config)?,
         config.egress.default_ipv4.map(IpAddr::V4),
@@ -210,7 +220,7 @@ pub fn spawn(
     )));
     let learn_drops = drops.clone();
     lock(&resolver).set_learn_sink(Box::new(move |device_id, ip, names, ttl| {
-        let sent = learned.try_send(Learned {
+        let sent = learned[shards.of_device(device_id)].try_send(Learned {
             device_id: device_id.to_string(),
             ip,
             names: names.clone(),
@@ -222,8 +232,9 @@ pub fn spawn(
     }));
     let (queries_tx, mut queries_rx) = mpsc::channel::<Query>(DNS_QUEUE);
     let answer_drops = drops.clone();
-    let send_answer = move |answers: &mpsc::Sender<Answer>, answer: Answer| {
-        if let Err(mpsc::error::TrySendError::Full(_)) = answers.try_send(answer) {
+    let send_answer = move |answers: &[mpsc::Sender<Answer>], answer: Answer| {
+        let to = &answers[shards_for_answers.of_peer(answer.peer)];
+        if let Err(mpsc::error::TrySendError::Full(_)) = to.try_send(answer) {
             answer_drops.add(RuntimeDrop::DnsAnswerQueueFull);
         }
     };
@@ -300,7 +311,7 @@ pub fn spawn(
                     );
                     match handled {
                         Handled::Answer => send_answer(
-                            &answers,
+                            &answers[..],
                             Answer {
                                 peer: q.peer,
                                 to: q.from,
@@ -326,7 +337,7 @@ pub fn spawn(
                                         from: q.to,
                                         payload: out,
                                     };
-                                    send_answer(&answers, answer);
+                                    send_answer(&answers[..], answer);
                                 }
                             });
                         }

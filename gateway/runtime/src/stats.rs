@@ -88,3 +88,78 @@ impl StatsSnapshot {
         }
     }
 }
+
+impl StatsSnapshot {
+    /// The whole gateway's snapshot: `latest` (one shard's, with the process-wide counters of
+    /// the resolver, the runtime's queues and egress health as read last) plus what the
+    /// shards in `others` count for their own peers and flows.
+    pub fn sum<'a>(
+        latest: &StatsSnapshot,
+        others: impl Iterator<Item = &'a StatsSnapshot>,
+    ) -> Self {
+        let mut sum = latest.clone();
+        for o in others {
+            sum.peers += o.peers;
+            sum.peers_connected += o.peers_connected;
+            sum.traffic.rx_packets += o.traffic.rx_packets;
+            sum.traffic.rx_bytes += o.traffic.rx_bytes;
+            sum.traffic.tx_packets += o.traffic.tx_packets;
+            sum.traffic.tx_bytes += o.traffic.tx_bytes;
+            sum.traffic.handshakes += o.traffic.handshakes;
+            sum.tcp_flows += o.tcp_flows;
+            sum.udp_flows += o.udp_flows;
+            sum.upstream_tasks += o.upstream_tasks;
+            add_counts(&mut sum.flow_decisions, &o.flow_decisions);
+            add_counts(&mut sum.wireguard_drops, &o.wireguard_drops);
+            add_counts(&mut sum.flow_drops, &o.flow_drops);
+        }
+        sum
+    }
+}
+
+/// Adds each `(key, count)` of `from` to the same key's count in `into`.
+fn add_counts<K: PartialEq + Copy>(into: &mut Vec<(K, u64)>, from: &[(K, u64)]) {
+    for &(key, count) in from {
+        match into.iter_mut().find(|(k, _)| *k == key) {
+            Some(entry) => entry.1 += count,
+            None => into.push((key, count)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_snapshots_add_up_and_shared_counters_count_once() {
+        let shard = |peers, drops: u64, dns_queries| StatsSnapshot {
+            peers,
+            tcp_flows: peers * 2,
+            traffic: Traffic {
+                rx_bytes: 100 * peers as u64,
+                handshakes: 1,
+                ..Traffic::default()
+            },
+            wireguard_drops: vec![(DropReason::BadMac, drops)],
+            runtime_drops: vec![(RuntimeDrop::DnsQueryQueueFull, 7)],
+            dns: dns::Stats {
+                queries: dns_queries,
+                ..dns::Stats::default()
+            },
+            ..StatsSnapshot::default()
+        };
+        let a = shard(3, 1, 50);
+        let b = shard(5, 2, 40);
+        let empty = StatsSnapshot::default();
+        let sum = StatsSnapshot::sum(&a, [&b, &empty].into_iter());
+        assert_eq!(sum.peers, 8);
+        assert_eq!(sum.tcp_flows, 16);
+        assert_eq!(sum.traffic.rx_bytes, 800);
+        assert_eq!(sum.traffic.handshakes, 2);
+        assert_eq!(sum.wireguard_drops, vec![(DropReason::BadMac, 3)]);
+        // The resolver and the runtime's queues are one for all shards: the latest reading.
+        assert_eq!(sum.runtime_drops, vec![(RuntimeDrop::DnsQueryQueueFull, 7)]);
+        assert_eq!(sum.dns.queries, 50);
+    }
+}

@@ -102,7 +102,42 @@ pub fn open_initiation<'a>(
     })
 }
 
+/// An [`Opened`] without its borrow of the datagram, to travel with the datagram to the shard
+/// that owns the peer (which then repeats no X25519 to read it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detached {
+    peer_static: [u8; 32],
+    chaining_key: [u8; 32],
+    hash: [u8; 32],
+}
+
+impl Detached {
+    /// The initiator's static public key.
+    pub fn peer_static(&self) -> &[u8; 32] {
+        &self.peer_static
+    }
+
+    /// The [`Opened`] of `datagram`, the initiation this was detached from. `None`: too short.
+    pub fn attach<'a>(&self, datagram: &'a [u8]) -> Option<Opened<'a>> {
+        Some(Opened {
+            peer_static: self.peer_static,
+            chaining_key: self.chaining_key,
+            hash: self.hash,
+            encrypted_timestamp: datagram.get(88..116)?,
+        })
+    }
+}
+
 impl Opened<'_> {
+    /// Keeps what opening found, without the datagram.
+    pub fn detach(&self) -> Detached {
+        Detached {
+            peer_static: self.peer_static,
+            chaining_key: self.chaining_key,
+            hash: self.hash,
+        }
+    }
+
     /// The initiation's timestamp, given `DH(our static, the peer's static)`. `None`: the
     /// initiation was not made with the peer's private key.
     pub fn timestamp(&self, static_shared: &[u8; 32]) -> Option<Timestamp> {
@@ -148,6 +183,9 @@ mod tests {
             assert!(opened
                 .timestamp(&static_shared(&gw, &public(key(3))))
                 .is_none());
+            // Detached and attached again (another shard), it reads the same.
+            let again = opened.detach().attach(&d).unwrap();
+            assert_eq!(again.timestamp(&shared), Some(ts));
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         // Another gateway cannot read it at all.

@@ -24,6 +24,7 @@
 pub mod handshake_limit;
 pub mod initiation;
 pub mod initiator;
+pub mod shard;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod transmit;
@@ -40,6 +41,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::handshake_limit::SourceLimiter;
 use crate::initiation::Timestamp;
+use crate::shard::Shard;
 use crate::transmit::TransmitQueue;
 
 /// How often the runtime should call [`Endpoint::update_timers`].
@@ -172,6 +174,35 @@ pub enum Received<'b> {
     },
     /// Dropped, and counted.
     Dropped(DropReason),
+    /// For a peer of another shard: the caller passes it to that shard's
+    /// [`Endpoint::handle_handoff`].
+    Handoff(Handoff),
+}
+
+/// A datagram for a peer another shard owns ([`shard`]): an initiation the kernel spread to
+/// this shard by its hash, or a message that reached the wrong socket (while the sockets were
+/// being bound, or GRO put it behind another's header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handoff {
+    /// The shard that owns the peer.
+    pub shard: u32,
+    /// The datagram's source.
+    pub from: SocketAddr,
+    /// The datagram.
+    pub datagram: Vec<u8>,
+    /// An initiation as this shard opened it (and admitted it: the owner does not count it
+    /// against its handshake budget again).
+    opened: Option<initiation::Detached>,
+}
+
+/// Where [`Endpoint::route`] sends a datagram.
+enum Routed {
+    /// Fully handled here (a cookie reply was queued).
+    Done,
+    /// For this peer; for an initiation, its timestamp and the peer's static shared secret.
+    Peer(PeerId, Option<(Timestamp, [u8; 32])>),
+    /// For a peer of this shard (with what opening an initiation found).
+    Elsewhere(u32, Option<initiation::Detached>),
 }
 
 /// What the endpoint knows about a peer, for `wg show` and logs.
@@ -248,6 +279,8 @@ pub struct Endpoint<T> {
     /// Makes a peer's span when its session is created.
     span_for: fn(&T) -> tracing::Span,
     next_index: u32,
+    /// Which peers are this endpoint's, and the ids it hands out.
+    shard: Shard,
     /// The latest `now` the caller gave, for sessions the caller's packets create.
     clock: Option<Instant>,
     drops: DropCounters,
@@ -276,6 +309,7 @@ impl<T> Endpoint<T> {
             by_key: FxHashMap::default(),
             span_for: no_span::<T>,
             next_index: 1,
+            shard: Shard::default(),
             clock: None,
             drops: DropCounters::default(),
             traffic: Traffic::default(),
@@ -287,6 +321,19 @@ impl<T> Endpoint<T> {
     pub fn with_spans(mut self, span_for: fn(&T) -> tracing::Span) -> Self {
         self.span_for = span_for;
         self
+    }
+
+    /// Makes this endpoint one of several shards: it hands out only ids of its shard, and
+    /// hands datagrams of other shards' peers back ([`Received::Handoff`]). Set before adding
+    /// peers.
+    pub fn with_shard(mut self, shard: Shard) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    /// This endpoint's shard.
+    pub fn shard(&self) -> Shard {
+        self.shard
     }
 
     /// The server's public key.
@@ -473,7 +520,9 @@ impl<T> Endpoint<T> {
         loop {
             let id = self.next_index & INDEX_MASK;
             self.next_index = self.next_index.wrapping_add(1);
-            if id != 0 && !self.peers.contains_key(&id) {
+            // Ids of this shard only: `id % count == index` is what steers the peer's
+            // datagrams here (ids of other shards are skipped; 2^24 / count stay).
+            if id != 0 && self.shard.owns_id(id) && !self.peers.contains_key(&id) {
                 return id;
             }
         }
@@ -492,11 +541,47 @@ impl<T> Endpoint<T> {
         scratch: &'b mut [u8],
         tx: &mut TransmitQueue,
     ) -> Received<'b> {
+        self.receive(from, datagram, None, now, scratch, tx)
+    }
+
+    /// Handles a datagram another shard handed over ([`Received::Handoff`]), like
+    /// [`Endpoint::handle_datagram`].
+    ///
+    /// # Panics
+    /// If `scratch` is shorter than the datagram.
+    pub fn handle_handoff<'b>(
+        &mut self,
+        handoff: &Handoff,
+        now: Instant,
+        scratch: &'b mut [u8],
+        tx: &mut TransmitQueue,
+    ) -> Received<'b> {
+        let opened = handoff.opened.as_ref();
+        self.receive(handoff.from, &handoff.datagram, opened, now, scratch, tx)
+    }
+
+    fn receive<'b>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        opened: Option<&initiation::Detached>,
+        now: Instant,
+        scratch: &'b mut [u8],
+        tx: &mut TransmitQueue,
+    ) -> Received<'b> {
         assert!(scratch.len() >= datagram.len().max(HANDSHAKE_INIT_LEN));
         self.clock = Some(now);
-        let (id, initiation) = match self.route(from, datagram, now, tx) {
-            Ok(Some(routed)) => routed,
-            Ok(None) => return Received::Nothing,
+        let (id, initiation) = match self.route(from, datagram, opened, now, tx) {
+            Ok(Routed::Peer(id, initiation)) => (id, initiation),
+            Ok(Routed::Done) => return Received::Nothing,
+            Ok(Routed::Elsewhere(shard, opened)) => {
+                return Received::Handoff(Handoff {
+                    shard,
+                    from,
+                    datagram: datagram.to_vec(),
+                    opened,
+                })
+            }
             Err(reason) => return self.drop(reason),
         };
         if let Some((_, shared)) = initiation {
@@ -579,24 +664,38 @@ impl<T> Endpoint<T> {
     }
 
     /// Finds the peer a datagram is for, and for an initiation its timestamp and the peer's
-    /// static shared secret. `Ok(None)`: fully handled here (cookie reply sent).
-    #[allow(clippy::type_complexity)]
+    /// static shared secret. `opened`: an initiation another shard admitted and opened.
     fn route(
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
+        opened: Option<&initiation::Detached>,
         now: Instant,
         tx: &mut TransmitQueue,
-    ) -> Result<Option<(PeerId, Option<(Timestamp, [u8; 32])>)>, DropReason> {
+    ) -> Result<Routed, DropReason> {
         let packet = Tunn::parse_incoming_packet(datagram).map_err(|_| DropReason::Malformed)?;
+        if let Some(id) = shard::peer_id_of(datagram) {
+            if !self.shard.owns_id(id) {
+                return Ok(Routed::Elsewhere(self.shard.owner_of_id(id), None));
+            }
+        }
         match packet {
             Packet::HandshakeInit(_) => {
-                // Admission first: opening the initiation costs a Diffie-Hellman.
-                if !self.admit_handshake(from, datagram, now, tx)? {
-                    return Ok(None);
+                let opened = match opened.and_then(|o| o.attach(datagram)) {
+                    Some(opened) => opened,
+                    None => {
+                        // Admission first: opening the initiation costs a Diffie-Hellman.
+                        if !self.admit_handshake(from, datagram, now, tx)? {
+                            return Ok(Routed::Done);
+                        }
+                        initiation::open_initiation(&self.private, &self.public, datagram)
+                            .ok_or(DropReason::BadHandshake)?
+                    }
+                };
+                if !self.shard.owns_key(&opened.peer_static) {
+                    let owner = self.shard.owner_of_key(&opened.peer_static);
+                    return Ok(Routed::Elsewhere(owner, Some(opened.detach())));
                 }
-                let opened = initiation::open_initiation(&self.private, &self.public, datagram)
-                    .ok_or(DropReason::BadHandshake)?;
                 let id = *self
                     .by_key
                     .get(&opened.peer_static)
@@ -611,16 +710,17 @@ impl<T> Endpoint<T> {
                 if timestamp <= peer.last_initiation {
                     return Err(DropReason::BadHandshake);
                 }
-                Ok(Some((id, Some((timestamp, shared)))))
+                Ok(Routed::Peer(id, Some((timestamp, shared))))
             }
             Packet::HandshakeResponse(r) => {
                 let id = self.by_index(r.receiver_idx)?;
-                Ok(self
-                    .admit_handshake(from, datagram, now, tx)?
-                    .then_some((id, None)))
+                Ok(match self.admit_handshake(from, datagram, now, tx)? {
+                    true => Routed::Peer(id, None),
+                    false => Routed::Done,
+                })
             }
-            Packet::PacketCookieReply(c) => Ok(Some((self.by_index(c.receiver_idx)?, None))),
-            Packet::PacketData(d) => Ok(Some((self.by_index(d.receiver_idx)?, None))),
+            Packet::PacketCookieReply(c) => Ok(Routed::Peer(self.by_index(c.receiver_idx)?, None)),
+            Packet::PacketData(d) => Ok(Routed::Peer(self.by_index(d.receiver_idx)?, None)),
         }
     }
 
@@ -836,6 +936,7 @@ mod tests {
                     }
                     Received::Nothing => Received::Nothing,
                     Received::Dropped(r) => Received::Dropped(r),
+                    Received::Handoff(h) => Received::Handoff(h),
                 });
                 let replies: Vec<Vec<u8>> =
                     p.tx.datagrams()
@@ -1127,17 +1228,22 @@ mod tests {
         cookie_replies: usize,
     }
 
+    /// A device (boringtun initiator) with key `seed` for the gateway of key 1.
+    fn device_tunn(seed: u8) -> Tunn {
+        Tunn::new(
+            StaticSecret::from(key(seed)),
+            PublicKey::from(public(key(1))),
+            None,
+            None,
+            u32::from(seed),
+            None,
+        )
+    }
+
     impl Flooder {
         fn new(seed: u8, addr: &str) -> Flooder {
             Flooder {
-                tunn: Tunn::new(
-                    StaticSecret::from(key(seed)),
-                    PublicKey::from(public(key(1))),
-                    None,
-                    None,
-                    u32::from(seed),
-                    None,
-                ),
+                tunn: device_tunn(seed),
                 addr: addr.parse().unwrap(),
                 cookie_replies: 0,
             }
@@ -1270,6 +1376,131 @@ mod tests {
             results.iter().any(|r| matches!(r, Received::Packet { .. })),
             "{results:?}"
         );
+    }
+
+    /// Delivers `d` to the shard the kernel would pick (`hashed` for an initiation), following
+    /// handoffs; the replies go to the device, whose answers are delivered the same way.
+    fn deliver_to_shards(
+        shards: &mut [Endpoint<&'static str>],
+        dev: &mut Tunn,
+        from: SocketAddr,
+        d: Vec<u8>,
+        hashed: u32,
+        handoffs: &mut usize,
+    ) -> Vec<(u32, Vec<u8>)> {
+        let count = shards.len() as u32;
+        let mut scratch = vec![0u8; MAX_DATAGRAM];
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut packets = Vec::new();
+        let mut queue = vec![d];
+        let now = crate::testkit::epoch();
+        while let Some(d) = queue.pop() {
+            let mut at = shard::steer(&d, count).unwrap_or(hashed);
+            let mut tx = TransmitQueue::new();
+            let mut r = shards[at as usize].handle_datagram(from, &d, now, &mut scratch, &mut tx);
+            while let Received::Handoff(h) = &r {
+                *handoffs += 1;
+                assert_ne!(h.shard, at);
+                at = h.shard;
+                let h = h.clone();
+                r = shards[at as usize].handle_handoff(&h, now, &mut scratch, &mut tx);
+            }
+            if let Received::Packet { packet, .. } = r {
+                packets.push((at, packet.to_vec()));
+            }
+            for out in tx.datagrams() {
+                let mut res = dev.decapsulate(None, &tx.bytes()[out.range.clone()], &mut buf);
+                while let TunnResult::WriteToNetwork(next) = res {
+                    queue.push(next.to_vec());
+                    res = dev.decapsulate(None, &[], &mut buf);
+                }
+            }
+        }
+        packets
+    }
+
+    #[test]
+    fn a_peer_lives_on_its_owner_shard_whichever_shard_its_datagrams_reach() {
+        let count = 3;
+        let mut shards: Vec<Endpoint<&'static str>> = (0..count)
+            .map(|index| {
+                Endpoint::new(key(1)).with_shard(Shard {
+                    index,
+                    count,
+                    seed: 42,
+                })
+            })
+            .collect();
+        let from: SocketAddr = "198.51.100.11:40000".parse().unwrap();
+        let mut checked = 0;
+        for seed in 2..14u8 {
+            let dev_key = public(key(seed));
+            let owner = shards[0].shard().owner_of_key(&dev_key);
+            // Only the owner holds the peer, with an id of its own.
+            let id = shards[owner as usize].upsert_peer(dev_key, DEV_V4, DEV_V6, "laptop");
+            assert_eq!(id % count, owner);
+            let mut dev = device_tunn(seed);
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            let TunnResult::WriteToNetwork(init) = dev.format_handshake_initiation(&mut buf, false)
+            else {
+                panic!()
+            };
+            let init = init.to_vec();
+            // The kernel's hash puts the initiation on any shard.
+            let hashed = u32::from(seed) % count;
+            let mut handoffs = 0;
+            deliver_to_shards(&mut shards, &mut dev, from, init, hashed, &mut handoffs);
+            assert_eq!(handoffs, usize::from(hashed != owner), "seed {seed}");
+            // Data goes straight to the owner; also when it reaches another shard first.
+            let packet = ipv4_udp(DEV_V4);
+            let TunnResult::WriteToNetwork(data) = dev.encapsulate(&packet, &mut buf) else {
+                panic!()
+            };
+            let data = data.to_vec();
+            assert_eq!(shard::steer(&data, count), Some(owner));
+            let mut handoffs = 0;
+            let got = deliver_to_shards(&mut shards, &mut dev, from, data.clone(), 0, &mut 0);
+            assert_eq!(got, vec![(owner, packet.clone())]);
+            let wrong = (owner + 1) % count;
+            let mut tx = TransmitQueue::new();
+            let mut scratch = vec![0u8; MAX_DATAGRAM];
+            let now = crate::testkit::epoch();
+            let r = shards[wrong as usize].handle_datagram(from, &data, now, &mut scratch, &mut tx);
+            let Received::Handoff(h) = r else {
+                panic!("{r:?}")
+            };
+            handoffs += 1;
+            assert_eq!(h.shard, owner);
+            // A replayed counter is refused by the owner, not decrypted twice.
+            let r = shards[owner as usize].handle_handoff(&h, now, &mut scratch, &mut tx);
+            assert_eq!(r, Received::Dropped(DropReason::BadData));
+            assert_eq!(handoffs, 1);
+            checked += 1;
+        }
+        assert_eq!(checked, 12);
+        // Each shard's sessions are its own peers'.
+        let sessions: usize = shards.iter().map(Endpoint::sessions).sum();
+        assert_eq!(sessions, 12);
+        assert!(shards.iter().all(|s| s.sessions() > 0));
+        // An initiation from an unknown key ends at its would-be owner as unknown.
+        let mut stranger = device_tunn(99);
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let TunnResult::WriteToNetwork(init) =
+            stranger.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!()
+        };
+        let init = init.to_vec();
+        let unknown_before: u64 = shards
+            .iter()
+            .map(|s| s.drops().get(DropReason::UnknownPeer))
+            .sum();
+        deliver_to_shards(&mut shards, &mut stranger, from, init, 0, &mut 0);
+        let unknown: u64 = shards
+            .iter()
+            .map(|s| s.drops().get(DropReason::UnknownPeer))
+            .sum();
+        assert_eq!(unknown, unknown_before + 1);
     }
 
     #[test]

@@ -300,7 +300,21 @@ pub fn wireguard(data: &[u8]) {
         return;
     };
     let now = epoch();
+    // Bit 2: the endpoint is shard 1 of 3, and what it hands over goes to the other shards.
+    let sharded = ctl & 4 != 0;
+    let shard = |index| waygate_wg::shard::Shard {
+        index,
+        count: 3,
+        seed: 11,
+    };
     let mut gw: Endpoint<()> = Endpoint::new(GATEWAY_KEY);
+    let mut others: Vec<Endpoint<()>> = Vec::new();
+    if sharded {
+        gw = gw.with_shard(shard(1));
+        others = [0, 2]
+            .map(|i| Endpoint::new(GATEWAY_KEY).with_shard(shard(i)))
+            .into();
+    }
     let device_public = *PublicKey::from(&StaticSecret::from(DEVICE_KEY)).as_bytes();
     gw.upsert_peer(device_public, DEVICE_V4, DEVICE_V6, ());
     let from = if ctl & 2 == 0 {
@@ -318,10 +332,18 @@ pub fn wireguard(data: &[u8]) {
             let (datagram, next) = tail.split_at(n);
             rest = next;
             tx.clear();
-            if let Received::Packet { packet, .. } =
-                gw.handle_datagram(from, datagram, now, &mut scratch, &mut tx)
-            {
-                inner_packet(packet);
+            if let Some(s) = waygate_wg::shard::steer(datagram, 3) {
+                assert!(s < 3, "shard {s} of 3");
+            }
+            match gw.handle_datagram(from, datagram, now, &mut scratch, &mut tx) {
+                Received::Packet { packet, .. } => inner_packet(packet),
+                Received::Handoff(h) => {
+                    assert!(sharded && h.shard != 1 && h.shard < 3, "{h:?}");
+                    let owner = &mut others[usize::from(h.shard == 2)];
+                    let again = owner.handle_handoff(&h, now, &mut scratch, &mut tx);
+                    assert!(!matches!(again, Received::Handoff(_)), "handed over twice");
+                }
+                _ => {}
             }
         }
         gw.update_timers(now + Duration::from_secs(1), &mut tx);

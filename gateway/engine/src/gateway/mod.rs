@@ -36,8 +36,9 @@ use waygate_stages::egress::{Egress, EgressChoice, EgressSettings, Probe};
 use waygate_stages::pipeline::{FlowDecision, Known, Pipeline};
 use waygate_stages::policy;
 use waygate_stages::policy::L4Verdict;
+use waygate_wg::shard::Shard;
 use waygate_wg::transmit::{TransmitQueue, MAX_DATAGRAM};
-use waygate_wg::{self as wg, Endpoint, PeerId, Received};
+use waygate_wg::{self as wg, Endpoint, Handoff, PeerId, Received};
 use waygate_wire::sniff::Detected;
 
 /// What the core needs from the config.
@@ -85,6 +86,8 @@ pub struct GatewayCore {
     scratch: Vec<u8>,
     router: Router,
     next_wg_tick: Instant,
+    /// Datagrams for other shards' peers, for the runtime to pass on.
+    handoffs: Vec<Handoff>,
 }
 
 /// How often the name memory drops expired entries.
@@ -250,7 +253,46 @@ impl GatewayCore {
                 activity: None,
             },
             next_wg_tick: now,
+            handoffs: Vec::new(),
         }
+    }
+
+    /// Makes this core one shard of several (see [`waygate_wg::shard`]): it holds only the
+    /// peers it owns, and hands datagrams for other shards' peers out through
+    /// [`GatewayCore::poll_handoff`]. Set before any peer is added.
+    pub fn with_shard(mut self, shard: Shard) -> Self {
+        self.wg = self.wg.with_shard(shard);
+        self
+    }
+
+    /// This core's shard.
+    pub fn shard(&self) -> Shard {
+        self.wg.shard()
+    }
+
+    /// The next datagram for another shard, drained by the runtime after every turn.
+    pub fn poll_handoff(&mut self) -> Option<Handoff> {
+        self.handoffs.pop()
+    }
+
+    /// Handles a datagram another shard handed over.
+    pub fn handle_handoff(&mut self, handoff: &Handoff, now: Instant) {
+        let received = self
+            .wg
+            .handle_handoff(handoff, now, &mut self.scratch, &mut self.tx);
+        let mut sink = WgSink {
+            wg: &mut self.wg,
+            tx: &mut self.tx,
+        };
+        let router = &mut self.router;
+        route_received(
+            router,
+            &mut sink,
+            &mut self.handoffs,
+            received,
+            handoff.from,
+            now,
+        );
     }
 
     /// The server's public key.
@@ -386,17 +428,12 @@ impl GatewayCore {
         let received =
             self.wg
                 .handle_datagram(from, datagram, now, &mut self.scratch, &mut self.tx);
-        let Received::Packet { peer, packet } = received else {
-            if let Received::Dropped(reason) = received {
-                tracing::trace!(?reason, %from, "datagram dropped");
-            }
-            return;
-        };
         let mut sink = WgSink {
             wg: &mut self.wg,
             tx: &mut self.tx,
         };
-        self.router.handle_packet(peer, packet, now, &mut sink);
+        let router = &mut self.router;
+        route_received(router, &mut sink, &mut self.handoffs, received, from, now);
     }
 
     /// Remembers that the resolver answered `ip` to device `device_id` for `names`, so its flows
@@ -506,6 +543,23 @@ impl GatewayCore {
     /// The next piece of work for the runtime.
     pub fn poll_command(&mut self) -> Option<Command> {
         self.router.commands.pop_front()
+    }
+}
+
+/// Where the endpoint's verdict on a datagram goes: a packet to its flow, a handoff to the queue.
+fn route_received(
+    router: &mut Router,
+    sink: &mut WgSink<'_>,
+    handoffs: &mut Vec<Handoff>,
+    received: Received<'_>,
+    from: SocketAddr,
+    now: Instant,
+) {
+    match received {
+        Received::Packet { peer, packet } => router.handle_packet(peer, packet, now, sink),
+        Received::Dropped(reason) => tracing::trace!(?reason, %from, "datagram dropped"),
+        Received::Handoff(handoff) => handoffs.push(handoff),
+        Received::Nothing => {}
     }
 }
 
