@@ -38,7 +38,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FUZZ_DIR=tests/fuzz/fuzz
 SEEDS=tests/fuzz/seeds
-ALL_TARGETS=(inner_packet sniff dns wireguard wg_initiator policy_expr rules_json config posture_json client_hello file_types proxy_head)
+ALL_TARGETS=(inner_packet sniff dns wireguard wg_initiator policy_expr rules_json config posture_json client_hello file_types proxy_head h2_settings)
 
 SECONDS_EACH=60
 if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then

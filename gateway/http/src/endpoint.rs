@@ -19,10 +19,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use waygate_model::{DeviceInfo, FlowCtx, FlowRules, Protocol};
 
+use crate::reset::ResetFlag;
 use crate::{proxy, Inspector, Shared};
 
 /// Connects to an origin for a proxy request, from the egress address the runtime chose.
@@ -344,13 +347,14 @@ async fn client(
         opened: Instant::now(),
         rules: FlowRules::default(),
     };
+    let reset = ResetFlag::default();
     let flow = Arc::new(proxy::Conn {
         ctx,
         target,
         tls: None,
         proxy: Some(endpoint),
         one_request: !tunnel,
-        reset: None,
+        reset: Some(reset.clone()),
     });
     // The tunnel carries what follows the CONNECT head; a plain request is served whole.
     let rest = if tunnel { buf[len..].to_vec() } else { buf };
@@ -359,13 +363,89 @@ async fn client(
             .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .await?;
     }
-    let (reader, writer) = stream.into_split();
-    let device = tokio::io::join(io::Cursor::new(rest).chain(reader), writer);
+    let device = Client {
+        rest,
+        at: 0,
+        stream,
+        reset,
+    };
     if tunnel {
         shared.run(flow, device, upstream).await
     } else {
         proxy::serve(shared, flow, device, upstream, false).await;
         Ok(())
+    }
+}
+
+/// A proxy client's connection past its request head: the bytes read beyond the head first,
+/// then the socket. Dropped with its flag raised (a CONNECT blocked on the SNI alone), it ends
+/// with a reset, as an intercepted device's connection does, instead of a FIN.
+struct Client {
+    rest: Vec<u8>,
+    /// How much of `rest` was read.
+    at: usize,
+    stream: TcpStream,
+    reset: ResetFlag,
+}
+
+impl AsyncRead for Client {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(left) = this.rest.get(this.at..).filter(|l| !l.is_empty()) {
+            let n = left.len().min(buf.remaining());
+            buf.put_slice(&left[..n]);
+            this.at += n;
+            if this.at == this.rest.len() {
+                // Read through: its memory goes now, not with the connection.
+                this.rest = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Client {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if self.reset.raised() {
+            // A zero linger makes the close an RST (and never blocks).
+            let _ = self.stream.set_zero_linger();
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! upstream still refuses the device) and hands both ends here with the flow's context.
 //! The device's first bytes decide what follows:
 //! - TLS: the ClientHello is read whole and kept. Without `http.tls_decrypt`, the HTTP rules
-//!   decide on the SNI host alone (block closes the connection) and the recorded bytes are
+//!   decide on the SNI host alone (block resets the connection) and the recorded bytes are
 //!   replayed to the origin and spliced. With it, Do Not Inspect (`off`) rules matching the SNI
 //!   splice the same way; otherwise the origin is connected with TLS first (its ALPN decides
 //!   whether the device is offered h2) and the device gets a leaf minted by the gateway's CA.
@@ -36,6 +36,7 @@ use waygate_stages::policy::Loaded;
 pub mod decide;
 pub mod endpoint;
 pub mod files;
+pub mod h2settings;
 pub mod page;
 mod proxy;
 pub mod reset;
@@ -219,12 +220,19 @@ impl Shared {
         // No deadline here: a browser's preconnect may idle for long, and passing a silent flow
         // through after a while would let any client skip inspection by waiting. The flow's own
         // idle timeout ends dead ones.
+        // Readiness alone can be spurious, and a spurious one must not let a flow skip
+        // inspection: the origin spoke when a peek finds bytes (or its end).
+        let mut probe = [0u8; 1];
+        let origin_spoke = std::future::poll_fn(|cx| {
+            upstream.poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut probe))
+        });
         let read = tokio::select! {
             n = device.read_buf(&mut first) => Some(n?),
-            r = upstream.readable() => { r?; None }
+            r = origin_spoke => { r?; None }
         };
         match read {
             None => {
+                tracing::debug!(target: "waygate::http", device = %flow.ctx.device.name, dst = %flow.target, "the origin spoke first: passed through");
                 upstream.write_all(&first).await?;
                 splice(device, upstream).await;
                 return Ok(());
@@ -255,6 +263,8 @@ impl Shared {
             splice(device, upstream).await;
             return Ok(());
         }
+        // Replayed for the connection's life: only what was read is kept.
+        first.shrink_to_fit();
         let (reader, writer) = tokio::io::split(device);
         let device = tokio::io::join(std::io::Cursor::new(first).chain(reader), writer);
         proxy::serve(self, flow, device, upstream, false).await;
@@ -348,6 +358,10 @@ impl Shared {
                 NoSni::Block => {
                     self.counters.blocked.fetch_add(1, Ordering::Relaxed);
                     log("no_sni_block", None);
+                    // Like a block on the SNI: reset, no handshake.
+                    if let Some(reset) = &flow.reset {
+                        reset.raise();
+                    }
                     return Ok(());
                 }
                 NoSni::Inspect => flow.target.ip().to_string(),
@@ -376,6 +390,8 @@ impl Shared {
         let config = minter
             .device_config(&name, upstream_h2, now)
             .map_err(std::io::Error::other)?;
+        // Only a splice replays the hello: not kept for the decrypted connection's life.
+        drop(recorded);
         let start = tokio_rustls::StartHandshake::from_parts(*accepted, device);
         let device = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config))
             .await

@@ -27,7 +27,10 @@ use waygate_policy::input::Input;
 use crate::decide::{self, RuleRef, Verdict};
 use crate::files::{self, Prefixed};
 use crate::page::{self, PageContext};
-use crate::Shared;
+use crate::{h2settings, Shared};
+
+/// How long an HTTP/2 origin may take to send its SETTINGS after its TLS handshake.
+const SETTINGS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the TLS layer learned about a decrypted connection.
 #[derive(Debug, Clone)]
@@ -181,12 +184,20 @@ where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut extended_connect = false;
     let sender = if h2 {
+        let (upstream, settings) = h2settings::Watched::new(upstream);
         match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
             .await
         {
             Ok((send, connection)) => {
                 tokio::spawn(connection);
+                // The origin's SETTINGS open what it sends once its TLS handshake is done, so
+                // this waits for bytes already on their way (and the device's first request
+                // could not be answered before them anyway).
+                extended_connect = tokio::time::timeout(SETTINGS_WAIT, settings)
+                    .await
+                    .is_ok_and(|accepts| accepts.unwrap_or(false));
                 Sender::H2(send)
             }
             Err(e) => {
@@ -227,7 +238,11 @@ where
             Ok::<_, std::convert::Infallible>(response)
         }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if extended_connect {
+        // RFC 8441 WebSockets, mirrored: offered to the device only when the origin offers it.
+        builder.http2().enable_connect_protocol();
+    }
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(device), service)
         .await
@@ -505,7 +520,11 @@ async fn handle(
             }
         }
     }
-    let upgrade = request.headers().contains_key(header::UPGRADE);
+    // An HTTP/2 extended CONNECT (RFC 8441) opens a tunnel on a 200, an HTTP/1.1 upgrade on
+    // a 101.
+    let extended_connect = request.method() == hyper::Method::CONNECT
+        && request.extensions().get::<hyper::ext::Protocol>().is_some();
+    let upgrade = extended_connect || request.headers().contains_key(header::UPGRADE);
     let device_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let response = match forward(sender, request, &facts, &authority).await {
         Ok(r) => r,
@@ -558,7 +577,12 @@ async fn handle(
     let mut response = Response::from_parts(head, body);
     shared.counters.count(&verdict);
     let status = response.status();
-    if let (Some(device_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (device_upgrade, status) {
+    let tunnel = if extended_connect {
+        StatusCode::OK
+    } else {
+        StatusCode::SWITCHING_PROTOCOLS
+    };
+    if let (Some(device_upgrade), true) = (device_upgrade, status == tunnel) {
         let origin_upgrade = hyper::upgrade::on(&mut response);
         tokio::spawn(async move {
             match (device_upgrade.await, origin_upgrade.await) {

@@ -66,15 +66,25 @@ fn now() -> SystemTime {
 async fn origin_service(
     mut request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    if request.headers().contains_key("upgrade") {
-        // An echo of whatever follows the 101, as a WebSocket echo server would.
-        let upgraded = hyper::upgrade::on(&mut request);
+    // An echo of whatever follows the 101 (or an HTTP/2 extended CONNECT's 200), as a
+    // WebSocket echo server would.
+    let echo = |upgraded: hyper::upgrade::OnUpgrade| {
         tokio::spawn(async move {
             if let Ok(up) = upgraded.await {
                 let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             }
-        });
+        })
+    };
+    if request.method() == hyper::Method::CONNECT {
+        let protocol = request.extensions().get::<hyper::ext::Protocol>();
+        assert_eq!(protocol.map(|p| p.as_str()), Some("websocket"));
+        assert_eq!(request.uri().path(), "/chat");
+        echo(hyper::upgrade::on(&mut request));
+        return Ok(Response::new(Full::new(Bytes::new())));
+    }
+    if request.headers().contains_key("upgrade") {
+        echo(hyper::upgrade::on(&mut request));
         let response = Response::builder()
             .status(hyper::StatusCode::SWITCHING_PROTOCOLS)
             .header("connection", "upgrade")
@@ -105,8 +115,15 @@ async fn origin_service(
     Ok(response)
 }
 
-async fn serve_origin<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S) {
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+async fn serve_origin<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    extended_connect: bool,
+) {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if extended_connect {
+        builder.http2().enable_connect_protocol();
+    }
+    let _ = builder
         .serve_connection_with_upgrades(
             TokioIo::new(stream),
             hyper::service::service_fn(origin_service),
@@ -120,7 +137,7 @@ async fn plain_origin() -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(serve_origin(s));
+            tokio::spawn(serve_origin(s, false));
         }
     });
     addr
@@ -128,6 +145,16 @@ async fn plain_origin() -> SocketAddr {
 
 /// An HTTPS origin whose certificate for `name` comes from `ca`, speaking `alpn`.
 async fn tls_origin(ca: &CertificateAuthority, name: &str, alpn: &[&[u8]]) -> SocketAddr {
+    tls_origin_with(ca, name, alpn, false).await
+}
+
+/// [`tls_origin`], accepting HTTP/2 extended CONNECT (RFC 8441) when `extended_connect`.
+async fn tls_origin_with(
+    ca: &CertificateAuthority,
+    name: &str,
+    alpn: &[&[u8]],
+    extended_connect: bool,
+) -> SocketAddr {
     let cert = ca.issue(&[name.to_string()], &[], now()).expect("cert");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -151,7 +178,7 @@ async fn tls_origin(ca: &CertificateAuthority, name: &str, alpn: &[&[u8]]) -> So
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(s).await {
-                    serve_origin(tls).await;
+                    serve_origin(tls, extended_connect).await;
                 }
             });
         }
@@ -465,7 +492,6 @@ async fn a_client_hello_without_sni_follows_no_sni() {
 
 #[tokio::test]
 async fn a_websocket_upgrade_passes_through_after_the_request_is_allowed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let lab = lab(false);
     let origin = plain_origin().await;
     for (path, upgraded) in [("/chat", true), ("/admin/chat", false)] {
@@ -493,13 +519,19 @@ async fn a_websocket_upgrade_passes_through_after_the_request_is_allowed() {
             continue;
         }
         assert_eq!(response.status(), 101);
-        let up = hyper::upgrade::on(response).await.expect("upgraded");
-        let mut up = TokioIo::new(up);
-        up.write_all(b"hello over the socket").await.expect("write");
-        let mut echoed = [0u8; 21];
-        up.read_exact(&mut echoed).await.expect("echo");
-        assert_eq!(&echoed, b"hello over the socket");
+        echoes(response, b"hello over the socket").await;
     }
+}
+
+/// Writes `message` through the tunnel `response` opened and reads it back.
+async fn echoes(response: Response<Incoming>, message: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = hyper::upgrade::on(response).await.expect("upgraded");
+    let mut up = TokioIo::new(up);
+    up.write_all(message).await.expect("write");
+    let mut echoed = vec![0u8; message.len()];
+    up.read_exact(&mut echoed).await.expect("echo");
+    assert_eq!(echoed, message);
 }
 
 /// A multipart upload of `file` named `name` over a fresh flow: the status.
@@ -571,9 +603,38 @@ async fn raw(proxy: SocketAddr, request: &str) -> String {
     out
 }
 
+/// A TLS client trusting the CA certificate `ca`.
+fn trusting(ca: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca.to_vec())).expect("root");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// A CONNECT tunnel to `target` through the proxy at `proxy`, its 200 read.
+async fn tunnel(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(proxy).await.expect("proxy");
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .expect("connect");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.expect("read"), 1, "{head:?}");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    s
+}
+
 #[tokio::test]
 async fn the_explicit_proxy_serves_its_networks_pac_connect_and_plain_requests() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (lab, addr) = proxy(true, "127.0.0.0/8").await;
     let pac = raw(addr, "GET /proxy.pac HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(pac.starts_with("HTTP/1.1 200 OK\r\n"), "{pac}");
@@ -606,29 +667,11 @@ async fn the_explicit_proxy_serves_its_networks_pac_connect_and_plain_requests()
 
     // CONNECT: the tunnel is decrypted with a gateway leaf for the SNI name.
     let shop = tls_origin(&lab.lab_ca, "shop.example", &[b"http/1.1"]).await;
-    let mut s = TcpStream::connect(addr).await.expect("proxy");
-    s.write_all(format!("CONNECT {shop} HTTP/1.1\r\nHost: {shop}\r\n\r\n").as_bytes())
-        .await
-        .expect("connect");
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        assert_eq!(s.read(&mut b).await.expect("read"), 1, "{head:?}");
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(lab.gateway_ca.cert_der().to_vec()))
-        .expect("root");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("shop.example").expect("name"), s)
+    let tls = trusting(lab.gateway_ca.cert_der())
+        .connect(
+            ServerName::try_from("shop.example").expect("name"),
+            tunnel(addr, shop).await,
+        )
         .await
         .expect("a gateway leaf inside the tunnel");
     let (status, _, body) = get(tls, "shop.example", "/private", false).await;
@@ -652,5 +695,129 @@ async fn sources_outside_every_proxy_endpoint_get_403() {
         let answer = raw(addr, &request).await;
         assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
         assert!(answer.contains("127.0.0.1 is in no proxy endpoint's networks"));
+    }
+}
+
+#[tokio::test]
+async fn a_connect_blocked_on_the_sni_alone_is_reset_like_an_intercepted_flow() {
+    let (lab, addr) = proxy(false, "127.0.0.0/8").await;
+    let lab_ca = lab.lab_ca.cert_der().to_vec();
+    for (name, reset) in [("shop.example", false), ("casino.example", true)] {
+        let origin = tls_origin(&lab.lab_ca, name, &[b"http/1.1"]).await;
+        let tls = trusting(&lab_ca)
+            .connect(
+                ServerName::try_from(name).expect("name"),
+                tunnel(addr, origin).await,
+            )
+            .await;
+        match tls {
+            Ok(tls) => {
+                assert!(!reset, "{name} was not blocked");
+                let (status, _, _) = get(tls, name, "/", false).await;
+                assert_eq!(status, 200, "spliced to the origin");
+            }
+            Err(e) => {
+                assert!(reset, "{name}: {e}");
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+            }
+        }
+    }
+}
+
+/// An origin that speaks first, as SMTP does: a banner, then `250 <line>` for each line.
+async fn banner_origin() -> SocketAddr {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                if w.write_all(b"220 mail.example ESMTP\r\n").await.is_err() {
+                    return;
+                }
+                let mut lines = tokio::io::BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if w.write_all(format!("250 {line}\r\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_protocol_whose_server_speaks_first_passes_through_an_inspected_port() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    for tls_decrypt in [false, true] {
+        let lab = lab(tls_decrypt);
+        let origin = banner_origin().await;
+        let mut device = tokio::io::BufReader::new(lab.open(origin).await);
+        let mut line = String::new();
+        device.read_line(&mut line).await.expect("banner");
+        assert_eq!(line, "220 mail.example ESMTP\r\n");
+        // Then the device's own words, which look like nothing the inspector knows.
+        for command in ["EHLO device.example", "GET / HTTP/1.1"] {
+            device
+                .get_mut()
+                .write_all(format!("{command}\r\n").as_bytes())
+                .await
+                .expect("write");
+            line.clear();
+            device.read_line(&mut line).await.expect("reply");
+            assert_eq!(line, format!("250 {command}\r\n"), "spliced byte for byte");
+        }
+    }
+}
+
+#[tokio::test]
+async fn websockets_over_h2_pass_when_the_origin_accepts_extended_connect() {
+    let lab = lab(true);
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    for (accepts, path) in [(true, "/chat"), (true, "/admin/chat"), (false, "/chat")] {
+        let origin = tls_origin_with(&lab.lab_ca, "ws.example", &[b"h2"], accepts).await;
+        let tls = lab
+            .tls(origin, &gw, "ws.example", &[b"h2"])
+            .await
+            .expect("handshake");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        // A first answer means the inspector's SETTINGS were read.
+        let warm = Request::get("https://ws.example/")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        assert_eq!(send.send_request(warm).await.expect("warm").status(), 200);
+        let mut connect = Request::builder()
+            .method("CONNECT")
+            .uri(format!("https://ws.example{path}"))
+            .header("sec-websocket-version", "13")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        connect
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let response = send.send_request(connect).await;
+        if !accepts {
+            // Not offered to the device: its extended CONNECT is refused by the inspector's
+            // HTTP/2 layer itself, so a browser would use HTTP/1.1 instead.
+            assert!(response.is_err(), "{:?}", response.map(|r| r.status()));
+            continue;
+        }
+        let response = response.expect("response");
+        if path.starts_with("/admin") {
+            assert_eq!(response.status(), 403, "decided like any request");
+            continue;
+        }
+        assert_eq!(response.status(), 200);
+        echoes(response, b"hello over h2").await;
     }
 }

@@ -102,7 +102,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 fn map_large_allocations() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        const THRESHOLD: libc::c_int = 128 * 1024;
+        // The engine sizes its socket buffers' allocations on this.
+        const THRESHOLD: libc::c_int = waygate_engine::flow::tcp::MAPPED_ALLOCATION as libc::c_int;
         // SAFETY: mallopt only sets an allocator parameter; it is called before any thread
         // of ours starts.
         let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD) };

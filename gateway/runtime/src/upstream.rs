@@ -22,6 +22,10 @@ use waygate_engine::flow::{Command, FlowId, LocalEndpoint, Upstream, UpstreamEve
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest read from an upstream socket; every flow's download window is at least this.
 const READ_CHUNK: usize = waygate_engine::flow::tcp::UPSTREAM_READ;
+/// The smallest read from an upstream socket, and the buffer an idle flow waits on. Reading
+/// READ_CHUNK at once, each of `scripts/bench-http.sh`'s 1,000 idle inspected connections held a
+/// 64 KiB buffer here.
+const FIRST_READ: usize = 4 * 1024;
 /// Datagrams queued per UDP flow before new ones are dropped.
 const UDP_QUEUE: usize = 256;
 /// Bytes buffered each way in the pipe between a flow and a local service: one upstream read,
@@ -394,15 +398,18 @@ async fn pump<R, W>(
 {
     let down_events = events.clone();
     let download = async move {
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut size = FIRST_READ;
         loop {
             // Wait for the device to have room before reading more: the upstream's TCP window
             // then closes and the origin slows down instead of our memory growing.
             let Ok(mut permit) = credit.acquire_many(READ_CHUNK as u32).await else {
                 return;
             };
-            buf.reserve(READ_CHUNK);
+            // A fresh buffer per read, handed whole to the core, sized by the reads before:
+            // an idle flow waits on a small one, a download reads READ_CHUNK at a time.
+            let mut buf = BytesMut::with_capacity(size);
             let read = reader.read_buf(&mut buf).await;
+            size = next_read_size(size, read.as_ref().map_or(0, |n| *n));
             match read {
                 Ok(0) => {
                     let _ = down_events.send(UpstreamEvent::TcpEof { flow }).await;
@@ -415,7 +422,7 @@ async fn pump<R, W>(
                         used.forget();
                     }
                     drop(permit);
-                    let data = buf.split().freeze();
+                    let data = buf.freeze();
                     if down_events
                         .send(UpstreamEvent::TcpData { flow, data })
                         .await
@@ -455,6 +462,19 @@ async fn pump<R, W>(
     // The task ends when the download side ends; the core closes the flow (aborting the
     // upload side) once the device side is done too.
     tokio::join!(download, upload);
+}
+
+/// The size of the read after one of `size` bytes that got `got`: doubled (up to
+/// [`READ_CHUNK`]) when it filled the buffer, halved (down to [`FIRST_READ`]) when it got less
+/// than half.
+fn next_read_size(size: usize, got: usize) -> usize {
+    if got >= size {
+        (size * 2).min(READ_CHUNK)
+    } else if got < size / 2 {
+        (size / 2).max(FIRST_READ)
+    } else {
+        size
+    }
 }
 
 /// Hands a datagram from an upstream to the data plane, dropping (and counting) it when the
@@ -664,6 +684,24 @@ mod tests {
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });
         }
+    }
+
+    #[test]
+    fn reads_grow_while_they_fill_the_buffer_and_shrink_when_the_flow_goes_quiet() {
+        let mut size = FIRST_READ;
+        let mut sizes = Vec::new();
+        for _ in 0..6 {
+            size = next_read_size(size, size);
+            sizes.push(size);
+        }
+        assert_eq!(sizes.last(), Some(&READ_CHUNK));
+        assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "{sizes:?}");
+        assert_eq!(next_read_size(READ_CHUNK, READ_CHUNK / 2), READ_CHUNK);
+        for _ in 0..6 {
+            size = next_read_size(size, 100);
+        }
+        assert_eq!(size, FIRST_READ, "an idle flow waits on the small buffer");
+        assert_eq!(next_read_size(FIRST_READ, 0), FIRST_READ);
     }
 
     async fn next(events: &mut mpsc::Receiver<UpstreamEvent>) -> UpstreamEvent {

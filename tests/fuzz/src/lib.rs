@@ -44,6 +44,7 @@ pub mod product {
 
     pub use waygate_http::endpoint::{parse_head, Head, MAX_HEAD};
     pub use waygate_http::files::{multipart_boundary, multipart_types, types_of};
+    pub use waygate_http::h2settings::FirstSettings;
     pub use waygate_http::tls::{read_client_hello, Hello, MAX_CLIENT_HELLO};
 
     /// Parses a config file's text; the one call to adapt when the config API changes.
@@ -58,7 +59,7 @@ use product::*;
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target, by the name of its cargo-fuzz binary and seed directory.
-pub const TARGETS: [Target; 12] = [
+pub const TARGETS: [Target; 13] = [
     ("inner_packet", inner_packet),
     ("sniff", sniff_stream),
     ("dns", dns),
@@ -71,6 +72,7 @@ pub const TARGETS: [Target; 12] = [
     ("client_hello", client_hello),
     ("file_types", file_types),
     ("proxy_head", proxy_head),
+    ("h2_settings", h2_settings),
 ];
 
 /// One clock reading for all targets: the product takes `now` as an argument.
@@ -703,5 +705,28 @@ pub fn proxy_head(data: &[u8]) {
             Ok(None) => assert!(complete.is_none(), "a complete head became incomplete"),
             Err(_) => return,
         }
+    }
+}
+
+/// An HTTP/2 origin's first frame (`h2settings::FirstSettings`), which tells whether the device
+/// is offered extended CONNECT: fed whole and in pieces of every size up to 16, the answer is
+/// the same however the bytes arrive, never comes before a frame header is in, and once given
+/// it never changes.
+pub fn h2_settings(data: &[u8]) {
+    let whole = FirstSettings::default().feed(data);
+    if data.len() < 9 {
+        assert_eq!(whole, None, "an answer before the frame header");
+    }
+    for step in 1..=16 {
+        let mut first = FirstSettings::default();
+        let mut answer = None;
+        for chunk in data.chunks(step) {
+            let now = first.feed(chunk);
+            if answer.is_some() {
+                assert_eq!(now, answer, "the answer changed");
+            }
+            answer = now;
+        }
+        assert_eq!(answer, whole, "fed {step} bytes at a time");
     }
 }

@@ -134,6 +134,23 @@ impl TcpSettings {
 /// credit: no flow's download window may be smaller, or its upstream is never read again.
 pub const UPSTREAM_READ: usize = 64 * 1024;
 
+/// Smallest allocation the runtime's allocator serves from a fresh mapping (it fixes glibc's
+/// `M_MMAP_THRESHOLD` at this). Zeroed, such a block costs no memory until written, whatever
+/// the heap holds; a smaller one is zero-filled in recycled heap memory and costs its whole
+/// size at once.
+pub const MAPPED_ALLOCATION: usize = 128 * 1024;
+
+/// A zeroed socket buffer of `len` bytes that costs only the pages the flow writes: allocated
+/// at least [`MAPPED_ALLOCATION`] long, then cut to `len` (which touches nothing). The floor
+/// buffers (32 KiB) and the send buffer (96 KiB) are below the threshold: allocated at their
+/// size, an idle inspected flow cost 64-96 KiB for them in `scripts/bench-http.sh`'s 1,000
+/// idle connections; allocated this way, the few pages its handshake and one response wrote.
+fn mapped_buffer(len: usize) -> Vec<u8> {
+    let mut buffer = vec![0u8; len.max(MAPPED_ALLOCATION)];
+    buffer.truncate(len);
+    buffer
+}
+
 /// How long a held flow waits for the client's first bytes before it is decided without them
 /// (the protocol then counts as unknown): protocols where the server speaks first are not
 /// stalled for longer than this, and they are not stalled at all in their download direction.
@@ -791,11 +808,9 @@ impl TcpFlows {
         };
         let syn = std::mem::take(syn);
         let s = &self.settings;
-        // Large buffers cost only what a flow uses: the runtime has the allocator map them
-        // (untouched pages stay unbacked).
         let mut socket = tcp::Socket::new(
-            SocketBuffer::new(vec![0u8; flow.buffers.rx]),
-            SocketBuffer::new(vec![0u8; flow.buffers.tx]),
+            SocketBuffer::new(mapped_buffer(flow.buffers.rx)),
+            SocketBuffer::new(mapped_buffer(flow.buffers.tx)),
         );
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(Some(s.ack_delay.into()));
