@@ -824,6 +824,7 @@ fn peers_of(devices: Vec<Device>) -> Vec<([u8; 32], DeviceInfo)> {
                     vnet_id: d.vnet_id,
                     ipv4: d.ipv4,
                     ipv6: d.ipv6,
+                    log_fields: Default::default(),
                 },
             )
         })
