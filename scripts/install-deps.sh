@@ -9,6 +9,7 @@ declare -A wanted=(
   [wireguard-go]=wireguard-go
   [iperf3]=iperf3
   [curl]=curl
+  [h2load]=nghttp2-client
   [dig]=dnsutils
   [kdig]=knot-dnsutils
   [nft]=nftables

@@ -2,7 +2,8 @@
 //! device makes DNS queries, a TCP flow and so an egress decision; `/metrics` on
 //! `metrics.listen` parses with a Prometheus text-format parser and its counters move with that
 //! traffic; `dns.jsonl`, `network.jsonl` and `egress.jsonl` in `logs.dir` hold the queries and
-//! flows with Logpush's field names; `waygate logs` reads them; rotation keeps at most
+//! flows with Logpush's field names (the DNS lines' QueryID, UserID, IsResponseCached and
+//! category fields included); `waygate logs` reads them; rotation keeps at most
 //! `logs.keep` files; a full log disk (a 64 KiB tmpfs) does not stop DNS answers and its lost
 //! lines are counted.
 // Wall-clock deadlines are what these tests measure.
@@ -24,8 +25,14 @@ const METRICS: &str = "127.0.0.1:9090";
 
 const RULES: &str = r#"[
   {"id": "block-list", "name": "Block list", "action": "block", "filters": ["dns"],
-   "precedence": 10, "traffic": "dns.fqdn == \"blocked.example\""}
+   "precedence": 10, "traffic": "dns.fqdn == \"blocked.example\""},
+  {"id": "no-gambling", "name": "No gambling", "action": "block", "filters": ["dns"],
+   "precedence": 20, "traffic": "any(dns.content_category[*] in {8})"}
 ]"#;
+
+/// Categories for the DNS lines' category fields: a gambling name (99, under 8 Gambling),
+/// the resolved name (122 News), and the address the lab's upstream answers (117 Malware).
+const CATEGORIES: &str = "casino.example,99\na.example,122\n203.0.113.10,117\n";
 
 /// Restarts the lab's gateway with `extra` appended to its config and a rule set; returns the
 /// logs dir.
@@ -140,17 +147,37 @@ fn metrics_and_activity_logs_follow_the_traffic() {
     }
     let mut lab = Lab::up();
     let logs = lab.dir().join("logs");
-    configure(&mut lab, &logs, "max_size = \"16KB\"\nkeep = 2\n");
+    let categories = lab.dir().join("categories.csv");
+    fs::write(&categories, CATEGORIES).expect("categories");
+    configure(
+        &mut lab,
+        &logs,
+        &format!(
+            "max_size = \"16KB\"\nkeep = 2\n[[dns.categories]]\npath = \"{}\"\nformat = \"csv\"\n",
+            categories.display()
+        ),
+    );
     let alice = lab.add_device("alice", "d1").expect("alice");
     let before = scrape(&lab);
 
-    // DNS: a resolved name, a blocked one; a TCP flow (and its egress decision).
+    // DNS: a resolved name (then again, from the cache), a blocked one, one blocked by its
+    // category; a TCP flow (and its egress decision).
     let got = dig_many(
         &lab,
         &alice,
-        &["a.example".into(), "blocked.example".into()],
+        &[
+            "a.example".into(),
+            "blocked.example".into(),
+            "casino.example".into(),
+            "a.example".into(),
+        ],
     );
-    assert_eq!(got, ["NOERROR", "REFUSED"], "{}", lab.gateway_log_tail());
+    assert_eq!(
+        got,
+        ["NOERROR", "REFUSED", "REFUSED", "NOERROR"],
+        "{}",
+        lab.gateway_log_tail()
+    );
     let http = lab.curl(&alice, &format!("http://{HTTP_ORIGIN}/"), secs(10), &[]);
     assert!(http.ok(), "curl: {}", http.describe());
 
@@ -238,6 +265,9 @@ fn metrics_and_activity_logs_follow_the_traffic() {
             "QueryTypeName",
             "ResolverDecision",
             "PolicyID",
+            "QueryID",
+            "UserID",
+            "IsResponseCached",
         ],
         &ok,
     );
@@ -256,6 +286,64 @@ fn metrics_and_activity_logs_follow_the_traffic() {
     assert_eq!(blocked["RCode"], 5);
     let device_id = ok["DeviceID"].as_str().expect("DeviceID").to_string();
     assert!(!device_id.is_empty());
+    // Logpush's QueryID: a UUID, one per query.
+    let ids: Vec<&str> = dns.iter().filter_map(|l| l["QueryID"].as_str()).collect();
+    assert_eq!(ids.len(), dns.len(), "every line has a QueryID");
+    for id in &ids {
+        let groups: Vec<usize> = id.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "QueryID {id}");
+    }
+    let unique: std::collections::HashSet<&&str> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "QueryIDs repeat: {ids:?}");
+    // The second a.example came from the cache.
+    let cached: Vec<Option<bool>> = dns
+        .iter()
+        .filter(|l| l["QueryName"] == "a.example" && l["DeviceName"] == "alice")
+        .map(|l| l["IsResponseCached"].as_bool())
+        .collect();
+    assert_eq!(cached, [Some(false), Some(true)], "IsResponseCached");
+    // Categories: the name's, the addresses', and those the deciding rule tested.
+    assert_eq!(ok["QueryCategoryIDs"], serde_json::json!([122]), "{ok}");
+    assert_eq!(
+        ok["ResolvedIPCategoryIDs"],
+        serde_json::json!([117]),
+        "{ok}"
+    );
+    assert!(ok.get("MatchedCategoryIDs").is_none(), "{ok}");
+    let casino = find("casino.example");
+    assert_eq!(
+        (
+            casino["ResolverDecision"].as_str(),
+            casino["PolicyID"].as_str()
+        ),
+        (Some("blockedByQueryName"), Some("no-gambling"))
+    );
+    assert_eq!(
+        casino["QueryCategoryIDs"],
+        serde_json::json!([99]),
+        "{casino}"
+    );
+    assert_eq!(
+        casino["MatchedCategoryIDs"],
+        serde_json::json!([99]),
+        "{casino}"
+    );
+    // UserID: the user's id as the admin API's /users shows it.
+    let socket = lab.dir().join("data").join("admin.sock");
+    let users = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--unix-socket"])
+        .arg(&socket)
+        .arg("http://waygate/users")
+        .output()
+        .expect("curl /users");
+    let users: Value = serde_json::from_slice(&users.stdout).expect("/users is JSON");
+    let user = users["result"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["email"] == "alice@example.com"))
+        .unwrap_or_else(|| panic!("alice in /users: {users}"));
+    let user_id = user["id"].as_str().expect("a user id").to_string();
+    assert_eq!(user_id.len(), 36, "{user_id}");
+    assert_eq!(ok["UserID"], user_id.as_str());
 
     // The flow's line comes at its close.
     let flow = wait_until(secs(15), Duration::from_millis(250), || {
@@ -283,6 +371,7 @@ fn metrics_and_activity_logs_follow_the_traffic() {
             "DeviceID",
             "DeviceName",
             "Email",
+            "UserID",
             "SNI",
             "VirtualNetworkID",
             "BytesSent",
@@ -296,6 +385,7 @@ fn metrics_and_activity_logs_follow_the_traffic() {
         (Some("tcp"), Some("allow"))
     );
     assert_eq!(flow["DeviceID"], device_id.as_str());
+    assert_eq!(flow["UserID"], user_id.as_str());
     assert!(flow["BytesSent"].as_u64().unwrap_or(0) > 0, "{flow}");
     assert!(flow["BytesReceived"].as_u64().unwrap_or(0) > 0, "{flow}");
     let egress = lines(&logs, "egress")

@@ -117,7 +117,9 @@ schemas = {
         "check_id": S, "passed": B, "reported_at": I, "expires_at": {"type": "integer", "nullable": True},
         "reason": NS}},
     "DeletedPostureRule": {"type": "object", "required": ["id"], "properties": {"id": S}},
-    "User": {"type": "object", "required": ["email"], "properties": {
+    "User": {"type": "object", "required": ["id", "email"], "properties": {
+        "id": {"type": "string", "format": "uuid",
+               "description": "A UUID derived from the email: the same on every gateway, the activity logs' UserID."},
         "email": S, "name": NS, "groups": arr(S), "devices": I}},
     "Group": {"type": "object", "required": ["id", "name"], "properties": {
         "id": S, "name": S, "email": NS, "created_at": I}},

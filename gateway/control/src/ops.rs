@@ -52,6 +52,9 @@ pub struct SetVnet {
 /// A user: the people devices are enrolled for, by email.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
+    /// The user's id: a UUID derived from the email ([`waygate_model::user_id`]), as the
+    /// activity logs' `UserID` shows it.
+    pub id: String,
     /// The user's email.
     pub email: String,
     /// Their display name, as their newest device has it.
@@ -121,6 +124,7 @@ pub fn users_of(devices: &[Device]) -> Vec<User> {
             Some(i) => &mut users[i],
             None => {
                 users.push(User {
+                    id: waygate_model::user_id(&d.email),
                     email: d.email.clone(),
                     name: None,
                     groups: Vec::new(),

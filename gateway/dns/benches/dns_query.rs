@@ -11,6 +11,8 @@
 //! Instructions per query, unaffected by a busy machine: run the bench binary under
 //! `valgrind --tool=callgrind --toggle-collect='*Resolver*handle_query*'` with
 //! `--profile-time 2 'logs off'` (or `'logs on'`) and divide Ir by the calls.
+//! The queries come from a `dns.listen` client (no device) as in bench-dns.sh;
+//! `BENCH_DEVICE=1` sends them as a tunnel device's, whose lines carry its identity fields.
 // A benchmark is a shell: it reads the clock.
 #![allow(clippy::disallowed_methods)]
 
@@ -82,7 +84,15 @@ fn resolver() -> Resolver<DnsRules> {
 
 fn bench(c: &mut Criterion) {
     let mut r = resolver();
-    let client = ClientCtx::from_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let mut client = ClientCtx::from_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    if std::env::var_os("BENCH_DEVICE").is_some() {
+        client.device = Some(
+            waygate_model::testkit::device()
+                .name("ada-laptop")
+                .vnet("6f1d0f3e-1b0c-4f5e-9a3b-2d8c5e7f9a10")
+                .arc(),
+        );
+    }
     let now = Instant::now();
     let mut out = Vec::with_capacity(1232);
     for i in 0..ALLOWED {

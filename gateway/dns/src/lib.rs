@@ -24,7 +24,8 @@ mod tests;
 
 pub use memory::Names;
 pub use policy::{
-    AllowAll, BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, PolicyVerdict, QueryInfo,
+    AllowAll, BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, LogCategories, PolicyVerdict,
+    QueryInfo,
 };
 pub use resolver::{Handled, Resolver, ResolverConfig, Stats, Ticket, Transport};
 

@@ -159,6 +159,38 @@ pub trait DnsPolicy: Send + Sync {
     fn decide_answer(&self, _query: &QueryInfo<'_>, _answers: &[Record]) -> Option<PolicyVerdict> {
         None
     }
+
+    /// The categories of an answered query for its activity log line, into `out` (empty):
+    /// of the name, of those the deciding `rule` tested, of the answered `ips`. Asked only
+    /// while activity logs are kept; the default knows no categories.
+    fn log_categories(
+        &self,
+        _name: &str,
+        _rule: Option<&RuleRef>,
+        _ips: &[IpAddr],
+        _out: &mut LogCategories,
+    ) {
+    }
+}
+
+/// A query's categories as its log line shows them, in lists the resolver reuses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogCategories {
+    /// The name's (`QueryCategoryIDs`), sorted.
+    pub query: Vec<u16>,
+    /// The name's categories the deciding rule tested (`MatchedCategoryIDs`), sorted.
+    pub matched: Vec<u16>,
+    /// The answered addresses' (`ResolvedIPCategoryIDs`), sorted, each once.
+    pub resolved_ips: Vec<u16>,
+}
+
+impl LogCategories {
+    /// Empties the lists, keeping their room.
+    pub fn clear(&mut self) {
+        self.query.clear();
+        self.matched.clear();
+        self.resolved_ips.clear();
+    }
 }
 
 /// A decision plus the rule that made it, for logs.

@@ -19,7 +19,7 @@ use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use super::cache::{Address, Cache, Replay};
 use super::memory::Names;
 use super::policy::{
-    BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, PolicyVerdict, QueryInfo,
+    BlockMode, ClientCtx, ClientKey, Decision, DnsPolicy, LogCategories, PolicyVerdict, QueryInfo,
 };
 use super::wire::{push_record, NameText, QueryView, WireAnswer};
 use crate::loglimit::LogLimit;
@@ -247,7 +247,6 @@ pub type ActivitySink = Box<dyn FnMut(&DnsActivity<'_>) + Send>;
 /// What one answered query was, for its counters and its activity record.
 struct Answered<'a> {
     client: &'a ClientCtx,
-    id: u16,
     name: &'a str,
     /// The name the record shows, when it differs from `name` (the host of a cached answer).
     shared: Option<&'a Arc<str>>,
@@ -283,6 +282,8 @@ pub struct Resolver<P> {
     /// The answered addresses of the activity record being made, reused: a replayed answer
     /// cost an allocation and a free per query for its record (callgrind, dns_query bench).
     scratch_ips: Vec<IpAddr>,
+    /// The categories of the activity record being made, reused likewise.
+    log_categories: LogCategories,
 }
 
 /// What the fast path made of a query.
@@ -325,6 +326,7 @@ impl<P: DnsPolicy> Resolver<P> {
             malformed_log: LogLimit::new(MALFORMED_LOG_BURST, MALFORMED_LOG_EVERY),
             malformed_last: None,
             scratch_ips: Vec::new(),
+            log_categories: LogCategories::default(),
         }
     }
 
@@ -369,13 +371,17 @@ impl<P: DnsPolicy> Resolver<P> {
         };
         let mut resolved_ips = std::mem::take(&mut self.scratch_ips);
         answers(&mut resolved_ips);
+        let name = a.shared.map_or(a.name, |s| &**s);
+        let categories = &mut self.log_categories;
+        categories.clear();
+        self.policy
+            .log_categories(name, a.policy.as_deref(), &resolved_ips, categories);
         sink(&DnsActivity {
             at: a.now,
             device: a.client.device.as_deref(),
             location: a.client.location.as_deref(),
             src_ip: a.client.src_ip,
-            query_id: a.id,
-            query_name: a.shared.map_or(a.name, |s| &**s),
+            query_name: name,
             query_type: u16::from(a.qtype),
             query_type_name: a.qtype.into(),
             rcode: u16::from(a.rcode),
@@ -385,6 +391,9 @@ impl<P: DnsPolicy> Resolver<P> {
             protocol: a.transport.as_str(),
             cache_hit: a.cache_hit,
             upstream_latency: a.upstream_latency,
+            query_categories: &categories.query,
+            matched_categories: &categories.matched,
+            resolved_ip_categories: &categories.resolved_ips,
         });
         resolved_ips.clear();
         self.scratch_ips = resolved_ips;
@@ -588,7 +597,6 @@ impl<P: DnsPolicy> Resolver<P> {
                 let learned = self.remember(client, &qname, &answers);
                 let answered = Answered {
                     client,
-                    id: reply.id,
                     name: &name,
                     shared: Some(&name),
                     qtype,
@@ -738,7 +746,6 @@ impl<P: DnsPolicy> Resolver<P> {
         let name = display_name(&p.qname);
         let mut answered = Answered {
             client: &p.client,
-            id: p.id,
             name: &name,
             shared: Some(&name),
             qtype: p.qtype,
@@ -985,7 +992,6 @@ impl<P: DnsPolicy> Resolver<P> {
         };
         let answered = Answered {
             client,
-            id: query.id(),
             name,
             shared: host.as_ref(),
             qtype,
@@ -1104,7 +1110,6 @@ impl<P: DnsPolicy> Resolver<P> {
         };
         let answered = Answered {
             client,
-            id: reply.id,
             name: shown.as_deref().unwrap_or(""),
             shared: shown.as_ref(),
             qtype: reply.query.query_type(),

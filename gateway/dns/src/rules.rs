@@ -18,7 +18,7 @@ use waygate_policy::fields::{FieldId, Stage};
 use waygate_policy::input::Input;
 use waygate_policy::ruleset::{Action, CompiledRule};
 
-use super::policy::{BlockMode, Decision, DnsPolicy, PolicyVerdict, QueryInfo};
+use super::policy::{BlockMode, Decision, DnsPolicy, LogCategories, PolicyVerdict, QueryInfo};
 use waygate_geoip::GeoIp;
 use waygate_model::activity::RuleRef;
 use waygate_stages::policy::Loaded;
@@ -52,10 +52,9 @@ impl DnsRules {
         let mut refs = vec![None; labels.len()];
         for r in rules {
             labels[r.index] = Some(Arc::from(rule_label(r)));
-            refs[r.index] = Some(Arc::new(RuleRef {
-                id: Arc::from(r.id.as_str()),
-                name: Arc::from(r.name.as_str()),
-            }));
+            refs[r.index] = Some(Arc::new(
+                RuleRef::new(&r.id, &r.name).with_categories(r.categories.iter().copied()),
+            ));
         }
         DnsRules {
             loaded,
@@ -180,6 +179,34 @@ impl DnsPolicy for DnsRules {
 
     fn wants_answer(&self) -> bool {
         self.loaded.policy.stage(Stage::Dns).needs_resolution()
+    }
+
+    fn log_categories(
+        &self,
+        name: &str,
+        rule: Option<&RuleRef>,
+        ips: &[IpAddr],
+        out: &mut LogCategories,
+    ) {
+        let Some(db) = &self.categories else {
+            return;
+        };
+        out.query.extend_from_slice(db.ids(name));
+        if let Some(rule) = rule {
+            // Both sorted: the name's categories the rule tested.
+            out.matched.extend(
+                out.query
+                    .iter()
+                    .filter(|c| rule.categories.binary_search(c).is_ok()),
+            );
+        }
+        for ip in ips {
+            out.resolved_ips.extend_from_slice(db.ip_ids(*ip));
+        }
+        if ips.len() > 1 {
+            out.resolved_ips.sort_unstable();
+            out.resolved_ips.dedup();
+        }
     }
 
     fn decide_answer(&self, query: &QueryInfo<'_>, answers: &[Record]) -> Option<PolicyVerdict> {

@@ -657,10 +657,10 @@ fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
             PolicyVerdict {
                 decision: Decision::Block(BlockMode::NxDomain),
                 rule: Some(Arc::from("block-list (Block list)")),
-                policy: Some(Arc::new(waygate_model::activity::RuleRef {
-                    id: Arc::from("block-list"),
-                    name: Arc::from("Block list"),
-                })),
+                policy: Some(Arc::new(waygate_model::activity::RuleRef::new(
+                    "block-list",
+                    "Block list",
+                ))),
             }
         } else {
             Decision::Resolve.into()
@@ -681,7 +681,6 @@ fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
     assert_eq!(r.stats().decisions[1], 1, "block");
     /// What the test reads of each record, owned (the resolver lends them).
     struct Seen {
-        query_id: u16,
         query_name: String,
         query_type_name: &'static str,
         rcode: u16,
@@ -697,7 +696,6 @@ fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
     let into_seen = seen.clone();
     r.set_activity_sink(Box::new(move |a: &DnsActivity<'_>| {
         into.lock().unwrap().push(Seen {
-            query_id: a.query_id,
             query_name: a.query_name.to_string(),
             query_type_name: a.query_type_name,
             rcode: a.rcode,
@@ -754,11 +752,10 @@ fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
     };
     r.handle_upstream(ticket, None, "up", later, &mut out);
     let seen = seen.lock().unwrap();
-    let got: Vec<(u16, &str, &str, u16, ResolverDecision, bool)> = seen
+    let got: Vec<(&str, &str, u16, ResolverDecision, bool)> = seen
         .iter()
         .map(|a| {
             (
-                a.query_id,
                 &*a.query_name,
                 a.query_type_name,
                 a.rcode,
@@ -771,7 +768,6 @@ fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
         got,
         [
             (
-                2,
                 "blocked.example",
                 "A",
                 3,
@@ -779,7 +775,6 @@ fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
                 false
             ),
             (
-                3,
                 "a.example",
                 "A",
                 0,
@@ -787,7 +782,6 @@ fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
                 false
             ),
             (
-                4,
                 "a.example",
                 "A",
                 0,
@@ -795,7 +789,6 @@ fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
                 true
             ),
             (
-                5,
                 "b.example",
                 "AAAA",
                 2,
@@ -838,9 +831,105 @@ fn every_answer_is_counted_and_reported_with_its_decision_once_a_sink_is_set() {
         &mut out,
     );
     let seen = into_seen.lock().unwrap();
-    let tail: Vec<(u16, &str, usize)> = seen[4..]
+    let tail: Vec<(&str, &str, usize)> = seen[4..]
         .iter()
-        .map(|a| (a.query_id, a.protocol, a.resolved_ips.len()))
+        .map(|a| (&*a.query_name, a.protocol, a.resolved_ips.len()))
         .collect();
-    assert_eq!(tail, [(6, "tls", 1), (7, "https", 1), (8, "https", 0)]);
+    assert_eq!(
+        tail,
+        [
+            ("a.example", "tls", 1),
+            ("a.example", "https", 1),
+            ("blocked.example", "https", 0)
+        ]
+    );
+}
+
+#[test]
+fn activity_records_carry_the_categories_of_the_name_the_rule_and_the_answer() {
+    use std::sync::{Arc, Mutex};
+    use waygate_model::activity::DnsActivity;
+    use waygate_policy::category_db::CategoryDb;
+    use waygate_policy::ruleset::{Lists, RuleSet};
+    use waygate_stages::policy::Loaded;
+
+    let set = RuleSet::from_json(
+        r#"[{"id": "no-gambling", "name": "No gambling", "action": "block", "filters": ["dns"],
+             "traffic": "any(dns.content_category[*] in {8})"}]"#,
+    )
+    .unwrap();
+    let loaded = Loaded::compile(&set, &Lists::new(Vec::new())).unwrap();
+    let mut db = CategoryDb::new();
+    db.insert("casino.example", 99);
+    db.insert("casino.example", 122);
+    db.insert("news.example", 122);
+    db.insert_ip("203.0.113.66".parse().unwrap(), 117);
+    let rules = crate::rules::DnsRules::new(Arc::new(loaded), None, None)
+        .with_categories(Some(Arc::new(db)));
+    let mut r = Resolver::new(rules, ResolverConfig::default(), 7);
+    type Cats = (String, Vec<u16>, Vec<u16>, Vec<u16>);
+    let seen: Arc<Mutex<Vec<Cats>>> = Arc::default();
+    let into = seen.clone();
+    r.set_activity_sink(Box::new(move |a: &DnsActivity<'_>| {
+        into.lock().unwrap().push((
+            a.query_name.to_string(),
+            a.query_categories.to_vec(),
+            a.matched_categories.to_vec(),
+            a.resolved_ip_categories.to_vec(),
+        ))
+    }));
+    let t0 = test_epoch();
+    let mut out = Vec::new();
+    let q = query(1, "www.casino.example.", RecordType::A);
+    assert_eq!(
+        r.handle_query(&client(), &q, Transport::Udp, t0, &mut out),
+        Handled::Answer
+    );
+    let q = query(2, "news.example.", RecordType::A);
+    let Handled::Upstream(ticket) = r.handle_query(&client(), &q, Transport::Udp, t0, &mut out)
+    else {
+        panic!("upstream expected")
+    };
+    let resp = upstream_answer(
+        &out,
+        ResponseCode::NoError,
+        vec![
+            a("news.example.", [203, 0, 113, 66], 60),
+            a("news.example.", [203, 0, 113, 67], 60),
+        ],
+        vec![],
+    );
+    r.handle_upstream(ticket, Some(&resp), "up", t0, &mut out);
+    let q = query(3, "plain.example.", RecordType::A);
+    let Handled::Upstream(ticket) = r.handle_query(&client(), &q, Transport::Udp, t0, &mut out)
+    else {
+        panic!("upstream expected")
+    };
+    r.handle_upstream(ticket, None, "up", t0, &mut out);
+    let seen = seen.lock().unwrap();
+    let none: Vec<u16> = Vec::new();
+    assert_eq!(
+        *seen,
+        [
+            // Blocked by the rule on 8 (Gambling): 99 is its subcategory, 122 is not tested.
+            (
+                "www.casino.example".to_string(),
+                vec![99, 122],
+                vec![99],
+                none.clone()
+            ),
+            (
+                "news.example".to_string(),
+                vec![122],
+                none.clone(),
+                vec![117]
+            ),
+            (
+                "plain.example".to_string(),
+                none.clone(),
+                none.clone(),
+                none
+            ),
+        ]
+    );
 }

@@ -180,6 +180,7 @@ fn no_device() -> Arc<DeviceInfo> {
             vnet_id: None,
             ipv4: Ipv4Addr::UNSPECIFIED,
             ipv6: Ipv6Addr::UNSPECIFIED,
+            log_fields: Default::default(),
         })
     })
     .clone()

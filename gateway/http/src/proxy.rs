@@ -694,12 +694,9 @@ impl Record {
         status: StatusCode,
         action: &'static str,
     ) -> Record {
-        let rule = verdict.rule().map(|r| {
-            Arc::new(LogRule {
-                id: r.id.as_str().into(),
-                name: r.name.as_str().into(),
-            })
-        });
+        let rule = verdict
+            .rule()
+            .map(|r| Arc::new(LogRule::new(&r.id, &r.name)));
         Record {
             logs: shared.logs.get().cloned(),
             activity: HttpActivity {

@@ -3,7 +3,6 @@
 //! thread only swaps the buffers out and writes them). `cargo bench -p waygate-observe`.
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -13,10 +12,7 @@ use waygate_observe::record::{Clock, Encoder};
 #[allow(clippy::disallowed_methods)] // a benchmark: any clock will do
 fn bench(c: &mut Criterion) {
     let device = waygate_model::testkit::device().arc();
-    let rule = RuleRef {
-        id: Arc::from("6d8f1a52-2f4e-4f8e-9a57-0c8f3f1b9a11"),
-        name: Arc::from("Block list"),
-    };
+    let rule = RuleRef::new("6d8f1a52-2f4e-4f8e-9a57-0c8f3f1b9a11", "Block list");
     let now = Instant::now();
     let ips = ["203.0.113.10".parse().unwrap()];
     let allowed = DnsActivity {
@@ -24,7 +20,6 @@ fn bench(c: &mut Criterion) {
         device: Some(&device),
         location: None,
         src_ip: "100.96.0.2".parse().unwrap(),
-        query_id: 4660,
         query_name: "ok737.allowed.test",
         query_type: 1,
         query_type_name: "A",
@@ -35,6 +30,9 @@ fn bench(c: &mut Criterion) {
         protocol: "udp",
         cache_hit: true,
         upstream_latency: None,
+        query_categories: &[],
+        matched_categories: &[],
+        resolved_ip_categories: &[],
     };
     let blocked = DnsActivity {
         query_name: "b76862.block93.test",

@@ -231,15 +231,35 @@ pub fn human(kind: LogKind, v: &Value) -> String {
                         .collect()
                 })
                 .unwrap_or_default();
-            format!(
-                "{} {} rcode={} {} policy={} {}",
+            let ids = |key: &str| -> String {
+                v.get(key)
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().map(Value::to_string).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default()
+            };
+            let mut row = format!(
+                "{} {} rcode={} {} policy={}",
                 s("QueryName"),
                 s("QueryTypeName"),
                 s("RCode"),
                 s("ResolverDecision"),
                 or_dash(s("PolicyID")),
-                ips.join(",")
-            )
+            );
+            if v.get("IsResponseCached").and_then(Value::as_bool) == Some(true) {
+                row.push_str(" cached");
+            }
+            for (key, label) in [
+                ("QueryCategoryIDs", "categories"),
+                ("MatchedCategoryIDs", "matched"),
+            ] {
+                let list = ids(key);
+                if !list.is_empty() {
+                    row.push_str(&format!(" {label}={list}"));
+                }
+            }
+            row.push(' ');
+            row.push_str(&ips.join(","));
+            row
         }
         LogKind::Network => format!(
             "{} {}:{} -> {}:{} {} policy={} sent={} received={} {}ms",
@@ -304,6 +324,35 @@ mod tests {
         assert!(f(None, Some("d-1")).matches(&line));
         assert!(!f(None, Some("phone")).matches(&line));
         assert!(!f(Some(at + std::time::Duration::from_millis(1)), None).matches(&line));
+    }
+
+    #[test]
+    fn dns_rows_show_the_answer_the_cache_and_the_categories() {
+        let line: Value = serde_json::from_str(
+            r#"{"Datetime":"2026-07-27T00:01:07.123Z","QueryID":"x","DeviceID":"d-1",
+                "DeviceName":"laptop","Email":"ada@example.com","QueryName":"casino.example",
+                "QueryTypeName":"A","RCode":0,"ResolvedIPs":["203.0.113.7"],
+                "ResolverDecision":"allowedByQueryName","PolicyID":"r1","IsResponseCached":true,
+                "QueryCategoryIDs":[8,99],"MatchedCategoryIDs":[99]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            human(LogKind::Dns, &line),
+            "2026-07-27T00:01:07.123Z  dns      laptop            casino.example A rcode=0 \
+             allowedByQueryName policy=r1 cached categories=8,99 matched=99 203.0.113.7"
+        );
+        // A location's query: no device name, no policy, not cached, no categories.
+        let line: Value = serde_json::from_str(
+            r#"{"Datetime":"2026-07-27T00:01:07.123Z","DeviceID":"","Email":"","SrcIP":"192.0.2.9",
+                "QueryName":"b.example","QueryTypeName":"AAAA","RCode":5,
+                "ResolverDecision":"blockedByQueryName","PolicyID":"","IsResponseCached":false}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            human(LogKind::Dns, &line),
+            "2026-07-27T00:01:07.123Z  dns      192.0.2.9         b.example AAAA rcode=5 \
+             blockedByQueryName policy=-"
+        );
     }
 
     #[test]

@@ -2,18 +2,24 @@
 //! (`gateway_dns`, `gateway_network`; egress lines borrow the network names), and the files
 //! they go to.
 //!
-//! Fields the gateway has no value for are written empty (`""`) as Logpush does, except a few
-//! of Waygate's own (`BytesSent`, `BytesReceived`, `DurationMs` on network lines, `EgressIP` on
-//! egress lines).
+//! Network, egress and HTTP lines write every field, empty (`""`) when the gateway has no value,
+//! as Logpush does. DNS lines, the hot ones (one per query), leave out what has no value
+//! (`Location` of a device's query, `PolicyName` of no rule, `ResolvedIPs` of a block, a
+//! stranger's `DeviceName`, `UserID` and `VirtualNetworkID`, empty category lists), except the
+//! contract's `DeviceID`, `Email` and `PolicyID`, written `""`.
+//!
+//! What is fixed per device (its identity fields) and per rule (`PolicyID`, `PolicyName`) is
+//! rendered once, at its first line, and copied into every line after (see
+//! [`waygate_model::LogFields`]).
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use waygate_model::activity::{
-    Activity, DnsActivity, EgressActivity, HttpActivity, NetworkActivity, RuleRef,
+    Activity, DnsActivity, EgressActivity, HttpActivity, NetworkActivity, ResolverDecision, RuleRef,
 };
 use waygate_model::calendar::{civil_from_days, days_from_civil};
-use waygate_model::{DeviceInfo, Protocol};
+use waygate_model::{user_id, DeviceInfo, Protocol};
 
 /// Which log a line belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -115,31 +121,6 @@ pub fn parse_datetime(text: &str) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::new(secs, nanos as u32))
 }
 
-/// Identity fields every line carries.
-struct Who<'a> {
-    id: &'a str,
-    name: &'a str,
-    email: &'a str,
-    vnet: &'a str,
-}
-
-fn who(device: Option<&DeviceInfo>) -> Who<'_> {
-    match device {
-        Some(d) => Who {
-            id: &d.id,
-            name: &d.name,
-            email: &d.email,
-            vnet: d.vnet_id.as_deref().unwrap_or(""),
-        },
-        None => Who {
-            id: "",
-            name: "",
-            email: "",
-            vnet: "",
-        },
-    }
-}
-
 fn policy(rule: Option<&RuleRef>) -> (&str, &str) {
     rule.map_or(("", ""), |r| (&r.id, &r.name))
 }
@@ -188,7 +169,66 @@ pub struct Encoder {
     stamp: String,
     /// The last Datetime made.
     text: String,
+    /// The start of the next DNS line, copied whole: `{"Datetime":"` and the time of the last
+    /// record, then `Z","QueryID":"` and the next QueryID (see [`HEAD`]).
+    head: [u8; HEAD],
+    /// The record time `head` spells (records of one batch share their `now`).
+    head_at: Option<std::time::Instant>,
+    /// The second `head` spells, since the epoch.
+    head_second: Option<u64>,
 }
+
+/// `{"Datetime":"` (13 bytes), `YYYY-MM-DDTHH:MM:SS.mmm` (23), `Z","QueryID":"` (14), the
+/// QueryID `xxxxxxxx-xxxx-8xxx-yxxx-` (24, random per encoder) and `nnnnnnnnnnnn` (12, the
+/// encoder's count of lines in hex), `"` (1).
+const HEAD: usize = 13 + 23 + 14 + 24 + 12 + 1;
+/// Where the seconds (with their dot), the milliseconds and the QueryID's count sit in `head`.
+const HEAD_SECOND: std::ops::Range<usize> = 13..33;
+const HEAD_MS: std::ops::Range<usize> = 33..36;
+const HEAD_COUNT: std::ops::Range<usize> = 74..86;
+
+/// A DNS line's head before its first record: the QueryID's random part filled in.
+///
+/// The QueryID is a UUID (version 8, RFC 9562's layout for custom ones) whose first 80 bits are
+/// random per encoder and whose last 48 count its lines, so every query gets an id of its own
+/// (Logpush's `QueryID` is unique per query) for the price of incrementing a hex counter.
+fn dns_head() -> [u8; HEAD] {
+    let mut r = [0u8; 10];
+    // SAFETY: `r` is valid for writes of its length.
+    let got = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+    if usize::try_from(got).ok() != Some(r.len()) {
+        // No getrandom: the clock, the process and a count of encoders keep ids apart.
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        #[allow(clippy::disallowed_methods)] // a seed, not a time
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_nanos() as u64;
+        let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        r[..8].copy_from_slice(&nanos.to_le_bytes());
+        r[8..].copy_from_slice(&(std::process::id() as u16 ^ made as u16).to_le_bytes());
+    }
+    r[6] = (r[6] & 0x0f) | 0x80;
+    r[8] = (r[8] & 0x3f) | 0x80;
+    let mut head = [b'0'; HEAD];
+    head[..13].copy_from_slice(b"{\"Datetime\":\"");
+    head[36..50].copy_from_slice(b"Z\",\"QueryID\":\"");
+    let mut n = 50;
+    for (i, byte) in r.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8) {
+            head[n] = b'-';
+            n += 1;
+        }
+        head[n] = HEX[usize::from(byte >> 4)];
+        head[n + 1] = HEX[usize::from(byte & 0xf)];
+        n += 2;
+    }
+    head[n] = b'-';
+    head[HEAD - 1] = b'"';
+    head
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 impl Encoder {
     /// An encoder converting the cores' times with `clock`.
@@ -202,6 +242,9 @@ impl Encoder {
             second: None,
             stamp: String::new(),
             text: String::new(),
+            head: dns_head(),
+            head_at: None,
+            head_second: None,
         }
     }
 
@@ -228,26 +271,57 @@ impl Encoder {
         // Lines are about 350 bytes: one reservation rather than a check that grows the
         // buffer mid-line.
         out.reserve(512);
-        let since = match activity.at.checked_duration_since(self.clock.instant) {
+        if self.head_at != Some(activity.at) {
+            self.set_head_time(activity.at);
+        }
+        // The Datetime and the QueryID in one copy of known length.
+        out.extend_from_slice(&self.head);
+        self.count_query();
+        dns_line(activity, out);
+        out.push(b'\n');
+    }
+
+    /// Spells `at` into `head`: the date and time of day once per second, the milliseconds.
+    fn set_head_time(&mut self, at: std::time::Instant) {
+        let since = match at.checked_duration_since(self.clock.instant) {
             Some(after) => self.base + after,
             None => self
                 .base
-                .saturating_sub(self.clock.instant.saturating_duration_since(activity.at)),
+                .saturating_sub(self.clock.instant.saturating_duration_since(at)),
         };
-        self.stamp_for(since.as_secs());
-        // `{"Datetime":"YYYY-MM-DDTHH:MM:SS.mmmZ"` without a copy through `text`.
-        out.extend_from_slice(b"{\"Datetime\":\"");
-        out.extend_from_slice(self.stamp.as_bytes());
+        let secs = since.as_secs();
+        if self.head_second != Some(secs) {
+            let full = datetime(UNIX_EPOCH + Duration::from_secs(secs));
+            if let Some(prefix) = full.as_bytes().get(..HEAD_SECOND.len()) {
+                self.head[HEAD_SECOND].copy_from_slice(prefix);
+            }
+            self.head_second = Some(secs);
+        }
         let ms = since.subsec_millis();
-        out.extend_from_slice(&[
+        self.head[HEAD_MS].copy_from_slice(&[
             b'0' + (ms / 100) as u8,
             b'0' + (ms / 10 % 10) as u8,
             b'0' + (ms % 10) as u8,
-            b'Z',
-            b'"',
         ]);
-        dns_line(activity, out);
-        out.push(b'\n');
+        self.head_at = Some(at);
+    }
+
+    /// Moves `head` on to the next QueryID: the hex count plus one, an odometer's step (a
+    /// carry past the last digit is one in 16).
+    fn count_query(&mut self) {
+        for digit in self.head[HEAD_COUNT].iter_mut().rev() {
+            match *digit {
+                b'9' => {
+                    *digit = b'a';
+                    return;
+                }
+                b'f' => *digit = b'0',
+                _ => {
+                    *digit += 1;
+                    return;
+                }
+            }
+        }
     }
 
     /// Sets `stamp` to the second `secs` (since the epoch), unless it already is.
@@ -367,6 +441,20 @@ impl<'a> Json<'a> {
         self.out.push(b']');
     }
 
+    /// Small numbers as a JSON array (`[117,131]`).
+    #[inline(always)]
+    fn ids(&mut self, key: &'static str, ids: &[u16]) {
+        self.key(key);
+        self.out.push(b'[');
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            uint(self.out, u64::from(*id));
+        }
+        self.out.push(b']');
+    }
+
     /// Milliseconds with microsecond precision (`12.345`).
     #[inline(always)]
     fn millis(&mut self, key: &'static str, d: Duration) {
@@ -405,40 +493,88 @@ fn uint(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&buf[i..]);
 }
 
+/// The decimal digits of every octet, left-aligned, and how many there are.
+const OCTETS: [([u8; 3], u8); 256] = {
+    let mut t = [([0u8; 3], 0u8); 256];
+    let mut i = 0;
+    while i < 256 {
+        let n = i as u8;
+        t[i] = if n >= 100 {
+            ([b'0' + n / 100, b'0' + n / 10 % 10, b'0' + n % 10], 3)
+        } else if n >= 10 {
+            ([b'0' + n / 10, b'0' + n % 10, 0], 2)
+        } else {
+            ([b'0' + n, 0, 0], 1)
+        };
+        i += 1;
+    }
+    t
+};
+
 fn quoted_ip(out: &mut Vec<u8>, ip: IpAddr) {
-    out.push(b'"');
     match ip {
-        // The common case, without the formatting machinery.
+        // The common case, without the formatting machinery: each octet's digits from a table,
+        // spelled into a buffer and copied once (a branch per digit made quoted_ip a seventh
+        // of a DNS line's instructions, callgrind).
         IpAddr::V4(v4) => {
-            // Spelled into a buffer and copied once: a push per digit checked the capacity
-            // each time (quoted_ip was a seventh of a DNS line's instructions, callgrind).
-            let mut buf = [0u8; 15];
-            let mut n = 0;
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    buf[n] = b'.';
-                    n += 1;
-                }
-                if octet >= 100 {
-                    buf[n] = b'0' + octet / 100;
-                    n += 1;
-                }
-                if octet >= 10 {
-                    buf[n] = b'0' + octet / 10 % 10;
-                    n += 1;
-                }
-                buf[n] = b'0' + octet % 10;
+            let mut buf = [0u8; 20];
+            buf[0] = b'"';
+            let mut n = 1;
+            for octet in v4.octets() {
+                let (digits, len) = &OCTETS[usize::from(octet)];
+                buf[n..n + 3].copy_from_slice(digits);
+                n += usize::from(*len);
+                buf[n] = b'.';
                 n += 1;
             }
-            out.extend_from_slice(&buf[..n]);
+            // The last dot becomes the closing quote. The whole buffer is copied (a copy of
+            // known length, no call) and the unused end cut off.
+            buf[n - 1] = b'"';
+            out.extend_from_slice(&buf);
+            out.truncate(out.len() - (buf.len() - n));
         }
         IpAddr::V6(v6) => {
             use std::io::Write as _;
             // Writing into a Vec cannot fail.
-            let _ = write!(out, "{v6}");
+            let _ = write!(out, "\"{v6}\"");
         }
     }
-    out.push(b'"');
+}
+
+/// Whether `bytes` hold a quote, a backslash or a control character. Eight bytes at a time
+/// (the "has a byte less than n" and "has a zero byte" word tricks, exact for "any"): a
+/// byte-wise scan of a query name cost more than the rest of its field (callgrind).
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES * 0x80;
+    let zero_in = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let special = |v: u64| {
+        (v.wrapping_sub(ONES * 0x20) & !v & HIGH)
+            | zero_in(v ^ (ONES * u64::from(b'"')))
+            | zero_in(v ^ (ONES * u64::from(b'\\')))
+    };
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        if let Some(b) = bytes.get(at..at + 8) {
+            w.copy_from_slice(b);
+        }
+        u64::from_ne_bytes(w)
+    };
+    if bytes.len() < 8 {
+        // Padded with a byte that needs nothing.
+        let mut w = [b'a'; 8];
+        w[..bytes.len()].copy_from_slice(bytes);
+        return special(u64::from_ne_bytes(w)) != 0;
+    }
+    let mut found = 0;
+    let mut at = 0;
+    while at + 8 < bytes.len() {
+        found |= special(word(at));
+        at += 8;
+    }
+    // The last eight bytes, overlapping the words before: no byte-wise tail.
+    found |= special(word(bytes.len() - 8));
+    found != 0
 }
 
 /// `s` as a JSON string: quotes, backslashes and control characters escaped; the rest (UTF-8
@@ -451,13 +587,8 @@ fn escaped(out: &mut Vec<u8>, s: &str) {
     }
     out.push(b'"');
     let bytes = s.as_bytes();
-    // Names, ids and emails almost never need escaping: one scan, then a copy. The scan has no
-    // early exit so LLVM vectorises it (an `any` took 3x as long per line, measured with
-    // `cargo bench -p waygate-observe`).
-    let special = bytes.iter().fold(false, |acc, &b| {
-        acc | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if !special {
+    // Names, ids and emails almost never need escaping: one scan, then a copy.
+    if !needs_escape(bytes) {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
@@ -475,7 +606,6 @@ fn escaped(out: &mut Vec<u8>, s: &str) {
         };
         out.extend_from_slice(&bytes[start..i]);
         if escape.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
             out.extend_from_slice(b"\\u00");
             out.push(HEX[usize::from(b >> 4)]);
             out.push(HEX[usize::from(b & 0xf)]);
@@ -488,50 +618,161 @@ fn escaped(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-fn identity(j: &mut Json<'_>, datetime: &str, device: Option<&DeviceInfo>) {
-    let w = who(device);
-    j.str(k!("Datetime"), datetime);
-    j.str(k!("DeviceID"), w.id);
-    j.str(k!("DeviceName"), w.name);
-    j.str(k!("Email"), w.email);
+/// `,"DeviceID":...,"DeviceName":...,"Email":...,"UserID":...,"VirtualNetworkID":...` of
+/// `device`, rendered at its first line (one registry snapshot's life) and copied after.
+fn identity_fields(device: &DeviceInfo) -> &[u8] {
+    device.log_fields.get_or_render(|| {
+        let mut out = Vec::with_capacity(160);
+        let mut j = Json::continued(&mut out);
+        j.str(k!("DeviceID"), &device.id);
+        j.str(k!("DeviceName"), &device.name);
+        j.str(k!("Email"), &device.email);
+        j.str(k!("UserID"), &user_id(&device.email));
+        j.str(
+            k!("VirtualNetworkID"),
+            device.vnet_id.as_deref().unwrap_or(""),
+        );
+        out
+    })
 }
 
-/// A `gateway_dns` line after its Datetime (which [`Encoder::encode_dns`] writes).
-fn dns_line(a: &DnsActivity<'_>, out: &mut Vec<u8>) {
-    let mut j = Json::continued(out);
-    match a.device {
-        Some(d) => {
-            j.str(k!("DeviceID"), &d.id);
-            j.str(k!("DeviceName"), &d.name);
-            j.str(k!("Email"), &d.email);
+/// `,"PolicyID":...,"PolicyName":...` of `rule` (the name left out when it has none), rendered
+/// at its first DNS line (once per loaded rule set) and copied after.
+fn policy_fields(rule: &RuleRef) -> &[u8] {
+    rule.log_fields.get_or_render(|| {
+        let mut out = Vec::with_capacity(96);
+        let mut j = Json::continued(&mut out);
+        j.str(k!("PolicyID"), &rule.id);
+        if !rule.name.is_empty() {
+            j.str(k!("PolicyName"), &rule.name);
         }
-        // A location's or a stranger's query: one copy for the three empty fields.
-        None => j.raw(concat!(
-            k!("DeviceID"),
-            "\"\"",
-            k!("DeviceName"),
-            "\"\"",
-            k!("Email"),
-            "\"\""
-        )),
+        out
+    })
+}
+
+/// `Datetime` and the identity fields, the start of every network, egress and HTTP line.
+fn identity(j: &mut Json<'_>, datetime: &str, device: &DeviceInfo) {
+    j.str(k!("Datetime"), datetime);
+    j.out.extend_from_slice(identity_fields(device));
+}
+
+/// `,"QueryType":N,"QueryTypeName":"T"` in one copy for the common types.
+fn query_type_fields(number: u16) -> Option<&'static str> {
+    macro_rules! t {
+        ($n:literal, $name:literal) => {
+            concat!(k!("QueryType"), $n, k!("QueryTypeName"), "\"", $name, "\"")
+        };
     }
-    let (policy_id, policy_name) = policy(a.policy);
+    Some(match number {
+        1 => t!("1", "A"),
+        2 => t!("2", "NS"),
+        5 => t!("5", "CNAME"),
+        6 => t!("6", "SOA"),
+        12 => t!("12", "PTR"),
+        15 => t!("15", "MX"),
+        16 => t!("16", "TXT"),
+        28 => t!("28", "AAAA"),
+        33 => t!("33", "SRV"),
+        64 => t!("64", "SVCB"),
+        65 => t!("65", "HTTPS"),
+        _ => return None,
+    })
+}
+
+/// `,"ResolverDecision":"word"` in one copy.
+fn decision_field(d: ResolverDecision) -> &'static str {
+    macro_rules! d {
+        ($word:literal) => {
+            concat!(k!("ResolverDecision"), "\"", $word, "\"")
+        };
+    }
+    match d {
+        ResolverDecision::AllowedOnNoPolicyMatch => d!("allowedOnNoPolicyMatch"),
+        ResolverDecision::AllowedByQueryName => d!("allowedByQueryName"),
+        ResolverDecision::BlockedByQueryName => d!("blockedByQueryName"),
+        ResolverDecision::BlockedByResponse => d!("blockedByResponse"),
+        ResolverDecision::OverrideApplied => d!("overrideApplied"),
+        ResolverDecision::OverrideForSafeSearch => d!("overrideForSafeSearch"),
+        ResolverDecision::Unknown => d!("unknown"),
+    }
+}
+
+/// `,"Protocol":"p","IsResponseCached":b` in one copy.
+fn protocol_fields(protocol: &str, cached: bool) -> Option<&'static str> {
+    macro_rules! p {
+        ($p:literal, $c:literal) => {
+            concat!(k!("Protocol"), "\"", $p, "\"", k!("IsResponseCached"), $c)
+        };
+    }
+    Some(match (protocol, cached) {
+        ("udp", false) => p!("udp", "false"),
+        ("udp", true) => p!("udp", "true"),
+        ("tcp", false) => p!("tcp", "false"),
+        ("tcp", true) => p!("tcp", "true"),
+        ("tls", false) => p!("tls", "false"),
+        ("tls", true) => p!("tls", "true"),
+        ("https", false) => p!("https", "false"),
+        ("https", true) => p!("https", "true"),
+        _ => return None,
+    })
+}
+
+/// A `gateway_dns` line after its Datetime and QueryID (which [`Encoder::encode_dns`] writes).
+fn dns_line(a: &DnsActivity<'_>, out: &mut Vec<u8>) {
+    match a.device {
+        Some(d) => out.extend_from_slice(identity_fields(d)),
+        // A location's or a stranger's query: the contract's identity fields, empty.
+        None => {
+            out.extend_from_slice(concat!(k!("DeviceID"), "\"\"", k!("Email"), "\"\"").as_bytes())
+        }
+    }
+    let mut j = Json::continued(out);
     j.ip(k!("SrcIP"), a.src_ip);
     j.str(k!("QueryName"), a.query_name);
-    j.uint(k!("QueryType"), u64::from(a.query_type));
-    j.word(k!("QueryTypeName"), a.query_type_name);
-    j.uint(k!("QueryID"), u64::from(a.query_id));
-    j.uint(k!("RCode"), u64::from(a.rcode));
-    j.ips(k!("ResolvedIPs"), a.resolved_ips);
-    j.word(k!("ResolverDecision"), a.decision.as_str());
-    j.str(k!("PolicyID"), policy_id);
-    j.str(k!("PolicyName"), policy_name);
-    j.str(k!("Location"), a.location.unwrap_or(""));
-    j.word(k!("Protocol"), a.protocol);
-    j.str(k!("VirtualNetworkID"), who(a.device).vnet);
-    j.bool(k!("CacheHit"), a.cache_hit);
+    match query_type_fields(a.query_type) {
+        Some(fields) => j.out.extend_from_slice(fields.as_bytes()),
+        None => {
+            j.uint(k!("QueryType"), u64::from(a.query_type));
+            j.word(k!("QueryTypeName"), a.query_type_name);
+        }
+    }
+    match a.rcode {
+        0 => j.raw(concat!(k!("RCode"), "0")),
+        2 => j.raw(concat!(k!("RCode"), "2")),
+        3 => j.raw(concat!(k!("RCode"), "3")),
+        5 => j.raw(concat!(k!("RCode"), "5")),
+        other => j.uint(k!("RCode"), u64::from(other)),
+    }
+    if !a.resolved_ips.is_empty() {
+        j.ips(k!("ResolvedIPs"), a.resolved_ips);
+    }
+    j.out
+        .extend_from_slice(decision_field(a.decision).as_bytes());
+    match a.policy {
+        Some(rule) => j.out.extend_from_slice(policy_fields(rule)),
+        None => j.raw(concat!(k!("PolicyID"), "\"\"")),
+    }
+    if let Some(location) = a.location {
+        j.str(k!("Location"), location);
+    }
+    match protocol_fields(a.protocol, a.cache_hit) {
+        Some(fields) => j.out.extend_from_slice(fields.as_bytes()),
+        None => {
+            j.word(k!("Protocol"), a.protocol);
+            j.bool(k!("IsResponseCached"), a.cache_hit);
+        }
+    }
     if let Some(d) = a.upstream_latency {
         j.millis(k!("UpstreamDurationMs"), d);
+    }
+    if !a.query_categories.is_empty() {
+        j.ids(k!("QueryCategoryIDs"), a.query_categories);
+    }
+    if !a.matched_categories.is_empty() {
+        j.ids(k!("MatchedCategoryIDs"), a.matched_categories);
+    }
+    if !a.resolved_ip_categories.is_empty() {
+        j.ids(k!("ResolvedIPCategoryIDs"), a.resolved_ip_categories);
     }
     j.end();
 }
@@ -548,7 +789,7 @@ fn session(j: &mut Json<'_>, src: std::net::SocketAddr, dst: std::net::SocketAdd
 /// A `gateway_network` line.
 fn encode_network(a: &NetworkActivity, datetime: &str, out: &mut Vec<u8>) {
     let mut j = Json::new(out);
-    identity(&mut j, datetime, Some(&a.device));
+    identity(&mut j, datetime, &a.device);
     session(&mut j, a.src, a.dst, a.protocol);
     let (policy_id, policy_name) = policy(a.policy.as_deref());
     j.word(k!("Action"), a.action.as_str());
@@ -564,7 +805,6 @@ fn encode_network(a: &NetworkActivity, datetime: &str, out: &mut Vec<u8>) {
         k!("OverridePort"),
         u64::from(a.override_dst.map_or(0, |d| d.port())),
     );
-    j.str(k!("VirtualNetworkID"), who(Some(&a.device)).vnet);
     j.uint(k!("BytesSent"), a.bytes_sent);
     j.uint(k!("BytesReceived"), a.bytes_received);
     let duration = a.at.saturating_duration_since(a.opened).as_millis();
@@ -579,7 +819,7 @@ fn encode_network(a: &NetworkActivity, datetime: &str, out: &mut Vec<u8>) {
 /// An egress line: the network names, plus the address chosen.
 fn encode_egress(a: &EgressActivity, datetime: &str, out: &mut Vec<u8>) {
     let mut j = Json::new(out);
-    identity(&mut j, datetime, Some(&a.device));
+    identity(&mut j, datetime, &a.device);
     session(&mut j, a.src, a.dst, a.protocol);
     let (policy_id, policy_name) = policy(a.policy.as_deref());
     j.str(k!("PolicyID"), policy_id);
@@ -590,14 +830,13 @@ fn encode_egress(a: &EgressActivity, datetime: &str, out: &mut Vec<u8>) {
         None => j.str(k!("EgressIP"), ""),
     }
     j.str(k!("Fqdn"), a.name.as_deref().unwrap_or(""));
-    j.str(k!("VirtualNetworkID"), who(Some(&a.device)).vnet);
     j.end();
 }
 
 /// A `gateway_http` line.
 fn encode_http(a: &HttpActivity, datetime: &str, out: &mut Vec<u8>) {
     let mut j = Json::new(out);
-    identity(&mut j, datetime, Some(&a.device));
+    identity(&mut j, datetime, &a.device);
     j.ip(k!("SourceIP"), a.src.ip());
     j.uint(k!("SourcePort"), u64::from(a.src.port()));
     j.ip(k!("DestinationIP"), a.dst.ip());
@@ -612,7 +851,6 @@ fn encode_http(a: &HttpActivity, datetime: &str, out: &mut Vec<u8>) {
     let (policy_id, policy_name) = policy(a.policy.as_deref());
     j.str(k!("PolicyID"), policy_id);
     j.str(k!("PolicyName"), policy_name);
-    j.str(k!("VirtualNetworkID"), who(Some(&a.device)).vnet);
     j.uint(k!("BytesSent"), a.bytes_sent);
     j.uint(k!("BytesReceived"), a.bytes_received);
     j.millis(k!("DurationMs"), a.duration);
@@ -672,6 +910,26 @@ mod tests {
     }
 
     #[test]
+    fn the_escape_scan_finds_every_byte_that_needs_escaping_wherever_it_is() {
+        let naive = |b: &[u8]| b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+        for len in 1..=19 {
+            for at in 0..len {
+                for byte in 0..=255u8 {
+                    let mut text = vec![b'a'; len];
+                    text[at] = byte;
+                    assert_eq!(needs_escape(&text), naive(&text), "{text:?}");
+                    // Beside bytes of UTF-8 sequences too.
+                    text.iter_mut()
+                        .filter(|c| **c == b'a')
+                        .for_each(|c| *c = 0xc3);
+                    assert_eq!(needs_escape(&text), naive(&text), "{text:?}");
+                }
+            }
+        }
+        assert!(!needs_escape(b""));
+    }
+
+    #[test]
     fn strings_numbers_and_durations_are_valid_json() {
         for text in [
             "plain",
@@ -687,7 +945,15 @@ mod tests {
             let back: String = serde_json::from_slice(&out).expect("a JSON string");
             assert_eq!(back, text);
         }
-        for ip in ["0.10.100.255", "203.0.113.7", "2001:db8::1", "::"] {
+        for ip in [
+            "0.10.100.255",
+            "203.0.113.7",
+            "2001:db8::1",
+            "::",
+            "0.0.0.0",
+            "255.255.255.255",
+            "9.99.199.1",
+        ] {
             let mut out = Vec::new();
             quoted_ip(&mut out, ip.parse().unwrap());
             assert_eq!(out, format!("\"{ip}\"").into_bytes());
@@ -708,68 +974,253 @@ mod tests {
         assert_eq!(v["None"], serde_json::json!([]));
     }
 
-    #[test]
-    fn dns_lines_carry_the_gateway_dns_names() {
-        let c = clock();
-        let device = device();
-        let rule = RuleRef {
-            id: Arc::from("block-list"),
-            name: Arc::from("Block list"),
-        };
-        let a = DnsActivity {
+    /// A blocked query of the test device, by a rule.
+    fn dns_record<'a>(c: &Clock, device: &'a DeviceInfo, rule: &'a RuleRef) -> DnsActivity<'a> {
+        DnsActivity {
             at: c.instant,
-            device: Some(&device),
+            device: Some(device),
             location: None,
             src_ip: "100.96.0.2".parse().unwrap(),
-            query_id: 4660,
             query_name: "blocked.example",
             query_type: 1,
             query_type_name: "A",
             rcode: 5,
-            resolved_ips: &["203.0.113.7".parse().unwrap()],
+            resolved_ips: &[],
             decision: ResolverDecision::BlockedByQueryName,
-            policy: Some(&rule),
+            policy: Some(rule),
             protocol: "udp",
             cache_hit: false,
             upstream_latency: None,
-        };
+            query_categories: &[],
+            matched_categories: &[],
+            resolved_ip_categories: &[],
+        }
+    }
+
+    fn dns_json(enc: &mut Encoder, a: &DnsActivity<'_>) -> serde_json::Value {
         let mut out = Vec::new();
-        encode_dns(&a, &c, &mut out);
+        enc.encode_dns(a, &mut out);
         assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
-        let v: serde_json::Value = serde_json::from_slice(&out).expect("one JSON object");
+        assert_eq!(out.last(), Some(&b'\n'));
+        serde_json::from_slice(&out).expect("one JSON object")
+    }
+
+    #[test]
+    fn dns_lines_carry_the_gateway_dns_names() {
+        let c = clock();
+        let mut enc = Encoder::new(c);
+        let device = waygate_model::testkit::device()
+            .id("d-1")
+            .name("ada's \"laptop\"")
+            .vnet("vn-1")
+            .build();
+        let rule = RuleRef::new("block-list", "Block list").with_categories([99, 8, 99]);
+        let a = DnsActivity {
+            query_categories: &[8, 99],
+            matched_categories: &[99],
+            resolved_ip_categories: &[117],
+            ..dns_record(&c, &device, &rule)
+        };
+        let v = dns_json(&mut enc, &a);
         for key in [
             "Datetime",
+            "QueryID",
             "DeviceID",
             "DeviceName",
             "Email",
+            "UserID",
+            "VirtualNetworkID",
             "SrcIP",
             "QueryName",
             "QueryType",
             "QueryTypeName",
             "RCode",
-            "ResolvedIPs",
             "ResolverDecision",
             "PolicyID",
             "PolicyName",
-            "Location",
             "Protocol",
-            "QueryID",
+            "IsResponseCached",
+            "QueryCategoryIDs",
+            "MatchedCategoryIDs",
+            "ResolvedIPCategoryIDs",
         ] {
             assert!(v.get(key).is_some(), "{key} missing from {v}");
         }
         assert_eq!(v["Datetime"], "2026-07-27T00:01:07.123Z");
         assert_eq!(v["DeviceID"], "d-1");
+        assert_eq!(v["DeviceName"], "ada's \"laptop\"");
         assert_eq!(v["Email"], "ada@example.com");
+        assert_eq!(v["UserID"], waygate_model::user_id("ada@example.com"));
+        assert_eq!(v["VirtualNetworkID"], "vn-1");
         assert_eq!(v["SrcIP"], "100.96.0.2");
-        assert_eq!(v["QueryTypeName"], "A");
+        assert_eq!(v["QueryName"], "blocked.example");
+        assert_eq!(
+            (v["QueryType"].as_u64(), v["QueryTypeName"].as_str()),
+            (Some(1), Some("A"))
+        );
         assert_eq!(v["RCode"], 5);
-        assert_eq!(v["ResolvedIPs"][0], "203.0.113.7");
         assert_eq!(v["ResolverDecision"], "blockedByQueryName");
         assert_eq!(
             (v["PolicyID"].as_str(), v["PolicyName"].as_str()),
             (Some("block-list"), Some("Block list"))
         );
-        assert!(v.get("UpstreamDurationMs").is_none());
+        assert_eq!(v["Protocol"], "udp");
+        assert_eq!(v["IsResponseCached"], false);
+        assert_eq!(v["QueryCategoryIDs"], serde_json::json!([8, 99]));
+        assert_eq!(v["MatchedCategoryIDs"], serde_json::json!([99]));
+        assert_eq!(v["ResolvedIPCategoryIDs"], serde_json::json!([117]));
+        assert_eq!(&*rule.categories, &[8, 99]);
+        // Left out without a value: no addresses, no location, no upstream.
+        for key in ["ResolvedIPs", "Location", "UpstreamDurationMs", "CacheHit"] {
+            assert!(v.get(key).is_none(), "{key} in {v}");
+        }
+        // The device's and the rule's fields were rendered once and are copied since.
+        assert!(!device.log_fields.get_or_render(Vec::new).is_empty());
+        assert!(!rule.log_fields.get_or_render(Vec::new).is_empty());
+    }
+
+    #[test]
+    fn dns_lines_without_a_device_or_rule_keep_the_contract_fields() {
+        let c = clock();
+        let mut enc = Encoder::new(c);
+        let device = device();
+        let rule = RuleRef::new("r", "");
+        let a = DnsActivity {
+            device: None,
+            location: Some("office \\ hq"),
+            src_ip: "2001:db8::7".parse().unwrap(),
+            policy: None,
+            query_type: 99,
+            query_type_name: "SPF",
+            resolved_ips: &[
+                "203.0.113.7".parse().unwrap(),
+                "2001:db8::1".parse().unwrap(),
+            ],
+            decision: ResolverDecision::AllowedOnNoPolicyMatch,
+            protocol: "https",
+            cache_hit: true,
+            upstream_latency: Some(Duration::from_micros(1500)),
+            rcode: 4,
+            ..dns_record(&c, &device, &rule)
+        };
+        let v = dns_json(&mut enc, &a);
+        assert_eq!(
+            (v["DeviceID"].as_str(), v["Email"].as_str()),
+            (Some(""), Some(""))
+        );
+        assert_eq!(v["PolicyID"], "");
+        for key in [
+            "DeviceName",
+            "UserID",
+            "VirtualNetworkID",
+            "PolicyName",
+            "QueryCategoryIDs",
+        ] {
+            assert!(v.get(key).is_none(), "{key} in {v}");
+        }
+        assert_eq!(v["Location"], "office \\ hq");
+        assert_eq!(v["SrcIP"], "2001:db8::7");
+        assert_eq!(
+            (v["QueryType"].as_u64(), v["QueryTypeName"].as_str()),
+            (Some(99), Some("SPF"))
+        );
+        assert_eq!(
+            v["ResolvedIPs"],
+            serde_json::json!(["203.0.113.7", "2001:db8::1"])
+        );
+        assert_eq!(
+            (v["Protocol"].as_str(), v["IsResponseCached"].as_bool()),
+            (Some("https"), Some(true))
+        );
+        assert_eq!(v["UpstreamDurationMs"], 1.5);
+        assert_eq!(v["RCode"], 4);
+        // A rule without a name: its id only.
+        let v = dns_json(&mut enc, &dns_record(&c, &device, &rule));
+        assert_eq!(v["PolicyID"], "r");
+        assert!(v.get("PolicyName").is_none(), "{v}");
+        // Every type the one-copy table spells agrees with the general path.
+        for (n, name) in [
+            (1, "A"),
+            (2, "NS"),
+            (5, "CNAME"),
+            (6, "SOA"),
+            (12, "PTR"),
+            (15, "MX"),
+            (16, "TXT"),
+            (28, "AAAA"),
+            (33, "SRV"),
+            (64, "SVCB"),
+            (65, "HTTPS"),
+        ] {
+            let v = dns_json(
+                &mut enc,
+                &DnsActivity {
+                    query_type: n,
+                    query_type_name: name,
+                    ..a
+                },
+            );
+            assert_eq!(
+                (v["QueryType"].as_u64(), v["QueryTypeName"].as_str()),
+                (Some(u64::from(n)), Some(name))
+            );
+        }
+        for p in ["udp", "tcp", "tls", "https", "quic"] {
+            for cached in [false, true] {
+                let v = dns_json(
+                    &mut enc,
+                    &DnsActivity {
+                        protocol: p,
+                        cache_hit: cached,
+                        ..a
+                    },
+                );
+                assert_eq!(
+                    (v["Protocol"].as_str(), v["IsResponseCached"].as_bool()),
+                    (Some(p), Some(cached))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn query_ids_are_unique_uuids_per_query_and_per_encoder() {
+        let c = clock();
+        let device = device();
+        let rule = RuleRef::new("r", "R");
+        let a = dns_record(&c, &device, &rule);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..2 {
+            let mut enc = Encoder::new(c);
+            for _ in 0..1000 {
+                let v = dns_json(&mut enc, &a);
+                let id = v["QueryID"].as_str().expect("a string").to_string();
+                let groups: Vec<usize> = id.split('-').map(str::len).collect();
+                assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+                assert!(id.bytes().all(|b| b == b'-' || HEX.contains(&b)), "{id}");
+                assert_eq!(id.as_bytes()[14], b'8', "version 8: {id}");
+                assert!(seen.insert(id), "a QueryID repeated");
+            }
+        }
+        // The count runs through the last group, in hex, carrying like an odometer.
+        let mut enc = Encoder::new(c);
+        let last = |enc: &mut Encoder| {
+            let v = dns_json(enc, &a);
+            let id = v["QueryID"].as_str().unwrap_or_default().to_string();
+            id.rsplit('-').next().unwrap_or_default().to_string()
+        };
+        assert_eq!(last(&mut enc), "000000000000");
+        assert_eq!(last(&mut enc), "000000000001");
+        enc.head[HEAD_COUNT].copy_from_slice(b"abcdef0123f9");
+        for want in ["abcdef0123f9", "abcdef0123fa", "abcdef0123fb"] {
+            assert_eq!(last(&mut enc), want);
+        }
+        enc.head[HEAD_COUNT].copy_from_slice(b"00000000ffff");
+        assert_eq!(last(&mut enc), "00000000ffff");
+        assert_eq!(last(&mut enc), "000000010000");
+        enc.head[HEAD_COUNT].copy_from_slice(b"ffffffffffff");
+        assert_eq!(last(&mut enc), "ffffffffffff");
+        assert_eq!(last(&mut enc), "000000000000");
     }
 
     #[test]
@@ -822,6 +1273,8 @@ mod tests {
         );
         assert_eq!(v["DurationMs"], 1500);
         assert_eq!(v["SNI"], "origin.example");
+        assert_eq!(v["UserID"], waygate_model::user_id("ada@example.com"));
+        assert_eq!(v["VirtualNetworkID"], "");
         let e = Activity::Egress(Box::new(EgressActivity {
             at: c.instant,
             device: device(),
@@ -848,10 +1301,7 @@ mod tests {
             version: "HTTP/2",
             status: 403,
             action: "block",
-            policy: Some(Arc::new(RuleRef {
-                id: "r1".into(),
-                name: "no shops".into(),
-            })),
+            policy: Some(Arc::new(RuleRef::new("r1", "no shops"))),
             user_agent: "curl/8".into(),
             bytes_sent: 12,
             bytes_received: 345,

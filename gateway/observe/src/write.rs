@@ -522,7 +522,6 @@ mod tests {
             device: Some(&device),
             location: None,
             src_ip: "100.96.0.2".parse().unwrap(),
-            query_id: 1,
             query_name: name,
             query_type: 1,
             query_type_name: "A",
@@ -533,6 +532,9 @@ mod tests {
             protocol: "udp",
             cache_hit: false,
             upstream_latency: None,
+            query_categories: &[],
+            matched_categories: &[],
+            resolved_ip_categories: &[],
         });
     }
 

@@ -238,6 +238,7 @@ mod tests {
             vnet_id: None,
             ipv4: d.ipv4,
             ipv6: d.ipv6,
+            log_fields: Default::default(),
         };
         (dir, DeviceApi::new(config, registry, || 1_000), info)
     }

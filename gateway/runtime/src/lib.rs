@@ -1099,6 +1099,7 @@ fn peers_of<'a>(devices: impl Iterator<Item = &'a Device>) -> Vec<([u8; 32], Dev
                     vnet_id: d.vnet_id.clone(),
                     ipv4: d.ipv4,
                     ipv6: d.ipv6,
+                    log_fields: Default::default(),
                 },
             )
         })

@@ -305,6 +305,7 @@ pub(crate) mod tests {
                 vnet_id: None,
                 ipv4: Ipv4Addr::new(100, 96, 0, 2),
                 ipv6: "fd77:6761:7465::2".parse().expect("v6"),
+                log_fields: Default::default(),
             }),
             device_public: Some("198.51.100.2:40000".parse().expect("endpoint")),
             protocol: Protocol::Tcp,

@@ -144,6 +144,7 @@ mod tests {
                 vnet_id: None,
                 ipv4: Ipv4Addr::new(100, 96, 0, 2),
                 ipv6: Ipv6Addr::LOCALHOST,
+                log_fields: Default::default(),
             }),
             device_public: None,
             protocol,

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{DeviceInfo, Protocol};
+use crate::{DeviceInfo, LogFields, Protocol};
 
 /// A rule that decided something, as the logs name it (Logpush `PolicyID`, `PolicyName`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +19,34 @@ pub struct RuleRef {
     pub id: Arc<str>,
     /// The rule's name (may be empty).
     pub name: Arc<str>,
+    /// The category ids the rule tests (a parent's subcategories included), sorted: a DNS
+    /// line's `MatchedCategoryIDs` are those of the name's categories among them. Empty for a
+    /// rule on no category.
+    pub categories: Box<[u16]>,
+    /// `PolicyID` and `PolicyName` as log lines spell them, made at the rule's first line (once
+    /// per loaded rule set, not per query).
+    pub log_fields: LogFields,
+}
+
+impl RuleRef {
+    /// The rule `id` called `name`, testing no category.
+    pub fn new(id: &str, name: &str) -> RuleRef {
+        RuleRef {
+            id: Arc::from(id),
+            name: Arc::from(name),
+            categories: Box::default(),
+            log_fields: LogFields::default(),
+        }
+    }
+
+    /// The same rule testing `categories` (any order, repeats allowed).
+    pub fn with_categories(mut self, categories: impl IntoIterator<Item = u16>) -> RuleRef {
+        let mut c: Vec<u16> = categories.into_iter().collect();
+        c.sort_unstable();
+        c.dedup();
+        self.categories = c.into();
+        self
+    }
 }
 
 /// One record for the activity logs, owned, as the engine and the HTTP stage queue them. DNS
@@ -119,8 +147,6 @@ pub struct DnsActivity<'a> {
     pub location: Option<&'a str>,
     /// The query's source address.
     pub src_ip: IpAddr,
-    /// The message id.
-    pub query_id: u16,
     /// The queried name, lowercased, without the root's dot.
     pub query_name: &'a str,
     /// The queried type's number.
@@ -135,12 +161,19 @@ pub struct DnsActivity<'a> {
     pub decision: ResolverDecision,
     /// The rule that decided, if any.
     pub policy: Option<&'a RuleRef>,
-    /// `udp`, or `tcp` for streams (DNS over TCP, TLS and HTTPS).
+    /// `udp`, `tcp`, `tls` or `https`.
     pub protocol: &'static str,
-    /// Answered from the cache.
+    /// Answered from the cache (Logpush `IsResponseCached`).
     pub cache_hit: bool,
     /// How long the upstream took, when one was asked.
     pub upstream_latency: Option<Duration>,
+    /// The queried name's categories (`QueryCategoryIDs`), sorted; empty without category
+    /// sources. Looked up only while activity logs are kept.
+    pub query_categories: &'a [u16],
+    /// The name's categories the deciding rule tested (`MatchedCategoryIDs`).
+    pub matched_categories: &'a [u16],
+    /// The categories of the answered addresses (`ResolvedIPCategoryIDs`).
+    pub resolved_ip_categories: &'a [u16],
 }
 
 /// What became of a flow (Logpush `gateway_network` `Action`).

@@ -6,10 +6,11 @@
 #![deny(missing_docs)]
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 pub mod activity;
 pub mod calendar;
@@ -81,6 +82,74 @@ pub struct DeviceInfo {
     pub ipv4: Ipv4Addr,
     /// Tunnel IPv6 address.
     pub ipv6: Ipv6Addr,
+    /// Its identity fields as log lines spell them, made at its first line.
+    pub log_fields: LogFields,
+}
+
+/// A device's identity fields as its activity log lines spell them (JSON, escaped), rendered by
+/// the log writer at the device's first line and kept as long as the [`DeviceInfo`] (one
+/// registry snapshot: a changed device is a new `DeviceInfo`), so a DNS flood copies them
+/// rather than escaping four strings per query.
+///
+/// A cache: equal to any other, and empty in a clone (whose fields may then be changed).
+#[derive(Default)]
+pub struct LogFields(OnceLock<Box<[u8]>>);
+
+impl LogFields {
+    /// The rendered fields, rendering them with `render` the first time.
+    pub fn get_or_render(&self, render: impl FnOnce() -> Vec<u8>) -> &[u8] {
+        self.0.get_or_init(|| render().into_boxed_slice())
+    }
+}
+
+impl Clone for LogFields {
+    fn clone(&self) -> Self {
+        LogFields::default()
+    }
+}
+
+impl PartialEq for LogFields {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for LogFields {}
+
+impl std::fmt::Debug for LogFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogFields")
+    }
+}
+
+/// The namespace of [`user_id`]'s name-based UUIDs (a random UUID, fixed forever: changing it
+/// changes every user's id).
+const USER_NAMESPACE: [u8; 16] = [
+    0x5c, 0x1e, 0x8a, 0x43, 0x29, 0xd7, 0x4f, 0x0b, 0x9e, 0x61, 0x03, 0xb8, 0x7a, 0xc2, 0x55, 0xe4,
+];
+
+/// The user id of `email`, as the admin API's `/users` and the logs' `UserID` show it: a UUID
+/// (Cloudflare's `UserID` is one) derived from the email, so it is the same on every gateway and
+/// after a restore, and needs no registry column (a user is an email in the registry). Name-based
+/// with SHA-256 as RFC 9562 (appendix B.2) builds a version 8 UUID: the first 16 bytes of
+/// SHA-256(namespace || email), version and variant bits set.
+pub fn user_id(email: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(USER_NAMESPACE);
+    h.update(email.as_bytes());
+    let digest = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&digest[..16]);
+    b[6] = (b[6] & 0x0f) | 0x80;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let mut out = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
 }
 
 /// Everything known about a flow when it opens; stages decide on this.
@@ -127,4 +196,45 @@ pub struct FlowRules {
     pub detected: Option<&'static str>,
     /// A network rule refused the flow after its first bytes were read.
     pub blocked: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_are_stable_version_8_uuids_per_email() {
+        let id = user_id("ada@example.com");
+        assert_eq!(id, user_id("ada@example.com"));
+        assert_ne!(id, user_id("bob@example.com"));
+        assert_eq!(id.len(), 36);
+        let groups: Vec<&str> = id.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(id
+            .bytes()
+            .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        // Version 8, variant 10.
+        assert!(groups[2].starts_with('8'), "{id}");
+        assert!(
+            matches!(groups[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'),
+            "{id}"
+        );
+        // Fixed forever: a changed namespace or layout would renumber every user.
+        assert_eq!(id, KNOWN_ADA);
+    }
+
+    const KNOWN_ADA: &str = "1fc24259-fef9-8a59-8ecb-7996f8201937";
+
+    #[test]
+    fn log_fields_are_a_cache_clones_do_not_share() {
+        let a = LogFields::default();
+        assert_eq!(a.get_or_render(|| b"x".to_vec()), b"x");
+        assert_eq!(a.get_or_render(|| b"y".to_vec()), b"x");
+        let b = a.clone();
+        assert_eq!(b.get_or_render(|| b"y".to_vec()), b"y");
+        assert_eq!(a, b);
+    }
 }

@@ -56,6 +56,7 @@ pub fn device() -> DeviceBuilder {
         vnet_id: None,
         ipv4: DEV_V4,
         ipv6: DEV_V6,
+        log_fields: Default::default(),
     })
 }
 

@@ -13,10 +13,15 @@
 //!   domain in the one category the source names (threat feeds: 117 Malware, 131 Phishing...).
 //!
 //! A domain without categories of its own has its nearest parent's ([`CategoryDb::lookup`]).
+//! Addresses take categories too: a `csv` line whose first column is an IP address, or a line
+//! of a domain file that is an address alone (threat feeds list C2 servers so); the activity
+//! logs show them as `ResolvedIPCategoryIDs` ([`CategoryDb::ip_ids`]). Unspecified and loopback
+//! addresses alone on a line are a hosts file's leftovers and are skipped.
 //! Matching a rule on a parent category against a subcategory is the compiled rules' job.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -141,6 +146,7 @@ pub struct Categories {
 #[derive(Debug, Default)]
 pub struct CategoryDb {
     domains: HashMap<Box<str>, u32>,
+    ips: HashMap<IpAddr, u32>,
     sets: Vec<Box<[u16]>>,
     set_index: HashMap<Box<[u16]>, u32>,
 }
@@ -179,13 +185,28 @@ impl CategoryDb {
         if domain.is_empty() {
             return;
         }
-        let mut set: Vec<u16> = self
-            .domains
-            .get(domain.as_str())
-            .map(|&i| self.sets[i as usize].to_vec())
+        let current = self.domains.get(domain.as_str()).copied();
+        if let Some(index) = self.with(current, category) {
+            self.domains.insert(domain.into_boxed_str(), index);
+        }
+    }
+
+    /// Adds `category` to the address `ip`.
+    pub fn insert_ip(&mut self, ip: IpAddr, category: u16) {
+        let current = self.ips.get(&ip).copied();
+        if let Some(index) = self.with(current, category) {
+            self.ips.insert(ip, index);
+        }
+    }
+
+    /// The index of set `current` (or the empty set) with `category` added; `None` when it is
+    /// in `current` already.
+    fn with(&mut self, current: Option<u32>, category: u16) -> Option<u32> {
+        let mut set: Vec<u16> = current
+            .map(|i| self.sets[i as usize].to_vec())
             .unwrap_or_default();
         if set.contains(&category) {
-            return;
+            return None;
         }
         set.push(category);
         set.sort_unstable();
@@ -195,25 +216,37 @@ impl CategoryDb {
         if index == next {
             self.sets.push(set);
         }
-        self.domains.insert(domain.into_boxed_str(), index);
+        Some(index)
     }
 
     /// The categories of `fqdn`, or of its nearest parent that has some.
     pub fn lookup(&self, fqdn: &str) -> Categories {
-        let name = fqdn.trim_end_matches('.');
         let mut out = Categories::default();
-        let found = std::iter::successors(Some(name), |s| s.split_once('.').map(|(_, rest)| rest))
-            .find_map(|suffix| self.domains.get(suffix));
-        if let Some(&i) = found {
-            for &id in self.sets[i as usize].iter() {
-                if SECURITY_CATEGORIES.contains(&id) {
-                    out.security.push(i64::from(id));
-                } else {
-                    out.content.push(i64::from(id));
-                }
+        for &id in self.ids(fqdn) {
+            if SECURITY_CATEGORIES.contains(&id) {
+                out.security.push(i64::from(id));
+            } else {
+                out.content.push(i64::from(id));
             }
         }
         out
+    }
+
+    /// The category ids of `fqdn` (or of its nearest parent that has some), content and
+    /// security together, sorted; nothing is allocated.
+    pub fn ids(&self, fqdn: &str) -> &[u16] {
+        let name = fqdn.trim_end_matches('.');
+        std::iter::successors(Some(name), |s| s.split_once('.').map(|(_, rest)| rest))
+            .find_map(|suffix| self.domains.get(suffix))
+            .map_or(&[], |&i| &self.sets[i as usize])
+    }
+
+    /// The category ids of the address `ip`, sorted.
+    pub fn ip_ids(&self, ip: IpAddr) -> &[u16] {
+        if self.ips.is_empty() {
+            return &[];
+        }
+        self.ips.get(&ip).map_or(&[], |&i| &self.sets[i as usize])
     }
 
     fn load_source(
@@ -242,6 +275,10 @@ impl CategoryDb {
                         .trim()
                         .parse()
                         .map_err(|_| bad(format!("{:?} is no category id", id.trim())))?;
+                    if let Ok(ip) = domain.trim().parse::<IpAddr>() {
+                        self.insert_ip(ip, id);
+                        continue;
+                    }
                     check_domain(domain.trim()).map_err(bad)?;
                     self.insert(domain.trim(), id);
                 }
@@ -302,10 +339,17 @@ impl CategoryDb {
             }
             let mut words = line.split_whitespace();
             let first = words.next().unwrap_or_default();
-            let domain = if first.parse::<std::net::IpAddr>().is_ok() {
-                words.next().unwrap_or_default()
-            } else {
-                first
+            let domain = match first.parse::<IpAddr>() {
+                Ok(ip) => match words.next() {
+                    Some(domain) => domain,
+                    // An address alone: a listed address, unless a hosts file's sink.
+                    None if !ip.is_unspecified() && !ip.is_loopback() => {
+                        self.insert_ip(ip, id);
+                        continue;
+                    }
+                    None => "",
+                },
+                Err(_) => first,
             };
             if matches!(
                 domain,
@@ -430,6 +474,46 @@ mod tests {
         assert_eq!(db.lookup("unknown.example"), Categories::default());
         assert_eq!(db.lookup("library.example"), Categories::default());
         assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert_eq!(db.ids("www.news.example"), &[122, 164]);
+        assert_eq!(db.ids("unknown.example"), &[] as &[u16]);
+    }
+
+    #[test]
+    fn addresses_take_categories_from_csv_and_feeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("cats.csv");
+        std::fs::write(
+            &csv,
+            "203.0.113.66,117
+2001:db8::66,117
+203.0.113.66,131
+",
+        )
+        .unwrap();
+        let feed = dir.path().join("c2.txt");
+        std::fs::write(
+            &feed,
+            "198.51.100.9
+0.0.0.0
+127.0.0.1
+c2.example
+",
+        )
+        .unwrap();
+        let (db, warnings) = CategoryDb::load(&[
+            source(&csv, CategoryFormat::Csv, None),
+            source(&feed, CategoryFormat::Hosts, Some(80)),
+        ])
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(db.ip_ids(ip("203.0.113.66")), &[117, 131]);
+        assert_eq!(db.ip_ids(ip("2001:db8::66")), &[117]);
+        assert_eq!(db.ip_ids(ip("198.51.100.9")), &[80]);
+        assert_eq!(db.ip_ids(ip("0.0.0.0")), &[] as &[u16]);
+        assert_eq!(db.ip_ids(ip("203.0.113.67")), &[] as &[u16]);
+        assert_eq!(db.ids("c2.example"), &[80]);
+        assert_eq!(warnings.len(), 1, "the two sinks: {warnings:?}");
+        assert!(CategoryDb::new().ip_ids(ip("203.0.113.66")).is_empty());
     }
 
     #[test]

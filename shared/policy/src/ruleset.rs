@@ -415,6 +415,8 @@ pub struct CompiledRule {
     pub post_resolution: bool,
     /// When the rule can be decided: the latest [`Phase`] of the fields it reads.
     pub phase: Phase,
+    /// The category ids it compares category fields with (subcategories included), sorted.
+    pub categories: Vec<u16>,
 }
 
 /// A stage's decision given what is known about a flow so far.
@@ -605,6 +607,41 @@ fn stage_index(s: Stage) -> usize {
         Stage::L4 => 2,
         Stage::Egress => 3,
     }
+}
+
+/// The category ids `exprs` compare category fields with (a parent's subcategories included),
+/// sorted: what a DNS line's `MatchedCategoryIDs` can show of the rule.
+fn tested_categories(exprs: &[&Expr]) -> Vec<u16> {
+    use super::ast::Rhs;
+    use super::interp::{category_ids, int_literal, set_item_int_ranges};
+    let mut out = Vec::new();
+    for e in exprs {
+        e.walk(&mut |n| {
+            let Expr::Compare { lhs, rhs, .. } = n else {
+                return;
+            };
+            if !lhs.field.info().is_category() {
+                return;
+            }
+            let ranges: Vec<(i64, i64)> = match rhs {
+                Rhs::Value(lit) => int_literal(lit)
+                    .map(|id| category_ids(lhs.field, id).map(|c| (c, c)).collect())
+                    .unwrap_or_default(),
+                Rhs::Set(items) => items
+                    .iter()
+                    .flat_map(|i| set_item_int_ranges(lhs.field, i))
+                    .collect(),
+                Rhs::List(_) => Vec::new(),
+            };
+            for (a, b) in ranges {
+                // Cloudflare's category ids are below 256: a wider range names no more of them.
+                out.extend((a.max(0)..=b.min(1023)).filter_map(|id| u16::try_from(id).ok()));
+            }
+        });
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 fn names_list(e: &Expr, list: &str) -> bool {
@@ -901,6 +938,7 @@ impl Policy {
                     stage == Stage::Dns && e.fields().iter().any(|f| f.info().post_resolution());
             }
             let refs: Vec<&Expr> = exprs.iter().map(|(_, e)| e).collect();
+            let categories = tested_categories(&refs);
             let compiled = compiler.compile_rule(&refs);
             for (list, pos) in compiler.take_missing_lists() {
                 let key = exprs
@@ -970,6 +1008,7 @@ impl Policy {
                         .unwrap_or_else(|| Json::Object(Map::new())),
                     post_resolution: post,
                     phase: rule_phase,
+                    categories,
                 },
                 program,
             ));

@@ -459,3 +459,48 @@ fn bad_ip_list_items_are_refused_with_their_position() {
         "{err}"
     );
 }
+
+#[test]
+fn compiled_rules_know_the_categories_they_test() {
+    let p = policy(
+        json!([
+            rule(
+                "gambling",
+                1,
+                "dns",
+                "block",
+                "any(dns.content_category[*] in {8 122})"
+            ),
+            rule(
+                "threats",
+                2,
+                "dns",
+                "block",
+                "any(dns.security_category[*] == 80) or dns.fqdn == \"x.example\""
+            ),
+            rule(
+                "range",
+                3,
+                "dns",
+                "block",
+                "any(dns.content_category[*] in {140..142})"
+            ),
+            rule("names", 4, "dns", "block", "dns.fqdn == \"y.example\""),
+        ]),
+        json!([]),
+    );
+    let by_name = |name: &str| {
+        p.stage(Stage::Dns)
+            .rules()
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("{name}"))
+            .categories
+            .clone()
+    };
+    // A parent names its subcategories too (8 Gambling: 99).
+    assert_eq!(by_name("gambling"), [8, 99, 122]);
+    assert_eq!(by_name("threats"), [80]);
+    assert_eq!(by_name("range"), [140, 141, 142]);
+    assert!(by_name("names").is_empty());
+}

@@ -228,6 +228,11 @@ fn devices_groups_vnets_and_status() {
     assert_eq!(by_key.body["result"]["name"], "ada");
     let users = call(&api, "GET", "/users", "");
     assert_eq!(users.body["result"][0]["email"], "ada@example.com");
+    // The id the activity logs show as UserID.
+    assert_eq!(
+        users.body["result"][0]["id"],
+        waygate_model::user_id("ada@example.com")
+    );
     assert_eq!(
         call(&api, "POST", "/groups", r#"{"name": "eng"}"#).status,
         200

@@ -1291,6 +1291,7 @@ mod tests {
                 vnet_id: None,
                 ipv4: std::net::Ipv4Addr::new(100, 96, 0, 2),
                 ipv6: "fd77:6761:7465::2".parse().unwrap(),
+                log_fields: Default::default(),
             }),
             device_public: None,
             protocol: Protocol::Tcp,

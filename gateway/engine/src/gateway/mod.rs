@@ -189,10 +189,7 @@ impl DecisionCounters {
 
 /// A rule as the activity logs name it.
 fn rule_ref(rule: &waygate_policy::ruleset::CompiledRule) -> Arc<RuleRef> {
-    Arc::new(RuleRef {
-        id: Arc::from(rule.id.as_str()),
-        name: Arc::from(rule.name.as_str()),
-    })
+    Arc::new(RuleRef::new(&rule.id, &rule.name))
 }
 
 /// Encrypts packets for devices straight into the transmit queue.
