@@ -8,29 +8,43 @@
 #      answering initiations of 1,000 devices on one thread (its flood thresholds not reached)
 #   2. 1,000 active devices: waygate-load run in the lab's device namespace, 1,000 in-process
 #      WireGuard devices over sockets on 100 addresses (the per-source handshake limit is per
-#      address), all handshaking, then DNS queries through the tunnel; the gateway's RSS after
-#      and the DNS p50/p99
+#      address), all handshaking, then DNS queries and HTTP fetches (the lab origin's GET /)
+#      through the tunnel; the gateway's RSS after, DNS and fetch p50/p99
 #   3. enrolled idle devices: 10,000 and 100,000 devices enrolled (one registry transaction),
 #      none connected; the gateway's RSS once started and settled
+#   4. floods and faults, one wg-quick device (wireguard-go) downloading with iperf3: its
+#      goodput alone, under a handshake-initiation flood (wg-flood, 10,000/s of unknown keys
+#      answering cookies, from one address) and under garbage datagrams (lab-load, as fast as
+#      it sends); a device opening TCP flows without end against its cap; the upstream DNS
+#      gone (its packets dropped); the registry locked by another writer, then corrupt
 #
-# Env: BENCH_SECONDS (DNS load seconds, default 10), BENCH_DNS_RATE (queries/s, default 2000),
-#      BENCH_PREFIX.
+# Env: BENCH_SECONDS (load seconds, default 10), BENCH_FLOOD_SECONDS (iperf3 seconds, 6), BENCH_DNS_RATE (queries/s, default 2000),
+#      BENCH_FETCH_RATE (fetches/s, default 200), BENCH_PREFIX.
 set -Eeuo pipefail
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 LOAD_SECONDS="${BENCH_SECONDS:-10}"
 DNS_RATE="${BENCH_DNS_RATE:-2000}"
+FETCH_RATE="${BENCH_FETCH_RATE:-200}"
 bench_init bench-scale
-cargo build --release --quiet -p waygate-e2e --bin waygate-load
+cargo build --release --quiet -p waygate-e2e --bin waygate-load --bin wg-flood --bin lab-load
 LOAD="$(dirname "$WAYGATE")/waygate-load"
+FLOOD="$(dirname "$WAYGATE")/wg-flood"
+LAB_LOAD="$(dirname "$WAYGATE")/lab-load"
+FLOOD_SECONDS="${BENCH_FLOOD_SECONDS:-6}"
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 
-# gateway_up TAG: Waygate serving data dir $WORK/data-TAG in the gateway namespace; sets GW_PID.
+# The lab's DNS origin answers the gateway's resolver.
+DNS_TOML='[dns]
+upstreams = ["203.0.113.53:53"]'
+
+# gateway_up TAG [EXTRA]: Waygate serving data dir $WORK/data-TAG in the gateway namespace, with
+# EXTRA TOML appended to its config; sets GW_PID.
 gateway_up() {
   local tag="$1"
-  gateway_toml "$WORK/gw-$tag.toml" "$WORK/data-$tag"
+  gateway_toml "$WORK/gw-$tag.toml" "$WORK/data-$tag" "${2:-$DNS_TOML}"
   ip netns exec "${P}gw" env WAYGATE_LOG=warn "$WAYGATE" --config "$WORK/gw-$tag.toml" serve \
     >"$WORK/waygate-$tag.log" 2>&1 &
   GW_PID=$!
@@ -75,7 +89,8 @@ done
 rss0="$(rss_kb "$GW_PID")"
 json="$(ip netns exec "${P}d1" timeout $((LOAD_SECONDS + 90)) "$LOAD" run \
   --data-dir "$WORK/data-active" --to 198.51.100.1:51820 --count 1000 --seed 1 \
-  --bind "$binds" --seconds "$LOAD_SECONDS" --dns-rate "$DNS_RATE" --dns-name a.example)" \
+  --bind "$binds" --seconds "$LOAD_SECONDS" --dns-rate "$DNS_RATE" --dns-name a.example \
+  --fetch-rate "$FETCH_RATE" --fetch-to 203.0.113.10:80)" \
   || bench_die "waygate-load run failed"
 echo "$json" >&2
 rss1="$(rss_kb "$GW_PID")"
@@ -89,9 +104,99 @@ row("devices connected of 1,000", f"{j['connected']}", f"in {j['connect_seconds'
 row("DNS queries answered / sent", f"{j['dns_answered']}/{j['dns_sent']}", f"errors {j['dns_errors']}, lost {j['dns_timeouts']}")
 row("DNS p50 (ms)", f"{j['dns_p50_ms']:.3f}", "")
 row("DNS p99 (ms)", f"{j['dns_p99_ms']:.3f}", "target < 5")
+row("HTTP fetches done / started", f"{j['fetched']}/{j['fetches']}", f"errors {j['fetch_errors']}")
+row("fetch p50 (ms)", f"{j['fetch_p50_ms']:.3f}", "")
+row("fetch p99 (ms)", f"{j['fetch_p99_ms']:.3f}", "")
 PY
 row "RSS with 1,000 active devices (MB)" "$((rss1 / 1024))" "target < 200 (before the load: $((rss0 / 1024)), peak $((hwm1 / 1024)))"
 gateway_down
+
+echo "bench-scale: 4. floods and faults" >&2
+# A cap far below the default 1,024, so the device reaches it in seconds.
+FLOW_CAP=200
+waygate_up -flood "$DNS_TOML
+[metrics]
+listen = \"127.0.0.1:9391\"
+[limits]
+tcp_flows_per_device = $FLOW_CAP"
+metric() {
+  ip netns exec "${P}gw" curl -fsS http://127.0.0.1:9391/metrics |
+    awk -v k="$1" '$1 == k {v = $2} END {print v + 0}'
+}
+# goodput: Mbit/s the device receives downloading from the origin for FLOOD_SECONDS.
+goodput() {
+  ip netns exec "${P}d1" timeout $((FLOOD_SECONDS + 20)) \
+    iperf3 -c 203.0.113.20 -t "$FLOOD_SECONDS" -O 1 -R -J |
+    python3 -c 'import json,sys; e = json.load(sys.stdin)["end"]["sum_received"]; print(round(e["bytes"] * 8 / 1e6 / e["seconds"]))'
+}
+ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / max(float(sys.argv[2]), 1e-9):.2f}')" "$1" "$2"; }
+gw_key="$(sed -n 's/^PublicKey = //p' "$WORK/${P}w.conf")"
+base="$(goodput)" || bench_die "iperf3 through waygate failed"
+row "goodput, nothing else (Mbit/s)" "$base" "1 device, download"
+c0="$(cpu_ticks "$GW_PID")"
+ip netns exec "${P}d2" "$FLOOD" --gateway-key "$gw_key" --to 198.51.100.1:51820 \
+  --rate 10000 --seconds $((FLOOD_SECONDS + 2)) --bind 198.51.100.12:0 >"$WORK/flood.json" &
+flood_pid=$!
+sleep 1
+flooded="$(goodput)" || flooded=0
+wait "$flood_pid" || true
+c1="$(cpu_ticks "$GW_PID")"
+echo "wg-flood: $(cat "$WORK/flood.json")" >&2
+row "goodput under a handshake flood (Mbit/s)" "$flooded" "$(ratio "$flooded" "$base") of alone, target >= 0.90 ($(python3 -c 'import json,sys; j = json.load(open(sys.argv[1])); print(j["sent"], "initiations,", j["cookie_replies"], "cookie replies")' "$WORK/flood.json"), gateway CPU $(((c1 - c0) * 100 / TCK / (FLOOD_SECONDS + 2)))%)"
+m0="$(metric 'waygate_wireguard_dropped_total{reason="Malformed"}')"
+ip netns exec "${P}d2" "$LAB_LOAD" dns-flood 198.51.100.1:51820 --rate 200000 \
+  --seconds $((FLOOD_SECONDS + 2)) --garbage --report "$WORK/garbage.txt" &
+flood_pid=$!
+sleep 1
+garbage="$(goodput)" || garbage=0
+wait "$flood_pid" || true
+m1="$(metric 'waygate_wireguard_dropped_total{reason="Malformed"}')"
+row "goodput under garbage datagrams (Mbit/s)" "$garbage" "$(ratio "$garbage" "$base") of alone ($(cut -d' ' -f2 "$WORK/garbage.txt") sent, $((m1 - m0)) counted as malformed)"
+
+d0="$(metric 'waygate_flow_dropped_total{reason="FlowLimit"}')"
+ip netns exec "${P}d1" "$LAB_LOAD" hold 203.0.113.10:80 --count $((FLOW_CAP + 5)) --seconds 1 \
+  --report "$WORK/hold.txt" >/dev/null 2>&1 || true
+d1="$(metric 'waygate_flow_dropped_total{reason="FlowLimit"}')"
+row "TCP flows one device opened / tried" "$(awk '{print $2}' "$WORK/hold.txt")/$((FLOW_CAP + 5))" "cap $FLOW_CAP; $((d1 - d0)) SYNs dropped and counted (FlowLimit)"
+
+dig_at() { ip netns exec "${P}d1" dig +tries=1 +time="$1" @100.96.0.1 "$2" A; }
+dig_at 3 a.example >/dev/null
+ip netns exec "${P}in" nft -f - <<'EOT'
+table inet benchdns {
+  chain in {
+    type filter hook input priority 0;
+    ip daddr 203.0.113.53 drop
+  }
+}
+EOT
+t0="$(date +%s.%N)"
+status="$(dig_at 10 "gone$RANDOM.example" | sed -n 's/.*status: \([A-Z]*\).*/\1/p')"
+t1="$(date +%s.%N)"
+row "upstream DNS gone: answer to a new name" "$status" "in $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$t1") s, target SERVFAIL within 2 s"
+cached="$(dig_at 2 a.example | sed -n 's/.*status: \([A-Z]*\).*/\1/p;s/;; Query time: \([0-9]*\) msec/\1 ms/p' | tr '\n' ' ')"
+row "upstream DNS gone: a cached name" "${cached:-no answer}" "target NOERROR from the cache"
+ip netns exec "${P}in" nft delete table inet benchdns
+
+db="$WORK/data-flood/registry.db"
+# Held past the registry's 10 s busy timeout, so the CLI has to give up.
+(echo "BEGIN EXCLUSIVE;"; sleep 13; echo "COMMIT;") | sqlite3 "$db" &
+lock_pid=$!
+sleep 0.5
+t0="$(date +%s.%N)"
+"$WAYGATE" --config "$WORK/gw.toml" device enroll --email locked@example.com --name locked \
+  >/dev/null 2>"$WORK/locked.err" && enrolled=enrolled || enrolled="refused"
+t1="$(date +%s.%N)"
+served="$(dig_at 2 a.example | sed -n 's/.*status: \([A-Z]*\).*/\1/p')"
+wait "$lock_pid" || true
+row "registry locked: enroll" "$enrolled" "in $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$t0" "$t1") s: $(head -c 120 "$WORK/locked.err" | tr '\n' ' '); DNS meanwhile: ${served:-no answer}"
+dd if=/dev/urandom of="$db" bs=4096 seek=1 count=8 conv=notrunc status=none
+"$WAYGATE" --config "$WORK/gw.toml" device list >/dev/null 2>"$WORK/corrupt.err" && listed=listed || listed=refused
+sleep 1
+served="$(dig_at 2 a.example | sed -n 's/.*status: \([A-Z]*\).*/\1/p')"
+alive=no
+ip netns exec "${P}d1" ping -c 1 -W 2 100.96.0.1 >/dev/null && alive=yes
+row "registry corrupt: device list" "$listed" "$(head -c 120 "$WORK/corrupt.err" | tr '\n' ' '); gateway still serving: DNS ${served:-no answer}, ping $alive"
+waygate_down
 
 echo "bench-scale: 3. enrolled idle devices" >&2
 for n in 0 10000 100000; do

@@ -55,11 +55,10 @@ impl StatsSnapshot {
         // A session lives at most 3 minutes without a new handshake.
         let live = Duration::from_secs(180);
         StatsSnapshot {
-            peers: wg.peer_keys().count(),
+            peers: wg.peer_count(),
             peers_connected: wg
-                .stats()
-                .iter()
-                .filter(|p| p.since_handshake.is_some_and(|d| d <= live))
+                .active_stats()
+                .filter(|(_, p)| p.since_handshake.is_some_and(|d| d <= live))
                 .count(),
             traffic: wg.traffic(),
             flow_decisions: FlowDecisionKind::ALL

@@ -14,8 +14,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -64,6 +64,106 @@ impl fmt::Debug for UapiSnapshot {
             .field("listen_port", &self.listen_port)
             .field("peers", &self.peers)
             .finish()
+    }
+}
+
+/// The snapshot the serving loop keeps for the socket, rebuilt only when a client asks for it:
+/// building it walks every enrolled device (at 100,000 devices about 15 MB, and a pass over
+/// the peer table), which once a second for nobody was the largest cost of idle devices.
+pub struct SharedSnapshot {
+    /// The key and port, and each shard's peers in its slot.
+    snapshot: Mutex<(UapiSnapshot, Vec<Vec<UapiPeer>>)>,
+    /// Per shard: a client waits for its peers.
+    wanted: Vec<AtomicBool>,
+    /// Per shard: bumped at each refresh.
+    generation: Vec<AtomicU64>,
+}
+
+/// How long a client waits for the loops to refresh the snapshot before it gets the last one
+/// (each loop looks once a second).
+const REFRESH_WAIT: Duration = Duration::from_secs(2);
+
+impl SharedSnapshot {
+    /// Starts with `snapshot` (its peers count as the first shard's) for `shards` loops.
+    pub fn new(mut snapshot: UapiSnapshot, shards: usize) -> Self {
+        let shards = shards.max(1);
+        let mut slots = vec![Vec::new(); shards];
+        slots[0] = std::mem::take(&mut snapshot.peers);
+        SharedSnapshot {
+            snapshot: Mutex::new((snapshot, slots)),
+            wanted: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            generation: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Whether a client waits for fresh peers of `shard`; its loop then calls
+    /// [`Self::set_peers`]. Clears the request.
+    pub fn take_wanted(&self, shard: usize) -> bool {
+        self.wanted
+            .get(shard)
+            .is_some_and(|w| w.swap(false, Ordering::AcqRel))
+    }
+
+    /// Replaces `shard`'s peers and wakes the clients waiting for them.
+    pub fn set_peers(&self, shard: usize, peers: Vec<UapiPeer>) {
+        let mut s = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(slot) = s.1.get_mut(shard) {
+            *slot = peers;
+        }
+        if let Some(generation) = self.generation.get(shard) {
+            generation.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A copy every shard refreshed since the call, or after [`REFRESH_WAIT`] the last one.
+    async fn fresh(&self) -> UapiSnapshot {
+        let before: Vec<u64> = self
+            .generation
+            .iter()
+            .map(|g| g.load(Ordering::Acquire))
+            .collect();
+        for wanted in &self.wanted {
+            wanted.store(true, Ordering::Release);
+        }
+        let deadline = tokio::time::Instant::now() + REFRESH_WAIT;
+        while self
+            .generation
+            .iter()
+            .zip(&before)
+            .any(|(g, b)| g.load(Ordering::Acquire) == *b)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let s = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        UapiSnapshot {
+            private_key: s.0.private_key,
+            listen_port: s.0.listen_port,
+            peers: s.1.concat(),
+        }
+    }
+}
+
+/// Where a `get` takes its snapshot from.
+enum Source<F> {
+    /// Made by the closure per request.
+    Made(F),
+    /// Asked of the serving loop.
+    Shared(Arc<SharedSnapshot>),
+}
+
+impl<F: Fn() -> UapiSnapshot> Source<F> {
+    async fn get(&self) -> UapiSnapshot {
+        match self {
+            Source::Made(f) => f(),
+            Source::Shared(s) => s.fresh().await,
+        }
     }
 }
 
@@ -131,6 +231,18 @@ impl fmt::Display for Hex<'_> {
 pub async fn serve(
     path: PathBuf,
     snapshot: impl Fn() -> UapiSnapshot + Send + Sync + 'static,
+) -> io::Result<()> {
+    serve_from(path, Source::Made(snapshot)).await
+}
+
+/// [`serve`] with the snapshot the serving loop refreshes when asked.
+pub async fn serve_shared(path: PathBuf, shared: Arc<SharedSnapshot>) -> io::Result<()> {
+    serve_from(path, Source::Shared::<fn() -> UapiSnapshot>(shared)).await
+}
+
+async fn serve_from<F: Fn() -> UapiSnapshot + Send + Sync + 'static>(
+    path: PathBuf,
+    snapshot: Source<F>,
 ) -> io::Result<()> {
     let (listener, guard) = bind(&path)?;
     let snapshot = Arc::new(snapshot);
@@ -257,7 +369,10 @@ fn annotate(path: &Path, e: io::Error) -> io::Error {
 }
 
 /// Answers requests on one connection until the client closes it.
-async fn handle<F: Fn() -> UapiSnapshot>(stream: UnixStream, snapshot: &F) -> io::Result<()> {
+async fn handle<F: Fn() -> UapiSnapshot>(
+    stream: UnixStream,
+    snapshot: &Source<F>,
+) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -268,7 +383,7 @@ async fn handle<F: Fn() -> UapiSnapshot>(stream: UnixStream, snapshot: &F) -> io
             return Ok(());
         };
         let reply = match request {
-            Op::Get => Zeroizing::new(format_get(&snapshot())),
+            Op::Get => Zeroizing::new(format_get(&snapshot.get().await)),
             Op::Set => Zeroizing::new(format!("errno={ERRNO_SET_REFUSED}\n\n")),
             Op::Invalid => {
                 write
@@ -465,6 +580,36 @@ mod tests {
         server.abort();
         let _ = server.await;
         assert!(!path.exists(), "socket removed when the server stops");
+    }
+
+    #[tokio::test]
+    async fn a_shared_snapshot_is_refreshed_when_a_client_asks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("shared.sock");
+        let mut first = snapshot();
+        first.peers.truncate(1);
+        let shared = Arc::new(SharedSnapshot::new(first, 1));
+        let server = tokio::spawn(serve_shared(path.clone(), shared.clone()));
+        let mut stream = connect(&path).await;
+        assert!(!shared.take_wanted(0), "nobody asked yet");
+        // The loop's part: refresh when asked.
+        let refresher = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while !shared.take_wanted(0) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                shared.set_peers(0, snapshot().peers.clone());
+            })
+        };
+        let reply = request(&mut stream, "get=1\n\n").await;
+        assert_eq!(reply, format_get(&snapshot()), "the refreshed peers");
+        refresher.await.unwrap();
+        // Nobody refreshes: after the wait, the last snapshot.
+        let reply = request(&mut stream, "get=1\n\n").await;
+        assert_eq!(reply, format_get(&snapshot()));
+        server.abort();
+        let _ = server.await;
     }
 
     async fn connect(path: &Path) -> BufReader<UnixStream> {

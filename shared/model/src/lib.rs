@@ -43,7 +43,7 @@ impl Protocol {
 }
 
 /// A device's identity and posture facts beyond email, name and group names.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(default)]
 pub struct IdentityExtras {
     /// Ids of its groups known to the registry.

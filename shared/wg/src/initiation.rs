@@ -10,7 +10,7 @@
 
 use blake2::digest::{FixedOutput, KeyInit, Update};
 use blake2::{Blake2s256, Digest};
-use boringtun::x25519::{PublicKey, StaticSecret};
+use boringtun::x25519::{PublicKey, SharedSecret, StaticSecret};
 use chacha20poly1305::aead::{AeadInPlace, Tag};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 
@@ -72,6 +72,13 @@ fn open<const N: usize>(key: &[u8; 32], sealed: &[u8], aad: &[u8]) -> Option<[u8
 pub struct Opened<'a> {
     /// The initiator's static public key.
     pub peer_static: [u8; 32],
+    /// The initiator's ephemeral public key.
+    pub ephemeral: [u8; 32],
+    /// `DH(our static, the initiator's ephemeral)`: the responder needs it again to answer
+    /// (`Tunn::hint_initiation_dh` spares it the second X25519). `None` when attached again on
+    /// another shard: the secret does not travel, so the owner's boringtun computes it (once per
+    /// handed-off handshake).
+    pub ephemeral_shared: Option<SharedSecret>,
     chaining_key: [u8; 32],
     hash: [u8; 32],
     encrypted_timestamp: &'a [u8],
@@ -92,10 +99,13 @@ pub fn open_initiation<'a>(
     let h = hash(&INITIAL_CHAIN_HASH, public.as_bytes());
     let h = hash(&h, ephemeral.as_bytes());
     let (ck, _) = kdf2(&INITIAL_CHAIN_KEY, ephemeral.as_bytes());
-    let (ck, key) = kdf2(&ck, private.diffie_hellman(&ephemeral).as_bytes());
+    let ephemeral_shared = private.diffie_hellman(&ephemeral);
+    let (ck, key) = kdf2(&ck, ephemeral_shared.as_bytes());
     let peer_static = open::<32>(&key, encrypted_static, &h)?;
     Some(Opened {
         peer_static,
+        ephemeral: ephemeral.to_bytes(),
+        ephemeral_shared: Some(ephemeral_shared),
         chaining_key: ck,
         hash: hash(&h, encrypted_static),
         encrypted_timestamp,
@@ -121,6 +131,8 @@ impl Detached {
     pub fn attach<'a>(&self, datagram: &'a [u8]) -> Option<Opened<'a>> {
         Some(Opened {
             peer_static: self.peer_static,
+            ephemeral: datagram.get(8..40)?.try_into().ok()?,
+            ephemeral_shared: None,
             chaining_key: self.chaining_key,
             hash: self.hash,
             encrypted_timestamp: datagram.get(88..116)?,
@@ -147,8 +159,8 @@ impl Opened<'_> {
 }
 
 /// `DH(our static, the peer's static)`, which every initiation of that peer needs.
-pub fn static_shared(private: &StaticSecret, peer: &[u8; 32]) -> [u8; 32] {
-    private.diffie_hellman(&PublicKey::from(*peer)).to_bytes()
+pub fn static_shared(private: &StaticSecret, peer: &[u8; 32]) -> SharedSecret {
+    private.diffie_hellman(&PublicKey::from(*peer))
 }
 
 #[cfg(test)]
@@ -170,7 +182,7 @@ mod tests {
         let gw = StaticSecret::from(key(1));
         let gw_public = PublicKey::from(&gw);
         let mut dev = Tunn::new(StaticSecret::from(key(2)), gw_public, None, None, 7, None);
-        let shared = static_shared(&gw, &public(key(2)));
+        let shared = static_shared(&gw, &public(key(2))).to_bytes();
         let mut last = [0u8; 12];
         for _ in 0..3 {
             let d = initiation(&mut dev);
@@ -181,7 +193,7 @@ mod tests {
             last = ts;
             // A wrong static secret (another peer's) cannot read the timestamp.
             assert!(opened
-                .timestamp(&static_shared(&gw, &public(key(3))))
+                .timestamp(&static_shared(&gw, &public(key(3))).to_bytes())
                 .is_none());
             // Detached and attached again (another shard), it reads the same.
             let again = opened.detach().attach(&d).unwrap();
@@ -193,5 +205,51 @@ mod tests {
         let d = initiation(&mut dev);
         assert!(open_initiation(&other, &PublicKey::from(&other), &d).is_none());
         assert!(open_initiation(&gw, &gw_public, &d[..100]).is_none());
+    }
+    /// The patched boringtun (shared/boringtun) takes the DH the endpoint computed opening the
+    /// initiation, and only for the initiation it was computed for.
+    #[test]
+    fn a_responder_hinted_with_the_opening_dh_answers_and_a_wrong_hint_is_ignored() {
+        let gw = StaticSecret::from(key(1));
+        let gw_public = PublicKey::from(&gw);
+        let mut dev = Tunn::new(StaticSecret::from(key(2)), gw_public, None, None, 7, None);
+        let mut responder = Tunn::with_keys(
+            gw.clone(),
+            gw_public,
+            PublicKey::from(public(key(2))),
+            Some(static_shared(&gw, &public(key(2)))),
+            None,
+            None,
+            9,
+            None,
+        );
+        let mut buf = [0u8; 256];
+        for wrong in [false, true, false] {
+            let d = initiation(&mut dev);
+            let opened = open_initiation(&gw, &gw_public, &d).unwrap();
+            if wrong {
+                // Another initiation's DH: boringtun must see it is not this one's.
+                let mut other_dev =
+                    Tunn::new(StaticSecret::from(key(3)), gw_public, None, None, 8, None);
+                let other_init = initiation(&mut other_dev);
+                let other = open_initiation(&gw, &gw_public, &other_init).unwrap();
+                responder.hint_initiation_dh(other.ephemeral, other.ephemeral_shared.unwrap());
+            } else {
+                responder.hint_initiation_dh(opened.ephemeral, opened.ephemeral_shared.unwrap());
+            }
+            let response = match responder.decapsulate(None, &d, &mut buf) {
+                TunnResult::WriteToNetwork(r) => r.to_vec(),
+                other => panic!("{other:?}"),
+            };
+            let mut out = [0u8; 256];
+            assert!(
+                matches!(
+                    dev.decapsulate(None, &response, &mut out),
+                    TunnResult::WriteToNetwork(_) | TunnResult::Done
+                ),
+                "the device accepts the response"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 }

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
+use boringtun::x25519::{PublicKey, SharedSecret, StaticSecret};
 
 use crate::handshake_limit::SourceLimiter;
 use crate::initiation::Timestamp;
@@ -199,8 +199,8 @@ pub struct Handoff {
 enum Routed {
     /// Fully handled here (a cookie reply was queued).
     Done,
-    /// For this peer; for an initiation, its timestamp and the peer's static shared secret.
-    Peer(PeerId, Option<(Timestamp, [u8; 32])>),
+    /// For this peer; for an initiation, what opening it found.
+    Peer(PeerId, Option<Initiation>),
     /// For a peer of this shard (with what opening an initiation found).
     Elsewhere(u32, Option<initiation::Detached>),
 }
@@ -249,6 +249,16 @@ struct Session {
     last_heard: Option<Instant>,
     /// Entered around boringtun calls that may log, so its lines name the device.
     span: tracing::Span,
+}
+
+/// An authenticated initiation newer than the last accepted one, as `route` opened it.
+struct Initiation {
+    timestamp: Timestamp,
+    /// `DH(our static, the peer's static)` when the peer has no session yet, for its `Tunn`.
+    new_static: Option<SharedSecret>,
+    /// The initiator's ephemeral key and `DH(our static, it)` (`None` after a handoff).
+    ephemeral: [u8; 32],
+    ephemeral_shared: Option<SharedSecret>,
 }
 
 /// How long a session lives without an authenticated datagram from its peer: three times
@@ -384,23 +394,31 @@ impl<T> Endpoint<T> {
         self.sessions.len()
     }
 
-    /// Creates the session of `id` if it has none. False: no such peer.
+    /// Creates the session of `id` if it has none, with `DH(our static, its static)` when the
+    /// caller has it. False: no such peer.
     fn ensure_session(
         &mut self,
         id: PeerId,
         now: Option<Instant>,
-        static_shared: Option<[u8; 32]>,
+        static_shared: Option<SharedSecret>,
     ) -> bool {
         let Some(peer) = self.peers.get(&id) else {
             return false;
         };
         self.sessions.entry(id).or_insert_with(|| {
             let span = (self.span_for)(&peer.data);
+            let static_shared = static_shared
+                .unwrap_or_else(|| initiation::static_shared(&self.private, &peer.public_key));
+            let cached = static_shared.to_bytes();
             let tunn = {
                 let _in_span = span.enter();
-                Tunn::new(
+                // Our public key and the static DH given, not computed again: two X25519 of
+                // the eight a first handshake cost.
+                Tunn::with_keys(
                     self.private.clone(),
+                    self.public,
                     PublicKey::from(peer.public_key),
+                    Some(static_shared),
                     None,
                     None,
                     id,
@@ -409,8 +427,7 @@ impl<T> Endpoint<T> {
             };
             Box::new(Session {
                 tunn,
-                static_shared: static_shared
-                    .unwrap_or_else(|| initiation::static_shared(&self.private, &peer.public_key)),
+                static_shared: cached,
                 last_heard: now,
                 span,
             })
@@ -476,27 +493,43 @@ impl<T> Endpoint<T> {
         self.peers.iter().map(|(id, p)| (*id, &p.public_key))
     }
 
-    /// Statistics of every peer.
+    /// Statistics of every peer (walks every enrolled device: for `wg show`, not per tick).
     pub fn stats(&self) -> Vec<PeerStats> {
         self.peers
             .iter()
-            .map(|(id, p)| {
-                let (since_handshake, tx, rx) = match self.sessions.get(id) {
-                    Some(s) => {
-                        let (since, tx, rx, _, _) = s.tunn.stats();
-                        (since, tx as u64, rx as u64)
-                    }
-                    None => (None, 0, 0),
-                };
-                PeerStats {
-                    public_key: p.public_key,
-                    endpoint: p.endpoint,
-                    since_handshake,
-                    rx_bytes: p.rx_bytes + rx,
-                    tx_bytes: p.tx_bytes + tx,
-                }
-            })
+            .map(|(id, p)| Self::peer_stats(p, self.sessions.get(id).map(|s| &**s)))
             .collect()
+    }
+
+    /// Statistics of the peers with a live session, the only ones that can have completed a
+    /// handshake lately: a walk over the active devices, not the enrolled ones.
+    pub fn active_stats(&self) -> impl Iterator<Item = (PeerId, PeerStats)> + '_ {
+        self.sessions.iter().filter_map(|(id, s)| {
+            let p = self.peers.get(id)?;
+            Some((*id, Self::peer_stats(p, Some(s))))
+        })
+    }
+
+    fn peer_stats(p: &Peer<T>, session: Option<&Session>) -> PeerStats {
+        let (since_handshake, tx, rx) = match session {
+            Some(s) => {
+                let (since, tx, rx, _, _) = s.tunn.stats();
+                (since, tx as u64, rx as u64)
+            }
+            None => (None, 0, 0),
+        };
+        PeerStats {
+            public_key: p.public_key,
+            endpoint: p.endpoint,
+            since_handshake,
+            rx_bytes: p.rx_bytes + rx,
+            tx_bytes: p.tx_bytes + tx,
+        }
+    }
+
+    /// Enrolled peers.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
     }
 
     /// Packets, bytes and handshakes since the start.
@@ -584,14 +617,22 @@ impl<T> Endpoint<T> {
             }
             Err(reason) => return self.drop(reason),
         };
-        if let Some((_, shared)) = initiation {
+        let mut timestamp = None;
+        let mut hint = None;
+        if let Some(init) = initiation {
             // An authenticated, fresh initiation: the peer is active from now on.
-            self.ensure_session(id, Some(now), Some(shared));
+            self.ensure_session(id, Some(now), init.new_static);
+            timestamp = Some(init.timestamp);
+            hint = init.ephemeral_shared.map(|shared| (init.ephemeral, shared));
         }
         let (Some(peer), Some(session)) = (self.peers.get_mut(&id), self.sessions.get_mut(&id))
         else {
             return self.drop(DropReason::UnknownIndex);
         };
+        if let Some((ephemeral, shared)) = hint {
+            // The X25519 that found the peer, not done again inside boringtun.
+            session.tunn.hint_initiation_dh(ephemeral, shared);
+        }
         // Data messages are most of the traffic and boringtun logs nothing worth naming for them.
         let in_span = (datagram.first() != Some(&DATA_TYPE)).then(|| session.span.enter());
         // The decrypted packet always starts at scratch[0]; remember only its length so the
@@ -644,7 +685,7 @@ impl<T> Endpoint<T> {
             Err(None) => {
                 peer.endpoint = Some(from);
                 session.last_heard = Some(now);
-                if let Some((timestamp, _)) = initiation {
+                if let Some(timestamp) = timestamp {
                     peer.last_initiation = timestamp;
                     self.traffic.handshakes += 1;
                 }
@@ -663,8 +704,8 @@ impl<T> Endpoint<T> {
         }
     }
 
-    /// Finds the peer a datagram is for, and for an initiation its timestamp and the peer's
-    /// static shared secret. `opened`: an initiation another shard admitted and opened.
+    /// Finds the peer a datagram is for, and for an initiation what was learnt opening it.
+    /// `opened`: an initiation another shard admitted and opened.
     fn route(
         &mut self,
         from: SocketAddr,
@@ -701,16 +742,27 @@ impl<T> Endpoint<T> {
                     .get(&opened.peer_static)
                     .ok_or(DropReason::UnknownPeer)?;
                 let peer = self.peers.get(&id).ok_or(DropReason::UnknownPeer)?;
-                let shared = match self.sessions.get(&id) {
-                    Some(s) => s.static_shared,
-                    None => initiation::static_shared(&self.private, &peer.public_key),
+                let (shared, new_static) = match self.sessions.get(&id) {
+                    Some(s) => (s.static_shared, None),
+                    None => {
+                        let secret = initiation::static_shared(&self.private, &peer.public_key);
+                        (secret.to_bytes(), Some(secret))
+                    }
                 };
                 let timestamp = opened.timestamp(&shared).ok_or(DropReason::BadHandshake)?;
                 // The `Tunn` checks this too, but only against what it saw itself.
                 if timestamp <= peer.last_initiation {
                     return Err(DropReason::BadHandshake);
                 }
-                Ok(Routed::Peer(id, Some((timestamp, shared))))
+                Ok(Routed::Peer(
+                    id,
+                    Some(Initiation {
+                        timestamp,
+                        new_static,
+                        ephemeral: opened.ephemeral,
+                        ephemeral_shared: opened.ephemeral_shared,
+                    }),
+                ))
             }
             Packet::HandshakeResponse(r) => {
                 let id = self.by_index(r.receiver_idx)?;
