@@ -256,8 +256,10 @@ fn the_client_tunnel_reaches_the_origin_survives_a_gateway_restart_and_down_rest
 
     // A gateway restart: the same client comes back by itself, with a new handshake.
     lab.stop_gateway();
-    lab.start_gateway().expect("gateway restart");
+    // Taken before the start: the new gateway greets the device's last endpoint as it starts,
+    // which may be before `start_gateway` returns.
     let restarted = Instant::now();
+    lab.start_gateway().expect("gateway restart");
     let back = wait_until(secs(40), Duration::from_millis(500), || {
         http_src(&lab, "d1", "http://203.0.113.10/").ok()
     });
