@@ -69,7 +69,9 @@ mkdir -m 700 "$WORK/data"
 "$LOAD" enroll --data-dir "$WORK/data" --count "$DEVICES" --seed 3 >/dev/null
 TOKEN="$(W admin token create --name bench)"
 
-WAYGATE_LOG=warn in_ns "$WAYGATE" --config "$WORK/waygate.toml" serve >"$WORK/waygate.log" 2>&1 &
+# Not through in_ns: a backgrounded function is a subshell, and $! must be the gateway itself
+# (ip netns exec execs it) for its CPU ticks.
+WAYGATE_LOG=warn ip netns exec "$NS" "$WAYGATE" --config "$WORK/waygate.toml" serve >"$WORK/waygate.log" 2>&1 &
 GW_PID=$!
 SOCKET="$WORK/data/admin.sock"
 for _ in $(seq 1 100); do
