@@ -724,8 +724,11 @@ impl Serving {
             self.publish_vnet_routes(routes);
         }
         // The device list was read into a copy per device and compared: at 100,000 devices
-        // tens of MB freed in the middle of the heap, kept mapped by glibc without this.
-        host::return_freed_memory();
+        // tens of MB freed in the middle of the heap, kept mapped by glibc without this. The
+        // trim walks the whole process's heap, so one shard does it for all.
+        if self.leads() {
+            host::return_freed_memory();
+        }
     }
 
     /// The first shard's newly resolved routes, for its core and the other shards'.
