@@ -9,6 +9,7 @@
 # client_down       waygate-client's tunnel gone
 # waygate_down      the device's tunnel and Waygate gone
 # reference_up      the reference gateway serving the device; sets GW_PID
+# reference_down    the reference's tunnels, forwarding and masquerade gone
 # cpu_ticks PID     user + system clock ticks of PID so far (TCK ticks per second)
 #
 # BENCH_ENDPOINT (HOST:PORT), when set, is the Endpoint the device dials for either gateway (a
@@ -164,4 +165,13 @@ EOT
   GW_PID="$("$LAB" device-up "$P" gw "$WORK/${P}r.conf")"
   DEV_PID="$("$LAB" device-up "$P" d1 "$WORK/${P}d.conf")"
   ip netns exec "${P}d1" ping -c 1 -W 5 100.111.0.1 >/dev/null || bench_die "no tunnel to the reference"
+}
+
+# Later stages of a run bring up Waygate tunnels in the same namespaces: a second wg-quick
+# interface with AllowedIPs 0.0.0.0/0 beside the reference's would fight over d1's routes.
+reference_down() {
+  "$LAB" device-down "$P" d1 "$WORK/${P}d.conf" >/dev/null
+  "$LAB" device-down "$P" gw "$WORK/${P}r.conf" >/dev/null
+  ip netns exec "${P}gw" nft delete table ip benchnat 2>/dev/null || true
+  ip netns exec "${P}gw" sysctl -qw net.ipv4.ip_forward=0
 }

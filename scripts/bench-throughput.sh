@@ -19,7 +19,7 @@
 # main thread's).
 #
 # Env: BENCH_SECONDS (default 6) per iperf3 run; BENCH_PREFIX lab prefix (default bn<pid>);
-# BENCH_ONLY=multi runs only the multi-device rows; BENCH_MULTI=1 adds them to a full run.
+# BENCH_ONLY=multi runs only the multi-device rows; BENCH_MULTI=0 leaves them out.
 set -Eeuo pipefail
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
@@ -58,14 +58,22 @@ PY
 MULTI_DEVICES=4
 multi() {
   local threads="$1" i row args c0 c1 shards pids
-  BENCH_WG_EXTRA="threads = $threads" waygate_up "-t$threads"
+  export BENCH_WG_EXTRA="threads = $threads"
+  # The other devices are enrolled before the gateway starts (waygate_up enrolls d1 in the same
+  # data dir), so each one's first handshake meets a gateway that already knows it.
+  gateway_toml "$WORK/gw.toml" "$WORK/data-t$threads"
   for i in $(seq 2 "$MULTI_DEVICES"); do
     "$WAYGATE" --config "$WORK/gw.toml" device enroll --email "bench$i@example.com" \
       --name "bench$i" >"$WORK/${P}w$i.conf" 2>"$WORK/enroll.log" \
       || bench_die "enroll failed: $(cat "$WORK/enroll.log")"
     sed -i '/^DNS/d' "$WORK/${P}w$i.conf"
+  done
+  waygate_up "-t$threads"
+  unset BENCH_WG_EXTRA
+  for i in $(seq 2 "$MULTI_DEVICES"); do
     "$LAB" device-up "$P" "d$i" "$WORK/${P}w$i.conf" >/dev/null
-    ip netns exec "${P}d$i" ping -c 1 -W 5 100.96.0.1 >/dev/null || bench_die "no tunnel from d$i"
+    # wireguard-go retries an unanswered initiation after 5 s, so one ping may not be enough.
+    ip netns exec "${P}d$i" ping -c 1 -w 12 100.96.0.1 >/dev/null || bench_die "no tunnel from d$i: $(tail -5 "$WORK/waygate.log")"
   done
   shards=$((1 + $(cat /proc/"$GW_PID"/task/*/comm | grep -c '^waygate-shard' || true)))
   echo "bench-throughput: waygate wireguard.threads = $threads ($shards shards, pid $GW_PID), $MULTI_DEVICES devices" >&2
@@ -118,12 +126,11 @@ waygate_down
 reference_up
 echo "bench-throughput: reference wireguard-go (pid $GW_PID)" >&2
 measure reference
+reference_down
 fi
 
 : >"$WORK/multi"
-# The multi-device rows are opt-in until they run through: their first full run (session 12)
-# stopped at "no tunnel from d2" after the single-device rows.
-if [ "${BENCH_ONLY:-}" = multi ] || [ "${BENCH_MULTI:-0}" = 1 ]; then
+if [ "${BENCH_ONLY:-}" = multi ] || [ "${BENCH_MULTI:-1}" = 1 ]; then
   for i in $(seq 3 "$MULTI_DEVICES"); do "$LAB" add-device "$P" "$i"; done
   for i in $(seq 2 "$MULTI_DEVICES"); do
     ip netns exec "${P}in" iperf3 -s -B 203.0.113.20 -p $((5200 + i)) >/dev/null 2>&1 &
