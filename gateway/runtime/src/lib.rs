@@ -157,7 +157,7 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
     };
     let uapi = start_uapi(&config, key_bytes, count as usize);
     let reloads = Arc::new(reload::ReloadCounters::default());
-    let inspector = http::start(&config, wall)?;
+    let inspector = http::start(&config, wall, count as usize)?;
     let (reload_rx, rules_loaded, loaded) =
         start_reloads(&config, &dns, reloads.clone(), inspector.as_ref())?;
     let logs = start_logs(&config, &dns)?;
