@@ -318,9 +318,10 @@ pub struct WireguardConfig {
     pub threads: Option<usize>,
 }
 
-/// Default `wireguard.threads`: one shard, the data plane as it ran before shards, until the
-/// multi-device rows of scripts/bench-throughput.sh show shards gaining on the usual hosts.
-pub const DEFAULT_WIREGUARD_THREADS: Option<usize> = Some(1);
+/// Default `wireguard.threads`: one shard per core. On a 2-core host four devices at once moved
+/// 1.05x (up) and 1.08x (down) with two shards what they moved with one (scripts/bench-throughput.sh,
+/// `BENCH_ONLY=multi`), and a single device is no worse off: it stays on one shard.
+pub const DEFAULT_WIREGUARD_THREADS: Option<usize> = None;
 
 /// Most `wireguard.threads` (the kernel steers datagrams among at most this many sockets of
 /// one port in our program; `waygate_wg::shard::MAX_SHARDS`).
@@ -1978,7 +1979,9 @@ mod tests {
         assert_eq!(d.tunnel.gateway_ipv6().to_string(), "fd77:6761:7465::1");
         assert_eq!(d.wireguard.listen.port(), 51820);
         assert_eq!(d.wireguard.threads, DEFAULT_WIREGUARD_THREADS);
-        assert_eq!(d.wireguard.shards(Some(8)), 1);
+        assert_eq!(d.wireguard.shards(Some(8)), 8);
+        let one = Config::parse("[wireguard]\nthreads = 1\n").unwrap().wireguard;
+        assert_eq!(one.shards(Some(8)), 1);
         // 0: one shard per core, one when the cores are unknown.
         let cores = Config::parse("[wireguard]\nthreads = 0\n")
             .unwrap()
