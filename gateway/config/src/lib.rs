@@ -316,6 +316,19 @@ pub struct WireguardConfig {
     /// Data-plane shards, each a thread with its own peers, engine and socket; `None` (`0` in
     /// the file): one per core. 1 runs the data plane on one thread.
     pub threads: Option<usize>,
+    /// How datagrams reach their shard (`steering`).
+    pub steering: Steering,
+}
+
+/// How each datagram reaches the shard of its device (`wireguard.steering`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steering {
+    /// One socket per shard in a `SO_REUSEPORT` group; a kernel program picks the socket by the
+    /// receiver index.
+    Kernel,
+    /// One socket read by the first shard, which hands other shards' datagrams over; for hosts
+    /// that refuse the kernel program.
+    Reader,
 }
 
 /// Default `wireguard.threads`: one shard per core. On a 2-core host four devices at once moved
@@ -471,6 +484,7 @@ impl Default for Config {
                 public_endpoint: None,
                 interface_name: DEFAULT_INTERFACE_NAME.to_string(),
                 threads: DEFAULT_WIREGUARD_THREADS,
+                steering: Steering::Kernel,
             },
             tunnel: TunnelConfig {
                 ipv4_pool: DEFAULT_IPV4_POOL.parse().expect("valid default pool"),
@@ -880,6 +894,7 @@ struct RawWireguard {
     public_endpoint: Option<Leaf<String>>,
     interface_name: Option<Leaf<String>>,
     threads: Option<Leaf<i64>>,
+    steering: Option<Leaf<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1301,6 +1316,16 @@ impl Checker {
         if let Some(n) = self.integer("wireguard.threads", raw.threads, 0..=MAX_WIREGUARD_THREADS) {
             // 0: one per core.
             wg.threads = usize::try_from(n).ok().filter(|&n| n > 0);
+        }
+        if let Some(s) = self.string("wireguard.steering", raw.steering) {
+            match s.as_str() {
+                "kernel" => wg.steering = Steering::Kernel,
+                "reader" => wg.steering = Steering::Reader,
+                _ => self.problem(
+                    "wireguard.steering",
+                    format!("expected \"kernel\" or \"reader\", got {s:?}"),
+                ),
+            }
         }
     }
 
@@ -2002,6 +2027,7 @@ mod tests {
             public_endpoint = "gw.example.com:51820"
             interface_name = "wg-test0"
             threads = 3
+            steering = "reader"
             [tunnel]
             ipv4_pool = "100.100.0.0/16"
             ipv6_pool = "fd77:6761:7465::/64"
@@ -2042,6 +2068,7 @@ mod tests {
         assert_eq!(cfg.wireguard.interface_name, "wg-test0");
         assert_eq!(cfg.wireguard.threads, Some(3));
         assert_eq!(cfg.wireguard.shards(Some(8)), 3);
+        assert_eq!(cfg.wireguard.steering, Steering::Reader);
         assert_eq!(cfg.tunnel.mtu, 1380);
         assert_eq!(cfg.tunnel.gateway_ipv4(), Ipv4Addr::new(100, 100, 0, 1));
         assert_eq!(cfg.egress.default_ipv4, Some(Ipv4Addr::new(192, 0, 2, 1)));
@@ -2371,6 +2398,9 @@ mod tests {
             ("[wireguard]\nthreads", "-1", false),
             ("[wireguard]\nthreads", "65", false),
             ("[wireguard]\nthreads", "\"2\"", false),
+            ("[wireguard]\nsteering", "\"kernel\"", true),
+            ("[wireguard]\nsteering", "\"reader\"", true),
+            ("[wireguard]\nsteering", "\"bpf\"", false),
             ("[wireguard]\npublic_endpoint", "\"gw.example:1\"", true),
             ("[wireguard]\npublic_endpoint", "\"gw.example:0\"", false),
             ("[wireguard]\npublic_endpoint", "\"gw.example\"", false),

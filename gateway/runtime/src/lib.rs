@@ -141,7 +141,8 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
         host::interface_addresses().context("cannot list the host's addresses")?,
         host::local_ipv6_prefixes(),
     );
-    let sockets = shard::bind_sockets(config.wireguard.listen, count, SOCKET_BUFFER)?;
+    let steering = config.wireguard.steering;
+    let sockets = shard::bind_sockets(config.wireguard.listen, count, SOCKET_BUFFER, steering)?;
 
     let (device_tx, device_rx) = watch::channel(Arc::new(RegistrySnapshot::default()));
     // Every shard's receiver exists before the first snapshot is sent, so none misses it.
@@ -235,6 +236,7 @@ async fn run(config: Config, descriptors: u64) -> anyhow::Result<()> {
             seen_tx: seen_tx.clone(),
             handoffs_out: handoffs_out.clone(),
             egress_locations: config.egress.locations.len(),
+            receives: index == 0 || steering == waygate_config::Steering::Kernel,
             vnets_out: vnets_tx.take(),
             inputs: Inputs {
                 devices,
@@ -358,6 +360,8 @@ struct ShardParts {
     seen_tx: std::sync::mpsc::Sender<Vec<Seen>>,
     handoffs_out: Vec<mpsc::Sender<Handoff>>,
     egress_locations: usize,
+    /// Whether the shard reads its socket (with `steering = "reader"` only the first does).
+    receives: bool,
     /// The first shard's: where it publishes virtual-network routes for the others.
     vnets_out: Option<watch::Sender<Arc<VnetRouteMap>>>,
     inputs: Inputs,
@@ -396,6 +400,7 @@ impl ShardParts {
             stats: self.stats,
             inspector: self.inspector,
             egress_locations: self.egress_locations,
+            receives: self.receives,
             logs: self.logs,
             handoffs_out: self.handoffs_out,
         };
@@ -644,6 +649,8 @@ struct Serving {
     inspector: Option<waygate_http::Inspector>,
     /// Configured egress locations, for the snapshot's health.
     egress_locations: usize,
+    /// Whether this shard reads the WireGuard socket (see [`ShardParts`]).
+    receives: bool,
     /// Where the core's activity records go, while `logs.dir` is set.
     logs: Option<waygate_observe::LogSender>,
     /// Every shard's queue of handed-over datagrams, by shard.
@@ -665,7 +672,7 @@ impl Serving {
                     }
                     Err(_) => anyhow::bail!("the registry watcher stopped"),
                 },
-                ready = self.socket.readable() => {
+                ready = self.socket.readable(), if self.receives => {
                     ready?;
                     receive(&mut self.socket, &mut self.core);
                 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
+use waygate_config::Steering;
 use waygate_wg::shard::{steering_program, Shard};
 use waygate_wg::PeerId;
 
@@ -74,25 +75,38 @@ impl DeviceShards {
 
 /// The WireGuard sockets, one per shard in shard order. One shard binds a plain socket, as a
 /// gateway without shards always did; more bind a `SO_REUSEPORT` group with the steering
-/// program attached.
+/// program attached ([`Steering::Kernel`]), or share one socket ([`Steering::Reader`]: copies of
+/// one descriptor, which only the first shard reads; the others send on theirs).
 pub fn bind_sockets(
     listen: SocketAddr,
     count: u32,
     kernel_buffer: usize,
+    steering: Steering,
 ) -> anyhow::Result<Vec<std::net::UdpSocket>> {
     let bound = if count <= 1 {
         waygate_udp::bind_plain(listen, kernel_buffer).map(|s| vec![s])
+    } else if steering == Steering::Reader {
+        waygate_udp::bind_plain(listen, kernel_buffer).and_then(|first| {
+            let mut sockets = Vec::with_capacity(count as usize);
+            for _ in 1..count {
+                sockets.push(first.try_clone()?);
+            }
+            sockets.insert(0, first);
+            Ok(sockets)
+        })
     } else {
         waygate_udp::bind_group(listen, count as usize, kernel_buffer)
     };
     let sockets = bound.with_context(|| format!("cannot listen on UDP {listen}"))?;
-    if count > 1 {
+    if count > 1 && steering == Steering::Kernel {
         let program: Vec<(u16, u8, u8, u32)> = steering_program(count)
             .into_iter()
             .map(|i| (i.code, i.jt, i.jf, i.k))
             .collect();
-        waygate_udp::steer_group(&sockets[0], &program)
-            .context("cannot attach the shards' steering program (SO_ATTACH_REUSEPORT_CBPF)")?;
+        waygate_udp::steer_group(&sockets[0], &program).context(
+            "cannot attach the shards' steering program (SO_ATTACH_REUSEPORT_CBPF); \
+             wireguard.steering = \"reader\" needs no kernel program",
+        )?;
     }
     Ok(sockets)
 }
@@ -165,10 +179,46 @@ mod tests {
         d
     }
 
+    #[test]
+    fn a_reader_socket_is_one_port_that_every_shard_sends_from() {
+        let sockets =
+            bind_sockets("127.0.0.1:0".parse().unwrap(), 3, 1 << 16, Steering::Reader).unwrap();
+        let addr = sockets[0].local_addr().unwrap();
+        assert_eq!(sockets.len(), 3);
+        assert!(sockets.iter().all(|s| s.local_addr().unwrap() == addr));
+        let device = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        device
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // What any shard sends comes from the one port; what the device sends reaches the first.
+        for (i, s) in sockets.iter().enumerate() {
+            s.send_to(&[i as u8], device.local_addr().unwrap()).unwrap();
+            let mut buf = [0u8; 4];
+            let (n, from) = device.recv_from(&mut buf).unwrap();
+            assert_eq!((n, buf[0], from), (1, i as u8, addr));
+        }
+        device.send_to(&message(4, 2 << 8 | 2), addr).unwrap();
+        // The sockets are non-blocking (tokio registers them).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = [0u8; 64];
+        let n = loop {
+            match sockets[0].recv(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "nothing arrived");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(n, 48);
+    }
+
     #[tokio::test]
     async fn the_kernel_delivers_each_peers_datagrams_to_its_shards_socket() {
         let count = 3;
-        let sockets = bind_sockets("127.0.0.1:0".parse().unwrap(), count, 1 << 16).unwrap();
+        let sockets =
+            bind_sockets("127.0.0.1:0".parse().unwrap(), count, 1 << 16, Steering::Kernel).unwrap();
         let dst = sockets[0].local_addr().unwrap();
         let mut sockets: Vec<BatchSocket> = sockets
             .into_iter()
