@@ -2005,7 +2005,9 @@ mod tests {
         assert_eq!(d.wireguard.listen.port(), 51820);
         assert_eq!(d.wireguard.threads, DEFAULT_WIREGUARD_THREADS);
         assert_eq!(d.wireguard.shards(Some(8)), 8);
-        let one = Config::parse("[wireguard]\nthreads = 1\n").unwrap().wireguard;
+        let one = Config::parse("[wireguard]\nthreads = 1\n")
+            .unwrap()
+            .wireguard;
         assert_eq!(one.shards(Some(8)), 1);
         // 0: one shard per core, one when the cores are unknown.
         let cores = Config::parse("[wireguard]\nthreads = 0\n")

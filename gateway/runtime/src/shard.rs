@@ -217,8 +217,13 @@ mod tests {
     #[tokio::test]
     async fn the_kernel_delivers_each_peers_datagrams_to_its_shards_socket() {
         let count = 3;
-        let sockets =
-            bind_sockets("127.0.0.1:0".parse().unwrap(), count, 1 << 16, Steering::Kernel).unwrap();
+        let sockets = bind_sockets(
+            "127.0.0.1:0".parse().unwrap(),
+            count,
+            1 << 16,
+            Steering::Kernel,
+        )
+        .unwrap();
         let dst = sockets[0].local_addr().unwrap();
         let mut sockets: Vec<BatchSocket> = sockets
             .into_iter()
