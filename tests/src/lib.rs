@@ -9,7 +9,8 @@
 //! Env: `WAYGATE_SKIP_E2E=1` skips the tests when not root; `WAYGATE_BIN`, `WAYGATE_CLIENT_BIN`,
 //! `LAB_ORIGIN` name the binaries (default: `$CARGO_TARGET_DIR` or `<root>/target`, `debug/`);
 //! `WAYGATE_E2E_LOG` is the gateway's `WAYGATE_LOG` (default `info`); `WAYGATE_E2E_KEEP=1` keeps
-//! each lab's temp dir (config, data dir, gateway log, device configs).
+//! each lab's temp dir (config, data dir, gateway log, device configs); `WAYGATE_E2E_THREADS=N`
+//! sets the gateway's `wireguard.threads` (default: the gateway's own, one shard per core).
 #![deny(missing_docs)]
 // The harness is an I/O shell: it measures wall-clock deadlines itself.
 #![allow(clippy::disallowed_methods)]
@@ -477,12 +478,18 @@ impl Lab {
              listen = \"198.51.100.1:51820\"\n\
              public_endpoint = \"198.51.100.1:51820\"\n\
              interface_name = \"{p}gw\"\n\
+             {threads}\
              [egress]\n\
              default_ipv4 = \"{EGRESS_V4}\"\n\
              [dns]\n\
              upstreams = [\"203.0.113.53:53\"]\n",
             data = lab.dir.path().join("data").display(),
             p = lab.prefix,
+            threads = std::env::var("WAYGATE_E2E_THREADS")
+                .ok()
+                .and_then(|n| n.trim().parse::<u32>().ok())
+                .map(|n| format!("threads = {n}\n"))
+                .unwrap_or_default(),
         );
         fs::write(&lab.config, toml).context("writing the gateway config")?;
         lab.start_gateway()?;

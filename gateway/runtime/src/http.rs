@@ -37,20 +37,7 @@ pub fn start(
     std::thread::Builder::new()
         .name("waygate-http".into())
         .spawn(move || {
-            // One worker runs on this thread's scheduler as before; more get a pool, whose
-            // threads are named after this one.
-            let built = if workers <= 1 {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-            } else {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(workers)
-                    .thread_name("waygate-http")
-                    .enable_all()
-                    .build()
-            };
-            let runtime = match built {
+            let runtime = match crate::service_runtime(workers, "waygate-http") {
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the HTTP inspector's runtime");

@@ -113,6 +113,23 @@ fn map_large_allocations() {
     }
 }
 
+/// The runtime of a shared service (resolver, inspector) on `workers` threads: one runs on the
+/// calling thread's scheduler, as a service without shards always did; more get a pool whose
+/// threads are named `name`, like the calling thread.
+fn service_runtime(workers: usize, name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name(name)
+            .enable_all()
+            .build()
+    }
+}
+
 /// Datagrams handed to another shard and waiting there (initiations: one per handshake).
 const HANDOFF_QUEUE: usize = 1024;
 

@@ -270,18 +270,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("waygate-dns".into())
         .spawn(move || {
-            let built = if workers <= 1 {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-            } else {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(workers)
-                    .thread_name("waygate-dns")
-                    .enable_all()
-                    .build()
-            };
-            let rt = match built {
+            let rt = match crate::service_runtime(workers, "waygate-dns") {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = ready_tx.send(Err(anyhow::anyhow!("dns runtime: {e}")));
