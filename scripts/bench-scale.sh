@@ -34,7 +34,9 @@ LOAD_SECONDS="${BENCH_SECONDS:-10}"
 DNS_RATE="${BENCH_DNS_RATE:-2000}"
 FETCH_RATE="${BENCH_FETCH_RATE:-200}"
 bench_init bench-scale
-cargo build --release --quiet -p waygate-e2e --bin waygate-load --bin wg-flood --bin lab-load
+# Without -p: the features the whole workspace unifies, as bench_init builds with, so the two
+# builds do not undo each other (with -p waygate-e2e each run rebuilt waygate: 5 min here).
+cargo build --release --quiet --bin waygate-load --bin wg-flood --bin lab-load
 LOAD="$(dirname "$WAYGATE")/waygate-load"
 FLOOD="$(dirname "$WAYGATE")/wg-flood"
 LAB_LOAD="$(dirname "$WAYGATE")/lab-load"
@@ -84,7 +86,7 @@ row() { printf '%-44s %14s   %s\n' "$1" "$2" "$3" | tee -a "$WORK/results"; }
 METRICS_TOML='[metrics]
 listen = "127.0.0.1:9391"'
 metric() {
-  ip netns exec "${P}gw" curl -fsS http://127.0.0.1:9391/metrics |
+  ip netns exec "${P}gw" curl -fsS --max-time 5 http://127.0.0.1:9391/metrics |
     awk -v k="$1" '$1 == k {v = $2} END {print v + 0}'
 }
 # goodput: Mbit/s the device receives downloading from the origin for FLOOD_SECONDS.
