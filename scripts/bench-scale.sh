@@ -17,9 +17,16 @@
 #      answering cookies, from one address) and under garbage datagrams (lab-load, as fast as
 #      it sends); a device opening TCP flows without end against its cap; the upstream DNS
 #      gone (its packets dropped); the registry locked by another writer, then corrupt
+#   5. more floods and faults, the same wg-quick device: its goodput under a flood of its own
+#      initiation replayed (wg-flood --replay-key, 10,000/s from 64 source ports) and under
+#      unknown keys from 64 ports; DNS queries waiting for a gone upstream against
+#      limits.dns_queries_per_device; an egress location gone (two dedicated locations, the
+#      chosen one's packets dropped while the device opens a UDP flow every 100 ms: time until
+#      new flows leave from the other); UDP flows without end against limits.udp_flows_per_device
 #
 # Env: BENCH_SECONDS (load seconds, default 10), BENCH_FLOOD_SECONDS (iperf3 seconds, 6), BENCH_DNS_RATE (queries/s, default 2000),
-#      BENCH_FETCH_RATE (fetches/s, default 200), BENCH_PREFIX.
+#      BENCH_FETCH_RATE (fetches/s, default 200), BENCH_PREFIX, BENCH_SECTIONS (the sections to
+#      run, in this order; default "1 2 4 5 3").
 set -Eeuo pipefail
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
@@ -27,11 +34,14 @@ LOAD_SECONDS="${BENCH_SECONDS:-10}"
 DNS_RATE="${BENCH_DNS_RATE:-2000}"
 FETCH_RATE="${BENCH_FETCH_RATE:-200}"
 bench_init bench-scale
-cargo build --release --quiet -p waygate-e2e --bin waygate-load --bin wg-flood --bin lab-load
+# Without -p: the features the whole workspace unifies, as bench_init builds with, so the two
+# builds do not undo each other (with -p waygate-e2e each run rebuilt waygate: 5 min here).
+cargo build --release --quiet --bin waygate-load --bin wg-flood --bin lab-load
 LOAD="$(dirname "$WAYGATE")/waygate-load"
 FLOOD="$(dirname "$WAYGATE")/wg-flood"
 LAB_LOAD="$(dirname "$WAYGATE")/lab-load"
 FLOOD_SECONDS="${BENCH_FLOOD_SECONDS:-6}"
+SECTIONS="${BENCH_SECTIONS:-1 2 4 5 3}"
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
@@ -72,11 +82,44 @@ enroll() {
 
 row() { printf '%-44s %14s   %s\n' "$1" "$2" "$3" | tee -a "$WORK/results"; }
 
+# The gateway's metrics (sections 4 and 5 serve them here).
+METRICS_TOML='[metrics]
+listen = "127.0.0.1:9391"'
+metric() {
+  ip netns exec "${P}gw" curl -fsS --max-time 5 http://127.0.0.1:9391/metrics |
+    awk -v k="$1" '$1 == k {v = $2} END {print v + 0}'
+}
+# goodput: Mbit/s the device receives downloading from the origin for FLOOD_SECONDS.
+goodput() {
+  ip netns exec "${P}d1" timeout $((FLOOD_SECONDS + 20)) \
+    iperf3 -c 203.0.113.20 -t "$FLOOD_SECONDS" -O 1 -R -J |
+    python3 -c 'import json,sys; e = json.load(sys.stdin)["end"]["sum_received"]; print(round(e["bytes"] * 8 / 1e6 / e["seconds"]))'
+}
+ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / max(float(sys.argv[2]), 1e-9):.2f}')" "$1" "$2"; }
+dig_at() { ip netns exec "${P}d1" dig +tries=1 +time="$1" @100.96.0.1 "$2" A; }
+# The lab's DNS origin unreachable from the gateway (its packets dropped in the Internet).
+dns_gone() {
+  ip netns exec "${P}in" nft -f - <<'EOT'
+table inet benchdns {
+  chain in {
+    type filter hook input priority 0;
+    ip daddr 203.0.113.53 drop
+  }
+}
+EOT
+}
+dns_back() { ip netns exec "${P}in" nft delete table inet benchdns; }
+
+section_1() {
+
 echo "bench-scale: 1. handshake work per core" >&2
 json="$("$LOAD" responder --count 1000 --seconds 5)"
 echo "$json" >&2
 hs="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["handshakes_per_sec_per_core"])' "$json")"
 row "handshakes/s per core (responder)" "$hs" "target >= 4,000"
+}
+
+section_2() {
 
 echo "bench-scale: 2. 1,000 active devices" >&2
 enroll active 1000 1 >&2
@@ -110,26 +153,16 @@ row("fetch p99 (ms)", f"{j['fetch_p99_ms']:.3f}", "")
 PY
 row "RSS with 1,000 active devices (MB)" "$((rss1 / 1024))" "target < 200 (before the load: $((rss0 / 1024)), peak $((hwm1 / 1024)))"
 gateway_down
+}
 
+section_4() {
 echo "bench-scale: 4. floods and faults" >&2
 # A cap far below the default 1,024, so the device reaches it in seconds.
 FLOW_CAP=200
 waygate_up -flood "$DNS_TOML
-[metrics]
-listen = \"127.0.0.1:9391\"
+$METRICS_TOML
 [limits]
 tcp_flows_per_device = $FLOW_CAP"
-metric() {
-  ip netns exec "${P}gw" curl -fsS http://127.0.0.1:9391/metrics |
-    awk -v k="$1" '$1 == k {v = $2} END {print v + 0}'
-}
-# goodput: Mbit/s the device receives downloading from the origin for FLOOD_SECONDS.
-goodput() {
-  ip netns exec "${P}d1" timeout $((FLOOD_SECONDS + 20)) \
-    iperf3 -c 203.0.113.20 -t "$FLOOD_SECONDS" -O 1 -R -J |
-    python3 -c 'import json,sys; e = json.load(sys.stdin)["end"]["sum_received"]; print(round(e["bytes"] * 8 / 1e6 / e["seconds"]))'
-}
-ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / max(float(sys.argv[2]), 1e-9):.2f}')" "$1" "$2"; }
 gw_key="$(sed -n 's/^PublicKey = //p' "$WORK/${P}w.conf")"
 base="$(goodput)" || bench_die "iperf3 through waygate failed"
 row "goodput, nothing else (Mbit/s)" "$base" "1 device, download"
@@ -159,23 +192,15 @@ ip netns exec "${P}d1" "$LAB_LOAD" hold 203.0.113.10:80 --count $((FLOW_CAP + 5)
 d1="$(metric 'waygate_flow_dropped_total{reason="FlowLimit"}')"
 row "TCP flows one device opened / tried" "$(awk '{print $2}' "$WORK/hold.txt")/$((FLOW_CAP + 5))" "cap $FLOW_CAP; $((d1 - d0)) SYNs dropped and counted (FlowLimit)"
 
-dig_at() { ip netns exec "${P}d1" dig +tries=1 +time="$1" @100.96.0.1 "$2" A; }
 dig_at 3 a.example >/dev/null
-ip netns exec "${P}in" nft -f - <<'EOT'
-table inet benchdns {
-  chain in {
-    type filter hook input priority 0;
-    ip daddr 203.0.113.53 drop
-  }
-}
-EOT
+dns_gone
 t0="$(date +%s.%N)"
 status="$(dig_at 10 "gone$RANDOM.example" | sed -n 's/.*status: \([A-Z]*\).*/\1/p')"
 t1="$(date +%s.%N)"
 row "upstream DNS gone: answer to a new name" "$status" "in $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$t1") s, target SERVFAIL within 2 s"
 cached="$(dig_at 2 a.example | sed -n 's/.*status: \([A-Z]*\).*/\1/p;s/;; Query time: \([0-9]*\) msec/\1 ms/p' | tr '\n' ' ')"
 row "upstream DNS gone: a cached name" "${cached:-no answer}" "target NOERROR from the cache"
-ip netns exec "${P}in" nft delete table inet benchdns
+dns_back
 
 db="$WORK/data-flood/registry.db"
 # Held past the registry's 10 s busy timeout, so the CLI has to give up.
@@ -197,7 +222,9 @@ alive=no
 ip netns exec "${P}d1" ping -c 1 -W 2 100.96.0.1 >/dev/null && alive=yes
 row "registry corrupt: device list" "$listed" "$(head -c 120 "$WORK/corrupt.err" | tr '\n' ' '); gateway still serving: DNS ${served:-no answer}, ping $alive"
 waygate_down
+}
 
+section_3() {
 echo "bench-scale: 3. enrolled idle devices" >&2
 for n in 0 10000 100000; do
   if [ "$n" -gt 0 ]; then
@@ -222,6 +249,141 @@ for n in 0 10000 100000; do
   [ "$n" -eq 100000 ] && target="target < 100"
   row "RSS with $n enrolled idle devices (MB)" "$((rss / 1024))" "$target (peak $((hwm / 1024)))${ejson:+, enrolled in $(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["seconds"])' "$ejson") s}"
   gateway_down
+done
+}
+
+section_5() {
+  echo "bench-scale: 5. more floods and faults" >&2
+  # Caps far below the defaults (1,024 UDP flows), so the device reaches them in seconds; the
+  # DNS cap is the default 256.
+  local udp_cap=200 dns_cap=256
+  # Two dedicated locations on the lab's egress segment, probed every second (the default).
+  waygate_up -faults "default = \"dedicated\"
+[[egress.locations]]
+name = \"loc-a\"
+ipv4 = [\"192.0.2.10\"]
+health_check = { target = \"203.0.113.10:80\", interval = \"1s\" }
+[[egress.locations]]
+name = \"loc-b\"
+ipv4 = [\"192.0.2.11\"]
+health_check = { target = \"203.0.113.10:80\", interval = \"1s\" }
+$DNS_TOML
+$METRICS_TOML
+[limits]
+udp_flows_per_device = $udp_cap
+dns_queries_per_device = $dns_cap"
+  local gw_key dev_key base c0 c1 flooded r0 r1 b0 b1 u0 u1 j
+  gw_key="$(sed -n 's/^PublicKey = //p' "$WORK/${P}w.conf")"
+  dev_key="$(sed -n 's/^PrivateKey = //p' "$WORK/${P}w.conf")"
+  base="$(goodput)" || bench_die "iperf3 through waygate failed"
+  row "goodput, nothing else (Mbit/s)" "$base" "1 device, download"
+
+  # The device's own initiation replayed, from 64 source ports.
+  r0="$(metric 'waygate_wireguard_dropped_total{reason="ReplayedInitiation"}')"
+  b0="$(metric 'waygate_wireguard_dropped_total{reason="BadHandshake"}')"
+  c0="$(cpu_ticks "$GW_PID")"
+  ip netns exec "${P}d2" "$FLOOD" --gateway-key "$gw_key" --to 198.51.100.1:51820 \
+    --replay-key "$dev_key" --sockets 64 --rate 10000 --seconds $((FLOOD_SECONDS + 2)) \
+    --bind 198.51.100.12:0 >"$WORK/replay.json" &
+  local flood_pid=$!
+  sleep 1
+  flooded="$(goodput)" || flooded=0
+  wait "$flood_pid" || true
+  c1="$(cpu_ticks "$GW_PID")"
+  r1="$(metric 'waygate_wireguard_dropped_total{reason="ReplayedInitiation"}')"
+  b1="$(metric 'waygate_wireguard_dropped_total{reason="BadHandshake"}')"
+  echo "wg-flood (replay): $(cat "$WORK/replay.json")" >&2
+  j="$(python3 -c 'import json,sys; j = json.load(open(sys.argv[1])); print(j["sent"], "sent at", j["per_second"], end="/s")' "$WORK/replay.json")"
+  row "goodput under its initiation replayed (Mbit/s)" "$flooded" "$(ratio "$flooded" "$base") of alone, target >= 0.90 ($j from 64 ports; $((r1 - r0)) dropped as replays before X25519, $((b1 - b0)) refused by timestamp; gateway CPU $(((c1 - c0) * 100 / TCK / (FLOOD_SECONDS + 2)))%)"
+
+  # Unknown keys answering cookies, from 64 source ports of one address.
+  u0="$(metric 'waygate_wireguard_dropped_total{reason="UnknownPeer"}')"
+  c0="$(cpu_ticks "$GW_PID")"
+  ip netns exec "${P}d2" "$FLOOD" --gateway-key "$gw_key" --to 198.51.100.1:51820 \
+    --sockets 64 --rate 10000 --seconds $((FLOOD_SECONDS + 2)) --bind 198.51.100.12:0 \
+    >"$WORK/ports.json" &
+  flood_pid=$!
+  sleep 1
+  flooded="$(goodput)" || flooded=0
+  wait "$flood_pid" || true
+  c1="$(cpu_ticks "$GW_PID")"
+  u1="$(metric 'waygate_wireguard_dropped_total{reason="UnknownPeer"}')"
+  echo "wg-flood (64 ports): $(cat "$WORK/ports.json")" >&2
+  j="$(python3 -c 'import json,sys; j = json.load(open(sys.argv[1])); print(j["sent"], "sent at", j["per_second"], end="/s")' "$WORK/ports.json")"
+  row "goodput under unknown keys, 64 ports (Mbit/s)" "$flooded" "$(ratio "$flooded" "$base") of alone, target >= 0.90 ($j; $((u1 - u0)) reached X25519; gateway CPU $(((c1 - c0) * 100 / TCK / (FLOOD_SECONDS + 2)))%)"
+
+  # DNS queries for new names while the upstream is gone: each waits up to 1.8 s for it.
+  local l0 l1 sent servfail
+  dns_gone
+  l0="$(metric 'waygate_dns_client_limited_total')"
+  ip netns exec "${P}d1" "$LAB_LOAD" dns-flood 100.96.0.1:53 --rate 1000 --seconds 3 \
+    --report "$WORK/dnswait.txt" || true
+  sleep 2
+  l1="$(metric 'waygate_dns_client_limited_total')"
+  dns_back
+  sent="$(awk '{print $2}' "$WORK/dnswait.txt")"
+  servfail="$(awk '{print $6}' "$WORK/dnswait.txt")"
+  row "DNS queries for a gone upstream: capped" "$((l1 - l0))/$sent" "cap $dns_cap waiting per device; the rest SERVFAIL at once, counted (waygate_dns_client_limited_total); $servfail SERVFAIL seen in 3 s"
+
+  # An egress location gone: the chosen one's packets dropped in the Internet.
+  local chosen other t0 moved
+  chosen="$(ip netns exec "${P}d1" "$LAB_ORIGIN" udp-probe 203.0.113.30:8 |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["src"])')" || bench_die "no whoami answer"
+  case "$chosen" in
+    192.0.2.10) other=192.0.2.11 ;;
+    192.0.2.11) other=192.0.2.10 ;;
+    *) bench_die "flows leave from $chosen, not a dedicated location" ;;
+  esac
+  ip netns exec "${P}d1" "$LAB_LOAD" egress-watch 203.0.113.30:8 --seconds 9 --every-ms 100 \
+    --report "$WORK/egress.txt" &
+  local watch_pid=$!
+  sleep 3
+  t0="$(date +%s.%N)"
+  ip netns exec "${P}in" nft -f - <<EOT
+table inet benchegress {
+  chain in {
+    type filter hook input priority 0;
+    ip saddr $chosen drop
+  }
+}
+EOT
+  wait "$watch_pid" || true
+  ip netns exec "${P}in" nft delete table inet benchegress
+  moved="$(python3 - "$WORK/egress.txt" "$t0" "$chosen" "$other" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+t0, chosen, other = float(sys.argv[2]), sys.argv[3], sys.argv[4]
+before = sum(1 for t, s in rows if float(t) < t0 and s == chosen)
+after = [(float(t), s) for t, s in rows if float(t) >= t0]
+first = next((t for t, s in after if s == other), None)
+if first is None:
+    print(f"never   {before} flows from {chosen} before; none from {other} after")
+else:
+    lost = sum(1 for t, s in after if t < first)
+    stayed = sum(1 for t, s in after if t > first and s != other)
+    print(f"{first - t0:.2f}   from {chosen} to {other}; {lost} new flows lost meanwhile, {stayed} later ones not from {other}")
+PY
+)"
+  row "egress location gone: new flows moved (s)" "${moved%%   *}" "${moved#*   }; target < 3 s (probe every 1 s, down after 2 failures of 0.7 s)"
+
+  # UDP flows without end: one datagram to the lab's echo from each of ever new source ports.
+  local f0 f1 held0 held1 tried
+  tried=$((udp_cap + 5))
+  held0="$(metric 'waygate_flows_open{protocol="udp"}')"
+  f0="$(metric 'waygate_flow_dropped_total{reason="FlowLimit"}')"
+  ip netns exec "${P}d1" "$LAB_LOAD" udp-spray 203.0.113.30:7 --count "$tried" \
+    --report "$WORK/spray.txt" || true
+  f1="$(metric 'waygate_flow_dropped_total{reason="FlowLimit"}')"
+  held1="$(metric 'waygate_flows_open{protocol="udp"}')"
+  row "UDP flows one device held / cap" "$held1/$udp_cap" "$held0 open before; $tried new tried, $(awk '{print $4}' "$WORK/spray.txt") answered, $((f1 - f0)) dropped and counted (FlowLimit)"
+  waygate_down
+}
+
+for section in $SECTIONS; do
+  case "$section" in
+    1 | 2 | 3 | 4 | 5) "section_$section" ;;
+    *) bench_die "BENCH_SECTIONS: no section $section" ;;
+  esac
 done
 
 echo

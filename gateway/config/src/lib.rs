@@ -273,10 +273,15 @@ pub struct LimitsConfig {
 /// Default `limits.tcp_flows_per_device`: a browser with many tabs holds a few hundred
 /// connections; 1,024 leaves room for that while one device cannot take the descriptor table.
 pub const DEFAULT_TCP_FLOWS_PER_DEVICE: usize = 1024;
-/// Default `limits.udp_flows_per_device` (UDP and ping flows, each one upstream socket).
+/// Default `limits.udp_flows_per_device` (UDP and ping flows, each one upstream socket, kept
+/// 120 s after their last datagram): a device's UDP is a QUIC connection per origin, calls and
+/// games, tens at a time; 1,024, the TCP figure, holds a busy device's two minutes while a
+/// device sending to ever new ports stops there (`scripts/bench-scale.sh`, "UDP flows").
 pub const DEFAULT_UDP_FLOWS_PER_DEVICE: usize = 1024;
-/// Default `limits.dns_queries_per_device`: each waiting query holds an upstream socket for up
-/// to 2 s per upstream; 256 is far above what a device's resolver keeps outstanding.
+/// Default `limits.dns_queries_per_device`: each waiting query holds a slot for up to 1.8 s (the
+/// upstreams' budget); 256 is far above what a device's resolver keeps outstanding, and a device
+/// asking for names whose upstream never answers gets SERVFAIL at once past it, counted in
+/// `waygate_dns_client_limited_total` (`scripts/bench-scale.sh`, "DNS queries ... capped").
 pub const DEFAULT_DNS_QUERIES_PER_DEVICE: usize = 256;
 /// Default `limits.flow_memory_per_device_mb`.
 pub const DEFAULT_FLOW_MEMORY_PER_DEVICE_MB: usize = 256;

@@ -362,6 +362,13 @@ impl Gateway {
             None,
             d.dropped,
         )?;
+        counter(
+            e,
+            "dns_client_limited",
+            "DNS queries answered SERVFAIL at once: the device had limits.dns_queries_per_device waiting.",
+            None,
+            d.client_limited,
+        )?;
         let seconds = Unit::Seconds;
         let mut m = e.encode_descriptor(
             "dns_upstream_duration",
@@ -518,6 +525,7 @@ mod tests {
         s.dns.answers[1][3] = 1; // AAAA NXDOMAIN
         s.dns.decisions[1] = 2; // block
         s.dns.upstream_errors = 1;
+        s.dns.client_limited = 7;
         s.dns.upstream_latency.observe(Duration::from_millis(3));
         s.dns.upstream_latency.observe(Duration::from_secs(9));
         let logs = Arc::new(LogStats::default());
@@ -593,6 +601,10 @@ mod tests {
         assert_eq!(
             value(&scrape, "waygate_dns_upstream_errors_total", &[]),
             Some(1.0)
+        );
+        assert_eq!(
+            value(&scrape, "waygate_dns_client_limited_total", &[]),
+            Some(7.0)
         );
         assert_eq!(
             value(

@@ -7,7 +7,9 @@
 //! Cryptokey routing: a decrypted packet whose source is not the peer's own tunnel address is
 //! dropped.
 //!
-//! Before a handshake message costs any X25519 work it passes, in order: its MAC1; its cookie
+//! Before a handshake message costs any X25519 work it passes, in order: for an initiation, the
+//! replay check of [`replay::RecentInitiations`] (its MAC1 is not one of an initiation opened
+//! lately); its MAC1; its cookie
 //! (MAC2), checked whenever present; the per-source buckets of [`SourceLimiter`] (a cookie-proven
 //! source beyond 20/s is dropped, an unproven one is answered with a cookie); and the global
 //! threshold [`HANDSHAKE_RATE_LIMIT`] (beyond it, every unproven message gets a cookie). Linux
@@ -24,6 +26,7 @@
 pub mod handshake_limit;
 pub mod initiation;
 pub mod initiator;
+pub mod replay;
 pub mod shard;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
@@ -56,6 +59,8 @@ const COOKIE_REPLY_LEN: usize = 64;
 pub const OVERHEAD: usize = 32;
 /// Size of a handshake initiation, the largest control message.
 const HANDSHAKE_INIT_LEN: usize = 148;
+/// Where an initiation's MAC1 lies.
+const INIT_MAC1: std::ops::Range<usize> = 116..132;
 /// Tunnel indices are 24 bits: boringtun keeps the low 8 bits for its session ring.
 const INDEX_MASK: u32 = 0x00FF_FFFF;
 /// WireGuard's message type of transport data.
@@ -88,11 +93,14 @@ pub enum DropReason {
     SpoofedSource,
     /// Handshake with a valid cookie from a source over its rate ([`SourceLimiter`]).
     SourceLimited,
+    /// Initiation with the MAC1 of one opened lately: a replay, dropped before X25519 work
+    /// ([`replay::RecentInitiations`]).
+    ReplayedInitiation,
 }
 
 impl DropReason {
     /// Every reason, for counters and reports.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::BadMac,
         DropReason::UnderLoad,
@@ -103,6 +111,7 @@ impl DropReason {
         DropReason::BadInnerPacket,
         DropReason::SpoofedSource,
         DropReason::SourceLimited,
+        DropReason::ReplayedInitiation,
     ];
 
     fn from_wg(err: &WireGuardError) -> DropReason {
@@ -277,6 +286,8 @@ pub struct Endpoint<T> {
     /// load).
     mac1_only: Arc<RateLimiter>,
     sources: SourceLimiter,
+    /// MAC1s of initiations opened lately, to drop their replays first.
+    recent_initiations: replay::RecentInitiations,
     /// Handshake messages let through to X25519 work since `window_start`.
     handshakes: u64,
     window_start: Option<Instant>,
@@ -310,6 +321,7 @@ impl<T> Endpoint<T> {
             cookies: RateLimiter::new(&public, 0),
             mac1_only: Arc::new(RateLimiter::new(&public, u64::MAX)),
             sources: SourceLimiter::default(),
+            recent_initiations: replay::RecentInitiations::default(),
             handshakes: 0,
             window_start: None,
             private,
@@ -725,9 +737,18 @@ impl<T> Endpoint<T> {
                 let opened = match opened.and_then(|o| o.attach(datagram)) {
                     Some(opened) => opened,
                     None => {
+                        let mac1: Option<[u8; 16]> =
+                            datagram.get(INIT_MAC1).and_then(|m| m.try_into().ok());
+                        if mac1.is_some_and(|m| self.recent_initiations.contains(&m)) {
+                            return Err(DropReason::ReplayedInitiation);
+                        }
                         // Admission first: opening the initiation costs a Diffie-Hellman.
                         if !self.admit_handshake(from, datagram, now, tx)? {
                             return Ok(Routed::Done);
+                        }
+                        // Remembered once admitted: its MAC1 verified and the work is paid.
+                        if let Some(m) = mac1 {
+                            self.recent_initiations.insert(m);
                         }
                         initiation::open_initiation(&self.private, &self.public, datagram)
                             .ok_or(DropReason::BadHandshake)?
@@ -1113,11 +1134,17 @@ mod tests {
             p.gw.handle_datagram(p.dev_addr, &recorded, p.now, &mut p.scratch, &mut p.tx);
         assert_eq!(r, Received::Nothing);
         assert_eq!(p.gw.traffic().handshakes, 1);
-        // While the session lives...
+        // While the session lives: its MAC1 was opened lately.
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &recorded, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Dropped(DropReason::ReplayedInitiation));
+        // Once forgotten there, the timestamp refuses it, also after the session was dropped,
+        // when a new `Tunn` would have no timestamp to compare.
+        p.gw.recent_initiations = replay::RecentInitiations::default();
         let r =
             p.gw.handle_datagram(p.dev_addr, &recorded, p.now, &mut p.scratch, &mut p.tx);
         assert_eq!(r, Received::Dropped(DropReason::BadHandshake));
-        // ...and after it was dropped, when a new `Tunn` would have no timestamp to compare.
+        p.gw.recent_initiations = replay::RecentInitiations::default();
         p.now += SESSION_IDLE_DROP;
         p.gw.update_timers(p.now, &mut TransmitQueue::new());
         assert_eq!(p.gw.sessions(), 0);
@@ -1134,6 +1161,50 @@ mod tests {
             p.gw.handle_datagram(p.dev_addr, &fresh, p.now, &mut p.scratch, &mut p.tx);
         assert_eq!(r, Received::Nothing);
         assert_eq!(p.gw.traffic().handshakes, 2);
+    }
+
+    #[test]
+    fn a_replay_flood_from_many_sources_costs_no_work_and_the_device_keeps_its_session() {
+        let mut p = pair();
+        let results = device_sends(&mut p, &ipv4_udp(DEV_V4));
+        assert!(results.iter().any(|r| matches!(r, Received::Packet { .. })));
+        // A captured initiation of the enrolled device (the gateway opened it once).
+        std::thread::sleep(Duration::from_millis(2));
+        let recorded = initiation(&mut p);
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &recorded, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Nothing);
+        let budget = p.gw.handshakes;
+        p.tx.clear();
+        // 10,000 replays from 10 addresses and 1,000 ports each.
+        for i in 0..10_000u16 {
+            let from = SocketAddr::from((Ipv4Addr::new(198, 51, 100, 20 + (i % 10) as u8), i));
+            let r =
+                p.gw.handle_datagram(from, &recorded, p.now, &mut p.scratch, &mut p.tx);
+            assert_eq!(r, Received::Dropped(DropReason::ReplayedInitiation));
+            p.now += Duration::from_micros(100);
+        }
+        assert_eq!(p.gw.handshakes, budget, "replays spend no handshake budget");
+        assert!(p.tx.is_empty(), "nor get cookie replies or responses");
+        assert_eq!(p.gw.drops().get(DropReason::ReplayedInitiation), 10_000);
+        assert_eq!(p.gw.drops().get(DropReason::BadHandshake), 0);
+        assert_eq!(
+            p.gw.peer_endpoint(1),
+            Some(p.dev_addr),
+            "no roaming to a replayer"
+        );
+        // A replay that changed only its MAC2 (a cookie the replayer got) is the same replay.
+        let mut with_mac2 = recorded.clone();
+        with_mac2[132..148].fill(7);
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &with_mac2, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Dropped(DropReason::ReplayedInitiation));
+        // The device's next handshake is fresh and accepted.
+        std::thread::sleep(Duration::from_millis(2));
+        let fresh = initiation(&mut p);
+        let r =
+            p.gw.handle_datagram(p.dev_addr, &fresh, p.now, &mut p.scratch, &mut p.tx);
+        assert_eq!(r, Received::Nothing);
     }
 
     #[test]

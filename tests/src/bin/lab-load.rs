@@ -3,6 +3,8 @@
 //! ```text
 //! lab-load hold ADDR --count N [--dns-query] [--report FILE] [--seconds S]
 //! lab-load dns-flood SERVER --rate R --seconds S [--garbage] [--report FILE]
+//! lab-load udp-spray ADDR --count N [--report FILE]
+//! lab-load egress-watch ADDR --seconds S [--every-ms M] [--report FILE]
 //! ```
 //!
 //! `hold` opens N TCP connections to ADDR one after another (2 s connect timeout each), with
@@ -13,6 +15,14 @@
 //! `dns-flood` sends R queries per second for fresh random names to SERVER over UDP for S seconds
 //! (`--garbage`: random bytes that are no DNS message), and reports `sent N answered A servfail
 //! S` once done.
+//!
+//! `udp-spray` sends one datagram to a UDP echo at ADDR from each of N sockets (N flows, each
+//! from its own source port), waits up to 2 s for the echoes and reports `sent N answered A`.
+//!
+//! `egress-watch` opens a new UDP flow every M ms (default 50) for S seconds: a fresh socket
+//! sends one datagram to a UDP whoami at ADDR and waits up to M ms for its answer. It writes one
+//! line per flow, `UNIX_SECONDS SOURCE` (the source address the whoami saw, `-` for no answer),
+//! which shows when a device's new flows moved to another egress address.
 // A load generator paces itself by the wall clock.
 #![allow(clippy::disallowed_methods)]
 
@@ -27,7 +37,9 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("hold") => hold(&args[1..]),
         Some("dns-flood") => dns_flood(&args[1..]),
-        _ => Err("usage: lab-load hold ADDR --count N [--dns-query] [--report FILE] [--seconds S] | lab-load dns-flood SERVER --rate R --seconds S [--garbage] [--report FILE]".to_string()),
+        Some("udp-spray") => udp_spray(&args[1..]),
+        Some("egress-watch") => egress_watch(&args[1..]),
+        _ => Err("usage: lab-load hold ADDR --count N [--dns-query] [--report FILE] [--seconds S] | lab-load dns-flood SERVER --rate R --seconds S [--garbage] [--report FILE] | lab-load udp-spray ADDR --count N [--report FILE] | lab-load egress-watch ADDR --seconds S [--every-ms M] [--report FILE]".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,6 +77,85 @@ fn number(flags: &HashMap<String, String>, name: &str) -> Result<Option<u64>, St
         .get(name)
         .map(|v| v.parse().map_err(|e| format!("--{name} {v}: {e}")))
         .transpose()
+}
+
+/// An unbound UDP socket of ADDR's family, on any port.
+fn udp_socket(to: SocketAddr) -> Result<UdpSocket, String> {
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))
+}
+
+fn udp_spray(args: &[String]) -> Result<(), String> {
+    let (addr, flags) = flags(args)?;
+    let count = number(&flags, "count")?.ok_or("--count is required")?;
+    let mut sockets = Vec::new();
+    let mut sent = 0u64;
+    for i in 0..count {
+        let s = udp_socket(addr)?;
+        s.set_nonblocking(true)
+            .map_err(|e| format!("nonblocking: {e}"))?;
+        if s.send_to(format!("spray {i}").as_bytes(), addr).is_ok() {
+            sent += 1;
+        }
+        sockets.push(Some(s));
+    }
+    let mut answered = 0u64;
+    let mut buf = [0u8; 1500];
+    let end = Instant::now() + Duration::from_secs(2);
+    while answered < sent && Instant::now() < end {
+        for slot in &mut sockets {
+            if slot.as_ref().is_some_and(|s| s.recv(&mut buf).is_ok()) {
+                answered += 1;
+                *slot = None;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    report(&flags, &format!("sent {sent} answered {answered}"))
+}
+
+/// The `"src"` of a whoami answer, `{"src":"IP","port":N}`.
+fn whoami_source(answer: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(answer).ok()?;
+    let rest = text.split("\"src\":\"").nth(1)?;
+    let src = rest.split('"').next()?;
+    (!src.is_empty()).then(|| src.to_string())
+}
+
+fn egress_watch(args: &[String]) -> Result<(), String> {
+    let (addr, flags) = flags(args)?;
+    let seconds = number(&flags, "seconds")?.ok_or("--seconds is required")?;
+    let every = Duration::from_millis(number(&flags, "every-ms")?.unwrap_or(50).max(1));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut lines = String::new();
+    let mut buf = [0u8; 1500];
+    while Instant::now() < end {
+        let started = Instant::now();
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| format!("clock: {e}"))?
+            .as_secs_f64();
+        let s = udp_socket(addr)?;
+        s.set_read_timeout(Some(every))
+            .map_err(|e| format!("timeout: {e}"))?;
+        let src = match s.send_to(b"whoami", addr).and_then(|_| s.recv(&mut buf)) {
+            Ok(n) => whoami_source(&buf[..n]).unwrap_or_else(|| "-".to_string()),
+            Err(_) => "-".to_string(),
+        };
+        lines.push_str(&format!("{at:.3} {src}\n"));
+        if let Some(rest) = every.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    match flags.get("report") {
+        Some(path) => std::fs::write(path, lines).map_err(|e| format!("{path}: {e}")),
+        None => {
+            print!("{lines}");
+            Ok(())
+        }
+    }
 }
 
 fn report(flags: &HashMap<String, String>, line: &str) -> Result<(), String> {
@@ -195,4 +286,20 @@ fn dns_flood(args: &[String]) -> Result<(), String> {
         &flags,
         &format!("sent {sent} answered {answered} servfail {servfail}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whoami_answers_give_their_source() {
+        assert_eq!(
+            whoami_source(br#"{"src":"192.0.2.10","port":40000}"#).as_deref(),
+            Some("192.0.2.10")
+        );
+        assert_eq!(whoami_source(br#"{"port":1}"#), None);
+        assert_eq!(whoami_source(br#"{"src":"","port":1}"#), None);
+        assert_eq!(whoami_source(&[0xff, 0xfe]), None);
+    }
 }

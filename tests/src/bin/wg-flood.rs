@@ -3,8 +3,13 @@
 //! with a valid MAC1, and with a valid MAC2 from the first cookie reply on (refreshed by every
 //! later reply, dropped after 120 s). Prints counts as JSON when done.
 //!
+//! `--replay-key BASE64` (an enrolled device's private key) sends instead one initiation of that
+//! device, the same bytes every time up to the MAC2 (same sender index, ephemeral and a
+//! timestamp a minute older than now): what an attacker who captured the device's initiation
+//! can send. `--sockets N` spreads the datagrams over N sockets (N source ports).
+//!
 //!     wg-flood --gateway-key BASE64 --to 198.51.100.1:51820 [--rate 20000] [--seconds 10]
-//!              [--bind 198.51.100.12:0] [--keys 64]
+//!              [--bind 198.51.100.12:0] [--keys 64] [--replay-key BASE64] [--sockets 1]
 
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
@@ -50,6 +55,8 @@ fn main() -> Result<()> {
     let mut rate = 20_000u64;
     let mut seconds = 10.0f64;
     let mut keys = 64usize;
+    let mut replay: Option<StaticSecret> = None;
+    let mut sockets = 1usize;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -66,33 +73,54 @@ fn main() -> Result<()> {
             "--rate" => rate = value.parse().context("--rate")?,
             "--seconds" => seconds = value.parse().context("--seconds")?,
             "--keys" => keys = value.parse().context("--keys")?,
+            "--sockets" => sockets = value.parse().context("--sockets")?,
+            "--replay-key" => {
+                let k = waygate_keys::PrivateKey::from_base64(value.trim())
+                    .map_err(|e| anyhow::anyhow!("--replay-key: {e}"))?;
+                replay = Some(StaticSecret::from(*k.to_bytes()));
+            }
             other => bail!("unknown flag {other}"),
         }
     }
     let key = key.context("--gateway-key is required")?;
     let to = to.context("--to is required")?;
     let duration = Duration::try_from_secs_f64(seconds).context("--seconds")?;
-    if keys == 0 || rate == 0 || duration.is_zero() {
-        bail!("--keys, --rate and --seconds must be positive");
+    if keys == 0 || rate == 0 || sockets == 0 || duration.is_zero() {
+        bail!("--keys, --rate, --sockets and --seconds must be positive");
     }
     let responder = Responder::new(key);
 
     // Bodies are reused: the responder's work does not depend on them being fresh (a replayed
     // timestamp is only noticed after the X25519 work, and only for known keys).
     let mut rng = rand::rngs::OsRng;
-    let stamp = tai64n(SystemTime::now());
-    let mut bodies: Vec<[u8; INIT_LEN]> = (0..keys)
-        .map(|_| {
-            let mut s = [0u8; 32];
+    let now = SystemTime::now();
+    let mut bodies: Vec<[u8; INIT_LEN]> = match &replay {
+        // Older than the device's live handshake, as a captured initiation is.
+        Some(device) => {
             let mut e = [0u8; 32];
-            rng.fill_bytes(&mut s);
             rng.fill_bytes(&mut e);
-            responder.initiation(&StaticSecret::from(s), &StaticSecret::from(e), stamp)
-        })
-        .collect();
+            let stamp = tai64n(now.checked_sub(Duration::from_secs(60)).unwrap_or(now));
+            vec![responder.initiation(device, &StaticSecret::from(e), stamp)]
+        }
+        None => (0..keys)
+            .map(|_| {
+                let mut s = [0u8; 32];
+                let mut e = [0u8; 32];
+                rng.fill_bytes(&mut s);
+                rng.fill_bytes(&mut e);
+                responder.initiation(&StaticSecret::from(s), &StaticSecret::from(e), tai64n(now))
+            })
+            .collect(),
+    };
+    let keys = bodies.len();
 
-    let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
-    socket.set_nonblocking(true)?;
+    let socks = (0..sockets)
+        .map(|_| {
+            let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut mac1s = vec![(u32::MAX, [0u8; 16]); RING];
     let mut cookie: Option<([u8; 16], Instant)> = None;
     let mut sender = rng.next_u32();
@@ -109,10 +137,15 @@ fn main() -> Result<()> {
             cookie = None;
         }
         while c.sent + c.send_errors < due {
-            let body = &mut bodies[(c.sent as usize) % keys];
-            sender = sender.wrapping_add(1);
+            let n = c.sent + c.send_errors;
+            let body = &mut bodies[(n as usize) % keys];
+            // A replay keeps its sender index, so its bytes up to MAC2 never change.
+            if replay.is_none() {
+                sender = sender.wrapping_add(1);
+            }
             let mac1 = responder.stamp(body, sender, cookie.as_ref().map(|(k, _)| k));
             mac1s[sender as usize % RING] = (sender, mac1);
+            let socket = &socks[(n as usize) % socks.len()];
             match socket.send_to(body, to) {
                 Ok(_) => {
                     c.sent += 1;
@@ -127,28 +160,30 @@ fn main() -> Result<()> {
                 Err(_) => c.send_errors += 1,
             }
         }
-        loop {
-            let n = match socket.recv_from(&mut buf) {
-                Ok((n, _)) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(_) => break,
-            };
-            let Some((idx, reply)) = cookie_reply(&buf[..n]) else {
-                c.other_datagrams += 1;
-                continue;
-            };
-            c.cookie_replies += 1;
-            let (sent_idx, mac1) = mac1s[idx as usize % RING];
-            let opened = (sent_idx == idx)
-                .then(|| responder.open_cookie(reply, &mac1))
-                .flatten();
-            match opened {
-                Some(k) => {
-                    c.cookies_accepted += 1;
-                    c.first_cookie_ms.get_or_insert(start.elapsed().as_millis());
-                    cookie = Some((k, Instant::now()));
+        for socket in &socks {
+            loop {
+                let n = match socket.recv_from(&mut buf) {
+                    Ok((n, _)) => n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => break,
+                };
+                let Some((idx, reply)) = cookie_reply(&buf[..n]) else {
+                    c.other_datagrams += 1;
+                    continue;
+                };
+                c.cookie_replies += 1;
+                let (sent_idx, mac1) = mac1s[idx as usize % RING];
+                let opened = (sent_idx == idx)
+                    .then(|| responder.open_cookie(reply, &mac1))
+                    .flatten();
+                match opened {
+                    Some(k) => {
+                        c.cookies_accepted += 1;
+                        c.first_cookie_ms.get_or_insert(start.elapsed().as_millis());
+                        cookie = Some((k, Instant::now()));
+                    }
+                    None => c.bad_cookie_replies += 1,
                 }
-                None => c.bad_cookie_replies += 1,
             }
         }
         thread::sleep(ROUND);
