@@ -23,9 +23,9 @@ use tokio::time::Instant;
 use crate::proxy::Counted;
 
 /// Idle upstream connections kept, all origins together: Chromium's socket pool holds at most
-/// 256 sockets in all, so a gateway in front of a browser never needs more for one of them, and
-/// an idle entry (a socket, a rustls client session, hyper's buffers) costs ~30 KiB, so the pool
-/// stays under ~8 MiB.
+/// 256 sockets in all, so a browser never keeps more idle; an idle entry (a socket, a rustls
+/// client session, hyper's two 8 KiB buffers and its request queue) is about 35 KiB by the
+/// session-12 heaptrack breakdown, so a full pool stays under ~9 MiB.
 pub const MAX_IDLE: usize = 256;
 /// How long an idle upstream connection is kept: under the keep-alive timeouts common origins
 /// give (nginx 75 s, most CDNs 60 s or more), so the origin rarely closes one under us (a
