@@ -41,12 +41,17 @@
 # mitmproxy venv to reuse (default: created under the run's work dir); BENCH_ONLY a space
 # separated subset of "waygate squid mitmdump" (for profiling; the targets need all three);
 # BENCH_WAYGATE another waygate binary (a before/after comparison); BENCH_NEWCONN_RATE
-# (default 1000) new connections a second offered in the new-conn row.
+# (default 1000) new connections a second offered in the new-conn row; BENCH_ROWS a space
+# separated subset of "keep-alive new-conn plain-http download idle" (default all; for quick
+# before/after runs, e.g. BENCH_ONLY=waygate BENCH_ROWS="keep-alive idle").
 set -Eeuo pipefail
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 SECS="${BENCH_SECONDS:-8}"
 ONLY="${BENCH_ONLY:-waygate squid mitmdump}"
+ROWS="${BENCH_ROWS:-keep-alive new-conn plain-http download idle}"
+# want ROW: whether ROW is to be measured.
+want() { [[ " $ROWS " == *" $1 "* ]]; }
 ORIGIN_IP=203.0.113.40
 CONNS=16
 
@@ -196,10 +201,16 @@ PY2
 NEWCONN_RATE="${BENCH_NEWCONN_RATE:-1000}"
 rows() {
   local rate="${2:-$NEWCONN_RATE}"
-  load "$1" keep-alive "https://origin.example/1k" -c "$CONNS" -D "$SECS"
-  load "$1" new-conn "https://origin.example/1k" -r $((rate / 10)) --rate-period 100ms \
-    -c $((rate * SECS)) -n $((rate * SECS))
-  load "$1" plain-http "http://origin.example:8080/1k" -c "$CONNS" -D "$SECS"
+  if want keep-alive; then
+    load "$1" keep-alive "https://origin.example/1k" -c "$CONNS" -D "$SECS"
+  fi
+  if want new-conn; then
+    load "$1" new-conn "https://origin.example/1k" -r $((rate / 10)) --rate-period 100ms \
+      -c $((rate * SECS)) -n $((rate * SECS))
+  fi
+  if want plain-http; then
+    load "$1" plain-http "http://origin.example:8080/1k" -c "$CONNS" -D "$SECS"
+  fi
 }
 
 # ---- Waygate ------------------------------------------------------------------------------
@@ -228,7 +239,9 @@ if [[ " $ONLY " == *" waygate "* ]]; then
   rows waygate
 
   # 1 GiB inspected vs Do Not Inspect: the same origin file, names that differ by the rule.
-  for row in "inspected:origin.example:$WORK/waygate-ca.pem" "off:bypass.example:$WORK/labca.pem"; do
+  DOWNLOADS=("inspected:origin.example:$WORK/waygate-ca.pem" "off:bypass.example:$WORK/labca.pem")
+  want download || DOWNLOADS=()
+  for row in "${DOWNLOADS[@]}"; do
     IFS=: read -r label host ca <<<"$row"
     c0="$(cpu_ticks "$GW_PID")"
     speed="$(ip netns exec "${P}d1" curl -sS --fail --cacert "$ca" -o /dev/null \
@@ -237,11 +250,12 @@ if [[ " $ONLY " == *" waygate "* ]]; then
     echo "download	$label	$speed	$(((c1 - c0)))" >>"$WORK/downloads"
   done
 
-  # 1,000 idle inspected connections: each makes one request, then all stay open.
-  rss() { awk '/^VmRSS/ {print $2}' "/proc/$GW_PID/status"; }
-  rss0="$(rss)"
-  ip netns exec "${P}d1" python3 - "$WORK/waygate-ca.pem" 1000 "$WORK/idle.ready" \
-    >"$WORK/idle.log" 2>&1 <<'PY' &
+  if want idle; then
+    # 1,000 idle inspected connections: each makes one request, then all stay open.
+    rss() { awk '/^VmRSS/ {print $2}' "/proc/$GW_PID/status"; }
+    rss0="$(rss)"
+    ip netns exec "${P}d1" python3 - "$WORK/waygate-ca.pem" 1000 "$WORK/idle.ready" \
+      >"$WORK/idle.log" 2>&1 <<'PY' &
 import resource, socket, ssl, sys, time
 ca, n, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 resource.setrlimit(resource.RLIMIT_NOFILE, (n + 100, n + 100))
@@ -260,19 +274,20 @@ for i in range(n):
 open(ready, "w").write(str(len(held)))
 time.sleep(600)
 PY
-  IDLE_PID=$!
-  "$LAB" record-pid "$P" "$IDLE_PID" idle-client
-  for _ in $(seq 1 600); do
-    [ -f "$WORK/idle.ready" ] && break
-    kill -0 "$IDLE_PID" 2>/dev/null || bench_die "idle client failed: $(cat "$WORK/idle.log")"
-    sleep 0.2
-  done
-  [ -f "$WORK/idle.ready" ] || bench_die "1,000 connections did not open in 120 s"
-  sleep 2
-  rss1="$(rss)"
-  echo "idle	$rss0	$rss1	$(cat "$WORK/idle.ready")" >"$WORK/idle"
-  kill "$IDLE_PID" 2>/dev/null || true
-  wait "$IDLE_PID" 2>/dev/null || true
+    IDLE_PID=$!
+    "$LAB" record-pid "$P" "$IDLE_PID" idle-client
+    for _ in $(seq 1 600); do
+      [ -f "$WORK/idle.ready" ] && break
+      kill -0 "$IDLE_PID" 2>/dev/null || bench_die "idle client failed: $(cat "$WORK/idle.log")"
+      sleep 0.2
+    done
+    [ -f "$WORK/idle.ready" ] || bench_die "1,000 connections did not open in 120 s"
+    sleep 2
+    rss1="$(rss)"
+    echo "idle	$rss0	$rss1	$(cat "$WORK/idle.ready")" >"$WORK/idle"
+    kill "$IDLE_PID" 2>/dev/null || true
+    wait "$IDLE_PID" 2>/dev/null || true
+  fi
   waygate_down
 fi
 
@@ -371,7 +386,7 @@ python3 - "$WORK/results" "$WORK/downloads" "$WORK/idle" "$SECS" "$CONNS" <<'PY'
 import os, sys
 results, downloads, idle, secs, conns = sys.argv[1:]
 rows = {}
-for line in open(results):
+for line in open(results) if os.path.exists(results) else []:
     name, row, rps, cpu, per, tunnel, origin = line.rstrip("\n").split("\t")
     rows.setdefault(row, {})[name] = (float(rps), float(cpu), float(per), float(tunnel), float(origin))
 print(f"h2load --h1, 1 KiB responses, {secs} s per row; CPU-s = the proxy's user+system time")

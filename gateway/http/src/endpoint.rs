@@ -349,14 +349,17 @@ async fn client(
         rules: FlowRules::default(),
     };
     let reset = ResetFlag::default();
-    let flow = Arc::new(proxy::Conn {
-        ctx,
-        target,
-        tls: None,
-        proxy: Some(endpoint),
-        one_request: !tunnel,
-        reset: Some(reset.clone()),
-    });
+    // The explicit proxy's connections keep their own upstream: never from or to the pool.
+    let route = crate::Route {
+        dst: target,
+        bind: None,
+        via: None,
+        connect: Arc::new(move || connect(target)),
+    };
+    let mut flow = proxy::Conn::new(ctx, route, Some(endpoint), Some(reset.clone()));
+    flow.one_request = !tunnel;
+    flow.pooled = false;
+    let flow = Arc::new(flow);
     // The tunnel carries what follows the CONNECT head; a plain request is served whole.
     let rest = if tunnel { buf[len..].to_vec() } else { buf };
     if tunnel {
@@ -371,9 +374,14 @@ async fn client(
         reset,
     };
     if tunnel {
-        shared.run(flow, device, upstream).await
+        shared.run(flow, device, Some(upstream)).await
     } else {
-        proxy::serve(shared, flow, device, upstream, false).await;
+        let (sender, _) = proxy::open(&shared, None, upstream).await?;
+        *flow
+            .own
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sender);
+        proxy::serve(shared, flow, device, false).await;
         Ok(())
     }
 }

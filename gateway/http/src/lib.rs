@@ -15,13 +15,14 @@
 #![deny(missing_docs)]
 #![allow(clippy::disallowed_methods)] // an I/O shell like the runtime: it reads the clock for logs, pages and leaves
 
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use waygate_config::{HttpConfig, NoSni};
@@ -38,6 +39,7 @@ pub mod endpoint;
 pub mod files;
 pub mod h2settings;
 pub mod page;
+pub mod pool;
 mod proxy;
 pub mod reset;
 pub mod tls;
@@ -90,6 +92,56 @@ impl HttpCounters {
     }
 }
 
+/// Opens a fresh TCP connection to a flow's origin, the way its [`Route`] leaves.
+pub type Connect =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>> + Send + Sync>;
+
+/// How an inspected flow reaches its origin: what makes its upstream connections
+/// interchangeable with another flow's, and how to open one.
+#[derive(Clone)]
+pub struct Route {
+    /// The origin's address and port.
+    pub dst: SocketAddr,
+    /// The egress address connections leave from.
+    pub bind: Option<IpAddr>,
+    /// The virtual network route they take, opaque here: equal values leave the same way.
+    pub via: Option<u64>,
+    /// Opens one.
+    pub connect: Connect,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("dst", &self.dst)
+            .field("bind", &self.bind)
+            .field("via", &self.via)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Route {
+    /// A route to `dst` the way the host routes it, from the address it picks.
+    pub fn direct(dst: SocketAddr) -> Route {
+        Route {
+            dst,
+            bind: None,
+            via: None,
+            connect: Arc::new(move || Box::pin(TcpStream::connect(dst))),
+        }
+    }
+
+    /// The pool key of a connection on this route with `tls`.
+    pub fn key(&self, tls: Option<(Arc<str>, bool)>) -> pool::Key {
+        pool::Key {
+            dst: self.dst,
+            bind: self.bind,
+            via: self.via,
+            tls,
+        }
+    }
+}
+
 /// What the inspector reads that changes while running.
 pub struct Shared {
     config: HttpConfig,
@@ -98,6 +150,8 @@ pub struct Shared {
     categories: ArcSwapOption<CategoryDb>,
     minter: Option<Minter>,
     trust: UpstreamTrust,
+    /// Idle upstream connections, shared by all inspected flows.
+    pool: Arc<pool::Pool>,
     counters: Arc<HttpCounters>,
     /// Where `gateway_http` lines go (`logs.dir`), set once at start.
     /// One sender (each clone of a sender registers buffers of its own): requests share it.
@@ -133,6 +187,7 @@ impl Inspector {
                 categories: ArcSwapOption::empty(),
                 minter,
                 trust: UpstreamTrust::new(roots)?,
+                pool: pool::Pool::new(pool::MAX_IDLE, pool::IDLE_TIMEOUT),
                 counters: Arc::default(),
                 logs: std::sync::OnceLock::new(),
             }),
@@ -165,33 +220,50 @@ impl Inspector {
         self.shared.counters.clone()
     }
 
-    /// Inspects a flow: `device` is the device's side, `upstream` the connection already made
-    /// to `target` from the egress address; `reset` is raised before `device` is dropped when
-    /// the device is to get a reset rather than a close.
+    /// Idle upstream connections in the pool.
+    pub fn pooled(&self) -> usize {
+        self.shared.pool.len()
+    }
+
+    /// The origin first: answers once `route`'s origin does, with the connection made, or
+    /// with `None` when a live pooled connection already shows it answers (that flow then
+    /// uses pooled connections, or opens one when it needs a connection of its own).
+    pub async fn connect(&self, route: &Route) -> std::io::Result<Option<TcpStream>> {
+        if self.shared.pool.reaches(route.dst, route.bind, route.via) {
+            return Ok(None);
+        }
+        Ok(Some((route.connect)().await?))
+    }
+
+    /// Inspects a flow: `device` is the device's side, `upstream` what [`Inspector::connect`]
+    /// gave for `route`; `reset` is raised before `device` is dropped when the device is to get
+    /// a reset rather than a close.
     pub fn inspect<D>(
         &self,
         ctx: FlowCtx,
-        target: SocketAddr,
+        route: Route,
+        upstream: Option<TcpStream>,
         device: D,
-        upstream: TcpStream,
         reset: reset::ResetFlag,
     ) where
         D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let shared = self.shared.clone();
         self.runtime.spawn(async move {
-            let flow = Arc::new(proxy::Conn {
-                ctx,
-                target,
-                tls: None,
-                proxy: None,
-                one_request: false,
-                reset: Some(reset),
-            });
+            let target = route.dst;
+            let flow = Arc::new(proxy::Conn::new(ctx, route, None, Some(reset)));
             if let Err(e) = shared.run(flow.clone(), device, upstream).await {
                 tracing::debug!(target: "waygate::http", device = %flow.ctx.device.name, dst = %target, error = %e, "inspected flow ended");
             }
         });
+    }
+}
+
+/// The flow's own TCP connection to its origin: `upstream` when it was made, else a fresh one.
+async fn raw(flow: &proxy::Conn, upstream: Option<TcpStream>) -> std::io::Result<TcpStream> {
+    match upstream {
+        Some(stream) => Ok(stream),
+        None => (flow.route.connect)().await,
     }
 }
 
@@ -209,30 +281,37 @@ impl Shared {
         self: Arc<Self>,
         flow: Arc<proxy::Conn>,
         mut device: D,
-        mut upstream: TcpStream,
+        mut upstream: Option<TcpStream>,
     ) -> std::io::Result<()>
     where
         D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut first = Vec::with_capacity(FIRST_READ);
-        // A protocol whose server speaks first (SMTP, SSH on "all" ports) has nothing to
-        // inspect: splice as soon as the upstream says something before the device does.
-        // No deadline here: a browser's preconnect may idle for long, and passing a silent flow
-        // through after a while would let any client skip inspection by waiting. The flow's own
-        // idle timeout ends dead ones.
-        // Readiness alone can be spurious, and a spurious one must not let a flow skip
-        // inspection: the origin spoke when a peek finds bytes (or its end).
-        let mut probe = [0u8; 1];
-        let origin_spoke = std::future::poll_fn(|cx| {
-            upstream.poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut probe))
-        });
-        let read = tokio::select! {
-            n = device.read_buf(&mut first) => Some(n?),
-            r = origin_spoke => { r?; None }
+        let read = match upstream.as_mut() {
+            // A protocol whose server speaks first (SMTP, SSH on "all" ports) has nothing to
+            // inspect: splice as soon as the upstream says something before the device does.
+            // No deadline here: a browser's preconnect may idle for long, and passing a silent
+            // flow through after a while would let any client skip inspection by waiting. The
+            // flow's own idle timeout ends dead ones.
+            // Readiness alone can be spurious, and a spurious one must not let a flow skip
+            // inspection: the origin spoke when a peek finds bytes (or its end).
+            Some(stream) => {
+                let mut probe = [0u8; 1];
+                let origin_spoke = std::future::poll_fn(|cx| {
+                    stream.poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut probe))
+                });
+                tokio::select! {
+                    n = device.read_buf(&mut first) => Some(n?),
+                    r = origin_spoke => { r?; None }
+                }
+            }
+            // A pooled connection showed the origin answers (and speaks HTTP, not first).
+            None => Some(device.read_buf(&mut first).await?),
         };
         match read {
             None => {
                 tracing::debug!(target: "waygate::http", device = %flow.ctx.device.name, dst = %flow.target, "the origin spoke first: passed through");
+                let mut upstream = raw(&flow, upstream).await?;
                 upstream.write_all(&first).await?;
                 splice(device, upstream).await;
                 return Ok(());
@@ -252,6 +331,7 @@ impl Shared {
                     self.tls(flow, device, upstream, accepted, recorded).await
                 }
                 Hello::Other { recorded } => {
+                    let mut upstream = raw(&flow, upstream).await?;
                     upstream.write_all(&recorded).await?;
                     splice(device, upstream).await;
                     Ok(())
@@ -259,15 +339,25 @@ impl Shared {
             };
         }
         if !looks_like_http(&first) {
+            let mut upstream = raw(&flow, upstream).await?;
             upstream.write_all(&first).await?;
             splice(device, upstream).await;
             return Ok(());
+        }
+        // The connection made for the flow serves its first request; without one, requests
+        // take pooled connections.
+        if let Some(stream) = upstream {
+            let (sender, _) = proxy::open(&self, None, stream).await?;
+            *flow
+                .own
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sender);
         }
         // Replayed for the connection's life: only what was read is kept.
         first.shrink_to_fit();
         let (reader, writer) = tokio::io::split(device);
         let device = tokio::io::join(std::io::Cursor::new(first).chain(reader), writer);
-        proxy::serve(self, flow, device, upstream, false).await;
+        proxy::serve(self, flow, device, false).await;
         Ok(())
     }
 
@@ -293,7 +383,7 @@ impl Shared {
         self: Arc<Self>,
         flow: Arc<proxy::Conn>,
         device: D,
-        mut upstream: TcpStream,
+        upstream: Option<TcpStream>,
         accepted: Box<rustls::server::Accepted>,
         recorded: Vec<u8>,
     ) -> std::io::Result<()>
@@ -331,6 +421,7 @@ impl Shared {
                 }
                 return Ok(());
             }
+            let mut upstream = raw(&flow, upstream).await?;
             upstream.write_all(&recorded).await?;
             splice(device, upstream).await;
             return Ok(());
@@ -341,6 +432,7 @@ impl Shared {
                 if let Verdict::DoNotInspect(_) = verdict {
                     self.counters.count(&verdict);
                     log("off", Some(&verdict));
+                    let mut upstream = raw(&flow, upstream).await?;
                     upstream.write_all(&recorded).await?;
                     splice(device, upstream).await;
                     return Ok(());
@@ -351,6 +443,7 @@ impl Shared {
                 NoSni::Bypass => {
                     self.counters.bypassed.fetch_add(1, Ordering::Relaxed);
                     log("no_sni_bypass", None);
+                    let mut upstream = raw(&flow, upstream).await?;
                     upstream.write_all(&recorded).await?;
                     splice(device, upstream).await;
                     return Ok(());
@@ -367,28 +460,37 @@ impl Shared {
                 NoSni::Inspect => flow.target.ip().to_string(),
             },
         };
-        // The origin first: its ALPN decides what the device is offered.
-        let client = self.trust.client_config(device_h2);
-        let server_name = match &sni {
-            Some(host) => ServerName::try_from(host.clone()).map_err(std::io::Error::other)?,
-            None => ServerName::IpAddress(flow.target.ip().into()),
+        // The origin first: its ALPN decides what the device is offered. A pooled connection
+        // to the same name tells as much as a new one.
+        let origin_tls = Some((Arc::<str>::from(name.as_str()), device_h2));
+        let key = flow.route.key(origin_tls.clone());
+        let pooled = if flow.pooled {
+            self.pool.take(&key)
+        } else {
+            None
         };
-        let origin = tokio_rustls::TlsConnector::from(client)
-            .connect(server_name.clone(), upstream)
-            .await?;
-        let upstream_h2 = origin.get_ref().1.alpn_protocol() == Some(b"h2");
-        let upstream_version = origin
-            .get_ref()
-            .1
-            .protocol_version()
-            .map(|v| format!("{v:?}"));
-        let cert_error = self
-            .trust
-            .verify(&server_name, origin.get_ref().1.peer_certificates());
+        let (own, facts) = match pooled {
+            Some((sender, facts)) => {
+                // Not needed: the pooled one answers for the origin.
+                drop(upstream);
+                (sender, facts)
+            }
+            None => {
+                let stream = raw(&flow, upstream).await?;
+                let (sender, facts) = proxy::open(&self, origin_tls.as_ref(), stream).await?;
+                let facts = Arc::new(facts);
+                if flow.pooled {
+                    if let Some(h2) = sender.share() {
+                        self.pool.put(key, h2, facts.clone());
+                    }
+                }
+                (sender, facts)
+            }
+        };
         #[allow(clippy::disallowed_methods)] // a certificate is minted for the time now
         let now = SystemTime::now();
         let config = minter
-            .device_config(&name, upstream_h2, now)
+            .device_config(&name, facts.h2, now)
             .map_err(std::io::Error::other)?;
         // Only a splice replays the hello: not kept for the decrypted connection's life.
         drop(recorded);
@@ -401,14 +503,19 @@ impl Shared {
             target: flow.target,
             tls: Some(proxy::TlsFacts {
                 sni: name,
-                cert_error,
-                version: upstream_version,
+                cert_error: facts.cert_error.clone(),
+                version: facts.version.clone(),
             }),
             proxy: flow.proxy.clone(),
             one_request: false,
             reset: None,
+            route: flow.route.clone(),
+            pooled: flow.pooled,
+            origin_tls,
+            facts: facts.clone(),
+            own: std::sync::Mutex::new(Some(own)),
         });
-        proxy::serve(self, flow, device, origin, upstream_h2).await;
+        proxy::serve(self, flow, device, facts.extended_connect).await;
         Ok(())
     }
 }

@@ -18,7 +18,6 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Mutex;
 use waygate_model::activity::{HttpActivity, RuleRef as LogRule};
 use waygate_model::FlowCtx;
 use waygate_policy::fields::{FieldId, Phase};
@@ -27,7 +26,8 @@ use waygate_policy::input::Input;
 use crate::decide::{self, RuleRef, Verdict};
 use crate::files::{self, Prefixed};
 use crate::page::{self, PageContext};
-use crate::{h2settings, Shared};
+use crate::pool::{Key, OriginFacts, Sender};
+use crate::{h2settings, Route, Shared};
 
 /// How long an HTTP/2 origin may take to send its SETTINGS after its TLS handshake.
 const SETTINGS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -59,17 +59,60 @@ pub struct Conn {
     pub one_request: bool,
     /// Raised to end the device's side with a reset.
     pub reset: Option<crate::reset::ResetFlag>,
+    /// How its upstream connections are made.
+    pub route: Route,
+    /// Whether its upstream connections come from and go back to the inspector's pool (not
+    /// for the explicit proxy's connections: each keeps its own).
+    pub pooled: bool,
+    /// TLS toward the origin: the name sent and verified, and whether h2 is offered.
+    pub origin_tls: Option<(Arc<str>, bool)>,
+    /// What its origin connection learned (ALPN, certificate, RFC 8441).
+    pub facts: Arc<OriginFacts>,
+    /// The upstream connection it holds: the one made (or taken from the pool) when it
+    /// started, until its first request; a shared HTTP/2 one for its life; an unpooled one
+    /// between requests.
+    pub own: std::sync::Mutex<Option<Sender>>,
+}
+
+impl Conn {
+    /// A connection to `route`'s origin, pooled, before anything is known of TLS.
+    pub fn new(
+        ctx: FlowCtx,
+        route: Route,
+        proxy: Option<Arc<str>>,
+        reset: Option<crate::reset::ResetFlag>,
+    ) -> Conn {
+        Conn {
+            ctx,
+            target: route.dst,
+            tls: None,
+            proxy,
+            one_request: false,
+            reset,
+            route,
+            pooled: true,
+            origin_tls: None,
+            facts: Arc::default(),
+            own: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The pool key of its upstream connections.
+    pub fn key(&self) -> Key {
+        self.route.key(self.origin_tls.clone())
+    }
+
+    fn own(&self) -> std::sync::MutexGuard<'_, Option<Sender>> {
+        self.own
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-enum Sender {
-    H1(Mutex<hyper::client::conn::http1::SendRequest<Counted>>),
-    H2(hyper::client::conn::http2::SendRequest<Counted>),
-}
-
 /// A request body from the device, counting what passes.
-struct Counted {
+pub struct Counted {
     inner: Prefixed,
     count: Arc<AtomicU64>,
 }
@@ -106,6 +149,16 @@ struct Logged {
     inner: Prefixed,
     received: u64,
     record: Option<Record>,
+    /// The HTTP/1.1 connection the response came on, back to the pool once it ended whole.
+    give_back: Option<GiveBack>,
+    /// The response ended whole.
+    ended: bool,
+}
+
+struct GiveBack {
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    sender: Sender,
 }
 
 impl hyper::body::Body for Logged {
@@ -117,10 +170,17 @@ impl hyper::body::Body for Logged {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.received += data.len() as u64;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.received += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.ended = true;
+                }
             }
+            Poll::Ready(None) => self.ended = true,
+            _ => {}
         }
         polled
     }
@@ -138,6 +198,12 @@ impl Drop for Logged {
     fn drop(&mut self) {
         if let Some(record) = self.record.take() {
             record.write(self.received);
+        }
+        if let Some(g) = self.give_back.take() {
+            // A response cut short leaves its connection mid-message: dropped, so closed.
+            if self.ended || hyper::body::Body::is_end_stream(&self.inner) {
+                give_back(&g.shared, &g.conn, g.sender);
+            }
         }
     }
 }
@@ -178,50 +244,150 @@ fn redirect(location: &str) -> Response<Body> {
     r
 }
 
-/// Serves the device's requests on `device`, forwarding allowed ones over `upstream`.
-pub async fn serve<D, U>(shared: Arc<Shared>, conn: Arc<Conn>, device: D, upstream: U, h2: bool)
+/// hyper's client handshake on `upstream` (HTTP/2 when `h2`), its connection driven by a task
+/// of its own; for HTTP/2 also whether the origin accepts RFC 8441 extended CONNECT.
+pub async fn handshake<U>(upstream: U, h2: bool) -> std::io::Result<(Sender, bool)>
 where
-    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut extended_connect = false;
-    let sender = if h2 {
+    if h2 {
         let (upstream, settings) = h2settings::Watched::new(upstream);
-        match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
+        let (send, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
+                .await
+                .map_err(std::io::Error::other)?;
+        tokio::spawn(connection);
+        // The origin's SETTINGS open what it sends once its TLS handshake is done, so this
+        // waits for bytes already on their way (and the device's first request could not be
+        // answered before them anyway).
+        let extended_connect = tokio::time::timeout(SETTINGS_WAIT, settings)
             .await
-        {
-            Ok((send, connection)) => {
-                tokio::spawn(connection);
-                // The origin's SETTINGS open what it sends once its TLS handshake is done, so
-                // this waits for bytes already on their way (and the device's first request
-                // could not be answered before them anyway).
-                extended_connect = tokio::time::timeout(SETTINGS_WAIT, settings)
-                    .await
-                    .is_ok_and(|accepts| accepts.unwrap_or(false));
-                Sender::H2(send)
-            }
-            Err(e) => {
-                tracing::debug!(target: "waygate::http", error = %e, "upstream h2 handshake failed");
-                return;
-            }
-        }
+            .is_ok_and(|accepts| accepts.unwrap_or(false));
+        Ok((Sender::H2(send), extended_connect))
     } else {
-        match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
-            Ok((send, connection)) => {
-                tokio::spawn(connection.with_upgrades());
-                Sender::H1(Mutex::new(send))
+        let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(upstream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(connection.with_upgrades());
+        Ok((Sender::H1(send), false))
+    }
+}
+
+/// An upstream connection on `stream`: TLS first when `tls` names the origin (offering h2
+/// when asked), then hyper's handshake in the protocol the origin chose.
+pub async fn open(
+    shared: &Shared,
+    tls: Option<&(Arc<str>, bool)>,
+    stream: tokio::net::TcpStream,
+) -> std::io::Result<(Sender, OriginFacts)> {
+    let Some((name, offer_h2)) = tls else {
+        let (sender, _) = handshake(stream, false).await?;
+        return Ok((sender, OriginFacts::default()));
+    };
+    let server_name =
+        rustls::pki_types::ServerName::try_from(name.to_string()).map_err(std::io::Error::other)?;
+    let client = shared.trust.client_config(*offer_h2);
+    let origin = tokio_rustls::TlsConnector::from(client)
+        .connect(server_name.clone(), stream)
+        .await?;
+    let session = origin.get_ref().1;
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    let version = session.protocol_version().map(|v| format!("{v:?}"));
+    let cert_error = shared
+        .trust
+        .verify(&server_name, session.peer_certificates());
+    let (sender, extended_connect) = handshake(origin, h2).await?;
+    Ok((
+        sender,
+        OriginFacts {
+            h2,
+            extended_connect,
+            cert_error,
+            version,
+        },
+    ))
+}
+
+/// An upstream connection for one request, and whether it served before (so may have been
+/// closed by the origin meanwhile).
+struct Lease {
+    sender: Sender,
+    reused: bool,
+}
+
+/// The connection a request goes on: the device connection's own, else a pooled one, else a
+/// fresh one (always fresh when `fresh`: an upgrade takes its connection for good).
+async fn lease(shared: &Shared, conn: &Conn, fresh: bool) -> std::io::Result<Lease> {
+    if !fresh {
+        let own = {
+            let mut own = conn.own();
+            if own.as_ref().is_some_and(Sender::is_closed) {
+                *own = None;
             }
-            Err(e) => {
-                tracing::debug!(target: "waygate::http", error = %e, "upstream handshake failed");
-                return;
+            match own.as_ref().and_then(Sender::share) {
+                Some(shared) => Some(shared),
+                None => own.take(),
+            }
+        };
+        if let Some(sender) = own {
+            return Ok(Lease {
+                sender,
+                reused: true,
+            });
+        }
+        if conn.pooled {
+            if let Some((sender, _)) = shared.pool.take(&conn.key()) {
+                return Ok(Lease {
+                    sender,
+                    reused: true,
+                });
             }
         }
-    };
-    let sender = Arc::new(sender);
+    }
+    let stream = (conn.route.connect)().await?;
+    let (sender, facts) = open(shared, conn.origin_tls.as_ref(), stream).await?;
+    if !fresh {
+        if let Some(h2) = sender.share() {
+            // An HTTP/2 connection serves this device connection's later requests too, and
+            // (pooled) other device connections'.
+            if conn.pooled {
+                if let Some(pooled) = h2.share() {
+                    shared.pool.put(conn.key(), pooled, Arc::new(facts));
+                }
+            }
+            *conn.own() = Some(h2);
+        }
+    }
+    Ok(Lease {
+        sender,
+        reused: false,
+    })
+}
+
+/// An HTTP/1.1 connection whose response ended whole: back to the pool, or kept by an
+/// unpooled device connection for its next request.
+fn give_back(shared: &Arc<Shared>, conn: &Conn, sender: Sender) {
+    if sender.is_closed() || sender.share().is_some() {
+        return;
+    }
+    if conn.pooled {
+        shared.pool.put(conn.key(), sender, conn.facts.clone());
+    } else {
+        *conn.own() = Some(sender);
+    }
+}
+
+/// Serves the device's requests on `device`, forwarding allowed ones over upstream connections
+/// from the pool (or the device connection's own, `conn.own`); the device is offered RFC 8441
+/// when `extended_connect`.
+pub async fn serve<D>(shared: Arc<Shared>, conn: Arc<Conn>, device: D, extended_connect: bool)
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (shared_ref, conn_ref) = (shared.clone(), conn.clone());
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let shared = shared.clone();
         let conn = conn.clone();
-        let sender = sender.clone();
         async move {
             let mut request = request;
             if conn.proxy.is_some() {
@@ -229,7 +395,7 @@ where
                 request.headers_mut().remove("proxy-connection");
                 request.headers_mut().remove(header::PROXY_AUTHORIZATION);
             }
-            let mut response = handle(&shared, &conn, &sender, request).await;
+            let mut response = handle(&shared, &conn, request).await;
             if conn.one_request {
                 response
                     .headers_mut()
@@ -248,6 +414,12 @@ where
         .await
     {
         tracing::debug!(target: "waygate::http", error = %e, "device connection ended");
+    }
+    // A connection taken for a device connection that sent no request to it (it closed, or
+    // its requests were answered by the gateway) serves another.
+    let own = conn_ref.own().take();
+    if let Some(sender) = own {
+        give_back(&shared_ref, &conn_ref, sender);
     }
 }
 
@@ -392,9 +564,8 @@ fn untrusted(
 }
 
 async fn handle(
-    shared: &Shared,
-    conn: &Conn,
-    sender: &Sender,
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
     request: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -526,7 +697,9 @@ async fn handle(
         && request.extensions().get::<hyper::ext::Protocol>().is_some();
     let upgrade = extended_connect || request.headers().contains_key(header::UPGRADE);
     let device_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-    let response = match forward(sender, request, &facts, &authority).await {
+    let (response, mut sender) = match forward(shared, conn, request, &facts, &authority, upgrade)
+        .await
+    {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(target: "waygate::http", error = %e, url = %facts.url, "upstream request failed");
@@ -584,7 +757,10 @@ async fn handle(
     };
     if let (Some(device_upgrade), true) = (device_upgrade, status == tunnel) {
         let origin_upgrade = hyper::upgrade::on(&mut response);
+        let sender = sender.take();
         tokio::spawn(async move {
+            // The tunnel's connection, never pooled: its handle lives as long as the tunnel.
+            let _sender = sender;
             match (device_upgrade.await, origin_upgrade.await) {
                 (Ok(d), Ok(o)) => {
                     let _ =
@@ -601,10 +777,20 @@ async fn handle(
     let record = (!matches!(verdict, Verdict::DoNotInspect(_)))
         .then(|| Record::new(shared, conn, &facts, &verdict, status, verdict.decision()));
     let (mut parts, body) = response.into_parts();
+    let give_back = match sender {
+        Some(sender @ Sender::H1(_)) if !upgrade => Some(GiveBack {
+            shared: shared.clone(),
+            conn: conn.clone(),
+            sender,
+        }),
+        _ => None,
+    };
     let body = Logged {
         inner: body,
         received: 0,
         record,
+        give_back,
+        ended: false,
     };
     if parts.version == hyper::Version::HTTP_2 && status != StatusCode::SWITCHING_PROTOCOLS {
         for name in HOP_BY_HOP {
@@ -631,18 +817,31 @@ fn content_type(headers: &hyper::HeaderMap) -> Option<String> {
     (!mime.is_empty()).then_some(mime)
 }
 
-/// Sends `request` over the flow's upstream connection, in the form its protocol needs.
-async fn forward(
-    sender: &Sender,
-    request: Request<Prefixed>,
+/// Why a request got no response from the origin.
+enum SendError {
+    /// Failed before the request was written: it may go on another connection.
+    NotSent(hyper::Error, Box<Request<Counted>>),
+    /// Failed after.
+    Failed(hyper::Error),
+}
+
+impl From<hyper::client::conn::TrySendError<Request<Counted>>> for SendError {
+    fn from(mut e: hyper::client::conn::TrySendError<Request<Counted>>) -> SendError {
+        match e.take_message() {
+            Some(request) => SendError::NotSent(e.into_error(), Box::new(request)),
+            None => SendError::Failed(e.into_error()),
+        }
+    }
+}
+
+/// Sends `request` on `sender`, in the form its protocol needs.
+async fn send(
+    sender: &mut Sender,
+    request: Request<Counted>,
     facts: &Facts,
     authority: &str,
-) -> Result<Response<Incoming>, hyper::Error> {
+) -> Result<Response<Incoming>, SendError> {
     let (mut parts, body) = request.into_parts();
-    let body = Counted {
-        inner: body,
-        count: facts.sent.clone(),
-    };
     match sender {
         Sender::H1(send) => {
             // Origin form and a Host header, whatever the device spoke.
@@ -655,14 +854,13 @@ async fn forward(
                 }
             }
             parts.version = hyper::Version::HTTP_11;
-            let mut send = send.lock().await;
-            send.ready().await?;
-            let response = send.send_request(Request::from_parts(parts, body));
-            drop(send);
-            response.await
+            let request = Request::from_parts(parts, body);
+            if let Err(e) = send.ready().await {
+                return Err(SendError::NotSent(e, Box::new(request)));
+            }
+            Ok(send.try_send_request(request).await?)
         }
         Sender::H2(send) => {
-            let mut send = send.clone();
             if let Ok(uri) = format!("{}://{authority}{}", facts.scheme, facts.pq).parse() {
                 parts.uri = uri;
             }
@@ -671,8 +869,45 @@ async fn forward(
             }
             parts.headers.remove(header::HOST);
             parts.version = hyper::Version::HTTP_2;
-            send.ready().await?;
-            send.send_request(Request::from_parts(parts, body)).await
+            let request = Request::from_parts(parts, body);
+            if let Err(e) = send.ready().await {
+                return Err(SendError::NotSent(e, Box::new(request)));
+            }
+            Ok(send.try_send_request(request).await?)
+        }
+    }
+}
+
+/// Sends `request` to the origin on a leased connection (a fresh one for an `upgrade`); a
+/// reused connection that fails before the request is written (the origin closed it while
+/// idle) is replaced once by a fresh one. Returns the response and, for HTTP/1.1, the
+/// connection's handle.
+async fn forward(
+    shared: &Shared,
+    conn: &Conn,
+    request: Request<Prefixed>,
+    facts: &Facts,
+    authority: &str,
+    upgrade: bool,
+) -> Result<(Response<Incoming>, Option<Sender>), Box<dyn std::error::Error + Send + Sync>> {
+    let mut request = request.map(|body| Counted {
+        inner: body,
+        count: facts.sent.clone(),
+    });
+    let mut fresh = upgrade;
+    loop {
+        let mut lease = lease(shared, conn, fresh).await?;
+        match send(&mut lease.sender, request, facts, authority).await {
+            Ok(response) => {
+                let sender = lease.sender.share().is_none().then_some(lease.sender);
+                return Ok((response, sender));
+            }
+            Err(SendError::NotSent(e, unsent)) if lease.reused => {
+                tracing::debug!(target: "waygate::http", error = %e, url = %facts.url, "reused upstream connection failed: retried on a fresh one");
+                request = *unsent;
+                fresh = true;
+            }
+            Err(SendError::NotSent(e, _) | SendError::Failed(e)) => return Err(e.into()),
         }
     }
 }

@@ -2,7 +2,8 @@
 //! rules, TLS decrypted with the gateway's leaves, Do Not Inspect splicing the origin's own
 //! certificate, an untrusted origin, and h2 end to end.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -155,7 +156,20 @@ async fn tls_origin_with(
     alpn: &[&[u8]],
     extended_connect: bool,
 ) -> SocketAddr {
-    let cert = ca.issue(&[name.to_string()], &[], now()).expect("cert");
+    counting_tls_origin(ca, &[name], alpn, extended_connect)
+        .await
+        .0
+}
+
+/// [`tls_origin_with`] for several names, counting the connections it accepts.
+async fn counting_tls_origin(
+    ca: &CertificateAuthority,
+    names: &[&str],
+    alpn: &[&[u8]],
+    extended_connect: bool,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = ca.issue(&names, &[], now()).expect("cert");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -173,8 +187,11 @@ async fn tls_origin_with(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counted = accepts.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(s).await {
@@ -183,7 +200,7 @@ async fn tls_origin_with(
             });
         }
     });
-    addr
+    (addr, accepts)
 }
 
 struct Lab {
@@ -230,14 +247,20 @@ fn lab_with(config: HttpConfig) -> Lab {
 impl Lab {
     /// A device flow to `origin` through the inspector: the device's end.
     async fn open(&self, origin: SocketAddr) -> tokio::io::DuplexStream {
-        let upstream = TcpStream::connect(origin).await.expect("origin");
+        self.open_route(waygate_http::Route::direct(origin)).await
+    }
+
+    /// [`Lab::open`] leaving by `route`.
+    async fn open_route(&self, route: waygate_http::Route) -> tokio::io::DuplexStream {
+        let origin = route.dst;
+        let upstream = self.inspector.connect(&route).await.expect("origin");
         let (device, theirs) = tokio::io::duplex(64 * 1024);
         let ctx = waygate_model::testkit::flow()
             .dst(&origin.to_string())
             .build();
         let reset = ResetFlag::default();
         self.inspector
-            .inspect(ctx, origin, theirs, upstream, reset.clone());
+            .inspect(ctx, route, upstream, theirs, reset.clone());
         *self.reset.lock().expect("lock") = Some(reset);
         device
     }
@@ -820,4 +843,196 @@ async fn websockets_over_h2_pass_when_the_origin_accepts_extended_connect() {
         assert_eq!(response.status(), 200);
         echoes(response, b"hello over h2").await;
     }
+}
+
+/// A route to `origin` leaving from `bind` (a loopback address: all of 127/8 is local).
+fn route_from(origin: SocketAddr, bind: IpAddr) -> waygate_http::Route {
+    waygate_http::Route {
+        dst: origin,
+        bind: Some(bind),
+        via: None,
+        connect: Arc::new(move || {
+            Box::pin(async move {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(bind, 0))?;
+                socket.connect(origin).await
+            })
+        }),
+    }
+}
+
+/// A plain HTTP origin answering each connection's first request and then closing it without
+/// saying so (`Connection: close`), as an origin whose keep-alive timeout passed does; records
+/// each connection's source address.
+async fn one_shot_origin() -> (SocketAddr, Arc<std::sync::Mutex<Vec<SocketAddr>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = listener.accept().await {
+            seen.lock().expect("lock").push(peer);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    (addr, peers)
+}
+
+/// A plain HTTP origin counting the connections it accepts.
+async fn counting_plain_origin() -> (SocketAddr, Arc<std::sync::Mutex<Vec<SocketAddr>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    tokio::spawn(async move {
+        while let Ok((s, peer)) = listener.accept().await {
+            seen.lock().expect("lock").push(peer);
+            tokio::spawn(serve_origin(s, false));
+        }
+    });
+    (addr, peers)
+}
+
+impl Lab {
+    /// Waits until `n` upstream connections are idle in the pool (a response's connection goes
+    /// back once the device's side of it ended).
+    async fn pooled(&self, n: usize) {
+        for _ in 0..200 {
+            if self.inspector.pooled() == n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(self.inspector.pooled(), n, "idle pooled connections");
+    }
+}
+
+#[tokio::test]
+async fn device_connections_in_sequence_share_one_upstream_connection_per_name() {
+    let lab = lab(true);
+    let (origin, accepts) = counting_tls_origin(
+        &lab.lab_ca,
+        &["shop.example", "other.example"],
+        &[b"http/1.1"],
+        false,
+    )
+    .await;
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    for round in 0..3 {
+        let tls = lab
+            .tls(origin, &gw, "shop.example", &[b"h2", b"http/1.1"])
+            .await
+            .expect("handshake");
+        let (status, _, body) = get(tls, "shop.example", &format!("/r{round}"), false).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, format!("HTTP/1.1 /r{round} tag=-").as_str())
+        );
+        lab.pooled(1).await;
+    }
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "one upstream connection served all three"
+    );
+
+    // Another SNI is another key: its own connection, and both are kept.
+    let tls = lab
+        .tls(origin, &gw, "other.example", &[b"http/1.1"])
+        .await
+        .expect("handshake");
+    let (status, _, _) = get(tls, "other.example", "/", false).await;
+    assert_eq!(status, 200);
+    lab.pooled(2).await;
+    assert_eq!(accepts.load(Ordering::SeqCst), 2);
+
+    // A device connection whose requests the gateway answers itself hands back the
+    // connection it took (same name, same ALPN offer).
+    let tls = lab
+        .tls(origin, &gw, "shop.example", &[b"h2", b"http/1.1"])
+        .await
+        .expect("handshake");
+    let (status, _, _) = get(tls, "shop.example", "/admin", false).await;
+    assert_eq!(status, 403);
+    lab.pooled(2).await;
+    assert_eq!(accepts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_h2_upstream_connection_is_shared_by_device_connections() {
+    let lab = lab(true);
+    let (origin, accepts) =
+        counting_tls_origin(&lab.lab_ca, &["h2.example"], &[b"h2", b"http/1.1"], false).await;
+    let gw = lab.gateway_ca.cert_der().to_vec();
+    let first = lab
+        .tls(origin, &gw, "h2.example", &[b"h2", b"http/1.1"])
+        .await
+        .expect("handshake");
+    let second = lab
+        .tls(origin, &gw, "h2.example", &[b"h2", b"http/1.1"])
+        .await
+        .expect("handshake");
+    assert_eq!(second.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (a, b) = tokio::join!(
+        get(first, "h2.example", "/a", true),
+        get(second, "h2.example", "/b", true)
+    );
+    assert_eq!((a.0, a.2.as_str()), (200, "HTTP/2.0 /a tag=-"));
+    assert_eq!((b.0, b.2.as_str()), (200, "HTTP/2.0 /b tag=-"));
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "both devices on one h2 connection"
+    );
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_origin_closed_is_replaced_by_a_fresh_one() {
+    let lab = lab(false);
+    let (origin, peers) = one_shot_origin().await;
+    for round in 0..3 {
+        let device = lab.open(origin).await;
+        let (status, _, body) = get(device, "plain.example", "/", false).await;
+        assert_eq!((status, body.as_str()), (200, "ok"), "round {round}");
+    }
+    assert_eq!(
+        peers.lock().expect("lock").len(),
+        3,
+        "each request on a new connection"
+    );
+}
+
+#[tokio::test]
+async fn different_egress_addresses_do_not_share_connections() {
+    let lab = lab(false);
+    let (origin, peers) = counting_plain_origin().await;
+    let a: IpAddr = [127, 0, 0, 1].into();
+    let b: IpAddr = [127, 0, 0, 2].into();
+    // One idle connection after the first request, two (one per address) after each later.
+    for (bind, idle) in [(a, 1), (b, 2), (a, 2), (b, 2)] {
+        let device = lab.open_route(route_from(origin, bind)).await;
+        let (status, _, _) = get(device, "plain.example", "/", false).await;
+        assert_eq!(status, 200);
+        lab.pooled(idle).await;
+    }
+    let peers = peers.lock().expect("lock").clone();
+    let sources: Vec<IpAddr> = peers.iter().map(SocketAddr::ip).collect();
+    assert_eq!(
+        sources,
+        vec![a, b],
+        "one connection from each egress address, reused"
+    );
 }

@@ -53,7 +53,7 @@ pub fn start(
     let handle = handle_rx
         .recv()
         .context("the HTTP inspector's runtime did not start")?;
-    let inspector = Inspector::new(config.http.clone(), ca, roots, handle)
+    let inspector = Inspector::new(config.http.clone(), ca, roots, handle.clone())
         .map_err(|e| anyhow::anyhow!("http: {e}"))?;
     // Proxy requests leave from the egress stage's default address.
     let bind4 = config.egress.default_ipv4;
@@ -69,6 +69,7 @@ pub fn start(
             crate::upstream::CONNECT_TIMEOUT,
         ))
     });
+    handle.spawn(trim_after_bursts(inspector.counters()));
     for listener in listeners {
         tracing::info!(listen = ?listener.local_addr().ok(), "explicit proxy on");
         inspector.serve_proxy(listener, connect.clone());
@@ -79,4 +80,27 @@ pub fn start(
         "HTTP inspection on"
     );
     Ok(Some(inspector))
+}
+
+/// Hands freed memory back to the system once a burst of inspected requests ends. TLS
+/// handshakes and HTTP parsing free their temporaries between long-lived connection state, in
+/// the middle of the heap, where glibc keeps them mapped; the data plane trims only when its
+/// flows fall from a peak, never while they only grow: with 1,000 idle inspected connections
+/// (`scripts/bench-http.sh`) RSS went 110.5 -> 104.0 MiB (61.9 -> 56.2 KiB a connection). Never
+/// while requests keep coming: the trim walks the whole heap.
+async fn trim_after_bursts(counters: Arc<waygate_http::HttpCounters>) {
+    let total = || counters.by_decision().iter().map(|(_, n)| n).sum::<u64>();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let (mut last, mut busy) = (total(), false);
+    loop {
+        tick.tick().await;
+        let now = total();
+        if now != last {
+            busy = true;
+        } else if busy {
+            busy = false;
+            crate::host::return_freed_memory();
+        }
+        last = now;
+    }
 }

@@ -144,15 +144,18 @@ impl Upstreams {
                 };
                 let pumped = credit.clone();
                 let task = tokio::spawn(async move {
-                    // The origin first: the device is answered only if it answers.
-                    let stream = match connect_from(
-                        target.dst,
-                        target.bind,
-                        target.via,
-                        CONNECT_TIMEOUT,
-                    )
-                    .await
-                    {
+                    let (dst, bind, via) = (target.dst, target.bind, target.via);
+                    let route = waygate_http::Route {
+                        dst,
+                        bind,
+                        via: via.map(via_key),
+                        connect: Arc::new(move || {
+                            Box::pin(connect_from(dst, bind, via, CONNECT_TIMEOUT))
+                        }),
+                    };
+                    // The origin first: the device is answered only if it answers (a live
+                    // pooled connection to it counts).
+                    let stream = match inspector.connect(&route).await {
                         Ok(s) => s,
                         Err(err) => {
                             tracing::debug!(flow, dst = %target.dst, %err, "upstream connect failed");
@@ -161,11 +164,13 @@ impl Upstreams {
                         }
                     };
                     let local = stream
-                        .local_addr()
-                        .unwrap_or_else(|_| SocketAddr::new(target.dst.ip(), 0));
+                        .as_ref()
+                        .and_then(|s| s.local_addr().ok())
+                        .or_else(|| bind.map(|ip| SocketAddr::new(ip, 0)))
+                        .unwrap_or_else(|| SocketAddr::new(target.dst.ip(), 0));
                     let (ours, theirs) = tokio::io::duplex(LOCAL_PIPE);
                     let reset = waygate_http::reset::ResetFlag::default();
-                    inspector.inspect(*ctx, target.dst, theirs, stream, reset.clone());
+                    inspector.inspect(*ctx, route, stream, theirs, reset.clone());
                     if events
                         .send(UpstreamEvent::TcpConnected { flow, local })
                         .await
@@ -333,6 +338,14 @@ pub fn bound_socket(
         socket.bind(&SocketAddr::new(bind, 0).into())?;
     }
     Ok(socket)
+}
+
+/// A virtual network route as the HTTP inspector's pool key: equal for the same route.
+fn via_key(via: Via) -> u64 {
+    match via {
+        Via::Interface(index) => (1 << 32) | u64::from(index.get()),
+        Via::Mark(mark) => (2 << 32) | u64::from(mark.get()),
+    }
 }
 
 /// Connects to `dst` from `bind` (when given) within `timeout`.
