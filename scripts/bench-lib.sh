@@ -80,8 +80,8 @@ waygate_up() {
   if [ -n "${BENCH_ENDPOINT:-}" ]; then
     sed -i "s/^Endpoint = .*/Endpoint = $BENCH_ENDPOINT/" "$WORK/${P}w.conf"
   fi
-  ip netns exec "${P}gw" env WAYGATE_LOG=warn "$WAYGATE" --config "$WORK/gw.toml" serve \
-    >"$WORK/waygate.log" 2>&1 &
+  ip netns exec "${P}gw" env WAYGATE_LOG="${BENCH_WAYGATE_LOG:-warn}" "$WAYGATE" --config "$WORK/gw.toml" serve \
+    >"${BENCH_WAYGATE_LOG_FILE:-$WORK/waygate.log}" 2>&1 &
   GW_PID=$!
   "$LAB" record-pid "$P" "$GW_PID" waygate
   DEV_PID="$("$LAB" device-up "$P" d1 "$WORK/${P}w.conf")"
