@@ -168,10 +168,6 @@ const PACING_MAX_BURST: Duration = Duration::from_millis(2);
 const PACING_SS_RATIO: u64 = 200;
 const PACING_CA_RATIO: u64 = 120;
 
-/// With [`Socket::set_loss_tolerance`], the share of the data in flight a recovery may
-/// retransmit, in percent, before it cuts the window (BBRv2's loss threshold).
-const LOSS_TOLERANCE_PERCENT: usize = 2;
-
 /// SACK blocks kept in the scoreboard.
 /// A burst lost at a device's full socket buffer leaves a hole per gap between the bursts
 /// that got through: with 8 blocks the scoreboard forgot the higher ones and recovery resent
@@ -563,14 +559,6 @@ pub struct Socket<'a> {
     /// resent by go-back-N, not news of a loss, and start no recovery (which would cut the
     /// slow-start threshold to a fraction of the small window).
     rto_recover: Option<TcpSeqNumber>,
-    /// Whether a loss recovery cuts the window only for heavy loss (see
-    /// [`Socket::set_loss_tolerance`]).
-    loss_tolerance: bool,
-    /// During loss recovery: bytes in flight when it began, bytes retransmitted in it so far,
-    /// and whether the congestion controller was told of the loss.
-    recovery_flight: usize,
-    recovery_lost: usize,
-    recovery_cut: bool,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -668,10 +656,6 @@ impl<'a> Socket<'a> {
             recovery: None,
             recovery_pass: Instant::from_secs(0),
             rto_recover: None,
-            loss_tolerance: false,
-            recovery_flight: 0,
-            recovery_lost: 0,
-            recovery_cut: false,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
@@ -888,21 +872,6 @@ impl<'a> Socket<'a> {
         if !enabled {
             self.pacing_next = None;
         }
-    }
-
-    /// Enable or disable tolerance of light random loss.
-    ///
-    /// By default every loss recovery tells the congestion controller, which cuts the window
-    /// (Cubic to 0.7 of it). On a path that drops a fraction of a percent of its packets for
-    /// reasons other than congestion (radio links, a receiver's full socket buffer now and
-    /// then), a loss-based controller is then held near `MSS / RTT * 1.22 / sqrt(p)` whatever
-    /// the path's capacity (4.7 Mbit/s at 40 ms and 0.5% loss). With tolerance on, and when
-    /// the remote sends SACKs, a recovery cuts the window only once the data it retransmits
-    /// exceeds 2% of what was in flight when it began and more than one segment, as BBRv2's
-    /// loss threshold does; lighter loss is repaired without a cut. Overflowing a queue drops
-    /// runs of segments and still cuts. Timeouts cut as before.
-    pub fn set_loss_tolerance(&mut self, enabled: bool) {
-        self.loss_tolerance = enabled;
     }
 
     /// Enable or disable Nagle's Algorithm.
@@ -1505,68 +1474,11 @@ impl<'a> Socket<'a> {
         self.remote_last_seq - self.local_seq_no
     }
 
-    /// Octets transmitted and still in the network: in flight, less what the remote reported
-    /// holding (RFC 6675's "pipe", without its lost-segment estimate).
-    fn pipe(&self) -> usize {
-        let sacked: usize = self.sacked.iter().flatten().map(|&(l, r)| r - l).sum();
-        self.flight_size().saturating_sub(sacked)
-    }
-
     fn cwnd_remaining(&self) -> usize {
-        // Counted against the pipe, not the flight: during a recovery the cumulative ACK
-        // stays at the first hole for a round trip while the remote SACKs what arrives
-        // above it; counting that as in flight stopped new data for the round trip of
-        // every loss, which at 0.5% loss and a 600-segment window is most of the time.
-        // After a cut for heavy loss the flight counts, as upstream (the window is then
-        // inflated by duplicate ACKs): the pipe, which still holds every lost segment, let
-        // new data into a receiver that had just overflowed, and a simulated 40 ms download
-        // into a 200 KB device buffer with 60 ms stalls of the gateway took 4.7 s, not 3.1 s.
-        let used = if self.recovery.is_some() && !self.recovery_cut {
-            self.pipe()
-        } else {
-            self.flight_size()
-        };
         self.congestion_controller
             .inner()
             .window()
-            .saturating_sub(used)
-    }
-
-    /// Starts a loss recovery at `now` whose end is `end`, retransmitting from `from`.
-    fn start_recovery(&mut self, now: Instant, end: TcpSeqNumber, from: TcpSeqNumber) {
-        self.timer.set_for_fast_retransmit();
-        self.recovery = Some((end, from));
-        self.recovery_pass = now;
-        self.recovery_flight = self.flight_size();
-        self.recovery_lost = 0;
-        self.recovery_cut = false;
-    }
-
-    /// Whether the current recovery's loss so far is light enough not to cut the window (see
-    /// [`Socket::set_loss_tolerance`]).
-    fn loss_tolerated(&self) -> bool {
-        self.loss_tolerance
-            && self.remote_has_sack
-            && self.recovery.is_some()
-            && (self.recovery_lost <= self.remote_mss
-                || self.recovery_lost * 100 <= self.recovery_flight * LOSS_TOLERANCE_PERCENT)
-    }
-
-    /// Tells the congestion controller of the current recovery's loss, once, unless the loss
-    /// is light and tolerated (see [`Socket::set_loss_tolerance`]).
-    fn cut_for_loss(&mut self, now: Instant) {
-        if self.recovery_cut || self.loss_tolerated() {
-            return;
-        }
-        self.recovery_cut = true;
-        let in_flight = if self.recovery.is_some() {
-            self.recovery_flight
-        } else {
-            self.flight_size()
-        };
-        self.congestion_controller
-            .inner_mut()
-            .on_loss(now, in_flight);
+            .saturating_sub(self.flight_size())
     }
 
     /// Bytes per second data segments are paced at, if they are paced now.
@@ -1642,7 +1554,9 @@ impl<'a> Socket<'a> {
                 && !self.tx_buffer.is_empty()
                 && self.rto_recover.is_none() =>
             {
-                self.start_recovery(now, sent, una);
+                self.timer.set_for_fast_retransmit();
+                self.recovery = Some((sent, una));
+                self.recovery_pass = now;
                 net_debug!("started fast retransmit (SACK)");
             }
             None => {}
@@ -2419,7 +2333,9 @@ impl<'a> Socket<'a> {
                         && self.recovery.is_none()
                         && self.rto_recover.is_none()
                     {
-                        self.start_recovery(cx.now(), self.remote_last_seq, ack_number);
+                        self.timer.set_for_fast_retransmit();
+                        self.recovery = Some((self.remote_last_seq, ack_number));
+                        self.recovery_pass = cx.now();
                         net_debug!("started fast retransmit");
                     }
 
@@ -2813,7 +2729,10 @@ impl<'a> Socket<'a> {
                 net_debug!("retransmitting for fast-retransmit");
 
                 // Inform the congestion controller that we're doing a fast retransmit and should enter the fast recovery state
-                self.cut_for_loss(cx.now());
+                let in_flight = self.flight_size();
+                self.congestion_controller
+                    .inner_mut()
+                    .on_loss(cx.now(), in_flight);
 
                 self.pending_fast_retransmit = true;
             }
@@ -2968,14 +2887,6 @@ impl<'a> Socket<'a> {
                         // receiver that acknowledges sparingly still has a burst loss
                         // repaired within about a round trip.
                         self.pending_fast_retransmit = self.next_hole().is_some();
-                        self.recovery_lost += repr.payload.len();
-                        // (`cut_for_loss`, inline: the payload borrows the send buffer.)
-                        if !self.recovery_cut && !self.loss_tolerated() {
-                            self.recovery_cut = true;
-                            self.congestion_controller
-                                .inner_mut()
-                                .on_loss(cx.now(), self.recovery_flight);
-                        }
                     }
                     // Karn: an ACK of retransmitted data is no RTT sample.
                     self.rtte.on_retransmit();
@@ -7436,86 +7347,6 @@ mod test {
         });
         assert_eq!(s.recovery, None);
         assert!(s.tx_buffer.is_empty());
-    }
-
-    /// Sends 200 segments of 10 octets with loss tolerance on, loses those at `lost`
-    /// (indices), SACKs the rest and queues 500 more octets; returns the window before and
-    /// after, and the segments sent then (sequence offset, length).
-    fn sack_recovery_with_losses(lost: &[usize]) -> (usize, usize, Vec<(usize, usize)>) {
-        let mut s = socket_established_with_buffer_sizes(4000, 64);
-        s.remote_mss = 10;
-        s.remote_has_sack = true;
-        s.set_loss_tolerance(true);
-        s.set_nagle_enabled(false);
-        s.congestion_controller = congestion::AnyController::Cubic(congestion::cubic::Cubic::new());
-        s.congestion_controller.inner_mut().set_mss(10);
-        let ack = |sack_ranges| TcpRepr {
-            seq_number: REMOTE_SEQ + 1,
-            ack_number: Some(LOCAL_SEQ + 1),
-            window_len: 8000,
-            sack_ranges,
-            ..SEND_TEMPL
-        };
-        send!(s, time 0, ack([None; 3]));
-        s.send_slice(&[b'x'; 2000]).unwrap();
-        let drain = |s: &mut TestSocket, at: i64| {
-            s.cx.set_now(Instant::from_millis(at));
-            let mut sent = Vec::new();
-            loop {
-                let mut one = None;
-                let _ = s.socket.dispatch(&mut s.cx, |_, _, (_, repr)| {
-                    one = Some((
-                        (repr.seq_number - (LOCAL_SEQ + 1)) as usize,
-                        repr.payload.len(),
-                    ));
-                    Ok::<(), ()>(())
-                });
-                match one {
-                    Some(seg) if seg.1 > 0 => sent.push(seg),
-                    _ => return sent,
-                }
-            }
-        };
-        assert_eq!(drain(&mut s, 1000).len(), 200);
-        let before = s.congestion_controller.inner().window();
-        // The SACK blocks between the lost segments, three to an ACK.
-        let at = |segment: usize| (LOCAL_SEQ + 1 + 10 * segment).0 as u32;
-        let mut blocks = Vec::new();
-        let mut start = 0;
-        for &l in lost.iter().chain([200].iter()) {
-            if start < l {
-                blocks.push(Some((at(start), at(l))));
-            }
-            start = l + 1;
-        }
-        for chunk in blocks.chunks(3) {
-            let mut ranges = [None; 3];
-            ranges[..chunk.len()].copy_from_slice(chunk);
-            send!(s, time 1040, ack(ranges));
-        }
-        s.send_slice(&[b'y'; 500]).unwrap();
-        let sent = drain(&mut s, 1050);
-        (before, s.congestion_controller.inner().window(), sent)
-    }
-
-    #[test]
-    fn test_loss_tolerance_repairs_light_loss_without_a_cut() {
-        // 2 of 200 segments lost (1%): both are resent, the window stays, and new data
-        // goes out at once (counted against the pipe, not behind the unrepaired holes).
-        let (before, after, sent) = sack_recovery_with_losses(&[0, 100]);
-        assert_eq!(&sent[..2], &[(0, 10), (1000, 10)]);
-        assert_eq!(after, before);
-        assert!(sent[2..].iter().all(|&(seq, _)| seq >= 2000));
-        assert_eq!(sent.len(), 2 + 50, "{sent:?}");
-    }
-
-    #[test]
-    fn test_loss_tolerance_cuts_for_heavy_loss() {
-        // 5 of 200 segments lost (2.5%): more than tolerated, the window is cut.
-        let (before, after, sent) = sack_recovery_with_losses(&[0, 40, 80, 120, 160]);
-        let resent: Vec<_> = sent.iter().filter(|&&(seq, _)| seq < 2000).collect();
-        assert_eq!(resent.len(), 5, "{sent:?}");
-        assert!(after < before * 3 / 4, "window {before} -> {after}");
     }
 
     #[test]
