@@ -24,7 +24,10 @@
 #
 # Env: BENCH_SECONDS (default 8) per iperf3 run; BENCH_ROWS (default all) a space-separated subset
 # of the row names below; BENCH_MANY (default 200, 0: skip) concurrent downloads of the memory
-# row; BENCH_PREFIX lab prefix.
+# row; BENCH_PREFIX lab prefix; BENCH_RUNS (default all) a subset of "1up 1down 4up 4down";
+# BENCH_CAPTURE=DIR keeps, for each Waygate run, the TCP headers seen on the device's tunnel
+# interface (DIR/waygate-ROW-RUN.pcap, the decrypted segments as the device's kernel saw them) and
+# the device's /proc/net/{snmp,netstat} before and after (DIR/...-{before,after}.txt).
 set -Eeuo pipefail
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
@@ -86,7 +89,7 @@ relay_stop() {
 
 # measure NAME PORT TUNNEL_ADDR: every row through the gateway listening on PORT.
 measure() {
-  local name="$1" port="$2" tunnel="$3" row label flags run args c0 c1 json ping_pid
+  local name="$1" port="$2" tunnel="$3" row label flags run args c0 c1 json ping_pid tag cap cap_pid
   for row in "${ROWS[@]}"; do
     label="${row%%|*}"
     flags="${row#*|}"
@@ -98,6 +101,9 @@ measure() {
     ip netns exec "${P}d1" ping -c 3 -i 0.3 -W 2 "$tunnel" >/dev/null 2>&1 || true
     for run in "1 up:" "1 down:-R" "4 up:-P 4" "4 down:-P 4 -R"; do
       args="${run#*:}"
+      tag="${run%%:*}"
+      tag="${tag// /}"
+      if [ -n "${BENCH_RUNS:-}" ] && [[ " $BENCH_RUNS " != *" $tag "* ]]; then continue; fi
       ping_pid=
       if [[ $label == *mbit* && $run == "4 down:"* ]]; then
         ip netns exec "${P}d1" ping -i 0.2 -w $((SECONDS_PER_RUN + 1)) "$tunnel" \
@@ -105,6 +111,16 @@ measure() {
         ping_pid=$!
       fi
       iperf_server
+      cap_pid=
+      if [ -n "${BENCH_CAPTURE:-}" ] && [ "$name" = waygate ]; then
+        mkdir -p "$BENCH_CAPTURE"
+        cap="$BENCH_CAPTURE/$name-$label-$tag"
+        ip netns exec "${P}d1" cat /proc/net/snmp /proc/net/netstat >"$cap-before.txt"
+        ip netns exec "${P}d1" tcpdump -i "${P}w" -s 120 -w "$cap.pcap" tcp 2>/dev/null &
+        cap_pid=$!
+        "$LAB" record-pid "$P" "$cap_pid" tcpdump
+        sleep 0.5
+      fi
       c0="$(cpu_ticks "$GW_PID")"
       # -O 1: the first second is not counted (slow start is the same for both gateways).
       # shellcheck disable=SC2086
@@ -112,6 +128,11 @@ measure() {
         iperf3 -c 203.0.113.20 -p "$IPERF_PORT" -t "$SECONDS_PER_RUN" -O 1 $args -J 2>/dev/null)" \
         || json=""
       c1="$(cpu_ticks "$GW_PID")"
+      if [ -n "$cap_pid" ]; then
+        ip netns exec "${P}d1" cat /proc/net/snmp /proc/net/netstat >"$cap-after.txt"
+        kill "$cap_pid" 2>/dev/null || true
+        wait "$cap_pid" 2>/dev/null || true
+      fi
       kill "$IPERF_PID" 2>/dev/null || true
       wait "$IPERF_PID" 2>/dev/null || true
       [ -z "$ping_pid" ] || wait "$ping_pid" 2>/dev/null || true

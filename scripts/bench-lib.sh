@@ -3,7 +3,8 @@
 # kernel forwarding, nftables masquerade out of eg0).
 #
 # bench_init NAME   checks root and tools, builds the release binaries, brings the lab up and
-#                   arranges its teardown on exit; sets P, WORK, WAYGATE, LAB_ORIGIN, LAB
+#                   arranges its teardown on exit; sets P, WORK, WAYGATE (BENCH_WAYGATE if set),
+#                   LAB_ORIGIN, LAB
 # waygate_up        Waygate serving the device (wg-quick + wireguard-go); sets GW_PID, DEV_PID
 # client_up         the same device through waygate-client instead of wg-quick; sets DEV_PID
 # client_down       waygate-client's tunnel gone
@@ -32,7 +33,9 @@ bench_init() {
     --bin lab-connrate --bin lab-delay
   local target
   target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-  WAYGATE="$target/release/waygate"
+  # BENCH_WAYGATE: another gateway binary to measure (e.g. a copy of main's, for a before/after
+  # pair in one lock hold); the rest still comes from this tree.
+  WAYGATE="${BENCH_WAYGATE:-$target/release/waygate}"
   WAYGATE_CLIENT="$target/release/waygate-client"
   LAB_CONNRATE="$target/release/lab-connrate"
   LAB_DELAY="$target/release/lab-delay"
@@ -78,8 +81,8 @@ waygate_up() {
   if [ -n "${BENCH_ENDPOINT:-}" ]; then
     sed -i "s/^Endpoint = .*/Endpoint = $BENCH_ENDPOINT/" "$WORK/${P}w.conf"
   fi
-  ip netns exec "${P}gw" env WAYGATE_LOG=warn "$WAYGATE" --config "$WORK/gw.toml" serve \
-    >"$WORK/waygate.log" 2>&1 &
+  ip netns exec "${P}gw" env WAYGATE_LOG="${BENCH_WAYGATE_LOG:-warn}" "$WAYGATE" --config "$WORK/gw.toml" serve \
+    >"${BENCH_WAYGATE_LOG_FILE:-$WORK/waygate.log}" 2>&1 &
   GW_PID=$!
   "$LAB" record-pid "$P" "$GW_PID" waygate
   DEV_PID="$("$LAB" device-up "$P" d1 "$WORK/${P}w.conf")"

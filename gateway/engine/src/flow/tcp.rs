@@ -487,6 +487,17 @@ impl TcpFlows {
             .buffers_for_new(ctx.peer)
             .unwrap_or_else(|| self.floor_buffers());
         let peer = self.peers.entry(ctx.peer).or_default();
+        tracing::debug!(
+            target: "waygate::flow",
+            flow = id,
+            rx = buffers.rx,
+            tx = buffers.tx,
+            window = buffers.window,
+            device_memory = peer.memory,
+            device_flows = peer.flows,
+            device_rtt_us = peer.rtt.map(|e| e.rtt.as_micros() as u64),
+            "flow buffers"
+        );
         peer.flows += 1;
         peer.memory += buffers.total();
         self.memory += buffers.total();
