@@ -215,6 +215,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_kernel_delivers_one_addresses_initiations_to_one_shard_from_any_port() {
+        let count = 3;
+        let sockets = bind_sockets(
+            "127.0.0.1:0".parse().unwrap(),
+            count,
+            1 << 16,
+            Steering::Kernel,
+        )
+        .unwrap();
+        let dst = sockets[0].local_addr().unwrap();
+        let mut sockets: Vec<BatchSocket> = sockets
+            .into_iter()
+            .map(|s| BatchSocket::from_std(s).unwrap())
+            .collect();
+        let mut init = vec![0u8; 148];
+        init[0] = 1;
+        // 24 source ports: the kernel's 4-tuple hash would spread them over all three.
+        for _ in 0..24 {
+            let device = BatchSocket::bind("127.0.0.1:0".parse().unwrap(), 1 << 16).unwrap();
+            device.send_run(dst, &init, init.len()).await.unwrap();
+        }
+        let mut got = vec![0usize; count as usize];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.iter().sum::<usize>() < 24 {
+            assert!(Instant::now() < deadline, "{got:?}");
+            for (i, s) in sockets.iter_mut().enumerate() {
+                s.receive_batch(|_, _| got[i] += 1).unwrap();
+            }
+            tokio::task::yield_now().await;
+        }
+        let want = waygate_wg::shard::steer_initiation("127.0.0.1".parse().unwrap(), count);
+        assert_eq!(got[want as usize], 24, "{got:?}");
+    }
+
+    #[tokio::test]
     async fn the_kernel_delivers_each_peers_datagrams_to_its_shards_socket() {
         let count = 3;
         let sockets = bind_sockets(

@@ -7,12 +7,16 @@
 //! hands out the peer's receiver indices with the shard number in them (peer id modulo the
 //! shard count, [`Shard::owns_id`]), so every message that carries a receiver index (handshake
 //! response, cookie reply, data) names its shard in plain bytes, and [`steering_program`] has the
-//! kernel deliver it to that shard's socket. A handshake initiation names no index: the kernel
-//! spreads those by its own 4-tuple hash, and the shard that opens one for a peer it does not own
-//! hands it over ([`crate::Received::Handoff`]), once per handshake.
+//! kernel deliver it to that shard's socket. A handshake initiation names no index: the program
+//! sends it to a shard chosen by its source address ([`steer_initiation`]), so every initiation
+//! of one address meets one shard's per-source limit however many ports it comes from, and the
+//! shard that opens one for a peer it does not own hands it over ([`crate::Received::Handoff`]),
+//! once per handshake.
 //!
 //! Inputs: the shard's place, datagrams' first bytes, public keys. Outputs: shard numbers and a
 //! classic BPF program. No I/O: the runtime attaches the program (`SO_ATTACH_REUSEPORT_CBPF`).
+
+use std::net::IpAddr;
 
 use crate::PeerId;
 
@@ -99,6 +103,25 @@ pub fn steer(datagram: &[u8], count: u32) -> Option<u32> {
     peer_id_of(datagram).map(|id| id % count)
 }
 
+/// The shard a handshake initiation from `src` goes to, as [`steering_program`] decides it in
+/// the kernel: an IPv4 source as a big-endian number, an IPv6 source's /64 (the unit the
+/// per-source limit counts) as its two big-endian words XORed, modulo the shard count. Before,
+/// the kernel's 4-tuple hash spread one address's initiations over every shard, each with its
+/// own limit: a flood from 64 ports of one address reached X25519 615 times in 8 s on two shards
+/// against 160 on one (scripts/bench-scale.sh section 5).
+pub fn steer_initiation(src: IpAddr, count: u32) -> u32 {
+    let count = count.max(1);
+    match src.to_canonical() {
+        IpAddr::V4(v4) => u32::from_be_bytes(v4.octets()) % count,
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let hi = u32::from_be_bytes([o[0], o[1], o[2], o[3]]);
+            let lo = u32::from_be_bytes([o[4], o[5], o[6], o[7]]);
+            (hi ^ lo) % count
+        }
+    }
+}
+
 /// A classic BPF instruction (`struct sock_filter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Insn {
@@ -116,6 +139,12 @@ pub struct Insn {
 pub mod op {
     /// `A = byte at [k]` (BPF_LD | BPF_B | BPF_ABS).
     pub const LD_B_ABS: u16 = 0x30;
+    /// `A = big-endian word at [k]` (BPF_LD | BPF_W | BPF_ABS).
+    pub const LD_W_ABS: u16 = 0x20;
+    /// `A >>= k` (BPF_ALU | BPF_RSH | BPF_K).
+    pub const RSH_K: u16 = 0x74;
+    /// `A ^= X` (BPF_ALU | BPF_XOR | BPF_X).
+    pub const XOR_X: u16 = 0xac;
     /// `if A == k` (BPF_JMP | BPF_JEQ | BPF_K).
     pub const JEQ_K: u16 = 0x15;
     /// `A <<= k` (BPF_ALU | BPF_LSH | BPF_K).
@@ -136,9 +165,18 @@ pub mod op {
 /// its 4-tuple hash.
 pub const ANY_SHARD: u32 = u32::MAX;
 
+/// Where a classic BPF load reads the network (IP) header instead of the UDP payload
+/// (`SKF_NET_OFF`, linux/filter.h), as an unsigned offset.
+pub const NET_OFF: u32 = (-0x10_0000i32) as u32;
+/// Offset of the source address in an IPv4 header.
+const IPV4_SRC_AT: u32 = 12;
+/// Offset of the source address in an IPv6 header.
+const IPV6_SRC_AT: u32 = 8;
+
 /// The program for a `SO_REUSEPORT` group of `count` sockets bound in shard order: it sees the
-/// UDP payload and returns [`steer`]'s shard, or [`ANY_SHARD`]. A datagram too short for its
-/// index makes the kernel stop the program with 0: shard 0, which drops it.
+/// UDP payload and returns [`steer`]'s shard, for an initiation [`steer_initiation`]'s, or
+/// [`ANY_SHARD`]. A datagram too short for its index makes the kernel stop the program with 0:
+/// shard 0, which drops it.
 pub fn steering_program(count: u32) -> Vec<Insn> {
     let i = |code, jt, jf, k| Insn { code, jt, jf, k };
     // A = id bytes at at+1.. (little-endian, 24 bits) % count; return A.
@@ -159,20 +197,42 @@ pub fn steering_program(count: u32) -> Vec<Insn> {
     };
     let cookie_or_data = index_at(RECEIVER_AT as u32);
     let response = index_at(RESPONSE_RECEIVER_AT as u32);
+    let count = count.max(1);
+    // The IP header's version: 4 -> the source word, 6 -> the /64's two words XORed.
+    let initiation = vec![
+        i(op::LD_B_ABS, 0, 0, NET_OFF),
+        i(op::RSH_K, 0, 0, 4),
+        i(op::JEQ_K, 2, 0, 4),
+        i(op::JEQ_K, 4, 0, 6),
+        i(op::RET_K, 0, 0, ANY_SHARD),
+        i(op::LD_W_ABS, 0, 0, NET_OFF + IPV4_SRC_AT),
+        i(op::MOD_K, 0, 0, count),
+        i(op::RET_A, 0, 0, 0),
+        i(op::LD_W_ABS, 0, 0, NET_OFF + IPV6_SRC_AT),
+        i(op::TAX, 0, 0, 0),
+        i(op::LD_W_ABS, 0, 0, NET_OFF + IPV6_SRC_AT + 4),
+        i(op::XOR_X, 0, 0, 0),
+        i(op::MOD_K, 0, 0, count),
+        i(op::RET_A, 0, 0, 0),
+    ];
     let n = cookie_or_data.len() as u8;
     let mut p = vec![
         i(op::LD_B_ABS, 0, 0, 0),
         // 2: the response's block, after the other one (set below).
         i(op::JEQ_K, 0, 0, 2),
-        i(op::JEQ_K, 2, 0, 3),
-        i(op::JEQ_K, 1, 0, 4),
-        // An initiation or no WireGuard message.
+        i(op::JEQ_K, 3, 0, 3),
+        i(op::JEQ_K, 2, 0, 4),
+        // 1: the initiation's block, after both (set below).
+        i(op::JEQ_K, 0, 0, 1),
+        // No WireGuard message.
         i(op::RET_K, 0, 0, ANY_SHARD),
     ];
-    // Jumps count from the next instruction: the response block starts `n` past this one.
-    p[1].jt = 3 + n;
+    // Jumps count from the next instruction: the blocks follow in this order.
+    p[1].jt = 4 + n;
+    p[4].jt = 1 + 2 * n;
     p.extend(cookie_or_data);
     p.extend(response);
+    p.extend(initiation);
     p
 }
 
@@ -181,18 +241,32 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    /// Runs a program the way the kernel's classic BPF does for the ops it uses: a load past
-    /// the end stops it with 0.
-    fn run(program: &[Insn], packet: &[u8]) -> u32 {
+    /// Runs a program the way the kernel's classic BPF does for the ops it uses, on a UDP
+    /// payload with the IP header `net` before it: a load past the end stops it with 0.
+    fn run_from(program: &[Insn], net: &[u8], packet: &[u8]) -> u32 {
+        let bytes = |k: u32, len: usize| -> Option<&[u8]> {
+            if k >= NET_OFF {
+                let at = (k - NET_OFF) as usize;
+                net.get(at..at + len)
+            } else {
+                packet.get(k as usize..k as usize + len)
+            }
+        };
         let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
         for _ in 0..4096 {
             let ins = program[pc];
             pc += 1;
             match ins.code {
-                op::LD_B_ABS => match packet.get(ins.k as usize) {
-                    Some(&b) => a = u32::from(b),
+                op::LD_B_ABS => match bytes(ins.k, 1) {
+                    Some(b) => a = u32::from(b[0]),
                     None => return 0,
                 },
+                op::LD_W_ABS => match bytes(ins.k, 4) {
+                    Some(b) => a = u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                    None => return 0,
+                },
+                op::RSH_K => a >>= ins.k,
+                op::XOR_X => a ^= x,
                 op::JEQ_K => pc += usize::from(if a == ins.k { ins.jt } else { ins.jf }),
                 op::LSH_K => a <<= ins.k,
                 op::OR_X => a |= x,
@@ -204,6 +278,76 @@ mod tests {
             }
         }
         panic!("no return");
+    }
+
+    /// An IPv4 header from 198.51.100.7.
+    const NET4: [u8; 20] = [
+        0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0, 198, 51, 100, 7, 198, 51, 100, 1,
+    ];
+
+    fn run(program: &[Insn], packet: &[u8]) -> u32 {
+        run_from(program, &NET4, packet)
+    }
+
+    /// An IP header (no options) with source `src`.
+    fn header(src: IpAddr) -> Vec<u8> {
+        match src {
+            IpAddr::V4(v4) => {
+                let mut h = NET4.to_vec();
+                h[12..16].copy_from_slice(&v4.octets());
+                h
+            }
+            IpAddr::V6(v6) => {
+                let mut h = vec![0u8; 40];
+                h[0] = 0x60;
+                h[8..24].copy_from_slice(&v6.octets());
+                h
+            }
+        }
+    }
+
+    #[test]
+    fn initiations_go_to_the_shard_of_their_source_address() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut init = vec![0u8; 148];
+        rng.fill(&mut init[..]);
+        init[0] = 1;
+        for count in [2u32, 3, 4, 7, 16, MAX_SHARDS] {
+            let program = steering_program(count);
+            let mut seen = vec![0usize; count as usize];
+            for _ in 0..500 {
+                let src = if rng.gen_bool(0.5) {
+                    IpAddr::from(rng.gen::<[u8; 4]>())
+                } else {
+                    IpAddr::from(rng.gen::<[u8; 16]>())
+                };
+                let shard = steer_initiation(src, count);
+                assert!(shard < count);
+                assert_eq!(
+                    run_from(&program, &header(src), &init),
+                    shard,
+                    "{src} of {count}"
+                );
+                seen[shard as usize] += 1;
+                // Another address of the same IPv6 /64 goes to the same shard.
+                if let IpAddr::V6(v6) = src {
+                    let mut o = v6.octets();
+                    o[15] ^= 0xff;
+                    assert_eq!(steer_initiation(IpAddr::from(o), count), shard);
+                }
+            }
+            if count <= 4 {
+                assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+            }
+        }
+        // An IPv4 address mapped into IPv6 is the IPv4 address.
+        let v4: IpAddr = "198.51.100.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:198.51.100.7".parse().unwrap();
+        assert_eq!(steer_initiation(mapped, 5), steer_initiation(v4, 5));
+        // Not IPv4 or IPv6: any shard.
+        let mut odd = NET4.to_vec();
+        odd[0] = 0x25;
+        assert_eq!(run_from(&steering_program(4), &odd, &init), ANY_SHARD);
     }
 
     fn message(kind: u8, receiver_at: usize, receiver: u32, len: usize) -> Vec<u8> {
@@ -244,14 +388,17 @@ mod tests {
     }
 
     #[test]
-    fn initiations_and_other_bytes_are_left_to_the_kernels_hash() {
+    fn initiations_go_by_source_and_other_bytes_to_the_kernels_hash() {
         let program = steering_program(4);
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let mut init = vec![0u8; 148];
         rng.fill(&mut init[..]);
         init[0] = 1;
         assert_eq!(steer(&init, 4), None);
-        assert_eq!(run(&program, &init), ANY_SHARD);
+        assert_eq!(
+            run(&program, &init),
+            steer_initiation("198.51.100.7".parse().unwrap(), 4)
+        );
         for _ in 0..2_000 {
             let len = rng.gen_range(0..200);
             let mut d = vec![0u8; len];
@@ -262,6 +409,9 @@ mod tests {
             let got = run(&program, &d);
             match steer(&d, 4) {
                 Some(shard) => assert_eq!(got, shard, "{d:?}"),
+                None if d.first() == Some(&1) => {
+                    assert_eq!(got, steer_initiation("198.51.100.7".parse().unwrap(), 4))
+                }
                 // Too short for its index (the kernel's 0), or no index at all.
                 None => assert!(got == ANY_SHARD || got == 0, "{d:?} -> {got}"),
             }
