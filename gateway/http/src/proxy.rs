@@ -388,7 +388,10 @@ where
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let shared = shared.clone();
         let conn = conn.clone();
-        async move {
+        // Boxed: hyper keeps room for one in-flight request's future for the connection's
+        // whole life, and this one is about 12 KiB (bench-http's 1,000 idle connections held
+        // 12.4 MB of it); boxed, only a request in flight pays for it.
+        Box::pin(async move {
             let mut request = request;
             if conn.proxy.is_some() {
                 // Meant for the proxy, never for the origin.
@@ -402,7 +405,7 @@ where
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Ok::<_, std::convert::Infallible>(response)
-        }
+        })
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if extended_connect {
