@@ -181,9 +181,50 @@ pub fn return_freed_memory() {
     }
 }
 
+/// Gives the pages that lie wholly inside `buffer` back to the system (`MADV_DONTNEED`): they
+/// read as zeros afterwards and cost nothing until written again. For buffers whose contents
+/// no longer matter (an idle flow's empty socket buffers).
+pub fn release_pages(buffer: &mut [u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let page = *PAGE.get_or_init(|| {
+            // SAFETY: sysconf reads a constant of the system.
+            let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            usize::try_from(size).unwrap_or(4096).max(1)
+        });
+        let start = buffer.as_mut_ptr() as usize;
+        let first = start.div_ceil(page) * page;
+        let end = (start + buffer.len()) / page * page;
+        if end > first {
+            // SAFETY: the range lies inside `buffer`, which we borrow exclusively, and is
+            // anonymous private memory (the heap or a mapping of the allocator): the kernel
+            // only replaces its pages with zero-filled ones, as writing zeros would.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn released_pages_read_as_zeros_and_the_partial_ones_keep_their_bytes() {
+        let mut buffer = vec![0x5au8; 256 * 1024 + 100];
+        let cut = &mut buffer[100..];
+        release_pages(cut);
+        let page = 4096;
+        let start = cut.as_ptr() as usize;
+        let first = start.div_ceil(page) * page - start;
+        let end = (start + cut.len()) / page * page - start;
+        assert!(cut[first..end].iter().all(|&b| b == 0));
+        assert!(cut[..first].iter().all(|&b| b == 0x5a));
+        assert!(cut[end..].iter().all(|&b| b == 0x5a));
+        assert!(buffer[..100].iter().all(|&b| b == 0x5a));
+    }
 
     #[test]
     fn local_routes_are_read_from_the_ipv6_route_table() {

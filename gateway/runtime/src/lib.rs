@@ -875,13 +875,14 @@ impl Serving {
         }
     }
 
-    /// Once a second: the host's addresses, memory, late interfaces, `wg show`, drops,
-    /// last-seen times and the stats snapshot.
+    /// Once a second: the host's addresses, memory (idle flows' buffers included), late
+    /// interfaces, `wg show`, drops, last-seen times and the stats snapshot.
     fn housekeeping(&mut self, now: Instant) {
         self.follow_host_addresses();
         let (tcp, udp) = self.core.open_flows();
         let flows = tcp + udp;
         self.flows_peak = self.flows_peak.max(flows);
+        self.core.release_idle_buffers(&mut host::release_pages);
         if flows + FLOWS_BEFORE_TRIM <= self.flows_peak {
             host::return_freed_memory();
             self.flows_peak = flows;

@@ -363,6 +363,12 @@ impl GatewayCore {
         self.router.egress.record_probe(index, probe);
     }
 
+    /// Hands `release` the empty socket buffers of TCP flows gone idle (see
+    /// [`TcpFlows::release_idle_buffers`]); the runtime gives their pages back to the system.
+    pub fn release_idle_buffers(&mut self, release: &mut dyn FnMut(&mut [u8])) -> usize {
+        self.router.tcp.release_idle_buffers(release)
+    }
+
     /// Open TCP and UDP flows.
     pub fn open_flows(&self) -> (usize, usize) {
         (self.router.tcp.len(), self.router.udp.len())

@@ -1462,6 +1462,20 @@ impl<'a> Socket<'a> {
         Ok(self.rx_buffer.read_allocated(0, data))
     }
 
+    /// Calls `f` with the storage of each buffer that holds no data, received out of order
+    /// included: its bytes are then unused, and `f` may overwrite them (hand their pages back
+    /// to the system) without changing what the socket sends or delivers.
+    pub fn with_unused_buffers(&mut self, mut f: impl FnMut(&mut [u8])) {
+        if self.assembler.is_empty() {
+            if let Some(storage) = self.rx_buffer.unused_storage_mut() {
+                f(storage);
+            }
+        }
+        if let Some(storage) = self.tx_buffer.unused_storage_mut() {
+            f(storage);
+        }
+    }
+
     /// Return the amount of octets queued in the transmit buffer.
     ///
     /// Note that the Berkeley sockets interface does not have an equivalent of this API.
@@ -9234,6 +9248,55 @@ mod test {
                 seq_number: REMOTE_SEQ + 1,
                 ack_number: Some(LOCAL_SEQ + 1),
                 payload: &b"abcdef"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 6),
+                window_len: 58,
+                ..RECV_TEMPL
+            })
+        );
+        s.recv(|buffer| {
+            assert_eq!(buffer, b"abcdef");
+            (buffer.len(), ())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn test_unused_buffers_exclude_out_of_order_data() {
+        let mut s = socket_established();
+        let mut unused = 0;
+        s.with_unused_buffers(|_| unused += 1);
+        assert_eq!(unused, 2);
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 3,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"def"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1),
+                ..RECV_TEMPL
+            })
+        );
+        // "def" waits beyond the (empty) buffer's length: the receive buffer is in use.
+        let mut unused = 0;
+        s.with_unused_buffers(|b| {
+            unused += 1;
+            b.fill(0x5a)
+        });
+        assert_eq!(unused, 1);
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"abc"[..],
                 ..SEND_TEMPL
             },
             Some(TcpRepr {

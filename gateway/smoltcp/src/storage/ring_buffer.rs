@@ -93,6 +93,17 @@ impl<'a, T: 'a> RingBuffer<'a, T> {
         self.window() == 0
     }
 
+    /// The whole storage when the buffer holds no element, else `None`. Its contents are
+    /// then meaningless to the buffer, so the caller may overwrite them (Waygate hands the
+    /// pages of idle sockets' buffers back to the system).
+    pub fn unused_storage_mut(&mut self) -> Option<&mut [T]> {
+        if self.length == 0 {
+            Some(&mut self.storage[..])
+        } else {
+            None
+        }
+    }
+
     /// Shorthand for `(self.read + idx) % self.capacity()` with an
     /// additional check to ensure that the capacity is not zero.
     fn get_idx(&self, idx: usize) -> usize {
@@ -410,6 +421,20 @@ impl<'a, T: 'a> From<ManagedSlice<'a, T>> for RingBuffer<'a, T> {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn test_unused_storage_only_when_empty() {
+        let mut ring = RingBuffer::new(vec![0; 8]);
+        assert_eq!(ring.unused_storage_mut().map(|s| s.len()), Some(8));
+        ring.enqueue_slice(b"ab");
+        assert!(ring.unused_storage_mut().is_none());
+        let mut out = [0; 2];
+        ring.dequeue_slice(&mut out);
+        ring.unused_storage_mut().unwrap().fill(0x5a);
+        ring.enqueue_slice(b"cd");
+        ring.dequeue_slice(&mut out);
+        assert_eq!(&out, b"cd");
+    }
 
     #[test]
     fn test_buffer_length_changes() {
