@@ -214,9 +214,8 @@ mod tests {
         assert_eq!(n, 48);
     }
 
-    #[tokio::test]
-    async fn the_kernel_delivers_one_addresses_initiations_to_one_shard_from_any_port() {
-        let count = 3;
+    /// A loopback group of `count` sockets with the steering program; their address.
+    fn kernel_group(count: u32) -> (SocketAddr, Vec<BatchSocket>) {
         let sockets = bind_sockets(
             "127.0.0.1:0".parse().unwrap(),
             count,
@@ -225,10 +224,17 @@ mod tests {
         )
         .unwrap();
         let dst = sockets[0].local_addr().unwrap();
-        let mut sockets: Vec<BatchSocket> = sockets
+        let sockets = sockets
             .into_iter()
             .map(|s| BatchSocket::from_std(s).unwrap())
             .collect();
+        (dst, sockets)
+    }
+
+    #[tokio::test]
+    async fn the_kernel_delivers_one_addresses_initiations_to_one_shard_from_any_port() {
+        let count = 3;
+        let (dst, mut sockets) = kernel_group(count);
         let mut init = vec![0u8; 148];
         init[0] = 1;
         // 24 source ports: the kernel's 4-tuple hash would spread them over all three.
@@ -252,18 +258,7 @@ mod tests {
     #[tokio::test]
     async fn the_kernel_delivers_each_peers_datagrams_to_its_shards_socket() {
         let count = 3;
-        let sockets = bind_sockets(
-            "127.0.0.1:0".parse().unwrap(),
-            count,
-            1 << 16,
-            Steering::Kernel,
-        )
-        .unwrap();
-        let dst = sockets[0].local_addr().unwrap();
-        let mut sockets: Vec<BatchSocket> = sockets
-            .into_iter()
-            .map(|s| BatchSocket::from_std(s).unwrap())
-            .collect();
+        let (dst, mut sockets) = kernel_group(count);
         let device = BatchSocket::bind("127.0.0.1:0".parse().unwrap(), 1 << 16).unwrap();
         let mut sent = 0;
         for id in 1..=30u32 {

@@ -6,7 +6,8 @@
 //! `--replay-key BASE64` (an enrolled device's private key) sends instead one initiation of that
 //! device, the same bytes every time up to the MAC2 (same sender index, ephemeral and a
 //! timestamp a minute older than now): what an attacker who captured the device's initiation
-//! can send. `--sockets N` spreads the datagrams over N sockets (N source ports).
+//! can send. `--sockets N` spreads the datagrams over N sockets (N source ports). Datagrams leave
+//! in rounds of 5 ms, one `sendmmsg` per socket, so the flood costs its machine little.
 //!
 //!     wg-flood --gateway-key BASE64 --to 198.51.100.1:51820 [--rate 20000] [--seconds 10]
 //!              [--bind 198.51.100.12:0] [--keys 64] [--replay-key BASE64] [--sockets 1]
@@ -24,8 +25,14 @@ use x25519_dalek::StaticSecret;
 /// Sender indices whose mac1 we remember, to open the cookie reply that answers them: at 20,000/s
 /// a reply would have to take over 3 s to find its slot reused.
 const RING: usize = 1 << 16;
-/// Pause between rounds of sending and reading; sends catch up to the rate after it.
-const ROUND: Duration = Duration::from_micros(500);
+/// Pause between rounds of sending and reading; sends catch up to the rate after it. The flood
+/// shares the machine with what it measures (bench-scale's device and gateway on 2 cores), so
+/// it must cost little: rounds of 0.5 ms with one `sendto` per datagram and a `recvfrom` per
+/// socket per round took 0.45 CPU-s per 8 s with one socket, far more with 64. Every 5 ms, 50
+/// datagrams at 10,000/s leave in one `sendmmsg` per socket.
+const ROUND: Duration = Duration::from_millis(5);
+/// Most datagrams one `sendmmsg` call takes.
+const BATCH: usize = 256;
 
 #[derive(Default)]
 struct Counts {
@@ -126,6 +133,7 @@ fn main() -> Result<()> {
     let mut sender = rng.next_u32();
     let mut c = Counts::default();
     let mut buf = [0u8; 2048];
+    let mut batch = vec![[0u8; INIT_LEN]; BATCH * socks.len()];
     let start = Instant::now();
     loop {
         let elapsed = start.elapsed();
@@ -136,28 +144,42 @@ fn main() -> Result<()> {
         if cookie.is_some_and(|(_, at)| at.elapsed() >= COOKIE_LIFETIME) {
             cookie = None;
         }
-        while c.sent + c.send_errors < due {
-            let n = c.sent + c.send_errors;
-            let body = &mut bodies[(n as usize) % keys];
-            // A replay keeps its sender index, so its bytes up to MAC2 never change.
-            if replay.is_none() {
-                sender = sender.wrapping_add(1);
+        let mut first = c.sent + c.send_errors;
+        while first < due {
+            // This round's datagrams, in order, each stamped into its own slot; datagram n
+            // leaves from socket n % sockets.
+            let count = ((due - first) as usize).min(BATCH * socks.len());
+            let with_mac2 = cookie.is_some();
+            for (slot, out) in batch.iter_mut().take(count).enumerate() {
+                let n = first as usize + slot;
+                let body = &mut bodies[n % keys];
+                // A replay keeps its sender index, so its bytes up to MAC2 never change.
+                if replay.is_none() {
+                    sender = sender.wrapping_add(1);
+                }
+                let mac1 = responder.stamp(body, sender, cookie.as_ref().map(|(k, _)| k));
+                mac1s[sender as usize % RING] = (sender, mac1);
+                *out = *body;
             }
-            let mac1 = responder.stamp(body, sender, cookie.as_ref().map(|(k, _)| k));
-            mac1s[sender as usize % RING] = (sender, mac1);
-            let socket = &socks[(n as usize) % socks.len()];
-            match socket.send_to(body, to) {
-                Ok(_) => {
-                    c.sent += 1;
-                    if cookie.is_some() {
-                        c.sent_with_mac2 += 1;
-                    }
+            let mut blocked = false;
+            for (i, socket) in socks.iter().enumerate() {
+                let offset = (socks.len() + i - first as usize % socks.len()) % socks.len();
+                let mine: Vec<&[u8; INIT_LEN]> = batch[..count]
+                    .iter()
+                    .skip(offset)
+                    .step_by(socks.len())
+                    .collect();
+                let (sent, failed) = send_batch(socket, &mine, to);
+                c.sent += sent as u64;
+                c.send_errors += failed as u64;
+                if with_mac2 {
+                    c.sent_with_mac2 += sent as u64;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    c.send_errors += 1;
-                    break;
-                }
-                Err(_) => c.send_errors += 1,
+                blocked |= failed > 0;
+            }
+            first += count as u64;
+            if blocked {
+                break;
             }
         }
         for socket in &socks {
@@ -205,4 +227,98 @@ fn main() -> Result<()> {
         c.sent as f64 / secs,
     );
     Ok(())
+}
+
+/// Sends `datagrams` to `to` with as few `sendmmsg` calls as the kernel allows; how many left and
+/// how many did not (a full socket buffer: the rest of the round is counted as not sent).
+fn send_batch(socket: &UdpSocket, datagrams: &[&[u8; INIT_LEN]], to: SocketAddr) -> (usize, usize) {
+    use std::os::fd::AsRawFd as _;
+    let (addr, addr_len) = socket_addr(to);
+    let mut iovecs: Vec<libc::iovec> = datagrams
+        .iter()
+        .map(|d| libc::iovec {
+            iov_base: d.as_ptr() as *mut libc::c_void,
+            iov_len: d.len(),
+        })
+        .collect();
+    let mut sent = 0;
+    while sent < datagrams.len() {
+        let mut headers: Vec<libc::mmsghdr> = iovecs[sent..]
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: an all-zero msghdr is a valid empty one; the pointers set below
+                // outlive the call.
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_name = &addr as *const libc::sockaddr_storage as *mut libc::c_void;
+                h.msg_hdr.msg_namelen = addr_len;
+                h.msg_hdr.msg_iov = iov;
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        // SAFETY: `headers` points at `iovecs`, `addr` and the datagrams, all alive here.
+        let n = unsafe {
+            libc::sendmmsg(
+                socket.as_raw_fd(),
+                headers.as_mut_ptr(),
+                headers.len() as libc::c_uint,
+                0,
+            )
+        };
+        if n <= 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return (sent, datagrams.len() - sent);
+        }
+        sent += n as usize;
+    }
+    (sent, 0)
+}
+
+/// `to` as a socket address for the kernel.
+fn socket_addr(to: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid; the family's own struct is written in.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match to {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe {
+                std::ptr::write(
+                    &mut storage as *mut libc::sockaddr_storage as *mut libc::sockaddr_in,
+                    sin,
+                )
+            };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe {
+                std::ptr::write(
+                    &mut storage as *mut libc::sockaddr_storage as *mut libc::sockaddr_in6,
+                    sin6,
+                )
+            };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }

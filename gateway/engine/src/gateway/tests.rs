@@ -810,21 +810,9 @@ fn download(sim: &mut Sim, size: usize, limit: Duration) -> Option<Duration> {
         })
     );
     sim.advance(Duration::from_millis(100));
-    let h = sim.tcp_connect_with(ORIGIN, 4 << 20);
-    let mut cmds = Vec::new();
-    assert!(
-        sim.advance_until(Duration::from_secs(1), Duration::from_millis(1), |s| {
-            cmds.extend(s.take_commands());
-            cmds.iter().any(|c| matches!(c, Command::TcpConnect { .. }))
-        })
-    );
-    let (flow, _) = connect_flow(&cmds);
-    sim.upstream(UpstreamEvent::TcpConnected {
-        flow,
-        local: SocketAddr::new(IpAddr::V4(EGRESS), 50000),
-    });
+    let (flow, h, credit) = connect_to_origin(sim, 4 << 20);
     let body = Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-    let mut origin = Origin::new(flow, credited(&cmds, flow), body.clone());
+    let mut origin = Origin::new(flow, credit, body.clone());
     let start = sim.now;
     let mut got = Vec::with_capacity(size);
     let mut buf = vec![0u8; 1 << 16];
@@ -911,14 +899,14 @@ fn a_far_download_over_a_lossy_path_keeps_most_of_the_link() {
     assert!(rate >= 0.15 * 20e6, "{rate} bit/s in {took:?}; {stats:?}");
 }
 
-/// Opens a flow from the simulated device to the origin with a receive window of `rx`; its
-/// id, socket and the credit the core granted.
-fn open_to_origin(sim: &mut Sim, rx: usize) -> (FlowId, SocketHandle, usize) {
-    open_to_origin_configured(sim, rx, |_| {})
+/// Connects the simulated device to the origin with a receive window of `rx`, the upstream
+/// answering at once; the flow's id, the device's socket and the credit the core granted.
+fn connect_to_origin(sim: &mut Sim, rx: usize) -> (FlowId, SocketHandle, usize) {
+    connect_to_origin_configured(sim, rx, |_| {})
 }
 
-/// [`open_to_origin`], the device's socket set up by `configure` before it connects.
-fn open_to_origin_configured(
+/// [`connect_to_origin`], the device's socket set up by `configure` before it connects.
+fn connect_to_origin_configured(
     sim: &mut Sim,
     rx: usize,
     configure: impl FnOnce(&mut tcp::Socket<'static>),
@@ -936,12 +924,27 @@ fn open_to_origin_configured(
         flow,
         local: SocketAddr::new(IpAddr::V4(EGRESS), 50000),
     });
+    (flow, h, credited(&cmds, flow))
+}
+
+/// [`connect_to_origin`], then until the device's side is established.
+fn open_to_origin(sim: &mut Sim, rx: usize) -> (FlowId, SocketHandle, usize) {
+    open_to_origin_configured(sim, rx, |_| {})
+}
+
+/// [`open_to_origin`], the device's socket set up by `configure` before it connects.
+fn open_to_origin_configured(
+    sim: &mut Sim,
+    rx: usize,
+    configure: impl FnOnce(&mut tcp::Socket<'static>),
+) -> (FlowId, SocketHandle, usize) {
+    let (flow, h, credit) = connect_to_origin_configured(sim, rx, configure);
     assert!(
         sim.advance_until(Duration::from_secs(3), Duration::from_millis(1), |s| {
             s.tcp(h).state() == tcp::State::Established
         })
     );
-    (flow, h, credited(&cmds, flow))
+    (flow, h, credit)
 }
 
 /// Moves `down` from the origin to the device and `up` the other way over an open flow; what
