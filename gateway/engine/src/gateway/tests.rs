@@ -902,7 +902,16 @@ fn a_far_download_over_a_lossy_path_keeps_most_of_the_link() {
 /// Connects the simulated device to the origin with a receive window of `rx`, the upstream
 /// answering at once; the flow's id, the device's socket and the credit the core granted.
 fn connect_to_origin(sim: &mut Sim, rx: usize) -> (FlowId, SocketHandle, usize) {
-    let h = sim.tcp_connect_with(ORIGIN, rx);
+    connect_to_origin_configured(sim, rx, |_| {})
+}
+
+/// [`connect_to_origin`], the device's socket set up by `configure` before it connects.
+fn connect_to_origin_configured(
+    sim: &mut Sim,
+    rx: usize,
+    configure: impl FnOnce(&mut tcp::Socket<'static>),
+) -> (FlowId, SocketHandle, usize) {
+    let h = sim.tcp_connect_configured(ORIGIN, rx, configure);
     let mut cmds = Vec::new();
     assert!(
         sim.advance_until(Duration::from_secs(1), Duration::from_millis(1), |s| {
@@ -920,7 +929,16 @@ fn connect_to_origin(sim: &mut Sim, rx: usize) -> (FlowId, SocketHandle, usize) 
 
 /// [`connect_to_origin`], then until the device's side is established.
 fn open_to_origin(sim: &mut Sim, rx: usize) -> (FlowId, SocketHandle, usize) {
-    let (flow, h, credit) = connect_to_origin(sim, rx);
+    open_to_origin_configured(sim, rx, |_| {})
+}
+
+/// [`open_to_origin`], the device's socket set up by `configure` before it connects.
+fn open_to_origin_configured(
+    sim: &mut Sim,
+    rx: usize,
+    configure: impl FnOnce(&mut tcp::Socket<'static>),
+) -> (FlowId, SocketHandle, usize) {
+    let (flow, h, credit) = connect_to_origin_configured(sim, rx, configure);
     assert!(
         sim.advance_until(Duration::from_secs(3), Duration::from_millis(1), |s| {
             s.tcp(h).state() == tcp::State::Established
@@ -1018,4 +1036,61 @@ fn a_flow_holding_data_keeps_its_buffers() {
         sim.advance(Duration::from_millis(1));
     }
     assert!(got == body);
+}
+
+/// The TCP segments the device received, in order: whether each is a SYN, and its timestamp
+/// option (value, echo).
+fn delivered_timestamps(sim: &Sim) -> Vec<(bool, Option<(u32, u32)>)> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket, TcpRepr};
+    sim.delivered
+        .iter()
+        .filter_map(|p| {
+            let ip = Ipv4Packet::new_checked(&p[..]).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+            let (src, dst) = (ip.src_addr().into(), ip.dst_addr().into());
+            let repr = TcpRepr::parse(&tcp, &src, &dst, &ChecksumCapabilities::ignored()).ok()?;
+            Some((tcp.syn(), repr.timestamp.map(|t| (t.tsval, t.tsecr))))
+        })
+        .collect()
+}
+
+#[test]
+fn a_device_offering_tcp_timestamps_gets_them_on_every_segment() {
+    // A Linux device offers timestamps in its SYN. Answered without them, it puts up to 4 SACK
+    // blocks in an ACK, and smoltcp reads only 3; with them it sends at most 3.
+    const DEVICE_TSVAL: u32 = 7;
+    let mut sim = Sim::new();
+    let (flow, h, credit) = open_to_origin_configured(&mut sim, 256 * 1024, |s| {
+        s.set_tsval_generator(Some(|| DEVICE_TSVAL))
+    });
+    let mut origin = Origin::new(flow, credit, Bytes::new());
+    let down: Vec<u8> = (0..200_000).map(|i| (i % 251) as u8).collect();
+    let up: Vec<u8> = (0..20_000).map(|i| (i % 241) as u8).collect();
+    assert!(exchange(&mut sim, &mut origin, h, &down, &up) == down);
+    assert!(origin.received == up);
+    let segments = delivered_timestamps(&sim);
+    assert!(segments.len() > 100, "{} segments", segments.len());
+    assert!(segments[0].0, "the SYN-ACK first");
+    // Every segment, the SYN-ACK first, echoes the device's value, and the gateway's own never
+    // goes back (the device's PAWS check would drop the segment).
+    let mut last = 0;
+    for (i, (_, ts)) in segments.iter().enumerate() {
+        let (tsval, tsecr) = ts.unwrap_or_else(|| panic!("segment {i} has no timestamps"));
+        assert_eq!(tsecr, DEVICE_TSVAL, "segment {i}");
+        assert!(tsval >= last, "segment {i}: {tsval} after {last}");
+        last = tsval;
+    }
+
+    // A device that does not offer them gets none.
+    sim.delivered.clear();
+    let (flow, h, credit) = open_to_origin(&mut sim, 256 * 1024);
+    let mut origin = Origin::new(flow, credit, Bytes::new());
+    assert!(exchange(&mut sim, &mut origin, h, &down, &up) == down);
+    let segments = delivered_timestamps(&sim);
+    assert!(segments.len() > 100 && segments[0].0);
+    assert!(segments.iter().all(|(_, ts)| ts.is_none()));
 }

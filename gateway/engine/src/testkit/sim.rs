@@ -645,10 +645,22 @@ impl Sim {
 
     /// [`Sim::tcp_connect`] with a receive buffer of `rx` bytes (the window the device offers).
     pub fn tcp_connect_with(&mut self, to: SocketAddr, rx: usize) -> SocketHandle {
-        let socket = tcp::Socket::new(
+        self.tcp_connect_configured(to, rx, |_| {})
+    }
+
+    /// [`Sim::tcp_connect_with`], with `configure` called on the device's socket before it
+    /// connects (to offer TCP timestamps, say).
+    pub fn tcp_connect_configured(
+        &mut self,
+        to: SocketAddr,
+        rx: usize,
+        configure: impl FnOnce(&mut tcp::Socket<'static>),
+    ) -> SocketHandle {
+        let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; rx]),
             tcp::SocketBuffer::new(vec![0; 65536]),
         );
+        configure(&mut socket);
         let handle = self.sockets.add(socket);
         let IpAddr::V4(ip) = to.ip() else {
             panic!("v4 only")
