@@ -855,17 +855,18 @@ fn a_far_download_never_bursts_past_the_devices_buffer() {
     sim.down.set_bottleneck(200_000_000, DEVICE_BUFFER);
     let took = download(&mut sim, 16 << 20, Duration::from_secs(30)).expect("finished");
     let stats = sim.down.stats().clone();
-    // Paced, the most that leaves within a millisecond is a quarter of the device's buffer
-    // (measured: 52 KB; the window is about 1 MB).
+    // Paced, the most that leaves within a millisecond is well under the device's buffer
+    // (measured: 52 KB with Cubic, 76 KB with BBR whose startup paces at 2.9 times the
+    // estimate; the window is about 1 MB).
     assert!(
         stats.peak_burst <= DEVICE_BUFFER / 2,
         "{} bytes left within {BURST_WINDOW:?}; {stats:?}",
         stats.peak_burst
     );
-    // The link carries 16 MiB in 0.7 s. Slow start still overshoots the buffer once (no
-    // HyStart) and the retransmissions of that burst are partly lost again: measured 2.0 s
-    // (13.3 s before partial ACKs stopped re-arming the timer in recovery, 16 s and more
-    // with go-back-N after a 1 s RTO).
+    // The link carries 16 MiB in 0.7 s. Startup still overshoots the buffer once (it ends
+    // on the loss it causes) and the retransmissions of that burst are partly lost again:
+    // measured 1.4 s with BBR, 2.0 s with Cubic (13.3 s before partial ACKs stopped re-arming
+    // the timer in recovery, 16 s and more with go-back-N after a 1 s RTO).
     assert!(took < Duration::from_secs(4), "took {took:?}; {stats:?}");
 }
 
@@ -880,8 +881,8 @@ fn a_far_download_holds_when_the_gateway_is_descheduled() {
     sim.set_gateway_stalls(Duration::from_millis(200), Duration::from_millis(60));
     let took = download(&mut sim, 16 << 20, Duration::from_secs(60)).expect("finished");
     let stats = sim.down.stats().clone();
-    // Measured 3.1 s (2.9 s before the engine took a batch's ACKs before sending: this
-    // simulation does not reproduce the collapse seen in the lab, see issue 15's note).
+    // Measured 1.7 s with BBR, 3.1 s with Cubic (2.9 s before the engine took a batch's ACKs
+    // before sending).
     assert!(took < Duration::from_secs(4), "took {took:?}; {stats:?}");
 }
 
@@ -895,8 +896,9 @@ fn a_far_download_over_a_lossy_path_keeps_most_of_the_link() {
     let stats = sim.down.stats().clone();
     let rate = size as f64 * 8.0 / took.as_secs_f64();
     // A loss-based controller at 1% loss and 40 ms is bound near MSS/RTT * 1.22/sqrt(p),
-    // about 3.4 Mbit/s (Mathis et al.); measured 3.37 Mbit/s, so 15% of the link.
-    assert!(rate >= 0.15 * 20e6, "{rate} bit/s in {took:?}; {stats:?}");
+    // about 3.4 Mbit/s (Mathis et al.): Cubic measured 3.37 Mbit/s, 17% of the link. BBR
+    // does not slow down for random loss: measured 17.4 Mbit/s, 87%.
+    assert!(rate >= 0.7 * 20e6, "{rate} bit/s in {took:?}; {stats:?}");
 }
 
 /// Connects the simulated device to the origin with a receive window of `rx`, the upstream

@@ -259,13 +259,17 @@ impl RttEstimator {
         }
     }
 
-    fn on_ack(&mut self, timestamp: Instant, seq: TcpSeqNumber) {
+    /// Takes the RTT sample an ACK of `seq` completes, if any, and returns it.
+    fn on_ack(&mut self, timestamp: Instant, seq: TcpSeqNumber) -> Option<Duration> {
         if let Some((sent_timestamp, sent_seq)) = self.timestamp
             && seq >= sent_seq
         {
-            self.sample((timestamp - sent_timestamp).total_millis() as u32);
+            let rtt = timestamp - sent_timestamp;
+            self.sample(rtt.total_millis() as u32);
             self.timestamp = None;
+            return Some(rtt);
         }
+        None
     }
 
     fn on_rto(&mut self) {
@@ -476,6 +480,11 @@ pub enum CongestionControl {
 
     #[cfg(feature = "socket-tcp-cubic")]
     Cubic,
+
+    /// Model-based (BBR version 1 in outline): paces at the measured bottleneck rate and does
+    /// not slow down for random loss.
+    #[cfg(feature = "socket-tcp-bbr")]
+    Bbr,
 }
 
 /// A Transmission Control Protocol socket.
@@ -559,6 +568,9 @@ pub struct Socket<'a> {
     /// resent by go-back-N, not news of a loss, and start no recovery (which would cut the
     /// slow-start threshold to a fraction of the small window).
     rto_recover: Option<TcpSeqNumber>,
+    /// Bytes cumulatively acknowledged since the connection began (with the SACKed bytes
+    /// above them, what the congestion controller is told was delivered).
+    acked_total: u64,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -656,6 +668,7 @@ impl<'a> Socket<'a> {
             recovery: None,
             recovery_pass: Instant::from_secs(0),
             rto_recover: None,
+            acked_total: 0,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
@@ -715,6 +728,9 @@ impl<'a> Socket<'a> {
 
             #[cfg(feature = "socket-tcp-cubic")]
             CongestionControl::Cubic => AnyController::Cubic(cubic::Cubic::new()),
+
+            #[cfg(feature = "socket-tcp-bbr")]
+            CongestionControl::Bbr => AnyController::Bbr(bbr::Bbr::new()),
         }
     }
 
@@ -730,6 +746,9 @@ impl<'a> Socket<'a> {
 
             #[cfg(feature = "socket-tcp-cubic")]
             AnyController::Cubic(_) => CongestionControl::Cubic,
+
+            #[cfg(feature = "socket-tcp-bbr")]
+            AnyController::Bbr(_) => CongestionControl::Bbr,
         }
     }
 
@@ -983,6 +1002,13 @@ impl<'a> Socket<'a> {
         self.sacked = [None; SACK_BLOCKS];
         self.recovery = None;
         self.rto_recover = None;
+        self.acked_total = 0;
+        // A controller that counts delivered bytes starts over with the count.
+        #[cfg(feature = "socket-tcp-bbr")]
+        if let congestion::AnyController::Bbr(_) = self.congestion_controller {
+            self.congestion_controller =
+                congestion::AnyController::Bbr(congestion::bbr::Bbr::new());
+        }
         self.pending_fast_retransmit = false;
         self.assembler = Assembler::new();
         self.tx_buffer.clear();
@@ -1497,11 +1523,18 @@ impl<'a> Socket<'a> {
 
     /// Bytes per second data segments are paced at, if they are paced now.
     fn pacing_rate(&self) -> Option<u64> {
-        let srtt = self.rtte.smoothed_rtt();
-        if !self.pacing || srtt == 0 {
+        if !self.pacing {
             return None;
         }
         let cc = self.congestion_controller.inner();
+        // A controller's own rate holds even when repeated timeouts cleared the RTT estimate.
+        if let Some(rate) = cc.pacing_rate() {
+            return Some(rate);
+        }
+        let srtt = self.rtte.smoothed_rtt();
+        if srtt == 0 {
+            return None;
+        }
         let window = cc.window().min(self.remote_win_len).max(self.remote_mss) as u64;
         let ratio = if cc.in_slow_start() {
             PACING_SS_RATIO
@@ -2317,6 +2350,7 @@ impl<'a> Socket<'a> {
                     .iter()
                     .flatten()
                     .all(|&(_, right)| TcpSeqNumber(right as i32) <= ack_number);
+            let mut rtt_sample = None;
             match self.local_rx_last_ack {
                 Some(last_rx_ack)
                     if repr.payload.is_empty() && last_rx_ack == ack_number && dsack_only => {}
@@ -2372,7 +2406,7 @@ impl<'a> Socket<'a> {
                     self.local_rx_last_ack = Some(ack_number);
 
                     // Notify of fresh ACK
-                    self.rtte.on_ack(cx.now(), ack_number);
+                    rtt_sample = self.rtte.on_ack(cx.now(), ack_number);
                     let new_flight_size = self.flight_size().saturating_sub(ack_len);
                     self.congestion_controller.inner_mut().on_ack(
                         cx.now(),
@@ -2397,6 +2431,20 @@ impl<'a> Socket<'a> {
             }
 
             self.on_ack_recovery(cx.now(), &repr.sack_ranges);
+
+            self.acked_total += ack_len as u64;
+            let sacked: usize = self.sacked.iter().flatten().map(|&(l, r)| r - l).sum();
+            let highest_sacked = self.sacked.iter().flatten().last().map(|&(_, r)| r);
+            let lost = highest_sacked.map_or(0, |r| (r - self.local_seq_no).saturating_sub(sacked));
+            let in_flight = self.flight_size();
+            self.congestion_controller.inner_mut().on_delivered(
+                cx.now(),
+                self.acked_total + sacked as u64,
+                lost,
+                in_flight.saturating_sub(sacked),
+                rtt_sample,
+                self.tx_buffer.len() <= in_flight,
+            );
         }
 
         // update last remote tsval

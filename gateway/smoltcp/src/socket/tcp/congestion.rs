@@ -10,6 +10,9 @@ pub(super) mod cubic;
 #[cfg(feature = "socket-tcp-reno")]
 pub(super) mod reno;
 
+#[cfg(feature = "socket-tcp-bbr")]
+pub(super) mod bbr;
+
 #[allow(unused_variables)]
 pub(super) trait Controller {
     /// Returns the number of bytes that can be sent.
@@ -41,6 +44,30 @@ pub(super) trait Controller {
     fn in_slow_start(&self) -> bool {
         false
     }
+
+    /// Fired on every acceptable ACK, after `on_ack` or `on_dup_ack`: `delivered` counts the
+    /// bytes the remote has received since the connection began (cumulatively acknowledged
+    /// or SACKed), `lost` the bytes in the holes below the highest SACKed byte, `in_flight`
+    /// the bytes sent and neither acknowledged nor SACKed, `rtt_sample` the round-trip time
+    /// this ACK measured, if it measured one, and `app_limited` says the sender had no unsent
+    /// data (so the ACK's rate says little of the path).
+    #[allow(clippy::too_many_arguments)]
+    fn on_delivered(
+        &mut self,
+        now: Instant,
+        delivered: u64,
+        lost: usize,
+        in_flight: usize,
+        rtt_sample: Option<crate::time::Duration>,
+        app_limited: bool,
+    ) {
+    }
+
+    /// The rate to pace data at, in bytes per second, if the controller sets it (otherwise a
+    /// pacing socket derives it from the window and the smoothed RTT).
+    fn pacing_rate(&self) -> Option<u64> {
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -53,6 +80,9 @@ pub(super) enum AnyController {
 
     #[cfg(feature = "socket-tcp-cubic")]
     Cubic(cubic::Cubic),
+
+    #[cfg(feature = "socket-tcp-bbr")]
+    Bbr(bbr::Bbr),
 }
 
 impl AnyController {
@@ -94,6 +124,9 @@ impl AnyController {
 
             #[cfg(feature = "socket-tcp-cubic")]
             AnyController::Cubic(c) => c,
+
+            #[cfg(feature = "socket-tcp-bbr")]
+            AnyController::Bbr(b) => b,
         }
     }
 
@@ -107,6 +140,9 @@ impl AnyController {
 
             #[cfg(feature = "socket-tcp-cubic")]
             AnyController::Cubic(c) => c,
+
+            #[cfg(feature = "socket-tcp-bbr")]
+            AnyController::Bbr(b) => b,
         }
     }
 }

@@ -1,0 +1,489 @@
+//! A model-based congestion controller after BBR (version 1, as described in
+//! draft-cardwell-iccrg-bbr-congestion-control-00): it estimates the path's bottleneck rate
+//! (the highest delivery rate of the last rounds) and its round-trip propagation time (the
+//! lowest RTT of the last 10 s), paces at that rate times a gain, and keeps twice their product
+//! in flight. Random loss does not cut its rate, which a loss-based controller (Cubic, Reno)
+//! does: at 0.5% loss and 40 ms Cubic is held near the Mathis limit of a few Mbit/s.
+//!
+//! What it leaves out of the draft: per-packet delivery-rate samples (it samples the delivered
+//! bytes over the last round trip instead), packet conservation in loss recovery, and
+//! ACK-aggregation allowances beyond a floor on the round-trip time used for the window.
+
+use crate::socket::tcp::RttEstimator;
+use crate::time::{Duration, Instant};
+
+use super::Controller;
+
+/// Gain of startup, 2/ln 2 (in thousandths): the smallest that doubles the delivery rate
+/// each round trip.
+const HIGH_GAIN: u64 = 2885;
+/// Gain of drain, the inverse of startup's: empties the queue startup built in one round.
+const DRAIN_GAIN: u64 = 1_000_000 / HIGH_GAIN;
+/// Pacing gains of bandwidth probing, one phase per round trip: probe above the estimate,
+/// drain what the probe queued, then cruise.
+const CYCLE: [u64; 8] = [1250, 750, 1000, 1000, 1000, 1000, 1000, 1000];
+/// Window gain outside startup: room for the delayed and stretched ACKs of a real path.
+const CWND_GAIN: u64 = 2000;
+/// Rounds the bandwidth estimate remembers its highest sample.
+const BW_ROUNDS: usize = 10;
+/// How long the lowest RTT stands before the window is drained to measure it again.
+const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// How long the window stays at its minimum to measure the RTT without a queue.
+const PROBE_RTT_TIME: Duration = Duration::from_millis(200);
+/// The round-trip time the window is sized for is at least this. A busy host answers ACKs
+/// late by a millisecond or more; sized by a LAN's 0.2 ms minimum the window came to less
+/// than the rate times the RTT the sender really saw, the rate estimate fell with it, and
+/// the two spiralled down.
+const MIN_RTT_FLOOR_US: u64 = 2_000;
+/// Fewest segments in the window (the draft's).
+const MIN_CWND_SEGMENTS: usize = 4;
+/// Window before the first estimate (RFC 6928's initial window).
+const INITIAL_CWND_SEGMENTS: usize = 10;
+/// Startup ends after this many rounds without the estimate growing by a quarter.
+const FULL_BW_ROUNDS: u8 = 3;
+/// Checkpoints of (time, bytes delivered) a rate sample is taken against.
+const CHECKPOINTS: usize = 16;
+
+const DEFAULT_MSS: usize = 1024;
+
+/// Where the controller is in its cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+enum Mode {
+    /// Doubling the rate each round until the estimate stops growing.
+    Startup,
+    /// Emptying the queue startup built.
+    Drain,
+    /// Cruising at the estimate, probing above it once every 8 rounds.
+    ProbeBw,
+    /// Holding the window at its minimum to measure the RTT without a queue.
+    ProbeRtt,
+}
+
+#[derive(Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Bbr {
+    mss: usize,
+    cwnd: usize,
+    mode: Mode,
+    /// Highest delivery rate (bytes per second) seen in each of the last rounds, by
+    /// `round % BW_ROUNDS`, with the round it was seen in.
+    bw_samples: [(u64, u64); BW_ROUNDS],
+    /// Lowest RTT (microseconds, 0 before any sample) and when it was taken.
+    min_rtt_us: u64,
+    min_rtt_stamp: Option<Instant>,
+    /// Bytes the peer has received in all (acknowledged or SACKed).
+    delivered: u64,
+    /// Round trips counted so far, and the delivered count that ends the current one (when
+    /// the data in flight at its start has been delivered).
+    round: u64,
+    round_end: u64,
+    /// Recent (time, delivered) pairs, oldest first.
+    checkpoints: [Option<(Instant, u64)>; CHECKPOINTS],
+    full_bw: u64,
+    full_bw_rounds: u8,
+    filled_pipe: bool,
+    cycle_index: usize,
+    cycle_start: Option<Instant>,
+    /// In probe-RTT: when it may end, once the window has come down.
+    probe_rtt_done: Option<Instant>,
+    prior_cwnd: usize,
+    in_flight: usize,
+}
+
+impl Bbr {
+    pub fn new() -> Bbr {
+        Bbr {
+            mss: DEFAULT_MSS,
+            cwnd: DEFAULT_MSS * INITIAL_CWND_SEGMENTS,
+            mode: Mode::Startup,
+            bw_samples: [(0, 0); BW_ROUNDS],
+            min_rtt_us: 0,
+            min_rtt_stamp: None,
+            delivered: 0,
+            round: 0,
+            round_end: 0,
+            checkpoints: [None; CHECKPOINTS],
+            full_bw: 0,
+            full_bw_rounds: 0,
+            filled_pipe: false,
+            cycle_index: 2,
+            cycle_start: None,
+            probe_rtt_done: None,
+            prior_cwnd: 0,
+            in_flight: 0,
+        }
+    }
+
+    /// The bottleneck rate estimate, in bytes per second (0 before any sample).
+    fn btl_bw(&self) -> u64 {
+        self.bw_samples
+            .iter()
+            .filter(|(round, _)| round + BW_ROUNDS as u64 > self.round)
+            .map(|&(_, bw)| bw)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The rate times the round-trip time the window is sized for, in bytes.
+    fn bdp(&self) -> Option<usize> {
+        let bw = self.btl_bw();
+        if bw == 0 || self.min_rtt_us == 0 {
+            return None;
+        }
+        let rtt = self.min_rtt_us.max(MIN_RTT_FLOOR_US);
+        Some(usize::try_from(bw.saturating_mul(rtt) / 1_000_000).unwrap_or(usize::MAX))
+    }
+
+    fn min_cwnd(&self) -> usize {
+        self.mss * MIN_CWND_SEGMENTS
+    }
+
+    fn pacing_gain(&self) -> u64 {
+        match self.mode {
+            Mode::Startup => HIGH_GAIN,
+            Mode::Drain => DRAIN_GAIN,
+            Mode::ProbeBw => CYCLE[self.cycle_index],
+            Mode::ProbeRtt => 1000,
+        }
+    }
+
+    fn min_rtt(&self) -> Duration {
+        Duration::from_micros(self.min_rtt_us.max(1_000))
+    }
+
+    /// Records a checkpoint and returns the delivery rate since the newest checkpoint at
+    /// least one minimum RTT old (the oldest, early on), in bytes per second.
+    fn rate_sample(&mut self, now: Instant) -> Option<u64> {
+        let span = self.min_rtt();
+        let mut base = None;
+        for &(at, delivered) in self.checkpoints.iter().flatten() {
+            if now - at >= span || base.is_none() {
+                base = Some((at, delivered));
+            }
+        }
+        // Checkpoints a quarter of a round trip apart: 16 of them cover four.
+        let newest = self.checkpoints.iter().flatten().last().copied();
+        if newest.is_none_or(|(at, _)| now - at >= span / 4) {
+            self.checkpoints.rotate_left(1);
+            self.checkpoints[CHECKPOINTS - 1] = Some((now, self.delivered));
+        }
+        let (at, delivered) = base?;
+        let elapsed = (now - at).total_micros();
+        if elapsed == 0 || self.delivered <= delivered {
+            return None;
+        }
+        Some((self.delivered - delivered).saturating_mul(1_000_000) / elapsed)
+    }
+
+    fn update_bw(&mut self, bw: u64) {
+        let slot = &mut self.bw_samples[(self.round % BW_ROUNDS as u64) as usize];
+        if slot.0 != self.round {
+            *slot = (self.round, 0);
+        }
+        slot.1 = slot.1.max(bw);
+    }
+
+    fn update_mode(&mut self, now: Instant, round_start: bool, app_limited: bool) {
+        if round_start && !self.filled_pipe && !app_limited {
+            let bw = self.btl_bw();
+            if bw >= self.full_bw.saturating_mul(5) / 4 {
+                self.full_bw = bw;
+                self.full_bw_rounds = 0;
+            } else {
+                self.full_bw_rounds += 1;
+                self.filled_pipe = self.full_bw_rounds >= FULL_BW_ROUNDS;
+            }
+        }
+        let bdp = self.bdp().unwrap_or(usize::MAX);
+        match self.mode {
+            Mode::Startup if self.filled_pipe => self.mode = Mode::Drain,
+            Mode::Drain if self.in_flight <= bdp => self.enter_probe_bw(now),
+            Mode::ProbeBw => {
+                let elapsed = self.cycle_start.map_or(Duration::ZERO, |at| now - at);
+                let gain = CYCLE[self.cycle_index];
+                // Draining the probe's queue may end early, once nothing is queued.
+                if elapsed >= self.min_rtt() || (gain < 1000 && self.in_flight <= bdp) {
+                    self.cycle_index = (self.cycle_index + 1) % CYCLE.len();
+                    self.cycle_start = Some(now);
+                }
+            }
+            _ => {}
+        }
+        let expired = self
+            .min_rtt_stamp
+            .is_some_and(|at| now - at > MIN_RTT_WINDOW);
+        if expired && self.mode != Mode::ProbeRtt {
+            self.mode = Mode::ProbeRtt;
+            self.prior_cwnd = self.cwnd;
+            self.probe_rtt_done = None;
+        }
+        if self.mode == Mode::ProbeRtt {
+            match self.probe_rtt_done {
+                None if self.in_flight <= self.min_cwnd() => {
+                    self.probe_rtt_done = Some(now + PROBE_RTT_TIME.max(self.min_rtt()));
+                }
+                Some(done) if now >= done => {
+                    self.min_rtt_stamp = Some(now);
+                    self.cwnd = self.cwnd.max(self.prior_cwnd);
+                    if self.filled_pipe {
+                        self.enter_probe_bw(now);
+                    } else {
+                        self.mode = Mode::Startup;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn enter_probe_bw(&mut self, now: Instant) {
+        self.mode = Mode::ProbeBw;
+        // Flows that start together should not probe together: start at a phase taken from
+        // the clock, never the draining one.
+        let phase = (now.total_micros() as usize) % (CYCLE.len() - 1);
+        self.cycle_index = if phase >= 1 { phase + 1 } else { phase };
+        self.cycle_start = Some(now);
+    }
+
+    fn update_cwnd(&mut self, acked: usize) {
+        if self.mode == Mode::ProbeRtt {
+            return;
+        }
+        let target = self.bdp().map(|bdp| {
+            let gain = if self.filled_pipe {
+                CWND_GAIN
+            } else {
+                HIGH_GAIN
+            };
+            (bdp as u64).saturating_mul(gain) / 1000 + 3 * self.mss as u64
+        });
+        let target = target.map(|t| usize::try_from(t).unwrap_or(usize::MAX));
+        match target {
+            Some(target) if self.filled_pipe => {
+                self.cwnd = self.cwnd.saturating_add(acked).min(target);
+            }
+            Some(target) if self.cwnd >= target => {}
+            _ => self.cwnd = self.cwnd.saturating_add(acked),
+        }
+        self.cwnd = self.cwnd.max(self.min_cwnd());
+    }
+}
+
+impl Controller for Bbr {
+    fn window(&self) -> usize {
+        if self.mode == Mode::ProbeRtt {
+            self.min_cwnd()
+        } else {
+            self.cwnd
+        }
+    }
+
+    fn in_slow_start(&self) -> bool {
+        self.mode == Mode::Startup
+    }
+
+    fn on_delivered(
+        &mut self,
+        now: Instant,
+        delivered: u64,
+        lost: usize,
+        in_flight: usize,
+        rtt_sample: Option<Duration>,
+        app_limited: bool,
+    ) {
+        // Startup doubles its rate into a queue it cannot see; a device's WireGuard daemon
+        // queues ~200 KiB and drops the rest. Heavy loss (over 2% of what is outstanding,
+        // BBRv2's threshold; random loss of 0.5-1% stays under it) ends startup as a full
+        // pipe would: left to its three rounds without growth, startup overflowed that buffer
+        // at 2.9 times the link's rate until timeouts followed (the engine's simulation).
+        if self.mode == Mode::Startup
+            && lost >= 3 * self.mss
+            && lost.saturating_mul(50) > in_flight.saturating_add(lost)
+        {
+            self.filled_pipe = true;
+            self.full_bw = self.btl_bw();
+        }
+        let acked = usize::try_from(delivered.saturating_sub(self.delivered)).unwrap_or(0);
+        self.delivered = self.delivered.max(delivered);
+        self.in_flight = in_flight;
+        if let Some(rtt) = rtt_sample {
+            let us = rtt.total_micros().max(1);
+            let expired = self
+                .min_rtt_stamp
+                .is_none_or(|at| now - at > MIN_RTT_WINDOW);
+            if self.min_rtt_us == 0 || us <= self.min_rtt_us || expired {
+                self.min_rtt_us = us;
+                // An expired minimum is replaced but keeps its stamp, so probe-RTT runs.
+                if !expired || self.min_rtt_stamp.is_none() {
+                    self.min_rtt_stamp = Some(now);
+                }
+            }
+        }
+        let round_start = self.delivered >= self.round_end;
+        if round_start {
+            self.round += 1;
+            self.round_end = self.delivered + in_flight as u64;
+        }
+        if let Some(bw) = self.rate_sample(now) {
+            // A sample of a sender that had nothing to send says little of the path,
+            // unless it is higher than what is known.
+            if !app_limited || bw >= self.btl_bw() {
+                self.update_bw(bw);
+            }
+        }
+        self.update_mode(now, round_start, app_limited);
+        self.update_cwnd(acked);
+    }
+
+    fn on_rto(&mut self, _now: Instant, _in_flight: usize) {
+        // Everything outstanding is resent from the cumulative ACK: start from a small window
+        // and grow back by what is delivered (the rate and RTT estimates stand).
+        self.prior_cwnd = self.prior_cwnd.max(self.cwnd);
+        self.cwnd = self.min_cwnd();
+        self.checkpoints = [None; CHECKPOINTS];
+    }
+
+    fn pacing_rate(&self) -> Option<u64> {
+        let bw = self.btl_bw();
+        // Not under a millisecond of RTT (a LAN), where the socket does not pace either: the
+        // window alone bounds a burst there, and the timer of a paced send costs more than
+        // the burst.
+        (bw > 0 && self.min_rtt_us >= 1_000)
+            .then(|| (bw.saturating_mul(self.pacing_gain()) / 1000).max(1))
+    }
+
+    fn set_mss(&mut self, mss: usize) {
+        if self.delivered == 0 {
+            self.cwnd = mss * INITIAL_CWND_SEGMENTS;
+        }
+        self.mss = mss;
+    }
+
+    fn on_ack(&mut self, _now: Instant, _len: usize, _in_flight: usize, _rtt: &RttEstimator) {}
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    const MSS: usize = 1000;
+
+    /// A path of `rate` bytes per second and `rtt`: feeds the controller one ACK per
+    /// segment for `rounds` round trips, sending as the window and pacing allow, with every
+    /// `loss_every`-th segment lost (it counts as not delivered). Returns the delivered rate
+    /// over the whole run.
+    fn run(bbr: &mut Bbr, rate: u64, rtt: Duration, rounds: u64, loss_every: u64) -> u64 {
+        let mut now = Instant::from_millis(1000);
+        let mut delivered = 0u64;
+        let mut sent = 0u64;
+        let per_segment = Duration::from_micros(MSS as u64 * 1_000_000 / rate);
+        // Segments in flight: (when their ACK arrives, whether they were lost).
+        let mut flight: std::collections::VecDeque<(Instant, bool)> = Default::default();
+        let mut link_free = now;
+        let end = now + rtt * rounds as u32;
+        let mut next_send = now;
+        while now < end {
+            // Send what the window and pacing allow.
+            while flight.len() * MSS < bbr.window() && next_send <= now {
+                sent += 1;
+                let depart = now.max(link_free);
+                link_free = depart + per_segment;
+                flight.push_back((depart + per_segment + rtt, sent % loss_every == 0));
+                if let Some(rate) = bbr.pacing_rate() {
+                    next_send += Duration::from_micros(MSS as u64 * 1_000_000 / rate);
+                    next_send = next_send.max(now - Duration::from_millis(2));
+                } else {
+                    next_send = now;
+                }
+            }
+            now += Duration::from_micros(100);
+            while flight.front().is_some_and(|&(at, _)| at <= now) {
+                let (_, lost) = flight.pop_front().unwrap();
+                if !lost {
+                    delivered += MSS as u64;
+                }
+                bbr.on_delivered(now, delivered, 0, flight.len() * MSS, Some(rtt), false);
+            }
+        }
+        delivered * 1_000_000 / (now - Instant::from_millis(1000)).total_micros()
+    }
+
+    /// One more segment delivered at `now`.
+    fn ack(bbr: &mut Bbr, now: Instant, lost: usize, in_flight: usize, rtt: Option<Duration>) {
+        let delivered = bbr.delivered + MSS as u64;
+        bbr.on_delivered(now, delivered, lost, in_flight, rtt, false);
+    }
+
+    #[test]
+    fn startup_ends_on_heavy_loss_not_on_light_loss() {
+        let rtt = Some(Duration::from_millis(40));
+        let mut bbr = Bbr::new();
+        bbr.set_mss(MSS);
+        let now = Instant::from_millis(1000);
+        // 0.5% of 400 segments outstanding are in holes: random loss, startup goes on.
+        ack(&mut bbr, now, 2 * MSS, 400 * MSS, rtt);
+        ack(&mut bbr, now, 3 * MSS, 600 * MSS, rtt);
+        assert_eq!(bbr.mode, Mode::Startup);
+        // A tenth: the queue in front of the device overflowed.
+        ack(&mut bbr, now, 40 * MSS, 400 * MSS, rtt);
+        assert!(bbr.filled_pipe);
+        assert_ne!(bbr.mode, Mode::Startup);
+    }
+
+    #[test]
+    fn fills_a_path_and_keeps_its_rate_under_random_loss() {
+        // 12.5 MB/s (100 Mbit/s) at 40 ms, 1 segment in 200 lost (0.5%).
+        let rate = 12_500_000;
+        let rtt = Duration::from_millis(40);
+        let mut bbr = Bbr::new();
+        bbr.set_mss(MSS);
+        let got = run(&mut bbr, rate, rtt, 100, 200);
+        assert!(got >= rate * 8 / 10, "delivered {got} B/s of {rate}");
+        let bw = bbr.btl_bw();
+        assert!(
+            bw >= rate * 9 / 10 && bw <= rate * 12 / 10,
+            "estimate {bw} B/s of {rate}"
+        );
+        assert_eq!(bbr.mode, Mode::ProbeBw);
+        // Twice the rate times the RTT, plus the allowance.
+        let bdp = (rate * 40 / 1000) as usize;
+        assert!(bbr.window() <= bdp * 23 / 10, "window {}", bbr.window());
+    }
+
+    #[test]
+    fn drains_the_window_to_measure_the_rtt_every_ten_seconds() {
+        let rate = 1_250_000;
+        let rtt = Duration::from_millis(20);
+        let mut bbr = Bbr::new();
+        bbr.set_mss(MSS);
+        run(&mut bbr, rate, rtt, 300, u64::MAX);
+        let stamp = bbr.min_rtt_stamp.expect("an RTT sample");
+        // 6 s in: the minimum is from the start; at 10 s it is measured again.
+        let mut now = stamp + Duration::from_millis(10_001);
+        ack(&mut bbr, now, 0, 20 * MSS, None);
+        assert_eq!(bbr.mode, Mode::ProbeRtt);
+        assert_eq!(bbr.window(), 4 * MSS);
+        now += Duration::from_millis(10);
+        ack(&mut bbr, now, 0, 3 * MSS, Some(rtt));
+        now += Duration::from_millis(201);
+        ack(&mut bbr, now, 0, 3 * MSS, Some(rtt));
+        assert_eq!(bbr.mode, Mode::ProbeBw);
+        assert!(bbr.window() > 4 * MSS);
+        assert_eq!(bbr.min_rtt_stamp, Some(now));
+    }
+
+    #[test]
+    fn a_timeout_restarts_from_a_small_window_and_keeps_the_estimates() {
+        let rate = 12_500_000;
+        let rtt = Duration::from_millis(40);
+        let mut bbr = Bbr::new();
+        bbr.set_mss(MSS);
+        run(&mut bbr, rate, rtt, 50, u64::MAX);
+        let bw = bbr.btl_bw();
+        bbr.on_rto(Instant::from_secs(100), 0);
+        assert_eq!(bbr.window(), 4 * MSS);
+        assert_eq!(bbr.btl_bw(), bw);
+        assert!(bbr.pacing_rate().is_some());
+    }
+}
