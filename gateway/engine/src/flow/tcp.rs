@@ -100,7 +100,12 @@ impl TcpSettings {
             // more (96 KiB per 40 ms is 19 Mbit/s): the buffer follows the device's measured
             // round-trip time (see `buffers_for`) and the socket paces what it sends.
             tx_buffer_min: 96 * 1024,
-            buffer_max: 4 * 1024 * 1024,
+            // A far download's send buffer holds what is in flight, a round trip of data the
+            // device SACKed while a hole is repaired, and what waits for its paced turn: 4 MiB
+            // is 0.34 Gbit/s at 100 ms before any of the last two (scripts/bench-far.sh, issue
+            // 15). Pages a flow never writes stay unbacked, and a device's flows share one
+            // such buffer's worth (`cap`).
+            buffer_max: 8 * 1024 * 1024,
             flow_rate: 1_000_000_000 / 8,
             upload_window: 512 * 1024,
             max_chunk: 64 * 1024,
@@ -1334,9 +1339,11 @@ mod tests {
             s.buffers_for(Some(Duration::from_micros(600))),
             (512 * 1024, 96 * 1024)
         );
-        // 40 ms at 1 Gbit/s is 5 MB: capped.
+        // 40 ms at 1 Gbit/s is 5 MB; 100 ms, 12.5 MB: capped.
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(40)));
-        assert_eq!((rx, tx), (4 * 1024 * 1024, 4 * 1024 * 1024));
+        assert_eq!((rx, tx), (5_000_000, 5_000_000));
+        let (rx, tx) = s.buffers_for(Some(Duration::from_millis(100)));
+        assert_eq!((rx, tx), (8 * 1024 * 1024, 8 * 1024 * 1024));
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(2)));
         assert_eq!((rx, tx), (512 * 1024, 250_000));
     }

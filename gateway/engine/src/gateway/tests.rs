@@ -901,6 +901,18 @@ fn a_far_download_over_a_lossy_path_keeps_most_of_the_link() {
     assert!(rate >= 0.7 * 20e6, "{rate} bit/s in {took:?}; {stats:?}");
 }
 
+#[test]
+fn a_far_download_behind_a_slow_link_fills_it() {
+    // A home link: 100 Mbit/s with 50 ms of queue (625 KB), 40 ms away.
+    let mut sim = Sim::with(far(0.0));
+    sim.down.set_bottleneck(100_000_000, 625_000);
+    let size = 48 << 20;
+    let took = download(&mut sim, size, Duration::from_secs(60)).expect("finished");
+    let stats = sim.down.stats().clone();
+    let rate = size as f64 * 8.0 / took.as_secs_f64();
+    assert!(rate >= 0.8 * 100e6, "{rate} bit/s in {took:?}; {stats:?}");
+}
+
 /// Connects the simulated device to the origin with a receive window of `rx`, the upstream
 /// answering at once; the flow's id, the device's socket and the credit the core granted.
 fn connect_to_origin(sim: &mut Sim, rx: usize) -> (FlowId, SocketHandle, usize) {

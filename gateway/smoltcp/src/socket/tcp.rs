@@ -300,6 +300,15 @@ impl RttEstimator {
     }
 }
 
+/// Moves `seq` past the SACKed block it lies in, if any (the blocks sorted).
+fn skip_sacked_blocks(sacked: &[Option<(TcpSeqNumber, TcpSeqNumber)>], seq: &mut TcpSeqNumber) {
+    for &(left, right) in sacked.iter().flatten() {
+        if left <= *seq && *seq < right {
+            *seq = right;
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 enum Timer {
@@ -1514,11 +1523,16 @@ impl<'a> Socket<'a> {
         self.remote_last_seq - self.local_seq_no
     }
 
+    /// Octets the congestion window lets be sent: it bounds the data in the network (the
+    /// "pipe" of RFC 6675), so what the remote SACKed does not count. Counted, a hole's
+    /// round trip of repair held a far download at twice its rate times the RTT and then
+    /// stalled it (the window was full of data the remote already had; scripts/bench-far.sh).
     fn cwnd_remaining(&self) -> usize {
+        let sacked: usize = self.sacked.iter().flatten().map(|&(l, r)| r - l).sum();
         self.congestion_controller
             .inner()
             .window()
-            .saturating_sub(self.flight_size())
+            .saturating_sub(self.flight_size().saturating_sub(sacked))
     }
 
     /// Bytes per second data segments are paced at, if they are paced now.
@@ -1554,7 +1568,11 @@ impl<'a> Socket<'a> {
     /// SACKed, when window updates kept the duplicate ACKs from counting.
     fn on_ack_recovery(&mut self, now: Instant, sack_ranges: &[Option<(u32, u32)>; 3]) {
         let una = self.local_seq_no;
-        let sent = self.remote_last_seq;
+        // After a timeout the remote still reports blocks up to the highest sequence sent
+        // before it.
+        let sent = self
+            .rto_recover
+            .map_or(self.remote_last_seq, |r| r.max(self.remote_last_seq));
         if self.remote_has_sack {
             for &(left, right) in sack_ranges.iter().flatten() {
                 // The remote's blocks count only within what was sent and not yet
@@ -1650,6 +1668,27 @@ impl<'a> Socket<'a> {
             seq = seq.max(right);
         }
         (seq == una && seq < end).then(|| (seq, end - seq))
+    }
+
+    /// Resending after a timeout: moves the next sequence to send past a block the remote
+    /// SACKed, as if it were sent again.
+    fn skip_sacked(&mut self) {
+        if self.rto_recover.is_some() {
+            skip_sacked_blocks(&self.sacked, &mut self.remote_last_seq);
+        }
+    }
+
+    /// Resending after a timeout: octets from the next sequence to send up to the next block
+    /// the remote SACKed (unbounded otherwise).
+    fn unsacked_ahead(&self) -> usize {
+        if self.rto_recover.is_none() {
+            return usize::MAX;
+        }
+        self.sacked
+            .iter()
+            .flatten()
+            .find(|&&(left, _)| left > self.remote_last_seq)
+            .map_or(usize::MAX, |&(left, _)| left - self.remote_last_seq)
     }
 
     /// Return the amount of octets queued in the receive buffer. This value can be larger than
@@ -2431,6 +2470,7 @@ impl<'a> Socket<'a> {
             }
 
             self.on_ack_recovery(cx.now(), &repr.sack_ranges);
+            self.skip_sacked();
 
             self.acked_total += ack_len as u64;
             let sacked: usize = self.sacked.iter().flatten().map(|&(l, r)| r - l).sum();
@@ -2777,11 +2817,21 @@ impl<'a> Socket<'a> {
 
                 // Rewind "last sequence number sent", as if we never
                 // had sent them. This will cause all data in the queue
-                // to be sent again.
-                self.rto_recover = Some(self.remote_last_seq);
+                // to be sent again, except what the remote SACKed (RFC 6675 section 5.1):
+                // a burst lost at a full queue left a window of SACKed data behind its
+                // holes, and resending it all after the timeout took half a second at
+                // 40 ms (the engine's simulation). A second timeout in a row forgets the
+                // scoreboard, in case the remote dropped what it had SACKed (RFC 2018
+                // allows it).
+                if self.rto_recover.is_some() {
+                    self.sacked = [None; SACK_BLOCKS];
+                }
+                self.rto_recover = Some(
+                    self.rto_recover
+                        .map_or(self.remote_last_seq, |r| r.max(self.remote_last_seq)),
+                );
                 self.remote_last_seq = self.local_seq_no;
                 self.recovery = None;
-                self.sacked = [None; SACK_BLOCKS];
                 self.pending_fast_retransmit = false;
 
                 // Inform RTTE, so that it can can handle RTO backoff
@@ -3017,7 +3067,10 @@ impl<'a> Socket<'a> {
                         // the remote got lost.
                         win_limit.min(device_limit)
                     } else {
-                        win_limit.min(device_limit).min(self.cwnd_remaining())
+                        win_limit
+                            .min(device_limit)
+                            .min(self.cwnd_remaining())
+                            .min(self.unsacked_ahead())
                     };
 
                     let offset = self.flight_size();
@@ -3139,6 +3192,9 @@ impl<'a> Socket<'a> {
         self.remote_last_seq = self
             .remote_last_seq
             .max(repr.seq_number + repr.segment_len());
+        if self.rto_recover.is_some() {
+            skip_sacked_blocks(&self.sacked, &mut self.remote_last_seq);
+        }
         self.remote_last_ack = repr.ack_number;
         self.remote_last_win = repr.window_len;
 
