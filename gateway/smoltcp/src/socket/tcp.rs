@@ -7468,6 +7468,55 @@ mod test {
     }
 
     #[test]
+    fn test_timeout_resends_only_what_was_not_sacked() {
+        let mut s = socket_established();
+        s.remote_mss = 3;
+        s.remote_has_sack = true;
+        s.congestion_controller = congestion::AnyController::None(congestion::no_control::NoControl);
+        s.send_slice(b"aaaBBBcccDDD").unwrap();
+        let chunks: [&[u8]; 4] = [b"aaa", b"BBB", b"ccc", b"DDD"];
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            recv!(s, time 1000, Ok(TcpRepr {
+                seq_number: LOCAL_SEQ + 1 + 3 * i,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload: chunk,
+                ..RECV_TEMPL
+            }));
+        }
+        // Only "ccc" arrived (too little to start a recovery); then the timer runs out.
+        let at = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
+        send!(s, time 1050, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1),
+            sack_ranges: [Some((at(6), at(9))), None, None],
+            ..SEND_TEMPL
+        });
+        recv!(s, time 3000, [TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"aaa"[..],
+            ..RECV_TEMPL
+        }, TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 3,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"BBB"[..],
+            ..RECV_TEMPL
+        }, TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 9,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"DDD"[..],
+            ..RECV_TEMPL
+        }]);
+        send!(s, time 3100, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 12),
+            ..SEND_TEMPL
+        });
+        assert!(s.tx_buffer.is_empty());
+        assert_eq!(s.rto_recover, None);
+    }
+
+    #[test]
     fn test_pacing_spreads_segments_over_the_rtt() {
         let mut s = socket_established();
         s.set_pacing(true);
