@@ -260,6 +260,13 @@ pub enum Release {
 /// handshakes are slower (they may be queued behind a busy flow, or the device moved).
 const RTT_MEMORY: Duration = Duration::from_secs(60);
 
+/// A handshake this slow, and over twice the estimate, replaces it at once: the device has
+/// moved farther away (a laptop from Wi-Fi to a phone's hotspot), not queued a few
+/// milliseconds behind its own download. Kept for the minute, the near estimate sized a far
+/// device's buffers: at 40 ms after 10 ms, downloads and uploads stopped at 0.25 Gbit/s, the
+/// 1.25 MB of a 10 ms buffer per round trip (scripts/bench-far.sh, issue 15).
+const FAR_RTT: Duration = Duration::from_millis(5);
+
 /// What the flows of one device share.
 #[derive(Debug, Default)]
 struct PeerState {
@@ -294,10 +301,12 @@ struct RttEstimate {
 }
 
 impl RttEstimate {
-    /// Keeps the smaller sample, unless the kept one is old.
+    /// Keeps the smaller sample, unless the kept one is old or the new one far slower.
     fn update(estimate: &mut Option<RttEstimate>, sample: Duration, now: Instant) {
         let replace = estimate.is_none_or(|e| {
-            sample <= e.rtt || now.saturating_duration_since(e.measured) > RTT_MEMORY
+            sample <= e.rtt
+                || now.saturating_duration_since(e.measured) > RTT_MEMORY
+                || sample >= FAR_RTT.max(e.rtt * 2)
         });
         if replace {
             *estimate = Some(RttEstimate {
@@ -1369,7 +1378,7 @@ mod tests {
 
     #[allow(clippy::disallowed_methods)] // the fake clock starts from one real instant
     #[test]
-    fn the_estimate_keeps_the_smallest_recent_sample() {
+    fn the_estimate_keeps_the_smallest_recent_sample_unless_the_device_moved_far() {
         let t0 = Instant::now();
         let mut e = None;
         RttEstimate::update(&mut e, Duration::from_millis(5), t0);
@@ -1380,7 +1389,7 @@ mod tests {
         );
         RttEstimate::update(
             &mut e,
-            Duration::from_millis(9),
+            Duration::from_millis(4),
             t0 + Duration::from_secs(2),
         );
         assert_eq!(e.map(|e| e.rtt), Some(Duration::from_millis(2)));
@@ -1391,6 +1400,18 @@ mod tests {
             t0 + Duration::from_secs(62),
         );
         assert_eq!(e.map(|e| e.rtt), Some(Duration::from_millis(30)));
+        // A device that moved far away is believed at once.
+        RttEstimate::update(
+            &mut e,
+            Duration::from_millis(70),
+            t0 + Duration::from_secs(63),
+        );
+        assert_eq!(e.map(|e| e.rtt), Some(Duration::from_millis(70)));
+        // A near device queued behind its own download is not.
+        let mut near = None;
+        RttEstimate::update(&mut near, Duration::from_micros(600), t0);
+        RttEstimate::update(&mut near, Duration::from_millis(4), t0);
+        assert_eq!(near.map(|e| e.rtt), Some(Duration::from_micros(600)));
     }
 
     #[allow(clippy::disallowed_methods)] // a timestamp nobody reads
