@@ -370,8 +370,15 @@ impl Controller for Bbr {
         // Not under a millisecond of RTT (a LAN), where the socket does not pace either: the
         // window alone bounds a burst there, and the timer of a paced send costs more than
         // the burst.
-        (bw > 0 && self.min_rtt_us >= 1_000)
-            .then(|| (bw.saturating_mul(self.pacing_gain()) / 1000).max(1))
+        if bw == 0 || self.min_rtt_us < 1_000 {
+            return None;
+        }
+        // Never slower than the initial window per round trip: the first samples of a
+        // connection that sent little (a request, a control message) can be a few bytes per
+        // second, and paced at that the next segment waited seconds, so no sample came to
+        // raise it (downloads stalled at 0.00-0.03 Gbit/s in scripts/bench-far.sh).
+        let floor = (self.mss * INITIAL_CWND_SEGMENTS) as u64 * 1_000_000 / self.min_rtt_us;
+        Some((bw.saturating_mul(self.pacing_gain()) / 1000).max(floor))
     }
 
     fn set_mss(&mut self, mss: usize) {
@@ -451,6 +458,20 @@ mod test {
         ack(&mut bbr, now, 40 * MSS, 400 * MSS, rtt);
         assert!(bbr.filled_pipe);
         assert_ne!(bbr.mode, Mode::Startup);
+    }
+
+    #[test]
+    fn a_connection_that_sent_little_is_not_paced_slower_than_its_initial_window() {
+        let rtt = Some(Duration::from_millis(40));
+        let mut bbr = Bbr::new();
+        bbr.set_mss(MSS);
+        // A 40-byte request answered after a second of thinking: 40 bytes per second.
+        bbr.on_delivered(Instant::from_millis(0), 0, 0, 0, None, true);
+        bbr.post_transmit(Instant::from_millis(1), 40);
+        bbr.on_delivered(Instant::from_millis(1000), 40, 0, 0, rtt, true);
+        assert!(bbr.btl_bw() < 100);
+        // Ten segments per 40 ms at least.
+        assert!(bbr.pacing_rate().unwrap() >= 10 * MSS as u64 * 25);
     }
 
     #[test]
