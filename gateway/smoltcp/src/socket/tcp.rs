@@ -2498,10 +2498,16 @@ impl<'a> Socket<'a> {
                 if ack_all {
                     // RFC 6298: (5.2) ACK of all outstanding data turn off the retransmit timer.
                     self.timer.set_for_idle(cx.now(), self.keep_alive);
-                } else if ack_len > 0 && self.recovery.is_none() {
-                    // In recovery partial ACKs leave the timer running ("Impatient", RFC
-                    // 6582): were retransmissions lost again, recovery would otherwise crawl
-                    // a hole per round trip; the timeout ends it instead.
+                } else if ack_len > 0 && (self.recovery.is_none() || self.remote_has_sack) {
+                    // Without SACK, partial ACKs in recovery leave the timer running
+                    // ("Impatient", RFC 6582): were retransmissions lost again, recovery
+                    // would otherwise crawl a hole per round trip; the timeout ends it
+                    // instead. With SACK, holes still missing a round trip after their
+                    // retransmission are sent again in another pass, and a recovery from a
+                    // burst lost at a device's full buffer takes longer than one timeout:
+                    // left running, the timer ended it with go-back-N from a 4-segment
+                    // window and backed off to seconds (a 100 ms download fell from 0.35
+                    // to 0.07 Gbit/s, scripts/bench-far.sh).
                     // (5.3) ACK of new data in ESTABLISHED state restart the retransmit timer.
                     let rto = self.rtte.retransmission_timeout();
                     self.timer.set_for_retransmit(cx.now(), rto);
