@@ -124,18 +124,30 @@ impl TcpSettings {
     }
 
     /// Receive and send buffer sizes for a flow of a device whose round-trip time through the
-    /// tunnel is `rtt` (unknown: the minimums): the bandwidth-delay product at `flow_rate`.
+    /// tunnel is `rtt` (unknown: the minimums): the bandwidth-delay product at `flow_rate`,
+    /// twice that for the send buffer of a paced (far) flow.
     pub fn buffers_for(&self, rtt: Option<Duration>) -> (usize, usize) {
         let bdp = rtt.map_or(0, |rtt| {
             (rtt.as_micros() as u64).saturating_mul(self.flow_rate) / 1_000_000
         });
         let bdp = usize::try_from(bdp).unwrap_or(usize::MAX);
+        // smoltcp paces from a millisecond of RTT up, and its BBR keeps up to twice the
+        // bandwidth-delay product in flight, besides the data the device SACKed while a hole
+        // is repaired. Near devices keep the minimum, which bounds their unpaced bursts.
+        let tx = if rtt.is_some_and(|rtt| rtt >= PACED_RTT) {
+            bdp.saturating_mul(2)
+        } else {
+            bdp
+        };
         (
             bdp.clamp(self.rx_buffer_min, self.buffer_max.max(self.rx_buffer_min)),
-            bdp.clamp(self.tx_buffer_min, self.buffer_max.max(self.tx_buffer_min)),
+            tx.clamp(self.tx_buffer_min, self.buffer_max.max(self.tx_buffer_min)),
         )
     }
 }
+
+/// The smallest round-trip time smoltcp paces at (its RTT estimate counts milliseconds).
+const PACED_RTT: Duration = Duration::from_millis(1);
 
 /// The runtime reads an upstream this much at a time, once the device has granted that much
 /// credit: no flow's download window may be smaller, or its upstream is never read again.
@@ -1350,11 +1362,13 @@ mod tests {
         );
         // 40 ms at 1 Gbit/s is 5 MB; 100 ms, 12.5 MB: capped.
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(40)));
-        assert_eq!((rx, tx), (5_000_000, 5_000_000));
+        assert_eq!((rx, tx), (5_000_000, 8 * 1024 * 1024));
+        let (rx, tx) = s.buffers_for(Some(Duration::from_millis(10)));
+        assert_eq!((rx, tx), (1_250_000, 2_500_000));
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(100)));
         assert_eq!((rx, tx), (8 * 1024 * 1024, 8 * 1024 * 1024));
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(2)));
-        assert_eq!((rx, tx), (512 * 1024, 250_000));
+        assert_eq!((rx, tx), (512 * 1024, 500_000));
     }
 
     #[allow(clippy::disallowed_methods)] // the fake clock starts from one real instant
