@@ -1528,11 +1528,15 @@ impl<'a> Socket<'a> {
     /// round trip of repair held a far download at twice its rate times the RTT and then
     /// stalled it (the window was full of data the remote already had; scripts/bench-far.sh).
     fn cwnd_remaining(&self) -> usize {
-        let sacked: usize = self.sacked.iter().flatten().map(|&(l, r)| r - l).sum();
         self.congestion_controller
             .inner()
             .window()
-            .saturating_sub(self.flight_size().saturating_sub(sacked))
+            .saturating_sub(self.flight_size().saturating_sub(self.sacked_bytes()))
+    }
+
+    /// Octets in the SACK scoreboard.
+    fn sacked_bytes(&self) -> usize {
+        self.sacked.iter().flatten().map(|&(l, r)| r - l).sum()
     }
 
     /// Bytes per second data segments are paced at, if they are paced now.
@@ -2473,7 +2477,7 @@ impl<'a> Socket<'a> {
             self.skip_sacked();
 
             self.acked_total += ack_len as u64;
-            let sacked: usize = self.sacked.iter().flatten().map(|&(l, r)| r - l).sum();
+            let sacked = self.sacked_bytes();
             let highest_sacked = self.sacked.iter().flatten().last().map(|&(_, r)| r);
             let lost = highest_sacked.map_or(0, |r| (r - self.local_seq_no).saturating_sub(sacked));
             let in_flight = self.flight_size();
@@ -2824,11 +2828,10 @@ impl<'a> Socket<'a> {
                 // Rewind "last sequence number sent", as if we never
                 // had sent them. This will cause all data in the queue
                 // to be sent again, except what the remote SACKed (RFC 6675 section 5.1):
-                // a burst lost at a full queue left a window of SACKed data behind its
-                // holes, and resending it all after the timeout took half a second at
-                // 40 ms (the engine's simulation). A second timeout in a row forgets the
-                // scoreboard, in case the remote dropped what it had SACKed (RFC 2018
-                // allows it).
+                // a burst lost at a device's full buffer leaves a window of SACKed data
+                // behind its holes, which would otherwise go out again from a window of a
+                // few segments. A second timeout in a row forgets the scoreboard, in case
+                // the remote dropped what it had SACKed (RFC 2018 allows it).
                 if self.rto_recover.is_some() {
                     self.sacked = [None; SACK_BLOCKS];
                 }
