@@ -300,8 +300,16 @@ impl RttEstimator {
     }
 }
 
-/// Moves `seq` past the SACKed block it lies in, if any (the blocks sorted).
-fn skip_sacked_blocks(sacked: &[Option<(TcpSeqNumber, TcpSeqNumber)>], seq: &mut TcpSeqNumber) {
+/// Resending after a timeout (`rto_recover` set): moves `seq`, the next sequence to send, past
+/// the SACKed block it lies in, if any (the blocks sorted), as if that block were sent again.
+fn skip_sacked_blocks(
+    rto_recover: Option<TcpSeqNumber>,
+    sacked: &[Option<(TcpSeqNumber, TcpSeqNumber)>],
+    seq: &mut TcpSeqNumber,
+) {
+    if rto_recover.is_none() {
+        return;
+    }
     for &(left, right) in sacked.iter().flatten() {
         if left <= *seq && *seq < right {
             *seq = right;
@@ -1674,14 +1682,6 @@ impl<'a> Socket<'a> {
         (seq == una && seq < end).then(|| (seq, end - seq))
     }
 
-    /// Resending after a timeout: moves the next sequence to send past a block the remote
-    /// SACKed, as if it were sent again.
-    fn skip_sacked(&mut self) {
-        if self.rto_recover.is_some() {
-            skip_sacked_blocks(&self.sacked, &mut self.remote_last_seq);
-        }
-    }
-
     /// Resending after a timeout: octets from the next sequence to send up to the next block
     /// the remote SACKed (unbounded otherwise).
     fn unsacked_ahead(&self) -> usize {
@@ -2474,7 +2474,7 @@ impl<'a> Socket<'a> {
             }
 
             self.on_ack_recovery(cx.now(), &repr.sack_ranges);
-            self.skip_sacked();
+            skip_sacked_blocks(self.rto_recover, &self.sacked, &mut self.remote_last_seq);
 
             self.acked_total += ack_len as u64;
             let sacked = self.sacked_bytes();
@@ -3201,9 +3201,7 @@ impl<'a> Socket<'a> {
         self.remote_last_seq = self
             .remote_last_seq
             .max(repr.seq_number + repr.segment_len());
-        if self.rto_recover.is_some() {
-            skip_sacked_blocks(&self.sacked, &mut self.remote_last_seq);
-        }
+        skip_sacked_blocks(self.rto_recover, &self.sacked, &mut self.remote_last_seq);
         self.remote_last_ack = repr.ack_number;
         self.remote_last_win = repr.window_len;
 
@@ -7436,16 +7434,7 @@ mod test {
             ack_number: Some(LOCAL_SEQ + 1),
             ..SEND_TEMPL
         });
-        s.send_slice(b"aaaBBBcccDDDeeeFFF").unwrap();
-        let chunks: [&[u8]; 6] = [b"aaa", b"BBB", b"ccc", b"DDD", b"eee", b"FFF"];
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            recv!(s, time 1000, Ok(TcpRepr {
-                seq_number: LOCAL_SEQ + 1 + 3 * i,
-                ack_number: Some(REMOTE_SEQ + 1),
-                payload: chunk,
-                ..RECV_TEMPL
-            }));
-        }
+        send_in_segments(&mut s, &[b"aaa", b"BBB", b"ccc", b"DDD", b"eee", b"FFF"]);
         // "aaa" and "ccc" are lost: one ACK SACKing the rest (12 octets, over 3 MSS) starts
         // recovery without waiting for two more duplicates.
         let at = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
@@ -7476,15 +7465,12 @@ mod test {
         assert!(s.tx_buffer.is_empty());
     }
 
-    #[test]
-    fn test_timeout_resends_only_what_was_not_sacked() {
-        let mut s = socket_established();
-        s.remote_mss = 3;
-        s.remote_has_sack = true;
-        s.congestion_controller = congestion::AnyController::None(congestion::no_control::NoControl);
-        s.send_slice(b"aaaBBBcccDDD").unwrap();
-        let chunks: [&[u8]; 4] = [b"aaa", b"BBB", b"ccc", b"DDD"];
-        for (i, chunk) in chunks.into_iter().enumerate() {
+    /// Queues `chunks` and receives them at 1 s, one 3-octet segment each (a remote MSS of 3).
+    fn send_in_segments(mut s: &mut TestSocket, chunks: &[&'static [u8]]) {
+        for chunk in chunks {
+            s.send_slice(chunk).unwrap();
+        }
+        for (i, &chunk) in chunks.iter().enumerate() {
             recv!(s, time 1000, Ok(TcpRepr {
                 seq_number: LOCAL_SEQ + 1 + 3 * i,
                 ack_number: Some(REMOTE_SEQ + 1),
@@ -7492,6 +7478,15 @@ mod test {
                 ..RECV_TEMPL
             }));
         }
+    }
+
+    #[test]
+    fn test_timeout_resends_only_what_was_not_sacked() {
+        let mut s = socket_established();
+        s.remote_mss = 3;
+        s.remote_has_sack = true;
+        s.congestion_controller = congestion::AnyController::None(congestion::no_control::NoControl);
+        send_in_segments(&mut s, &[b"aaa", b"BBB", b"ccc", b"DDD"]);
         // Only "ccc" arrived (too little to start a recovery); then the timer runs out.
         let at = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
         send!(s, time 1050, TcpRepr {

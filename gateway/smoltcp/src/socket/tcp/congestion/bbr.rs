@@ -9,7 +9,6 @@
 //! bytes over the last round trip instead), packet conservation in loss recovery, and
 //! ACK-aggregation allowances beyond a floor on the round-trip time used for the window.
 
-use crate::socket::tcp::RttEstimator;
 use crate::time::{Duration, Instant};
 
 use super::Controller;
@@ -387,8 +386,6 @@ impl Controller for Bbr {
         }
         self.mss = mss;
     }
-
-    fn on_ack(&mut self, _now: Instant, _len: usize, _in_flight: usize, _rtt: &RttEstimator) {}
 }
 
 #[cfg(test)]
