@@ -125,8 +125,8 @@ measure() {
       # -O 1: the first second is not counted (slow start is the same for both gateways).
       # shellcheck disable=SC2086
       json="$(ip netns exec "${P}d1" timeout $((SECONDS_PER_RUN + 30)) \
-        iperf3 -c 203.0.113.20 -p "$IPERF_PORT" -t "$SECONDS_PER_RUN" -O 1 $args -J 2>/dev/null)" \
-        || json=""
+        iperf3 -c 203.0.113.20 -p "$IPERF_PORT" -t "$SECONDS_PER_RUN" -O 1 $args -J \
+        2>"$WORK/iperf3.err")" || true
       c1="$(cpu_ticks "$GW_PID")"
       if [ -n "$cap_pid" ]; then
         ip netns exec "${P}d1" cat /proc/net/snmp /proc/net/netstat >"$cap-after.txt"
@@ -145,6 +145,11 @@ try:
     gbit, secs = end["bytes"] * 8 / 1e9, end["seconds"]
 except (ValueError, KeyError):
     gbit, secs = 0.0, 1.0  # iperf3 failed or stalled past its timeout: no goodput
+    try:
+        why = json.loads(raw).get("error", "no result")
+    except ValueError:
+        why = "no JSON (timed out?)"
+    print(f"bench-far: {name} {label} {run}: iperf3 failed: {why}", file=sys.stderr)
 cpu = (float(c1) - float(c0)) / float(tck)
 rtt = ""
 if run == "4 down" and os.path.exists(ping_file):

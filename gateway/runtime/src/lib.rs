@@ -38,6 +38,7 @@ use waygate_registry::{Device, Registry, Seen, Vnet};
 use waygate_stages::egress::EgressSettings;
 use waygate_wg::transmit::TransmitQueue;
 
+pub mod deadline;
 pub mod device_api;
 pub mod dns;
 pub mod drops;
@@ -420,6 +421,7 @@ impl ShardParts {
             receives: self.receives,
             logs: self.logs,
             handoffs_out: self.handoffs_out,
+            deadline: deadline::DeadlineTimer::new().context("the shard's timer")?,
         };
         Ok((serving, self.inputs))
     }
@@ -672,6 +674,9 @@ struct Serving {
     logs: Option<waygate_observe::LogSender>,
     /// Every shard's queue of handed-over datagrams, by shard.
     handoffs_out: Vec<mpsc::Sender<Handoff>>,
+    /// Wakes the core at its deadline to the microsecond (paced flows need better than
+    /// tokio's millisecond wheel).
+    deadline: deadline::DeadlineTimer,
 }
 
 impl Serving {
@@ -721,7 +726,7 @@ impl Serving {
                         self.core.handle_dns_answer(a.peer, a.to, a.from, &a.payload)
                     });
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = self.deadline.sleep_until(deadline) => {}
             }
             self.finish_turn().await;
         }
