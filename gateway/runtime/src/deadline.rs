@@ -3,9 +3,9 @@
 //!
 //! tokio's timer wheel has millisecond ticks and rounds a sleep up to the next tick, so a
 //! paced flow that wants its next segment out in 200 µs waits up to a millisecond and then
-//! catches up in one burst. Those bursts overflowed the UDP receive buffer of a stock device
-//! 10 ms away (2-3% of datagrams dropped there, scripts/bench-far.sh). A timerfd is an
-//! hrtimer: it fires within microseconds of its deadline and is not subject to timer slack.
+//! catches up in one burst. A timerfd is an hrtimer: it fires within microseconds of its
+//! deadline and is not subject to timer slack. Woken by it, a single download to a device
+//! 10 ms away went from 0.77 to 0.99 times the reference gateway's (scripts/bench-far.sh).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

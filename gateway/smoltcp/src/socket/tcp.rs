@@ -167,7 +167,7 @@ const PACING_MAX_BURST: Duration = Duration::from_millis(1);
 
 /// How early a paced segment may go: one wake sends every segment due within this much.
 /// Sending each segment at its exact time would wake the poll loop per segment (every 22 µs
-/// at 0.5 Gbit/s); 250 µs of data (11 segments there) is what one batch of datagrams carries.
+/// at 0.5 Gbit/s); 250 µs (11 segments there) keeps it to 4,000 wakes a second per flow.
 const PACING_QUANTUM: Duration = Duration::from_micros(250);
 
 /// Pacing rate as a percentage of the window per smoothed RTT, in slow start and after
