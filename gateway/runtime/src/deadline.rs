@@ -44,34 +44,30 @@ impl DeadlineTimer {
 
     /// Completes at `deadline` (at once if it has passed).
     pub async fn sleep_until(&mut self, deadline: Instant) {
-        let now = Instant::now();
-        if deadline <= now {
-            return;
-        }
-        if self.armed != Some(deadline) && self.arm(deadline - now).is_err() {
+        if self.wait(deadline).await.is_err() {
             // Cannot happen with a valid descriptor; the coarse timer still serves.
             self.armed = None;
             tokio::time::sleep_until(deadline.into()).await;
-            return;
         }
-        self.armed = Some(deadline);
+    }
+
+    /// Arms the timer for `deadline` unless it already is, and waits for it to fire.
+    async fn wait(&mut self, deadline: Instant) -> io::Result<()> {
+        let now = Instant::now();
+        if deadline <= now {
+            return Ok(());
+        }
+        if self.armed != Some(deadline) {
+            self.arm(deadline - now)?;
+            self.armed = Some(deadline);
+        }
         loop {
-            let Ok(mut ready) = self.fd.readable().await else {
-                tokio::time::sleep_until(deadline.into()).await;
-                return;
-            };
-            match read_expirations(ready.get_inner().as_raw_fd()) {
-                Ok(()) => {
-                    self.armed = None;
-                    return;
-                }
-                // Readiness left from a deadline since re-armed: not yet.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
-                Err(_) => {
-                    self.armed = None;
-                    tokio::time::sleep_until(deadline.into()).await;
-                    return;
-                }
+            let mut ready = self.fd.readable().await?;
+            // A read that would block is readiness left from a deadline since re-armed:
+            // `try_io` clears it and the loop waits on.
+            if let Ok(read) = ready.try_io(|fd| read_expirations(fd.as_raw_fd())) {
+                self.armed = None;
+                return read;
             }
         }
     }
