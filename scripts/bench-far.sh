@@ -24,10 +24,12 @@
 #
 # Env: BENCH_SECONDS (default 8) per iperf3 run; BENCH_ROWS (default all) a space-separated subset
 # of the row names below; BENCH_MANY (default 200, 0: skip) concurrent downloads of the memory
-# row; BENCH_ONLY=waygate skips the reference (no verdict; for quick looks); BENCH_PREFIX lab prefix; BENCH_RUNS (default all) a subset of "1up 1down 4up 4down";
-# BENCH_CAPTURE=DIR keeps, for each Waygate run, the TCP headers seen on the device's tunnel
-# interface (DIR/waygate-ROW-RUN.pcap, the decrypted segments as the device's kernel saw them) and
-# the device's /proc/net/{snmp,netstat} before and after (DIR/...-{before,after}.txt).
+# row; BENCH_ONLY=waygate skips the reference (no verdict; for quick looks); BENCH_PREFIX lab
+# prefix; BENCH_RUNS (default all) a subset of "1up 1down 4up 4down"; BENCH_CAPTURE=DIR keeps,
+# for each Waygate run, the TCP headers seen on the device's tunnel interface
+# (DIR/waygate-ROW-RUN.pcap, the decrypted segments as the device's kernel saw them), iperf3's
+# JSON (...-iperf3.json) and the device's /proc/net/{snmp,netstat} before and after
+# (...-{before,after}.txt).
 set -Eeuo pipefail
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
@@ -129,6 +131,7 @@ measure() {
         || true  # a failed run's JSON says why (below)
       c1="$(cpu_ticks "$GW_PID")"
       if [ -n "$cap_pid" ]; then
+        printf '%s\n' "$json" >"$cap-iperf3.json"
         ip netns exec "${P}d1" cat /proc/net/snmp /proc/net/netstat >"$cap-after.txt"
         kill "$cap_pid" 2>/dev/null || true
         wait "$cap_pid" 2>/dev/null || true

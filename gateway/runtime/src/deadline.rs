@@ -9,6 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
@@ -60,6 +61,7 @@ impl DeadlineTimer {
         if self.armed != Some(deadline) {
             self.arm(deadline - now)?;
             self.armed = Some(deadline);
+            self.forget_stale_readiness().await;
         }
         loop {
             let mut ready = self.fd.readable().await?;
@@ -70,6 +72,21 @@ impl DeadlineTimer {
                 return read;
             }
         }
+    }
+
+    /// Drops readiness the reactor saw before the timer was re-armed (a deadline that fired
+    /// while the loop was busy elsewhere): re-arming zeroed the expirations, so a read would
+    /// only fail. Clearing it here saves that system call, on about a third of a paced
+    /// download's wakes. No expiry of the new deadline can be lost: the reactor runs on this
+    /// thread and has not polled since the re-arm.
+    async fn forget_stale_readiness(&self) {
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(Ok(mut ready)) = self.fd.poll_read_ready(cx) {
+                ready.clear_ready();
+            }
+            Poll::Ready(())
+        })
+        .await
     }
 
     /// Arms the timer to fire once, `after` from now (re-arming replaces the old deadline).
@@ -164,6 +181,17 @@ mod tests {
             }
             // It fires unobserved; re-armed later, that stale readiness must not end the sleep.
             std::thread::sleep(Duration::from_millis(25));
+            let later = Instant::now() + Duration::from_millis(3);
+            timer.sleep_until(later).await;
+            assert!(Instant::now() >= later);
+            // This time the reactor sees it fire (the runtime sleeps while the timer is armed
+            // and not awaited), so the readiness is tokio's, not just the kernel's.
+            let early = Instant::now() + Duration::from_millis(5);
+            tokio::select! {
+                _ = timer.sleep_until(early) => panic!("the 5 ms sleep won over 1 ms"),
+                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
             let later = Instant::now() + Duration::from_millis(3);
             timer.sleep_until(later).await;
             assert!(Instant::now() >= later);
