@@ -658,6 +658,36 @@ mod test {
     }
 
     #[test]
+    fn heavy_loss_bounds_the_flight_and_probes_without_loss_raise_the_bound() {
+        let rate = 12_500_000;
+        let rtt = Duration::from_millis(40);
+        let mut bbr = Bbr::new();
+        bbr.set_mss(MSS);
+        run(&mut bbr, rate, rtt, 50, u64::MAX);
+        let window = bbr.window();
+        let bdp = bbr.bdp().expect("estimates");
+        let mut now = Instant::from_secs(10);
+        // 1% of the flight newly lost: random loss, no bound.
+        ack(&mut bbr, now, 10 * MSS, 1000 * MSS, Some(rtt));
+        assert_eq!(bbr.inflight_hi, usize::MAX);
+        // 5% more: an overflowing queue. The flight is bounded to 0.7 of the most in flight
+        // lately, never under the rate times the minimum RTT.
+        ack(&mut bbr, now, 60 * MSS, 1000 * MSS, Some(rtt));
+        let bound = bbr.inflight_hi;
+        assert!(bound < window && bound >= bdp, "{bound} of {window}, bdp {bdp}");
+        assert_eq!(bbr.window(), bbr.cwnd.min(bound));
+        // More of the same round's loss does not cut again.
+        ack(&mut bbr, now, 120 * MSS, 1000 * MSS, Some(rtt));
+        assert_eq!(bbr.inflight_hi, bound);
+        // Rounds without loss: each bandwidth probe lets the bound grow.
+        for _ in 0..1000 {
+            now += Duration::from_millis(5);
+            ack(&mut bbr, now, 0, 10 * MSS, Some(rtt));
+        }
+        assert!(bbr.inflight_hi > bound * 2, "{} from {bound}", bbr.inflight_hi);
+    }
+
+    #[test]
     fn a_connection_that_sent_little_is_not_paced_slower_than_its_initial_window() {
         let rtt = Some(Duration::from_millis(40));
         let mut bbr = Bbr::new();
