@@ -39,6 +39,13 @@ echo "== cargo test (gateway/sim: lossy links, boringtun's clock mocked)"
   cargo clippy --all-targets -- -D warnings
   cargo test -- --test-threads="${WAYGATE_TEST_THREADS:-1}"
 )
+echo "== cargo test (gateway/smoltcp: the patched copy's own tests, with the features we use)"
+# Its own workspace, like gateway/sim; its target directory is under ours.
+(
+  cd gateway/smoltcp
+  CARGO_TARGET_DIR=../../target/smoltcp cargo test --lib \
+    --features socket-tcp-bbr,socket-tcp-cubic,assembler-max-segment-count-32
+)
 echo "== Docker: the image and the compose lab (scripts/docker-test.sh)"
 if [ "$(id -u)" -ne 0 ]; then
   echo "skipped: needs root"

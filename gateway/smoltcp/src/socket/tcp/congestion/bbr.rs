@@ -635,6 +635,14 @@ mod test {
         assert!(used > 0.9, "link {:.1}% used", used * 100.0);
     }
 
+    /// A controller after 50 lossless round trips of a 100 Mbit/s path of `rtt`.
+    fn settled_on_100_mbit(rtt: Duration) -> Bbr {
+        let mut bbr = Bbr::new();
+        bbr.set_mss(MSS);
+        run(&mut bbr, 12_500_000, rtt, 50, u64::MAX);
+        bbr
+    }
+
     /// One more segment delivered at `now`.
     fn ack(bbr: &mut Bbr, now: Instant, lost: usize, in_flight: usize, rtt: Option<Duration>) {
         let delivered = bbr.delivered + MSS as u64;
@@ -659,11 +667,8 @@ mod test {
 
     #[test]
     fn heavy_loss_bounds_the_flight_and_probes_without_loss_raise_the_bound() {
-        let rate = 12_500_000;
         let rtt = Duration::from_millis(40);
-        let mut bbr = Bbr::new();
-        bbr.set_mss(MSS);
-        run(&mut bbr, rate, rtt, 50, u64::MAX);
+        let mut bbr = settled_on_100_mbit(rtt);
         let window = bbr.window();
         let bdp = bbr.bdp().expect("estimates");
         let mut now = Instant::from_secs(10);
@@ -745,11 +750,7 @@ mod test {
 
     #[test]
     fn a_timeout_restarts_from_a_small_window_and_keeps_the_estimates() {
-        let rate = 12_500_000;
-        let rtt = Duration::from_millis(40);
-        let mut bbr = Bbr::new();
-        bbr.set_mss(MSS);
-        run(&mut bbr, rate, rtt, 50, u64::MAX);
+        let mut bbr = settled_on_100_mbit(Duration::from_millis(40));
         let bw = bbr.btl_bw();
         bbr.on_rto(Instant::from_secs(100), 0);
         assert_eq!(bbr.window(), 4 * MSS);
