@@ -43,6 +43,7 @@ echo "== cargo test (gateway/smoltcp: the patched copy's own tests, with the fea
 # Its own workspace, like gateway/sim; its target directory is under ours.
 (
   cd gateway/smoltcp
+  cargo fmt -- --check
   CARGO_TARGET_DIR=../../target/smoltcp cargo test --lib \
     --features socket-tcp-bbr,socket-tcp-cubic,assembler-max-segment-count-32
 )

@@ -2639,7 +2639,10 @@ impl<'a> Socket<'a> {
     }
 
     fn seq_to_transmit(&self, cx: &mut Context) -> bool {
-        if self.pacing_next.is_some_and(|at| at > cx.now() + PACING_QUANTUM) {
+        if self
+            .pacing_next
+            .is_some_and(|at| at > cx.now() + PACING_QUANTUM)
+        {
             return false;
         }
         self.seq_to_transmit_unpaced(cx)
@@ -2996,9 +2999,7 @@ impl<'a> Socket<'a> {
 
                 let offset = if self.pending_fast_retransmit {
                     // In recovery, the next hole; otherwise the segment at the cumulative ACK.
-                    let (seq, len) = self
-                        .next_hole()
-                        .unwrap_or((self.local_seq_no, usize::MAX));
+                    let (seq, len) = self.next_hole().unwrap_or((self.local_seq_no, usize::MAX));
                     let offset = seq - self.local_seq_no;
                     let size = effective_mss
                         .min(len)
@@ -7492,7 +7493,8 @@ mod test {
         let mut s = socket_established();
         s.remote_mss = 3;
         s.remote_has_sack = true;
-        s.congestion_controller = congestion::AnyController::None(congestion::no_control::NoControl);
+        s.congestion_controller =
+            congestion::AnyController::None(congestion::no_control::NoControl);
         send_in_segments(&mut s, &[b"aaa", b"BBB", b"ccc", b"DDD"]);
         // Only "ccc" arrived (too little to start a recovery); then the timer runs out.
         let at = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
@@ -7535,7 +7537,8 @@ mod test {
         // An RTT of 100 ms and a window of 100 octets: paced at 1.2 octets a millisecond.
         s.rtte.sample(100);
         s.remote_win_len = 100;
-        s.congestion_controller = congestion::AnyController::None(congestion::no_control::NoControl);
+        s.congestion_controller =
+            congestion::AnyController::None(congestion::no_control::NoControl);
         s.send_slice(b"0123456789abcdefghij").unwrap();
         recv!(s, time 1000, Ok(TcpRepr {
             seq_number: LOCAL_SEQ + 1,
@@ -7561,7 +7564,8 @@ mod test {
         // 1.2 x 1000 octets per 12 ms: 100 octets a millisecond, a 10-octet segment every 100 us.
         s.rtte.sample(12);
         s.remote_win_len = 1000;
-        s.congestion_controller = congestion::AnyController::None(congestion::no_control::NoControl);
+        s.congestion_controller =
+            congestion::AnyController::None(congestion::no_control::NoControl);
         s.send_slice(&[b'x'; 400]).unwrap();
         let sent_at = |s: &mut TestSocket, micros: i64| {
             s.cx.set_now(Instant::from_micros(micros));

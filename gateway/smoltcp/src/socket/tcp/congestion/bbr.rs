@@ -295,14 +295,18 @@ impl Bbr {
         }
     }
 
+    /// Whether `lost` bytes are heavy loss beside `in_flight`: over 2% of the two, and at
+    /// least three segments.
+    fn is_heavy_loss(&self, lost: usize, in_flight: usize) -> bool {
+        lost >= 3 * self.mss
+            && lost.saturating_mul(LOSS_THRESH_INVERSE) > in_flight.saturating_add(lost)
+    }
+
     /// Heavy loss in this round (new holes over 2% of what is in flight): the flight is bounded
     /// to 0.7 of what it was a round ago, or to the estimates' product if that is more, at
     /// most once a round.
     fn on_round_loss(&mut self, in_flight: usize) {
-        let heavy = self.round_lost >= 3 * self.mss
-            && self.round_lost.saturating_mul(LOSS_THRESH_INVERSE)
-                > in_flight.saturating_add(self.round_lost);
-        if !heavy || self.cut_round == Some(self.round) {
+        if !self.is_heavy_loss(self.round_lost, in_flight) || self.cut_round == Some(self.round) {
             return;
         }
         self.cut_round = Some(self.round);
@@ -383,10 +387,7 @@ impl Controller for Bbr {
         // BBRv2's threshold; random loss of 0.5-1% stays under it) ends startup as a full
         // pipe would: left to its three rounds without growth, startup overflowed that buffer
         // at 2.9 times the link's rate until timeouts followed (the engine's simulation).
-        if self.mode == Mode::Startup
-            && lost >= 3 * self.mss
-            && lost.saturating_mul(50) > in_flight.saturating_add(lost)
-        {
+        if self.mode == Mode::Startup && self.is_heavy_loss(lost, in_flight) {
             self.filled_pipe = true;
             self.full_bw = self.btl_bw();
         }
@@ -611,8 +612,8 @@ mod test {
                 }
             }
         }
-        let delivered = flows.iter().map(|f| f.delivered).sum::<u64>()
-            - delivered_at_warmup.unwrap_or(0);
+        let delivered =
+            flows.iter().map(|f| f.delivered).sum::<u64>() - delivered_at_warmup.unwrap_or(0);
         let span = (duration - warmup).total_micros();
         (
             dropped as f64 / sent.max(1) as f64,
@@ -679,7 +680,10 @@ mod test {
         // lately, never under the rate times the minimum RTT.
         ack(&mut bbr, now, 60 * MSS, 1000 * MSS, Some(rtt));
         let bound = bbr.inflight_hi;
-        assert!(bound < window && bound >= bdp, "{bound} of {window}, bdp {bdp}");
+        assert!(
+            bound < window && bound >= bdp,
+            "{bound} of {window}, bdp {bdp}"
+        );
         assert_eq!(bbr.window(), bbr.cwnd.min(bound));
         // More of the same round's loss does not cut again.
         ack(&mut bbr, now, 120 * MSS, 1000 * MSS, Some(rtt));
@@ -689,7 +693,11 @@ mod test {
             now += Duration::from_millis(5);
             ack(&mut bbr, now, 0, 10 * MSS, Some(rtt));
         }
-        assert!(bbr.inflight_hi > bound * 2, "{} from {bound}", bbr.inflight_hi);
+        assert!(
+            bbr.inflight_hi > bound * 2,
+            "{} from {bound}",
+            bbr.inflight_hi
+        );
     }
 
     #[test]
