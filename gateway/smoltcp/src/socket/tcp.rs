@@ -170,6 +170,19 @@ const PACING_MAX_BURST: Duration = Duration::from_millis(1);
 /// at 0.5 Gbit/s); 250 µs (11 segments there) keeps it to 4,000 wakes a second per flow.
 const PACING_QUANTUM: Duration = Duration::from_micros(250);
 
+/// A slow flow's quantum is the time this many segments take (Linux sends at least two per
+/// paced burst, `tcp_min_tso_segs`): below about 180 Mbit/s 250 µs is under four segments, and
+/// a flow at 23 Mbit/s (four downloads sharing a 100 Mbit/s link) woke the loop for every
+/// one. Four downloads behind that link took 2.6-2.7 CPU-seconds per Gbit against 3.1-3.3
+/// with 250 µs, one download 2.0-2.2 against 2.4; two segments saved as much for four
+/// downloads but not for one, eight as much for both but cost four downloads at 100 ms an
+/// eighth of their goodput (0.33-0.35 Gbit/s against 0.39-0.41; scripts/bench-far.sh, two
+/// runs each).
+const PACING_QUANTUM_SEGMENTS: usize = 4;
+
+/// The longest quantum: a wake never sends more than a millisecond ahead of the schedule.
+const PACING_QUANTUM_MAX: Duration = Duration::from_millis(1);
+
 /// Pacing rate as a percentage of the window per smoothed RTT, in slow start and after
 /// (the ratios Linux uses, `tcp_pacing_ss_ratio` and `tcp_pacing_ca_ratio`).
 const PACING_SS_RATIO: u64 = 200;
@@ -1555,6 +1568,17 @@ impl<'a> Socket<'a> {
     }
 
     /// Bytes per second data segments are paced at, if they are paced now.
+    /// How early a paced segment may go at the current rate: [`PACING_QUANTUM`], or the time
+    /// [`PACING_QUANTUM_SEGMENTS`] take at slower rates, at most [`PACING_QUANTUM_MAX`].
+    fn pacing_quantum(&self) -> Duration {
+        let Some(rate) = self.pacing_rate() else {
+            return PACING_QUANTUM;
+        };
+        let segments = (PACING_QUANTUM_SEGMENTS * self.remote_mss) as u64;
+        Duration::from_micros(segments.saturating_mul(1_000_000) / rate.max(1))
+            .clamp(PACING_QUANTUM, PACING_QUANTUM_MAX)
+    }
+
     fn pacing_rate(&self) -> Option<u64> {
         if !self.pacing {
             return None;
@@ -2641,7 +2665,7 @@ impl<'a> Socket<'a> {
     fn seq_to_transmit(&self, cx: &mut Context) -> bool {
         if self
             .pacing_next
-            .is_some_and(|at| at > cx.now() + PACING_QUANTUM)
+            .is_some_and(|at| at > cx.now() + self.pacing_quantum())
         {
             return false;
         }
@@ -7556,46 +7580,71 @@ mod test {
         }));
     }
 
-    #[test]
-    fn test_pacing_sends_what_is_due_within_a_quantum_per_wake() {
+    /// A paced socket of 40 segments of 10 octets, at 1.2 times 10 x `per_ms` octets per
+    /// 12 ms: `per_ms` octets a millisecond.
+    fn paced_socket(per_ms: usize) -> TestSocket {
         let mut s = socket_established_with_buffer_sizes(400, 64);
         s.set_pacing(true);
         s.remote_mss = 10;
-        // 1.2 x 1000 octets per 12 ms: 100 octets a millisecond, a 10-octet segment every 100 us.
         s.rtte.sample(12);
-        s.remote_win_len = 1000;
+        s.remote_win_len = 10 * per_ms;
         s.congestion_controller =
             congestion::AnyController::None(congestion::no_control::NoControl);
         s.send_slice(&[b'x'; 400]).unwrap();
-        let sent_at = |s: &mut TestSocket, micros: i64| {
-            s.cx.set_now(Instant::from_micros(micros));
-            let mut n = 0;
-            loop {
-                let mut got = false;
-                let _ = s.socket.dispatch(&mut s.cx, |_, _, _| {
-                    got = true;
-                    Ok::<(), ()>(())
-                });
-                if !got {
-                    return n;
-                }
-                n += 1;
+        s
+    }
+
+    /// How many segments `s` sends in one wake at `micros`.
+    fn paced_sent_at(s: &mut TestSocket, micros: i64) -> usize {
+        s.cx.set_now(Instant::from_micros(micros));
+        let mut n = 0;
+        loop {
+            let mut got = false;
+            let _ = s.socket.dispatch(&mut s.cx, |_, _, _| {
+                got = true;
+                Ok::<(), ()>(())
+            });
+            if !got {
+                return n;
             }
-        };
-        // Due at 0, 100 and 200 us go in one wake; the one due at 300 us waits for its time.
+            n += 1;
+        }
+    }
+
+    #[test]
+    fn test_pacing_sends_what_is_due_within_a_quantum_per_wake() {
+        // 1,000 octets a millisecond: a segment every 10 us, so the quantum is its 250 us.
+        let mut s = paced_socket(1000);
+        // Due at 0, 10, ..., 250 us go in one wake; the one due at 260 us waits for its time.
         let t = 1_000_000;
-        assert_eq!(sent_at(&mut s, t), 3);
+        assert_eq!(paced_sent_at(&mut s, t), 26);
         assert_eq!(
             s.socket.poll_at(&mut s.cx),
-            PollAt::Time(Instant::from_micros(t + 300))
+            PollAt::Time(Instant::from_micros(t + 260))
         );
-        // A wake on time sends its segment and the next one that falls within the quantum...
-        assert_eq!(sent_at(&mut s, t + 300), 3);
-        // ...and a wake 0.5 ms late catches up on what fell due meanwhile (at 600 to 1100 us)
-        // and within the quantum (to 1350 us), no more.
-        assert_eq!(sent_at(&mut s, t + 1_100), 8);
-        // Much later, a poll catches up on at most 1 ms (and a quantum): 13 of the 26 left.
-        assert_eq!(sent_at(&mut s, t + 10_000), 13);
+        // A wake on time sends its segment and those that fall within the quantum.
+        assert_eq!(paced_sent_at(&mut s, t + 260), 14);
+    }
+
+    #[test]
+    fn test_pacing_sends_at_least_some_segments_per_wake_when_slow() {
+        // 100 octets a millisecond: a segment every 100 us, so a wake may send four segments'
+        // time ahead (400 us), not just 250 us.
+        let mut s = paced_socket(100);
+        // Due at 0 to 400 us go in one wake; the one due at 500 us waits for its time.
+        let t = 1_000_000;
+        assert_eq!(paced_sent_at(&mut s, t), 5);
+        assert_eq!(
+            s.socket.poll_at(&mut s.cx),
+            PollAt::Time(Instant::from_micros(t + 500))
+        );
+        // A wake on time sends its segment and the next four.
+        assert_eq!(paced_sent_at(&mut s, t + 500), 5);
+        // A wake 0.5 ms late catches up on what fell due meanwhile (at 1000 to 1500 us) and
+        // within the quantum (to 1900 us), no more.
+        assert_eq!(paced_sent_at(&mut s, t + 1_500), 10);
+        // Much later, a poll catches up on at most 1 ms (and a quantum): 15 of the 20 left.
+        assert_eq!(paced_sent_at(&mut s, t + 10_000), 15);
     }
 
     #[test]
