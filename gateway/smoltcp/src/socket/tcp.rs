@@ -1578,10 +1578,10 @@ impl<'a> Socket<'a> {
     /// included: its bytes are then unused, and `f` may overwrite them (hand their pages back
     /// to the system) without changing what the socket sends or delivers.
     pub fn with_unused_buffers(&mut self, mut f: impl FnMut(&mut [u8])) {
-        if self.assembler.is_empty() {
-            if let Some(storage) = self.rx_buffer.unused_storage_mut() {
-                f(storage);
-            }
+        if self.assembler.is_empty()
+            && let Some(storage) = self.rx_buffer.unused_storage_mut()
+        {
+            f(storage);
         }
         if let Some(storage) = self.tx_buffer.unused_storage_mut() {
             f(storage);
