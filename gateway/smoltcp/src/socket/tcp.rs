@@ -170,10 +170,27 @@ const PACING_MAX_BURST: Duration = Duration::from_millis(1);
 /// at 0.5 Gbit/s); 250 µs (11 segments there) keeps it to 4,000 wakes a second per flow.
 const PACING_QUANTUM: Duration = Duration::from_micros(250);
 
+/// A slow flow's quantum is the time this many segments take (Linux sends at least two per
+/// paced burst, `tcp_min_tso_segs`): below about 180 Mbit/s 250 µs is under four segments, and
+/// a flow at 23 Mbit/s (four downloads sharing a 100 Mbit/s link) woke the loop for every
+/// one. Four downloads behind that link took 2.6-2.7 CPU-seconds per Gbit against 3.1-3.3
+/// with 250 µs, one download 2.0-2.2 against 2.4; two segments saved as much for four
+/// downloads but not for one, eight as much for both but cost four downloads at 100 ms an
+/// eighth of their goodput (0.33-0.35 Gbit/s against 0.39-0.41; scripts/bench-far.sh, two
+/// runs each).
+const PACING_QUANTUM_SEGMENTS: usize = 4;
+
+/// The longest quantum: a wake never sends more than a millisecond ahead of the schedule.
+const PACING_QUANTUM_MAX: Duration = Duration::from_millis(1);
+
 /// Pacing rate as a percentage of the window per smoothed RTT, in slow start and after
 /// (the ratios Linux uses, `tcp_pacing_ss_ratio` and `tcp_pacing_ca_ratio`).
 const PACING_SS_RATIO: u64 = 200;
 const PACING_CA_RATIO: u64 = 120;
+
+/// Snapshots [`RepairMarks`] keeps: eight a quarter round trip apart reach back over the
+/// round trip and a quarter after which a retransmission still missing is taken as lost.
+const REPAIR_MARKS: usize = 8;
 
 /// SACK blocks kept in the scoreboard.
 /// A burst lost at a device's full socket buffer leaves a hole per gap between the bursts
@@ -321,6 +338,38 @@ fn skip_sacked_blocks(
         if left <= *seq && *seq < right {
             *seq = right;
         }
+    }
+}
+
+/// Snapshots of a loss recovery's progress, (when, the sequence number below which every
+/// hole had been retransmitted by then), spaced at least a quarter round trip apart but the
+/// latest: a hole still missing a round trip and a quarter after its retransmission was lost
+/// again (RACK's rule, coarsely, with no timestamp per segment).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct RepairMarks {
+    marks: [Option<(Instant, TcpSeqNumber)>; REPAIR_MARKS],
+    latest: usize,
+}
+
+impl RepairMarks {
+    /// Notes that every hole below `next` has been retransmitted by `now`.
+    fn note(&mut self, now: Instant, next: TcpSeqNumber, spacing: Duration) {
+        match self.marks[self.latest] {
+            Some((at, _)) if now < at + spacing => {}
+            Some(_) => self.latest = (self.latest + 1) % REPAIR_MARKS,
+            None => {}
+        }
+        self.marks[self.latest] = Some((now, next));
+    }
+
+    /// The sequence number below which every hole was retransmitted by `before`.
+    fn resent_by(&self, before: Instant) -> Option<TcpSeqNumber> {
+        self.marks
+            .iter()
+            .flatten()
+            .filter(|&&(at, _)| at <= before)
+            .map(|&(_, next)| next)
+            .reduce(|a, b| a.max(b))
     }
 }
 
@@ -584,9 +633,19 @@ pub struct Socket<'a> {
     /// During loss recovery: the highest sequence number sent when it began (recovery ends
     /// once it is acknowledged) and the next sequence number to consider retransmitting.
     recovery: Option<(TcpSeqNumber, TcpSeqNumber)>,
-    /// When the current pass over the holes began: a retransmission that is still missing a
-    /// round trip later was lost too, and the next pass sends it again.
-    recovery_pass: Instant,
+    /// When the holes of the current pass were retransmitted. A hole still missing a round
+    /// trip and a quarter later was lost again, and another pass sends it again, not the
+    /// holes retransmitted since: repeating the whole pass once its start was a round trip
+    /// old, a long pass (paced, after a burst lost at a device's full buffer) was resent
+    /// before the ACKs of its later retransmissions could be back (at 100 ms, 1,621 segments
+    /// reached a device twice within half a second of startup's loss); timing the pass from
+    /// its last retransmission instead, a recovery that kept finding new holes (random loss)
+    /// never repeated and waited for the retransmission timeout.
+    repair_marks: RepairMarks,
+    /// While another pass resends holes lost again: holes from the first sequence number up
+    /// to the second were retransmitted too lately to be taken for lost again, and the pass
+    /// jumps over them.
+    repass_skip: Option<(TcpSeqNumber, TcpSeqNumber)>,
     /// After a retransmission timeout, the highest sequence number sent before it ("recover",
     /// RFC 6582): until it is acknowledged, duplicate ACKs and SACKs are echoes of the data
     /// resent by go-back-N, not news of a loss, and start no recovery (which would cut the
@@ -690,7 +749,8 @@ impl<'a> Socket<'a> {
             pacing_next: None,
             sacked: [None; SACK_BLOCKS],
             recovery: None,
-            recovery_pass: Instant::from_secs(0),
+            repair_marks: RepairMarks::default(),
+            repass_skip: None,
             rto_recover: None,
             acked_total: 0,
             ack_delay: Some(ACK_DELAY_DEFAULT),
@@ -1025,6 +1085,8 @@ impl<'a> Socket<'a> {
         self.pacing_next = None;
         self.sacked = [None; SACK_BLOCKS];
         self.recovery = None;
+        self.repair_marks = RepairMarks::default();
+        self.repass_skip = None;
         self.rto_recover = None;
         self.acked_total = 0;
         // A controller that counts delivered bytes starts over with the count.
@@ -1516,10 +1578,10 @@ impl<'a> Socket<'a> {
     /// included: its bytes are then unused, and `f` may overwrite them (hand their pages back
     /// to the system) without changing what the socket sends or delivers.
     pub fn with_unused_buffers(&mut self, mut f: impl FnMut(&mut [u8])) {
-        if self.assembler.is_empty() {
-            if let Some(storage) = self.rx_buffer.unused_storage_mut() {
-                f(storage);
-            }
+        if self.assembler.is_empty()
+            && let Some(storage) = self.rx_buffer.unused_storage_mut()
+        {
+            f(storage);
         }
         if let Some(storage) = self.tx_buffer.unused_storage_mut() {
             f(storage);
@@ -1543,15 +1605,44 @@ impl<'a> Socket<'a> {
     /// round trip of repair held a far download at twice its rate times the RTT and then
     /// stalled it (the window was full of data the remote already had; scripts/bench-far.sh).
     fn cwnd_remaining(&self) -> usize {
-        self.congestion_controller
-            .inner()
-            .window()
-            .saturating_sub(self.flight_size().saturating_sub(self.sacked_bytes()))
+        self.congestion_controller.inner().window().saturating_sub(
+            self.flight_size()
+                .saturating_sub(self.sacked_bytes())
+                .saturating_sub(self.lost_not_resent()),
+        )
+    }
+
+    /// Octets of holes in recovery not yet retransmitted in this pass: lost, so no longer
+    /// in the network, and not yet sent again (RFC 6675's pipe leaves them out).
+    fn lost_not_resent(&self) -> usize {
+        let Some((_, next)) = self.recovery else {
+            return 0;
+        };
+        let mut seq = next.max(self.local_seq_no);
+        let mut lost = 0;
+        for &(left, right) in self.sacked.iter().flatten() {
+            if seq < left {
+                lost += left - seq;
+            }
+            seq = seq.max(right);
+        }
+        lost
     }
 
     /// Octets in the SACK scoreboard.
     fn sacked_bytes(&self) -> usize {
         self.sacked.iter().flatten().map(|&(l, r)| r - l).sum()
+    }
+
+    /// How early a paced segment may go at the current rate: [`PACING_QUANTUM`], or the time
+    /// [`PACING_QUANTUM_SEGMENTS`] take at slower rates, at most [`PACING_QUANTUM_MAX`].
+    fn pacing_quantum(&self) -> Duration {
+        let Some(rate) = self.pacing_rate() else {
+            return PACING_QUANTUM;
+        };
+        let segments = (PACING_QUANTUM_SEGMENTS * self.remote_mss) as u64;
+        Duration::from_micros(segments.saturating_mul(1_000_000) / rate.max(1))
+            .clamp(PACING_QUANTUM, PACING_QUANTUM_MAX)
     }
 
     /// Bytes per second data segments are paced at, if they are paced now.
@@ -1619,16 +1710,25 @@ impl<'a> Socket<'a> {
         self.sacked = kept;
         match self.recovery {
             Some((end, _)) if una >= end => {
+                // The blocks above the cumulative ACK stay: data sent during recovery and
+                // SACKed above a new hole. A remote reports only its three latest blocks, so
+                // blocks forgotten here were never heard of again, and the next recovery took
+                // the data they held for holes and resent it (runs of up to 978 segments the
+                // device already had, 1.8% of all, four downloads at 40 ms with 0.5% loss).
                 self.recovery = None;
-                self.sacked = [None; SACK_BLOCKS];
             }
-            Some((end, _)) => {
-                // A pass over every hole is done and a round trip (plus a quarter, for
-                // jitter) has gone by: what is still missing was lost again. Another pass.
+            Some((end, next)) => {
+                // A pass over every hole is done, and holes it retransmitted a round trip
+                // (plus a quarter, for jitter) ago are still missing (the one at the
+                // cumulative ACK among them): lost again. Another pass resends those.
                 let srtt = Duration::from_millis(self.rtte.smoothed_rtt().max(1) as u64);
-                if self.next_hole().is_none() && now >= self.recovery_pass + srtt + srtt / 4 {
+                if self.next_hole().is_none()
+                    && let Some(limit) = self.repair_marks.resent_by(now - srtt - srtt / 4)
+                    && limit > una
+                {
                     self.recovery = Some((end, una));
-                    self.recovery_pass = now;
+                    self.repass_skip = Some((limit, next.max(limit)));
+                    self.repair_marks = RepairMarks::default();
                 }
                 if self.next_hole().is_some() {
                     self.pending_fast_retransmit = true;
@@ -1640,7 +1740,8 @@ impl<'a> Socket<'a> {
             {
                 self.timer.set_for_fast_retransmit();
                 self.recovery = Some((sent, una));
-                self.recovery_pass = now;
+                self.repair_marks = RepairMarks::default();
+                self.repass_skip = None;
                 net_debug!("started fast retransmit (SACK)");
             }
             None => {}
@@ -1674,19 +1775,30 @@ impl<'a> Socket<'a> {
     }
 
     /// In loss recovery, the next range to retransmit: its start and most length. Holes
-    /// below SACKed blocks are taken as lost; beyond them, the segment at the cumulative ACK
-    /// (once per partial ACK).
+    /// below SACKed blocks are taken as lost; without SACK, the segment at the cumulative ACK
+    /// (once per partial ACK). With SACK, data above the last block is not known lost (it
+    /// may be on its way, sent as recovery began): resent at each partial ACK, 1,960 segments
+    /// of four downloads at 40 ms with 0.5% loss reached the device twice within a round trip.
     fn next_hole(&self) -> Option<(TcpSeqNumber, usize)> {
         let (end, next) = self.recovery?;
         let una = self.local_seq_no;
         let mut seq = next.max(una);
         for &(left, right) in self.sacked.iter().flatten() {
+            if let Some((limit, resume)) = self.repass_skip
+                && seq >= limit
+            {
+                seq = seq.max(resume);
+            }
             if seq < left {
-                return Some((seq, left - seq));
+                let upto = match self.repass_skip {
+                    Some((limit, _)) if limit > seq => left.min(limit),
+                    _ => left,
+                };
+                return Some((seq, upto - seq));
             }
             seq = seq.max(right);
         }
-        (seq == una && seq < end).then(|| (seq, end - seq))
+        (!self.remote_has_sack && seq == una && seq < end).then(|| (seq, end - seq))
     }
 
     /// Resending after a timeout: octets from the next sequence to send up to the next block
@@ -2433,7 +2545,8 @@ impl<'a> Socket<'a> {
                     {
                         self.timer.set_for_fast_retransmit();
                         self.recovery = Some((self.remote_last_seq, ack_number));
-                        self.recovery_pass = cx.now();
+                        self.repair_marks = RepairMarks::default();
+                        self.repass_skip = None;
                         net_debug!("started fast retransmit");
                     }
 
@@ -2641,7 +2754,7 @@ impl<'a> Socket<'a> {
     fn seq_to_transmit(&self, cx: &mut Context) -> bool {
         if self
             .pacing_next
-            .is_some_and(|at| at > cx.now() + PACING_QUANTUM)
+            .is_some_and(|at| at > cx.now() + self.pacing_quantum())
         {
             return false;
         }
@@ -3012,6 +3125,18 @@ impl<'a> Socket<'a> {
                         && !repr.payload.is_empty()
                     {
                         *next = seq + repr.payload.len();
+                        if let Some((limit, resume)) = self.repass_skip
+                            && *next >= limit
+                        {
+                            *next = (*next).max(resume);
+                            self.repass_skip = None;
+                        }
+                        let srtt = self.rtte.smoothed_rtt().max(1) as u64;
+                        self.repair_marks.note(
+                            cx.now(),
+                            *next,
+                            Duration::from_micros(srtt * 1000 / 4),
+                        );
                         // Every hole is retransmitted in turn, paced, not one per ACK: a
                         // receiver that acknowledges sparingly still has a burst loss
                         // repaired within about a round trip.
@@ -7473,6 +7598,163 @@ mod test {
         assert!(s.tx_buffer.is_empty());
     }
 
+    #[test]
+    fn test_sack_recovery_resends_a_hole_a_round_trip_after_the_last_retransmission() {
+        let mut s = socket_established();
+        s.remote_mss = 3;
+        s.remote_has_sack = true;
+        send_in_segments(&mut s, &[b"aaa", b"BBB", b"ccc", b"DDD", b"eee", b"FFF"]);
+        // A round trip of 100 ms, and a window of 6 octets paced at 1.2 x 6 octets per 100 ms:
+        // a 3-octet segment every 42 ms, so a pass over two holes takes that long.
+        s.rtte.sample(100);
+        s.set_pacing(true);
+        let at = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
+        let sacks =
+            |mut s: &mut TestSocket, time: i64, ack: usize, sack: [Option<(u32, u32)>; 3]| {
+                send!(s, time time, TcpRepr {
+                    seq_number: REMOTE_SEQ + 1,
+                    ack_number: Some(LOCAL_SEQ + 1 + ack),
+                    window_len: 6,
+                    sack_ranges: sack,
+                    ..SEND_TEMPL
+                });
+            };
+        // "aaa" and "ccc" are lost; the pass resends them 42 ms apart.
+        sacks(
+            &mut s,
+            1050,
+            0,
+            [Some((at(3), at(6))), Some((at(9), at(18))), None],
+        );
+        recv!(s, time 1050, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"aaa"[..],
+            ..RECV_TEMPL
+        }));
+        recv_nothing!(s, time 1080);
+        recv!(s, time 1095, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 6,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"ccc"[..],
+            ..RECV_TEMPL
+        }));
+        // A round trip and a quarter after the pass began "aaa" is acknowledged, but "ccc"'s
+        // acknowledgement cannot be back yet: it is not sent again.
+        sacks(&mut s, 1180, 6, [Some((at(9), at(18))), None, None]);
+        recv_nothing!(s, time 1180);
+        // A round trip and a quarter after it went, "ccc" is still missing: it was lost again.
+        sacks(&mut s, 1220, 6, [Some((at(9), at(18))), None, None]);
+        recv!(s, time 1220, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 6,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"ccc"[..],
+            ..RECV_TEMPL
+        }));
+        sacks(&mut s, 1330, 18, [None, None, None]);
+        assert_eq!(s.recovery, None);
+        assert!(s.tx_buffer.is_empty());
+    }
+
+    /// An ACK at `time` of the first `ack` octets sent, with these SACK blocks (in octets
+    /// from the first sent).
+    fn ack_with_sacks(mut s: &mut TestSocket, time: i64, ack: usize, blocks: &[(usize, usize)]) {
+        let at = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
+        let mut sack_ranges = [None; 3];
+        for (range, &(left, right)) in sack_ranges.iter_mut().zip(blocks) {
+            *range = Some((at(left), at(right)));
+        }
+        send!(s, time time, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + ack),
+            sack_ranges,
+            ..SEND_TEMPL
+        });
+    }
+
+    /// The 3-octet segment at `offset` octets from the first sent.
+    fn segment_at(offset: usize, payload: &'static [u8]) -> TcpRepr<'static> {
+        TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + offset,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload,
+            ..RECV_TEMPL
+        }
+    }
+
+    #[test]
+    fn test_sack_recovery_pipe_leaves_out_holes_not_yet_resent() {
+        let mut s = socket_established();
+        s.remote_mss = 3;
+        s.remote_has_sack = true;
+        send_in_segments(&mut s, &[b"aaa", b"BBB", b"ccc", b"DDD", b"eee", b"FFF"]);
+        ack_with_sacks(&mut s, 1050, 0, &[(3, 6), (9, 18)]);
+        // 18 octets sent, 12 SACKed, 6 in two holes: lost, so none is in the network.
+        assert_eq!(s.lost_not_resent(), 6);
+        assert_eq!(s.cwnd_remaining(), s.congestion_controller.inner().window());
+        // Once resent, the holes are in the network again.
+        recv!(s, time 1050, [segment_at(0, b"aaa"), segment_at(6, b"ccc")]);
+        assert_eq!(s.lost_not_resent(), 0);
+        assert_eq!(
+            s.cwnd_remaining(),
+            s.congestion_controller.inner().window().saturating_sub(6)
+        );
+    }
+
+    #[test]
+    fn test_sack_recovery_end_keeps_the_blocks_above_the_cumulative_ack() {
+        let mut s = socket_established();
+        s.remote_mss = 3;
+        s.remote_has_sack = true;
+        s.congestion_controller =
+            congestion::AnyController::None(congestion::no_control::NoControl);
+        send_in_segments(&mut s, &[b"aaa", b"BBB", b"ccc", b"DDD"]);
+        // "aaa" is lost: recovery until the 12 octets sent are acknowledged.
+        ack_with_sacks(&mut s, 1050, 0, &[(3, 12)]);
+        recv!(s, time 1050, Ok(segment_at(0, b"aaa")));
+        s.send_slice(b"eeeFFFgggHHHiiiJJJ").unwrap();
+        for (i, chunk) in [b"eee", b"FFF", b"ggg", b"HHH", b"iii", b"JJJ"]
+            .iter()
+            .enumerate()
+        {
+            recv!(s, time 1060, Ok(segment_at(12 + 3 * i, &chunk[..])));
+        }
+        // Recovery ends; "eee" was lost meanwhile, and what the remote SACKed above it stays
+        // known though later ACKs report only the remote's newest block ("iii" lost too).
+        ack_with_sacks(&mut s, 1100, 12, &[(15, 24)]);
+        assert_eq!(s.recovery, None);
+        ack_with_sacks(&mut s, 1110, 12, &[(27, 30)]);
+        // The next recovery resends the two holes, not the data SACKed between them.
+        recv!(s, time 1110, [segment_at(12, b"eee"), segment_at(24, b"iii")]);
+    }
+
+    #[test]
+    fn test_sack_recovery_that_keeps_finding_holes_resends_one_lost_again() {
+        let mut s = socket_established();
+        s.remote_mss = 3;
+        s.remote_has_sack = true;
+        s.congestion_controller =
+            congestion::AnyController::None(congestion::no_control::NoControl);
+        s.rtte.sample(100);
+        send_in_segments(&mut s, &[b"aaa", b"BBB", b"ccc", b"DDD"]);
+        ack_with_sacks(&mut s, 1050, 0, &[(3, 12)]);
+        recv!(s, time 1050, Ok(segment_at(0, b"aaa")));
+        s.send_slice(b"eeeFFFggg").unwrap();
+        for (i, chunk) in [b"eee", b"FFF", b"ggg"].iter().enumerate() {
+            recv!(s, time 1060, Ok(segment_at(12 + 3 * i, &chunk[..])));
+        }
+        // A new hole: "eee".
+        ack_with_sacks(&mut s, 1120, 0, &[(3, 12), (15, 21)]);
+        recv!(s, time 1120, Ok(segment_at(12, b"eee")));
+        // A round trip and a quarter after its retransmission, "aaa" is still missing: lost
+        // again, resent. "eee", resent 60 ms ago, may still be on its way: not resent.
+        ack_with_sacks(&mut s, 1180, 0, &[(3, 12), (15, 21)]);
+        recv!(s, time 1180, Ok(segment_at(0, b"aaa")));
+        recv_nothing!(s, time 1190);
+        ack_with_sacks(&mut s, 1280, 21, &[]);
+        assert!(s.tx_buffer.is_empty());
+    }
+
     /// Queues `chunks` and receives them at 1 s, one 3-octet segment each (a remote MSS of 3).
     fn send_in_segments(mut s: &mut TestSocket, chunks: &[&'static [u8]]) {
         for chunk in chunks {
@@ -7556,46 +7838,71 @@ mod test {
         }));
     }
 
-    #[test]
-    fn test_pacing_sends_what_is_due_within_a_quantum_per_wake() {
+    /// A paced socket of 40 segments of 10 octets, at 1.2 times 10 x `per_ms` octets per
+    /// 12 ms: `per_ms` octets a millisecond.
+    fn paced_socket(per_ms: usize) -> TestSocket {
         let mut s = socket_established_with_buffer_sizes(400, 64);
         s.set_pacing(true);
         s.remote_mss = 10;
-        // 1.2 x 1000 octets per 12 ms: 100 octets a millisecond, a 10-octet segment every 100 us.
         s.rtte.sample(12);
-        s.remote_win_len = 1000;
+        s.remote_win_len = 10 * per_ms;
         s.congestion_controller =
             congestion::AnyController::None(congestion::no_control::NoControl);
         s.send_slice(&[b'x'; 400]).unwrap();
-        let sent_at = |s: &mut TestSocket, micros: i64| {
-            s.cx.set_now(Instant::from_micros(micros));
-            let mut n = 0;
-            loop {
-                let mut got = false;
-                let _ = s.socket.dispatch(&mut s.cx, |_, _, _| {
-                    got = true;
-                    Ok::<(), ()>(())
-                });
-                if !got {
-                    return n;
-                }
-                n += 1;
+        s
+    }
+
+    /// How many segments `s` sends in one wake at `micros`.
+    fn paced_sent_at(s: &mut TestSocket, micros: i64) -> usize {
+        s.cx.set_now(Instant::from_micros(micros));
+        let mut n = 0;
+        loop {
+            let mut got = false;
+            let _ = s.socket.dispatch(&mut s.cx, |_, _, _| {
+                got = true;
+                Ok::<(), ()>(())
+            });
+            if !got {
+                return n;
             }
-        };
-        // Due at 0, 100 and 200 us go in one wake; the one due at 300 us waits for its time.
+            n += 1;
+        }
+    }
+
+    #[test]
+    fn test_pacing_sends_what_is_due_within_a_quantum_per_wake() {
+        // 1,000 octets a millisecond: a segment every 10 us, so the quantum is its 250 us.
+        let mut s = paced_socket(1000);
+        // Due at 0, 10, ..., 250 us go in one wake; the one due at 260 us waits for its time.
         let t = 1_000_000;
-        assert_eq!(sent_at(&mut s, t), 3);
+        assert_eq!(paced_sent_at(&mut s, t), 26);
         assert_eq!(
             s.socket.poll_at(&mut s.cx),
-            PollAt::Time(Instant::from_micros(t + 300))
+            PollAt::Time(Instant::from_micros(t + 260))
         );
-        // A wake on time sends its segment and the next one that falls within the quantum...
-        assert_eq!(sent_at(&mut s, t + 300), 3);
-        // ...and a wake 0.5 ms late catches up on what fell due meanwhile (at 600 to 1100 us)
-        // and within the quantum (to 1350 us), no more.
-        assert_eq!(sent_at(&mut s, t + 1_100), 8);
-        // Much later, a poll catches up on at most 1 ms (and a quantum): 13 of the 26 left.
-        assert_eq!(sent_at(&mut s, t + 10_000), 13);
+        // A wake on time sends its segment and those that fall within the quantum.
+        assert_eq!(paced_sent_at(&mut s, t + 260), 14);
+    }
+
+    #[test]
+    fn test_pacing_sends_at_least_some_segments_per_wake_when_slow() {
+        // 100 octets a millisecond: a segment every 100 us, so a wake may send four segments'
+        // time ahead (400 us), not just 250 us.
+        let mut s = paced_socket(100);
+        // Due at 0 to 400 us go in one wake; the one due at 500 us waits for its time.
+        let t = 1_000_000;
+        assert_eq!(paced_sent_at(&mut s, t), 5);
+        assert_eq!(
+            s.socket.poll_at(&mut s.cx),
+            PollAt::Time(Instant::from_micros(t + 500))
+        );
+        // A wake on time sends its segment and the next four.
+        assert_eq!(paced_sent_at(&mut s, t + 500), 5);
+        // A wake 0.5 ms late catches up on what fell due meanwhile (at 1000 to 1500 us) and
+        // within the quantum (to 1900 us), no more.
+        assert_eq!(paced_sent_at(&mut s, t + 1_500), 10);
+        // Much later, a poll catches up on at most 1 ms (and a quantum): 15 of the 20 left.
+        assert_eq!(paced_sent_at(&mut s, t + 10_000), 15);
     }
 
     #[test]
