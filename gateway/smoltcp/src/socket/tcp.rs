@@ -1777,8 +1777,8 @@ impl<'a> Socket<'a> {
     /// In loss recovery, the next range to retransmit: its start and most length. Holes
     /// below SACKed blocks are taken as lost; without SACK, the segment at the cumulative ACK
     /// (once per partial ACK). With SACK, data above the last block is not known lost (it
-    /// may be on its way, sent as recovery began): resent at each partial ACK, 1,960 segments
-    /// of four downloads at 40 ms with 0.5% loss reached the device twice within a round trip.
+    /// may be on its way, sent as recovery began; RFC 6675's IsLost): the timeout or a block
+    /// above it tells.
     fn next_hole(&self) -> Option<(TcpSeqNumber, usize)> {
         let (end, next) = self.recovery?;
         let una = self.local_seq_no;
