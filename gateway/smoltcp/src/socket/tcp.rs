@@ -1615,18 +1615,41 @@ impl<'a> Socket<'a> {
     /// Octets of holes in recovery not yet retransmitted in this pass: lost, so no longer
     /// in the network, and not yet sent again (RFC 6675's pipe leaves them out).
     fn lost_not_resent(&self) -> usize {
+        let mut lost = 0;
+        self.holes_to_resend(|left, right| {
+            lost += right - left;
+            true
+        });
+        lost
+    }
+
+    /// Calls `f` with each hole the current pass has yet to retransmit, lowest first, until it
+    /// returns false: the gaps below SACKed blocks from the pass's cursor up, less those
+    /// another pass skips (`repass_skip`).
+    fn holes_to_resend(&self, mut f: impl FnMut(TcpSeqNumber, TcpSeqNumber) -> bool) {
         let Some((_, next)) = self.recovery else {
-            return 0;
+            return;
         };
         let mut seq = next.max(self.local_seq_no);
-        let mut lost = 0;
         for &(left, right) in self.sacked.iter().flatten() {
+            if let Some((limit, resume)) = self.repass_skip
+                && seq >= limit
+            {
+                seq = seq.max(resume);
+            }
             if seq < left {
-                lost += left - seq;
+                let go_on = match self.repass_skip {
+                    Some((limit, resume)) if seq < limit && limit < left => {
+                        f(seq, limit) && (resume >= left || f(resume, left))
+                    }
+                    _ => f(seq, left),
+                };
+                if !go_on {
+                    return;
+                }
             }
             seq = seq.max(right);
         }
-        lost
     }
 
     /// Octets in the SACK scoreboard.
@@ -1781,23 +1804,17 @@ impl<'a> Socket<'a> {
     /// above it tells.
     fn next_hole(&self) -> Option<(TcpSeqNumber, usize)> {
         let (end, next) = self.recovery?;
-        let una = self.local_seq_no;
-        let mut seq = next.max(una);
-        for &(left, right) in self.sacked.iter().flatten() {
-            if let Some((limit, resume)) = self.repass_skip
-                && seq >= limit
-            {
-                seq = seq.max(resume);
-            }
-            if seq < left {
-                let upto = match self.repass_skip {
-                    Some((limit, _)) if limit > seq => left.min(limit),
-                    _ => left,
-                };
-                return Some((seq, upto - seq));
-            }
-            seq = seq.max(right);
+        let mut hole = None;
+        self.holes_to_resend(|left, right| {
+            hole = Some((left, right - left));
+            false
+        });
+        if hole.is_some() {
+            return hole;
         }
+        // Without SACK the scoreboard is empty.
+        let una = self.local_seq_no;
+        let seq = next.max(una);
         (!self.remote_has_sack && seq == una && seq < end).then(|| (seq, end - seq))
     }
 
