@@ -26,8 +26,8 @@
 # of the row names below; BENCH_MANY (default 200, 0: skip) concurrent downloads of the memory
 # row; BENCH_ONLY=waygate skips the reference (no verdict; for quick looks); BENCH_PREFIX lab
 # prefix; BENCH_RUNS (default all) a subset of "1up 1down 4up 4down"; BENCH_CAPTURE=DIR keeps,
-# for each Waygate run, the TCP headers seen on the device's tunnel interface
-# (DIR/waygate-ROW-RUN.pcap, the decrypted segments as the device's kernel saw them), iperf3's
+# for each run of either gateway, the TCP headers seen on the device's tunnel interface
+# (DIR/GATEWAY-ROW-RUN.pcap, the decrypted segments as the device's kernel saw them), iperf3's
 # JSON (...-iperf3.json) and the device's /proc/net/{snmp,netstat} before and after
 # (...-{before,after}.txt).
 set -Eeuo pipefail
@@ -91,7 +91,7 @@ relay_stop() {
 
 # measure NAME PORT TUNNEL_ADDR: every row through the gateway listening on PORT.
 measure() {
-  local name="$1" port="$2" tunnel="$3" row label flags run args c0 c1 json ping_pid tag cap cap_pid
+  local name="$1" port="$2" tunnel="$3" row label flags run args c0 c1 json ping_pid tag cap cap_pid dev_if
   for row in "${ROWS[@]}"; do
     label="${row%%|*}"
     flags="${row#*|}"
@@ -114,11 +114,14 @@ measure() {
       fi
       iperf_server
       cap_pid=
-      if [ -n "${BENCH_CAPTURE:-}" ] && [ "$name" = waygate ]; then
+      if [ -n "${BENCH_CAPTURE:-}" ]; then
         mkdir -p "$BENCH_CAPTURE"
         cap="$BENCH_CAPTURE/$name-$label-$tag"
         ip netns exec "${P}d1" cat /proc/net/snmp /proc/net/netstat >"$cap-before.txt"
-        ip netns exec "${P}d1" tcpdump -i "${P}w" -s 120 -w "$cap.pcap" tcp 2>/dev/null &
+        # The device's tunnel is named after its wg-quick file (bench-lib.sh).
+        dev_if="${P}w"
+        [ "$name" = waygate ] || dev_if="${P}d"
+        ip netns exec "${P}d1" tcpdump -i "$dev_if" -s 120 -w "$cap.pcap" tcp 2>/dev/null &
         cap_pid=$!
         "$LAB" record-pid "$P" "$cap_pid" tcpdump
         sleep 0.5

@@ -51,8 +51,11 @@ pub struct TcpSettings {
     pub rx_buffer_min: usize,
     /// Smallest smoltcp send buffer per flow (upstream -> device).
     pub tx_buffer_min: usize,
-    /// Largest buffer of either kind.
+    /// Largest smoltcp receive buffer per flow.
     pub buffer_max: usize,
+    /// Largest smoltcp send buffer per flow, and a device's cap on the bytes its flows have
+    /// queued together.
+    pub tx_buffer_max: usize,
     /// The rate one flow is sized for, in bytes per second: buffers hold this rate times the
     /// device's round-trip time.
     pub flow_rate: u64,
@@ -100,12 +103,17 @@ impl TcpSettings {
             // more (96 KiB per 40 ms is 19 Mbit/s): the buffer follows the device's measured
             // round-trip time (see `buffers_for`) and the socket paces what it sends.
             tx_buffer_min: 96 * 1024,
-            // A far download's send buffer holds what is in flight, a round trip of data the
-            // device SACKed while a hole is repaired, and what waits for its paced turn: 4 MiB
-            // is 0.34 Gbit/s at 100 ms before any of the last two (scripts/bench-far.sh, issue
-            // 15). Pages a flow never writes stay unbacked, and a device's flows share one
-            // such buffer's worth (`cap`).
             buffer_max: 8 * 1024 * 1024,
+            // A far download's send buffer holds what is in flight, the data the device
+            // SACKed while holes are repaired, and what waits for its paced turn: 4 MiB is
+            // 0.34 Gbit/s at 100 ms before any of the last two (scripts/bench-far.sh, issue
+            // 15). Pages a flow never writes stay unbacked, and a device's flows share one
+            // such buffer's worth (`cap`). Four downloads (two runs each), 8 MiB against
+            // 16 MiB: 40 ms 0.57-0.62 against 0.61-0.65 Gbit/s, 100 ms 0.38-0.41 against
+            // 0.45-0.49, 40 ms with 0.5% loss 0.41-0.53 against 0.57-0.59. At 100 ms a
+            // flow's two buffers and download window come to 24.5 MiB: five flows (iperf3's
+            // four and its control connection) still fit under half the device's 256 MiB.
+            tx_buffer_max: 16 * 1024 * 1024,
             flow_rate: 1_000_000_000 / 8,
             upload_window: 512 * 1024,
             max_chunk: 64 * 1024,
@@ -125,29 +133,40 @@ impl TcpSettings {
 
     /// Receive and send buffer sizes for a flow of a device whose round-trip time through the
     /// tunnel is `rtt` (unknown: the minimums): the bandwidth-delay product at `flow_rate`,
-    /// twice that for the send buffer of a paced (far) flow.
+    /// [`PACED_SEND_BUFFER_BDPS`] times that for the send buffer of a paced (far) flow.
     pub fn buffers_for(&self, rtt: Option<Duration>) -> (usize, usize) {
         let bdp = rtt.map_or(0, |rtt| {
             (rtt.as_micros() as u64).saturating_mul(self.flow_rate) / 1_000_000
         });
         let bdp = usize::try_from(bdp).unwrap_or(usize::MAX);
-        // smoltcp paces from a millisecond of RTT up, and its BBR keeps up to twice the
-        // bandwidth-delay product in flight, besides the data the device SACKed while a hole
-        // is repaired. Near devices keep the minimum, which bounds their unpaced bursts.
+        // smoltcp paces from a millisecond of RTT up. Near devices keep the minimum, which
+        // bounds their unpaced bursts.
         let tx = if rtt.is_some_and(|rtt| rtt >= PACED_RTT) {
-            bdp.saturating_mul(2)
+            bdp.saturating_mul(PACED_SEND_BUFFER_BDPS)
         } else {
             bdp
         };
         (
             bdp.clamp(self.rx_buffer_min, self.buffer_max.max(self.rx_buffer_min)),
-            tx.clamp(self.tx_buffer_min, self.buffer_max.max(self.tx_buffer_min)),
+            tx.clamp(
+                self.tx_buffer_min,
+                self.tx_buffer_max.max(self.tx_buffer_min),
+            ),
         )
     }
 }
 
 /// The smallest round-trip time smoltcp paces at (its RTT estimate counts milliseconds).
 const PACED_RTT: Duration = Duration::from_millis(1);
+
+/// A paced flow's send buffer, and its device's cap on queued bytes, in bandwidth-delay
+/// products at `flow_rate` (then clamped to `tx_buffer_max`, 16 MiB, which flows 23 ms away
+/// and farther reach). Its BBR keeps up to two in flight, and while holes are repaired the buffer
+/// also holds what the device SACKed above them: a device's WireGuard daemon that drops 8-12%
+/// of a download at its socket buffer (a busy 2-core host) keeps holes open for several
+/// round trips. One download at 10 ms (scripts/bench-far.sh, runs alternating): 2 products
+/// 0.39-0.49 Gbit/s, 4 products 0.55-0.56, 6 products 0.54-0.62 (the reference 0.53-0.56).
+const PACED_SEND_BUFFER_BDPS: usize = 6;
 
 /// The runtime reads an upstream this much at a time, once the device has granted that much
 /// credit: no flow's download window may be smaller, or its upstream is never read again.
@@ -1360,15 +1379,15 @@ mod tests {
             s.buffers_for(Some(Duration::from_micros(600))),
             (512 * 1024, 96 * 1024)
         );
-        // 40 ms at 1 Gbit/s is 5 MB; 100 ms, 12.5 MB: capped.
+        // 40 ms at 1 Gbit/s is 5 MB (six of them for the send buffer); 100 ms, 12.5 MB: capped.
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(40)));
-        assert_eq!((rx, tx), (5_000_000, 8 * 1024 * 1024));
+        assert_eq!((rx, tx), (5_000_000, 16 * 1024 * 1024));
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(10)));
-        assert_eq!((rx, tx), (1_250_000, 2_500_000));
+        assert_eq!((rx, tx), (1_250_000, 7_500_000));
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(100)));
-        assert_eq!((rx, tx), (8 * 1024 * 1024, 8 * 1024 * 1024));
+        assert_eq!((rx, tx), (8 * 1024 * 1024, 16 * 1024 * 1024));
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(2)));
-        assert_eq!((rx, tx), (512 * 1024, 500_000));
+        assert_eq!((rx, tx), (512 * 1024, 1_500_000));
     }
 
     #[allow(clippy::disallowed_methods)] // the fake clock starts from one real instant
