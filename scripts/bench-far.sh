@@ -29,7 +29,8 @@
 # for each run of either gateway, the TCP headers seen on the device's tunnel interface
 # (DIR/GATEWAY-ROW-RUN.pcap, the decrypted segments as the device's kernel saw them), iperf3's
 # JSON (...-iperf3.json) and the device's /proc/net/{snmp,netstat} before and after
-# (...-{before,after}.txt).
+# (...-{before,after}.txt), and the gateway namespace's (...-gw-{before,after}.txt: the relay's
+# and the gateway's UDP sockets: RcvbufErrors, and /proc/net/udp's drops per socket).
 set -Eeuo pipefail
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
@@ -118,6 +119,7 @@ measure() {
         mkdir -p "$BENCH_CAPTURE"
         cap="$BENCH_CAPTURE/$name-$label-$tag"
         ip netns exec "${P}d1" cat /proc/net/snmp /proc/net/netstat >"$cap-before.txt"
+        ip netns exec "${P}gw" cat /proc/net/snmp /proc/net/netstat /proc/net/udp >"$cap-gw-before.txt"
         # The device's tunnel is named after its wg-quick file (bench-lib.sh).
         dev_if="${P}w"
         [ "$name" = waygate ] || dev_if="${P}d"
@@ -136,6 +138,7 @@ measure() {
       if [ -n "$cap_pid" ]; then
         printf '%s\n' "$json" >"$cap-iperf3.json"
         ip netns exec "${P}d1" cat /proc/net/snmp /proc/net/netstat >"$cap-after.txt"
+        ip netns exec "${P}gw" cat /proc/net/snmp /proc/net/netstat /proc/net/udp >"$cap-gw-after.txt"
         kill "$cap_pid" 2>/dev/null || true
         wait "$cap_pid" 2>/dev/null || true
       fi

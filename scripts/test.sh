@@ -8,6 +8,11 @@ if [ "$(id -u)" -eq 0 ]; then
   scripts/install-deps.sh
 fi
 
+# A one-shot run gains nothing from incremental caches, and they are gigabytes on a clean clone;
+# CI once ran out of disk. Set CARGO_INCREMENTAL=1 to keep them when iterating.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+disk() { echo "   (disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target/ $(du -sh target 2>/dev/null | cut -f1))"; }
+
 echo "== crate layers"
 scripts/check-layers.sh
 echo "== cargo fmt"
@@ -31,6 +36,7 @@ echo "== cargo build"
 cargo build --workspace --bins
 echo "== cargo test"
 cargo test --workspace -- --test-threads="${WAYGATE_TEST_THREADS:-1}"
+disk
 echo "== cargo test (gateway/sim: lossy links, boringtun's clock mocked)"
 # Its own workspace (see gateway/sim/Cargo.toml), run from its directory to share target/.
 (
@@ -39,6 +45,7 @@ echo "== cargo test (gateway/sim: lossy links, boringtun's clock mocked)"
   cargo clippy --all-targets -- -D warnings
   cargo test -- --test-threads="${WAYGATE_TEST_THREADS:-1}"
 )
+disk
 echo "== cargo test (gateway/smoltcp: the patched copy's own tests, with the features we use)"
 # Its own workspace, like gateway/sim; its target directory is under ours.
 (
@@ -47,6 +54,7 @@ echo "== cargo test (gateway/smoltcp: the patched copy's own tests, with the fea
   CARGO_TARGET_DIR=../../target/smoltcp cargo test --lib \
     --features socket-tcp-bbr,socket-tcp-cubic,assembler-max-segment-count-32
 )
+disk
 echo "== Docker: the image and the compose lab (scripts/docker-test.sh)"
 if [ "$(id -u)" -ne 0 ]; then
   echo "skipped: needs root"
