@@ -89,7 +89,9 @@ steering = \"$steering\""
         -p $((5200 + i)) -t "$SECONDS_PER_RUN" -O 1 $args -J >"$WORK/multi$i.json" &
       pids+=($!)
     done
-    for i in "${pids[@]}"; do wait "$i" || bench_die "iperf3 ($MULTI_DEVICES devices, $row) failed"; done
+    for i in $(seq 1 "$MULTI_DEVICES"); do
+      wait "${pids[$((i - 1))]}" || bench_die "iperf3 ($MULTI_DEVICES devices, $row) failed on d$i: $(grep -o '"error":.*' "$WORK/multi$i.json" || echo "no JSON (timed out?)")"
+    done
     c1="$(cpu_ticks "$GW_PID")"
     python3 - "$threads" "$shards" "${row%%:*}" "$c0" "$c1" "$TCK" "$steering" "$WORK"/multi[0-9]*.json \
       >>"$WORK/multi" <<'PY'

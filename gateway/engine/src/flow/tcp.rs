@@ -47,7 +47,8 @@ use waygate_wg::PeerId;
 pub struct TcpSettings {
     /// Tunnel MTU: smoltcp's segments and the MSS it advertises follow from it.
     pub mtu: usize,
-    /// Smallest smoltcp receive buffer per flow (device -> upstream).
+    /// Smallest smoltcp receive buffer per flow (device -> upstream); flows get
+    /// [`RECEIVE_BUFFER_BDPS`] bandwidth-delay products when that is more.
     pub rx_buffer_min: usize,
     /// Smallest smoltcp send buffer per flow (upstream -> device).
     pub tx_buffer_min: usize,
@@ -74,8 +75,8 @@ pub struct TcpSettings {
     /// Buffer memory all flows of one device may hold (`limits.flow_memory_per_device`):
     /// each flow counts its two smoltcp buffers and its download window in full, what it
     /// could come to hold. With the default 256 MiB, a device on the LAN gets about 110 flows
-    /// at full size (one 10 ms away about 14, one 40-100 ms away 5-6: a far flow's send buffer
-    /// is up to 16 MiB) and then about 1,000 at the floor, as many as its flow cap of 1,024.
+    /// at full size (one 10 ms away about 12, one 40-100 ms away 5: a far flow's buffers
+    /// are up to 8 and 16 MiB) and then about 1,000 at the floor, as many as its flow cap of 1,024.
     pub memory_per_device: usize,
     /// Buffer memory the flows of all devices together may hold, counted as for
     /// `memory_per_device`: past half of it new flows get the floor, so a few devices with
@@ -134,7 +135,8 @@ impl TcpSettings {
 
     /// Receive and send buffer sizes for a flow of a device whose round-trip time through the
     /// tunnel is `rtt` (unknown: the minimums): the bandwidth-delay product at `flow_rate`,
-    /// [`PACED_SEND_BUFFER_BDPS`] times that for the send buffer of a paced (far) flow.
+    /// [`RECEIVE_BUFFER_BDPS`] times that for the receive buffer and [`PACED_SEND_BUFFER_BDPS`]
+    /// times for the send buffer of a paced (far) flow.
     pub fn buffers_for(&self, rtt: Option<Duration>) -> (usize, usize) {
         let bdp = rtt.map_or(0, |rtt| {
             (rtt.as_micros() as u64).saturating_mul(self.flow_rate) / 1_000_000
@@ -148,7 +150,8 @@ impl TcpSettings {
             bdp
         };
         (
-            bdp.clamp(self.rx_buffer_min, self.buffer_max.max(self.rx_buffer_min)),
+            bdp.saturating_mul(RECEIVE_BUFFER_BDPS)
+                .clamp(self.rx_buffer_min, self.buffer_max.max(self.rx_buffer_min)),
             tx.clamp(
                 self.tx_buffer_min,
                 self.tx_buffer_max.max(self.tx_buffer_min),
@@ -168,6 +171,15 @@ const PACED_RTT: Duration = Duration::from_millis(1);
 /// round trips. One download at 10 ms (scripts/bench-far.sh, runs alternating): 2 products
 /// 0.39-0.49 Gbit/s, 4 products 0.55-0.56, 6 products 0.54-0.62 (the reference 0.53-0.56).
 const PACED_SEND_BUFFER_BDPS: usize = 6;
+
+/// A flow's receive buffer (its advertised window) in bandwidth-delay products at
+/// `flow_rate`, then clamped to `buffer_max`. An upload's round trip under load is longer
+/// than the idle one its buffer is sized from (the device's WireGuard daemon and the path
+/// queue): with one product, one upload at 10 ms kept exactly the window in flight and ran at
+/// 0.56-0.60 Gbit/s; with two, 0.73-0.75 (scripts/bench-far.sh, two runs each, ACKs
+/// coalesced). Before ACKs were coalesced a larger window only lost more: four products,
+/// 0.48-0.50 against 0.54-0.57.
+const RECEIVE_BUFFER_BDPS: usize = 2;
 
 /// The runtime reads an upstream this much at a time, once the device has granted that much
 /// credit: no flow's download window may be smaller, or its upstream is never read again.
@@ -960,6 +972,9 @@ impl TcpFlows {
         // device's UDP socket buffer (issue 15); smoltcp does not pace under 1 ms of RTT.
         socket.set_pacing(true);
         socket.set_min_rto(s.min_rto.into());
+        // Segments arrive in batches (`deliver`, then `flush` dispatches): one ACK per batch
+        // for out-of-order data, with three SACK blocks, instead of one per segment.
+        socket.set_coalesced_acks(true);
         // Answered only if the device's SYN offers them (smoltcp turns them off otherwise).
         socket.set_tsval_generator(Some(ts_clock::read));
         let endpoint = IpListenEndpoint {
@@ -1380,11 +1395,12 @@ mod tests {
             s.buffers_for(Some(Duration::from_micros(600))),
             (512 * 1024, 96 * 1024)
         );
-        // 40 ms at 1 Gbit/s is 5 MB (six of them for the send buffer); 100 ms, 12.5 MB: capped.
+        // 40 ms at 1 Gbit/s is 5 MB (two of them for the receive buffer, six for the send
+        // buffer: both capped); 10 ms, 1.25 MB.
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(40)));
-        assert_eq!((rx, tx), (5_000_000, 16 * 1024 * 1024));
+        assert_eq!((rx, tx), (8 * 1024 * 1024, 16 * 1024 * 1024));
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(10)));
-        assert_eq!((rx, tx), (1_250_000, 7_500_000));
+        assert_eq!((rx, tx), (2_500_000, 7_500_000));
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(100)));
         assert_eq!((rx, tx), (8 * 1024 * 1024, 16 * 1024 * 1024));
         let (rx, tx) = s.buffers_for(Some(Duration::from_millis(2)));

@@ -625,6 +625,13 @@ pub struct Socket<'a> {
     pending_fast_retransmit: bool,
     /// Whether data segments are paced (see [`Socket::set_pacing`]).
     pacing: bool,
+    /// Whether out-of-order data is acknowledged at the next dispatch instead of at once.
+    coalesce_acks: bool,
+    /// Out-of-order data arrived and its ACK waits for the next dispatch.
+    sack_pending: bool,
+    /// Sequence numbers of the latest out-of-order segments, newest first, one per block:
+    /// the blocks an ACK's SACK option repeats (RFC 2018, section 4).
+    sack_recent: [Option<TcpSeqNumber>; 3],
     /// When pacing: the earliest time the next data segment may leave.
     pacing_next: Option<Instant>,
     /// The SACK scoreboard: blocks above `local_seq_no` the remote reported holding, sorted
@@ -746,6 +753,9 @@ impl<'a> Socket<'a> {
             local_rx_dup_acks: 0,
             pending_fast_retransmit: false,
             pacing: false,
+            coalesce_acks: false,
+            sack_pending: false,
+            sack_recent: [None; 3],
             pacing_next: None,
             sacked: [None; SACK_BLOCKS],
             recovery: None,
@@ -977,6 +987,20 @@ impl<'a> Socket<'a> {
         }
     }
 
+    /// Acknowledge out-of-order data at the next dispatch instead of at once.
+    ///
+    /// RFC 5681 asks for an immediate ACK for each segment that arrives out of order or fills
+    /// a hole. An application that hands the socket a batch of segments and dispatches after
+    /// the batch (as a receive-offload path does) can let the dispatch send one ACK for all of
+    /// them, carrying up to three SACK blocks: what per-segment ACKs would tell the sender,
+    /// in a fraction of the packets. Without the batch, the next dispatch still sends the ACK
+    /// at once (`poll_at` is `Now`).
+    ///
+    /// Coalescing is disabled by default.
+    pub fn set_coalesced_acks(&mut self, enabled: bool) {
+        self.coalesce_acks = enabled;
+    }
+
     /// Enable or disable Nagle's Algorithm.
     ///
     /// Also known as "tinygram prevention". By default, it is enabled.
@@ -1096,6 +1120,8 @@ impl<'a> Socket<'a> {
                 congestion::AnyController::Bbr(congestion::bbr::Bbr::new());
         }
         self.pending_fast_retransmit = false;
+        self.sack_pending = false;
+        self.sack_recent = [None; 3];
         self.assembler = Assembler::new();
         self.tx_buffer.clear();
         self.rx_buffer.clear();
@@ -1922,44 +1948,80 @@ impl<'a> Socket<'a> {
         // segment.
         if self.remote_has_sack {
             net_debug!("sending sACK option with current assembler ranges");
-
-            // RFC 2018: The first SACK block (i.e., the one immediately following the kind and
-            // length fields in the option) MUST specify the contiguous block of data containing
-            // the segment which triggered this ACK, unless that segment advanced the
-            // Acknowledgment Number field in the header.
-            reply_repr.sack_ranges[0] = None;
-
-            let ack = reply_repr.ack_number.unwrap_or(TcpSeqNumber(0));
-
-            if let Some(last_seg_seq) = self.local_rx_last_seq {
-                reply_repr.sack_ranges[0] = self
-                    .assembler
-                    .iter_data()
-                    .map(|(left, right)| (ack + left, ack + right))
-                    .find(|&(left, right)| left <= last_seg_seq && right >= last_seg_seq)
-                    .map(|(left, right)| (left.0 as u32, right.0 as u32));
-            }
-
-            if reply_repr.sack_ranges[0].is_none() {
-                // The matching segment was removed from the assembler, meaning the acknowledgement
-                // number has advanced, or there was no previous sACK.
-                //
-                // While the RFC says we SHOULD keep a list of reported sACK ranges, and iterate
-                // through those, that is currently infeasible. Instead, we offer the range with
-                // the lowest sequence number (if one exists) to hint at what segments would
-                // most quickly advance the acknowledgement number.
-                reply_repr.sack_ranges[0] = self
-                    .assembler
-                    .iter_data()
-                    .map(|(left, right)| (ack + left, ack + right))
-                    .next()
-                    .map(|(left, right)| (left.0 as u32, right.0 as u32));
-            }
+            reply_repr.sack_ranges = self.sack_ranges();
         }
 
         // Since the sACK option may have changed the length of the payload, update that.
         ip_reply_repr.set_payload_len(reply_repr.buffer_len());
         (ip_reply_repr, reply_repr)
+    }
+
+    /// The SACK blocks an ACK sent now carries (RFC 2018, section 4): first the block holding
+    /// the segment that triggered it, then the blocks of the latest out-of-order segments
+    /// before it, newest first, so that a block is reported in several ACKs and survives the
+    /// loss of some; then the lowest blocks, which say what would advance the ACK soonest.
+    fn sack_ranges(&self) -> [Option<(u32, u32)>; 3] {
+        let mut ranges = [None; 3];
+        let ack = self.remote_seq_no + self.rx_buffer.len();
+        let block_of = |seq: TcpSeqNumber| {
+            self.assembler
+                .iter_data()
+                .map(|(left, right)| (ack + left, ack + right))
+                .find(|&(left, right)| left <= seq && seq < right)
+        };
+        let mut filled = 0;
+        let mut push = |range: (TcpSeqNumber, TcpSeqNumber),
+                        ranges: &mut [Option<(u32, u32)>; 3]| {
+            let range = (range.0.0 as u32, range.1.0 as u32);
+            if filled < ranges.len() && !ranges.contains(&Some(range)) {
+                ranges[filled] = Some(range);
+                filled += 1;
+            }
+        };
+        let triggering = self.local_rx_last_seq.into_iter();
+        for seq in triggering.chain(self.sack_recent.iter().flatten().copied()) {
+            if let Some(range) = block_of(seq) {
+                push(range, &mut ranges);
+            }
+        }
+        for (left, right) in self.assembler.iter_data() {
+            push((ack + left, ack + right), &mut ranges);
+        }
+        ranges
+    }
+
+    /// Remembers `seq`, the first octet of a segment that just went into the assembler out of
+    /// order, as the newest entry of `sack_recent`; older entries in its block, or in no block
+    /// any more, are dropped.
+    fn note_out_of_order(&mut self, seq: TcpSeqNumber) {
+        let ack = self.remote_seq_no + self.rx_buffer.len();
+        let block_of = |seq: TcpSeqNumber| {
+            self.assembler
+                .iter_data()
+                .map(|(left, right)| (ack + left, ack + right))
+                .find(|&(left, right)| left <= seq && seq < right)
+        };
+        let Some(newest) = block_of(seq) else {
+            return;
+        };
+        let mut recent = [Some(seq), None, None];
+        let mut n = 1;
+        for older in self.sack_recent.iter().flatten().copied() {
+            if n == recent.len() {
+                break;
+            }
+            if let Some(block) = block_of(older)
+                && block != newest
+                && !recent[..n]
+                    .iter()
+                    .flatten()
+                    .any(|&s| block_of(s) == Some(block))
+            {
+                recent[n] = Some(older);
+                n += 1;
+            }
+        }
+        self.sack_recent = recent;
     }
 
     fn challenge_ack_reply(
@@ -2703,6 +2765,7 @@ impl<'a> Socket<'a> {
         );
         let len_written = self.rx_buffer.write_unallocated(payload_offset, payload);
         debug_assert!(len_written == payload_len);
+        let payload_seq = self.remote_seq_no + self.rx_buffer.len() + payload_offset;
 
         if contig_len != 0 {
             // Enqueue the contiguous data octets in front of the buffer.
@@ -2721,6 +2784,9 @@ impl<'a> Socket<'a> {
         if !self.assembler.is_empty() {
             // Print the ranges recorded in the assembler.
             tcp_trace!("assembler: {}", self.assembler);
+            if contig_len == 0 {
+                self.note_out_of_order(payload_seq);
+            }
         }
 
         // Handle delayed acks
@@ -2750,7 +2816,11 @@ impl<'a> Socket<'a> {
         // Per RFC 5681, we should send an immediate ACK when either:
         //  1) an out-of-order segment is received, or
         //  2) a segment arrives that fills in all or part of a gap in sequence space.
-        if !self.assembler.is_empty() || !assembler_was_empty {
+        if (!self.assembler.is_empty() || !assembler_was_empty) && self.coalesce_acks {
+            // The next dispatch acknowledges this segment and the rest of its batch at once.
+            self.sack_pending = true;
+            None
+        } else if !self.assembler.is_empty() || !assembler_was_empty {
             // Note that we change the transmitter state here.
             // This is fine because smoltcp assumes that it can always transmit zero or one
             // packets for every packet it receives.
@@ -3020,6 +3090,9 @@ impl<'a> Socket<'a> {
         } else if self.ack_to_transmit() && self.delayed_ack_expired(cx.now()) {
             // If we have data to acknowledge, do it.
             tcp_trace!("outgoing segment will acknowledge");
+        } else if self.sack_pending {
+            // Out-of-order data waits for its (coalesced) ACK.
+            tcp_trace!("outgoing segment will acknowledge out-of-order data");
         } else if self.window_to_update() {
             // If we have window length increase to advertise, do it.
             tcp_trace!("outgoing segment will update window");
@@ -3314,8 +3387,21 @@ impl<'a> Socket<'a> {
         // Bailing out if the packet isn't placed in the device buffer allows us
         // to not waste time waiting for the retransmit timer on packets that we know
         // for sure will not be successfully transmitted.
+        // Every ACK sent while data waits out of order reports it (RFC 2018). Not on data
+        // segments: their payload was sized without the option.
+        if self.remote_has_sack
+            && repr.payload.is_empty()
+            && repr.ack_number.is_some()
+            && repr.control != TcpControl::Syn
+            && !self.assembler.is_empty()
+        {
+            repr.sack_ranges = self.sack_ranges();
+        }
         ip_repr.set_payload_len(repr.buffer_len());
         emit(cx, packet_meta, (ip_repr, repr))?;
+        if repr.payload.is_empty() || self.assembler.is_empty() {
+            self.sack_pending = false;
+        }
 
         // We've sent something, whether useful data or a keep-alive packet, so rewind
         // the keep-alive timer.
@@ -3411,8 +3497,9 @@ impl<'a> Socket<'a> {
         } else if self.seq_to_transmit(cx) {
             // We have a data or flag packet to transmit.
             PollAt::Now
-        } else if self.window_to_update() {
-            // The receive window has been raised significantly.
+        } else if self.window_to_update() || self.sack_pending {
+            // The receive window has been raised significantly, or out-of-order data waits
+            // for its ACK.
             PollAt::Now
         } else {
             let want_ack = self.ack_to_transmit();
@@ -5230,6 +5317,98 @@ mod test {
                 })
             );
         }
+    }
+
+    /// The segment of RFC 2018's cases at `offset` past the left window edge (5000).
+    fn rfc2018_segment(offset: usize, payload: &[u8]) -> TcpRepr<'_> {
+        TcpRepr {
+            seq_number: REMOTE_SEQ + 1 + 5000 + offset,
+            ack_number: Some(LOCAL_SEQ + 1),
+            payload,
+            ..SEND_TEMPL
+        }
+    }
+
+    /// The ACK of RFC 2018's cases acknowledging `ack` past the left window edge, with the
+    /// SACK blocks `blocks` (offsets likewise).
+    fn rfc2018_ack(ack: usize, window_len: u16, blocks: &[(usize, usize)]) -> TcpRepr<'static> {
+        let at = |offset: usize| REMOTE_SEQ.0 as u32 + 1 + 5000 + offset as u32;
+        let mut sack_ranges = [None; 3];
+        for (range, &(left, right)) in sack_ranges.iter_mut().zip(blocks) {
+            *range = Some((at(left), at(right)));
+        }
+        TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1 + 5000 + ack),
+            window_len,
+            sack_ranges,
+            ..RECV_TEMPL
+        }
+    }
+
+    #[test]
+    fn test_established_rfc2018_case_3_reports_the_latest_blocks_first() {
+        // RFC 2018, case 3: the 2nd, 4th, 6th and 8th of eight segments are dropped. Each ACK
+        // repeats the blocks the ones before it reported, newest first, so the sender learns
+        // every block from any one of them.
+        let (mut s, segment) = setup_rfc2018_cases();
+        send!(s, rfc2018_segment(0, &segment));
+        let window = 3500; // the first segment is in the buffer, unread
+        send!(
+            s,
+            rfc2018_segment(1000, &segment),
+            Some(rfc2018_ack(500, window, &[(1000, 1500)]))
+        );
+        send!(
+            s,
+            rfc2018_segment(2000, &segment),
+            Some(rfc2018_ack(500, window, &[(2000, 2500), (1000, 1500)]))
+        );
+        send!(
+            s,
+            rfc2018_segment(3000, &segment),
+            Some(rfc2018_ack(
+                500,
+                window,
+                &[(3000, 3500), (2000, 2500), (1000, 1500)]
+            ))
+        );
+        // The 4th segment arrives late: its block comes first, merged with its neighbours.
+        send!(
+            s,
+            rfc2018_segment(1500, &segment),
+            Some(rfc2018_ack(500, window, &[(1000, 2500), (3000, 3500)]))
+        );
+        // The 2nd arrives: the ACK moves to 7500 and one block is left.
+        send!(
+            s,
+            rfc2018_segment(500, &segment),
+            Some(rfc2018_ack(2500, 1500, &[(3000, 3500)]))
+        );
+    }
+
+    #[test]
+    fn test_coalesced_acks_answer_a_batch_of_out_of_order_segments_once() {
+        let (mut s, segment) = setup_rfc2018_cases();
+        s.set_coalesced_acks(true);
+        send!(s, rfc2018_segment(0, &segment));
+        // Three segments above a hole, in one batch: no ACK while the batch is handed over...
+        for offset in [1000, 2000, 3000] {
+            send!(s, rfc2018_segment(offset, &segment), None);
+        }
+        assert_eq!(s.socket.poll_at(&mut s.cx), PollAt::Now);
+        // ...then one, which says what three would have said.
+        recv!(
+            s,
+            [rfc2018_ack(
+                500,
+                3500,
+                &[(3000, 3500), (2000, 2500), (1000, 1500)]
+            )]
+        );
+        // A segment filling the first hole: one ACK at the next dispatch, still with SACK.
+        send!(s, rfc2018_segment(500, &segment), None);
+        recv!(s, [rfc2018_ack(1500, 2500, &[(3000, 3500), (2000, 2500)])]);
     }
 
     #[test]
