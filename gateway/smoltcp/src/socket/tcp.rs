@@ -1963,12 +1963,6 @@ impl<'a> Socket<'a> {
     fn sack_ranges(&self) -> [Option<(u32, u32)>; 3] {
         let mut ranges = [None; 3];
         let ack = self.remote_seq_no + self.rx_buffer.len();
-        let block_of = |seq: TcpSeqNumber| {
-            self.assembler
-                .iter_data()
-                .map(|(left, right)| (ack + left, ack + right))
-                .find(|&(left, right)| left <= seq && seq < right)
-        };
         let mut filled = 0;
         let mut push = |range: (TcpSeqNumber, TcpSeqNumber),
                         ranges: &mut [Option<(u32, u32)>; 3]| {
@@ -1980,7 +1974,7 @@ impl<'a> Socket<'a> {
         };
         let triggering = self.local_rx_last_seq.into_iter();
         for seq in triggering.chain(self.sack_recent.iter().flatten().copied()) {
-            if let Some(range) = block_of(seq) {
+            if let Some(range) = self.sack_block_of(seq) {
                 push(range, &mut ranges);
             }
         }
@@ -1990,18 +1984,20 @@ impl<'a> Socket<'a> {
         ranges
     }
 
+    /// The out-of-order block holding `seq`, in sequence numbers.
+    fn sack_block_of(&self, seq: TcpSeqNumber) -> Option<(TcpSeqNumber, TcpSeqNumber)> {
+        let ack = self.remote_seq_no + self.rx_buffer.len();
+        self.assembler
+            .iter_data()
+            .map(|(left, right)| (ack + left, ack + right))
+            .find(|&(left, right)| left <= seq && seq < right)
+    }
+
     /// Remembers `seq`, the first octet of a segment that just went into the assembler out of
     /// order, as the newest entry of `sack_recent`; older entries in its block, or in no block
     /// any more, are dropped.
     fn note_out_of_order(&mut self, seq: TcpSeqNumber) {
-        let ack = self.remote_seq_no + self.rx_buffer.len();
-        let block_of = |seq: TcpSeqNumber| {
-            self.assembler
-                .iter_data()
-                .map(|(left, right)| (ack + left, ack + right))
-                .find(|&(left, right)| left <= seq && seq < right)
-        };
-        let Some(newest) = block_of(seq) else {
+        let Some(newest) = self.sack_block_of(seq) else {
             return;
         };
         let mut recent = [Some(seq), None, None];
@@ -2010,12 +2006,12 @@ impl<'a> Socket<'a> {
             if n == recent.len() {
                 break;
             }
-            if let Some(block) = block_of(older)
+            if let Some(block) = self.sack_block_of(older)
                 && block != newest
                 && !recent[..n]
                     .iter()
                     .flatten()
-                    .any(|&s| block_of(s) == Some(block))
+                    .any(|&s| self.sack_block_of(s) == Some(block))
             {
                 recent[n] = Some(older);
                 n += 1;
