@@ -2812,18 +2812,18 @@ impl<'a> Socket<'a> {
         // Per RFC 5681, we should send an immediate ACK when either:
         //  1) an out-of-order segment is received, or
         //  2) a segment arrives that fills in all or part of a gap in sequence space.
-        if (!self.assembler.is_empty() || !assembler_was_empty) && self.coalesce_acks {
+        if self.assembler.is_empty() && assembler_was_empty {
+            None
+        } else if self.coalesce_acks {
             // The next dispatch acknowledges this segment and the rest of its batch at once.
             self.sack_pending = true;
             None
-        } else if !self.assembler.is_empty() || !assembler_was_empty {
+        } else {
             // Note that we change the transmitter state here.
             // This is fine because smoltcp assumes that it can always transmit zero or one
             // packets for every packet it receives.
             tcp_trace!("ACKing incoming segment");
             Some(self.ack_reply(ip_repr, repr))
-        } else {
-            None
         }
     }
 
