@@ -1961,25 +1961,27 @@ impl<'a> Socket<'a> {
     /// before it, newest first, so that a block is reported in several ACKs and survives the
     /// loss of some; then the lowest blocks, which say what would advance the ACK soonest.
     fn sack_ranges(&self) -> [Option<(u32, u32)>; 3] {
-        let mut ranges = [None; 3];
         let ack = self.remote_seq_no + self.rx_buffer.len();
+        let recent = self
+            .local_rx_last_seq
+            .into_iter()
+            .chain(self.sack_recent.iter().flatten().copied())
+            .filter_map(|seq| self.sack_block_of(seq));
+        let lowest = self
+            .assembler
+            .iter_data()
+            .map(|(left, right)| (ack + left, ack + right));
+        let mut ranges = [None; 3];
         let mut filled = 0;
-        let mut push = |range: (TcpSeqNumber, TcpSeqNumber),
-                        ranges: &mut [Option<(u32, u32)>; 3]| {
-            let range = (range.0.0 as u32, range.1.0 as u32);
-            if filled < ranges.len() && !ranges.contains(&Some(range)) {
-                ranges[filled] = Some(range);
+        for (left, right) in recent.chain(lowest) {
+            let range = Some((left.0 as u32, right.0 as u32));
+            if !ranges.contains(&range) {
+                ranges[filled] = range;
                 filled += 1;
+                if filled == ranges.len() {
+                    break;
+                }
             }
-        };
-        let triggering = self.local_rx_last_seq.into_iter();
-        for seq in triggering.chain(self.sack_recent.iter().flatten().copied()) {
-            if let Some(range) = self.sack_block_of(seq) {
-                push(range, &mut ranges);
-            }
-        }
-        for (left, right) in self.assembler.iter_data() {
-            push((ack + left, ack + right), &mut ranges);
         }
         ranges
     }
@@ -2001,19 +2003,13 @@ impl<'a> Socket<'a> {
             return;
         };
         let mut recent = [Some(seq), None, None];
+        let mut blocks = [Some(newest), None, None];
         let mut n = 1;
         for older in self.sack_recent.iter().flatten().copied() {
-            if n == recent.len() {
-                break;
-            }
-            if let Some(block) = self.sack_block_of(older)
-                && block != newest
-                && !recent[..n]
-                    .iter()
-                    .flatten()
-                    .any(|&s| self.sack_block_of(s) == Some(block))
-            {
+            let block = self.sack_block_of(older);
+            if n < recent.len() && block.is_some() && !blocks.contains(&block) {
                 recent[n] = Some(older);
+                blocks[n] = block;
                 n += 1;
             }
         }
@@ -3376,13 +3372,6 @@ impl<'a> Socket<'a> {
             repr.max_seg_size = Some(max_segment_size as u16);
         }
 
-        // Actually send the packet. If this succeeds, it means the packet is in
-        // the device buffer, and its transmission is imminent. If not, we might have
-        // a number of problems, e.g. we need neighbor discovery.
-        //
-        // Bailing out if the packet isn't placed in the device buffer allows us
-        // to not waste time waiting for the retransmit timer on packets that we know
-        // for sure will not be successfully transmitted.
         // Every ACK sent while data waits out of order reports it (RFC 2018). Not on data
         // segments: their payload was sized without the option.
         if self.remote_has_sack
@@ -3393,6 +3382,14 @@ impl<'a> Socket<'a> {
         {
             repr.sack_ranges = self.sack_ranges();
         }
+
+        // Actually send the packet. If this succeeds, it means the packet is in
+        // the device buffer, and its transmission is imminent. If not, we might have
+        // a number of problems, e.g. we need neighbor discovery.
+        //
+        // Bailing out if the packet isn't placed in the device buffer allows us
+        // to not waste time waiting for the retransmit timer on packets that we know
+        // for sure will not be successfully transmitted.
         ip_repr.set_payload_len(repr.buffer_len());
         emit(cx, packet_meta, (ip_repr, repr))?;
         if repr.payload.is_empty() || self.assembler.is_empty() {
