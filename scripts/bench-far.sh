@@ -165,7 +165,9 @@ if run == "4 down" and os.path.exists(ping_file):
     times = [float(t) for t in re.findall(r"time=([0-9.]+)", open(ping_file).read())]
     rtt = f"{statistics.median(times):.1f}" if times else "lost"
 cpu_per_gbit = cpu / gbit if gbit else float("inf")
-print(f"{name}\t{label}\t{run}\t{gbit / secs:.3f}\t{cpu_per_gbit:.3f}\t{rtt}")
+# Full precision: at a 100 Mbit/s bottleneck both gateways deliver 0.093-0.094 Gbit/s, and
+# ratios of numbers rounded to three places moved in steps of 1%.
+print(f"{name}\t{label}\t{run}\t{gbit / secs:.6f}\t{cpu_per_gbit:.6f}\t{rtt}")
 PY
     done
   done
@@ -244,7 +246,7 @@ for (label, run), r in rows.items():
     if "reference" not in r:  # BENCH_ONLY=waygate: no comparison, no verdict
         wg, wc, _ = r["waygate"]
         ok = None
-        print(f"{label:<18} {run:<11} {wg:>14.3f} {'-':>10} {'-':>6}   {wc:>18.3f}")
+        print(f"{label:<18} {run:<11} {wg:>14.4f} {'-':>10} {'-':>6}   {wc:>18.3f}")
         continue
     (wg, wc, wr), (rg, rc, rr) = r["waygate"], r["reference"]
     gr = wg / rg if rg else float("inf")
@@ -256,8 +258,8 @@ for (label, run), r in rows.items():
             ok &= float(wr) <= float(rr)
         except ValueError:
             ok = False
-    print(f"{label:<18} {run:<11} {wg:>14.3f} {rg:>10.3f} {gr:>6.2f}   "
-          f"{wc:>18.3f} {rc:>14.3f} {cr:>6.2f}   {ping:>27}")
+    print(f"{label:<18} {run:<11} {wg:>14.4f} {rg:>10.4f} {gr:>6.3f}   "
+          f"{wc:>18.3f} {rc:>14.3f} {cr:>6.3f}   {ping:>27}")
 if ok is None:
     print("targets: not judged (BENCH_ONLY=waygate ran no reference)")
 else:

@@ -25,8 +25,6 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use foldhash::fast::RandomState;
 use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -200,44 +198,6 @@ fn mapped_buffer(len: usize) -> Vec<u8> {
     let mut buffer = vec![0u8; len.max(MAPPED_ALLOCATION)];
     buffer.truncate(len);
     buffer
-}
-
-/// The clock of device flows' TCP timestamps (RFC 7323), in milliseconds.
-///
-/// A device whose SYN carries timestamps (Linux does) but whose SYN-ACK has none puts up to 4
-/// SACK blocks in each ACK; smoltcp reads 3 and loses the 4th. With timestamps on, the device
-/// sends at most 3 (the option takes the 4th block's room). smoltcp takes the clock as a plain
-/// `fn() -> u32`, which cannot capture the engine's `now`; so the engine moves this process-wide
-/// clock along with the `now` it is handed (`advance`, on every flow service, like
-/// `TcpFlows::smol_now`), and the sockets read it (`read`). It never reads the system clock,
-/// and it never goes back: shards handing it slightly different `now`s move it to the latest
-/// (wrapping at 2^32 ms, which the device's PAWS check compares modulo 2^32). Its unit is what
-/// Linux uses; it starts at 1 when the process first serves a flow, and devices only compare
-/// its values on one connection.
-mod ts_clock {
-    use super::{AtomicU32, Instant, OnceLock, Ordering};
-
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    static MILLIS: AtomicU32 = AtomicU32::new(1);
-
-    /// Moves the clock to `now`, unless it is already there or later.
-    pub(super) fn advance(now: Instant) {
-        let epoch = *EPOCH.get_or_init(|| now);
-        let ms = (now.saturating_duration_since(epoch).as_millis() as u32).wrapping_add(1);
-        let mut current = MILLIS.load(Ordering::Relaxed);
-        // Later modulo 2^32 (RFC 7323's comparison); mostly false: it moves once a millisecond.
-        while (ms.wrapping_sub(current) as i32) > 0 {
-            match MILLIS.compare_exchange_weak(current, ms, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => break,
-                Err(seen) => current = seen,
-            }
-        }
-    }
-
-    /// The timestamp value a segment sent now carries (smoltcp's `TcpTimestampGenerator`).
-    pub(super) fn read() -> u32 {
-        MILLIS.load(Ordering::Relaxed)
-    }
 }
 
 /// How long a held flow waits for the client's first bytes before it is decided without them
@@ -975,8 +935,13 @@ impl TcpFlows {
         // Segments arrive in batches (`deliver`, then `flush` dispatches): one ACK per batch
         // for out-of-order data, with three SACK blocks, instead of one per segment.
         socket.set_coalesced_acks(true);
-        // Answered only if the device's SYN offers them (smoltcp turns them off otherwise).
-        socket.set_tsval_generator(Some(ts_clock::read));
+        // No TCP timestamps (RFC 7323), though a Linux device offers them: they take 12 of the
+        // 1,380 bytes a segment carries (0.9%), and smoltcp times its round trips without
+        // them. Behind a 100 Mbit/s link goodput is the link's payload share: three runs of
+        // scripts/bench-far.sh gave 0.0932-0.0944 Gbit/s with them and 0.0940-0.0952 without,
+        // the reference (whose ends use them) 0.0932-0.0959. Clean and lossy paths at 40 and
+        // 100 ms moved within their run-to-run spread (two runs each). The device then sends
+        // up to 4 SACK blocks and smoltcp reads the first 3, the newest.
         let endpoint = IpListenEndpoint {
             addr: Some(flow.ctx.dst.ip().into()),
             port: flow.ctx.dst.port(),
@@ -1069,9 +1034,8 @@ impl TcpFlows {
         );
     }
 
-    /// `now` in smoltcp's terms; moves the TCP timestamp clock along (see [`ts_clock`]).
+    /// `now` in smoltcp's terms.
     fn smol_now(&self, now: Instant) -> SmolInstant {
-        ts_clock::advance(now);
         SmolInstant::from_micros(now.saturating_duration_since(self.epoch).as_micros() as i64)
     }
 
@@ -1372,19 +1336,6 @@ impl PacketSink for NullSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_timestamp_clock_takes_the_latest_now_and_never_goes_back() {
-        // Other tests move the clock too (one process-wide clock), but never an hour ahead.
-        let later = crate::testkit::epoch() + Duration::from_secs(3600);
-        ts_clock::advance(later);
-        let at = ts_clock::read();
-        // A shard handing an older `now` leaves it where it is.
-        ts_clock::advance(later - Duration::from_millis(500));
-        assert_eq!(ts_clock::read(), at);
-        ts_clock::advance(later + Duration::from_millis(5));
-        assert_eq!(ts_clock::read(), at.wrapping_add(5));
-    }
 
     #[test]
     fn buffers_follow_the_round_trip_time_within_bounds() {

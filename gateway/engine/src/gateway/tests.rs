@@ -1121,14 +1121,12 @@ fn delivered_timestamps(sim: &Sim) -> Vec<(bool, Option<(u32, u32)>)> {
 }
 
 #[test]
-fn a_device_offering_tcp_timestamps_gets_them_on_every_segment() {
-    // A Linux device offers timestamps in its SYN. Answered without them, it puts up to 4 SACK
-    // blocks in an ACK, and smoltcp reads only 3; with them it sends at most 3.
-    const DEVICE_TSVAL: u32 = 7;
+fn a_device_offering_tcp_timestamps_gets_none_and_its_flow_works() {
+    // A Linux device offers timestamps in its SYN; answered without them, neither end uses
+    // them (see `TcpFlows::accepted`): the 12 bytes go to payload.
     let mut sim = Sim::new();
-    let (flow, h, credit) = open_to_origin_configured(&mut sim, 256 * 1024, |s| {
-        s.set_tsval_generator(Some(|| DEVICE_TSVAL))
-    });
+    let (flow, h, credit) =
+        open_to_origin_configured(&mut sim, 256 * 1024, |s| s.set_tsval_generator(Some(|| 7)));
     let mut origin = Origin::new(flow, credit, Bytes::new());
     let down: Vec<u8> = (0..200_000).map(|i| (i % 251) as u8).collect();
     let up: Vec<u8> = (0..20_000).map(|i| (i % 241) as u8).collect();
@@ -1137,22 +1135,5 @@ fn a_device_offering_tcp_timestamps_gets_them_on_every_segment() {
     let segments = delivered_timestamps(&sim);
     assert!(segments.len() > 100, "{} segments", segments.len());
     assert!(segments[0].0, "the SYN-ACK first");
-    // Every segment, the SYN-ACK first, echoes the device's value, and the gateway's own never
-    // goes back (the device's PAWS check would drop the segment).
-    let mut last = 0;
-    for (i, (_, ts)) in segments.iter().enumerate() {
-        let (tsval, tsecr) = ts.unwrap_or_else(|| panic!("segment {i} has no timestamps"));
-        assert_eq!(tsecr, DEVICE_TSVAL, "segment {i}");
-        assert!(tsval >= last, "segment {i}: {tsval} after {last}");
-        last = tsval;
-    }
-
-    // A device that does not offer them gets none.
-    sim.delivered.clear();
-    let (flow, h, credit) = open_to_origin(&mut sim, 256 * 1024);
-    let mut origin = Origin::new(flow, credit, Bytes::new());
-    assert!(exchange(&mut sim, &mut origin, h, &down, &up) == down);
-    let segments = delivered_timestamps(&sim);
-    assert!(segments.len() > 100 && segments[0].0);
     assert!(segments.iter().all(|(_, ts)| ts.is_none()));
 }
