@@ -357,10 +357,20 @@ fn remove_stale(path: &Path) -> io::Result<()> {
                 path.display()
             ),
         )),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            fs::remove_file(path).map_err(|e| annotate(path, e))
-        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => remove_if_there(path),
+        // Gone since we looked: removed by whoever else found it stale.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(annotate(path, e)),
+    }
+}
+
+/// Removes `path`; one already gone is fine. `wg show` unlinks a socket it cannot connect to,
+/// so after a crash it can beat us to the stale one: a gateway restarted while the e2e harness
+/// polled `wg show` failed to serve UAPI with "No such file or directory".
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(annotate(path, e)),
+        _ => Ok(()),
     }
 }
 
@@ -647,6 +657,21 @@ mod tests {
         let err = serve(file.clone(), snapshot).await.unwrap_err();
         assert!(err.to_string().contains("not a socket"), "{err}");
         assert_eq!(fs::read_to_string(&file).unwrap(), "keep me");
+    }
+
+    #[test]
+    fn a_stale_socket_someone_else_removed_first_is_no_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("gone.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        // `wg show` found it stale first and unlinked it.
+        fs::remove_file(&path).unwrap();
+        remove_if_there(&path).unwrap();
+        // Other failures still count: a path under a regular file.
+        let file = tmp.path().join("file");
+        fs::write(&file, "x").unwrap();
+        let err = remove_if_there(&file.join("s.sock")).unwrap_err();
+        assert!(err.to_string().contains("s.sock"), "{err}");
     }
 
     /// The real `wg show` against our socket. Needs root (wg only looks in /var/run/wireguard).
