@@ -8045,26 +8045,41 @@ mod test {
         assert_eq!(s.rto_recover, None);
     }
 
-    #[test]
-    fn test_holes_a_timeout_resent_are_resent_again_once_later_ones_arrive() {
+    /// A SACK-capable socket with a 100 ms round trip (resends are not overdue by time within
+    /// a test's few milliseconds) that sent "aaa" to "ggg", three octets a segment.
+    fn seven_segments_sent() -> TestSocket {
         let mut s = socket_established();
         s.remote_mss = 3;
         s.remote_has_sack = true;
         s.congestion_controller =
             congestion::AnyController::None(congestion::no_control::NoControl);
-        // A 100 ms round trip: resends are not yet overdue by time when the news comes.
         s.rtte.sample(100);
         send_in_segments(
             &mut s,
             &[b"aaa", b"bbb", b"ccc", b"ddd", b"eee", b"fff", b"ggg"],
         );
-        let at = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
-        let seg = |i: usize, payload: &'static [u8]| TcpRepr {
+        s
+    }
+
+    /// The sequence number `offset` octets into what the socket sent, as a SACK edge.
+    fn seq_at(offset: usize) -> u32 {
+        (LOCAL_SEQ + 1 + offset).0 as u32
+    }
+
+    /// Segment `i` (three octets each) of what the socket sent, sent again.
+    fn resent(i: usize, payload: &'static [u8]) -> TcpRepr<'static> {
+        TcpRepr {
             seq_number: LOCAL_SEQ + 1 + 3 * i,
             ack_number: Some(REMOTE_SEQ + 1),
             payload,
             ..RECV_TEMPL
-        };
+        }
+    }
+
+    #[test]
+    fn test_holes_a_timeout_resent_are_resent_again_once_later_ones_arrive() {
+        let mut s = seven_segments_sent();
+        let (at, seg) = (seq_at, resent);
         // Only "ggg" arrived; the timer runs out and the pass resends the rest.
         send!(s, time 1050, TcpRepr {
             seq_number: REMOTE_SEQ + 1,
@@ -8107,23 +8122,8 @@ mod test {
 
     #[test]
     fn test_a_timeout_pass_that_lost_resends_hands_its_unreached_holes_to_the_recovery() {
-        let mut s = socket_established();
-        s.remote_mss = 3;
-        s.remote_has_sack = true;
-        s.congestion_controller =
-            congestion::AnyController::None(congestion::no_control::NoControl);
-        s.rtte.sample(100);
-        send_in_segments(
-            &mut s,
-            &[b"aaa", b"bbb", b"ccc", b"ddd", b"eee", b"fff", b"ggg"],
-        );
-        let at = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
-        let seg = |i: usize, payload: &'static [u8]| TcpRepr {
-            seq_number: LOCAL_SEQ + 1 + 3 * i,
-            ack_number: Some(REMOTE_SEQ + 1),
-            payload,
-            ..RECV_TEMPL
-        };
+        let mut s = seven_segments_sent();
+        let (at, seg) = (seq_at, resent);
         // Only "ggg" arrived, and the remote's window shrank to 15 octets: the timeout's
         // pass stops after "eee".
         send!(s, time 1050, TcpRepr {
