@@ -8066,20 +8066,11 @@ mod test {
         (LOCAL_SEQ + 1 + offset).0 as u32
     }
 
-    /// Segment `i` (three octets each) of what the socket sent, sent again.
-    fn resent(i: usize, payload: &'static [u8]) -> TcpRepr<'static> {
-        TcpRepr {
-            seq_number: LOCAL_SEQ + 1 + 3 * i,
-            ack_number: Some(REMOTE_SEQ + 1),
-            payload,
-            ..RECV_TEMPL
-        }
-    }
-
     #[test]
     fn test_holes_a_timeout_resent_are_resent_again_once_later_ones_arrive() {
         let mut s = seven_segments_sent();
-        let (at, seg) = (seq_at, resent);
+        let at = seq_at;
+        let seg = |i: usize, payload: &'static [u8]| segment_at(3 * i, payload);
         // Only "ggg" arrived; the timer runs out and the pass resends the rest.
         send!(s, time 1050, TcpRepr {
             seq_number: REMOTE_SEQ + 1,
@@ -8123,7 +8114,8 @@ mod test {
     #[test]
     fn test_a_timeout_pass_that_lost_resends_hands_its_unreached_holes_to_the_recovery() {
         let mut s = seven_segments_sent();
-        let (at, seg) = (seq_at, resent);
+        let at = seq_at;
+        let seg = |i: usize, payload: &'static [u8]| segment_at(3 * i, payload);
         // Only "ggg" arrived, and the remote's window shrank to 15 octets: the timeout's
         // pass stops after "eee".
         send!(s, time 1050, TcpRepr {
