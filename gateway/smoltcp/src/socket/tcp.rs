@@ -8045,33 +8045,28 @@ mod test {
         assert_eq!(s.rto_recover, None);
     }
 
-    #[test]
-    fn test_holes_a_timeout_resent_are_resent_again_once_later_ones_arrive() {
+    /// A SACK-capable socket with a 100 ms round trip (resends are not overdue by time within
+    /// a test's few milliseconds) that sent "aaa" to "ggg", three octets a segment.
+    fn seven_segments_sent() -> TestSocket {
         let mut s = socket_established();
         s.remote_mss = 3;
         s.remote_has_sack = true;
         s.congestion_controller =
             congestion::AnyController::None(congestion::no_control::NoControl);
-        // A 100 ms round trip: resends are not yet overdue by time when the news comes.
         s.rtte.sample(100);
         send_in_segments(
             &mut s,
             &[b"aaa", b"bbb", b"ccc", b"ddd", b"eee", b"fff", b"ggg"],
         );
-        let at = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
-        let seg = |i: usize, payload: &'static [u8]| TcpRepr {
-            seq_number: LOCAL_SEQ + 1 + 3 * i,
-            ack_number: Some(REMOTE_SEQ + 1),
-            payload,
-            ..RECV_TEMPL
-        };
+        s
+    }
+
+    #[test]
+    fn test_holes_a_timeout_resent_are_resent_again_once_later_ones_arrive() {
+        let mut s = seven_segments_sent();
+        let seg = |i: usize, payload: &'static [u8]| segment_at(3 * i, payload);
         // Only "ggg" arrived; the timer runs out and the pass resends the rest.
-        send!(s, time 1050, TcpRepr {
-            seq_number: REMOTE_SEQ + 1,
-            ack_number: Some(LOCAL_SEQ + 1),
-            sack_ranges: [Some((at(18), at(21))), None, None],
-            ..SEND_TEMPL
-        });
+        ack_with_sacks(&mut s, 1050, 0, &[(18, 21)]);
         recv!(s, time 3000, [
             seg(0, b"aaa"), seg(1, b"bbb"), seg(2, b"ccc"),
             seg(3, b"ddd"), seg(4, b"eee"), seg(5, b"fff")
@@ -8079,27 +8074,13 @@ mod test {
         // "eee" of the pass arrives, and "aaa" still has not: "aaa" and "bbb", resent three
         // segments or more before "eee", were lost again and go out at once, not at the
         // next (backed-off) timeout; "ccc" and "ddd" may still be on their way.
-        send!(s, time 3100, TcpRepr {
-            seq_number: REMOTE_SEQ + 1,
-            ack_number: Some(LOCAL_SEQ + 1),
-            sack_ranges: [Some((at(12), at(15))), Some((at(18), at(21))), None],
-            ..SEND_TEMPL
-        });
+        ack_with_sacks(&mut s, 3100, 0, &[(12, 15), (18, 21)]);
         recv!(s, time 3100, [seg(0, b"aaa"), seg(1, b"bbb")]);
         recv_nothing!(s, time 3100);
         // The same news again sends nothing more.
-        send!(s, time 3110, TcpRepr {
-            seq_number: REMOTE_SEQ + 1,
-            ack_number: Some(LOCAL_SEQ + 1),
-            sack_ranges: [Some((at(12), at(15))), Some((at(18), at(21))), None],
-            ..SEND_TEMPL
-        });
+        ack_with_sacks(&mut s, 3110, 0, &[(12, 15), (18, 21)]);
         recv_nothing!(s, time 3110);
-        send!(s, time 3200, TcpRepr {
-            seq_number: REMOTE_SEQ + 1,
-            ack_number: Some(LOCAL_SEQ + 1 + 21),
-            ..SEND_TEMPL
-        });
+        ack_with_sacks(&mut s, 3200, 21, &[]);
         assert!(s.tx_buffer.is_empty());
         assert_eq!(s.rto_recover, None);
         assert_eq!(s.recovery, None);
@@ -8107,30 +8088,16 @@ mod test {
 
     #[test]
     fn test_a_timeout_pass_that_lost_resends_hands_its_unreached_holes_to_the_recovery() {
-        let mut s = socket_established();
-        s.remote_mss = 3;
-        s.remote_has_sack = true;
-        s.congestion_controller =
-            congestion::AnyController::None(congestion::no_control::NoControl);
-        s.rtte.sample(100);
-        send_in_segments(
-            &mut s,
-            &[b"aaa", b"bbb", b"ccc", b"ddd", b"eee", b"fff", b"ggg"],
-        );
-        let at = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
-        let seg = |i: usize, payload: &'static [u8]| TcpRepr {
-            seq_number: LOCAL_SEQ + 1 + 3 * i,
-            ack_number: Some(REMOTE_SEQ + 1),
-            payload,
-            ..RECV_TEMPL
-        };
+        let mut s = seven_segments_sent();
+        let seg = |i: usize, payload: &'static [u8]| segment_at(3 * i, payload);
+        let seq = |offset: usize| (LOCAL_SEQ + 1 + offset).0 as u32;
         // Only "ggg" arrived, and the remote's window shrank to 15 octets: the timeout's
         // pass stops after "eee".
         send!(s, time 1050, TcpRepr {
             seq_number: REMOTE_SEQ + 1,
             ack_number: Some(LOCAL_SEQ + 1),
             window_len: 15,
-            sack_ranges: [Some((at(18), at(21))), None, None],
+            sack_ranges: [Some((seq(18), seq(21))), None, None],
             ..SEND_TEMPL
         });
         recv!(s, time 3000, [
@@ -8139,19 +8106,10 @@ mod test {
         ]);
         // "eee" arrives and the window opens: "aaa" and "bbb" go again, "ccc" and "ddd" are
         // left in flight, and "fff", which the pass had not reached, goes once.
-        send!(s, time 3100, TcpRepr {
-            seq_number: REMOTE_SEQ + 1,
-            ack_number: Some(LOCAL_SEQ + 1),
-            sack_ranges: [Some((at(12), at(15))), Some((at(18), at(21))), None],
-            ..SEND_TEMPL
-        });
+        ack_with_sacks(&mut s, 3100, 0, &[(12, 15), (18, 21)]);
         recv!(s, time 3100, [seg(0, b"aaa"), seg(1, b"bbb"), seg(5, b"fff")]);
         recv_nothing!(s, time 3100);
-        send!(s, time 3200, TcpRepr {
-            seq_number: REMOTE_SEQ + 1,
-            ack_number: Some(LOCAL_SEQ + 1 + 21),
-            ..SEND_TEMPL
-        });
+        ack_with_sacks(&mut s, 3200, 21, &[]);
         assert!(s.tx_buffer.is_empty());
         assert_eq!(s.recovery, None);
     }
