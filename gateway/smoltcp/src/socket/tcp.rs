@@ -7964,13 +7964,7 @@ mod test {
 
     #[test]
     fn test_sack_recovery_that_keeps_finding_holes_resends_one_lost_again() {
-        let mut s = socket_established();
-        s.remote_mss = 3;
-        s.remote_has_sack = true;
-        s.congestion_controller =
-            congestion::AnyController::None(congestion::no_control::NoControl);
-        s.rtte.sample(100);
-        send_in_segments(&mut s, &[b"aaa", b"BBB", b"ccc", b"DDD"]);
+        let mut s = sack_socket_that_sent(&[b"aaa", b"BBB", b"ccc", b"DDD"]);
         ack_with_sacks(&mut s, 1050, 0, &[(3, 12)]);
         recv!(s, time 1050, Ok(segment_at(0, b"aaa")));
         s.send_slice(b"eeeFFFggg").unwrap();
@@ -8045,20 +8039,23 @@ mod test {
         assert_eq!(s.rto_recover, None);
     }
 
-    /// A SACK-capable socket with a 100 ms round trip (resends are not overdue by time within
-    /// a test's few milliseconds) that sent "aaa" to "ggg", three octets a segment.
-    fn seven_segments_sent() -> TestSocket {
+    /// A SACK-capable socket with no congestion control and a 100 ms round trip (resends are
+    /// not overdue by time within a test's few milliseconds) that sent `chunks`, three octets
+    /// a segment.
+    fn sack_socket_that_sent(chunks: &[&'static [u8]]) -> TestSocket {
         let mut s = socket_established();
         s.remote_mss = 3;
         s.remote_has_sack = true;
         s.congestion_controller =
             congestion::AnyController::None(congestion::no_control::NoControl);
         s.rtte.sample(100);
-        send_in_segments(
-            &mut s,
-            &[b"aaa", b"bbb", b"ccc", b"ddd", b"eee", b"fff", b"ggg"],
-        );
+        send_in_segments(&mut s, chunks);
         s
+    }
+
+    /// The socket of the timeout-pass tests: "aaa" to "ggg" sent.
+    fn seven_segments_sent() -> TestSocket {
+        sack_socket_that_sent(&[b"aaa", b"bbb", b"ccc", b"ddd", b"eee", b"fff", b"ggg"])
     }
 
     #[test]
