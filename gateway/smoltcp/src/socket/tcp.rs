@@ -17,8 +17,10 @@ use crate::wire::{
     IpAddress, IpEndpoint, IpListenEndpoint, IpProtocol, IpRepr, TCP_HEADER_LEN, TcpControl,
     TcpRepr, TcpSeqNumber, TcpTimestampGenerator, TcpTimestampRepr,
 };
+use scoreboard::Scoreboard;
 
 mod congestion;
+mod scoreboard;
 
 macro_rules! tcp_trace {
     ($($arg:expr),*) => (net_log!(trace, $($arg),*));
@@ -192,12 +194,6 @@ const PACING_CA_RATIO: u64 = 120;
 /// round trip and a quarter after which a retransmission still missing is taken as lost.
 const REPAIR_MARKS: usize = 8;
 
-/// SACK blocks kept in the scoreboard.
-/// A burst lost at a device's full socket buffer leaves a hole per gap between the bursts
-/// that got through: with 8 blocks the scoreboard forgot the higher ones and recovery resent
-/// data the device had (scripts/bench-far.sh, 40 ms).
-const SACK_BLOCKS: usize = 32;
-
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 struct RttEstimator {
@@ -328,13 +324,13 @@ impl RttEstimator {
 /// the SACKed block it lies in, if any (the blocks sorted), as if that block were sent again.
 fn skip_sacked_blocks(
     rto_recover: Option<TcpSeqNumber>,
-    sacked: &[Option<(TcpSeqNumber, TcpSeqNumber)>],
+    sacked: &Scoreboard,
     seq: &mut TcpSeqNumber,
 ) {
     if rto_recover.is_none() {
         return;
     }
-    for &(left, right) in sacked.iter().flatten() {
+    for (left, right) in sacked.iter() {
         if left <= *seq && *seq < right {
             *seq = right;
         }
@@ -636,7 +632,7 @@ pub struct Socket<'a> {
     pacing_next: Option<Instant>,
     /// The SACK scoreboard: blocks above `local_seq_no` the remote reported holding, sorted
     /// and disjoint.
-    sacked: [Option<(TcpSeqNumber, TcpSeqNumber)>; SACK_BLOCKS],
+    sacked: Scoreboard,
     /// During loss recovery: the highest sequence number sent when it began (recovery ends
     /// once it is acknowledged) and the next sequence number to consider retransmitting.
     recovery: Option<(TcpSeqNumber, TcpSeqNumber)>,
@@ -757,7 +753,7 @@ impl<'a> Socket<'a> {
             sack_pending: false,
             sack_recent: [None; 3],
             pacing_next: None,
-            sacked: [None; SACK_BLOCKS],
+            sacked: Scoreboard::default(),
             recovery: None,
             repair_marks: RepairMarks::default(),
             repass_skip: None,
@@ -1107,7 +1103,7 @@ impl<'a> Socket<'a> {
             ..RttEstimator::default()
         };
         self.pacing_next = None;
-        self.sacked = [None; SACK_BLOCKS];
+        self.sacked.clear();
         self.recovery = None;
         self.repair_marks = RepairMarks::default();
         self.repass_skip = None;
@@ -1633,7 +1629,7 @@ impl<'a> Socket<'a> {
     fn cwnd_remaining(&self) -> usize {
         self.congestion_controller.inner().window().saturating_sub(
             self.flight_size()
-                .saturating_sub(self.sacked_bytes())
+                .saturating_sub(self.sacked.bytes())
                 .saturating_sub(self.lost_not_resent()),
         )
     }
@@ -1657,7 +1653,7 @@ impl<'a> Socket<'a> {
             return;
         };
         let mut seq = next.max(self.local_seq_no);
-        for &(left, right) in self.sacked.iter().flatten() {
+        for (left, right) in self.sacked.iter() {
             if let Some((limit, resume)) = self.repass_skip
                 && seq >= limit
             {
@@ -1676,11 +1672,6 @@ impl<'a> Socket<'a> {
             }
             seq = seq.max(right);
         }
-    }
-
-    /// Octets in the SACK scoreboard.
-    fn sacked_bytes(&self) -> usize {
-        self.sacked.iter().flatten().map(|&(l, r)| r - l).sum()
     }
 
     /// How early a paced segment may go at the current rate: [`PACING_QUANTUM`], or the time
@@ -1743,29 +1734,20 @@ impl<'a> Socket<'a> {
                 if left < right {
                     if self.rto_recover.is_some()
                         && right <= self.remote_last_seq
-                        && !self.sacked_covers(left, right)
+                        && !self.sacked.covers(left, right)
                         && pass_delivered.is_none_or(|d| d < right)
                     {
                         pass_delivered = Some(right);
                     }
-                    self.sack_insert(left, right);
+                    self.sacked.insert(left, right);
                 }
             }
         }
         if self.rto_recover.is_some_and(|recover| una >= recover) {
             self.rto_recover = None;
         }
-        let mut kept = [None; SACK_BLOCKS];
-        let mut sacked = 0;
-        for (slot, (left, right)) in kept
-            .iter_mut()
-            .zip(self.sacked.iter().flatten().filter(|b| b.1 > una))
-        {
-            let left = left.max(una);
-            sacked += *right - left;
-            *slot = Some((left, *right));
-        }
-        self.sacked = kept;
+        self.sacked.acknowledge(una);
+        let sacked = self.sacked.bytes();
         match self.recovery {
             Some((end, _)) if una >= end => {
                 // The blocks above the cumulative ACK stay: data sent during recovery and
@@ -1834,40 +1816,6 @@ impl<'a> Socket<'a> {
         }
     }
 
-    /// Whether one block of the scoreboard holds all of `left..right`.
-    fn sacked_covers(&self, left: TcpSeqNumber, right: TcpSeqNumber) -> bool {
-        self.sacked
-            .iter()
-            .flatten()
-            .any(|&(l, r)| l <= left && right <= r)
-    }
-
-    /// Adds a SACKed block to the scoreboard, merging it with the blocks it touches; keeps
-    /// the lowest blocks when there are more than fit (holes low in the window come first).
-    fn sack_insert(&mut self, mut left: TcpSeqNumber, mut right: TcpSeqNumber) {
-        let mut blocks = [None; SACK_BLOCKS + 1];
-        let mut n = 0;
-        for &(l, r) in self.sacked.iter().flatten() {
-            if r < left || l > right {
-                blocks[n] = Some((l, r));
-                n += 1;
-            } else {
-                left = left.min(l);
-                right = right.max(r);
-            }
-        }
-        blocks[n] = Some((left, right));
-        n += 1;
-        for i in 1..n {
-            let mut j = i;
-            while j > 0 && matches!((blocks[j], blocks[j - 1]), (Some(a), Some(b)) if a.0 < b.0) {
-                blocks.swap(j, j - 1);
-                j -= 1;
-            }
-        }
-        self.sacked.copy_from_slice(&blocks[..SACK_BLOCKS]);
-    }
-
     /// In loss recovery, the next range to retransmit: its start and most length. Holes
     /// below SACKed blocks are taken as lost; without SACK, the segment at the cumulative ACK
     /// (once per partial ACK). With SACK, data above the last block is not known lost (it
@@ -1897,9 +1845,8 @@ impl<'a> Socket<'a> {
         }
         self.sacked
             .iter()
-            .flatten()
-            .find(|&&(left, _)| left > self.remote_last_seq)
-            .map_or(usize::MAX, |&(left, _)| left - self.remote_last_seq)
+            .find(|&(left, _)| left > self.remote_last_seq)
+            .map_or(usize::MAX, |(left, _)| left - self.remote_last_seq)
     }
 
     /// Return the amount of octets queued in the receive buffer. This value can be larger than
@@ -2713,8 +2660,8 @@ impl<'a> Socket<'a> {
             skip_sacked_blocks(self.rto_recover, &self.sacked, &mut self.remote_last_seq);
 
             self.acked_total += ack_len as u64;
-            let sacked = self.sacked_bytes();
-            let highest_sacked = self.sacked.iter().flatten().last().map(|&(_, r)| r);
+            let sacked = self.sacked.bytes();
+            let highest_sacked = self.sacked.highest();
             let lost = highest_sacked.map_or(0, |r| (r - self.local_seq_no).saturating_sub(sacked));
             let in_flight = self.flight_size();
             self.congestion_controller.inner_mut().on_delivered(
@@ -3080,7 +3027,7 @@ impl<'a> Socket<'a> {
                 // few segments. A second timeout in a row forgets the scoreboard, in case
                 // the remote dropped what it had SACKed (RFC 2018 allows it).
                 if self.rto_recover.is_some() {
-                    self.sacked = [None; SACK_BLOCKS];
+                    self.sacked.clear();
                 }
                 self.rto_recover = Some(
                     self.rto_recover
