@@ -26,7 +26,8 @@ type Blocks = heapless::Vec<(TcpSeqNumber, TcpSeqNumber), MAX_BLOCKS>;
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub(super) struct Scoreboard {
     blocks: Blocks,
-    /// Octets in all blocks (the sender's pipe needs them for every segment).
+    /// Octets in all blocks, kept up to date by every change (the sender's pipe needs them
+    /// for every segment).
     bytes: usize,
 }
 
@@ -45,10 +46,6 @@ impl Scoreboard {
     /// Octets in all blocks.
     pub(super) fn bytes(&self) -> usize {
         self.bytes
-    }
-
-    fn count_bytes(&mut self) {
-        self.bytes = self.iter().map(|(left, right)| right - left).sum();
     }
 
     /// The end of the highest block.
@@ -76,32 +73,44 @@ impl Scoreboard {
         {
             merged = (merged.0.min(l), merged.1.max(r));
             self.blocks.remove(at);
+            self.bytes -= r - l;
         }
         if self.blocks.len() >= MAX_BLOCKS {
             if at >= self.blocks.len() {
                 return;
             }
-            self.blocks.pop();
+            if let Some((l, r)) = self.blocks.pop() {
+                self.bytes -= r - l;
+            }
         }
+        self.bytes += merged.1 - merged.0;
         #[cfg(feature = "alloc")]
         self.blocks.insert(at, merged);
         // Cannot fail: a slot is free.
         #[cfg(not(feature = "alloc"))]
         let _ = self.blocks.insert(at, merged);
-        self.count_bytes();
     }
 
     /// Drops what lies below `una`, the new cumulative ACK: whole blocks, and the start of
     /// the block it falls in.
     pub(super) fn acknowledge(&mut self, una: TcpSeqNumber) {
-        self.blocks.retain(|block| block.1 > una);
-        if let Some(first) = self.blocks.first_mut() {
-            first.0 = first.0.max(una);
+        let mut gone = 0;
+        self.blocks.retain(|&(left, right)| {
+            let keep = right > una;
+            if !keep {
+                gone += right - left;
+            }
+            keep
+        });
+        if let Some(first) = self.blocks.first_mut()
+            && first.0 < una
+        {
+            gone += una - first.0;
+            first.0 = una;
         }
+        self.bytes -= gone;
         if self.blocks.is_empty() {
             self.clear();
-        } else {
-            self.count_bytes();
         }
     }
 }
@@ -114,7 +123,10 @@ mod test {
         TcpSeqNumber(n)
     }
 
+    /// The blocks, after checking the byte count kept with them.
     fn blocks(board: &Scoreboard) -> std::vec::Vec<(i32, i32)> {
+        let sum: usize = board.iter().map(|(l, r)| r - l).sum();
+        assert_eq!(board.bytes(), sum);
         board.iter().map(|(l, r)| (l.0, r.0)).collect()
     }
 
@@ -182,14 +194,14 @@ mod test {
             let (l, r) = block(i);
             board.insert(l, r);
         }
-        assert_eq!(board.iter().count(), MAX_BLOCKS);
+        assert_eq!(blocks(&board).len(), MAX_BLOCKS);
         // Above all: not kept.
         let (l, r) = block(MAX_BLOCKS as i32 + 1);
         board.insert(l, r);
         assert_eq!(board.highest(), Some(block(MAX_BLOCKS as i32).1));
         // Below all: kept, in the highest one's place.
         board.insert(seq(0), seq(5));
-        assert_eq!(board.iter().count(), MAX_BLOCKS);
+        assert_eq!(blocks(&board).len(), MAX_BLOCKS);
         assert_eq!(board.iter().next(), Some((seq(0), seq(5))));
         assert_eq!(board.highest(), Some(block(MAX_BLOCKS as i32 - 1).1));
         // Merging frees slots: a block that spans two leaves room for one above.
@@ -199,5 +211,6 @@ mod test {
         let (l, r) = block(MAX_BLOCKS as i32);
         board.insert(l, r);
         assert_eq!(board.highest(), Some(r));
+        assert_eq!(blocks(&board).len(), MAX_BLOCKS);
     }
 }
